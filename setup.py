@@ -1,0 +1,25 @@
+from pathlib import Path
+
+from setuptools import setup
+
+version = {}
+exec(Path("fastrank/_version.py").read_text(), version)
+
+setup(
+    name="fastrank",
+    version=version["__version__"],
+    description="Linear over-parameterization at single-layer cost, and effective rank at scale, "
+    "for PyTorch (Triton kernels on CUDA, pure torch elsewhere).",
+    long_description=Path("README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["fastrank", "fastrank.kernels"],
+    package_dir={"fastrank": "fastrank", "fastrank.kernels": "kernels"},
+    install_requires=["torch>=2.4", "numpy"],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "triton"],
+        "plot": ["matplotlib"],
+        "progress": ["tqdm"],
+    },
+    entry_points={"console_scripts": ["fastrank=fastrank.cli:main"]},
+)

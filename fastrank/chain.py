@@ -1,0 +1,324 @@
+"""Chain ops: products through a chain of linear factors, and the cost model that associates them.
+
+Everything an over-parameterized layer computes is built on one primitive, the *chain matmul*::
+
+    X_0 = x                      (M, n_0)
+    X_j = X_{j-1} @ F_j^T        F_j: (n_j, n_{j-1}),  j = 1..k
+
+returning the intermediates ``[X_1, ..., X_k]``. It serves three purposes:
+
+* the activation chain of a layer ``W = W_L ... W_1``: ``x`` through ``W_1 .. W_L``;
+* the collapsed weight: ``W_1^T`` through ``W_2 .. W_L`` gives ``P^T``, and its intermediates are the
+  (transposed) prefix products ``(W_j ... W_1)^T`` that the backward of the collapsed form needs;
+* the backward itself: the gradient runs the reverse chain through ``W_L^T .. W_1^T``, and the factor
+  gradients are the group of products ``dF_j = G_j^T X_{j-1}`` (:func:`chain_factor_grads`).
+
+Both ops are ``torch.library`` custom ops: the torch bodies below are the CPU path and the readable
+specification; on CUDA the Triton kernels of ``fastrank.kernels.chain`` are registered when Triton
+is importable. fp16 / bf16 inputs are computed in fp32 on the torch path (the running product is
+carried in fp32 across the chain, each returned intermediate is rounded once to the input dtype):
+a product of L half-precision factors can overflow long before its result does.
+
+:func:`chain_linear` is the autograd-aware layer op: it picks, per call and from the shapes alone,
+the cheaper association (activation chain or collapsed product) with :func:`chain_costs`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "chain_matmul",
+    "chain_factor_grads",
+    "chain_costs",
+    "chain_linear",
+    "collapsed_weight",
+]
+
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in _HALF_DTYPES else dtype
+
+
+def _check_chain(x: Tensor, factors: Sequence[Tensor]) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"chain_matmul: x must be 2-D (M, n_0), got shape {tuple(x.shape)}")
+    if len(factors) == 0:
+        raise ValueError("chain_matmul: expected at least one factor, got none")
+    width = x.shape[1]
+    for j, factor in enumerate(factors):
+        if factor.dim() != 2 or factor.shape[1] != width:
+            raise ValueError(
+                f"chain_matmul: factor {j} must have shape (n_{j + 1}, {width}), "
+                f"got {tuple(factor.shape)}"
+            )
+        if factor.dtype != x.dtype or factor.device != x.device:
+            raise TypeError(
+                f"chain_matmul: factor {j} is {factor.dtype} on {factor.device}, "
+                f"expected {x.dtype} on {x.device} like x"
+            )
+        width = factor.shape[0]
+
+
+# --------------------------------------------------------------------------------------------
+# torch twins (the CPU path and the specification of the CUDA kernels)
+# --------------------------------------------------------------------------------------------
+
+
+def chain_matmul_ref(x: Tensor, factors: Sequence[Tensor], return_all: bool) -> list[Tensor]:
+    """Torch twin of the chain matmul: ``X_j = X_{j-1} @ F_j^T``, running product in fp32 for halves."""
+    _check_chain(x, factors)
+    compute = _compute_dtype(x.dtype)
+    running = x.to(compute)
+    outputs = []
+    for j, factor in enumerate(factors):
+        running = running @ factor.to(compute).T
+        if return_all or j == len(factors) - 1:
+            outputs.append(running.to(x.dtype))
+    return outputs
+
+
+def chain_factor_grads_ref(grads: Sequence[Tensor], inputs: Sequence[Tensor]) -> list[Tensor]:
+    """Torch twin of the grouped factor gradients: ``dF_j = grads[j]^T @ inputs[j]`` (fp32 for halves)."""
+    if len(grads) != len(inputs):
+        raise ValueError(
+            f"chain_factor_grads: got {len(grads)} grads and {len(inputs)} inputs, expected equal counts"
+        )
+    results = []
+    for j, (grad, inp) in enumerate(zip(grads, inputs)):
+        if grad.dim() != 2 or inp.dim() != 2 or grad.shape[0] != inp.shape[0]:
+            raise ValueError(
+                f"chain_factor_grads: pair {j} must be (M, n_j) and (M, n_(j-1)) with equal M, "
+                f"got {tuple(grad.shape)} and {tuple(inp.shape)}"
+            )
+        compute = _compute_dtype(grad.dtype)
+        results.append((grad.to(compute).T @ inp.to(compute)).to(grad.dtype))
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# custom ops
+# --------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastrank::chain_matmul", mutates_args=())
+def _chain_matmul_op(x: Tensor, factors: list[Tensor], return_all: bool) -> list[Tensor]:
+    return chain_matmul_ref(x, factors, return_all)
+
+
+@_chain_matmul_op.register_fake
+def _(x, factors, return_all):
+    _check_chain(x, factors)
+    kept = factors if return_all else factors[-1:]
+    return [x.new_empty((x.shape[0], f.shape[0])) for f in kept]
+
+
+@torch.library.custom_op("fastrank::chain_factor_grads", mutates_args=())
+def _chain_factor_grads_op(grads: list[Tensor], inputs: list[Tensor]) -> list[Tensor]:
+    return chain_factor_grads_ref(grads, inputs)
+
+
+@_chain_factor_grads_op.register_fake
+def _(grads, inputs):
+    return [g.new_empty((g.shape[1], i.shape[1])) for g, i in zip(grads, inputs)]
+
+
+def _chain_matmul_setup_context(ctx, inputs, output):
+    x, factors, return_all = inputs
+    # Outputs whose gradient is never used (all but the last, in the common case) arrive as None
+    # instead of as materialized zero tensors of shape (M, n_j).
+    ctx.set_materialize_grads(False)
+    ctx.return_all = return_all
+    ctx.num_factors = len(factors)
+    if return_all:
+        ctx.save_for_backward(x, *factors, *output[:-1])
+    else:
+        ctx.save_for_backward(x, *factors)
+
+
+def _chain_matmul_backward(ctx, grad_outputs):
+    saved = ctx.saved_tensors
+    k = ctx.num_factors
+    x, factors = saved[0], list(saved[1 : 1 + k])
+    if ctx.return_all:
+        intermediates = list(saved[1 + k :])
+        grad_outputs = list(grad_outputs)
+    else:
+        intermediates = chain_matmul(x, factors[:-1]) if k > 1 else []
+        grad_outputs = [None] * (k - 1) + list(grad_outputs)
+    inputs = [x, *intermediates]  # X_0 .. X_{k-1}
+    needs_x, needs_factor = ctx.needs_input_grad[0], list(ctx.needs_input_grad[1])
+    if all(g is None for g in grad_outputs):
+        return None, None, None
+
+    # Gradient w.r.t. X_j for j = k..1 (and X_0 if x needs it).
+    # dF_j needs the gradient of X_j, so without a gradient for x the reverse chain stops at X_1.
+    stop = 0 if needs_x else 1
+    grads_x: list[Tensor | None] = [None] * (k + 1)
+    if all(g is None for g in grad_outputs[:-1]):
+        # The common case: only the last output is used. One reverse chain through F_k^T .. F_1^T.
+        grads_x[k] = grad_outputs[-1]
+        if k > stop:
+            reverse = [f.T for f in reversed(factors[stop:])]  # F_k^T .. F_{stop+1}^T
+            backs = chain_matmul(grad_outputs[-1], reverse)
+            for j, g in zip(range(k - 1, stop - 1, -1), backs):
+                grads_x[j] = g
+    else:
+        running = None
+        for j in range(k, stop - 1, -1):
+            incoming = grad_outputs[j - 1] if j >= 1 else None
+            if running is None:
+                running = incoming
+            elif incoming is not None:
+                running = running + incoming
+            grads_x[j] = running
+            if j > stop and running is not None:
+                running = running @ factors[j - 1]
+    grad_x = grads_x[0] if needs_x else None
+    grad_factors = None
+    if any(needs_factor):
+        pairs = [(j, grads_x[j + 1]) for j in range(k) if needs_factor[j] and grads_x[j + 1] is not None]
+        products = chain_factor_grads([g for _, g in pairs], [inputs[j] for j, _ in pairs])
+        grad_factors = [None] * k
+        for (j, _), product in zip(pairs, products):
+            grad_factors[j] = product
+    return grad_x, grad_factors, None
+
+
+_chain_matmul_op.register_autograd(_chain_matmul_backward, setup_context=_chain_matmul_setup_context)
+
+
+def _register_cuda_kernels() -> None:
+    """Route the ops to the Triton kernels on CUDA; without Triton the torch bodies serve CUDA too."""
+    try:
+        from fastrank.kernels import chain as chain_kernels
+    except ImportError:  # Triton missing (or broken): the torch path stays in place.
+        return
+
+    @_chain_matmul_op.register_kernel("cuda")
+    def _(x, factors, return_all):
+        _check_chain(x, factors)
+        return chain_kernels.chain_matmul(x, factors, return_all)
+
+    @_chain_factor_grads_op.register_kernel("cuda")
+    def _(grads, inputs):
+        return chain_kernels.chain_factor_grads(grads, inputs)
+
+
+if torch.cuda.is_available():
+    _register_cuda_kernels()
+
+
+# --------------------------------------------------------------------------------------------
+# public functions
+# --------------------------------------------------------------------------------------------
+
+
+def chain_matmul(x: Tensor, factors: Sequence[Tensor], return_all: bool = True) -> list[Tensor]:
+    """Run ``x`` through a chain of linear factors.
+
+    Args:
+        x: ``(M, n_0)`` float tensor (fp64, fp32, fp16 or bf16), any strides.
+        factors: ``F_1 .. F_k`` with ``F_j`` of shape ``(n_j, n_{j-1})``, same dtype and device as x.
+        return_all: return every intermediate ``[X_1, ..., X_k]``; otherwise only ``[X_k]``.
+
+    Returns:
+        list of ``(M, n_j)`` tensors in x's dtype, ``X_j = X_{j-1} @ F_j^T``. Differentiable in x
+        and every factor; the backward is the reverse chain plus one grouped factor-gradient op.
+    """
+    return _chain_matmul_op(x, list(factors), return_all)
+
+
+def chain_factor_grads(grads: Sequence[Tensor], inputs: Sequence[Tensor]) -> list[Tensor]:
+    """Grouped products ``dF_j = grads[j]^T @ inputs[j]`` (``(M, n_j)``, ``(M, m_j)`` -> ``(n_j, m_j)``)."""
+    if len(grads) == 0:
+        return []
+    return _chain_factor_grads_op(list(grads), list(inputs))
+
+
+def collapsed_weight(factors: Sequence[Tensor]) -> Tensor:
+    """The product ``W_L ... W_1`` of factors given input side first (``factors[0]`` is ``W_1``).
+
+    Args:
+        factors: ``W_j`` of shape ``(n_j, n_{j-1})``.
+
+    Returns:
+        ``(n_L, n_0)`` tensor in the factors' dtype (computed in fp32 for halves), differentiable.
+    """
+    if len(factors) == 1:
+        return factors[0]
+    return chain_matmul(factors[0].T, factors[1:], return_all=False)[-1].T
+
+
+def chain_costs(
+    batch: int, dims: Sequence[int], *, grad_input: bool = True, grad_factors: bool = True
+) -> tuple[int, int]:
+    """Multiply-add counts of one call through the chain, for both associations.
+
+    Args:
+        batch: number of rows B of the input.
+        dims: ``[n_0, n_1, ..., n_L]`` (input width first).
+        grad_input / grad_factors: which gradients the backward must produce; both False means
+            forward only.
+
+    Returns:
+        ``(activation, collapsed)``: the activation chain ``x W_1^T ... W_L^T`` costs
+        ``B S`` forward (``S = sum n_j n_{j-1}``), the same again for the factor gradients and
+        for the propagated gradient. The collapsed form costs ``R = n_0 sum_{j>=2} n_{j-1} n_j``
+        for the prefix products, ``B n_0 n_L`` forward, and in the backward ``B n_0 n_L`` per
+        requested gradient of x or of the product, plus ``2 R`` to bring ``dP`` to the factors.
+    """
+    n0, nL = dims[0], dims[-1]
+    steps = [dims[j] * dims[j - 1] for j in range(1, len(dims))]
+    total = sum(steps)
+    prefix = n0 * (total - steps[0])
+    activation = batch * total
+    collapsed = prefix + batch * n0 * nL
+    if grad_factors:
+        activation += batch * total + batch * (total - steps[0])
+        collapsed += batch * n0 * nL + 2 * prefix
+    if grad_input:
+        activation += batch * steps[0] if grad_factors else batch * total
+        collapsed += batch * n0 * nL
+    return activation, collapsed
+
+
+def _rows(x: Tensor, in_features: int) -> Tensor:
+    return x.reshape(-1, in_features)
+
+
+def chain_linear(x: Tensor, factors: Sequence[Tensor], bias: Tensor | None = None) -> Tensor:
+    """``F.linear(x, W_L ... W_1, bias)`` with the cheaper association chosen from the shapes.
+
+    Args:
+        x: ``(..., n_0)`` input.
+        factors: ``W_1 .. W_L``, ``W_j`` of shape ``(n_j, n_{j-1})``, input side first.
+        bias: optional ``(n_L,)``.
+
+    Returns:
+        ``(..., n_L)``. Gradients of x, every factor and the bias equal those of the naive autograd
+        chain up to float rounding; which association runs is decided by :func:`chain_costs`.
+    """
+    in_features = factors[0].shape[1]
+    if len(factors) == 1:
+        return F.linear(x, factors[0], bias)
+    grad_on = torch.is_grad_enabled()
+    grad_input = grad_on and x.requires_grad
+    grad_factors = grad_on and any(f.requires_grad for f in factors)
+    rows = _rows(x, in_features)
+    dims = [in_features] + [f.shape[0] for f in factors]
+    activation, collapsed = chain_costs(
+        rows.shape[0], dims, grad_input=grad_input, grad_factors=grad_factors
+    )
+    if collapsed <= activation:
+        return F.linear(x, collapsed_weight(factors), bias)
+    out = chain_matmul(rows, factors, return_all=grad_factors or grad_input)[-1]
+    if bias is not None:
+        out = out + bias
+    return out.reshape(*x.shape[:-1], dims[-1])

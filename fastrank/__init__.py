@@ -2,3 +2,18 @@
 
 from ._version import __version__
 from .chain import chain_costs, chain_linear, chain_matmul, collapsed_weight
+from .conv import collapse_kernels
+from .layers import OverparamConv2d, OverparamLinear, collapse, overparameterize
+
+__all__ = [
+    "__version__",
+    "OverparamLinear",
+    "OverparamConv2d",
+    "overparameterize",
+    "collapse",
+    "chain_matmul",
+    "chain_linear",
+    "chain_costs",
+    "collapsed_weight",
+    "collapse_kernels",
+]

@@ -82,6 +82,7 @@ def conv_chain_costs(
     groups: int,
     padding: tuple[int, int, int, int],
     backward: bool,
+    kernel_cached: bool = False,
 ) -> tuple[int, int]:
     """Multiply-add counts of the activation chain and of the collapsed kernel for one call.
 
@@ -93,6 +94,7 @@ def conv_chain_costs(
         stride, dilation, groups: of the layer (stride on the last factor).
         padding: ``(left, right, top, bottom)`` applied once on the input.
         backward: count the backward too (about twice the forward for either form).
+        kernel_cached: the collapsed kernel is already computed (eval cache): do not count it.
 
     Returns:
         ``(activation, collapsed)``. The collapsed form pays for composing the kernels (a
@@ -113,7 +115,10 @@ def conv_chain_costs(
     compose = 0
     for j, (kh, kw) in enumerate(kernel_sizes[1:], start=2):
         size = (size[0] + kh - 1, size[1] + kw - 1)
-        compose += (channels[0] // groups) * size[0] * size[1] * channels[j] * (channels[j - 1] // groups) * kh * kw
+        images = channels[0] // groups
+        compose += images * size[0] * size[1] * channels[j] * (channels[j - 1] // groups) * kh * kw
+    if kernel_cached:
+        compose = 0
     kh, kw = size
     collapsed = compose + batch * height * width * channels[-1] * (channels[0] // groups) * kh * kw
     if backward:

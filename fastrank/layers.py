@@ -332,3 +332,374 @@ class OverparamLinear(_OverparamBase):
             weight, bias = self._collapsed()
             return F.linear(x, weight, bias)
         return self._activation_forward(x)
+
+
+def _parse_kernel_sizes(kernel_sizes: object) -> list[tuple[int, int]]:
+    def is_int(v: object) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+    entries = [kernel_sizes] if is_int(kernel_sizes) else kernel_sizes
+    if not isinstance(entries, (list, tuple)) or len(entries) == 0:
+        raise ValueError(
+            f"kernel_sizes must be a non-empty sequence of ints or (kh, kw) pairs, got {kernel_sizes!r}"
+        )
+    sizes = []
+    for k in entries:
+        if is_int(k):
+            sizes.append((k, k))
+        elif isinstance(k, (list, tuple)) and len(k) == 2 and all(is_int(v) for v in k):
+            sizes.append((k[0], k[1]))
+        else:
+            raise ValueError(
+                f"kernel_sizes entries must be positive ints or (kh, kw) pairs, got {k!r} in "
+                f"{kernel_sizes!r}"
+            )
+    return sizes
+
+
+def _pair(name: str, value: object, minimum: int) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) else value
+    if (
+        not isinstance(pair, (list, tuple))
+        or len(pair) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in pair)
+    ):
+        raise ValueError(f"{name} must be an int >= {minimum} or a pair of them, got {value!r}")
+    return (pair[0], pair[1])
+
+
+_PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
+
+
+class OverparamConv2d(_OverparamBase):
+    r"""A drop-in ``nn.Conv2d`` whose kernel is a chain of convolutions ``K_L * ... * K_1``.
+
+    The chain is ``in_channels -> hidden -> ... -> out_channels`` with
+    ``hidden = int(out_channels * width)`` and one factor per entry of ``kernel_sizes``; padding is
+    applied once on the input, the stride on the last factor, dilation and groups on every factor.
+    The layer computes exactly ``nn.Conv2d`` with the collapsed kernel ``self.weight`` of size
+    ``(sum(kh_j) - L + 1, sum(kw_j) - L + 1)``, in train and eval mode.
+
+    Args:
+        in_channels, out_channels: as ``nn.Conv2d``.
+        kernel_sizes: one entry per factor, each an int (square) or a ``(kh, kw)`` pair; the
+            default ``(3, 1)`` is a 3x3 factor followed by a 1x1 factor (collapsed: 3x3). A single
+            int is one factor.
+        stride, padding, dilation, groups, bias, padding_mode: as ``nn.Conv2d`` for the collapsed
+            kernel (``padding`` may be an int, a pair, ``"valid"`` or ``"same"``). ``groups`` must
+            divide ``in_channels``, ``out_channels`` and the hidden width.
+        width: hidden channels as a multiple of ``out_channels``.
+        device, dtype: of the parameters.
+
+    Attributes:
+        factors: ``nn.ParameterList`` of kernels, input side first; ``factors[j]`` has shape
+            ``(n_{j+1}, n_j / groups, kh_j, kw_j)``.
+        weight: the collapsed kernel ``(out_channels, in_channels / groups, KH, KW)``.
+        bias: the ``(out_channels,)`` bias parameter or None.
+
+    Shape:
+        input ``(N, in_channels, H, W)`` or ``(in_channels, H, W)``; output as ``nn.Conv2d``.
+
+    Each call runs the chain of small convolutions or one convolution with the collapsed kernel,
+    whichever costs fewer multiply-adds for the input size (a (3, 3, 1) chain can beat its 5x5
+    collapsed kernel); both give the same result and the naive chain's gradients.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_sizes: Sequence[int | tuple[int, int]] | int = (3, 1),
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] | str = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        width: float = 1.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_channels = _check_positive_int("in_channels", in_channels)
+        self.out_channels = _check_positive_int("out_channels", out_channels)
+        self.kernel_sizes = _parse_kernel_sizes(kernel_sizes)
+        self.depth = len(self.kernel_sizes)
+        self.kernel_size = collapsed_kernel_size(self.kernel_sizes)
+        self.stride = _pair("stride", stride, 1)
+        self.dilation = _pair("dilation", dilation, 1)
+        self.groups = _check_positive_int("groups", groups)
+        self.width = width
+        self.hidden_channels = _check_width(width, out_channels)
+        if padding_mode not in _PAD_MODES:
+            raise ValueError(
+                f"padding_mode must be one of {sorted(_PAD_MODES)}, got {padding_mode!r}"
+            )
+        self.padding_mode = padding_mode
+        self.padding = padding if isinstance(padding, str) else _pair("padding", padding, 0)
+        self._pad = self._padding_amounts(padding)
+        channels = [in_channels] + [self.hidden_channels] * (self.depth - 1) + [out_channels]
+        for name, n in (("in_channels", in_channels), ("out_channels", out_channels),
+                        ("hidden channels", self.hidden_channels)):
+            if n % groups:
+                raise ValueError(f"groups={groups} must divide {name}={n}")
+        self.channels = channels
+        factory = {"device": device, "dtype": dtype}
+        self.factors = nn.ParameterList(
+            nn.Parameter(torch.empty(channels[j + 1], channels[j] // groups, *k, **factory))
+            for j, k in enumerate(self.kernel_sizes)
+        )
+        self.register_parameter(
+            "bias", nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
+        )
+        self.reset_parameters()
+
+    def _padding_amounts(self, padding: object) -> tuple[int, int, int, int]:
+        """``(left, right, top, bottom)`` of the padding applied once on the input."""
+        if padding == "valid":
+            return (0, 0, 0, 0)
+        if padding == "same":
+            if self.stride != (1, 1):
+                raise ValueError(f"padding='same' needs stride 1, got stride={self.stride}")
+            total_h = self.dilation[0] * (self.kernel_size[0] - 1)
+            total_w = self.dilation[1] * (self.kernel_size[1] - 1)
+            return (total_w // 2, total_w - total_w // 2, total_h // 2, total_h - total_h // 2)
+        if isinstance(padding, str):
+            raise ValueError(f"padding must be an int, a pair, 'valid' or 'same', got {padding!r}")
+        pad_h, pad_w = _pair("padding", padding, 0)
+        return (pad_w, pad_w, pad_h, pad_h)
+
+    def reset_parameters(self) -> None:
+        """Kaiming-normal factors (fan_out; gain 1 inside, sqrt(2) last), ``nn.Conv2d``'s bias init."""
+        for j, factor in enumerate(self.factors):
+            _init_factor(factor, last=j == self.depth - 1, mode="fan_out")
+        if self.bias is not None:
+            fan_in = self.in_channels // self.groups * self.kernel_size[0] * self.kernel_size[1]
+            bound = 1.0 / math.sqrt(fan_in)
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_sizes={self.kernel_sizes}, "
+            f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+            f"groups={self.groups}, bias={self.bias is not None}, "
+            f"padding_mode={self.padding_mode!r}, width={self.width}"
+        )
+
+    def collapsed_parameters(self) -> tuple[Tensor, Tensor | None]:
+        """The collapsed ``(out_channels, in_channels / groups, KH, KW)`` kernel and the bias."""
+        return collapse_kernels(list(self.factors), self.groups), self.bias
+
+    @property
+    def weight(self) -> Tensor:
+        """The collapsed kernel (cached when no grad is needed)."""
+        return self._collapsed()[0]
+
+    def _conv(self, x: Tensor, kernel: Tensor, bias: Tensor | None, first: bool, last: bool) -> Tensor:
+        left, right, top, bottom = self._pad
+        padding = (0, 0)
+        if first and self.padding_mode == "zeros" and left == right and top == bottom:
+            padding = (top, left)
+        return F.conv2d(
+            x, kernel, bias, self.stride if last else 1, padding, self.dilation, self.groups
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        if isinstance(x, Tensor) and x.dim() == 3:
+            return self.forward(x.unsqueeze(0)).squeeze(0)
+        _check_input(x, self.in_channels, 1, "in_channels", self)
+        if x.dim() != 4:
+            raise ValueError(
+                f"OverparamConv2d: expected input (N, C, H, W) or (C, H, W), got shape {tuple(x.shape)}"
+            )
+        left, right, top, bottom = self._pad
+        if self.padding_mode != "zeros" or left != right or top != bottom:
+            x = F.pad(x, self._pad, mode=_PAD_MODES[self.padding_mode])
+            pad_counted = (0, 0, 0, 0)
+        else:
+            pad_counted = self._pad
+        cached = self._cache_usable()
+        grad_on = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        activation, collapsed = conv_chain_costs(
+            x.shape[0],
+            (x.shape[2], x.shape[3]),
+            self.channels,
+            self.kernel_sizes,
+            stride=self.stride,
+            dilation=self.dilation,
+            groups=self.groups,
+            padding=pad_counted,
+            backward=grad_on or (torch.is_grad_enabled() and x.requires_grad),
+            kernel_cached=cached,
+        )
+        if self.depth == 1 or collapsed <= activation:
+            kernel, bias = self._collapsed()
+            return self._conv(x, kernel, bias, first=True, last=True)
+        for j, kernel in enumerate(self.factors):
+            last = j == self.depth - 1
+            x = self._conv(x, kernel, self.bias if last else None, first=j == 0, last=last)
+        return x
+
+
+def _matches(name: str, module: nn.Module, patterns: Iterable[object]) -> bool:
+    for pattern in patterns:
+        if isinstance(pattern, str) and (name == pattern or name.startswith(pattern + ".")):
+            return True
+        if isinstance(pattern, type) and isinstance(module, pattern):
+            return True
+    return False
+
+
+def _balanced_factors(matrix: Tensor, dims: Sequence[int], where: str) -> list[Tensor]:
+    """Factor ``matrix`` (``dims[-1] x dims[0]``) into ``W_L .. W_1`` of the given widths, exactly.
+
+    Balanced SVD split: ``W_j = Q_j diag(s^(1/L)) Q_{j-1}^T`` with ``Q_0 = V``, ``Q_L = U`` and random
+    orthonormal ``Q_j`` in between, so every factor carries the same share of the spectrum.
+    """
+    depth = len(dims) - 1
+    work = matrix.detach().to(torch.float64)
+    u, s, vh = torch.linalg.svd(work, full_matrices=False)
+    narrowest = min(dims[1:-1], default=len(s))
+    if narrowest < len(s):
+        tol = s.max() * max(work.shape) * torch.finfo(matrix.dtype).eps if len(s) else 0.0
+        rank = int((s > tol).sum())
+        if rank > narrowest:
+            raise ValueError(
+                f"preserve=True cannot factor {where}: its weight has rank {rank} but the chain's "
+                f"narrowest hidden width is {narrowest}; use a larger width or preserve=False"
+            )
+        u, s, vh = u[:, :narrowest], s[:narrowest], vh[:narrowest]
+    root = s ** (1.0 / depth)
+    bases = [vh.T]
+    for n in dims[1:-1]:
+        q, _ = torch.linalg.qr(torch.randn(n, len(s), dtype=torch.float64, device=work.device))
+        bases.append(q)
+    bases.append(u)
+    return [(bases[j + 1] * root) @ bases[j].T for j in range(depth)]
+
+
+def _linear_from(layer: nn.Linear, depth: int, width: float, preserve: bool, name: str) -> OverparamLinear:
+    weight = layer.weight
+    replacement = OverparamLinear(
+        layer.in_features, layer.out_features, depth=depth, width=width,
+        bias=layer.bias is not None, device=weight.device, dtype=weight.dtype,
+    )
+    if preserve:
+        dims = [layer.in_features] + [f.shape[0] for f in replacement.factors]
+        with torch.no_grad():
+            for factor, value in zip(replacement.factors, _balanced_factors(weight, dims, name)):
+                factor.copy_(value)
+            if layer.bias is not None:
+                replacement.bias.copy_(layer.bias)
+    return replacement
+
+
+def _conv_from(layer: nn.Conv2d, depth: int, width: float, preserve: bool, name: str) -> OverparamConv2d:
+    weight = layer.weight
+    replacement = OverparamConv2d(
+        layer.in_channels, layer.out_channels,
+        kernel_sizes=[tuple(layer.kernel_size)] + [(1, 1)] * (depth - 1),
+        stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
+        bias=layer.bias is not None, padding_mode=layer.padding_mode, width=width,
+        device=weight.device, dtype=weight.dtype,
+    )
+    if preserve:
+        groups = layer.groups
+        out_g, in_g = layer.out_channels // groups, weight.shape[1]
+        kh, kw = layer.kernel_size
+        dims = [in_g * kh * kw] + [c // groups for c in replacement.channels[1:]]
+        with torch.no_grad():
+            for g in range(groups):
+                block = weight[g * out_g : (g + 1) * out_g].reshape(out_g, -1)
+                pieces = _balanced_factors(block, dims, f"{name} (group {g})")
+                for j, (factor, piece) in enumerate(zip(replacement.factors, pieces)):
+                    rows = slice(g * dims[j + 1], (g + 1) * dims[j + 1])
+                    factor[rows].copy_(piece.reshape(factor[rows].shape))
+            if layer.bias is not None:
+                replacement.bias.copy_(layer.bias)
+    return replacement
+
+
+def overparameterize(
+    model: nn.Module,
+    depth: int = 2,
+    width: float = 1.0,
+    include: tuple[type, ...] = (nn.Linear, nn.Conv2d),
+    exclude: Iterable[str | type] = (),
+    preserve: bool = False,
+) -> nn.Module:
+    """Replace the ``nn.Linear`` / ``nn.Conv2d`` layers of ``model`` by over-parameterized ones, in place.
+
+    Args:
+        model: any module; itself replaced (and returned) if it is a matching layer.
+        depth: factors per replaced layer. Convolutions keep their kernel on the first factor and
+            get 1x1 factors after it, so the collapsed kernel size is unchanged.
+        width: hidden size as a multiple of each layer's output size.
+        include: layer types to replace (subclasses of ``nn.Linear`` / ``nn.Conv2d``).
+        exclude: qualified module names (``"head"``, ``"features.3"``; a name excludes its
+            children too) or module types to leave alone.
+        preserve: factor each existing weight so the model computes the same function (a
+            balanced SVD split); raises ``ValueError`` naming the layer when a bottleneck is
+            narrower than the weight's rank. Otherwise the new layers get the default random init.
+
+    Returns:
+        the model, with the new layers on the device and dtype of the layers they replace.
+    """
+    _check_positive_int("depth", depth)
+    exclude = tuple(exclude)
+    for kind in include:
+        if not (isinstance(kind, type) and issubclass(kind, (nn.Linear, nn.Conv2d))):
+            raise ValueError(f"include may only hold nn.Linear / nn.Conv2d types, got {kind!r}")
+
+    def replace(module: nn.Module, name: str) -> nn.Module:
+        if isinstance(module, _OverparamBase) or _matches(name, module, exclude):
+            return module
+        if isinstance(module, include):
+            where = repr(name) if name else "the top-level module"
+            if isinstance(module, nn.Linear):
+                return _linear_from(module, depth, width, preserve, where)
+            return _conv_from(module, depth, width, preserve, where)
+        for child_name, child in list(module.named_children()):
+            new = replace(child, f"{name}.{child_name}" if name else child_name)
+            if new is not child:
+                setattr(module, child_name, new)
+        return module
+
+    return replace(model, "")
+
+
+def _plain_from(layer: _OverparamBase) -> nn.Module:
+    with torch.no_grad():
+        weight, bias = layer.collapsed_parameters()
+    factory = {"device": weight.device, "dtype": weight.dtype}
+    if isinstance(layer, OverparamLinear):
+        plain = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None, **factory)
+    else:
+        plain = nn.Conv2d(
+            layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
+            padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
+            bias=bias is not None, padding_mode=layer.padding_mode, **factory,
+        )
+    with torch.no_grad():
+        plain.weight.copy_(weight)
+        if bias is not None:
+            plain.bias.copy_(bias)
+    plain.train(layer.training)
+    return plain
+
+
+def collapse(model: nn.Module) -> nn.Module:
+    """Replace every over-parameterized layer of ``model`` by a plain ``nn.Linear`` / ``nn.Conv2d``.
+
+    The plain layers compute the same outputs (batch norms folded with their running statistics)
+    and hold ordinary ``weight`` / ``bias`` parameters, so the state_dict loads into a model that
+    never imported fastrank. Works in place; returns the model (or the replacement if ``model``
+    itself is an over-parameterized layer).
+    """
+    if isinstance(model, _OverparamBase):
+        return _plain_from(model)
+    for child_name, child in list(model.named_children()):
+        new = collapse(child)
+        if new is not child:
+            setattr(model, child_name, new)
+    return model

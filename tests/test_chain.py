@@ -1,0 +1,157 @@
+import pytest
+import torch
+from torch.library import opcheck
+
+import fastrank.chain as chain_mod
+from fastrank.chain import chain_costs, chain_linear, chain_matmul, collapsed_weight
+from tolerance import assert_close
+
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+
+
+def make_chain(batch, dims, dtype, seed=0, transposed=False):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, dims[0], generator=gen, dtype=torch.float64)
+    if transposed:  # non-contiguous: a transposed view of a (n_0, batch) tensor
+        x = torch.randn(dims[0], batch, generator=gen, dtype=torch.float64).T
+    factors = [
+        torch.randn(dims[j + 1], dims[j], generator=gen, dtype=torch.float64) / dims[j] ** 0.5
+        for j in range(len(dims) - 1)
+    ]
+    return x.to(dtype), [f.to(dtype) for f in factors]
+
+
+def naive(x, factors):
+    h = x
+    for f in factors:
+        h = h @ f.T
+    return h
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "batch,dims", [(1, [1, 1]), (7, [5, 3, 9]), (129, [7, 17, 1, 6]), (33, [12, 12, 12, 12, 12])],
+    ids=lambda v: str(v),
+)
+@pytest.mark.parametrize("transposed", [False, True], ids=["contiguous", "transposed"])
+def test_chain_matmul_matches_fp64(dtype, batch, dims, transposed):
+    x, factors = make_chain(batch, dims, dtype, transposed=transposed)
+    outputs = chain_matmul(x, factors)
+    expected = x.double()
+    for j, (out, f) in enumerate(zip(outputs, factors)):
+        expected = expected @ f.double().T
+        assert out.dtype == dtype
+        assert_close(out, expected, dtype, max(dims), steps=j + 1, what=f"X_{j + 1}")
+    last = chain_matmul(x, factors, return_all=False)
+    assert len(last) == 1 and torch.equal(last[0], outputs[-1])
+
+
+def test_chain_matmul_rejects_bad_shapes():
+    x = torch.randn(4, 5)
+    with pytest.raises(ValueError, match=r"factor 1 must have shape \(n_2, 3\), got \(2, 4\)"):
+        chain_matmul(x, [torch.randn(3, 5), torch.randn(2, 4)])
+    with pytest.raises(ValueError, match="at least one factor"):
+        chain_matmul(x, [])
+    with pytest.raises(TypeError, match="float64"):
+        chain_matmul(x, [torch.randn(3, 5, dtype=torch.float64)])
+
+
+@pytest.mark.parametrize("needs_x", [True, False], ids=["x-grad", "no-x-grad"])
+@pytest.mark.parametrize("return_all", [True, False], ids=["all", "last"])
+def test_chain_matmul_grads_equal_naive_chain(needs_x, return_all):
+    x, factors = make_chain(9, [7, 5, 11, 3], torch.float64, seed=1)
+    x.requires_grad_(needs_x)
+    for f in factors:
+        f.requires_grad_(True)
+    grad_out = torch.randn(9, 3, dtype=torch.float64)
+    out = chain_matmul(x, factors, return_all=return_all)[-1]
+    inputs = ([x] if needs_x else []) + factors
+    ours = torch.autograd.grad(out, inputs, grad_out)
+    ref = torch.autograd.grad(naive(x, factors), inputs, grad_out)
+    for j, (a, b) in enumerate(zip(ours, ref)):
+        assert_close(a, b, torch.float64, 11, what=f"grad {j}")
+
+
+def test_chain_matmul_grads_through_intermediates():
+    # Gradients arriving at every intermediate, not only the last.
+    x, factors = make_chain(6, [4, 5, 6, 7], torch.float64, seed=2)
+    x.requires_grad_(True)
+    for f in factors:
+        f.requires_grad_(True)
+    weights = [torch.randn(6, n, dtype=torch.float64) for n in (5, 6, 7)]
+
+    def loss(outs):
+        return sum((o * w).sum() for o, w in zip(outs, weights))
+
+    ours = torch.autograd.grad(loss(chain_matmul(x, factors)), [x, *factors])
+    hs, h = [], x
+    for f in factors:
+        h = h @ f.T
+        hs.append(h)
+    ref = torch.autograd.grad(loss(hs), [x, *factors])
+    for j, (a, b) in enumerate(zip(ours, ref)):
+        assert_close(a, b, torch.float64, 7, what=f"grad {j}")
+
+
+@pytest.mark.parametrize("return_all", [True, False], ids=["all", "last"])
+def test_opcheck_chain_ops(return_all):
+    x, factors = make_chain(7, [5, 3, 4], torch.float64)
+    x.requires_grad_(True)
+    for f in factors:
+        f.requires_grad_(True)
+    opcheck(torch.ops.fastrank.chain_matmul.default, (x, factors, return_all))
+    grads = [torch.randn(7, 3, dtype=torch.float64), torch.randn(7, 4, dtype=torch.float64)]
+    inputs = [torch.randn(7, 5, dtype=torch.float64), torch.randn(7, 3, dtype=torch.float64)]
+    opcheck(torch.ops.fastrank.chain_factor_grads.default, (grads, inputs))
+
+
+def test_cost_model_switches_with_batch():
+    dims = [1024] * 5
+    act, col = chain_costs(256, dims)
+    assert act < col, "B=256, d=1024, L=4 must take the activation chain"
+    act, col = chain_costs(16384, dims)
+    assert col < act, "B=16384 must take the collapsed product"
+    # Forward only: the collapsed form pays R = 3 d^3 once, the chain 4 B d^2.
+    act, col = chain_costs(512, dims, grad_input=False, grad_factors=False)
+    assert act == 512 * 4 * 1024**2 and col == 3 * 1024**3 + 512 * 1024**2
+
+
+def force_path(monkeypatch, path):
+    costs = (0, 1) if path == "activation" else (1, 0)
+    monkeypatch.setattr(chain_mod, "chain_costs", lambda *a, **k: costs)
+
+
+@pytest.mark.parametrize("path", ["activation", "collapsed"])
+@pytest.mark.parametrize("shape", [(1, 7), (3, 5, 7), (129, 7)], ids=str)
+def test_chain_linear_grads_equal_naive_chain(monkeypatch, path, shape):
+    force_path(monkeypatch, path)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    factors = [torch.randn(n, m, generator=gen, dtype=torch.float64, requires_grad=True)
+               for m, n in [(7, 9), (9, 9), (9, 4)]]
+    bias = torch.randn(4, generator=gen, dtype=torch.float64, requires_grad=True)
+    out = chain_linear(x, factors, bias)
+    ref_out = naive(x, factors) + bias
+    assert_close(out, ref_out, torch.float64, 9)
+    grad_out = torch.randn_like(ref_out)
+    ours = torch.autograd.grad(out, [x, *factors, bias], grad_out)
+    ref = torch.autograd.grad(ref_out, [x, *factors, bias], grad_out)
+    for j, (a, b) in enumerate(zip(ours, ref)):
+        assert_close(a, b, torch.float64, 129, what=f"grad {j} ({path})")
+
+
+def test_collapsed_weight_is_product():
+    _, factors = make_chain(1, [6, 4, 5, 3], torch.float64)
+    expected = factors[2] @ factors[1] @ factors[0]
+    assert_close(collapsed_weight(factors), expected, torch.float64, 5)
+    assert collapsed_weight(factors[:1]) is factors[0]
+
+
+def test_half_chain_does_not_overflow_in_intermediates():
+    # Each factor scales by 256: the fp16 running product of four would reach 2^32 > 65504, but
+    # the final product fits after the last factor scales back down.
+    x = torch.full((2, 4), 1.0, dtype=torch.float16)
+    up = torch.eye(4, dtype=torch.float16) * 256
+    down = torch.eye(4, dtype=torch.float16) / 256
+    out = chain_matmul(x, [up, up, down, down], return_all=False)[0]
+    assert torch.isfinite(out).all() and torch.equal(out, x)

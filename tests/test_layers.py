@@ -1,0 +1,452 @@
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fastrank
+import fastrank.chain as chain_mod
+import fastrank.layers as layers_mod
+from fastrank import OverparamConv2d, OverparamLinear, collapse, overparameterize
+from tolerance import assert_close
+
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+
+
+def naive_linear(layer, x):
+    """The sequential chain of the anchor library: one F.linear per factor."""
+    h = x
+    for factor in layer.factors:
+        h = F.linear(h, factor)
+    return h + layer.bias if layer.bias is not None else h
+
+
+def force_linear_path(monkeypatch, path):
+    costs = (0, 1) if path == "activation" else (1, 0)
+    monkeypatch.setattr(chain_mod, "chain_costs", lambda *a, **k: costs)
+    monkeypatch.setattr(layers_mod, "chain_costs", lambda *a, **k: costs)
+
+
+def force_conv_path(monkeypatch, path):
+    costs = (0, 1) if path == "activation" else (1, 0)
+    monkeypatch.setattr(layers_mod, "conv_chain_costs", lambda *a, **k: costs)
+
+
+# ---- OverparamLinear ------------------------------------------------------------------------
+
+
+def test_linear_shapes_and_init():
+    layer = OverparamLinear(5, 8, depth=3, width=0.5)
+    assert [tuple(f.shape) for f in layer.factors] == [(4, 5), (4, 4), (8, 4)]
+    assert layer.weight.shape == (8, 5) and layer.bias.shape == (8,)
+    assert layer.hidden_features == 4
+    big = OverparamLinear(512, 512, depth=2)
+    # Kaiming-normal fan_in: std 1/sqrt(fan_in) inside the chain, sqrt(2/fan_in) on the last.
+    assert abs(big.factors[0].std().item() * 512**0.5 - 1.0) < 0.02
+    assert abs(big.factors[1].std().item() * 256**0.5 - 1.0) < 0.02
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("path", ["activation", "collapsed"])
+@pytest.mark.parametrize(
+    "in_f,out_f,depth,shape",
+    [(1, 1, 1, (3, 1)), (7, 129, 2, (1, 7)), (129, 7, 3, (2, 3, 129)), (17, 17, 4, (5, 17))],
+    ids=str,
+)
+def test_linear_forward_and_grads_match_naive_chain(monkeypatch, dtype, path, in_f, out_f, depth, shape):
+    force_linear_path(monkeypatch, path)
+    torch.manual_seed(0)
+    layer = OverparamLinear(in_f, out_f, depth=depth, dtype=torch.float64)
+    x64 = torch.randn(*shape, dtype=torch.float64)
+    ref_layer = copy.deepcopy(layer)  # fp64 reference on the same (rounded) values
+    layer = layer.to(dtype)
+    with torch.no_grad():
+        for ref_f, f in zip(ref_layer.factors, layer.factors):
+            ref_f.copy_(f.double())
+        ref_layer.bias.copy_(layer.bias.double())
+    x = x64.to(dtype).requires_grad_(True)
+    xr = x.detach().double().requires_grad_(True)
+    out = layer(x)
+    ref = naive_linear(ref_layer, xr)
+    width = max(in_f, out_f)
+    assert out.dtype == dtype
+    assert_close(out, ref, dtype, width, steps=depth, what="output")
+    assert_close(out, F.linear(x, layer.weight, layer.bias), dtype, width, steps=depth, what="vs F.linear")
+    grad_out = torch.randn(ref.shape, dtype=torch.float64)
+    out.backward(grad_out.to(dtype))
+    ref.backward(grad_out)
+    reduction = max(width, x.numel() // in_f)
+    assert_close(x.grad, xr.grad, dtype, reduction, steps=depth, what="grad x")
+    for j, (f, rf) in enumerate(zip(layer.factors, ref_layer.factors)):
+        assert_close(f.grad, rf.grad, dtype, reduction, steps=depth, what=f"grad factor {j}")
+    assert_close(layer.bias.grad, ref_layer.bias.grad, dtype, reduction, what="grad bias")
+
+
+@pytest.mark.parametrize("batch", [3, 4000], ids=["activation-by-cost", "collapsed-by-cost"])
+def test_linear_fp64_grads_equal_naive_to_1e10(batch):
+    # Unforced: the cost model picks the path; the result must be the naive chain's to 1e-10.
+    torch.manual_seed(1)
+    layer = OverparamLinear(24, 24, depth=4, dtype=torch.float64)
+    ref_layer = copy.deepcopy(layer)
+    x = torch.randn(batch, 24, dtype=torch.float64, requires_grad=True)
+    xr = x.detach().clone().requires_grad_(True)
+    grad_out = torch.randn(batch, 24, dtype=torch.float64)
+    layer(x).backward(grad_out)
+    naive_linear(ref_layer, xr).backward(grad_out)
+    for a, b, what in [(x.grad, xr.grad, "x")] + [
+        (f.grad, r.grad, f"factor {j}") for j, (f, r) in enumerate(zip(layer.factors, ref_layer.factors))
+    ]:
+        err = ((a - b).norm() / b.norm()).item()
+        assert err <= 1e-10, f"grad {what}: relative error {err:.2e}"
+
+
+def test_linear_non_contiguous_input():
+    torch.manual_seed(2)
+    layer = OverparamLinear(7, 5, depth=3, dtype=torch.float64)
+    x = torch.randn(7, 11, dtype=torch.float64).T  # (11, 7), transposed
+    assert not x.is_contiguous()
+    assert_close(layer(x), naive_linear(layer, x.contiguous()), torch.float64, 7)
+    x = torch.randn(4, 9, 14, dtype=torch.float64)[:, ::3, ::2]  # strided (4, 3, 7)
+    assert_close(layer(x), naive_linear(layer, x.contiguous()), torch.float64, 7)
+
+
+def test_linear_eval_caches_and_never_goes_stale():
+    torch.manual_seed(3)
+    layer = OverparamLinear(6, 6, depth=3)
+    assert layer.eval() is layer
+    x = torch.randn(4, 6)
+    with torch.no_grad():
+        first = layer(x)
+        key = layer._cache.key
+        assert key is not None
+        assert torch.equal(layer(x), first) and layer._cache.key == key  # served from the cache
+        assert torch.equal(first, F.linear(x, layer.weight, layer.bias))
+
+    # An optimizer step updates the factors in place.
+    layer.train()
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    layer(x).square().sum().backward()
+    opt.step()
+    layer.eval()
+    with torch.no_grad():
+        after_step = layer(x)
+    assert not torch.allclose(after_step, first)
+    assert torch.allclose(after_step, naive_linear(layer, x).detach(), rtol=1e-5, atol=1e-6)
+
+    # load_state_dict copies in place.
+    other = OverparamLinear(6, 6, depth=3)
+    layer.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(layer(x), naive_linear(other, x), rtol=1e-5, atol=1e-6)
+
+    # .to() makes new tensors.
+    layer = layer.to(torch.float64)
+    with torch.no_grad():
+        out64 = layer(x.double())
+    assert out64.dtype == torch.float64
+    assert torch.allclose(out64, naive_linear(layer, x.double()), rtol=1e-10)
+
+
+def test_linear_eval_with_grad_still_trains_factors():
+    layer = OverparamLinear(5, 3, depth=2).eval()
+    layer(torch.randn(2, 5)).sum().backward()
+    assert all(f.grad is not None for f in layer.factors)
+
+
+def test_linear_state_dict_round_trip_exact():
+    torch.manual_seed(4)
+    layer = OverparamLinear(7, 9, depth=3, batch_norm=True)
+    layer(torch.randn(16, 7))  # moves running stats
+    buffer = io.BytesIO()
+    torch.save(layer.state_dict(), buffer)
+    buffer.seek(0)
+    restored = OverparamLinear(7, 9, depth=3, batch_norm=True)
+    restored.load_state_dict(torch.load(buffer, weights_only=True))
+    for (name, a), (_, b) in zip(layer.state_dict().items(), restored.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert sorted(layer.state_dict()) == sorted(restored.state_dict())
+    x = torch.randn(5, 7)
+    assert torch.equal(layer.eval()(x), restored.eval()(x))
+
+
+@pytest.mark.parametrize("depth", [2, 3, 4, 5])
+def test_residual_collapses_into_weight(depth):
+    torch.manual_seed(5)
+    layer = OverparamLinear(6, 6, depth=depth, residual=True, dtype=torch.float64)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    # Reference: node_m = W_m node_{m-1} (+ node_{m-2} at every even m).
+    nodes = [x]
+    for m, factor in enumerate(layer.factors, start=1):
+        h = F.linear(nodes[-1], factor)
+        if m % 2 == 0:
+            h = h + nodes[m - 2]
+        nodes.append(h)
+    ref = nodes[-1] + layer.bias
+    assert_close(layer(x), ref, torch.float64, 6)
+    assert_close(F.linear(x, layer.weight, layer.bias), ref, torch.float64, 6)
+    with torch.no_grad():
+        assert_close(layer.eval()(x), ref, torch.float64, 6)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_batch_norm_folds_in_eval(residual):
+    torch.manual_seed(6)
+    layer = OverparamLinear(8, 8, depth=4, batch_norm=True, residual=residual, dtype=torch.float64)
+    for _ in range(3):
+        layer(torch.randn(32, 8, dtype=torch.float64) * 3 + 1)
+    for norm in layer.norms:
+        with torch.no_grad():
+            norm.weight.uniform_(0.5, 2)
+            norm.bias.uniform_(-1, 1)
+    layer.eval()
+    x = torch.randn(5, 8, dtype=torch.float64)
+    nodes = [x]
+    for m, (factor, norm) in enumerate(zip(layer.factors, layer.norms), start=1):
+        h = norm(F.linear(nodes[-1], factor))
+        if residual and m % 2 == 0:
+            h = h + nodes[m - 2]
+        nodes.append(h)
+    ref = nodes[-1] + layer.bias
+    assert_close(F.linear(x, *layer.collapsed_parameters()), ref, torch.float64, 8)
+    with torch.no_grad():
+        assert_close(layer(x), ref, torch.float64, 8)
+
+
+def test_batch_norm_trains_through_activation_chain():
+    torch.manual_seed(7)
+    layer = OverparamLinear(4, 4, depth=2, batch_norm=True, dtype=torch.float64)
+    x = torch.randn(10, 4, dtype=torch.float64)
+    ref = layer.norms[1](F.linear(layer.norms[0](F.linear(x, layer.factors[0])), layer.factors[1]))
+    ref = ref + layer.bias
+    out = layer(x)
+    assert_close(out, ref, torch.float64, 4)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(in_features=0, out_features=3), r"in_features must be a positive int, got 0"),
+        (dict(in_features=3, out_features=3, depth=0), r"depth must be a positive int, got 0"),
+        (dict(in_features=3, out_features=3, width=0), r"width must be a number > 0, got 0"),
+        (dict(in_features=3, out_features=3, width=-1.5), r"got -1.5"),
+        (dict(in_features=3, out_features=3, width=0.1), r"hidden size int\(3 \* 0.1\) = 0"),
+        (dict(in_features=3, out_features=5, residual=True), r"skip into node 2 needs equal widths, got 3 -> 5"),
+        (dict(in_features=3, out_features=3, depth=1, residual=True), r"needs depth >= 2"),
+    ],
+    ids=["in0", "depth0", "width0", "width-neg", "width-tiny", "residual-shape", "residual-depth"],
+)
+def test_linear_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        OverparamLinear(**kwargs)
+
+
+def test_linear_bad_input():
+    layer = OverparamLinear(4, 3)
+    with pytest.raises(ValueError, match=r"in_features=4 at dim -1, got shape \(2, 5\)"):
+        layer(torch.randn(2, 5))
+    with pytest.raises(TypeError, match="floating-point input, got dtype torch.int64"):
+        layer(torch.ones(2, 4, dtype=torch.long))
+
+
+def test_nan_propagates():
+    layer = OverparamLinear(4, 3)
+    x = torch.randn(2, 4)
+    x[0, 1] = float("nan")
+    out = layer(x)
+    assert out[0].isnan().all() and not out[1].isnan().any()
+    with torch.no_grad():
+        out = layer.eval()(x)
+    assert out[0].isnan().all() and not out[1].isnan().any()
+
+
+# ---- OverparamConv2d ------------------------------------------------------------------------
+
+
+def naive_conv(layer, x):
+    """The chain of convolutions: padding once on the input, stride on the last factor."""
+    left, right, top, bottom = layer._pad
+    mode = {"zeros": "constant"}.get(layer.padding_mode, layer.padding_mode)
+    h = F.pad(x, (left, right, top, bottom), mode=mode)
+    for j, factor in enumerate(layer.factors):
+        last = j == layer.depth - 1
+        h = F.conv2d(h, factor, layer.bias if last else None, layer.stride if last else 1, 0,
+                     layer.dilation, layer.groups)
+    return h
+
+
+CONV_CASES = [
+    dict(),
+    dict(kernel_sizes=(3, 3, 1), padding=1),
+    dict(kernel_sizes=((3, 5), 1, (1, 3)), stride=2, padding=(2, 1), dilation=2, groups=2),
+    dict(kernel_sizes=(3, 1), stride=(2, 1), padding="valid", groups=4),
+    dict(kernel_sizes=(3, (2, 2)), padding="same", padding_mode="reflect"),
+    dict(kernel_sizes=(3, 3), padding=1, padding_mode="circular", dilation=(1, 2)),
+    dict(kernel_sizes=(1, 3), padding=2, padding_mode="replicate", stride=3, width=0.5, groups=2),
+    dict(kernel_sizes=5),
+]
+
+
+@pytest.mark.parametrize("path", ["activation", "collapsed"])
+@pytest.mark.parametrize("kwargs", CONV_CASES, ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()) or "default")
+def test_conv_equals_conv2d_with_collapsed_kernel(monkeypatch, path, kwargs):
+    force_conv_path(monkeypatch, path)
+    torch.manual_seed(8)
+    layer = OverparamConv2d(4, 8, dtype=torch.float64, **kwargs)
+    ref = nn.Conv2d(4, 8, layer.kernel_size, stride=layer.stride, padding=layer.padding,
+                    dilation=layer.dilation, groups=layer.groups, padding_mode=layer.padding_mode,
+                    dtype=torch.float64)
+    with torch.no_grad():
+        ref.weight.copy_(layer.weight)
+        ref.bias.copy_(layer.bias)
+    x = torch.randn(2, 4, 13, 11, dtype=torch.float64).transpose(2, 3)  # non-contiguous (2,4,11,13)
+    x.requires_grad_(True)
+    out = layer(x)
+    expected = ref(x)
+    assert_close(out, expected, torch.float64, 4 * 25)
+    # Gradients equal those of the naive chain of convolutions.
+    xr = x.detach().clone().requires_grad_(True)
+    chain = naive_conv(layer, xr)
+    assert_close(out, chain, torch.float64, 4 * 25, what="vs naive chain")
+    grad_out = torch.randn_like(out)
+    ours = torch.autograd.grad(out, [x, *layer.factors, layer.bias], grad_out)
+    theirs = torch.autograd.grad(chain, [xr, *layer.factors, layer.bias], grad_out)
+    for j, (a, b) in enumerate(zip(ours, theirs)):
+        assert_close(a, b, torch.float64, 2 * 11 * 13 * 8, what=f"grad {j}")
+
+
+def test_conv_unbatched_and_eval():
+    torch.manual_seed(9)
+    layer = OverparamConv2d(3, 5, kernel_sizes=(3, 3), padding=2)  # collapsed 5x5
+    x = torch.randn(3, 7, 7)
+    out = layer(x)
+    assert out.shape == (5, 7, 7)
+    with torch.no_grad():
+        ev = layer.eval()(x)
+    assert torch.allclose(ev, out, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_cost_model_prefers_chain_for_large_images():
+    layer = OverparamConv2d(64, 64, kernel_sizes=(3, 3, 1), padding=2)
+    costs = layers_mod.conv_chain_costs(
+        8, (128, 128), layer.channels, layer.kernel_sizes, stride=(1, 1), dilation=(1, 1),
+        groups=1, padding=layer._pad, backward=False, kernel_cached=True,
+    )
+    assert costs[0] < costs[1], "a (3, 3, 1) chain beats its 5x5 collapsed kernel"
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(groups=3), ValueError, r"groups=3 must divide in_channels=4"),
+        (dict(kernel_sizes=(3, 0)), ValueError, r"kernel_sizes entries must be positive"),
+        (dict(kernel_sizes=()), ValueError, r"non-empty sequence"),
+        (dict(stride=0), ValueError, r"stride must be an int >= 1"),
+        (dict(padding="same", stride=2), ValueError, r"padding='same' needs stride 1"),
+        (dict(padding_mode="mirror"), ValueError, r"padding_mode must be one of"),
+        (dict(width=0), ValueError, r"width must be a number > 0, got 0"),
+    ],
+    ids=["groups", "kernel0", "kernel-empty", "stride0", "same-stride", "padmode", "width0"],
+)
+def test_conv_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        OverparamConv2d(4, 8, **kwargs)
+
+
+def test_conv_bad_input():
+    layer = OverparamConv2d(4, 8)
+    with pytest.raises(ValueError, match=r"in_channels=4 at dim 1, got shape \(2, 3, 5, 5\)"):
+        layer(torch.randn(2, 3, 5, 5))
+    with pytest.raises(TypeError, match="floating-point"):
+        layer(torch.ones(2, 4, 5, 5, dtype=torch.int32))
+
+
+# ---- overparameterize / collapse --------------------------------------------------------------
+
+
+class SmallCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(8, 8, (3, 1), stride=2, padding=(1, 0), groups=2), nn.ReLU(),
+            nn.Conv2d(8, 6, 1, bias=False),
+        )
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(6 * 4 * 7, 10), nn.ReLU(), nn.Linear(10, 3))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def test_overparameterize_replaces_layers_and_keeps_dtype():
+    torch.manual_seed(10)
+    model = SmallCNN().double()
+    out = overparameterize(model, depth=3, width=2.0, exclude=("head.3",))
+    assert out is model
+    assert isinstance(model.features[0], OverparamConv2d) and model.features[0].depth == 3
+    assert model.features[2].groups == 2 and model.features[2].kernel_size == (3, 1)
+    assert isinstance(model.head[1], OverparamLinear) and model.head[1].hidden_features == 20
+    assert type(model.head[3]) is nn.Linear
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+    assert model(torch.randn(2, 3, 8, 14, dtype=torch.float64)).shape == (2, 3)
+    only_fc = overparameterize(SmallCNN(), include=(nn.Linear,), exclude=(nn.Conv2d,))
+    assert type(only_fc.features[0]) is nn.Conv2d and isinstance(only_fc.head[1], OverparamLinear)
+
+
+def test_preserve_and_collapse_round_trip():
+    torch.manual_seed(11)
+    plain = SmallCNN().double().eval()
+    x = torch.randn(2, 3, 8, 14, dtype=torch.float64)
+    expected = plain(x)
+    model = overparameterize(copy.deepcopy(plain), depth=3, preserve=True).eval()
+    assert isinstance(model.features[2], OverparamConv2d)
+    assert_close(model(x), expected, torch.float64, 200, what="preserve")
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    model(x).square().mean().backward()
+    opt.step()
+    model.eval()
+    trained = model(x)
+    collapsed = collapse(model)
+    assert not any(isinstance(m, (OverparamLinear, OverparamConv2d)) for m in collapsed.modules())
+    assert_close(collapsed(x), trained, torch.float64, 200, what="collapse")
+    # The collapsed state_dict loads into a model that knows nothing of fastrank.
+    fresh = SmallCNN().double().eval()
+    fresh.load_state_dict(collapsed.state_dict())
+    assert_close(fresh(x), trained, torch.float64, 200, what="reloaded")
+
+
+def test_collapse_folds_batch_norm_and_top_level_layer():
+    torch.manual_seed(12)
+    layer = OverparamLinear(5, 5, depth=3, batch_norm=True, bias=False)
+    layer(torch.randn(20, 5))
+    layer.eval()
+    plain = collapse(layer)
+    assert type(plain) is nn.Linear and plain.bias is not None
+    x = torch.randn(4, 5)
+    with torch.no_grad():
+        assert torch.allclose(plain(x), layer(x), atol=1e-5)
+
+
+def test_preserve_fails_below_rank_with_layer_name():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2))
+    with pytest.raises(ValueError, match=r"'0'.*rank 8.*narrowest hidden width is 4"):
+        overparameterize(model, width=0.5, preserve=True)
+
+
+def test_preserve_bottleneck_above_rank_is_exact():
+    torch.manual_seed(13)
+    low_rank = nn.Linear(8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        low_rank.weight.copy_(torch.randn(8, 3, dtype=torch.float64) @ torch.randn(3, 8, dtype=torch.float64))
+    x = torch.randn(4, 8, dtype=torch.float64)
+    expected = low_rank(x)
+    layer = overparameterize(low_rank, depth=2, width=0.5, preserve=True)
+    assert isinstance(layer, OverparamLinear)
+    assert_close(layer(x), expected, torch.float64, 8)
+
+
+def test_public_names():
+    for name in ["OverparamLinear", "OverparamConv2d", "overparameterize", "collapse", "__version__"]:
+        assert hasattr(fastrank, name)

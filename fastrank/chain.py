@@ -253,7 +253,9 @@ def collapsed_weight(factors: Sequence[Tensor]) -> Tensor:
     """
     if len(factors) == 1:
         return factors[0]
-    return chain_matmul(factors[0].T, factors[1:], return_all=False)[-1].T
+    # Under autograd the prefix products are kept for the backward instead of recomputed.
+    keep = torch.is_grad_enabled() and any(f.requires_grad for f in factors)
+    return chain_matmul(factors[0].T, factors[1:], return_all=keep)[-1].T
 
 
 def chain_costs(

@@ -1,0 +1,74 @@
+"""Over-parameterized layers under DistributedDataParallel (gloo, two CPU processes): training on
+halves of the global batch gives the factors of one process training on the whole batch."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+import fastrank
+
+STEPS = 3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        fastrank.OverparamConv2d(3, 4, kernel_sizes=(3, 1), padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        fastrank.OverparamLinear(4 * 6 * 6, 5, depth=3),
+    ).double()
+
+
+def _data():
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(8, 3, 6, 6, generator=gen, dtype=torch.float64), torch.randn(
+        8, 5, generator=gen, dtype=torch.float64
+    )
+
+
+def _train(model, x, y):
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(STEPS):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+
+
+def _worker(rank: int, world: int, port: int, out_path: str) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        model = nn.parallel.DistributedDataParallel(_model())
+        x, y = _data()
+        shard = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
+        _train(model, x[shard], y[shard])
+        if rank == 0:
+            torch.save(model.module.state_dict(), out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_ddp_two_processes_equal_one_process(tmp_path):
+    out_path = str(tmp_path / "ddp.pt")
+    mp.spawn(_worker, args=(2, _free_port(), out_path), nprocs=2, join=True)
+    ddp_state = torch.load(out_path, weights_only=True)
+    single = _model()
+    _train(single, *_data())
+    for name, value in single.state_dict().items():
+        err = ((ddp_state[name] - value).norm() / value.norm()).item()
+        assert err < 1e-12, f"{name}: relative difference {err:.2e} between DDP and one process"

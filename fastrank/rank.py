@@ -1,0 +1,545 @@
+"""Effective rank at scale: spectral entropy, effective rank, stable rank.
+
+Definitions (DESIGN.md). For a matrix A (m x n) let s be its singular values; with ``gram=True``
+the spectrum is that of the Gram X X^T of data X = A (s_i = sigma_i(A)^2); with
+``hermitian=True`` A is a symmetric PSD matrix and s are its eigenvalues (their absolute values,
+which are the singular values of any symmetric A). With p = s / sum(s):
+
+- ``spectral_entropy`` H = -sum p log p, natural log (the rho of Huh et al., 2103.10427);
+- ``effective_rank`` exp(H) (Roy & Vetterli 2007);
+- ``stable_rank`` ||M||_F^2 / ||M||_2^2 of M = A (or of the Gram X X^T when gram=True).
+
+All-zero matrix: spectral_entropy = -inf, effective_rank = 0, stable_rank = 0 (the rank of the
+zero matrix; exp(-inf) = 0 keeps effective_rank = exp(spectral_entropy)). Never NaN.
+
+Methods (``method=``):
+
+- ``"exact"``: fp64 ``eigvalsh`` of the smaller-side Gram (A^T A or A A^T), never a full SVD of
+  a Gram and never the N x N Gram of data. For gram=False the singular values are square roots of
+  the Gram's eigenvalues; where the Gram's rounding (about (m + n) eps ||A||_2^2 per eigenvalue)
+  could move the entropy by more than 1e-11 relative (singular values below ~1e-6 of the largest,
+  e.g. a rank-deficient A), those matrices are recomputed with fp64 ``svdvals`` of A itself.
+  fp32/fp16/bf16 data with gram=True form the Gram from fp32 products over row blocks of 4096,
+  summed in fp64; everything else is formed in fp64.
+- ``"randomized"``: randomized range finder + Rayleigh-Ritz (Halko, Martinsson & Tropp 2011) on a
+  Gaussian sketch drawn from ``seed`` (``fastrank.sketch.gaussian_sketch``), with certified
+  bounds (see ``_certified_bounds``). ``rank`` = sketch size k (default min(r, clamp(r // 8,
+  256, 1024)), r the number of singular values), ``niter`` = extra power iterations (default 0;
+  the first sketch is already of the Gram, Y = M (M^T Omega)). k >= r falls back to exact.
+- ``"slq"``: stochastic Lanczos quadrature (Ubaru, Chen & Saad 2017) of tr f(G) with Rademacher
+  probes. ``rank`` = number of probes (default 32), ``niter`` = Lanczos steps (default 40). The
+  bounds are estimate -/+ (3 standard errors of the probe mean, delta method, + the change of the
+  estimate when the last quarter of the Lanczos steps is dropped), clipped to [0, log r]: an
+  approximate 99.7% interval, not a guarantee.
+- ``"auto"``: exact when r <= 4096 (an fp64 eigvalsh of at most 4096 x 4096); above that
+  randomized, and slq for the matrices whose certified randomized interval is wider than 0.01
+  nats (1% in effective rank: a spectrum too flat for a sketch of size k).
+
+Shapes and dtypes: A is (..., m, n), leading dims are a batch (one batched call, no Python loop);
+results have shape (...) and dtype float64, on A's device. Integer and bool inputs are converted
+to float64. ``return_bounds=True`` returns ``RankEstimate(estimate, lower, upper)``; for "exact"
+the three are equal.
+"""
+import math
+from collections import namedtuple
+from collections.abc import Mapping
+
+import torch
+
+from .sketch import gaussian_sketch
+
+__all__ = ["RankEstimate", "spectral_entropy", "effective_rank", "stable_rank", "effective_ranks"]
+
+RankEstimate = namedtuple("RankEstimate", ["estimate", "lower", "upper"])
+RankEstimate.__doc__ = """Estimate with lower/upper bounds, each a float64 tensor of the batch shape."""
+
+_EPS = torch.finfo(torch.float64).eps
+_AUTO_EXACT_MAX = 4096  # largest r for which "auto" runs exact (fp64 eigvalsh of r x r: ~10 s on 2 CPU cores at 4096)
+_AUTO_WIDTH = 0.01  # nats; wider randomized intervals make "auto" switch to slq
+_ROW_BLOCK = 4096  # rows per fp32 Gram block summed in fp64
+_EXACT_TOL = 1e-11  # relative entropy error above which gram=False exact falls back to svdvals(A)
+_METHODS = ("auto", "exact", "randomized", "slq")
+
+
+# ----------------------------------------------------------------------------- input handling
+def _prepare(A, gram, hermitian, center, method, name):
+    if not isinstance(A, torch.Tensor):
+        A = torch.as_tensor(A)
+    if method not in _METHODS:
+        raise ValueError(f"{name}: method must be one of {_METHODS}, got {method!r}")
+    if A.is_complex():
+        raise TypeError(f"{name}: complex input is not supported, got {A.dtype}")
+    if A.dim() < 2:
+        raise ValueError(f"{name}: expected a matrix or a batch of matrices (..., m, n), got shape {tuple(A.shape)}")
+    if A.numel() == 0:
+        raise ValueError(f"{name}: expected a non-empty matrix, got shape {tuple(A.shape)}")
+    if gram and hermitian:
+        raise ValueError(f"{name}: gram=True (A is data) and hermitian=True (A is a Gram) exclude each other")
+    if hermitian and A.shape[-1] != A.shape[-2]:
+        raise ValueError(f"{name}: hermitian=True needs square matrices, got shape {tuple(A.shape)}")
+    if hermitian and center:
+        raise ValueError(f"{name}: center=True applies to data, not to a given Gram (hermitian=True)")
+    if not A.is_floating_point():
+        A = A.to(torch.float64)
+    if not bool(torch.isfinite(A).all()):
+        raise ValueError(f"{name}: input of shape {tuple(A.shape)} contains NaN or Inf")
+    if center:
+        mean = A.mean(dim=-2, keepdim=True, dtype=torch.float64)
+        work = torch.float64 if A.dtype == torch.float64 else torch.float32
+        A = A.to(work) - mean.to(work)
+    return A
+
+
+def _num_values(A, hermitian):
+    m, n = A.shape[-2:]
+    return n if hermitian else min(m, n)
+
+
+def _power(gram, hermitian):
+    """p is proportional to lambda^(1/power), lambda the eigenvalues of the Gram (or of A)."""
+    return 1 if (gram or hermitian) else 2
+
+
+# ----------------------------------------------------------------------------- exact
+def _smaller_gram(A, fp64_products):
+    """(..., r, r) fp64 Gram of the smaller side: A^T A if n <= m else A A^T."""
+    X = A if A.shape[-1] <= A.shape[-2] else A.mT
+    if fp64_products or A.dtype == torch.float64:
+        X = X.to(torch.float64)
+        return X.mT @ X
+    rows, cols = X.shape[-2:]
+    gram = torch.zeros(*X.shape[:-2], cols, cols, dtype=torch.float64, device=X.device)
+    for start in range(0, rows, _ROW_BLOCK):
+        block = X[..., start : start + _ROW_BLOCK, :].to(torch.float32)
+        gram += (block.mT @ block).to(torch.float64)
+    return gram
+
+
+def _entropy(values):
+    """H of p = values / sum(values) over the last dim; -inf where all values are zero."""
+    total = values.sum(-1)
+    p = values / total.unsqueeze(-1).clamp_min(torch.finfo(torch.float64).tiny)
+    entropy = -torch.special.xlogy(p, p).sum(-1)
+    return torch.where(total > 0, entropy, torch.full_like(entropy, -math.inf))
+
+
+def _exact_values(A, gram, hermitian):
+    """(..., r) fp64 nonnegative values v with p = v / sum(v)."""
+    if hermitian:
+        return torch.linalg.eigvalsh(A.to(torch.float64)).abs()
+    if gram:
+        return torch.linalg.eigvalsh(_smaller_gram(A, fp64_products=False)).clamp_min(0)
+    lam = torch.linalg.eigvalsh(_smaller_gram(A, fp64_products=True)).clamp_min(0)
+    s = lam.sqrt()
+    # First-order bound of the entropy error caused by the Gram's rounding: each eigenvalue is
+    # off by at most eta, each singular value by ds = min(sqrt(eta), eta / (2 s)), and
+    # dH/ds_i = -(log p_i + H) / S.
+    m, n = A.shape[-2:]
+    eta = (m + n) * _EPS * lam.amax(-1, keepdim=True)
+    ds = torch.minimum(eta.sqrt(), eta / (2 * s).clamp_min(torch.finfo(torch.float64).tiny))
+    total = s.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    entropy = _entropy(s).unsqueeze(-1).clamp_min(0)
+    p = torch.maximum(s / total, ds / total).clamp_min(torch.finfo(torch.float64).tiny)
+    error = (ds / total * (p.log().abs() + entropy)).sum(-1)
+    suspect = (error > _EXACT_TOL * entropy.squeeze(-1).clamp_min(1)) & (s.sum(-1) > 0)
+    if bool(suspect.any()):
+        s = s.clone()
+        s[suspect] = torch.linalg.svdvals(A[suspect].to(torch.float64))
+    return s
+
+
+# ----------------------------------------------------------------------------- randomized
+def _default_sketch_size(r):
+    return min(r, max(256, min(1024, r // 8)))
+
+
+def _row_blocks(M, right):
+    """M @ right in fp64, converting M one block of rows at a time (M: (..., m, n), right (..., n, k))."""
+    out = []
+    for start in range(0, M.shape[-2], _ROW_BLOCK):
+        out.append(M[..., start : start + _ROW_BLOCK, :].to(torch.float64) @ right)
+    return torch.cat(out, dim=-2)
+
+
+def _captured(A, hermitian, k, niter, seed):
+    """Certified lower bounds mu_1 >= ... >= mu_k of the top-k eigenvalues of the Gram
+    (A^T A, or A itself when hermitian), the exact total T = sum of all of them (an upper
+    bound T_hi covering its fp64 rounding), and the unrounded leading Ritz value."""
+    m, n = A.shape[-2:]
+    sketch_input = A if A.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) else A.float()
+    # Y = A (A^T Omega): a sketch of the Gram A A^T (= A^2 for a symmetric A).
+    Y = gaussian_sketch(sketch_input, k, seed, gram=True)
+    for _ in range(niter):
+        Q = torch.linalg.qr(Y.to(torch.float64)).Q.to(Y.dtype)
+        work = A.to(Y.dtype)
+        Y = work @ (work.mT @ Q)
+    Q = torch.linalg.qr(Y.to(torch.float64)).Q  # (..., m, k), orthonormal to fp64 rounding
+    if hermitian:
+        # Rayleigh-Ritz: theta(Q^T G Q) <= lambda(G) (Cauchy interlacing), for any orthonormal Q.
+        GQ = _row_blocks(A, Q)
+        B = Q.mT @ GQ
+        theta = torch.linalg.eigvalsh((B + B.mT) / 2).flip(-1)
+        frob = torch.linalg.matrix_norm(A.to(torch.float64))
+        # rounding of G Q, Q^T (G Q) and eigvalsh, each at most ~ (n sqrt(k) + k) eps ||G||_F
+        eta = 2 * (n * math.sqrt(k) + k) * _EPS * frob
+        mu = (theta - eta.unsqueeze(-1)).clamp_min(0)
+        total = torch.diagonal(A, dim1=-2, dim2=-1).to(torch.float64).sum(-1)
+        lead = theta[..., 0]
+    else:
+        # sigma_i(Q^T A) <= sigma_i(A) for any orthonormal Q.
+        B = _row_blocks(A.mT, Q).mT  # (..., k, n) = Q^T A in fp64
+        sigma = torch.linalg.svdvals(B)
+        frob = torch.linalg.vector_norm(A, dim=(-2, -1), dtype=torch.float64)
+        # rounding of Q^T A (m products per entry) and svdvals, in singular-value units
+        delta = 2 * (m * math.sqrt(k) + n + k) * _EPS * frob
+        mu = (sigma - delta.unsqueeze(-1)).clamp_min(0).square()
+        total = frob.square()
+        lead = sigma[..., 0].square()
+    total_hi = total * (1 + 2 * (m + n) * _EPS)
+    return mu, total, total_hi, lead
+
+
+def _certified_bounds(mu, total, total_hi, r, power):
+    """Bounds and estimate of H for p proportional to lambda^(1/power).
+
+    What is known, for each matrix: lambda_1 >= ... >= lambda_r >= 0 (r = number of eigenvalues),
+    lower bounds mu_i <= lambda_i for i <= k (Rayleigh-Ritz / projection, with a rounding
+    allowance subtracted), and the exact total sum(lambda) = T (trace or ||A||_F^2, never
+    estimated). Let v = lambda^(1/power) (v = lambda for Gram spectra, v = sigma for singular
+    values), f_i = mu_i^(1/power) the floors (f_i = 0 for i > k), and L the budget sum(v^power) = T.
+    Every spectrum consistent with the data lies in F = {v >= f, sum v^power = T} (F also drops
+    the ordering, so it is a superset: bounds over F hold for the true spectrum).
+
+    Upper bound: the water-filled w = max(f, L) with sum w^power = T.
+      power 1: w is majorized by every x >= f with sum x = T (it is the flattest such vector), and
+      H is Schur-concave, so H(x) <= H(w).
+      power 2: fix S = sum x; among x >= f with sum x = S the water-filled w_S is majorized by all,
+      and sum w_S^2 <= sum x^2 = T (sum of squares is Schur-convex). H(w_S) grows with the water
+      level (raising the level shrinks, relative to it, only the entries above it, all larger
+      than the rest: dH/dlevel = (1/L) sum_{above} p_i (log p_i + H) >= 0 because the mean of
+      log p over the entries above the level is at least its mean over all). So H(x) <= H(w) for
+      the highest level allowed, sum w^2 = T.
+    Lower bound: S_max = sum w is the largest possible sum v (for power 2 the flattest vector
+      maximizes the l1 norm at fixed l2 norm; for power 1 S_max = T). Among x >= f with
+      sum x = S the vector f + (S - sum f) e_1 majorizes all (its m-th partial sum is S minus
+      the least possible rest), so H(x) >= H(f + (S - sum f) e_1), which decreases in S (adding
+      to the largest entry lowers H: log p_1 + H >= 0). Hence H >= H(f + (S_max - sum f) e_1).
+      For power 1 this is the classic "all unseen mass R = T - sum mu on the top eigenvalue".
+    Both use T_hi (T plus its fp64 rounding): both bounds move outwards as T grows.
+
+    Estimate: the captured values plus the unseen mass R = T - sum mu in floor(R / mu_k)
+    eigenvalues equal to mu_k and one remainder (the tail continuing at the last captured
+    level), clipped to [lower, upper].
+    """
+    k = mu.shape[-1]
+    dtype = mu.dtype
+    floors = mu.pow(1.0 / power)
+    # Water level: with j floors kept above the water (j = k, k-1, ..., 0),
+    # L_j = ((T - sum_{i<=j} f_i^power) / (r - j))^(1/power); the right j is the largest
+    # one whose j-th floor is >= L_j (floor_0 = +inf).
+    prefix = torch.cat([torch.zeros_like(mu[..., :1]), mu.cumsum(-1)], dim=-1)  # (..., k+1)
+    kept = torch.arange(k + 1, device=mu.device, dtype=dtype)
+    level = ((total_hi.unsqueeze(-1) - prefix).clamp_min(0) / (r - kept)).pow(1.0 / power)
+    floor_at = torch.cat([torch.full_like(mu[..., :1], math.inf), floors], dim=-1)
+    valid = level <= floor_at
+    j = (valid * torch.arange(k + 1, device=mu.device)).amax(-1, keepdim=True)
+    water = level.gather(-1, j)
+    flat = torch.maximum(floors, water)
+    tail = (r - k) * water.squeeze(-1)
+    s_max = flat.sum(-1) + tail
+    denom = s_max.clamp_min(torch.finfo(dtype).tiny).unsqueeze(-1)
+    p = flat / denom
+    upper = -torch.special.xlogy(p, p).sum(-1) - (r - k) * torch.special.xlogy(water / denom, water / denom).squeeze(-1)
+
+    peaked = floors.clone()
+    peaked[..., 0] += (s_max - floors.sum(-1)).clamp_min(0)
+    lower = _entropy(peaked)
+
+    # estimate: tail continues at the last captured level
+    last = mu[..., -1]
+    unseen = (total - mu.sum(-1)).clamp_min(0)
+    count = torch.where(last > 0, torch.floor(unseen / last.clamp_min(torch.finfo(dtype).tiny)), torch.zeros_like(last))
+    count = count.clamp(max=r - k)
+    remainder = (unseen - count * last).clamp_min(0)
+    spill = count >= r - k  # no room left: spread the remainder over the whole tail
+    tail_level = torch.where(spill, last + remainder / (r - k), last).pow(1.0 / power)
+    single = torch.where(spill, torch.zeros_like(remainder), remainder).pow(1.0 / power)
+    est_total = floors.sum(-1) + count * tail_level + single
+    d = est_total.clamp_min(torch.finfo(dtype).tiny)
+    estimate = (
+        -torch.special.xlogy(floors / d.unsqueeze(-1), floors / d.unsqueeze(-1)).sum(-1)
+        - count * torch.special.xlogy(tail_level / d, tail_level / d)
+        - torch.special.xlogy(single / d, single / d)
+    )
+    # fp64 rounding of the entropy sums themselves
+    margin = 8 * (k + 2) * _EPS * upper.abs().clamp_min(1)
+    lower, upper = lower - margin, upper + margin
+    estimate = torch.minimum(torch.maximum(estimate, lower), upper)
+    zero = total <= 0
+    neg_inf = torch.full_like(estimate, -math.inf)
+    return tuple(torch.where(zero, neg_inf, x) for x in (lower, estimate, upper))
+
+
+def _randomized_entropy(A, gram, hermitian, rank, niter, seed):
+    r = _num_values(A, hermitian)
+    k = _default_sketch_size(r) if rank is None else int(rank)
+    if k < 1:
+        raise ValueError(f"rank (sketch size) must be >= 1, got {rank}")
+    if k >= r:
+        exact = _entropy(_exact_values(A, gram, hermitian))
+        return exact, exact, exact
+    mu, total, total_hi, _ = _captured(A, hermitian, k, 0 if niter is None else int(niter), _seed(seed))
+    lower, estimate, upper = _certified_bounds(mu, total, total_hi, r, _power(gram, hermitian))
+    return lower, estimate, upper
+
+
+def _seed(seed):
+    return 0 if seed is None else int(seed) % (2**31)
+
+
+# ----------------------------------------------------------------------------- slq
+def _slq_entropy(A, gram, hermitian, rank, niter, seed):
+    m, n = A.shape[-2:]
+    probes = 32 if rank is None else int(rank)
+    steps = 40 if niter is None else int(niter)
+    if probes < 2 or steps < 2:
+        raise ValueError(f"slq needs rank (probes) >= 2 and niter (Lanczos steps) >= 2, got {rank}, {niter}")
+    X = A.to(torch.float64)
+    if hermitian:
+        r = n
+        total = torch.diagonal(X, dim1=-2, dim2=-1).sum(-1)
+
+        def apply(V):
+            return X @ V
+
+    else:
+        r = min(m, n)
+        total = X.square().sum((-2, -1))
+        if n <= m:
+
+            def apply(V):
+                return X.mT @ (X @ V)
+
+        else:
+
+            def apply(V):
+                return X @ (X.mT @ V)
+
+    steps = min(steps, r)
+    generator = torch.Generator(device="cpu").manual_seed(_seed(seed))
+    signs = torch.randint(0, 2, (r, probes), generator=generator).to(device=A.device, dtype=torch.float64) * 2 - 1
+    q = (signs / math.sqrt(r)).expand(*X.shape[:-2], r, probes).contiguous()
+    basis = [q]
+    alphas, betas = [], []
+    q_prev = torch.zeros_like(q)
+    beta_prev = torch.zeros_like(q[..., 0, :])
+    scale = total.abs().clamp_min(torch.finfo(torch.float64).tiny)[..., None]
+    for step in range(steps):
+        w = apply(q) - beta_prev.unsqueeze(-2) * q_prev
+        alpha = (q * w).sum(-2)
+        w = w - alpha.unsqueeze(-2) * q
+        stacked = torch.stack(basis, dim=-1)  # (..., r, probes, j)
+        for _ in range(2):  # full reorthogonalization, twice is enough
+            w = w - (stacked * (stacked * w.unsqueeze(-1)).sum(-3, keepdim=True)).sum(-1)
+        alphas.append(alpha)
+        if step == steps - 1:
+            break
+        beta = w.norm(dim=-2)
+        alive = beta > 1e-13 * scale  # breakdown: an invariant subspace was found
+        beta = torch.where(alive, beta, torch.zeros_like(beta))
+        q_prev, q = q, torch.where(alive.unsqueeze(-2), w / beta.clamp_min(1e-300).unsqueeze(-2), torch.zeros_like(w))
+        beta_prev = beta
+        betas.append(beta)
+        basis.append(q)
+    alpha = torch.stack(alphas, -1)  # (..., probes, m)
+    beta = torch.stack(betas, -1) if betas else alpha[..., :0]
+    power = _power(gram, hermitian)
+
+    def quadrature(count):
+        tri = torch.diag_embed(alpha[..., :count]) + torch.diag_embed(beta[..., : count - 1], 1) + torch.diag_embed(beta[..., : count - 1], -1)
+        theta, vectors = torch.linalg.eigh(tri)
+        weights = vectors[..., 0, :].square() * r  # ||probe||^2 = r
+        theta = theta.clamp_min(0)
+        v = theta.pow(1.0 / power)
+        mass = (weights * v).sum(-1)  # per probe: estimate of sum v
+        mass_log = (weights * torch.special.xlogy(v, v)).sum(-1)  # estimate of sum v log v
+        return mass, mass_log
+
+    def entropy_of(mass, mass_log):
+        if power == 1:
+            s = total  # exact
+        else:
+            s = mass.mean(-1)
+        h = torch.log(s.clamp_min(torch.finfo(torch.float64).tiny)) - mass_log.mean(-1) / s.clamp_min(torch.finfo(torch.float64).tiny)
+        return h, s
+
+    mass, mass_log = quadrature(alpha.shape[-1])
+    estimate, s = entropy_of(mass, mass_log)
+    short = max(2, alpha.shape[-1] - alpha.shape[-1] // 4)
+    estimate_short, _ = entropy_of(*quadrature(short))
+    # delta method on H = log S - Phi / S (S exact when power == 1)
+    phi = mass_log.mean(-1)
+    s_safe = s.clamp_min(torch.finfo(torch.float64).tiny)
+    grad_phi = -1 / s_safe
+    var = grad_phi.square() * mass_log.var(-1)
+    if power != 1:
+        grad_s = 1 / s_safe + phi / s_safe.square()
+        cov = ((mass - mass.mean(-1, keepdim=True)) * (mass_log - mass_log.mean(-1, keepdim=True))).sum(-1) / (probes - 1)
+        var = var + grad_s.square() * mass.var(-1) + 2 * grad_s * grad_phi * cov
+    half_width = 3 * (var.clamp_min(0) / probes).sqrt() + (estimate - estimate_short).abs()
+    ceiling = math.log(r)
+    estimate = estimate.clamp(0, ceiling)
+    lower = (estimate - half_width).clamp(0, ceiling)
+    upper = (estimate + half_width).clamp(0, ceiling)
+    zero = total <= 0
+    neg_inf = torch.full_like(estimate, -math.inf)
+    return tuple(torch.where(zero, neg_inf, x) for x in (lower, estimate, upper))
+
+
+# ----------------------------------------------------------------------------- dispatch
+def _entropy_bounds(A, gram, hermitian, method, rank, niter, seed):
+    """(lower, estimate, upper) of H, each fp64 of the batch shape."""
+    if method == "auto":
+        method = "exact" if _num_values(A, hermitian) <= _AUTO_EXACT_MAX else "randomized"
+        if method == "randomized":
+            lower, estimate, upper = _randomized_entropy(A, gram, hermitian, rank, niter, seed)
+            wide = (upper - lower) > _AUTO_WIDTH
+            if bool(wide.any()):
+                slq = _slq_entropy(A[wide], gram, hermitian, None, None, seed)
+                lower, estimate, upper = (x.clone() for x in (lower, estimate, upper))
+                for target, value in zip((lower, estimate, upper), slq):
+                    target[wide] = value
+            return lower, estimate, upper
+    if method == "exact":
+        exact = _entropy(_exact_values(A, gram, hermitian))
+        return exact, exact, exact
+    if method == "randomized":
+        return _randomized_entropy(A, gram, hermitian, rank, niter, seed)
+    return _slq_entropy(A, gram, hermitian, rank, niter, seed)
+
+
+def spectral_entropy(
+    A, *, gram=False, hermitian=False, method="auto", rank=None, niter=None, seed=None, center=False, return_bounds=False
+):
+    """Spectral entropy H = -sum p log p, p = s / sum(s), natural log (the paper's rho).
+
+    Args:
+        A: (..., m, n) tensor; leading dims are a batch. Any real dtype (integers become float64),
+            any strides, any device.
+        gram: A is data X (N x d) and s are the eigenvalues of X X^T (computed from the smaller
+            side, never forming N x N).
+        hermitian: A is symmetric PSD (square); s are its eigenvalues (absolute values).
+        method: "auto", "exact", "randomized" or "slq" (module docstring).
+        rank: randomized: sketch size k; slq: number of probe vectors.
+        niter: randomized: extra power iterations; slq: Lanczos steps.
+        seed: int for the sketch / probes (default 0: repeated calls agree).
+        center: subtract the column mean (mean over rows, dim -2) first.
+        return_bounds: return RankEstimate(estimate, lower, upper).
+    Returns:
+        float64 tensor of shape (...) (or a RankEstimate of three). All-zero matrix: -inf.
+    Raises:
+        ValueError: NaN/Inf in A; empty or 1-D A; non-square A with hermitian=True.
+    """
+    A = _prepare(A, gram, hermitian, center, method, "spectral_entropy")
+    lower, estimate, upper = _entropy_bounds(A, gram, hermitian, method, rank, niter, seed)
+    if return_bounds:
+        return RankEstimate(estimate, lower, upper)
+    return estimate
+
+
+def effective_rank(
+    A, *, gram=False, hermitian=False, method="auto", rank=None, niter=None, seed=None, center=False, return_bounds=False
+):
+    """Effective rank exp(H) (Roy & Vetterli 2007), H = spectral_entropy with the same arguments.
+
+    Between 1 and the number of nonzero singular values (eigenvalues for gram/hermitian);
+    all-zero matrix: 0. A: (..., m, n); result float64 of shape (...), or
+    RankEstimate(estimate, lower, upper) with return_bounds=True (bounds map through exp, which
+    is monotone, so certified bounds stay certified). See spectral_entropy for the arguments.
+    """
+    A = _prepare(A, gram, hermitian, center, method, "effective_rank")
+    lower, estimate, upper = (x.exp() for x in _entropy_bounds(A, gram, hermitian, method, rank, niter, seed))
+    if return_bounds:
+        return RankEstimate(estimate, lower, upper)
+    return estimate
+
+
+def stable_rank(A, *, gram=False, hermitian=False, method="auto", rank=None, niter=None, seed=None, center=False, return_bounds=False):
+    """Stable rank ||M||_F^2 / ||M||_2^2, M = A (or M = X X^T for data X when gram=True).
+
+    A: (..., m, n); result float64 of shape (...). All-zero matrix: 0.
+    method: "exact" (fp64 eigvalsh of the smaller-side Gram), "randomized" (gram=False or
+    hermitian=True only: ||M||_F^2 is exact; the top eigenvalue lambda_1 of the Gram lies in
+    [theta_1, (sigma_1(Q^T A) + sqrt(R))^2] (data) or [theta_1, theta_1 + R] (PSD A), R the unseen
+    mass, so the bounds are certified), "auto" (exact when r <= 4096, else randomized where
+    available). "slq" is not available for the stable rank.
+    """
+    A = _prepare(A, gram, hermitian, center, method, "stable_rank")
+    r = _num_values(A, hermitian)
+    if method == "auto":
+        method = "exact" if (r <= _AUTO_EXACT_MAX or gram) else "randomized"
+    if method == "slq" or (method == "randomized" and gram):
+        raise ValueError(f"stable_rank: method={method!r} is not available with gram={gram}; use 'exact'")
+    k = _default_sketch_size(r) if rank is None else int(rank)
+    if method == "exact" or k >= r:
+        if hermitian:
+            lam = torch.linalg.eigvalsh(A.to(torch.float64)).abs()
+            num, top = lam.square().sum(-1), lam.amax(-1).square()
+        elif gram:
+            lam = torch.linalg.eigvalsh(_smaller_gram(A, fp64_products=False)).clamp_min(0)
+            num, top = lam.square().sum(-1), lam.amax(-1).square()
+        else:
+            num = torch.linalg.vector_norm(A, dim=(-2, -1), dtype=torch.float64).square()
+            top = torch.linalg.eigvalsh(_smaller_gram(A, fp64_products=True))[..., -1].clamp_min(0)
+        value = torch.where(top > 0, num / top.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(num))
+        return RankEstimate(value, value, value) if return_bounds else value
+    mu, total, total_hi, lead = _captured(A, hermitian, k, 0 if niter is None else int(niter), _seed(seed))
+    unseen = (total_hi - mu.sum(-1)).clamp_min(0)
+    tiny = torch.finfo(torch.float64).tiny
+    if hermitian:
+        num = torch.linalg.matrix_norm(A.to(torch.float64)).square()
+        top_low, top_high = mu[..., 0], mu[..., 0] + unseen + (lead - mu[..., 0]).abs()
+        num_low = num_high = num
+        top_low, top_high = top_low.square(), top_high.square()
+    else:
+        num_low, num_high = total, total_hi
+        top_low = mu[..., 0]
+        top_high = (lead.sqrt() + (lead.sqrt() - mu[..., 0].sqrt()).abs() + unseen.sqrt()).square()
+    lower = torch.where(top_high > 0, num_low / top_high.clamp_min(tiny), torch.zeros_like(total))
+    upper = torch.where(top_low > 0, num_high / top_low.clamp_min(tiny), torch.where(total > 0, torch.full_like(total, math.inf), torch.zeros_like(total)))
+    lead_sq = lead.square() if hermitian else lead
+    estimate = torch.where(lead_sq > 0, (num_low / lead_sq.clamp_min(tiny)), torch.zeros_like(total))
+    estimate = torch.minimum(torch.maximum(estimate, lower), upper)
+    return RankEstimate(estimate, lower, upper) if return_bounds else estimate
+
+
+def effective_ranks(tensors, **kwargs):
+    """effective_rank of many matrices of mixed shapes: one batched call per (shape, dtype, device).
+
+    Args:
+        tensors: a sequence of tensors (each (..., m, n)) or a mapping name -> tensor, e.g.
+            ``{n: p for n, p in model.named_parameters() if p.dim() >= 2}`` (flatten conv
+            weights yourself, ``w.flatten(1)``: a 4-D tensor is a batch of matrices).
+        **kwargs: the keyword arguments of effective_rank.
+    Returns:
+        a list in input order (a dict with the same keys for a mapping) of float64 tensors of each
+        input's batch shape, or of RankEstimate with return_bounds=True.
+    """
+    if isinstance(tensors, Mapping):
+        keys = list(tensors.keys())
+        return dict(zip(keys, effective_ranks([tensors[key] for key in keys], **kwargs)))
+    tensors = [t if isinstance(t, torch.Tensor) else torch.as_tensor(t) for t in tensors]
+    groups = {}
+    for index, tensor in enumerate(tensors):
+        groups.setdefault((tuple(tensor.shape), tensor.dtype, tensor.device), []).append(index)
+    results = [None] * len(tensors)
+    with torch.no_grad():
+        for indices in groups.values():
+            batch = torch.stack([tensors[i].detach() for i in indices])
+            out = effective_rank(batch, **kwargs)
+            for position, index in enumerate(indices):
+                if isinstance(out, RankEstimate):
+                    results[index] = RankEstimate(*(x[position] for x in out))
+                else:
+                    results[index] = out[position]
+    return results

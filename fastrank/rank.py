@@ -83,6 +83,15 @@ def _prepare(A, gram, hermitian, center, method, name):
         A = A.to(torch.float64)
     if not bool(torch.isfinite(A).all()):
         raise ValueError(f"{name}: input of shape {tuple(A.shape)} contains NaN or Inf")
+    if A.dtype in (torch.float16, torch.bfloat16):
+        A = A.to(torch.float32)  # exact; half-precision products would overflow at 256
+    # All three quantities are scale-invariant: scale each matrix by a power of two (exact) so its
+    # largest entry lies in [1, 2); fp32 products of data at 1e20 or 1e-25 then neither overflow
+    # nor underflow.
+    limit = 1000 if A.dtype == torch.float64 else 126
+    peak = A.abs().amax(dim=(-2, -1), keepdim=True).to(torch.float64)
+    exponent = torch.where(peak > 0, torch.floor(torch.log2(peak.clamp_min(1e-300))), torch.zeros_like(peak))
+    A = A * torch.exp2(-exponent.clamp(-limit, limit)).to(A.dtype)
     if center:
         mean = A.mean(dim=-2, keepdim=True, dtype=torch.float64)
         work = torch.float64 if A.dtype == torch.float64 else torch.float32

@@ -1,0 +1,352 @@
+"""Accuracy and contract tests of fastrank.rank against an fp64 SVD reference.
+
+Matrices are built with prescribed singular values (A = U diag(s) V^T, U and V orthonormal in
+fp64); the reference spectrum is always the fp64 SVD of the matrix actually passed in.
+"""
+import math
+import re
+
+import pytest
+import torch
+
+from fastrank.rank import RankEstimate, effective_rank, effective_ranks, spectral_entropy, stable_rank
+
+# relative tolerance of the exact method per input dtype (issue 4 targets)
+EXACT_RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+
+
+def spectrum(kind, r, generator):
+    i = torch.arange(r, dtype=torch.float64)
+    if kind == "decaying":
+        return 0.9**i
+    if kind == "flat":
+        return 0.5 + 0.5 * torch.rand(r, generator=generator, dtype=torch.float64)
+    if kind == "rank_deficient":
+        s = torch.rand(r, generator=generator, dtype=torch.float64) + 0.1
+        s[max(1, r // 3) :] = 0
+        return s
+    if kind == "clustered":
+        s = torch.full((r,), 1e-3, dtype=torch.float64)
+        s[: max(1, r // 4)] = 10.0
+        s[max(1, r // 4) : max(2, r // 2)] = 1.0
+        return s
+    if kind == "tiny":
+        return 1e-150 * 0.95**i
+    if kind == "huge":
+        return 1e150 * 0.95**i
+    raise ValueError(kind)
+
+
+SPECTRA = ["decaying", "flat", "rank_deficient", "clustered", "tiny", "huge"]
+SHAPES = [(7, 5), (33, 129), (129, 64)]
+
+
+def orthonormal(rows, cols, generator):
+    return torch.linalg.qr(torch.randn(rows, cols, generator=generator, dtype=torch.float64)).Q
+
+
+def make_matrix(kind, m, n, seed=0, batch=()):
+    generator = torch.Generator().manual_seed(seed)
+    r = min(m, n)
+    mats = []
+    for _ in range(math.prod(batch)):
+        s = spectrum(kind, r, generator)
+        mats.append(orthonormal(m, r, generator) * s @ orthonormal(n, r, generator).T)
+    return torch.stack(mats).reshape(*batch, m, n)
+
+
+def make_psd(kind, n, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    lam = spectrum(kind, n, generator)
+    Q = orthonormal(n, n, generator)
+    G = Q * lam @ Q.T
+    return (G + G.T) / 2
+
+
+def entropy_of(values):
+    values = values.to(torch.float64)
+    p = values / values.sum(-1, keepdim=True)
+    return -torch.special.xlogy(p, p).sum(-1)
+
+
+def reference_entropy(A, gram=False, hermitian=False):
+    s = torch.linalg.svdvals(A.to(torch.float64))
+    if gram:
+        s = s.square()
+    return entropy_of(s)
+
+
+def assert_close_rel(actual, expected, rtol, what, floor=1e-300):
+    """|actual - expected| <= rtol * max(|expected|, floor). Entropies use floor=1 nat: near H = 0
+    (rank one) a relative error of H is meaningless, and 1 nat of scale makes the check that of
+    the effective rank exp(H) to first order."""
+    scale = expected.abs().clamp_min(floor)
+    error = ((actual - expected).abs() / scale).max().item()
+    worst = ((actual - expected).abs() / scale).argmax().item()
+    assert error <= rtol, (
+        f"{what}: relative error {error:.3e} > {rtol:.0e} at flat index {worst}: "
+        f"got {actual.flatten()[worst].item()!r}, expected {expected.flatten()[worst].item()!r}"
+    )
+
+
+def assert_contains(bounds, exact, what):
+    lower, upper = bounds.lower, bounds.upper
+    below = (exact < lower).any().item()
+    above = (exact > upper).any().item()
+    assert not below and not above, (
+        f"{what}: exact {exact.tolist()} outside [{lower.tolist()}, {upper.tolist()}] "
+        f"(by {(lower - exact).clamp_min(0).max().item():.3e} below, {(exact - upper).clamp_min(0).max().item():.3e} above)"
+    )
+
+
+# ----------------------------------------------------------------------------- exact
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("gram", [False, True], ids=["singular", "gram"])
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"{m}x{n}" for m, n in SHAPES])
+@pytest.mark.parametrize("kind", SPECTRA)
+def test_exact_matches_svd(kind, shape, gram, dtype):
+    if dtype == torch.float32 and kind in ("tiny", "huge"):
+        scale = 1e-30 if kind == "tiny" else 1e30  # the fp64 scales are outside the fp32 range
+        A = (make_matrix("decaying", *shape) * scale).to(dtype)
+    else:
+        A = make_matrix(kind, *shape).to(dtype)
+    expected = reference_entropy(A, gram=gram)
+    actual = spectral_entropy(A, gram=gram, method="exact")
+    assert actual.dtype == torch.float64 and actual.shape == ()
+    assert_close_rel(actual, expected, EXACT_RTOL[dtype], f"{kind} {shape} gram={gram} {dtype}", floor=1)
+    assert_close_rel(effective_rank(A, gram=gram, method="exact"), expected.exp(), EXACT_RTOL[dtype] * max(1, expected.item()), "effective_rank")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("kind", ["decaying", "flat", "rank_deficient", "clustered", "tiny", "huge"])
+def test_exact_hermitian(kind, dtype):
+    G = make_psd(kind, 65)
+    if dtype == torch.float32 and kind in ("tiny", "huge"):
+        G = make_psd("decaying", 65) * (1e-30 if kind == "tiny" else 1e30)
+    G = G.to(dtype)
+    expected = reference_entropy(G, hermitian=True)
+    assert_close_rel(spectral_entropy(G, hermitian=True, method="exact"), expected, EXACT_RTOL[dtype], f"hermitian {kind}", floor=1)
+
+
+def test_batch_dims_match_loop():
+    A = make_matrix("decaying", 17, 9, batch=(2, 3))
+    batched = spectral_entropy(A)
+    assert batched.shape == (2, 3)
+    looped = torch.stack([spectral_entropy(a) for a in A.reshape(-1, 17, 9)]).reshape(2, 3)
+    assert_close_rel(batched, looped, 1e-12, "batched vs looped")
+    assert_close_rel(batched, reference_entropy(A), 1e-10, "batched vs svd")
+
+
+@pytest.mark.parametrize("layout", ["transposed", "strided", "expanded_batch"])
+def test_non_contiguous(layout):
+    base = make_matrix("clustered", 40, 24)
+    if layout == "transposed":
+        A = base.T
+    elif layout == "strided":
+        A = make_matrix("decaying", 80, 48)[::2, ::2]
+    else:
+        A = base.expand(3, 40, 24)
+    assert not A.is_contiguous()
+    assert_close_rel(spectral_entropy(A), reference_entropy(A), 1e-10, layout)
+    assert_close_rel(spectral_entropy(A, gram=True), reference_entropy(A, gram=True), 1e-10, layout + " gram")
+
+
+def test_gram_never_forms_large_side():
+    # N = 20000 rows: an N x N Gram would be 3.2 GB in fp64; the d x d route is instant
+    X = torch.randn(20000, 8, generator=torch.Generator().manual_seed(1))
+    assert_close_rel(spectral_entropy(X, gram=True), reference_entropy(X, gram=True), 1e-5, "tall gram")
+
+
+def test_center_subtracts_column_mean():
+    X = make_matrix("decaying", 50, 10) + 3.0
+    Xc = X - X.mean(0, keepdim=True)
+    assert_close_rel(spectral_entropy(X, center=True, gram=True), reference_entropy(Xc, gram=True), 1e-10, "center")
+
+
+def test_integer_input_is_converted():
+    A = torch.arange(12).reshape(4, 3) % 5
+    assert_close_rel(spectral_entropy(A), reference_entropy(A.double()), 1e-10, "int64")
+
+
+def test_half_input():
+    A = make_matrix("decaying", 30, 20).to(torch.float16)
+    expected = reference_entropy(A.double())  # same fp16 values, fp64 reference
+    assert_close_rel(spectral_entropy(A), expected, 1e-5, "fp16")
+
+
+# ----------------------------------------------------------------------------- zero and bad input
+@pytest.mark.parametrize("method", ["exact", "randomized", "slq", "auto"])
+@pytest.mark.parametrize("mode", ["singular", "gram", "hermitian"])
+def test_zero_matrix(method, mode):
+    Z = torch.zeros(2, 12, 12)
+    kwargs = {"gram": mode == "gram", "hermitian": mode == "hermitian", "method": method, "rank": 4}
+    bounds = spectral_entropy(Z, return_bounds=True, **kwargs)
+    for value in bounds:
+        assert torch.equal(value, torch.full((2,), -math.inf, dtype=torch.float64)), bounds
+    assert torch.equal(effective_rank(Z, **kwargs), torch.zeros(2, dtype=torch.float64))
+    if method in ("exact", "auto"):
+        assert torch.equal(stable_rank(Z, gram=mode == "gram", hermitian=mode == "hermitian", method=method), torch.zeros(2, dtype=torch.float64))
+
+
+def test_zero_matrix_inside_batch():
+    A = make_matrix("decaying", 10, 6, batch=(3,))
+    A[1] = 0
+    out = effective_rank(A)
+    assert out[1].item() == 0 and torch.isfinite(out).all()
+    assert_close_rel(out[[0, 2]], reference_entropy(A[[0, 2]]).exp(), 1e-10, "nonzero rows")
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("function", [spectral_entropy, effective_rank, stable_rank], ids=lambda f: f.__name__)
+def test_non_finite_raises(function, bad):
+    A = torch.randn(5, 4)
+    A[2, 1] = bad
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        function(A)
+
+
+@pytest.mark.parametrize("shape", [(5,), (), (0, 4), (3, 0), (2, 0, 3)], ids=str)
+@pytest.mark.parametrize("function", [spectral_entropy, effective_rank, stable_rank], ids=lambda f: f.__name__)
+def test_bad_shapes_raise(function, shape):
+    with pytest.raises(ValueError, match=re.escape(f"shape {shape}")):
+        function(torch.zeros(shape))
+
+
+def test_non_square_hermitian_raises():
+    with pytest.raises(ValueError, match=r"hermitian=True needs square.*\(4, 5\)"):
+        spectral_entropy(torch.randn(4, 5), hermitian=True)
+
+
+# ----------------------------------------------------------------------------- randomized
+RANDOMIZED_CASES = [(kind, mode) for kind in SPECTRA for mode in ("singular", "gram", "hermitian")]
+
+
+@pytest.mark.parametrize("rank", [8, 40], ids=["k8", "k40"])
+@pytest.mark.parametrize("kind,mode", RANDOMIZED_CASES, ids=[f"{k}-{m}" for k, m in RANDOMIZED_CASES])
+def test_randomized_bounds_contain_exact(kind, mode, rank):
+    if mode == "hermitian":
+        A = make_psd(kind, 96, seed=3)
+    else:
+        A = make_matrix(kind, 120, 96, seed=3)
+    kwargs = {"gram": mode == "gram", "hermitian": mode == "hermitian"}
+    exact = reference_entropy(A, **kwargs)
+    bounds = spectral_entropy(A, method="randomized", rank=rank, return_bounds=True, **kwargs)
+    assert isinstance(bounds, RankEstimate)
+    assert_contains(bounds, exact, f"{kind} {mode} k={rank}")
+    assert bounds.lower <= bounds.estimate <= bounds.upper
+    erank = effective_rank(A, method="randomized", rank=rank, return_bounds=True, **kwargs)
+    assert_contains(erank, exact.exp(), f"erank {kind} {mode} k={rank}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("mode", ["singular", "gram", "hermitian"])
+@pytest.mark.parametrize("decay", [0.8, 0.9, 0.95])
+def test_randomized_estimate_within_one_percent(decay, mode, dtype):
+    n = 200
+    generator = torch.Generator().manual_seed(5)
+    s = decay ** torch.arange(n, dtype=torch.float64)
+    if mode == "hermitian":
+        Q = orthonormal(n, n, generator)
+        A = Q * s @ Q.T
+        A = (A + A.T) / 2
+    else:
+        A = orthonormal(260, n, generator) * s @ orthonormal(n, n, generator).T
+    A = A.to(dtype)
+    kwargs = {"gram": mode == "gram", "hermitian": mode == "hermitian"}
+    exact = reference_entropy(A, **kwargs)
+    k = math.ceil(2 * exact.exp().item())  # sketch size = 2x the effective rank
+    out = effective_rank(A, method="randomized", rank=k, return_bounds=True, **kwargs)
+    assert_close_rel(out.estimate, exact.exp(), 0.01, f"decay {decay} {mode} k={k}")
+    assert_contains(out, exact.exp(), f"decay {decay} {mode} k={k}")
+
+
+def test_randomized_same_seed_same_result():
+    A = make_matrix("decaying", 90, 70)
+    first = spectral_entropy(A, method="randomized", rank=10, seed=11, return_bounds=True)
+    second = spectral_entropy(A, method="randomized", rank=10, seed=11, return_bounds=True)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_randomized_batched_and_power_iterations():
+    A = make_matrix("decaying", 60, 50, batch=(2, 2))
+    exact = reference_entropy(A)
+    plain = spectral_entropy(A, method="randomized", rank=12, return_bounds=True)
+    powered = spectral_entropy(A, method="randomized", rank=12, niter=2, return_bounds=True)
+    assert plain.estimate.shape == (2, 2)
+    assert_contains(plain, exact, "niter 0")
+    assert_contains(powered, exact, "niter 2")
+    assert ((powered.upper - powered.lower) <= (plain.upper - plain.lower) * 1.001).all()
+
+
+# ----------------------------------------------------------------------------- slq
+@pytest.mark.parametrize("mode", ["singular", "gram", "hermitian"])
+@pytest.mark.parametrize("size", [64, 150])
+def test_slq_flat_spectrum(size, mode):
+    if mode == "hermitian":
+        A = make_psd("flat", size, seed=7)
+    else:
+        A = make_matrix("flat", size + 20, size, seed=7)
+    kwargs = {"gram": mode == "gram", "hermitian": mode == "hermitian"}
+    exact = reference_entropy(A, **kwargs)
+    out = spectral_entropy(A, method="slq", return_bounds=True, **kwargs)
+    assert_close_rel(out.estimate, exact, 0.02, f"slq {mode} {size}")
+    assert_close_rel(effective_rank(A, method="slq", **kwargs), exact.exp(), 0.02, f"slq erank {mode} {size}")
+    assert_contains(out, exact, f"slq {mode} {size}")
+
+
+def test_auto_small_is_exact():
+    A = make_matrix("decaying", 30, 20)
+    out = spectral_entropy(A, return_bounds=True)
+    assert out.lower == out.estimate == out.upper
+    assert_close_rel(out.estimate, reference_entropy(A), 1e-10, "auto")
+
+
+# ----------------------------------------------------------------------------- stable rank
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("mode", ["singular", "gram", "hermitian"])
+@pytest.mark.parametrize("kind", ["decaying", "flat", "rank_deficient", "huge"])
+def test_stable_rank_exact(kind, mode, dtype):
+    A = make_psd(kind, 40) if mode == "hermitian" else make_matrix(kind, 50, 40)
+    if dtype == torch.float32 and kind == "huge":
+        A = A * 1e-120  # 1e30: the largest scale fp32 holds
+    A = A.to(dtype)
+    s = torch.linalg.svdvals(A.double())
+    s = s / s.max()  # the ratio is scale-free; s^4 of 1e150 would overflow fp64
+    if mode == "gram":
+        s = s.square()
+    expected = s.square().sum() / s.max().square()
+    actual = stable_rank(A, gram=mode == "gram", hermitian=mode == "hermitian", method="exact")
+    assert_close_rel(actual, expected, EXACT_RTOL[dtype], f"stable_rank {kind} {mode}")
+
+
+@pytest.mark.parametrize("mode", ["singular", "hermitian"])
+@pytest.mark.parametrize("kind", SPECTRA)
+def test_stable_rank_randomized_bounds(kind, mode):
+    A = make_psd(kind, 80, seed=2) if mode == "hermitian" else make_matrix(kind, 90, 80, seed=2)
+    s = torch.linalg.svdvals(A)
+    expected = s.square().sum() / s.max().square()
+    out = stable_rank(A, hermitian=mode == "hermitian", method="randomized", rank=10, return_bounds=True)
+    assert_contains(out, expected, f"stable_rank randomized {kind} {mode}")
+
+
+# ----------------------------------------------------------------------------- many matrices
+def test_effective_ranks_groups_and_keeps_order(monkeypatch):
+    import fastrank.rank as rank_module
+
+    tensors = [make_matrix("decaying", 12, 8, seed=i) if i % 2 else make_matrix("flat", 6, 9, seed=i) for i in range(5)]
+    tensors.append(make_matrix("clustered", 7, 7, batch=(2,)))
+    calls = []
+    original = rank_module.effective_rank
+
+    def counting(A, **kwargs):
+        calls.append(tuple(A.shape))
+        return original(A, **kwargs)
+
+    monkeypatch.setattr(rank_module, "effective_rank", counting)
+    out = effective_ranks(tensors)
+    assert sorted(calls) == sorted([(2, 12, 8), (3, 6, 9), (1, 2, 7, 7)])
+    for tensor, value in zip(tensors, out):
+        assert value.shape == tensor.shape[:-2]
+        assert_close_rel(value, reference_entropy(tensor).exp(), 1e-10, "effective_ranks")
+    named = effective_ranks({"a": tensors[0], "b": tensors[1]}, return_bounds=True)
+    assert list(named) == ["a", "b"] and isinstance(named["b"], RankEstimate)

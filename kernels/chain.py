@@ -61,6 +61,9 @@ __all__ = [
 # chain_matmul against one torch.matmul per step (benchmarks/test_chain_kernel_bench.py) for
 # widths 64..1024, B in {512, 8192, 65536}, L in {2, 4, 8}, fp16 / bf16 / fp32, and take the
 # largest width at which the kernel still wins for every B (per dtype if fp32 differs).
+# What is known: the kernel compiles for sm_90 with Triton 3.9 (ahead of time, no GPU) at
+# BLOCK_M 64, BLOCK_N 256 with 64 KiB shared memory (fp16 / bf16, BLOCK_NC 64) and 128 KiB (fp32,
+# ieee), under H100's 227 KiB; larger configs that do not fit are skipped by the autotuner.
 MAX_ONCHIP_WIDTH = 256
 
 # Widest dimension (max over n_j, n_{j-1}) that the grouped factor-gradient kernel takes; above it
@@ -271,11 +274,14 @@ def _chain_matmul_kernel(
                         acc.to(dtype),
                         mask=row_mask[:, None] & (chunk_cols[None, :] < n_out),
                     )
-            tl.debug_barrier()  # this program's stores above are visible to all of its threads
+            # The barrier makes this program's stores above visible to all of its threads; the
+            # reload reads through L2 (".cg"), never from a possibly stale L1 line.
+            tl.debug_barrier()
             block = tl.load(
                 dest_ptr + rows64[:, None] * n_out + cols[None, :],
                 mask=row_mask[:, None] & (cols[None, :] < n_out),
                 other=0.0,
+                cache_modifier=".cg",
             )
 
 

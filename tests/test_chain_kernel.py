@@ -34,7 +34,9 @@ chain_matmul_ref = chain_kernels.chain_matmul_ref
 chain_factor_grads = chain_kernels.chain_factor_grads
 chain_factor_grads_ref = chain_kernels.chain_factor_grads_ref
 
-requires_cuda = pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA device (runs natively, not interpreted)")
+requires_cuda = pytest.mark.skipif(
+    DEVICE != "cuda", reason="needs a CUDA device (runs natively, not interpreted)"
+)
 # The interpreter computes bf16 dots and arithmetic wrongly (Triton 3.9): bf16 is tested on GPU only.
 DTYPES = [
     pytest.param(torch.float32, id="fp32"),

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+BUILT_FOR_INTERPRETER = _INTERPRET  # tests reload the module when this disagrees with the environment
 
 
 def sketch_configs():

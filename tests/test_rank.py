@@ -350,3 +350,22 @@ def test_effective_ranks_groups_and_keeps_order(monkeypatch):
         assert_close_rel(value, reference_entropy(tensor).exp(), 1e-10, "effective_ranks")
     named = effective_ranks({"a": tensors[0], "b": tensors[1]}, return_bounds=True)
     assert list(named) == ["a", "b"] and isinstance(named["b"], RankEstimate)
+
+
+# ----------------------------------------------------------------------------- sketch op (torch twin)
+@pytest.mark.parametrize("gram", [False, True], ids=["plain", "gram"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16], ids=["fp32", "fp64", "fp16"])
+def test_sketch_op_opcheck_and_twin(dtype, gram):
+    from fastrank.sketch import gaussian_sketch, gaussian_sketch_ref, sketch_omega_ref
+
+    A = torch.randn(2, 9, 7, generator=torch.Generator().manual_seed(0)).to(dtype)
+    torch.library.opcheck(torch.ops.fastrank.gaussian_sketch.default, (A, 5, 3, gram))
+    torch.library.opcheck(torch.ops.fastrank.gaussian_sketch.default, (A.mT, 4, 1, gram))
+    Y = gaussian_sketch(A, 5, seed=3, gram=gram)
+    assert torch.equal(Y, gaussian_sketch_ref(A, 5, 3, gram))
+    assert torch.equal(Y, gaussian_sketch(A, 5, seed=3, gram=gram))
+    omega = sketch_omega_ref(9 if gram else 7, 5, 3, dtype=torch.float64)
+    Ad = A.double()
+    expected = Ad @ (Ad.mT @ omega) if gram else Ad @ omega
+    error = ((Y.double() - expected).norm() / expected.norm()).item()
+    assert error < (1e-13 if dtype == torch.float64 else 1e-5), f"twin vs fp64: {error:.3e}"

@@ -15,9 +15,9 @@ returning the intermediates ``[X_1, ..., X_k]``. It serves three purposes:
 
 Both ops are ``torch.library`` custom ops: the torch bodies below are the CPU path and the readable
 specification; on CUDA the Triton kernels of ``fastrank.kernels.chain`` are registered when Triton
-is importable. fp16 / bf16 inputs are computed in fp32 on the torch path (the running product is
-carried in fp32 across the chain, each returned intermediate is rounded once to the input dtype):
-a product of L half-precision factors can overflow long before its result does.
+is importable. fp16 / bf16 steps accumulate in fp32 and round each ``X_j`` to the input dtype, the
+next step starting from the rounded ``X_j``: exactly the rounding of the naive chain of matmuls,
+on both paths.
 
 :func:`chain_linear` is the autograd-aware layer op: it picks, per call and from the shapes alone,
 the cheaper association (activation chain or collapsed product) with :func:`chain_costs`.
@@ -71,32 +71,50 @@ def _check_chain(x: Tensor, factors: Sequence[Tensor]) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def chain_matmul_ref(x: Tensor, factors: Sequence[Tensor], return_all: bool) -> list[Tensor]:
-    """Torch twin of the chain matmul: ``X_j = X_{j-1} @ F_j^T``, running product in fp32 for halves."""
+def chain_matmul_ref(x: Tensor, factors: Sequence[Tensor], return_all: bool = True) -> list[Tensor]:
+    """Torch twin of the chain matmul, the specification of the kernel and the CPU path.
+
+    ``X_j = X_{j-1} @ F_j^T`` for j = 1..k, each step accumulated in fp32 (float64 stays float64)
+    and rounded to ``x.dtype``; the next step starts from the rounded ``X_j``.
+    """
     _check_chain(x, factors)
     compute = _compute_dtype(x.dtype)
-    running = x.to(compute)
-    outputs = []
-    for j, factor in enumerate(factors):
-        running = running @ factor.to(compute).T
-        if return_all or j == len(factors) - 1:
-            outputs.append(running.to(x.dtype))
-    return outputs
+    outputs, block = [], x
+    for factor in factors:
+        block = (block.to(compute) @ factor.to(compute).T).to(x.dtype)
+        outputs.append(block)
+    return outputs if return_all else outputs[-1:]
 
 
-def chain_factor_grads_ref(grads: Sequence[Tensor], inputs: Sequence[Tensor]) -> list[Tensor]:
-    """Torch twin of the grouped factor gradients: ``dF_j = grads[j]^T @ inputs[j]`` (fp32 for halves)."""
+def _check_factor_grads(grads: Sequence[Tensor], inputs: Sequence[Tensor]) -> None:
     if len(grads) != len(inputs):
         raise ValueError(
             f"chain_factor_grads: got {len(grads)} grads and {len(inputs)} inputs, expected equal counts"
         )
-    results = []
     for j, (grad, inp) in enumerate(zip(grads, inputs)):
         if grad.dim() != 2 or inp.dim() != 2 or grad.shape[0] != inp.shape[0]:
             raise ValueError(
                 f"chain_factor_grads: pair {j} must be (M, n_j) and (M, n_(j-1)) with equal M, "
                 f"got {tuple(grad.shape)} and {tuple(inp.shape)}"
             )
+        if grad.shape[0] != grads[0].shape[0]:
+            raise ValueError(
+                f"chain_factor_grads: pair {j} has M = {grad.shape[0]}, pair 0 has M = {grads[0].shape[0]}"
+            )
+        for name, t in (("grad", grad), ("input", inp)):
+            if t.dtype != grads[0].dtype or t.device != grads[0].device:
+                raise TypeError(
+                    f"chain_factor_grads: {name} {j} is {t.dtype} on {t.device}, "
+                    f"expected {grads[0].dtype} on {grads[0].device} like grad 0"
+                )
+
+
+def chain_factor_grads_ref(grads: Sequence[Tensor], inputs: Sequence[Tensor]) -> list[Tensor]:
+    """Torch twin of the grouped factor gradients: ``dF_j = grads[j]^T @ inputs[j]``, accumulated in
+    fp32 (float64 stays float64) and rounded once to the input dtype."""
+    _check_factor_grads(grads, inputs)
+    results = []
+    for grad, inp in zip(grads, inputs):
         compute = _compute_dtype(grad.dtype)
         results.append((grad.to(compute).T @ inp.to(compute)).to(grad.dtype))
     return results
@@ -211,9 +229,6 @@ def _register_cuda_kernels() -> None:
         return chain_kernels.chain_factor_grads(grads, inputs)
 
 
-if torch.cuda.is_available():
-    _register_cuda_kernels()
-
 
 # --------------------------------------------------------------------------------------------
 # public functions
@@ -324,3 +339,7 @@ def chain_linear(x: Tensor, factors: Sequence[Tensor], bias: Tensor | None = Non
     if bias is not None:
         out = out + bias
     return out.reshape(*x.shape[:-1], dims[-1])
+
+
+if torch.cuda.is_available():
+    _register_cuda_kernels()

@@ -44,6 +44,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+# The torch twins (the specification of these kernels, and the CPU path) live in the op file.
+from fastrank.chain import (  # noqa: F401  (re-exported for the kernel tests)
+    _check_chain,
+    _check_factor_grads,
+    chain_factor_grads_ref,
+    chain_matmul_ref,
+)
+
 __all__ = [
     "MAX_ONCHIP_WIDTH",
     "MAX_GROUPED_WIDTH",
@@ -290,38 +298,6 @@ def _chain_matmul_kernel(
 # --------------------------------------------------------------------------------------------
 
 
-def _check_chain(x: Tensor, factors: Sequence[Tensor]) -> None:
-    if x.dim() != 2:
-        raise ValueError(f"chain_matmul: x must be 2-D (M, n_0), got shape {tuple(x.shape)}")
-    width = x.shape[1]
-    for j, factor in enumerate(factors):
-        if factor.dim() != 2 or factor.shape[1] != width:
-            raise ValueError(
-                f"chain_matmul: factor {j} must have shape (n_{j + 1}, {width}), got {tuple(factor.shape)}"
-            )
-        if factor.dtype != x.dtype or factor.device != x.device:
-            raise TypeError(
-                f"chain_matmul: factor {j} is {factor.dtype} on {factor.device}, "
-                f"expected {x.dtype} on {x.device} like x"
-            )
-        width = factor.shape[0]
-
-
-def chain_matmul_ref(x: Tensor, factors: Sequence[Tensor], return_all: bool = True) -> list[Tensor]:
-    """Torch twin of :func:`chain_matmul`, the specification of the kernel.
-
-    ``X_j = X_{j-1} @ F_j^T`` for j = 1..k, each step accumulated in fp32 (float64 stays float64)
-    and rounded to ``x.dtype``; the next step starts from the rounded ``X_j``.
-    """
-    _check_chain(x, factors)
-    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    outputs, block = [], x
-    for factor in factors:
-        block = (block.to(compute) @ factor.to(compute).T).to(x.dtype)
-        outputs.append(block)
-    return outputs if return_all else outputs[-1:]
-
-
 def _chain_matmul_torch(x: Tensor, factors: Sequence[Tensor], return_all: bool) -> list[Tensor]:
     """The fallback: one torch.matmul per step (cuBLAS on CUDA, fp32 accumulation for halves)."""
     outputs, block = [], x
@@ -345,8 +321,6 @@ def chain_matmul(x: Tensor, factors: Sequence[Tensor], return_all: bool = True) 
     """
     _check_chain(x, factors)
     k = len(factors)
-    if k == 0:
-        return []
     M = x.shape[0]
     widths = [x.shape[1]] + [f.shape[0] for f in factors]
     if x.dtype not in _KERNEL_DTYPES or M == 0 or min(widths) == 0 or max(widths) > MAX_ONCHIP_WIDTH:
@@ -476,40 +450,6 @@ def _factor_grads_kernel(
 # --------------------------------------------------------------------------------------------
 # factor gradients: torch twin and launcher
 # --------------------------------------------------------------------------------------------
-
-
-def _check_factor_grads(grads: Sequence[Tensor], inputs: Sequence[Tensor]) -> None:
-    if len(grads) != len(inputs):
-        raise ValueError(
-            f"chain_factor_grads: got {len(grads)} grads and {len(inputs)} inputs, expected equal counts"
-        )
-    for j, (grad, inp) in enumerate(zip(grads, inputs)):
-        if grad.dim() != 2 or inp.dim() != 2 or grad.shape[0] != inp.shape[0]:
-            raise ValueError(
-                f"chain_factor_grads: pair {j} must be (M, n_j) and (M, n_(j-1)) with equal M, "
-                f"got {tuple(grad.shape)} and {tuple(inp.shape)}"
-            )
-        if grad.shape[0] != grads[0].shape[0]:
-            raise ValueError(
-                f"chain_factor_grads: pair {j} has M = {grad.shape[0]}, pair 0 has M = {grads[0].shape[0]}"
-            )
-        for name, t in (("grad", grad), ("input", inp)):
-            if t.dtype != grads[0].dtype or t.device != grads[0].device:
-                raise TypeError(
-                    f"chain_factor_grads: {name} {j} is {t.dtype} on {t.device}, "
-                    f"expected {grads[0].dtype} on {grads[0].device} like grad 0"
-                )
-
-
-def chain_factor_grads_ref(grads: Sequence[Tensor], inputs: Sequence[Tensor]) -> list[Tensor]:
-    """Torch twin of :func:`chain_factor_grads`: ``dF_j = grads[j]^T @ inputs[j]``, accumulated in
-    fp32 (float64 stays float64) and rounded once to the input dtype."""
-    _check_factor_grads(grads, inputs)
-    results = []
-    for grad, inp in zip(grads, inputs):
-        compute = torch.float64 if grad.dtype == torch.float64 else torch.float32
-        results.append((grad.to(compute).T @ inp.to(compute)).to(grad.dtype))
-    return results
 
 
 def chain_factor_grads(grads: Sequence[Tensor], inputs: Sequence[Tensor]) -> list[Tensor]:

@@ -9,10 +9,12 @@ returning ``[X_1, ..., X_k]`` (or only ``X_k``). Its backward needs the group of
 ``dF_j = G_j^T @ X_{j-1}``. This module holds, for each of the two:
 
 * the ``@triton.jit`` kernel,
-* a thin launcher (check shapes and dtypes, allocate outputs, launch),
-* a pure-torch twin (``*_ref``), readable as the specification and used as the test reference.
+* a thin launcher (check shapes and dtypes, allocate outputs, launch).
 
-Nothing here knows about modules or autograd; ``fastrank.chain`` wraps these in custom ops.
+The pure-torch twins (``chain_matmul_ref``, ``chain_factor_grads_ref``), readable as the
+specification, the CPU path and the test reference, live beside the ops in ``fastrank.chain`` and
+are re-exported here. Nothing here knows about modules or autograd; ``fastrank.chain`` wraps the
+launchers in custom ops.
 
 Rounding (fp16 / bf16)
     Every product accumulates in fp32. The chain kernel rounds the running block to the input dtype

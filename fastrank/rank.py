@@ -22,8 +22,12 @@ Methods (``method=``):
   fp32/fp16/bf16 data with gram=True form the Gram from fp32 products over row blocks
   of 16384 rows, summed in fp64; everything else is formed in fp64.
 - ``"randomized"``: randomized range finder + Rayleigh-Ritz (Halko, Martinsson & Tropp 2011) on a
-  Gaussian sketch drawn from ``seed`` (``fastrank.sketch.gaussian_sketch``), with certified
-  bounds (see ``_certified_bounds``). ``rank`` = sketch size k (default min(r, clamp(r // 8,
+  Gaussian sketch of the Gram, Y = M (M^T Omega), drawn from ``seed``
+  (``fastrank.sketch.gaussian_sketch``), with certified bounds (see ``_certified_bounds``).
+  Lower bounds on the top-k eigenvalues come from a second, fp64 pass (sigma(Q^T A) for data,
+  eig(Q^T G Q) for a PSD G): they hold for any orthonormal Q, so the sketch itself may be fp32
+  and the only rounding to allow for is that of the fp64 pass (a one-pass Nystrom core would
+  need an allowance amplified by the conditioning of Omega^T G Omega). ``rank`` = sketch size k (default min(r, clamp(r // 8,
   256, 1024)), r the number of singular values), ``niter`` = extra power iterations (default 0;
   the first sketch is already of the Gram, Y = M (M^T Omega)). k >= r falls back to exact.
 - ``"slq"``: stochastic Lanczos quadrature (Ubaru, Chen & Saad 2017) of tr f(G) with Rademacher
@@ -173,41 +177,53 @@ def _row_blocks(M, right):
 
 
 def _captured(A, hermitian, k, niter, seed):
-    """Certified lower bounds mu_1 >= ... >= mu_k of the top-k eigenvalues of the Gram
-    (A^T A, or A itself when hermitian), the exact total T = sum of all of them (an upper
-    bound T_hi covering its fp64 rounding), and the unrounded leading Ritz value."""
+    """Certified lower bounds on the top-k values and an upper bound on the total mass.
+
+    Data A (hermitian=False): mu_1 >= ... >= mu_k <= the top-k eigenvalues of the Gram A^T A,
+    total = ||A||_F^2 = their exact sum, total_hi = total plus its fp64 rounding.
+    Symmetric A (hermitian=True): mu_i <= the i-th largest |eigenvalue|, total = tr(A) and
+    total_hi >= sum |eigenvalues| (see below). Also returns the unrounded leading value and
+    frob2 = ||A||_F^2 (an upper bound on the sum of squares of the values).
+    """
     m, n = A.shape[-2:]
-    sketch_input = A if A.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) else A.float()
-    # Y = A (A^T Omega): a sketch of the Gram A A^T (= A^2 for a symmetric A).
-    Y = gaussian_sketch(sketch_input, k, seed, gram=True)
+    # Data: Y = A (A^T Omega), a sketch of the Gram A A^T. Symmetric A: Y = A Omega. In A's
+    # precision (fp32 or fp64): Q only has to be some orthonormal basis, the certified part is
+    # the fp64 pass below.
+    Y = gaussian_sketch(A, k, seed, gram=not hermitian)
     for _ in range(niter):
         Q = torch.linalg.qr(Y.to(torch.float64)).Q.to(Y.dtype)
         work = A.to(Y.dtype)
         Y = work @ (work.mT @ Q)
     Q = torch.linalg.qr(Y.to(torch.float64)).Q  # (..., m, k), orthonormal to fp64 rounding
+    frob = torch.linalg.vector_norm(A, dim=(-2, -1), dtype=torch.float64)
+    frob2 = frob.square() * (1 + 2 * (m + n) * _EPS)
     if hermitian:
-        # Rayleigh-Ritz: theta(Q^T G Q) <= lambda(G) (Cauchy interlacing), for any orthonormal Q.
+        # Rayleigh-Ritz: theta_i(Q^T G Q) <= lambda_i(G) (Cauchy interlacing), for any orthonormal Q.
         GQ = _row_blocks(A, Q)
         B = Q.mT @ GQ
         theta = torch.linalg.eigvalsh((B + B.mT) / 2).flip(-1)
-        frob = torch.linalg.matrix_norm(A.to(torch.float64))
         # rounding of G Q, Q^T (G Q) and eigvalsh, each at most ~ (n sqrt(k) + k) eps ||G||_F
         eta = 2 * (n * math.sqrt(k) + k) * _EPS * frob
         mu = (theta - eta.unsqueeze(-1)).clamp_min(0)
         total = torch.diagonal(A, dim1=-2, dim2=-1).to(torch.float64).sum(-1)
+        # p is proportional to |lambda|: sum |lambda| = tr(G) + 2 (negative mass), and the
+        # negative eigenvalues are among those not lower-bounded by mu, whose squares sum to at
+        # most frob2 - sum mu^2, so by Cauchy-Schwarz the negative mass is at most
+        # sqrt((n - k) (frob2 - sum mu^2)). Zero for a PSD G, tiny for one PSD up to rounding.
+        unseen_energy = (frob2 - mu.square().sum(-1)).clamp_min(0)
+        total_hi = total * (1 + 2 * n * _EPS) + 2 * ((n - k) * unseen_energy).sqrt()
         lead = theta[..., 0]
     else:
         # sigma_i(Q^T A) <= sigma_i(A) for any orthonormal Q.
         B = _row_blocks(A.mT, Q).mT  # (..., k, n) = Q^T A in fp64
         sigma = torch.linalg.svdvals(B)
-        frob = torch.linalg.vector_norm(A, dim=(-2, -1), dtype=torch.float64)
         # rounding of Q^T A (m products per entry) and svdvals, in singular-value units
         delta = 2 * (m * math.sqrt(k) + n + k) * _EPS * frob
         mu = (sigma - delta.unsqueeze(-1)).clamp_min(0).square()
         total = frob.square()
+        total_hi = frob2
         lead = sigma[..., 0].square()
-    total_hi = total * (1 + 2 * (m + n) * _EPS)
-    return mu, total, total_hi, lead
+    return mu, total, total_hi, lead, frob2
 
 
 def _certified_bounds(mu, total, total_hi, r, power):
@@ -238,9 +254,8 @@ def _certified_bounds(mu, total, total_hi, r, power):
       For power 1 this is the classic "all unseen mass R = T - sum mu on the top eigenvalue".
     Both use T_hi (T plus its fp64 rounding): both bounds move outwards as T grows.
 
-    Estimate: the captured values plus the unseen mass R = T - sum mu in floor(R / mu_k)
-    eigenvalues equal to mu_k and one remainder (the tail continuing at the last captured
-    level), clipped to [lower, upper].
+    Estimate (not certified, clipped to [lower, upper]): the top k/2 captured values, continued by
+    a geometric tail that carries the exact unseen mass (see the code).
     """
     k = mu.shape[-1]
     dtype = mu.dtype
@@ -266,27 +281,26 @@ def _certified_bounds(mu, total, total_hi, r, power):
     peaked[..., 0] += (s_max - floors.sum(-1)).clamp_min(0)
     lower = _entropy(peaked)
 
-    # estimate: tail continues at the last captured level
-    last = mu[..., -1]
-    unseen = (total - mu.sum(-1)).clamp_min(0)
-    count = torch.where(last > 0, torch.floor(unseen / last.clamp_min(torch.finfo(dtype).tiny)), torch.zeros_like(last))
-    count = count.clamp(max=r - k)
-    remainder = (unseen - count * last).clamp_min(0)
-    spill = count >= r - k  # no room left: spread the remainder over the whole tail
-    tail_level = torch.where(spill, last + remainder / (r - k), last).pow(1.0 / power)
-    single = torch.where(spill, torch.zeros_like(remainder), remainder).pow(1.0 / power)
-    est_total = floors.sum(-1) + count * tail_level + single
-    d = est_total.clamp_min(torch.finfo(dtype).tiny)
-    estimate = (
-        -torch.special.xlogy(floors / d.unsqueeze(-1), floors / d.unsqueeze(-1)).sum(-1)
-        - count * torch.special.xlogy(tail_level / d, tail_level / d)
-        - torch.special.xlogy(single / d, single / d)
-    )
+    # estimate: keep the top half of the captured values (the sketch resolves the values near
+    # index k poorly, oversampling 2), and continue them geometrically: the unseen mass
+    # R' = T - sum_{i<=k/2} mu_i placed on lambda_{k/2 + j} proportional to rho^(j-1), with rho
+    # the decay rate of the kept values between k/4 and k/2 (rho -> 1: a flat tail).
+    trusted = max(1, k // 2)
+    first = max(1, trusted // 2)
+    top, bottom = mu[..., first - 1], mu[..., trusted - 1]
+    steps = max(trusted - first, 1)
+    rho = torch.where(top > 0, (bottom / top.clamp_min(torch.finfo(dtype).tiny)).pow(1.0 / steps), torch.zeros_like(top))
+    rho = rho.clamp(0, 1)
+    unseen = (total - mu[..., :trusted].sum(-1)).clamp_min(0)
+    j_tail = torch.arange(r - trusted, device=mu.device, dtype=dtype)
+    weights = torch.where(j_tail == 0, torch.ones_like(j_tail), rho.unsqueeze(-1).pow(j_tail))
+    tail_values = unseen.unsqueeze(-1) * weights / weights.sum(-1, keepdim=True)
+    estimate = _entropy(torch.cat([mu[..., :trusted], tail_values], dim=-1).pow(1.0 / power))
     # fp64 rounding of the entropy sums themselves
     margin = 8 * (k + 2) * _EPS * upper.abs().clamp_min(1)
     lower, upper = lower - margin, upper + margin
     estimate = torch.minimum(torch.maximum(estimate, lower), upper)
-    zero = total <= 0
+    zero = total_hi <= 0
     neg_inf = torch.full_like(estimate, -math.inf)
     return tuple(torch.where(zero, neg_inf, x) for x in (lower, estimate, upper))
 
@@ -299,7 +313,7 @@ def _randomized_entropy(A, gram, hermitian, rank, niter, seed):
     if k >= r:
         exact = _entropy(_exact_values(A, gram, hermitian))
         return exact, exact, exact
-    mu, total, total_hi, _ = _captured(A, hermitian, k, 0 if niter is None else int(niter), _seed(seed))
+    mu, total, total_hi, _, _ = _captured(A, hermitian, k, 0 if niter is None else int(niter), _seed(seed))
     lower, estimate, upper = _certified_bounds(mu, total, total_hi, r, _power(gram, hermitian))
     return lower, estimate, upper
 
@@ -504,22 +518,22 @@ def stable_rank(A, *, gram=False, hermitian=False, method="auto", rank=None, nit
             top = torch.linalg.eigvalsh(_smaller_gram(A, fp64_products=True))[..., -1].clamp_min(0)
         value = torch.where(top > 0, num / top.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(num))
         return RankEstimate(value, value, value) if return_bounds else value
-    mu, total, total_hi, lead = _captured(A, hermitian, k, 0 if niter is None else int(niter), _seed(seed))
-    unseen = (total_hi - mu.sum(-1)).clamp_min(0)
+    mu, total, total_hi, lead, frob2 = _captured(A, hermitian, k, 0 if niter is None else int(niter), _seed(seed))
     tiny = torch.finfo(torch.float64).tiny
-    if hermitian:
-        num = torch.linalg.matrix_norm(A.to(torch.float64)).square()
-        top_low, top_high = mu[..., 0], mu[..., 0] + unseen + (lead - mu[..., 0]).abs()
-        num_low = num_high = num
-        top_low, top_high = top_low.square(), top_high.square()
-    else:
-        num_low, num_high = total, total_hi
-        top_low = mu[..., 0]
-        top_high = (lead.sqrt() + (lead.sqrt() - mu[..., 0].sqrt()).abs() + unseen.sqrt()).square()
-    lower = torch.where(top_high > 0, num_low / top_high.clamp_min(tiny), torch.zeros_like(total))
-    upper = torch.where(top_low > 0, num_high / top_low.clamp_min(tiny), torch.where(total > 0, torch.full_like(total, math.inf), torch.zeros_like(total)))
-    lead_sq = lead.square() if hermitian else lead
-    estimate = torch.where(lead_sq > 0, (num_low / lead_sq.clamp_min(tiny)), torch.zeros_like(total))
+    # values v (eigenvalues of A^T A for data, |eigenvalues| of a symmetric A): the stable rank is
+    # sum v^2 / v_1^2 resp. sum v / v_1 with the numerator known exactly (||A||_F^2 or ||A||_F^2
+    # of the symmetric A). v_1 >= mu_1, and v_1 <= budget - sum_{i>=2} mu_i (the other values are
+    # at least their floors): power 1 for data (budget ||A||_F^2), power 2 for symmetric A.
+    power = 2 if hermitian else 1
+    budget = frob2
+    numerator = frob2 / (1 + 2 * sum(A.shape[-2:]) * _EPS)
+    floors = mu.pow(power)
+    top_low = floors[..., 0]
+    top_high = (budget - floors[..., 1:].sum(-1)).clamp_min(0)
+    lead_value = lead.abs().pow(power)
+    lower = torch.where(top_high > 0, numerator / top_high.clamp_min(tiny), torch.zeros_like(numerator))
+    upper = torch.where(top_low > 0, budget / top_low.clamp_min(tiny), torch.where(numerator > 0, torch.full_like(numerator, math.inf), torch.zeros_like(numerator)))
+    estimate = torch.where(lead_value > 0, numerator / lead_value.clamp_min(tiny), torch.zeros_like(numerator))
     estimate = torch.minimum(torch.maximum(estimate, lower), upper)
     return RankEstimate(estimate, lower, upper) if return_bounds else estimate
 

@@ -369,3 +369,15 @@ def test_sketch_op_opcheck_and_twin(dtype, gram):
     expected = Ad @ (Ad.mT @ omega) if gram else Ad @ omega
     error = ((Y.double() - expected).norm() / expected.norm()).item()
     assert error < (1e-13 if dtype == torch.float64 else 1e-5), f"twin vs fp64: {error:.3e}"
+
+
+def test_randomized_hermitian_psd_up_to_rounding():
+    # an fp32 Gram of rank 24 is PSD only up to rounding: its 72 "zero" eigenvalues are +-noise,
+    # which the exact value counts (|lambda|); the certified bounds must still contain it
+    W = torch.randn(96, 24, generator=torch.Generator().manual_seed(4))
+    G = W @ W.T
+    exact = reference_entropy(G, hermitian=True)
+    for rank in (16, 30):
+        assert_contains(spectral_entropy(G, hermitian=True, method="randomized", rank=rank, return_bounds=True), exact, f"k={rank}")
+        s = torch.linalg.svdvals(G.double())
+        assert_contains(stable_rank(G, hermitian=True, method="randomized", rank=rank, return_bounds=True), s.square().sum() / s[0] ** 2, "stable")

@@ -254,8 +254,8 @@ def _certified_bounds(mu, total, total_hi, r, power):
       For power 1 this is the classic "all unseen mass R = T - sum mu on the top eigenvalue".
     Both use T_hi (T plus its fp64 rounding): both bounds move outwards as T grows.
 
-    Estimate (not certified, clipped to [lower, upper]): the top k/2 captured values, continued by
-    a geometric tail that carries the exact unseen mass (see the code).
+    Estimate (not certified, clipped to [lower, upper]): the captured values, continued by a
+    geometric tail that carries the exact unseen mass (see the code).
     """
     k = mu.shape[-1]
     dtype = mu.dtype
@@ -281,21 +281,21 @@ def _certified_bounds(mu, total, total_hi, r, power):
     peaked[..., 0] += (s_max - floors.sum(-1)).clamp_min(0)
     lower = _entropy(peaked)
 
-    # estimate: keep the top half of the captured values (the sketch resolves the values near
-    # index k poorly, oversampling 2), and continue them geometrically: the unseen mass
-    # R' = T - sum_{i<=k/2} mu_i placed on lambda_{k/2 + j} proportional to rho^(j-1), with rho
-    # the decay rate of the kept values between k/4 and k/2 (rho -> 1: a flat tail).
+    # estimate: the captured values, continued geometrically: the unseen mass
+    # R = T - sum mu placed on lambda_{k + j} proportional to rho^(j-1), with rho the decay rate
+    # of the captured values between k/4 and k/2, which the sketch resolves well (oversampling 2;
+    # rho -> 1: a flat tail).
     trusted = max(1, k // 2)
     first = max(1, trusted // 2)
     top, bottom = mu[..., first - 1], mu[..., trusted - 1]
     steps = max(trusted - first, 1)
     rho = torch.where(top > 0, (bottom / top.clamp_min(torch.finfo(dtype).tiny)).pow(1.0 / steps), torch.zeros_like(top))
     rho = rho.clamp(0, 1)
-    unseen = (total - mu[..., :trusted].sum(-1)).clamp_min(0)
-    j_tail = torch.arange(r - trusted, device=mu.device, dtype=dtype)
+    unseen = (total - mu.sum(-1)).clamp_min(0)
+    j_tail = torch.arange(r - k, device=mu.device, dtype=dtype)
     weights = torch.where(j_tail == 0, torch.ones_like(j_tail), rho.unsqueeze(-1).pow(j_tail))
     tail_values = unseen.unsqueeze(-1) * weights / weights.sum(-1, keepdim=True)
-    estimate = _entropy(torch.cat([mu[..., :trusted], tail_values], dim=-1).pow(1.0 / power))
+    estimate = _entropy(torch.cat([mu, tail_values], dim=-1).pow(1.0 / power))
     # fp64 rounding of the entropy sums themselves
     margin = 8 * (k + 2) * _EPS * upper.abs().clamp_min(1)
     lower, upper = lower - margin, upper + margin

@@ -22,14 +22,13 @@ Methods (``method=``):
   fp32/fp16/bf16 data with gram=True form the Gram from fp32 products over row blocks
   of 16384 rows, summed in fp64; everything else is formed in fp64.
 - ``"randomized"``: randomized range finder + Rayleigh-Ritz (Halko, Martinsson & Tropp 2011) on a
-  Gaussian sketch of the Gram, Y = M (M^T Omega), drawn from ``seed``
+  Gaussian sketch, Y = A (A^T Omega) for data and Y = A Omega for a symmetric A, drawn from ``seed``
   (``fastrank.sketch.gaussian_sketch``), with certified bounds (see ``_certified_bounds``).
   Lower bounds on the top-k eigenvalues come from a second, fp64 pass (sigma(Q^T A) for data,
   eig(Q^T G Q) for a PSD G): they hold for any orthonormal Q, so the sketch itself may be fp32
   and the only rounding to allow for is that of the fp64 pass (a one-pass Nystrom core would
   need an allowance amplified by the conditioning of Omega^T G Omega). ``rank`` = sketch size k (default min(r, clamp(r // 8,
-  256, 1024)), r the number of singular values), ``niter`` = extra power iterations (default 0;
-  the first sketch is already of the Gram, Y = M (M^T Omega)). k >= r falls back to exact.
+  256, 1024)), r the number of singular values), ``niter`` = extra power iterations (default 0). k >= r falls back to exact.
 - ``"slq"``: stochastic Lanczos quadrature (Ubaru, Chen & Saad 2017) of tr f(G) with Rademacher
   probes. ``rank`` = number of probes (default 32), ``niter`` = Lanczos steps (default 40). The
   bounds are estimate -/+ (3 standard errors of the probe mean, delta method, + the change of the

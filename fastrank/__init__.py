@@ -4,6 +4,15 @@ from ._version import __version__
 from .chain import chain_costs, chain_linear, chain_matmul, collapsed_weight
 from .conv import collapse_kernels
 from .layers import OverparamConv2d, OverparamLinear, collapse, overparameterize
+from .rank import (
+    RankEstimate,
+    effective_rank,
+    effective_ranks,
+    nystrom_entropy,
+    spectral_entropy,
+    stable_rank,
+)
+from .tracking import RankTracker
 
 __all__ = [
     "__version__",
@@ -16,4 +25,11 @@ __all__ = [
     "chain_costs",
     "collapsed_weight",
     "collapse_kernels",
+    "spectral_entropy",
+    "effective_rank",
+    "stable_rank",
+    "effective_ranks",
+    "nystrom_entropy",
+    "RankEstimate",
+    "RankTracker",
 ]

@@ -1,4 +1,8 @@
-"""The ``fastrank`` command line: ``fastrank bench`` runs the benchmark suites."""
+"""The ``fastrank`` command line.
+
+``fastrank bench`` runs the benchmark suites; ``fastrank rank CHECKPOINT`` prints the rank of every
+weight of a checkpoint.
+"""
 
 from __future__ import annotations
 
@@ -83,6 +87,57 @@ def bench(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Progress:
+    """A progress bar on stderr: tqdm when installed, a counter line otherwise."""
+
+    def __init__(self, total: int, description: str) -> None:
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            tqdm = None
+        self._bar = tqdm(total=total, desc=description, file=sys.stderr, leave=False) if tqdm else None
+        self.description, self.total, self.done = description, total, 0
+
+    def update(self, done: int) -> None:
+        if self._bar is not None:
+            self._bar.update(done - self.done)
+        elif sys.stderr.isatty():
+            print(f"\r{self.description}: {done}/{self.total}", end="", file=sys.stderr, flush=True)
+        self.done = done
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        elif sys.stderr.isatty():
+            print(file=sys.stderr)
+
+
+def rank(args: argparse.Namespace) -> int:
+    from .checkpoint import CheckpointError, load_weights, rank_report
+
+    try:
+        weights = load_weights(args.checkpoint)
+    except CheckpointError as error:
+        print(f"fastrank rank: {error}", file=sys.stderr)
+        return 2
+    progress = _Progress(3, f"ranking {len(weights)} weights")
+    rows = rank_report(weights, method=args.method, progress=lambda done, total: progress.update(done))
+    progress.close()
+    width = max(len("name"), *(len(row["name"]) for row in rows))
+    print(f"{'name':<{width}}  {'shape':<14} {'effective rank':>14} {'spectral entropy':>16} {'stable rank':>11}")
+    for row in rows:
+        shape = "x".join(str(n) for n in row["shape"])
+        print(
+            f"{row['name']:<{width}}  {shape:<14} {row['effective_rank']:>14.3f} "
+            f"{row['spectral_entropy']:>16.4f} {row['stable_rank']:>11.3f}"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+        print(f"wrote {len(rows)} rows to {args.json}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastrank", description=__doc__)
     parser.add_argument("--version", action="version", version=f"fastrank {__version__}")
@@ -93,6 +148,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench_parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     bench_parser.add_argument("--json", metavar="PATH", help="write the result rows as JSON")
     bench_parser.set_defaults(handler=bench)
+    rank_parser = commands.add_parser("rank", help="rank of every weight of a checkpoint")
+    rank_parser.add_argument("checkpoint", help="a checkpoint or state_dict saved with torch.save")
+    rank_parser.add_argument("--json", metavar="PATH", help="write the rows as JSON")
+    rank_parser.add_argument(
+        "--method", choices=["auto", "exact", "randomized", "slq"], default="auto",
+        help="effective-rank algorithm (see fastrank.effective_rank)",
+    )
+    rank_parser.set_defaults(handler=rank)
     args = parser.parse_args(argv)
     return args.handler(args)
 

@@ -51,7 +51,14 @@ import torch
 
 from .sketch import gaussian_sketch
 
-__all__ = ["RankEstimate", "spectral_entropy", "effective_rank", "stable_rank", "effective_ranks"]
+__all__ = [
+    "RankEstimate",
+    "spectral_entropy",
+    "effective_rank",
+    "stable_rank",
+    "effective_ranks",
+    "nystrom_entropy",
+]
 
 RankEstimate = namedtuple("RankEstimate", ["estimate", "lower", "upper"])
 RankEstimate.__doc__ = """Estimate with lower/upper bounds, each a float64 tensor of the batch shape."""
@@ -537,21 +544,26 @@ def stable_rank(A, *, gram=False, hermitian=False, method="auto", rank=None, nit
     return RankEstimate(estimate, lower, upper) if return_bounds else estimate
 
 
-def effective_ranks(tensors, **kwargs):
-    """effective_rank of many matrices of mixed shapes: one batched call per (shape, dtype, device).
+def effective_ranks(tensors, *, metric="effective_rank", **kwargs):
+    """A rank metric of many matrices of mixed shapes: one batched call per (shape, dtype, device).
 
     Args:
         tensors: a sequence of tensors (each (..., m, n)) or a mapping name -> tensor, e.g.
             ``{n: p for n, p in model.named_parameters() if p.dim() >= 2}`` (flatten conv
             weights yourself, ``w.flatten(1)``: a 4-D tensor is a batch of matrices).
-        **kwargs: the keyword arguments of effective_rank.
+        metric: "effective_rank" (default), "spectral_entropy" or "stable_rank".
+        **kwargs: the keyword arguments of that function.
     Returns:
         a list in input order (a dict with the same keys for a mapping) of float64 tensors of each
         input's batch shape, or of RankEstimate with return_bounds=True.
     """
+    functions = {"effective_rank": effective_rank, "spectral_entropy": spectral_entropy, "stable_rank": stable_rank}
+    if metric not in functions:
+        raise ValueError(f"effective_ranks: metric must be one of {sorted(functions)}, got {metric!r}")
+    function = functions[metric]
     if isinstance(tensors, Mapping):
         keys = list(tensors.keys())
-        return dict(zip(keys, effective_ranks([tensors[key] for key in keys], **kwargs)))
+        return dict(zip(keys, effective_ranks([tensors[key] for key in keys], metric=metric, **kwargs)))
     tensors = [t if isinstance(t, torch.Tensor) else torch.as_tensor(t) for t in tensors]
     groups = {}
     for index, tensor in enumerate(tensors):
@@ -560,10 +572,61 @@ def effective_ranks(tensors, **kwargs):
     with torch.no_grad():
         for indices in groups.values():
             batch = torch.stack([tensors[i].detach() for i in indices])
-            out = effective_rank(batch, **kwargs)
+            out = function(batch, **kwargs)
             for position, index in enumerate(indices):
                 if isinstance(out, RankEstimate):
                     results[index] = RankEstimate(*(x[position] for x in out))
                 else:
                     results[index] = out[position]
     return results
+
+
+def nystrom_entropy(sketch, omega, trace, *, return_bounds=False):
+    """Spectral entropy of a PSD G (d x d) seen only through a streaming sketch ``Y = G Omega``.
+
+    For accumulators that never hold G (``RankTracker`` on wide embeddings: Y is summed over
+    batches as X^T (X Omega)). The stabilized Nystrom approximation (Tropp, Yurtsever, Udell &
+    Cevher 2017) gives eigenvalues mu_1 >= ... >= mu_k with G_nys <= G in the PSD order, hence
+    mu_i <= lambda_i(G); with the exact ``trace`` = tr(G) the same water-filling / majorization
+    bounds as ``method="randomized"`` apply (``_certified_bounds``). The bounds are certified up
+    to the rounding of the Nystrom core (shift nu = sqrt(d) eps ||Y||_F is subtracted back).
+
+    Args:
+        sketch: (d, k) float tensor Y = G Omega.
+        omega: (d, k) the test matrix used for the sketch.
+        trace: scalar tensor or float, tr(G) (for a Gram X^T X: ||X||_F^2).
+        return_bounds: return RankEstimate(estimate, lower, upper) instead of the estimate.
+    Returns:
+        float64 scalar tensor (or a RankEstimate of three). Zero trace: -inf.
+    """
+    Y = torch.as_tensor(sketch).to(torch.float64)
+    omega = torch.as_tensor(omega).to(Y)
+    if Y.dim() != 2 or Y.shape != omega.shape:
+        raise ValueError(
+            f"nystrom_entropy: sketch and omega must both be (d, k), got {tuple(Y.shape)} and {tuple(omega.shape)}"
+        )
+    if not bool(torch.isfinite(Y).all()):
+        raise ValueError("nystrom_entropy: the sketch contains NaN or Inf")
+    d, k = Y.shape
+    total = torch.as_tensor(trace, dtype=torch.float64, device=Y.device)
+    nu = math.sqrt(d) * _EPS * float(torch.linalg.matrix_norm(Y))
+    if nu == 0:
+        mu = torch.zeros(k, dtype=torch.float64, device=Y.device)
+    else:
+        shifted = Y + nu * omega
+        core = omega.T @ shifted
+        core = (core + core.T) / 2
+        chol, info = torch.linalg.cholesky_ex(core)
+        shift = nu
+        while int(info) != 0:  # the core is PSD only up to rounding: raise the shift until it is PD
+            shift *= 10
+            shifted = Y + shift * omega
+            core = omega.T @ shifted
+            chol, info = torch.linalg.cholesky_ex((core + core.T) / 2)
+        factor = torch.linalg.solve_triangular(chol, shifted.T, upper=False).T  # shifted C^-T
+        mu = (torch.linalg.svdvals(factor).square() - shift).clamp_min(0)
+    total_hi = total * (1 + 2 * d * _EPS)
+    lower, estimate, upper = _certified_bounds(mu, total, total_hi, d, 1)
+    if return_bounds:
+        return RankEstimate(estimate, lower, upper)
+    return estimate

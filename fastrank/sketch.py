@@ -11,10 +11,6 @@ to torch.compile. Omega is standard normal and depends only on (seed, device typ
 Same seed and same device type give the same Omega, hence the same result. The op is a
 measurement tool and has no autograd formula.
 """
-import importlib
-import importlib.util
-import sys
-from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -72,27 +68,20 @@ def _(A, k, seed, gram):
     return A.new_empty((*A.shape[:-1], k), dtype=_accumulation_dtype(A.dtype))
 
 
-def _kernel_module():
-    """``fastrank.kernels.sketch``; from the source tree when the package is not installed."""
+def _register_cuda_kernel() -> None:
+    """Route the op to the Triton kernel on CUDA; without Triton the torch body serves CUDA too."""
     try:
-        return importlib.import_module("fastrank.kernels.sketch")
-    except ModuleNotFoundError as error:
-        if error.name not in ("fastrank.kernels", "fastrank.kernels.sketch"):
-            raise
-    path = Path(__file__).resolve().parent.parent / "kernels" / "sketch.py"
-    name = "fastrank.kernels.sketch"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+        from fastrank.kernels import sketch as sketch_kernels
+    except ImportError:
+        return
+
+    @_gaussian_sketch_op.register_kernel("cuda")
+    def _(A, k, seed, gram):
+        return sketch_kernels.gaussian_sketch(A, k, seed, gram)
 
 
-@_gaussian_sketch_op.register_kernel("cuda")
-def _(A, k, seed, gram):
-    return _kernel_module().gaussian_sketch(A, k, seed, gram)
+if torch.cuda.is_available():
+    _register_cuda_kernel()
 
 
 def gaussian_sketch(A, k, seed=0, gram=False):

@@ -18,10 +18,9 @@ DEVICE = "cpu" if INTERPRET else "cuda"
 
 pytest.importorskip("triton")
 
-from fastrank.sketch import _kernel_module  # noqa: E402
+from fastrank.kernels import sketch as kernels  # noqa: E402
 from tolerance import assert_close  # noqa: E402
 
-kernels = _kernel_module()
 if kernels.BUILT_FOR_INTERPRETER != INTERPRET:
     kernels = importlib.reload(kernels)
 

@@ -1,0 +1,324 @@
+"""Rank during training: ``RankTracker`` watches embeddings and weights at a cost you do not notice.
+
+Embeddings are never stored. A forward hook on each watched module folds its output ``X`` (N x d)
+into fp64 accumulators: the Gram ``X^T X``, the column sums and the row count, or, when ``d`` is too
+large for a d x d matrix, a streaming Nystrom sketch ``X^T (X Omega)`` with the exact trace
+``||X||_F^2``. Under ``torch.distributed`` the accumulators are summed across ranks with one
+all-reduce each (O(d^2) traffic, independent of N), so the result equals the single-process
+result on the concatenated data.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch import Tensor
+
+from .layers import OverparamConv2d, OverparamLinear
+from .rank import effective_ranks, nystrom_entropy, spectral_entropy, stable_rank
+
+__all__ = ["RankTracker", "weight_matrix"]
+
+def weight_matrix(module: nn.Module) -> Tensor | None:
+    """The 2-D weight whose rank is reported: ``(out, in)``; conv kernels as ``(out, in/groups*kh*kw)``.
+
+    Over-parameterized layers report their collapsed weight. Other modules: None.
+    """
+    if isinstance(module, (OverparamLinear, OverparamConv2d, nn.Linear, nn.Conv2d)):
+        weight = module.weight
+        return weight.reshape(weight.shape[0], -1)
+    return None
+
+
+def _rows(output: Any) -> Tensor | None:
+    """The module output as rows of features: ``(..., d)`` -> ``(N, d)``; ``(N, C, H, W)`` -> ``(N*H*W, C)``."""
+    if isinstance(output, (tuple, list)) and output:
+        output = output[0]
+    if not isinstance(output, Tensor) or output.dim() == 0 or not output.is_floating_point():
+        return None
+    if output.dim() == 4:
+        output = output.movedim(1, -1)
+    if output.dim() == 1:
+        output = output.unsqueeze(0)
+    return output.reshape(-1, output.shape[-1])
+
+
+class _EmbeddingAccumulator:
+    """fp64 sums over every row seen: Gram (or sketch), column sums, squared norm and count."""
+
+    def __init__(self, sketch_threshold: int, sketch_size: int, seed: int) -> None:
+        self.sketch_threshold = sketch_threshold
+        self.sketch_size = sketch_size
+        self.seed = seed
+        self.reset()
+
+    def reset(self) -> None:
+        self.gram: Tensor | None = None  # (d, d) X^T X, or (d, k) X^T (X Omega) when sketching
+        self.omega: Tensor | None = None  # (d, k), the same on every rank (seeded)
+        self.column_sum: Tensor | None = None  # (d,)
+        self.square_sum: Tensor | None = None  # () ||X||_F^2
+        self.count: Tensor | None = None  # () rows
+
+    @property
+    def sketching(self) -> bool:
+        return self.omega is not None
+
+    def add(self, rows: Tensor) -> None:
+        rows = rows.detach().to(torch.float64)
+        d = rows.shape[1]
+        if self.gram is None:
+            device = rows.device
+            if d > self.sketch_threshold:
+                gen = torch.Generator().manual_seed(self.seed)
+                k = min(self.sketch_size, d)
+                self.omega = torch.randn(d, k, generator=gen, dtype=torch.float64).to(device)
+                self.gram = torch.zeros(d, k, dtype=torch.float64, device=device)
+            else:
+                self.gram = torch.zeros(d, d, dtype=torch.float64, device=device)
+            self.column_sum = torch.zeros(d, dtype=torch.float64, device=device)
+            self.square_sum = torch.zeros((), dtype=torch.float64, device=device)
+            self.count = torch.zeros((), dtype=torch.float64, device=device)
+        elif d != self.column_sum.shape[0]:
+            raise ValueError(
+                f"RankTracker: feature size changed from {self.column_sum.shape[0]} to {d} within one measurement"
+            )
+        if self.sketching:
+            self.gram.addmm_(rows.T, rows @ self.omega)
+        else:
+            self.gram.addmm_(rows.T, rows)
+        self.column_sum += rows.sum(0)
+        self.square_sum += rows.square().sum()
+        self.count += rows.shape[0]
+
+    def totals(self, group=None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(gram, column_sum, square_sum, count), summed over the ranks of ``group`` when
+        ``torch.distributed`` is initialized (one all-reduce each, on copies: the local sums stay)."""
+        local = (self.gram, self.column_sum, self.square_sum, self.count)
+        if not (dist.is_available() and dist.is_initialized()):
+            return local
+        reduced = tuple(t.clone() for t in local)
+        for tensor in reduced:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+        return reduced
+
+
+class RankTracker:
+    """Measure the effective rank of embeddings and weights while a model trains.
+
+    Args:
+        model: the model to watch.
+        embeddings: qualified names of modules (``dict(model.named_modules())`` keys) whose outputs
+            are measured. Outputs ``(..., d)`` are read as rows of ``d`` features, 4-D outputs
+            ``(N, C, H, W)`` as ``N*H*W`` rows of ``C`` features; tuple outputs use their first item.
+        weights: also measure the weight of every ``nn.Linear`` / ``nn.Conv2d`` / over-parameterized
+            layer (collapsed weight; conv kernels flattened to ``(out, in/groups*kh*kw)``), all
+            layers of one shape in one batched call.
+        every: measure at steps ``0, every, 2*every, ...``; hooks only accumulate on those steps.
+        method: passed to the rank functions (``"auto"``, ``"exact"``, ``"randomized"``, ``"slq"``).
+        center: subtract the column mean of the embeddings (covariance instead of Gram).
+        sketch_threshold: embeddings wider than this are accumulated as a rank-``sketch_size``
+            Nystrom sketch ``X^T (X Omega)`` instead of the ``d x d`` Gram.
+        sketch_size: columns of the sketch.
+        seed: seeds the sketch matrix (identical on every rank).
+        process_group: the ``torch.distributed`` group to reduce over (default: the world, when
+            initialized).
+
+    Use::
+
+        tracker = RankTracker(model, embeddings=("encoder",), every=100)
+        for batch in loader:
+            loss = model(batch).sum(); loss.backward(); opt.step()
+            tracker.step()          # measures on steps 0, 100, 200, ... and records history
+
+    ``compute()`` measures now from what was accumulated; ``history`` holds every measurement,
+    ``to_csv`` / ``to_json`` / ``log`` export it; ``remove()`` takes the hooks away.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        embeddings: Iterable[str] = (),
+        weights: bool = True,
+        every: int = 100,
+        method: str = "auto",
+        center: bool = False,
+        sketch_threshold: int = 4096,
+        sketch_size: int = 512,
+        seed: int = 0,
+        process_group=None,
+    ) -> None:
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be a positive int, got {every!r}")
+        if isinstance(embeddings, str):
+            embeddings = (embeddings,)
+        modules = dict(model.named_modules())
+        missing = [name for name in embeddings if name not in modules]
+        if missing:
+            raise ValueError(
+                f"RankTracker: no module named {missing[0]!r} in the model; "
+                f"known names include {sorted(n for n in modules if n)[:8]}"
+            )
+        self.model = model
+        self.weights = weights
+        self.every = every
+        self.method = method
+        self.center = center
+        self.process_group = process_group
+        self.step_count = 0
+        self.history: list[dict[str, Any]] = []
+        self._accumulators = {
+            name: _EmbeddingAccumulator(sketch_threshold, sketch_size, seed) for name in embeddings
+        }
+        self._handles = [
+            modules[name].register_forward_hook(self._hook(name)) for name in embeddings
+        ]
+
+    # ---- accumulation -----------------------------------------------------------------------
+
+    @property
+    def measuring(self) -> bool:
+        """Whether the current step is a measurement step (hooks accumulate)."""
+        return self.step_count % self.every == 0
+
+    def _hook(self, name: str):
+        def hook(module, inputs, output):
+            if not self.measuring:
+                return
+            rows = _rows(output)
+            if rows is not None:
+                with torch.no_grad():
+                    self._accumulators[name].add(rows)
+
+        return hook
+
+    def step(self) -> dict[str, dict[str, float]] | None:
+        """End the current step: measure and record it if it is a measurement step, then advance."""
+        result = None
+        if self.measuring:
+            result = self.compute()
+            for acc in self._accumulators.values():
+                acc.reset()
+        self.step_count += 1
+        return result
+
+    # ---- measurement ------------------------------------------------------------------------
+
+    def _embedding_metrics(self, acc: _EmbeddingAccumulator) -> dict[str, float]:
+        gram, column_sum, square_sum, count = acc.totals(self.process_group)
+        if self.center:
+            mean = column_sum / count.clamp_min(1)
+            right = mean @ acc.omega if acc.sketching else mean
+            gram = gram - torch.outer(column_sum, right)
+            square_sum = square_sum - column_sum @ mean
+        if acc.sketching:
+            bounds = nystrom_entropy(gram, acc.omega, square_sum, return_bounds=True)
+            metrics = {
+                "effective_rank": math.exp(float(bounds.estimate)),
+                "spectral_entropy": float(bounds.estimate),
+                "effective_rank_lower": math.exp(float(bounds.lower)),
+                "effective_rank_upper": math.exp(float(bounds.upper)),
+            }
+        else:
+            entropy = float(spectral_entropy(gram, hermitian=True, method=self.method))
+            metrics = {
+                "effective_rank": math.exp(entropy),
+                "spectral_entropy": entropy,
+                "stable_rank": float(stable_rank(gram, hermitian=True, method=self.method)),
+            }
+        metrics["samples"] = float(count)
+        return metrics
+
+    def _weight_metrics(self) -> dict[str, dict[str, float]]:
+        names, matrices = [], []
+        skip_inside: list[str] = []
+        for name, module in self.model.named_modules():
+            if any(name.startswith(prefix + ".") for prefix in skip_inside):
+                continue
+            matrix = weight_matrix(module)
+            if matrix is None:
+                continue
+            if isinstance(module, (OverparamLinear, OverparamConv2d)):
+                skip_inside.append(name)
+            names.append(name)
+            with torch.no_grad():
+                matrices.append(matrix.detach())
+        if not matrices:
+            return {}
+        entropies = effective_ranks(matrices, metric="spectral_entropy", method=self.method)
+        stable = effective_ranks(matrices, metric="stable_rank", method=self.method)
+        return {
+            f"{name}.weight" if name else "weight": {
+                "effective_rank": math.exp(float(entropy)),
+                "spectral_entropy": float(entropy),
+                "stable_rank": float(rank),
+            }
+            for name, entropy, rank in zip(names, entropies, stable)
+        }
+
+    def compute(self) -> dict[str, dict[str, float]]:
+        """Measure now: ``{name: {"effective_rank", "spectral_entropy", "stable_rank", ...}}``.
+
+        Embedding entries carry ``"samples"`` (rows seen, summed over ranks); embeddings wider than
+        ``sketch_threshold`` report ``"effective_rank_lower"`` / ``"effective_rank_upper"`` (bounds
+        from the sketch and the exact trace, see :func:`fastrank.rank.nystrom_entropy`) instead of
+        ``"stable_rank"``. Weight entries are named ``"<module>.weight"``. The measurement is appended to ``history`` with its step.
+        Under ``torch.distributed`` every rank must call it (it all-reduces).
+        """
+        results: dict[str, dict[str, float]] = {}
+        for name, acc in self._accumulators.items():
+            if acc.gram is not None:
+                results[name] = self._embedding_metrics(acc)
+        if self.weights:
+            results.update(self._weight_metrics())
+        for name, metrics in results.items():
+            self.history.append({"step": self.step_count, "name": name, **metrics})
+        return results
+
+    # ---- export -------------------------------------------------------------------------------
+
+    def to_csv(self, path: str) -> None:
+        """Write ``history`` as CSV: one row per (step, name), a column per metric."""
+        columns = ["step", "name"]
+        for row in self.history:
+            columns += [key for key in row if key not in columns]
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(self.history)
+
+    def to_json(self, path: str) -> None:
+        """Write ``history`` as a JSON list of rows."""
+        with open(path, "w") as f:
+            json.dump(self.history, f, indent=1)
+
+    def log(self, writer: Any, step: int | None = None) -> None:
+        """Send the latest measurement to a SummaryWriter-like object (anything with ``add_scalar``).
+
+        Tags are ``rank/<name>/<metric>``; ``step`` defaults to the measurement's step.
+        """
+        if not self.history:
+            return
+        latest = self.history[-1]["step"]
+        rows = []
+        for row in reversed(self.history):
+            if row["step"] != latest:
+                break
+            rows.append(row)
+        for row in reversed(rows):
+            for key, value in row.items():
+                if key in ("step", "name") or not isinstance(value, (int, float)) or math.isnan(value):
+                    continue
+                writer.add_scalar(f"rank/{row['name']}/{key}", value, latest if step is None else step)
+
+    def remove(self) -> None:
+        """Remove the forward hooks; the history stays."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []

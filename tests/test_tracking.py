@@ -1,0 +1,198 @@
+import csv
+import json
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+import fastrank
+from fastrank import RankTracker
+
+
+def _entropy_of_gram(X, center=False):
+    X = X.double()
+    if center:
+        X = X - X.mean(0)
+    s = torch.linalg.svdvals(X).square()
+    p = s / s.sum()
+    p = p[p > 0]
+    return float(-(p * p.log()).sum()), float(s.square().sum() / s.max().square())
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.encoder = nn.Sequential(nn.Linear(12, 9), nn.Tanh())
+        self.over = fastrank.OverparamLinear(9, 9, depth=3)
+        self.conv = nn.Conv2d(2, 3, 3)
+        self.head = nn.Linear(9, 4)
+
+    def forward(self, x):
+        return self.head(self.over(self.encoder(x)))
+
+
+def test_embedding_rank_equals_rank_of_all_rows_seen():
+    net = Net()
+    tracker = RankTracker(net, embeddings=("encoder",), weights=False, every=1)
+    batches = [torch.randn(n, 12) for n in (5, 7, 3)]
+    for batch in batches:
+        net(batch)
+    result = tracker.compute()["encoder"]
+    with torch.no_grad():
+        rows = torch.cat([net.encoder(b) for b in batches])
+    entropy, stable = _entropy_of_gram(rows)
+    assert result["spectral_entropy"] == pytest.approx(entropy, rel=1e-10)
+    assert result["effective_rank"] == pytest.approx(math.exp(entropy), rel=1e-10)
+    assert result["stable_rank"] == pytest.approx(stable, rel=1e-10)
+    assert result["samples"] == 15
+
+
+def test_center_and_conv_outputs():
+    model = nn.Sequential(nn.Conv2d(2, 5, 3))
+    tracker = RankTracker(model, embeddings=("0",), weights=False, center=True)
+    x = torch.randn(3, 2, 6, 7)
+    model(x)
+    result = tracker.compute()["0"]
+    with torch.no_grad():
+        rows = model(x).movedim(1, -1).reshape(-1, 5)  # N*H*W rows of C features
+    entropy, _ = _entropy_of_gram(rows, center=True)
+    assert result["spectral_entropy"] == pytest.approx(entropy, rel=1e-9)
+    assert result["samples"] == 3 * 4 * 5
+
+
+def test_sketch_accumulator_bounds_contain_exact():
+    model = nn.Sequential(nn.Linear(40, 300))
+    tracker = RankTracker(model, embeddings=("0",), weights=False, sketch_threshold=128, sketch_size=96)
+    batches = [torch.randn(64, 40) for _ in range(4)]
+    for batch in batches:
+        model(batch)
+    result = tracker.compute()["0"]
+    with torch.no_grad():
+        rows = torch.cat([model(b) for b in batches])
+    exact = math.exp(_entropy_of_gram(rows)[0])
+    assert result["effective_rank_lower"] <= exact <= result["effective_rank_upper"]
+    # The outputs have rank <= 41 < sketch size: the sketch captures everything.
+    assert result["effective_rank"] == pytest.approx(exact, rel=1e-6)
+
+
+def test_weights_batched_collapsed_and_flattened():
+    net = Net()
+    result = RankTracker(net, weights=True).compute()
+    assert set(result) == {"encoder.0.weight", "over.weight", "conv.weight", "head.weight"}
+    with torch.no_grad():
+        for name, matrix in [("over.weight", net.over.weight), ("conv.weight", net.conv.weight.flatten(1)),
+                             ("head.weight", net.head.weight)]:
+            s = torch.linalg.svdvals(matrix.double())
+            p = s / s.sum()
+            assert result[name]["spectral_entropy"] == pytest.approx(float(-(p * p.log()).sum()), rel=1e-9), name
+            assert result[name]["stable_rank"] == pytest.approx(float(s.square().sum() / s[0] ** 2), rel=1e-9)
+
+
+def test_every_history_exports_and_remove(tmp_path):
+    net = Net()
+    tracker = RankTracker(net, embeddings=("encoder",), every=3)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    for _ in range(7):
+        loss = net(torch.randn(8, 12)).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        tracker.step()
+    steps = sorted({row["step"] for row in tracker.history})
+    assert steps == [0, 3, 6]
+    assert {row["name"] for row in tracker.history} == {"encoder", "encoder.0.weight", "over.weight", "conv.weight", "head.weight"}
+    assert all(row["samples"] == 8 for row in tracker.history if row["name"] == "encoder")
+
+    tracker.to_json(tmp_path / "h.json")
+    assert json.loads((tmp_path / "h.json").read_text()) == tracker.history
+    tracker.to_csv(tmp_path / "h.csv")
+    with open(tmp_path / "h.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(tracker.history) and float(rows[0]["effective_rank"]) == pytest.approx(
+        tracker.history[0]["effective_rank"])
+
+    class Writer:
+        def __init__(self):
+            self.scalars = []
+
+        def add_scalar(self, tag, value, step):
+            self.scalars.append((tag, value, step))
+
+    writer = Writer()
+    tracker.log(writer)
+    assert writer.scalars and all(step == 6 for _, _, step in writer.scalars)
+    latest_encoder = next(r for r in reversed(tracker.history) if r["name"] == "encoder")
+    assert ("rank/encoder/effective_rank", latest_encoder["effective_rank"], 6) in writer.scalars
+    assert len(writer.scalars) == sum(
+        sum(1 for k in row if k not in ("step", "name")) for row in tracker.history if row["step"] == 6)
+
+    tracker.remove()
+    tracker.step_count = 9
+    net(torch.randn(4, 12))
+    assert tracker._accumulators["encoder"].gram is None  # no hook any more
+
+
+def test_no_autograd_graph_kept_alive():
+    net = Net()
+    tracker = RankTracker(net, embeddings=("encoder",), weights=False)
+    net(torch.randn(5, 12, requires_grad=True))
+    acc = tracker._accumulators["encoder"]
+    assert not acc.gram.requires_grad and acc.gram.grad_fn is None
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="no module named 'missing'"):
+        RankTracker(Net(), embeddings=("missing",))
+    with pytest.raises(ValueError, match="every must be a positive int, got 0"):
+        RankTracker(Net(), every=0)
+
+
+# ---- two processes on gloo equal one process on the concatenated data ------------------------
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _data():
+    gen = torch.Generator().manual_seed(3)
+    return torch.randn(2, 10, 12, generator=gen)  # two ranks' worth of rows
+
+
+def _tracker_worker(rank, world, port, out_path, sketch):
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        net = Net()
+        kwargs = dict(sketch_threshold=4, sketch_size=6) if sketch else {}
+        tracker = RankTracker(net, embeddings=("encoder",), weights=False, center=True, **kwargs)
+        net(_data()[rank])
+        result = tracker.compute()
+        if rank == 0:
+            torch.save(result, out_path)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+@pytest.mark.parametrize("sketch", [False, True], ids=["gram", "sketch"])
+def test_distributed_equals_single_process(tmp_path, sketch):
+    out_path = str(tmp_path / "result.pt")
+    mp.spawn(_tracker_worker, args=(2, _free_port(), out_path, sketch), nprocs=2, join=True)
+    distributed = torch.load(out_path, weights_only=True)["encoder"]
+    net = Net()
+    kwargs = dict(sketch_threshold=4, sketch_size=6) if sketch else {}
+    tracker = RankTracker(net, embeddings=("encoder",), weights=False, center=True, **kwargs)
+    net(_data().reshape(20, 12))
+    single = tracker.compute()["encoder"]
+    assert distributed["samples"] == single["samples"] == 20
+    for key, value in single.items():
+        assert distributed[key] == pytest.approx(value, rel=1e-9), key

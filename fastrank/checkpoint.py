@@ -116,21 +116,20 @@ def rank_report(
 ) -> list[dict]:
     """One row per weight: name, shape, effective rank, spectral entropy, stable rank.
 
-    All weights of one shape go through one batched call per metric (see
-    :func:`fastrank.effective_ranks`). ``progress(done, total)`` is called as metrics complete.
+    All weights of one shape go through one batched call (see :func:`fastrank.effective_ranks`),
+    the three metrics from one spectrum. ``progress(done, total)`` is called per shape group.
     """
-    matrices = [matrix for _, matrix in weights]
-    metrics = ("effective_rank", "spectral_entropy", "stable_rank")
-    values = {}
-    for i, metric in enumerate(metrics):
-        values[metric] = effective_ranks(matrices, metric=metric, method=method)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for index, (_, matrix) in enumerate(weights):
+        groups.setdefault(tuple(matrix.shape), []).append(index)
+    measured: list[dict | None] = [None] * len(weights)
+    for done, indices in enumerate(groups.values(), start=1):
+        # One batched call per shape (effective_ranks groups the same way), one spectrum each.
+        for index, values in zip(indices, effective_ranks([weights[i][1] for i in indices], metric="all", method=method)):
+            measured[index] = values
         if progress is not None:
-            progress(i + 1, len(metrics))
+            progress(done, len(groups))
     return [
-        {
-            "name": name,
-            "shape": list(matrix.shape),
-            **{metric: float(values[metric][i]) for metric in metrics},
-        }
-        for i, (name, matrix) in enumerate(weights)
+        {"name": name, "shape": list(matrix.shape), **{key: float(v) for key, v in values.items()}}
+        for (name, matrix), values in zip(weights, measured)
     ]

@@ -57,6 +57,7 @@ __all__ = [
     "effective_rank",
     "stable_rank",
     "effective_ranks",
+    "rank_metrics",
     "nystrom_entropy",
 ]
 
@@ -544,6 +545,34 @@ def stable_rank(A, *, gram=False, hermitian=False, method="auto", rank=None, nit
     return RankEstimate(estimate, lower, upper) if return_bounds else estimate
 
 
+def rank_metrics(A, *, gram=False, hermitian=False, method="auto", rank=None, niter=None, seed=None, center=False):
+    """The three metrics at once: ``{"spectral_entropy", "effective_rank", "stable_rank"}``.
+
+    Same arguments and results as the three functions (float64 tensors of shape (...)). Where the
+    method is exact ("exact", or "auto" with at most 4096 values) all three come from one spectrum
+    s: H from p = s / sum(s), exp(H), and sum(s^2) / max(s)^2; otherwise each function runs its own
+    estimator.
+    """
+    A = _prepare(A, gram, hermitian, center, method, "rank_metrics")
+    if method == "exact" or (method == "auto" and _num_values(A, hermitian) <= _AUTO_EXACT_MAX):
+        values = _exact_values(A, gram, hermitian)
+        entropy = _entropy(values)
+        top = values.amax(-1)
+        stable = torch.where(
+            top > 0,
+            values.square().sum(-1) / top.square().clamp_min(torch.finfo(torch.float64).tiny),
+            torch.zeros_like(top),
+        )
+        return {"spectral_entropy": entropy, "effective_rank": entropy.exp(), "stable_rank": stable}
+    kwargs = dict(gram=gram, hermitian=hermitian, method=method, rank=rank, niter=niter, seed=seed)
+    entropy = spectral_entropy(A, **kwargs)
+    return {
+        "spectral_entropy": entropy,
+        "effective_rank": entropy.exp(),
+        "stable_rank": stable_rank(A, **kwargs),
+    }
+
+
 def effective_ranks(tensors, *, metric="effective_rank", **kwargs):
     """A rank metric of many matrices of mixed shapes: one batched call per (shape, dtype, device).
 
@@ -551,13 +580,19 @@ def effective_ranks(tensors, *, metric="effective_rank", **kwargs):
         tensors: a sequence of tensors (each (..., m, n)) or a mapping name -> tensor, e.g.
             ``{n: p for n, p in model.named_parameters() if p.dim() >= 2}`` (flatten conv
             weights yourself, ``w.flatten(1)``: a 4-D tensor is a batch of matrices).
-        metric: "effective_rank" (default), "spectral_entropy" or "stable_rank".
+        metric: "effective_rank" (default), "spectral_entropy", "stable_rank", or "all" (the dict
+            of :func:`rank_metrics`, all three from one spectrum where exact).
         **kwargs: the keyword arguments of that function.
     Returns:
         a list in input order (a dict with the same keys for a mapping) of float64 tensors of each
-        input's batch shape, or of RankEstimate with return_bounds=True.
+        input's batch shape (of dicts of them for "all"), or of RankEstimate with return_bounds=True.
     """
-    functions = {"effective_rank": effective_rank, "spectral_entropy": spectral_entropy, "stable_rank": stable_rank}
+    functions = {
+        "effective_rank": effective_rank,
+        "spectral_entropy": spectral_entropy,
+        "stable_rank": stable_rank,
+        "all": rank_metrics,
+    }
     if metric not in functions:
         raise ValueError(f"effective_ranks: metric must be one of {sorted(functions)}, got {metric!r}")
     function = functions[metric]
@@ -576,6 +611,8 @@ def effective_ranks(tensors, *, metric="effective_rank", **kwargs):
             for position, index in enumerate(indices):
                 if isinstance(out, RankEstimate):
                     results[index] = RankEstimate(*(x[position] for x in out))
+                elif isinstance(out, dict):
+                    results[index] = {key: value[position] for key, value in out.items()}
                 else:
                     results[index] = out[position]
     return results

@@ -22,7 +22,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .layers import OverparamConv2d, OverparamLinear
-from .rank import effective_ranks, nystrom_entropy, spectral_entropy, stable_rank
+from .rank import effective_ranks, nystrom_entropy, rank_metrics
 
 __all__ = ["RankTracker", "weight_matrix"]
 
@@ -226,12 +226,8 @@ class RankTracker:
                 "effective_rank_upper": math.exp(float(bounds.upper)),
             }
         else:
-            entropy = float(spectral_entropy(gram, hermitian=True, method=self.method))
-            metrics = {
-                "effective_rank": math.exp(entropy),
-                "spectral_entropy": entropy,
-                "stable_rank": float(stable_rank(gram, hermitian=True, method=self.method)),
-            }
+            values = rank_metrics(gram, hermitian=True, method=self.method)
+            metrics = {key: float(value) for key, value in values.items()}
         metrics["samples"] = float(count)
         return metrics
 
@@ -251,15 +247,10 @@ class RankTracker:
                 matrices.append(matrix.detach())
         if not matrices:
             return {}
-        entropies = effective_ranks(matrices, metric="spectral_entropy", method=self.method)
-        stable = effective_ranks(matrices, metric="stable_rank", method=self.method)
+        measured = effective_ranks(matrices, metric="all", method=self.method)
         return {
-            f"{name}.weight" if name else "weight": {
-                "effective_rank": math.exp(float(entropy)),
-                "spectral_entropy": float(entropy),
-                "stable_rank": float(rank),
-            }
-            for name, entropy, rank in zip(names, entropies, stable)
+            f"{name}.weight" if name else "weight": {key: float(v) for key, v in values.items()}
+            for name, values in zip(names, measured)
         }
 
     def compute(self) -> dict[str, dict[str, float]]:

@@ -9,6 +9,7 @@ import re
 import pytest
 import torch
 
+import fastrank.rank as rank_module
 from fastrank.rank import RankEstimate, effective_rank, effective_ranks, spectral_entropy, stable_rank
 
 # relative tolerance of the exact method per input dtype (issue 4 targets)
@@ -381,3 +382,33 @@ def test_randomized_hermitian_psd_up_to_rounding():
         assert_contains(spectral_entropy(G, hermitian=True, method="randomized", rank=rank, return_bounds=True), exact, f"k={rank}")
         s = torch.linalg.svdvals(G.double())
         assert_contains(stable_rank(G, hermitian=True, method="randomized", rank=rank, return_bounds=True), s.square().sum() / s[0] ** 2, "stable")
+
+
+@pytest.mark.parametrize(
+    "kwargs,shape",
+    [(dict(), (3, 9, 5)), (dict(gram=True, center=True), (2, 40, 7)), (dict(hermitian=True), (2, 6, 6))],
+    ids=["singular", "gram-centered", "hermitian"],
+)
+def test_rank_metrics_agree_with_the_three_functions(kwargs, shape):
+    A = torch.randn(*shape, dtype=torch.float64)
+    if kwargs.get("hermitian"):
+        A = A @ A.mT
+    metrics = rank_module.rank_metrics(A, method="exact", **kwargs)
+    for name, fn in [("spectral_entropy", rank_module.spectral_entropy),
+                     ("effective_rank", rank_module.effective_rank), ("stable_rank", rank_module.stable_rank)]:
+        expected = fn(A, method="exact", **kwargs)
+        err = ((metrics[name] - expected).abs() / expected.abs()).max().item()
+        assert err <= 1e-10, f"{name}: relative difference {err:.2e}"
+    zero = rank_module.rank_metrics(torch.zeros(4, 3))
+    assert zero["spectral_entropy"] == -math.inf and zero["effective_rank"] == 0 and zero["stable_rank"] == 0
+
+
+def test_effective_ranks_all_metrics_in_input_order():
+    tensors = [torch.randn(5, 4, dtype=torch.float64), torch.randn(3, 3, dtype=torch.float64),
+               torch.randn(5, 4, dtype=torch.float64)]
+    results = rank_module.effective_ranks(tensors, metric="all")
+    for tensor, result in zip(tensors, results):
+        assert set(result) == {"spectral_entropy", "effective_rank", "stable_rank"}
+        assert float(result["effective_rank"]) == pytest.approx(float(rank_module.effective_rank(tensor)), rel=1e-12)
+    with pytest.raises(ValueError, match="metric must be one of"):
+        rank_module.effective_ranks(tensors, metric="rank")

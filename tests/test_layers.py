@@ -450,3 +450,24 @@ def test_preserve_bottleneck_above_rank_is_exact():
 def test_public_names():
     for name in ["OverparamLinear", "OverparamConv2d", "overparameterize", "collapse", "__version__"]:
         assert hasattr(fastrank, name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("path", ["activation", "collapsed"])
+def test_conv_each_dtype_against_fp64_chain(monkeypatch, dtype, path):
+    force_conv_path(monkeypatch, path)
+    torch.manual_seed(14)
+    layer = OverparamConv2d(3, 6, kernel_sizes=(3, (1, 3), 1), padding=1, groups=3, dtype=dtype)
+    ref_layer = copy.deepcopy(layer).double()
+    x = torch.randn(2, 3, 9, 7).to(dtype).requires_grad_(True)
+    xr = x.detach().double().requires_grad_(True)
+    out, ref = layer(x), naive_conv(ref_layer, xr)
+    assert out.dtype == dtype
+    reduction = 1 * 3 * 5 * 3
+    assert_close(out, ref, dtype, reduction, steps=3, what="output")
+    grad_out = torch.randn(ref.shape, dtype=torch.float64)
+    out.backward(grad_out.to(dtype))
+    ref.backward(grad_out)
+    assert_close(x.grad, xr.grad, dtype, reduction * 2, steps=3, what="grad x")
+    for j, (f, rf) in enumerate(zip(layer.factors, ref_layer.factors)):
+        assert_close(f.grad, rf.grad, dtype, 2 * 9 * 7 * 2, steps=3, what=f"grad factor {j}")

@@ -223,9 +223,14 @@ def _captured(A, hermitian, k, niter, seed):
     else:
         # sigma_i(Q^T A) <= sigma_i(A) for any orthonormal Q.
         B = _row_blocks(A.mT, Q).mT  # (..., k, n) = Q^T A in fp64
-        sigma = torch.linalg.svdvals(B)
-        # rounding of Q^T A (m products per entry) and svdvals, in singular-value units
-        delta = 2 * (m * math.sqrt(k) + n + k) * _EPS * frob
+        # sigma(B) = sigma(R) for B^T = Q' R: a Householder QR of the tall (n, k) B^T and the SVD of
+        # the small (k, k) R are both backward stable, and much faster than the SVD of the wide B
+        # (LAPACK's gesdd on 512 x 4096: about 2 s of the 2.5 s of the whole estimate, 2 cores).
+        R = torch.linalg.qr(B.mT, mode="r").R
+        sigma = torch.linalg.svdvals(R)
+        # rounding of Q^T A (m products per entry), of the QR (n per column, k columns) and of
+        # svdvals, in singular-value units
+        delta = 2 * (m * math.sqrt(k) + n * math.sqrt(k) + k) * _EPS * frob
         mu = (sigma - delta.unsqueeze(-1)).clamp_min(0).square()
         total = frob.square()
         total_hi = frob2

@@ -246,7 +246,13 @@ def chain_matmul(x: Tensor, factors: Sequence[Tensor], return_all: bool = True) 
     Returns:
         list of ``(M, n_j)`` tensors in x's dtype, ``X_j = X_{j-1} @ F_j^T``. Differentiable in x
         and every factor; the backward is the reverse chain plus one grouped factor-gradient op.
+        Under ``torch.autocast`` the inputs are cast to the autocast dtype first, as ``F.linear``
+        does.
     """
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        x, factors = x.to(dtype), [f.to(dtype) for f in factors]
     return _chain_matmul_op(x, list(factors), return_all)
 
 
@@ -337,7 +343,7 @@ def chain_linear(x: Tensor, factors: Sequence[Tensor], bias: Tensor | None = Non
         return F.linear(x, collapsed_weight(factors), bias)
     out = chain_matmul(rows, factors, return_all=grad_factors or grad_input)[-1]
     if bias is not None:
-        out = out + bias
+        out = out + bias.to(out.dtype)  # autocast: the chain ran in the autocast dtype
     return out.reshape(*x.shape[:-1], dims[-1])
 
 

@@ -65,9 +65,11 @@ def collapse_kernels(kernels: Sequence[Tensor], groups: int = 1) -> Tensor:
     """
     dtype = kernels[0].dtype
     compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-    collapsed = kernels[0].to(compute)
-    for kernel in kernels[1:]:
-        collapsed = compose_kernels(collapsed, kernel.to(compute), groups)
+    # The composition keeps the kernels' precision; under autocast the conv using it casts.
+    with torch.autocast(kernels[0].device.type, enabled=False):
+        collapsed = kernels[0].to(compute)
+        for kernel in kernels[1:]:
+            collapsed = compose_kernels(collapsed, kernel.to(compute), groups)
     return collapsed.to(dtype)
 
 

@@ -55,6 +55,9 @@ def _check_input(x: Tensor, expected: int, dim: int, what: str, layer: nn.Module
             f"{type(layer).__name__}: expected input with {what}={expected} at dim {dim}, "
             f"got shape {tuple(x.shape)}"
         )
+    dtype = layer.factors[0].dtype
+    if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"{type(layer).__name__}: expected input of dtype {dtype} like the layer, got {x.dtype}")
 
 
 def _init_factor(factor: Tensor, last: bool, mode: str) -> None:
@@ -108,7 +111,10 @@ class _OverparamBase(nn.Module):
     def _cached_parameters(self) -> tuple[Tensor, Tensor | None]:
         key = _CollapseCache.make_key(self)
         if self._cache.key != key:
-            with torch.no_grad():
+            # Cached in the parameters' dtype whatever the autocast state; F.linear / F.conv2d
+            # cast it under autocast like any weight.
+            device_type = self.factors[0].device.type
+            with torch.no_grad(), torch.autocast(device_type, enabled=False):
                 self._cache.value = self.collapsed_parameters()
             self._cache.key = key
         return self._cache.value
@@ -308,7 +314,7 @@ class OverparamLinear(_OverparamBase):
             if skip:
                 h = h + start
         if self.bias is not None:
-            h = h + self.bias
+            h = h + self.bias.to(h.dtype)
         return h.reshape(*x.shape[:-1], self.out_features)
 
     def forward(self, x: Tensor) -> Tensor:

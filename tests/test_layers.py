@@ -248,6 +248,8 @@ def test_linear_bad_input():
         layer(torch.randn(2, 5))
     with pytest.raises(TypeError, match="floating-point input, got dtype torch.int64"):
         layer(torch.ones(2, 4, dtype=torch.long))
+    with pytest.raises(TypeError, match="expected input of dtype torch.float32 like the layer, got torch.float64"):
+        layer(torch.ones(2, 4, dtype=torch.float64))
 
 
 def test_nan_propagates():
@@ -471,3 +473,22 @@ def test_conv_each_dtype_against_fp64_chain(monkeypatch, dtype, path):
     assert_close(x.grad, xr.grad, dtype, reduction * 2, steps=3, what="grad x")
     for j, (f, rf) in enumerate(zip(layer.factors, ref_layer.factors)):
         assert_close(f.grad, rf.grad, dtype, 2 * 9 * 7 * 2, steps=3, what=f"grad factor {j}")
+
+
+def test_autocast_like_nn_linear_and_cache_stays_fp32():
+    torch.manual_seed(15)
+    layer = OverparamLinear(16, 8, depth=3)
+    conv = OverparamConv2d(3, 4, kernel_sizes=(3, 1), padding=1)
+    x, image = torch.randn(5, 16), torch.randn(2, 3, 6, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+        conv_out = conv(image)
+    assert out.dtype == torch.bfloat16 and conv_out.dtype == torch.bfloat16
+    assert_close(out, naive_linear(layer, x), torch.bfloat16, 16, steps=3)
+    assert_close(conv_out, naive_conv(conv, image), torch.bfloat16, 27, steps=2)
+    layer.eval()
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert layer(x).dtype == torch.bfloat16
+        assert layer._cache.value[0].dtype == torch.float32
+        assert layer(x).dtype == torch.float32  # the cache made under autocast serves fp32 calls

@@ -4,31 +4,13 @@ Without a GPU the kernels run on the CPU through the Triton interpreter; with on
 CUDA (and the bf16 / large-shape cases run too).
 """
 
-import importlib
-import os
-
 import pytest
 import torch
 
-# Triton decides interpreter or compiler when a kernel is decorated, i.e. when the kernel module is
-# imported, reading TRITON_INTERPRET at that moment (triton/runtime/jit.py: `knobs.runtime.interpret`
-# in `jit`; the knob reads the environment on every access). Without a GPU nothing but the
-# interpreter can run a kernel, so setting the flag here cannot hurt any other test module.
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-DEVICE = "cpu" if INTERPRET else "cuda"
+from kernel_loading import DEVICE, load_kernels
+from tolerance import assert_close
 
-pytest.importorskip("triton")
-
-from fastrank.kernels import chain as chain_kernels  # noqa: E402
-from tolerance import assert_close  # noqa: E402
-
-if chain_kernels.BUILT_FOR_INTERPRETER != INTERPRET:
-    # Imported earlier (by another module) under the other setting: rebuild the kernels. reload
-    # re-executes the module in the same namespace, so launchers imported elsewhere see them too.
-    chain_kernels = importlib.reload(chain_kernels)
-
+chain_kernels = load_kernels("chain")
 chain_matmul = chain_kernels.chain_matmul
 chain_matmul_ref = chain_kernels.chain_matmul_ref
 chain_factor_grads = chain_kernels.chain_factor_grads

@@ -3,26 +3,13 @@
 Without a GPU the kernel runs on the CPU through the Triton interpreter (fp32/fp16/fp64 only:
 the interpreter computes bf16 wrongly); with one, natively on CUDA.
 """
-import importlib
-import os
-
 import pytest
 import torch
 
-# Triton picks interpreter or compiler when the kernel module is imported; without a GPU only the
-# interpreter can run a kernel, so setting the flag here cannot hurt another test module.
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-DEVICE = "cpu" if INTERPRET else "cuda"
+from kernel_loading import DEVICE, load_kernels
+from tolerance import assert_close
 
-pytest.importorskip("triton")
-
-from fastrank.kernels import sketch as kernels  # noqa: E402
-from tolerance import assert_close  # noqa: E402
-
-if kernels.BUILT_FOR_INTERPRETER != INTERPRET:
-    kernels = importlib.reload(kernels)
+kernels = load_kernels("sketch")
 
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"), pytest.param(torch.float64, id="fp64")]
 SHAPES = [(1, 1, 1), (1, 7, 33), (3, 33, 7), (2, 65, 40)]  # (batch, m, n): odd sizes around the 32 block

@@ -1,31 +1,33 @@
 """Chain suite under pytest-benchmark: `pytest benchmarks/test_chain_bench.py --benchmark-only`.
 
-Variants of one case share a benchmark group, so the table puts them side by side; the ratio
-columns against nn.Linear are printed by `fastrank bench --suite chain`, which runs these cases.
+The cases are fastrank.bench_chain.chain_cases(), the ones `fastrank bench --suite chain` runs on the
+CPU (the CUDA chain-kernel cases are in test_chain_kernel_bench.py). Variants of one case share a
+benchmark group, so pytest-benchmark's table puts them side by side; `fastrank bench` adds the ratio
+to nn.Linear measured in the same run and the error against the fp64 chain.
 """
 
 import functools
 
 import pytest
-import torch
 
 from fastrank.bench_chain import chain_cases
 
-CASES = chain_cases()
-VARIANTS = ["nn.Linear", "fastrank", "sequential chain", "collapsed autograd"]
+CASES = {case.name: case for case in chain_cases(device="cpu")}
+PARAMS = [(case, variant) for case in CASES.values() for variant in case.variants]
 
 
 @functools.lru_cache(maxsize=1)
-def _variants(case_name):
-    case = next(c for c in CASES if c.name == case_name)
-    return case.setup()
+def _prepared(case_name):
+    return CASES[case_name].setup()
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name.replace(" ", "-"))
+@pytest.mark.parametrize(
+    "case,variant", PARAMS, ids=[f"{c.name}-{v}".replace(" ", "_") for c, v in PARAMS]
+)
 def test_chain(benchmark, case, variant):
-    torch.manual_seed(0)
-    fn = _variants(case.name)[variant]
+    prepared = _prepared(case.name)
+    if variant not in prepared.variants:
+        pytest.skip(prepared.skipped.get(variant, "not run"))
     benchmark.group = case.name
-    benchmark.extra_info.update(case.info, torch=torch.__version__)
-    benchmark.pedantic(fn, rounds=5, warmup_rounds=1)
+    benchmark.extra_info.update(suite=case.suite, shape=case.shape, dtype=case.dtype, variant=variant)
+    benchmark.pedantic(prepared.variants[variant], rounds=case.repeats, warmup_rounds=case.warmup)

@@ -1,41 +1,38 @@
-"""pytest-benchmark suite of the effective-rank family; cases live in fastrank.bench_rank.
+"""Rank suite under pytest-benchmark: `pytest benchmarks/test_rank_bench.py --benchmark-only`.
 
-Run: pytest benchmarks/test_rank_bench.py --benchmark-only. Each case is a benchmark group with the
-candidate and its baseline(s), so the ratio is read within one run.
+The cases are fastrank.bench_rank.rank_cases(), the ones `fastrank bench --suite rank` runs. Each case
+is a benchmark group (fastrank's methods, the paper snippet and torch's functions side by side); the
+error of each variant against the exact value (and the bound width, for those returning bounds)
+goes to extra_info.
 """
+
 import functools
 
 import pytest
 import torch
 
-from fastrank.bench_rank import RANK_CASES
+from fastrank.bench_rank import rank_cases
 
-ROLES = [(case, "candidate", None) for case in RANK_CASES]
-ROLES += [(case, "baseline", None) for case in RANK_CASES]
-ROLES += [(case, "extra", name) for case in RANK_CASES for name in case.extra_baselines]
+CASES = {case.name: case for case in rank_cases(device="cpu")}
+PARAMS = [(case, variant) for case in CASES.values() for variant in case.variants]
 
 
 @functools.lru_cache(maxsize=1)
-def _inputs(name):
-    case = next(c for c in RANK_CASES if c.name == name)
-    return case.setup()
+def _prepared(case_name):
+    prepared = CASES[case_name].setup()
+    return prepared, prepared.reference()
 
 
-@pytest.mark.parametrize("case,role,extra", ROLES, ids=[f"{c.name}-{r}{'-' + e if e else ''}" for c, r, e in ROLES])
-def test_rank_bench(benchmark, case, role, extra):
-    inputs = _inputs(case.name)
-    if role == "candidate":
-        fn = case.candidate
-    elif role == "baseline":
-        fn = case.baseline
-    else:
-        fn = case.extra_baselines[extra]
+@pytest.mark.parametrize(
+    "case,variant", PARAMS, ids=[f"{c.name}-{v}".replace(" ", "_") for c, v in PARAMS]
+)
+def test_rank(benchmark, case, variant):
+    prepared, reference = _prepared(case.name)
     benchmark.group = case.name
     benchmark.extra_info.update(
-        {"role": role if role != "extra" else extra, "shape": case.shape, "dtype": str(case.dtype),
-         "torch": torch.__version__, "threads": torch.get_num_threads(), "target": case.target}
+        suite=case.suite, shape=case.shape, dtype=case.dtype, variant=variant, threads=torch.get_num_threads()
     )
-    with torch.no_grad():
-        result = benchmark.pedantic(fn, args=inputs, rounds=case.rounds, iterations=1, warmup_rounds=0)
-    if role == "candidate" and case.quality is not None:
-        benchmark.extra_info.update(case.quality(result, inputs))
+    result = benchmark.pedantic(
+        prepared.variants[variant], rounds=case.repeats, warmup_rounds=case.warmup, iterations=1
+    )
+    benchmark.extra_info.update(case.error(variant, result, reference))

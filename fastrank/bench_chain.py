@@ -1,66 +1,38 @@
-"""Benchmark cases of the chain suite: over-parameterized layers against the layers they replace.
+"""Cases of the chain suite: over-parameterized layers against the layers they replace.
 
-Each :class:`Case` is a group of variants measured side by side on the same shapes; ratios are
-taken against the case's baseline (``nn.Linear``) measured in the same run. The cases are used by
-``benchmarks/test_chain_bench.py`` (pytest-benchmark) and by :func:`run` (plain timing with
-interleaved repeats, for tables).
+:func:`chain_cases` (every device): a train step and an eval call of
+``OverparamLinear(d, d, depth=L)`` against
+
+* ``nn.Linear`` (the baseline: what the layer costs without over-parameterization),
+* ``sequential chain``: one ``F.linear`` per factor (the anchor library's training forward),
+* ``collapsed autograd``: plain autograd through ``W_L @ ... @ W_1``, then ``F.linear``,
+* ``torch.compile chain``: ``torch.compile`` of the sequential chain.
+
+:func:`chain_kernel_cases` (CUDA): the Triton chain kernel (``fastrank.kernels.chain.chain_matmul``)
+against one ``torch.matmul`` per factor and ``torch.compile`` of that loop.
+
+Errors are relative to an fp64 evaluation of the same chain: the gradients of the factors and of x
+after a train step, the output after an eval call (``nn.Linear`` is another layer: no error).
+TFLOP/s count the work each variant actually does (``fastrank.chain_costs``), so a variant that
+does less work than the sequential chain shows it in the time, not in the TFLOP/s.
 """
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .chain import collapsed_weight
+from .bench import Case, Prepared
+from .chain import chain_costs
 from .layers import OverparamLinear
 
-__all__ = ["Case", "chain_cases", "run", "time_variants"]
+__all__ = ["LINEAR_VARIANTS", "KERNEL_VARIANTS", "chain_cases", "chain_kernel_cases"]
 
-
-@dataclass
-class Case:
-    """One shape and mode, several ways to compute it.
-
-    Attributes:
-        name: e.g. ``"train B=2048"``.
-        baseline: the variant the others are compared with.
-        variants: name -> zero-argument callable doing one step (built by ``setup``).
-        flops: multiply-adds x 2 of the baseline's step, for TFLOP/s.
-        info: shape / dtype / device fields for result rows.
-    """
-
-    name: str
-    baseline: str
-    setup: Callable[[], dict[str, Callable[[], object]]]
-    flops: float
-    info: dict = field(default_factory=dict)
-
-
-def _train_step(module: nn.Module, x: torch.Tensor) -> Callable[[], object]:
-    params = list(module.parameters())
-
-    def step():
-        for p in params:
-            p.grad = None
-        x.grad = None
-        module(x).sum().backward()
-
-    return step
-
-
-def _eval_step(module: nn.Module, x: torch.Tensor) -> Callable[[], object]:
-    def step():
-        with torch.no_grad():
-            return module(x)
-
-    return step
-
+LINEAR_VARIANTS = ("nn.Linear", "fastrank", "sequential chain", "collapsed autograd", "torch.compile chain")
+KERNEL_VARIANTS = ("torch.matmul x L", "chain_matmul", "chain_matmul last", "torch.compile chain")
 
 class _SequentialChain(nn.Module):
     """The anchor library's training forward: one linear layer per factor, run in sequence."""
@@ -91,110 +63,258 @@ class _CollapsedAutograd(nn.Module):
         return F.linear(x, weight, self.bias)
 
 
+def _train_step(module: nn.Module, x: torch.Tensor, watched: list[torch.Tensor]) -> Callable[[], list]:
+    params = list(module.parameters())
+
+    def step():
+        for p in params:
+            p.grad = None
+        x.grad = None
+        module(x).sum().backward()
+        return [w.grad for w in watched]
+
+    return step
+
+
+def _eval_step(module: nn.Module, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+    def step():
+        with torch.no_grad():
+            return module(x)
+
+    return step
+
+
+def _compiled(module: nn.Module) -> nn.Module:
+    # A fresh dynamo cache per case: the cases share _SequentialChain.forward, and more shapes than
+    # the recompile limit would silently fall back to eager.
+    torch._dynamo.reset()
+    return torch.compile(module, dynamic=False)
+
+
+def _relative_error(results, references) -> float:
+    """max over tensors of max |result - reference| / max |reference|."""
+    worst = 0.0
+    for result, reference in zip(results, references):
+        scale = reference.abs().max().clamp_min(torch.finfo(torch.float64).tiny)
+        worst = max(worst, float((result.double() - reference).abs().max() / scale))
+    return worst
+
+
+def _chain_error(variant: str, result, reference) -> dict:
+    if variant == "nn.Linear":
+        return {}
+    results = result if isinstance(result, list) else [result]
+    return {"error": _relative_error(results, reference)}
+
+
+def _fp64_reference(layer: OverparamLinear, x: torch.Tensor, mode: str) -> Callable[[], list]:
+    def reference():
+        factors = [f.detach().double().requires_grad_(mode == "train") for f in layer.factors]
+        x64 = x.detach().double().requires_grad_(mode == "train")
+        h = x64
+        for factor in factors:
+            h = h @ factor.T
+        h = h + layer.bias.detach().double()
+        if mode == "eval":
+            return [h.detach()]
+        h.sum().backward()
+        return [f.grad for f in factors] + [x64.grad]
+
+    return reference
+
+
+def _linear_flops(mode: str, batch: int, features: int, depth: int) -> dict[str, float]:
+    """Floating-point operations (2 x multiply-adds) of one call of each variant."""
+    dims = [features] * (depth + 1)
+    grads = mode == "train"
+    activation, collapsed = chain_costs(batch, dims, grad_input=grads, grad_factors=grads)
+    linear = batch * features * features * (3 if grads else 1)
+    if mode == "eval":
+        fastrank = linear  # one F.linear with the cached collapsed weight
+    else:
+        fastrank = min(activation, collapsed)  # the association the layer picks
+    macs = {
+        "nn.Linear": linear,
+        "fastrank": fastrank,
+        "sequential chain": activation,
+        "collapsed autograd": collapsed,
+        "torch.compile chain": activation,
+    }
+    return {name: 2.0 * value for name, value in macs.items()}
+
+
 def chain_cases(
-    features: int = 1024,
-    depth: int = 4,
-    batches: tuple[int, ...] = (256, 2048, 16384),
+    quick: bool = False,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
+    features: int | None = None,
+    depth: int = 4,
+    batches: tuple[int, ...] | None = None,
+    compile_batches: tuple[int, ...] | None = None,
+    repeats: int | None = None,
 ) -> list[Case]:
-    """Train-step and eval cases of ``OverparamLinear(features, features, depth)`` vs ``nn.Linear``."""
+    """Train-step and eval cases of ``OverparamLinear(features, features, depth)`` vs ``nn.Linear``.
+
+    Defaults: ``features=1024, batches=(256, 2048, 16384)``; with ``quick``: ``features=256,
+    batches=(64, 1024, 8192)`` and fewer repeats. The ``torch.compile chain`` variant runs for the
+    batches in ``compile_batches`` (default: all; with ``quick``: only the middle batch, because
+    compiling costs 5-10 s per case on a 2-core CPU, as much as the rest of a case) and is listed
+    as skipped in the others. Where torch.compile fails (no C++ compiler, unsupported platform) the
+    variant is reported as failed with the error, and the other variants still run.
+    """
+    features = features or (256 if quick else 1024)
+    batches = batches or ((64, 1024, 8192) if quick else (256, 2048, 16384))
+    if compile_batches is None:
+        compile_batches = (batches[len(batches) // 2],) if quick else batches
+    repeats = repeats or (5 if quick else 9)
+    dtype_name = str(dtype).replace("torch.", "")
     cases = []
     for mode in ("train", "eval"):
         for batch in batches:
 
-            def setup(batch=batch, mode=mode):
-                gen = torch.Generator(device="cpu").manual_seed(0)
+            def setup(batch=batch, mode=mode) -> Prepared:
                 factory = {"device": device, "dtype": dtype}
                 torch.manual_seed(0)
                 layer = OverparamLinear(features, features, depth=depth, **factory)
                 linear = nn.Linear(features, features, **factory)
+                gen = torch.Generator(device="cpu").manual_seed(0)
                 x = torch.randn(batch, features, generator=gen).to(**factory)
+                chain = _SequentialChain(layer)
                 if mode == "train":
-                    x.requires_grad_(True)  # as inside a network
-                    make = _train_step
+                    x.requires_grad_(True)  # as inside a network: dx is needed too
+                    watched = list(layer.factors) + [x]
+
+                    def make(module):
+                        return _train_step(module, x, watched)
                 else:
                     layer.eval()
-                    make = _eval_step
-                variants = {
-                    "nn.Linear": make(linear, x),
-                    "fastrank": make(layer, x),
-                    "sequential chain": make(_SequentialChain(layer), x),
-                    "collapsed autograd": make(_CollapsedAutograd(layer), x),
-                }
-                return variants
 
-            flops = 2.0 * batch * features * features * (3 if mode == "train" else 1)
+                    def make(module):
+                        return _eval_step(module, x)
+
+                variants = {
+                    "nn.Linear": make(linear),
+                    "fastrank": make(layer),
+                    "sequential chain": make(chain),
+                    "collapsed autograd": make(_CollapsedAutograd(layer)),
+                }
+                skipped = {}
+                if batch in compile_batches:
+                    variants["torch.compile chain"] = make(_compiled(chain))
+                else:
+                    skipped["torch.compile chain"] = (
+                        f"compiled only at B={', '.join(map(str, compile_batches))} under --quick (compile time)"
+                        if compile_batches else "torch.compile not asked for"
+                    )
+                return Prepared(variants, _fp64_reference(layer, x, mode), skipped)
+
             cases.append(
                 Case(
+                    suite="chain",
                     name=f"{mode} B={batch}",
+                    shape=f"B={batch} d={features} L={depth}",
+                    dtype=dtype_name,
                     baseline="nn.Linear",
+                    variants=LINEAR_VARIANTS,
                     setup=setup,
-                    flops=flops,
-                    info={
-                        "suite": "chain",
-                        "mode": mode,
-                        "shape": f"B={batch} d={features} L={depth}",
-                        "dtype": str(dtype).replace("torch.", ""),
-                        "device": device,
-                    },
+                    flops=_linear_flops(mode, batch, features, depth),
+                    error=_chain_error,
+                    repeats=repeats,
+                    warmup=2 if batch in compile_batches else 1,  # compile traces the backward on the second call
                 )
             )
     return cases
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+# ----------------------------------------------------------------------------- CUDA chain kernel
+_KERNEL_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def time_variants(
-    variants: dict[str, Callable[[], object]], repeats: int, device: str = "cpu", warmup: int = 1
-) -> dict[str, list[float]]:
-    """Seconds per call of each variant, repeats interleaved round-robin so drift hits all alike."""
-    for fn in variants.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(repeats):
-        for name, fn in variants.items():
-            _sync(device)
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
-    return times
+def _sequential_matmuls(x, factors):
+    outputs, block = [], x
+    for factor in factors:
+        block = torch.matmul(block, factor.T)
+        outputs.append(block)
+    return outputs
 
 
-def _quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    position = q * (len(ordered) - 1)
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+def _kernel_error(variant: str, result, reference) -> dict:
+    return {"error": _relative_error(result[-1:], reference)}
 
 
-def run(cases: list[Case], repeats: int = 5, device: str = "cpu") -> list[dict]:
-    """Time every variant of every case; one row per variant with median, quartiles and ratio."""
-    rows = []
-    for case in cases:
-        variants = case.setup()
-        times = time_variants(variants, repeats, device)
-        base = statistics.median(times[case.baseline])
-        for name, values in times.items():
-            median = statistics.median(values)
-            rows.append(
-                {
-                    **case.info,
-                    "case": case.name,
-                    "variant": name,
-                    "median_s": median,
-                    "q25_s": _quantile(values, 0.25),
-                    "q75_s": _quantile(values, 0.75),
-                    "ratio": median / base,
-                    "tflops": case.flops / median / 1e12,
-                    "repeats": len(values),
-                }
-            )
-        del variants
-    return rows
+def chain_kernel_cases(
+    quick: bool = False,
+    widths: tuple[int, ...] | None = None,
+    batches: tuple[int, ...] | None = None,
+    lengths: tuple[int, ...] | None = None,
+    dtypes: tuple[str, ...] | None = None,
+    repeats: int | None = None,
+) -> list[Case]:
+    """CUDA cases of the Triton chain kernel: ``[X_1 .. X_L]``, ``X_j = X_{j-1} @ W_j^T`` (W_j: d x d).
+
+    Variants: ``torch.matmul x L`` (the baseline, cuBLAS), ``chain_matmul`` (every intermediate),
+    ``chain_matmul last`` (only X_L), ``torch.compile chain``. The note says which path
+    ``chain_matmul`` takes for the width (on-chip kernel up to ``MAX_ONCHIP_WIDTH``, one matmul per
+    step above) and whether TF32 is allowed. Defaults: widths (256, 1024, 4096), batches (512, 8192,
+    65536), lengths (2, 4, 8), bf16 and fp32; with ``quick``: widths (256, 1024), batch 8192,
+    length 4, bf16 and fp32.
+    """
+    widths = widths or ((256, 1024) if quick else (256, 1024, 4096))
+    batches = batches or ((8192,) if quick else (512, 8192, 65536))
+    lengths = lengths or ((4,) if quick else (2, 4, 8))
+    dtypes = dtypes or tuple(_KERNEL_DTYPES)
+    repeats = repeats or (10 if quick else 20)
+    from .kernels.chain import MAX_ONCHIP_WIDTH as max_onchip_width  # imports triton: CUDA suites only
+
+    cases = []
+    for dtype_name in dtypes:
+        for d in widths:
+            for batch in batches:
+                for length in lengths:
+
+                    def setup(dtype_name=dtype_name, d=d, batch=batch, length=length) -> Prepared:
+                        from .kernels.chain import chain_matmul
+
+                        dtype = _KERNEL_DTYPES[dtype_name]
+                        gen = torch.Generator(device="cuda").manual_seed(0)
+                        x = torch.randn(batch, d, device="cuda", generator=gen).to(dtype)
+                        factors = [
+                            (torch.randn(d, d, device="cuda", generator=gen) / d**0.5).to(dtype)
+                            for _ in range(length)
+                        ]
+                        torch._dynamo.reset()
+                        compiled = torch.compile(_sequential_matmuls, dynamic=False)
+
+                        def reference():
+                            return _sequential_matmuls(x.double(), [f.double() for f in factors])[-1:]
+
+                        return Prepared(
+                            {
+                                "torch.matmul x L": lambda: _sequential_matmuls(x, factors),
+                                "chain_matmul": lambda: chain_matmul(x, factors, return_all=True),
+                                "chain_matmul last": lambda: chain_matmul(x, factors, return_all=False),
+                                "torch.compile chain": lambda: compiled(x, factors),
+                            },
+                            reference,
+                        )
+
+                    path = "on-chip kernel" if d <= max_onchip_width else "torch.matmul per step"
+                    flops = 2.0 * batch * d * d * length
+                    cases.append(
+                        Case(
+                            suite="chain-kernel",
+                            name=f"{dtype_name} d={d} B={batch} L={length}",
+                            shape=f"B={batch} d={d} L={length}",
+                            dtype=str(_KERNEL_DTYPES[dtype_name]).replace("torch.", ""),
+                            baseline="torch.matmul x L",
+                            variants=KERNEL_VARIANTS,
+                            setup=setup,
+                            flops=dict.fromkeys(KERNEL_VARIANTS, flops),
+                            error=_kernel_error,
+                            repeats=repeats,
+                            warmup=3,
+                            note=f"chain_matmul path: {path}; "
+                            f"tf32 {'on' if torch.backends.cuda.matmul.allow_tf32 else 'off'}",
+                        )
+                    )
+    return cases

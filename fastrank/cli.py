@@ -1,15 +1,14 @@
 """The ``fastrank`` command line.
 
-``fastrank bench`` runs the benchmark suites; ``fastrank rank CHECKPOINT`` prints the rank of every
-weight of a checkpoint.
+``fastrank bench`` runs the benchmark suites, ``fastrank paper`` reproduces the observations of
+Huh et al. (arXiv 2103.10427), ``fastrank rank CHECKPOINT`` prints the rank of every weight of a
+checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import sys
 from collections.abc import Sequence
 
@@ -26,64 +25,71 @@ def _device(choice: str) -> str:
     return choice
 
 
-def _environment(device: str) -> dict:
-    try:
-        import triton
+def _write_json(rows: list[dict], path: str) -> None:
+    from .bench import finite_or_none
 
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
-    return {
-        "device_name": name,
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "fastrank": __version__,
-        "date": datetime.date.today().isoformat(),
-        "threads": torch.get_num_threads(),
-    }
-
-
-def _chain_cases(quick: bool, device: str):
-    from .bench_chain import chain_cases
-
-    if quick:
-        return chain_cases(features=256, depth=4, batches=(64, 1024, 8192), device=device)
-    return chain_cases(device=device)
-
-
-def _print_table(rows: list[dict]) -> None:
-    header = f"{'case':<18} {'variant':<20} {'shape':<22} {'dtype':<8} {'median ms':>10} {'q25-q75 ms':>17} {'ratio':>7} {'TFLOP/s':>8}"
-    print(header)
-    print("-" * len(header))
-    for row in rows:
-        spread = f"{row['q25_s'] * 1e3:.2f}-{row['q75_s'] * 1e3:.2f}"
-        tflops = f"{row['tflops']:.3f}" if row.get("tflops") is not None else "-"
-        print(
-            f"{row['case']:<18} {row['variant']:<20} {row['shape']:<22} {row['dtype']:<8} "
-            f"{row['median_s'] * 1e3:>10.2f} {spread:>17} {row['ratio']:>7.2f} {tflops:>8}"
-        )
+    clean = [{key: finite_or_none(value) for key, value in row.items()} for row in rows]
+    with open(path, "w") as f:
+        json.dump(clean, f, indent=1)
+        f.write("\n")
 
 
 def bench(args: argparse.Namespace) -> int:
-    from .bench_chain import run
+    from . import bench as benchmarks
 
+    if args.plot:
+        try:
+            benchmarks._pyplot()  # fail before running anything, not after
+        except benchmarks.MissingExtra as error:
+            print(f"fastrank bench: {error}", file=sys.stderr)
+            return 2
     device = _device(args.device)
-    env = _environment(device)
-    suites = ["chain"] if args.suite == "all" else [args.suite]
-    rows: list[dict] = []
-    print(f"fastrank {__version__} bench on {env['device_name']} ({device}), torch {env['torch']}")
-    if "chain" in suites:
-        cases = _chain_cases(args.quick, device)
-        for i, case in enumerate(cases, 1):
-            print(f"[{i}/{len(cases)}] chain: {case.name}", file=sys.stderr, flush=True)
-            rows += run([case], repeats=3 if args.quick else 7, device=device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    env = benchmarks.environment(device)
+    cases = benchmarks.suite_cases(args.suite, args.quick, device)
+    print(
+        f"fastrank {__version__} bench, suite {args.suite}{' (quick)' if args.quick else ''}: "
+        f"{len(cases)} cases on {env['device_name']}, torch {env['torch']}, triton {env['triton']}, "
+        f"{env['threads']} threads",
+        flush=True,
+    )
+    progress = _Progress(len(cases), "bench")
+    rows = benchmarks.run(
+        cases, device=device, progress=lambda done, total, label: progress.update(done, label)
+    )
+    progress.close()
     rows = [{**row, **env} for row in rows]
-    _print_table(rows)
+    print(benchmarks.format_table(rows))
+    if args.json:
+        _write_json(rows, args.json)
+        print(f"wrote {len(rows)} rows to {args.json}")
+    if args.plot:
+        benchmarks.plot_rows(rows, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def paper(args: argparse.Namespace) -> int:
+    from . import paper as reproduction
+    from .bench import MissingExtra
+
+    if args.plot:
+        try:
+            reproduction._pyplot()
+        except MissingExtra as error:
+            print(f"fastrank paper: {error}", file=sys.stderr)
+            return 2
+    results = reproduction.reproduce(quick=args.quick, log=lambda text: print(text, file=sys.stderr, flush=True))
+    print(reproduction.format_markdown(results))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
-        print(f"wrote {len(rows)} rows to {args.json}")
+            json.dump(results, f, indent=1)
+            f.write("\n")
+        print(f"wrote {args.json}")
+    if args.plot:
+        reproduction.plot(results, args.plot)
+        print(f"wrote {args.plot}")
     return 0
 
 
@@ -98,11 +104,17 @@ class _Progress:
         self._bar = tqdm(total=total, desc=description, file=sys.stderr, leave=False) if tqdm else None
         self.description, self.total, self.done = description, total, 0
 
-    def update(self, done: int) -> None:
+    def update(self, done: int, label: str | None = None) -> None:
+        """``done`` of ``total`` finished; ``label`` names what runs next (shown beside the count)."""
         if self._bar is not None:
+            if label is not None:
+                self._bar.set_postfix_str(label, refresh=False)
             self._bar.update(done - self.done)
         elif sys.stderr.isatty():
-            print(f"\r{self.description}: {done}/{self.total}", end="", file=sys.stderr, flush=True)
+            text = f"{self.description}: {done}/{self.total}" + (f" {label}" if label else "")
+            print(f"\r{text:<79.79}", end="", file=sys.stderr, flush=True)
+        elif label is not None and done < self.total:
+            print(f"[{done + 1}/{self.total}] {label}", file=sys.stderr, flush=True)
         self.done = done
 
     def close(self) -> None:
@@ -120,7 +132,7 @@ def rank(args: argparse.Namespace) -> int:
     except CheckpointError as error:
         print(f"fastrank rank: {error}", file=sys.stderr)
         return 2
-    progress = _Progress(3, f"ranking {len(weights)} weights")
+    progress = _Progress(len({tuple(m.shape) for _, m in weights}), f"ranking {len(weights)} weights")
     rows = rank_report(weights, method=args.method, progress=lambda done, total: progress.update(done))
     progress.close()
     width = max(len("name"), *(len(row["name"]) for row in rows))
@@ -143,11 +155,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"fastrank {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     bench_parser = commands.add_parser("bench", help="run the benchmark suites")
-    bench_parser.add_argument("--suite", choices=["chain", "all"], default="all")
-    bench_parser.add_argument("--quick", action="store_true", help="small shapes, a few repeats")
-    bench_parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    bench_parser.add_argument("--suite", choices=["chain", "rank", "all"], default="all")
+    bench_parser.add_argument(
+        "--quick", action="store_true",
+        help="small shapes, a few repeats, torch.compile at one batch size (about 2 minutes on 2 CPU cores)",
+    )
+    bench_parser.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], default="auto",
+        help="auto: cuda when torch sees a GPU, else cpu; cuda adds the Triton chain-kernel cases",
+    )
+    bench_parser.add_argument(
+        "--threads", type=int, metavar="N",
+        help="torch intra-op threads (default: torch's choice); recorded in every row",
+    )
     bench_parser.add_argument("--json", metavar="PATH", help="write the result rows as JSON")
+    bench_parser.add_argument("--plot", metavar="PATH", help="write a PNG of the ratios (needs matplotlib)")
     bench_parser.set_defaults(handler=bench)
+    paper_parser = commands.add_parser(
+        "paper", help="reproduce the observations of Huh et al. (arXiv 2103.10427) with fastrank"
+    )
+    paper_parser.add_argument(
+        "--quick", action="store_true", help="fewer seeds and training steps (about a minute on 2 CPU cores)"
+    )
+    paper_parser.add_argument("--plot", metavar="PATH", help="write a PNG of both observations (needs matplotlib)")
+    paper_parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    paper_parser.set_defaults(handler=paper)
     rank_parser = commands.add_parser("rank", help="rank of every weight of a checkpoint")
     rank_parser.add_argument("checkpoint", help="a checkpoint or state_dict saved with torch.save")
     rank_parser.add_argument("--json", metavar="PATH", help="write the rows as JSON")

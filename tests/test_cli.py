@@ -1,0 +1,155 @@
+"""fastrank bench / paper command line: parsing, a tiny bench run end to end, result rows, plots."""
+
+import builtins
+import json
+
+import pytest
+import torch
+
+from fastrank import bench
+from fastrank.bench import Case, Prepared
+from fastrank.bench_chain import chain_cases
+from fastrank.bench_rank import RankSizes, rank_cases
+from fastrank.cli import main
+
+TINY_RANK = RankSizes(samples=256, features=16, gram_size=64, gram_rank=8, gram_sketch=16, batch=3,
+                      weight_size=12, decay_size=64, decay_sketch=16, repeats=2)
+REQUIRED = ("suite", "case", "variant", "baseline", "shape", "dtype", "device", "median_s", "q25_s",
+            "q75_s", "ratio", "tflops", "error", "device_name", "torch", "triton", "fastrank", "date")
+
+
+def _tiny_cases(suite, quick, device):
+    cases = []
+    if suite in ("chain", "all"):
+        cases += chain_cases(features=16, depth=3, batches=(8,), compile_batches=(), repeats=2, device=device)
+    if suite in ("rank", "all"):
+        cases += rank_cases(sizes=TINY_RANK, device=device)
+    return cases
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    monkeypatch.setattr(bench, "suite_cases", _tiny_cases)
+
+
+def _hide_matplotlib(monkeypatch):
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["bench", "--suite", "gpu"], ["bench", "--device", "tpu"], ["paper", "--steps", "3"], ["bench", "--threads", "x"]],
+    ids=["bad-suite", "bad-device", "unknown-option", "bad-threads"],
+)
+def test_bad_arguments_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert "usage: fastrank" in capsys.readouterr().err
+
+
+def test_bench_cuda_without_gpu_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="no CUDA device"):
+        main(["bench", "--device", "cuda"])
+
+
+def test_suite_cases_by_name():
+    assert {c.suite for c in bench.suite_cases("chain", True, "cpu")} == {"chain"}
+    assert {c.suite for c in bench.suite_cases("rank", True, "cpu")} == {"rank"}
+    everything = bench.suite_cases("all", True, "cpu")
+    assert {c.suite for c in everything} == {"chain", "rank"}
+    names = [(c.suite, c.name) for c in everything]
+    assert len(names) == len(set(names)), names
+    for case in everything:
+        assert case.variants[0] == case.baseline, case.name
+
+
+def test_tiny_bench_end_to_end(tiny, tmp_path, capsys):
+    json_path, plot_path = tmp_path / "rows.json", tmp_path / "bench.png"
+    pytest.importorskip("matplotlib")
+    assert main(["bench", "--suite", "all", "--device", "cpu", "--json", str(json_path), "--plot", str(plot_path)]) == 0
+    out, err = capsys.readouterr()
+    assert "suite chain" in out and "suite rank" in out and "x base" in out
+    assert "[1/" in err, "progress lines on a non-terminal stderr"
+    rows = json.loads(json_path.read_text())
+    assert {row["suite"] for row in rows} == {"chain", "rank"}
+    for row in rows:
+        missing = [key for key in REQUIRED if key not in row]
+        assert not missing, f"{row['case']} / {row['variant']} lacks {missing}"
+        assert row["device"] == "cpu" and row["torch"] == torch.__version__
+    timed = [row for row in rows if row["median_s"] is not None]
+    for row in timed:
+        assert row["q25_s"] <= row["median_s"] <= row["q75_s"], row
+        if row["variant"] == row["baseline"]:
+            assert row["ratio"] == 1.0, row
+    skipped = [row for row in rows if row["median_s"] is None]
+    assert skipped and all(row["note"] for row in skipped), "torch.compile is listed as skipped, with why"
+    assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rank_rows_report_accuracy(tiny, tmp_path):
+    json_path = tmp_path / "rows.json"
+    assert main(["bench", "--suite", "rank", "--device", "cpu", "--json", str(json_path)]) == 0
+    rows = {(row["case"], row["variant"]): row for row in json.loads(json_path.read_text())}
+    assert rows[("gram", "fastrank exact")]["error"] < 1e-9
+    assert rows[("weights", "fastrank batched")]["error"] < 1e-9
+    randomized = rows[("gram", "fastrank randomized")]
+    assert randomized["bound_width"] is not None and randomized["bounds_contain_reference"] is True
+    assert all(row["error"] is not None for row in rows.values())
+
+
+def test_chain_rows_report_flops_and_gradient_error():
+    rows = bench.run(chain_cases(features=16, depth=3, batches=(8,), compile_batches=(), repeats=2))
+    by_variant = {(row["case"], row["variant"]): row for row in rows}
+    for mode in ("train", "eval"):
+        assert by_variant[(f"{mode} B=8", "nn.Linear")]["error"] is None  # another layer: no reference
+        for variant in ("fastrank", "sequential chain", "collapsed autograd"):
+            row = by_variant[(f"{mode} B=8", variant)]
+            assert row["error"] < 1e-5, row  # fp32 against the fp64 chain
+            assert row["tflops"] > 0
+
+
+def test_failing_variant_is_reported_not_fatal():
+    def broken():
+        raise RuntimeError("no compiler here")
+
+    case = Case(
+        suite="chain", name="toy", shape="n=4", dtype="float32", baseline="base",
+        variants=("base", "broken", "absent"),
+        setup=lambda: Prepared({"base": lambda: torch.ones(4).sum(), "broken": broken}, skipped={"absent": "not here"}),
+        repeats=3,
+    )
+    rows = bench.run([case])
+    assert [row["variant"] for row in rows] == ["base", "broken", "absent"]
+    assert rows[0]["ratio"] == 1.0 and rows[0]["repeats"] == 3
+    assert rows[1]["median_s"] is None and "RuntimeError: no compiler here" in rows[1]["note"]
+    assert rows[2]["note"] == "not here"
+    assert "skipped toy / broken" in bench.format_table(rows)
+
+
+@pytest.mark.parametrize("command", [["bench", "--suite", "chain"], ["paper", "--quick"]], ids=["bench", "paper"])
+def test_plot_without_matplotlib_says_so(command, tiny, monkeypatch, tmp_path, capsys):
+    _hide_matplotlib(monkeypatch)
+    plot_path = tmp_path / "out.png"
+    assert main([*command, "--plot", str(plot_path)]) == 2
+    err = capsys.readouterr().err
+    message = [line for line in err.splitlines() if "matplotlib" in line]
+    assert len(message) == 1 and "pip install matplotlib" in message[0], err
+    assert not plot_path.exists()
+
+
+def test_json_has_no_nan_or_inf(tmp_path):
+    rows = [{"median_s": float("inf"), "error": float("nan"), "ratio": 1.0}]
+    from fastrank.cli import _write_json
+
+    path = tmp_path / "rows.json"
+    _write_json(rows, str(path))
+    assert json.loads(path.read_text()) == [{"median_s": None, "error": None, "ratio": 1.0}]

@@ -295,6 +295,97 @@ def test_slq_flat_spectrum(size, mode):
     assert_contains(out, exact, f"slq {mode} {size}")
 
 
+
+SLQ_MODES = ["singular", "gram", "hermitian"]
+SLQ_SPECTRA = SPECTRA + ["decay98", "low_rank_gram"]
+
+
+def slq_matrix(kind, size, mode, seed):
+    """A test matrix for slq: data (size + 20) x size, or a size x size PSD matrix for hermitian.
+
+    decay98: singular values 0.98^i (the bench's decay case, smaller); low_rank_gram: W W^T of a
+    Gaussian W (size x size // 8), for hermitian, or W itself as data (the bench's gram case).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    if kind == "decay98":
+        s = 0.98 ** torch.arange(size, dtype=torch.float64)
+        A = orthonormal(size + 20, size, generator) * s @ orthonormal(size, size, generator).T
+        return A.T @ A if mode == "hermitian" else A
+    if kind == "low_rank_gram":
+        W = torch.randn(size, size // 8, generator=generator, dtype=torch.float64)
+        return W @ W.T if mode == "hermitian" else W @ torch.randn(size // 8, size, generator=generator, dtype=torch.float64)
+    return make_psd(kind, size, seed=seed) if mode == "hermitian" else make_matrix(kind, size + 20, size, seed=seed)
+
+
+@pytest.mark.parametrize("mode", SLQ_MODES)
+@pytest.mark.parametrize("kind", SLQ_SPECTRA)
+def test_slq_bounds_contain_exact(kind, mode):
+    A = slq_matrix(kind, 160, mode, seed=11)
+    kwargs = {"gram": mode == "gram", "hermitian": mode == "hermitian"}
+    exact = reference_entropy(A, **kwargs)
+    for seed in (0, 1):
+        out = spectral_entropy(A, method="slq", return_bounds=True, seed=seed, **kwargs)
+        assert out.lower <= out.estimate <= out.upper, f"slq {kind} {mode} seed {seed}: unordered {out}"
+        assert_contains(out, exact, f"slq {kind} {mode} seed {seed}")
+
+
+@pytest.mark.parametrize("kind", ["decay98", "low_rank_gram", "clustered"])
+def test_slq_quadrature_brackets_each_probe(kind):
+    """Gauss <= u^T f(G) u <= Gauss-Radau per probe, f = x log x and sqrt(x) log sqrt(x), G of trace 1."""
+    probes, steps = 6, 12
+    A = slq_matrix(kind, 160, "singular", seed=3)
+    X = A / torch.linalg.matrix_norm(A)
+    G = X.mT @ X
+    lam, vectors = torch.linalg.eigh(G)
+    lam = lam.clamp_min(0)
+    signs = torch.randint(0, 2, (160, probes), generator=torch.Generator().manual_seed(0)).to(torch.float64) * 2 - 1
+    mass = (vectors.T @ signs).square()  # (r, probes) spectral weights of each probe
+
+    def rule(nodes, weights, f):
+        return (weights * f(nodes.clamp_min(0))).sum(-1)
+
+    x_log_x = lambda x: torch.special.xlogy(x, x)
+    root_log_root = lambda x: torch.special.xlogy(x.sqrt(), x.sqrt())
+    (sigma_g, w_g), (sigma_r, w_r) = rank_module._slq_data_rules(X, 160, probes, steps, 0)
+    gauss_h, radau_h, shift = rank_module._slq_hermitian_rules(G, 160, probes, steps, 0)
+    for f in (x_log_x, root_log_root):
+        exact = (mass * f(lam).unsqueeze(-1)).sum(0)
+        slack = 1e-9 * exact.abs().max()
+        for name, low, high in (
+            ("data", rule(sigma_g.square(), w_g, f), rule(sigma_r.square(), w_r, f)),
+            ("hermitian", rule(*gauss_h, f), rule(radau_h[0] + shift.unsqueeze(-1), radau_h[1], f) + 160 * -shift * shift.log()),
+        ):
+            if f is root_log_root and name == "hermitian":
+                continue  # the hermitian path only integrates x log x
+            assert (low <= exact + slack).all() and (exact <= high + slack).all(), (
+                f"{kind} {name}: exact {exact.tolist()} outside Gauss {low.tolist()} / Radau {high.tolist()}"
+            )
+    exact_root = (mass * lam.sqrt().unsqueeze(-1)).sum(0)
+    gauss_root, radau_root = (w_g * sigma_g).sum(-1), (w_r * sigma_r).sum(-1)
+    assert (radau_root <= exact_root + 1e-9).all() and (exact_root <= gauss_root + 1e-9).all(), (
+        f"{kind} sqrt: exact {exact_root.tolist()} outside Radau {radau_root.tolist()} / Gauss {gauss_root.tolist()}"
+    )
+
+
+def test_auto_uses_slq_only_where_narrower(monkeypatch):
+    monkeypatch.setattr(rank_module, "_AUTO_EXACT_MAX", 16)  # make 150 x 150 "large"
+    flat = make_matrix("flat", 170, 150, seed=5)
+    decaying = make_matrix("decaying", 170, 150, seed=5)  # singular values 0.9^i
+    batch = torch.stack([flat, decaying])
+    exact = reference_entropy(batch)
+    # sketch of 40: interval ~0.28 nats on the decaying matrix (slq: ~0.5), > 1 nat on the flat one
+    auto = spectral_entropy(batch, rank=40, return_bounds=True)
+    randomized = spectral_entropy(batch, method="randomized", rank=40, return_bounds=True)
+    slq = spectral_entropy(batch, method="slq", return_bounds=True)
+    assert (randomized.upper - randomized.lower > rank_module._AUTO_WIDTH).all(), randomized
+    # flat: slq's interval is the narrower one; decaying singular values: the sketch's
+    assert slq.upper[0] - slq.lower[0] < randomized.upper[0] - randomized.lower[0], (slq, randomized)
+    assert slq.upper[1] - slq.lower[1] > randomized.upper[1] - randomized.lower[1], (slq, randomized)
+    for i, chosen in enumerate((slq, randomized)):
+        for name in ("estimate", "lower", "upper"):
+            assert getattr(auto, name)[i] == getattr(chosen, name)[i], f"auto matrix {i} {name}: {auto} vs {chosen}"
+    assert_contains(auto, exact, "auto")
+
 def test_auto_small_is_exact():
     A = make_matrix("decaying", 30, 20)
     out = spectral_entropy(A, return_bounds=True)

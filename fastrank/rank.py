@@ -159,7 +159,7 @@ def _entropy(values):
     return torch.where(total > 0, entropy, torch.full_like(entropy, -math.inf))
 
 
-def _exact_values(A, gram, hermitian):
+def _exact_values(A, gram, hermitian, tolerance=_EXACT_TOL):
     """(..., r) fp64 nonnegative values v with p = v / sum(v)."""
     if hermitian:
         return torch.linalg.eigvalsh(A.to(torch.float64)).abs()
@@ -177,7 +177,7 @@ def _exact_values(A, gram, hermitian):
     entropy = _entropy(s).unsqueeze(-1).clamp_min(0)
     p = torch.maximum(s / total, ds / total).clamp_min(torch.finfo(torch.float64).tiny)
     error = (ds / total * (p.log().abs() + entropy)).sum(-1)
-    suspect = (error > _EXACT_TOL * entropy.squeeze(-1).clamp_min(1)) & (s.sum(-1) > 0)
+    suspect = (error > tolerance * entropy.squeeze(-1).clamp_min(1)) & (s.sum(-1) > 0)
     if bool(suspect.any()):
         s = s.clone()
         s[suspect] = torch.linalg.svdvals(A[suspect].to(torch.float64))
@@ -691,17 +691,23 @@ def stable_rank(A, *, gram=False, hermitian=False, method="auto", rank=None, nit
     return RankEstimate(estimate, lower, upper) if return_bounds else estimate
 
 
-def rank_metrics(A, *, gram=False, hermitian=False, method="auto", rank=None, niter=None, seed=None, center=False):
+def rank_metrics(
+    A, *, gram=False, hermitian=False, method="auto", rank=None, niter=None, seed=None, center=False,
+    exact_tolerance=_EXACT_TOL,
+):
     """The three metrics at once: ``{"spectral_entropy", "effective_rank", "stable_rank"}``.
 
     Same arguments and results as the three functions (float64 tensors of shape (...)). Where the
     method is exact ("exact", or "auto" with at most 4096 values) all three come from one spectrum
     s: H from p = s / sum(s), exp(H), and sum(s^2) / max(s)^2; otherwise each function runs its own
-    estimator.
+    estimator. ``exact_tolerance``: the relative entropy error the exact method allows the fp64
+    Gram route before it recomputes a matrix with ``svdvals`` of A itself (gram=False only; the
+    functions use 1e-11; ``RankTracker`` passes 1e-6, enough for a training curve and several
+    times cheaper on ill-conditioned weights).
     """
     A = _prepare(A, gram, hermitian, center, method, "rank_metrics")
     if method == "exact" or (method == "auto" and _num_values(A, hermitian) <= _AUTO_EXACT_MAX):
-        values = _exact_values(A, gram, hermitian)
+        values = _exact_values(A, gram, hermitian, exact_tolerance)
         entropy = _entropy(values)
         top = values.amax(-1)
         stable = torch.where(

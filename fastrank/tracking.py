@@ -236,7 +236,9 @@ class RankTracker:
         metrics["samples"] = float(count)
         return metrics
 
+    @torch.no_grad()
     def _weight_metrics(self) -> dict[str, dict[str, float]]:
+        # No grad: over-parameterized layers serve their cached collapsed weight, no graph is built.
         names, matrices = [], []
         skip_inside: list[str] = []
         for name, module in self.model.named_modules():
@@ -248,8 +250,7 @@ class RankTracker:
             if isinstance(module, (OverparamLinear, OverparamConv2d)):
                 skip_inside.append(name)
             names.append(name)
-            with torch.no_grad():
-                matrices.append(matrix.detach())
+            matrices.append(matrix)
         if not matrices:
             return {}
         measured = effective_ranks(

@@ -82,6 +82,7 @@ _EPS = torch.finfo(torch.float64).eps
 _AUTO_EXACT_MAX = 4096  # largest r for which "auto" runs exact (fp64 eigvalsh of r x r: ~10 s on 2 CPU cores at 4096)
 _AUTO_WIDTH = 0.01  # nats; wider randomized intervals make "auto" switch to slq
 _ROW_BLOCK = 16384  # rows per fp32 Gram block summed in fp64 (4 blocks for 65536 rows)
+_GRAM_SPLIT = 128  # Grams of at least 2x this many columns multiply only their upper block triangle
 _PROJECT_BLOCK = 2**21  # elements per fp64 block of A in _project (512 rows of 4096: 16 MiB)
 _EXACT_TOL = 1e-11  # relative entropy error above which gram=False exact falls back to svdvals(A)
 _METHODS = ("auto", "exact", "randomized", "slq")
@@ -109,7 +110,8 @@ def _prepare(A, gram, hermitian, center, method, name):
         A = A.to(torch.float64)
     if A.dtype in (torch.float16, torch.bfloat16):
         A = A.to(torch.float32)  # exact; half-precision products would overflow at 256
-    peak = A.abs().amax(dim=(-2, -1), keepdim=True).to(torch.float64)  # NaN and Inf propagate
+    # max |a| without an |A| copy (65536 x 512 fp32: 10 ms against 73 ms); NaN and Inf propagate
+    peak = torch.maximum(A.amax(dim=(-2, -1), keepdim=True), -A.amin(dim=(-2, -1), keepdim=True)).to(torch.float64)
     if not bool(torch.isfinite(peak).all()):
         raise ValueError(f"{name}: input of shape {tuple(A.shape)} contains NaN or Inf")
     # All three quantities are scale-invariant. Matrices whose largest entry is far from 1 are
@@ -138,18 +140,37 @@ def _power(gram, hermitian):
 
 
 # ----------------------------------------------------------------------------- exact
+def _add_gram(gram, block):
+    """gram += block^T block, in fp64, for block (..., rows, cols) fp32 or fp64.
+
+    Only the upper block triangle is multiplied when cols >= 2 * _GRAM_SPLIT (the column halves
+    X1^T [X1 X2] and X2^T X2: 3/4 of the products; 65536 x 512 fp32 on 2 CPU cores: 0.19 s against
+    0.31 s for one X^T X). The lower triangle is filled in by ``_symmetric``.
+    """
+    cols = block.shape[-1]
+    half = cols // 2 if cols >= 2 * _GRAM_SPLIT else cols
+    for start in range(0, cols, half):
+        left = block[..., :, start : start + half]
+        gram[..., start : start + half, start:] += (left.mT @ block[..., :, start:]).to(torch.float64)
+
+
+def _symmetric(gram):
+    """The symmetric matrix whose upper triangle is that of ``gram``."""
+    return gram.triu() + gram.triu(1).mT
+
+
 def _smaller_gram(A, fp64_products):
     """(..., r, r) fp64 Gram of the smaller side: A^T A if n <= m else A A^T."""
     X = A if A.shape[-1] <= A.shape[-2] else A.mT
-    if fp64_products or A.dtype == torch.float64:
-        X = X.to(torch.float64)
-        return X.mT @ X
     rows, cols = X.shape[-2:]
+    if fp64_products or A.dtype == torch.float64:
+        dtype, block_rows = torch.float64, rows
+    else:
+        dtype, block_rows = torch.float32, _ROW_BLOCK
     gram = torch.zeros(*X.shape[:-2], cols, cols, dtype=torch.float64, device=X.device)
-    for start in range(0, rows, _ROW_BLOCK):
-        block = X[..., start : start + _ROW_BLOCK, :].to(torch.float32)
-        gram += (block.mT @ block).to(torch.float64)
-    return gram
+    for start in range(0, rows, block_rows):
+        _add_gram(gram, X[..., start : start + block_rows, :].to(dtype))
+    return _symmetric(gram)
 
 
 def _entropy(values):

@@ -40,3 +40,29 @@ def test_tracker_overhead(benchmark, tracked):
     benchmark.group = f"MLP train loop, {STEPS} steps"
     benchmark.extra_info.update(torch=torch.__version__, every=EVERY, steps=STEPS)
     benchmark.pedantic(loop, rounds=5, warmup_rounds=1)
+
+
+def interleaved_overhead(pairs: int = 7) -> tuple[float, list[float]]:
+    """Median over ``pairs`` of (tracked time / untracked time), the two loops run back to back in
+    each pair, so that drifts of a shared machine hit both alike. Returns (median, ratios)."""
+    import statistics
+    import time
+
+    loops = {tracked: make_loop(tracked) for tracked in (False, True)}
+    for loop in loops.values():
+        loop()  # warm-up
+    ratios = []
+    for _ in range(pairs):
+        seconds = {}
+        for tracked, loop in loops.items():
+            start = time.perf_counter()
+            loop()
+            seconds[tracked] = time.perf_counter() - start
+        ratios.append(seconds[True] / seconds[False])
+    return statistics.median(ratios), ratios
+
+
+if __name__ == "__main__":
+    median, ratios = interleaved_overhead()
+    print(f"tracked / untracked, {STEPS} steps, every {EVERY}: median {median:.3f} "
+          f"(pairs: {', '.join(f'{r:.3f}' for r in ratios)})")

@@ -1,6 +1,13 @@
 """RankTracker overhead: a CPU training loop of a small MLP, with and without the tracker measuring
-every 100 steps (target: <= 5% more time). `pytest benchmarks/test_tracking_bench.py --benchmark-only`;
-the two variants share a benchmark group, compare their medians."""
+every 100 steps (target: <= 5% more time), the measurements run inline or on the tracker's
+background thread.
+
+`pytest benchmarks/test_tracking_bench.py --benchmark-only` (the variants share a benchmark group,
+compare their medians) or, steadier on a shared machine, `python benchmarks/test_tracking_bench.py`
+(the loops interleaved, the median of the per-round ratios)."""
+
+import statistics
+import time
 
 import pytest
 import torch
@@ -10,9 +17,11 @@ import fastrank
 
 STEPS = 300
 EVERY = 100
+VARIANTS = {"untracked": None, "tracked-every-100": False, "tracked-every-100-background": True}
 
 
-def make_loop(tracked: bool):
+def make_loop(background: bool | None):
+    """The training loop; ``background`` None: no tracker, else the tracker's ``background``."""
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Linear(256, 512), nn.ReLU(), fastrank.OverparamLinear(512, 512, depth=2), nn.ReLU(),
@@ -20,7 +29,9 @@ def make_loop(tracked: bool):
     )
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     data = torch.randn(8, 256, 256)
-    tracker = fastrank.RankTracker(model, embeddings=("3",), every=EVERY) if tracked else None
+    tracker = None
+    if background is not None:
+        tracker = fastrank.RankTracker(model, embeddings=("3",), every=EVERY, background=background)
 
     def loop():
         for step in range(STEPS):
@@ -30,39 +41,39 @@ def make_loop(tracked: bool):
             opt.step()
             if tracker is not None:
                 tracker.step()
+        if tracker is not None:
+            tracker.flush()  # the loop is not over before its measurements are
 
     return loop
 
 
-@pytest.mark.parametrize("tracked", [False, True], ids=["untracked", "tracked-every-100"])
-def test_tracker_overhead(benchmark, tracked):
-    loop = make_loop(tracked)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_tracker_overhead(benchmark, variant):
+    loop = make_loop(VARIANTS[variant])
     benchmark.group = f"MLP train loop, {STEPS} steps"
     benchmark.extra_info.update(torch=torch.__version__, every=EVERY, steps=STEPS)
     benchmark.pedantic(loop, rounds=5, warmup_rounds=1)
 
 
-def interleaved_overhead(pairs: int = 7) -> tuple[float, list[float]]:
-    """Median over ``pairs`` of (tracked time / untracked time), the two loops run back to back in
-    each pair, so that drifts of a shared machine hit both alike. Returns (median, ratios)."""
-    import statistics
-    import time
-
-    loops = {tracked: make_loop(tracked) for tracked in (False, True)}
+def interleaved_overhead(rounds: int = 7) -> dict[str, tuple[float, list[float]]]:
+    """Per tracked variant: the median over ``rounds`` of (its time / the untracked time), all loops
+    run back to back in each round so that drifts of a shared machine hit them alike."""
+    loops = {name: make_loop(background) for name, background in VARIANTS.items()}
     for loop in loops.values():
         loop()  # warm-up
-    ratios = []
-    for _ in range(pairs):
+    ratios: dict[str, list[float]] = {name: [] for name in loops if name != "untracked"}
+    for _ in range(rounds):
         seconds = {}
-        for tracked, loop in loops.items():
+        for name, loop in loops.items():
             start = time.perf_counter()
             loop()
-            seconds[tracked] = time.perf_counter() - start
-        ratios.append(seconds[True] / seconds[False])
-    return statistics.median(ratios), ratios
+            seconds[name] = time.perf_counter() - start
+        for name in ratios:
+            ratios[name].append(seconds[name] / seconds["untracked"])
+    return {name: (statistics.median(values), values) for name, values in ratios.items()}
 
 
 if __name__ == "__main__":
-    median, ratios = interleaved_overhead()
-    print(f"tracked / untracked, {STEPS} steps, every {EVERY}: median {median:.3f} "
-          f"(pairs: {', '.join(f'{r:.3f}' for r in ratios)})")
+    for name, (median, values) in interleaved_overhead(11).items():
+        print(f"{name} / untracked, {STEPS} steps: median {median:.3f} "
+              f"(rounds: {', '.join(f'{r:.3f}' for r in values)})")

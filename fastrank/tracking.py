@@ -13,7 +13,8 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -134,6 +135,11 @@ class RankTracker:
         seed: seeds the sketch matrix (identical on every rank).
         process_group: the ``torch.distributed`` group to reduce over (default: the world, when
             initialized).
+        background: run the spectra of a measurement step on a worker thread while training goes
+            on. ``step()`` then only snapshots (all-reduces the accumulators and copies the weights)
+            and returns None; the results reach ``history`` in step order, and reading ``history``
+            (or ``flush()``, the exports, ``remove()``) waits for the pending ones. On a 2-core CPU
+            this hides most of the measurement behind the training loop; results are the same.
 
     Use::
 
@@ -158,6 +164,7 @@ class RankTracker:
         sketch_size: int = 512,
         seed: int = 0,
         process_group=None,
+        background: bool = False,
     ) -> None:
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive int, got {every!r}")
@@ -177,7 +184,9 @@ class RankTracker:
         self.center = center
         self.process_group = process_group
         self.step_count = 0
-        self.history: list[dict[str, Any]] = []
+        self._history: list[dict[str, Any]] = []
+        self._executor = ThreadPoolExecutor(max_workers=1) if background else None
+        self._pending: list[tuple[int, Future]] = []
         self._accumulators = {
             name: _EmbeddingAccumulator(sketch_threshold, sketch_size, seed) for name in embeddings
         }
@@ -204,26 +213,49 @@ class RankTracker:
         return hook
 
     def step(self) -> dict[str, dict[str, float]] | None:
-        """End the current step: measure and record it if it is a measurement step, then advance."""
+        """End the current step: measure and record it if it is a measurement step, then advance.
+
+        Returns the measurement, or None (not a measurement step, or ``background=True``).
+        """
         result = None
         if self.measuring:
-            result = self.compute()
+            if self._executor is None:
+                result = self.compute()
+            else:
+                self._pending.append((self.step_count, self._executor.submit(self._snapshot(copy=True))))
             for acc in self._accumulators.values():
                 acc.reset()
         self.step_count += 1
         return result
 
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """Every measurement so far, one row per (step, name): ``{"step", "name", <metrics>}``."""
+        self.flush()
+        return self._history
+
+    def flush(self) -> None:
+        """Wait for the background measurements still running and record them (in step order).
+
+        An error raised by one of them is raised here.
+        """
+        while self._pending:
+            step, future = self._pending.pop(0)
+            self._record(step, future.result())
+
     # ---- measurement ------------------------------------------------------------------------
 
-    def _embedding_metrics(self, acc: _EmbeddingAccumulator) -> dict[str, float]:
-        gram, column_sum, square_sum, count = acc.totals(self.process_group)
+    @torch.no_grad()
+    def _embedding_metrics(self, omega: Tensor | None, totals: tuple[Tensor, ...]) -> dict[str, float]:
+        """Metrics of one embedding from its (reduced) totals; ``omega`` is the sketch matrix, or None."""
+        gram, column_sum, square_sum, count = totals
         if self.center:
             mean = column_sum / count.clamp_min(1)
-            right = mean @ acc.omega if acc.sketching else mean
+            right = mean @ omega if omega is not None else mean
             gram = gram - torch.outer(column_sum, right)
             square_sum = square_sum - column_sum @ mean
-        if acc.sketching:
-            bounds = nystrom_entropy(gram, acc.omega, square_sum, return_bounds=True)
+        if omega is not None:
+            bounds = nystrom_entropy(gram, omega, square_sum, return_bounds=True)
             metrics = {
                 "effective_rank": math.exp(float(bounds.estimate)),
                 "spectral_entropy": float(bounds.estimate),
@@ -237,7 +269,8 @@ class RankTracker:
         return metrics
 
     @torch.no_grad()
-    def _weight_metrics(self) -> dict[str, dict[str, float]]:
+    def _weights(self, copy: bool) -> tuple[list[str], list[Tensor]]:
+        """Names and 2-D weights of the measured layers (copies with ``copy``, for a later measurement)."""
         # No grad: over-parameterized layers serve their cached collapsed weight, no graph is built.
         names, matrices = [], []
         skip_inside: list[str] = []
@@ -250,7 +283,11 @@ class RankTracker:
             if isinstance(module, (OverparamLinear, OverparamConv2d)):
                 skip_inside.append(name)
             names.append(name)
-            matrices.append(matrix)
+            matrices.append(matrix.clone() if copy else matrix)
+        return names, matrices
+
+    @torch.no_grad()
+    def _weight_metrics(self, names: list[str], matrices: list[Tensor]) -> dict[str, dict[str, float]]:
         if not matrices:
             return {}
         measured = effective_ranks(
@@ -270,15 +307,35 @@ class RankTracker:
         ``"stable_rank"``. Weight entries are named ``"<module>.weight"``. The measurement is appended to ``history`` with its step.
         Under ``torch.distributed`` every rank must call it (it all-reduces).
         """
-        results: dict[str, dict[str, float]] = {}
-        for name, acc in self._accumulators.items():
-            if acc.gram is not None:
-                results[name] = self._embedding_metrics(acc)
-        if self.weights:
-            results.update(self._weight_metrics())
-        for name, metrics in results.items():
-            self.history.append({"step": self.step_count, "name": name, **metrics})
+        self.flush()
+        results = self._snapshot(copy=False)()
+        self._record(self.step_count, results)
         return results
+
+    def _snapshot(self, copy: bool) -> Callable[[], dict[str, dict[str, float]]]:
+        """Everything a measurement needs, taken now; returns the function that measures it.
+
+        The all-reduces happen here, on the calling thread, so that every rank issues them in the
+        same order; ``copy`` copies the weights, which the optimizer changes in place afterwards
+        (the accumulators are handed over as they are: ``reset`` starts new ones).
+        """
+        embeddings = [
+            (name, acc.omega, acc.totals(self.process_group))
+            for name, acc in self._accumulators.items()
+            if acc.gram is not None
+        ]
+        weights = self._weights(copy) if self.weights else ([], [])
+
+        def measure() -> dict[str, dict[str, float]]:
+            results = {name: self._embedding_metrics(omega, totals) for name, omega, totals in embeddings}
+            results.update(self._weight_metrics(*weights))
+            return results
+
+        return measure
+
+    def _record(self, step: int, results: dict[str, dict[str, float]]) -> None:
+        for name, metrics in results.items():
+            self._history.append({"step": step, "name": name, **metrics})
 
     # ---- export -------------------------------------------------------------------------------
 
@@ -317,7 +374,11 @@ class RankTracker:
                 writer.add_scalar(f"rank/{row['name']}/{key}", value, latest if step is None else step)
 
     def remove(self) -> None:
-        """Remove the forward hooks; the history stays."""
+        """Remove the forward hooks and finish the background measurements; the history stays."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self.flush()
+        if self._executor is not None:
+            self._executor.shutdown()
+            self._executor = None

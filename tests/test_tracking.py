@@ -138,6 +138,55 @@ def test_every_history_exports_and_remove(tmp_path):
     assert tracker._accumulators["encoder"].gram is None  # no hook any more
 
 
+def _train_tracked(background, sketch_threshold=4096):
+    net = Net()
+    tracker = RankTracker(net, embeddings=("encoder",), every=2, center=True, background=background,
+                          sketch_threshold=sketch_threshold, sketch_size=4)
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    generator = torch.Generator().manual_seed(3)
+    returned = []
+    for _ in range(5):
+        loss = net(torch.randn(7, 12, generator=generator)).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()  # in place: a background measurement must have copied the weights before
+        returned.append(tracker.step())
+    return tracker, returned
+
+
+@pytest.mark.parametrize("sketch_threshold", [4096, 4], ids=["gram", "sketch"])
+def test_background_measurements_equal_synchronous_ones(sketch_threshold):
+    synchronous, sync_returned = _train_tracked(False, sketch_threshold)
+    background, bg_returned = _train_tracked(True, sketch_threshold)
+    assert all(r is None for r in bg_returned)
+    assert [r is not None for r in sync_returned] == [True, False, True, False, True]
+    assert background._pending  # still running, or done and not yet recorded
+    rows, expected = background.history, synchronous.history
+    assert not background._pending
+    assert [(r["step"], r["name"]) for r in rows] == [(r["step"], r["name"]) for r in expected]
+    assert {r["step"] for r in rows} == {0, 2, 4}
+    for row, want in zip(rows, expected):
+        assert row.keys() == want.keys()
+        for key in row:
+            if key not in ("step", "name"):
+                assert row[key] == pytest.approx(want[key], rel=1e-12, abs=0), (row["name"], key)
+    background.remove()
+    assert background._executor is None
+
+
+def test_background_error_is_raised_at_flush(monkeypatch):
+    net = Net()
+    tracker = RankTracker(net, every=1, background=True)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("spectrum failed")
+
+    monkeypatch.setattr(fastrank.tracking, "effective_ranks", broken)
+    tracker.step()
+    with pytest.raises(RuntimeError, match="spectrum failed"):
+        tracker.flush()
+
+
 def test_no_autograd_graph_kept_alive():
     net = Net()
     tracker = RankTracker(net, embeddings=("encoder",), weights=False)

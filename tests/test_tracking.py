@@ -215,16 +215,22 @@ def _data():
     return torch.randn(2, 10, 12, generator=gen)  # two ranks' worth of rows
 
 
-def _tracker_worker(rank, world, port, out_path, sketch):
+def _tracker_worker(rank, world, port, out_path, sketch, background=False):
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         net = Net()
         kwargs = dict(sketch_threshold=4, sketch_size=6) if sketch else {}
-        tracker = RankTracker(net, embeddings=("encoder",), weights=False, center=True, **kwargs)
+        tracker = RankTracker(net, embeddings=("encoder",), weights=False, center=True,
+                              background=background, **kwargs)
         net(_data()[rank])
-        result = tracker.compute()
+        if background:  # all-reduced at step(), measured on the worker thread
+            tracker.step()
+            result = {row["name"]: {k: v for k, v in row.items() if k not in ("step", "name")}
+                      for row in tracker.history}
+        else:
+            result = tracker.compute()
         if rank == 0:
             torch.save(result, out_path)
     finally:
@@ -232,10 +238,11 @@ def _tracker_worker(rank, world, port, out_path, sketch):
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-@pytest.mark.parametrize("sketch", [False, True], ids=["gram", "sketch"])
-def test_distributed_equals_single_process(tmp_path, sketch):
+@pytest.mark.parametrize("sketch,background", [(False, False), (True, False), (False, True)],
+                         ids=["gram", "sketch", "gram-background"])
+def test_distributed_equals_single_process(tmp_path, sketch, background):
     out_path = str(tmp_path / "result.pt")
-    mp.spawn(_tracker_worker, args=(2, _free_port(), out_path, sketch), nprocs=2, join=True)
+    mp.spawn(_tracker_worker, args=(2, _free_port(), out_path, sketch, background), nprocs=2, join=True)
     distributed = torch.load(out_path, weights_only=True)["encoder"]
     net = Net()
     kwargs = dict(sketch_threshold=4, sketch_size=6) if sketch else {}

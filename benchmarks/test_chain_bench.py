@@ -6,24 +6,15 @@ benchmark group, so pytest-benchmark's table puts them side by side; `fastrank b
 to nn.Linear measured in the same run and the error against the fp64 chain.
 """
 
-import functools
-
 import pytest
 
+from fastrank.bench import pytest_cases
 from fastrank.bench_chain import chain_cases
 
-CASES = {case.name: case for case in chain_cases(device="cpu")}
-PARAMS = [(case, variant) for case in CASES.values() for variant in case.variants]
+PARAMS, IDS, _prepared = pytest_cases(chain_cases(device="cpu"))
 
 
-@functools.lru_cache(maxsize=1)
-def _prepared(case_name):
-    return CASES[case_name].setup()
-
-
-@pytest.mark.parametrize(
-    "case,variant", PARAMS, ids=[f"{c.name}-{v}".replace(" ", "_") for c, v in PARAMS]
-)
+@pytest.mark.parametrize("case,variant", PARAMS, ids=IDS)
 def test_chain(benchmark, case, variant):
     prepared = _prepared(case.name)
     if variant not in prepared.variants:

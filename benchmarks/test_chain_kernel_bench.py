@@ -9,30 +9,22 @@ and torch.compile of that loop. `fastrank bench` adds the ratio to the baseline 
 run, TFLOP/s and the error against fp64.
 """
 
-import functools
-
 import pytest
 import torch
+
+from fastrank.bench import pytest_cases
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="chain kernel benchmarks need CUDA")
 
 if torch.cuda.is_available():
     from fastrank.bench_chain import chain_kernel_cases
 
-    CASES = {case.name: case for case in chain_kernel_cases()}
+    PARAMS, IDS, _prepared = pytest_cases(chain_kernel_cases())
 else:
-    CASES = {}
-PARAMS = [(case, variant) for case in CASES.values() for variant in case.variants]
+    PARAMS, IDS, _prepared = pytest_cases([])
 
 
-@functools.lru_cache(maxsize=1)
-def _prepared(case_name):
-    return CASES[case_name].setup()
-
-
-@pytest.mark.parametrize(
-    "case,variant", PARAMS, ids=[f"{c.name}-{v}".replace(" ", "_") for c, v in PARAMS]
-)
+@pytest.mark.parametrize("case,variant", PARAMS, ids=IDS)
 def test_chain_kernel(benchmark, case, variant):
     fn = _prepared(case.name).variants[variant]
 

@@ -11,21 +11,19 @@ import functools
 import pytest
 import torch
 
+from fastrank.bench import pytest_cases
 from fastrank.bench_rank import rank_cases
 
-CASES = {case.name: case for case in rank_cases(device="cpu")}
-PARAMS = [(case, variant) for case in CASES.values() for variant in case.variants]
+PARAMS, IDS, _setup = pytest_cases(rank_cases(device="cpu"))
 
 
 @functools.lru_cache(maxsize=1)
 def _prepared(case_name):
-    prepared = CASES[case_name].setup()
+    prepared = _setup(case_name)
     return prepared, prepared.reference()
 
 
-@pytest.mark.parametrize(
-    "case,variant", PARAMS, ids=[f"{c.name}-{v}".replace(" ", "_") for c, v in PARAMS]
-)
+@pytest.mark.parametrize("case,variant", PARAMS, ids=IDS)
 def test_rank(benchmark, case, variant):
     prepared, reference = _prepared(case.name)
     benchmark.group = case.name

@@ -16,6 +16,7 @@ has one, and the device name, versions and date.
 from __future__ import annotations
 
 import datetime
+import functools
 import math
 import os
 import platform
@@ -35,6 +36,7 @@ __all__ = [
     "format_table",
     "measure",
     "plot_rows",
+    "pytest_cases",
     "run",
     "suite_cases",
 ]
@@ -272,6 +274,21 @@ def suite_cases(suite: str, quick: bool, device: str) -> list[Case]:
     if suite in ("rank", "all"):
         cases += rank_cases(quick=quick, device=device)
     return cases
+
+
+def pytest_cases(cases: Sequence[Case]) -> tuple[list[tuple[Case, str]], list[str], Callable[[str], Prepared]]:
+    """What the pytest-benchmark files in benchmarks/ parametrize over: the (case, variant) pairs,
+    their test ids, and ``prepared(case_name)``, the case's setup, run once per case (the variants
+    of one case are consecutive tests)."""
+    by_name = {case.name: case for case in cases}
+    params = [(case, variant) for case in cases for variant in case.variants]
+    ids = [f"{case.name}-{variant}".replace(" ", "_") for case, variant in params]
+
+    @functools.lru_cache(maxsize=1)
+    def prepared(case_name: str) -> Prepared:
+        return by_name[case_name].setup()
+
+    return params, ids, prepared
 
 
 # ----------------------------------------------------------------------------- output

@@ -154,3 +154,22 @@ def test_json_has_no_nan_or_inf(tmp_path):
     path = tmp_path / "rows.json"
     _write_json(rows, str(path))
     assert json.loads(path.read_text()) == [{"median_s": None, "error": None, "ratio": 1.0}]
+
+
+def test_pytest_cases_pairs_ids_and_one_setup_per_case():
+    built = []
+
+    def make(name, variants):
+        def setup():
+            built.append(name)
+            return Prepared({v: (lambda v=v: v) for v in variants})
+
+        return Case("rank", name, "1 x 1", "float32", variants[0], variants, setup)
+
+    cases = [make("a b", ("base", "fast one")), make("c", ("base",))]
+    params, ids, prepared = bench.pytest_cases(cases)
+    assert [(case.name, variant) for case, variant in params] == [("a b", "base"), ("a b", "fast one"), ("c", "base")]
+    assert ids == ["a_b-base", "a_b-fast_one", "c-base"]
+    for case, variant in params:  # consecutive variants of a case reuse its setup
+        assert prepared(case.name).variants[variant]() == variant
+    assert built == ["a b", "c"]

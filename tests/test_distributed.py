@@ -1,24 +1,15 @@
 """Over-parameterized layers under DistributedDataParallel (gloo, two CPU processes): training on
 halves of the global batch gives the factors of one process training on the whole batch."""
 
-import os
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
+from multiprocess import run_processes
 
 import fastrank
 
 STEPS = 3
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _model() -> nn.Module:
@@ -46,26 +37,20 @@ def _train(model, x, y):
         opt.step()
 
 
-def _worker(rank: int, world: int, port: int, out_path: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
-        model = nn.parallel.DistributedDataParallel(_model())
-        x, y = _data()
-        shard = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
-        _train(model, x[shard], y[shard])
-        if rank == 0:
-            torch.save(model.module.state_dict(), out_path)
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, world: int, out_path: str) -> None:
+    torch.set_num_threads(1)
+    model = nn.parallel.DistributedDataParallel(_model())
+    x, y = _data()
+    shard = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
+    _train(model, x[shard], y[shard])
+    if rank == 0:
+        torch.save(model.module.state_dict(), out_path)
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_ddp_two_processes_equal_one_process(tmp_path):
     out_path = str(tmp_path / "ddp.pt")
-    mp.spawn(_worker, args=(2, _free_port(), out_path), nprocs=2, join=True)
+    run_processes(_worker, 2, tmp_path, out_path)
     ddp_state = torch.load(out_path, weights_only=True)
     single = _model()
     _train(single, *_data())

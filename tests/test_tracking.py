@@ -1,14 +1,12 @@
 import csv
 import json
 import math
-import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
+from multiprocess import run_processes
 
 import fastrank
 from fastrank import RankTracker
@@ -204,37 +202,25 @@ def test_bad_arguments():
 
 # ---- two processes on gloo equal one process on the concatenated data ------------------------
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _data():
     gen = torch.Generator().manual_seed(3)
     return torch.randn(2, 10, 12, generator=gen)  # two ranks' worth of rows
 
 
-def _tracker_worker(rank, world, port, out_path, sketch, background=False):
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        net = Net()
-        kwargs = dict(sketch_threshold=4, sketch_size=6) if sketch else {}
-        tracker = RankTracker(net, embeddings=("encoder",), weights=False, center=True,
-                              background=background, **kwargs)
-        net(_data()[rank])
-        if background:  # all-reduced at step(), measured on the worker thread
-            tracker.step()
-            result = {row["name"]: {k: v for k, v in row.items() if k not in ("step", "name")}
-                      for row in tracker.history}
-        else:
-            result = tracker.compute()
-        if rank == 0:
-            torch.save(result, out_path)
-    finally:
-        dist.destroy_process_group()
+def _tracker_worker(rank, world, out_path, sketch, background):
+    net = Net()
+    kwargs = dict(sketch_threshold=4, sketch_size=6) if sketch else {}
+    tracker = RankTracker(net, embeddings=("encoder",), weights=False, center=True,
+                          background=background, **kwargs)
+    net(_data()[rank])
+    if background:  # all-reduced at step(), measured on the worker thread
+        tracker.step()
+        result = {row["name"]: {k: v for k, v in row.items() if k not in ("step", "name")}
+                  for row in tracker.history}
+    else:
+        result = tracker.compute()
+    if rank == 0:
+        torch.save(result, out_path)
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -242,7 +228,7 @@ def _tracker_worker(rank, world, port, out_path, sketch, background=False):
                          ids=["gram", "sketch", "gram-background"])
 def test_distributed_equals_single_process(tmp_path, sketch, background):
     out_path = str(tmp_path / "result.pt")
-    mp.spawn(_tracker_worker, args=(2, _free_port(), out_path, sketch, background), nprocs=2, join=True)
+    run_processes(_tracker_worker, 2, tmp_path, out_path, sketch, background)
     distributed = torch.load(out_path, weights_only=True)["encoder"]
     net = Net()
     kwargs = dict(sketch_threshold=4, sketch_size=6) if sketch else {}

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._backend import cuda_matmul_allows_tf32
 from .bench import Case, Prepared
 from .chain import chain_costs
 from .layers import OverparamLinear
@@ -314,7 +315,7 @@ def chain_kernel_cases(
                             repeats=repeats,
                             warmup=3,
                             note=f"chain_matmul path: {path}; "
-                            f"tf32 {'on' if torch.backends.cuda.matmul.allow_tf32 else 'off'}",
+                            f"tf32 {'on' if cuda_matmul_allows_tf32() else 'off'}",
                         )
                     )
     return cases

@@ -42,15 +42,6 @@ __all__ = [
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in _HALF_DTYPES else dtype
-
-
-def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
-    # Tensor.to costs about 2 us even when it returns its input; the chain calls it per factor.
-    return t if t.dtype == dtype else t.to(dtype)
-
-
 def _check_chain(x: Tensor, factors: Sequence[Tensor]) -> None:
     if x.dim() != 2:
         raise ValueError(f"chain_matmul: x must be 2-D (M, n_0), got shape {tuple(x.shape)}")
@@ -76,6 +67,22 @@ def _check_chain(x: Tensor, factors: Sequence[Tensor]) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")  # torch.mm(..., out_dtype=), CUDA only
+
+
+def _matmul_rounded_once(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` accumulated in fp32 (fp64 for fp64) and rounded once to the inputs' dtype.
+
+    On CUDA, fp16 / bf16 go through ``torch.mm(..., out_dtype=torch.float32)`` (no upcast copies):
+    cuBLAS's own half-precision GEMM may reduce split-K partial sums in half precision.
+    """
+    if a.dtype in _HALF_DTYPES:
+        if a.is_cuda and _MM_OUT_DTYPE:
+            return torch.mm(a, b, out_dtype=torch.float32).to(a.dtype)
+        return (a.float() @ b.float()).to(a.dtype)
+    return a @ b
+
+
 def chain_matmul_ref(x: Tensor, factors: Sequence[Tensor], return_all: bool = True) -> list[Tensor]:
     """Torch twin of the chain matmul, the specification of the kernel and the CPU path.
 
@@ -83,10 +90,9 @@ def chain_matmul_ref(x: Tensor, factors: Sequence[Tensor], return_all: bool = Tr
     and rounded to ``x.dtype``; the next step starts from the rounded ``X_j``.
     """
     _check_chain(x, factors)
-    compute = _compute_dtype(x.dtype)
     outputs, block = [], x
     for factor in factors:
-        block = _cast(_cast(block, compute) @ _cast(factor, compute).T, x.dtype)
+        block = _matmul_rounded_once(block, factor.T)
         outputs.append(block)
     return outputs if return_all else outputs[-1:]
 
@@ -118,11 +124,7 @@ def chain_factor_grads_ref(grads: Sequence[Tensor], inputs: Sequence[Tensor]) ->
     """Torch twin of the grouped factor gradients: ``dF_j = grads[j]^T @ inputs[j]``, accumulated in
     fp32 (float64 stays float64) and rounded once to the input dtype."""
     _check_factor_grads(grads, inputs)
-    results = []
-    for grad, inp in zip(grads, inputs):
-        compute = _compute_dtype(grad.dtype)
-        results.append(_cast(_cast(grad, compute).T @ _cast(inp, compute), grad.dtype))
-    return results
+    return [_matmul_rounded_once(grad.T, inp) for grad, inp in zip(grads, inputs)]
 
 
 # --------------------------------------------------------------------------------------------

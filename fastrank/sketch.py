@@ -15,7 +15,7 @@ measurement tool and has no autograd formula.
 import torch
 from torch import Tensor
 
-__all__ = ["gaussian_sketch", "gaussian_sketch_ref", "sketch_omega_ref"]
+__all__ = ["gaussian_sketch", "gaussian_sketch_ref", "philox_omega", "sketch_omega_ref"]
 
 
 def _accumulation_dtype(dtype):
@@ -34,8 +34,53 @@ def _check_inputs(A, k, seed):
         raise ValueError(f"gaussian_sketch: seed must be in [0, 2**31), got {seed}")
 
 
+# Philox-4x32-10 constants (Salmon et al. 2011, as in Triton's tl.philox).
+_PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
+_PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul_hi_lo(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
+    """High and low 32 bits of the 64-bit product of the constant ``a`` and uint32 values ``b``
+    (held in int64), without an int64 overflow: ``b`` is split into 16-bit halves."""
+    high_part = b >> 16
+    low_part = b & 0xFFFF
+    upper = a * high_part  # < 2**48
+    lower = a * low_part  # < 2**48
+    hi = (upper + (lower >> 16)) >> 16
+    lo = (((upper & 0xFFFF) << 16) + lower) & _MASK32
+    return hi, lo
+
+
+def philox_omega(rows, k, seed, device=None, dtype=torch.float32):
+    """The (rows, k) Omega the CUDA kernel draws, materialized in torch (its specification).
+
+    Entry (i, j): Philox-4x32-10 of counter (i, j, 0, 0) and key (seed, 0); its first two outputs
+    r0, r1 become u = (2 * (r >> 9) + 1) * 2**-24 in (0, 1) (exact in fp32), and the entry is the
+    fp32 Box-Muller normal sqrt(-2 log u1) cos(2 pi u2).
+    """
+    c0 = torch.arange(rows, device=device, dtype=torch.int64)[:, None].expand(rows, k)
+    c1 = torch.arange(k, device=device, dtype=torch.int64)[None, :].expand(rows, k)
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    k0, k1 = int(seed) & _MASK32, int(seed) >> 32
+    for _ in range(10):
+        hi_b, lo_b = _mul_hi_lo(_PHILOX_ROUND_B, c2)
+        hi_a, lo_a = _mul_hi_lo(_PHILOX_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + _PHILOX_KEY_A) & _MASK32
+        k1 = (k1 + _PHILOX_KEY_B) & _MASK32
+    u1 = ((c0 >> 9) * 2 + 1).to(torch.float32) * 2.0**-24
+    u2 = ((c1 >> 9) * 2 + 1).to(torch.float32) * 2.0**-24
+    omega = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(6.283185307179586 * u2)
+    return omega.to(dtype)
+
+
 def sketch_omega_ref(rows, k, seed, device=None, dtype=torch.float32):
-    """The (rows, k) Omega of the torch twin: fp32 normals from a CPU generator seeded by ``seed``."""
+    """The (rows, k) Omega of the op on ``device``: :func:`philox_omega` on CUDA (what the kernel
+    draws), elsewhere fp32 normals from a CPU generator seeded by ``seed``."""
+    if torch.device(device if device is not None else "cpu").type == "cuda":
+        return philox_omega(rows, k, seed, device=device, dtype=dtype)
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
     omega = torch.randn(rows, k, generator=generator, dtype=torch.float32)
     return omega.to(device=device, dtype=dtype)

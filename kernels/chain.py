@@ -23,28 +23,34 @@ Rounding (fp16 / bf16)
     computes, up to the order of the fp32 summation. ``return_all`` does not change the values.
 
 Passing a variable number of tensors
-    Both kernels read an int64 *descriptor table* with one row per factor (per group member):
-    the tensors' addresses (``Tensor.data_ptr()``), their sizes and their strides in elements.
-    A kernel turns an address back into a typed pointer (``int64 -> pointer``, as the grouped GEMM
-    tutorial does), so factors and gradients are read in place with any strides: nothing is packed
-    or copied. Outputs are allocated contiguous by the launchers. The table is built on the host
-    and copied to the device once per distinct content (a small cache keyed on the content).
-    Under the Triton interpreter this needs CPU tensors (the addresses are then host addresses).
+    Up to :data:`FACTORS_PER_LAUNCH` factors (group members) travel as ordinary kernel arguments,
+    each with its sizes and strides; a constexpr count says how many are live and the kernel picks
+    argument j at compile time (chain) or by a scalar select (factor gradients). Nothing is copied
+    to the device before a launch, so the launches are safe under CUDA graph capture
+    (``torch.compile(mode="reduce-overhead")``). Longer chains run as consecutive launches of at
+    most that many steps; larger groups as several grouped launches.
 
 Fallbacks
     Widths above :data:`MAX_ONCHIP_WIDTH` (chain) or :data:`MAX_GROUPED_WIDTH` (factor gradients),
-    and float64, run one ``torch.matmul`` per step instead (cuBLAS on CUDA).
+    and float64, run one matmul per step with fp32 accumulation and one rounding, as the kernels
+    do (``torch.mm(..., out_dtype=torch.float32)`` on CUDA for fp16 / bf16; cuBLAS's own fp16
+    GEMM may reduce split-K partial sums in half precision).
+
+Device
+    Launchers take a device guard on the inputs' device; Triton launches on the current device.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from fastrank._backend import cuda_matmul_allows_tf32
+from fastrank.kernels._launch import device_guard, interpreting, size_bucket
 
 # The torch twins (the specification of these kernels, and the CPU path) live in the op file.
 from fastrank.chain import (  # noqa: F401  (re-exported for the kernel tests)
@@ -55,6 +61,7 @@ from fastrank.chain import (  # noqa: F401  (re-exported for the kernel tests)
 )
 
 __all__ = [
+    "FACTORS_PER_LAUNCH",
     "MAX_ONCHIP_WIDTH",
     "MAX_GROUPED_WIDTH",
     "chain_matmul",
@@ -63,36 +70,30 @@ __all__ = [
     "chain_factor_grads_ref",
 ]
 
+# Factors (group members) one launch takes as arguments. 8 covers the depths the paper trains
+# (2-8) in one launch for the activation chain and for the weight chain (L - 1 steps).
+FACTORS_PER_LAUNCH = 8
+
 # Widest layer (max over n_0 .. n_k) that the one-launch chain kernel takes. The running row block
 # is held on chip padded to BLOCK_N = next power of two >= the widest layer, and each step reads a
 # whole (BLOCK_N, BLOCK_N) factor, so the kernel only pays off while that stays small.
-# NOT MEASURED: no GPU was available when this was written. 256 is a guess from register and
-# shared-memory budgets (a 256-wide fp16 row block of 64 rows is 32 KiB). To set it, time
-# chain_matmul against one torch.matmul per step (benchmarks/test_chain_kernel_bench.py) for
-# widths 64..1024, B in {512, 8192, 65536}, L in {2, 4, 8}, fp16 / bf16 / fp32, and take the
-# largest width at which the kernel still wins for every B (per dtype if fp32 differs).
-# What is known: the kernel compiles for sm_90 with Triton 3.9 (ahead of time, no GPU) at
-# BLOCK_M 64, BLOCK_N 256 with 64 KiB shared memory (fp16 / bf16, BLOCK_NC 64) and 128 KiB (fp32,
-# ieee), under H100's 227 KiB; larger configs that do not fit are skipped by the autotuner.
+# NOT MEASURED on a GPU. To set it, time chain_matmul against one torch.matmul per step
+# (benchmarks/test_chain_kernel_bench.py) for widths 64..1024, B in {512, 8192, 65536}, L in
+# {2, 4, 8}, fp16 / bf16 / fp32, and take the largest width at which the kernel still wins.
 MAX_ONCHIP_WIDTH = 256
 
 # Widest dimension (max over n_j, n_{j-1}) that the grouped factor-gradient kernel takes; above it
-# each dF_j is one torch.matmul (cuBLAS, which splits the long reduction over M across programs;
-# the grouped kernel reduces all of M inside one program).
-# NOT MEASURED: no GPU was available. To set it, time chain_factor_grads against one torch.matmul
-# per factor for d in {256, 1024, 4096}, M in {512, 8192, 65536}, L in {2, 4, 8}.
+# each dF_j is one matmul (cuBLAS, which splits the long reduction over M across programs; the
+# grouped kernel reduces all of M inside one program). NOT MEASURED on a GPU: time
+# chain_factor_grads against one torch.matmul per factor for d in {256, 1024, 4096}, M in {512,
+# 8192, 65536}, L in {2, 4, 8} to set it.
 MAX_GROUPED_WIDTH = 1024
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 # Whether the kernels below were built for the interpreter (Triton decides at decoration time,
 # i.e. when this module is imported). Tests compare it with the environment.
-BUILT_FOR_INTERPRETER = _interpreting()
+BUILT_FOR_INTERPRETER = interpreting()
 
 
 # --------------------------------------------------------------------------------------------
@@ -104,12 +105,13 @@ def _cuda_configs(kernel: str) -> list[triton.Config]:
     """Autotune configs of the CUDA backend for ``kernel`` ("chain" or "factor_grads").
 
     Under the interpreter a single config (several configs fail without a GPU, and the interpreter
-    has nothing to tune). NOT MEASURED on a GPU yet: the lists are the usual candidates for tiles
-    of this size; prune them once the benchmarks have run.
+    has nothing to tune). NOT MEASURED on a GPU: the lists are the usual candidates for tiles of
+    this size, less those the sm_90 compile gate (``python -m fastrank.kernels.report``) shows to
+    spill (see ``_prune_chain_configs``).
     """
     if kernel == "chain":
         # BLOCK_NC caps the output-column chunk; it is clamped to BLOCK_N by _prune_chain_configs.
-        if _interpreting():
+        if BUILT_FOR_INTERPRETER:
             return [triton.Config({"BLOCK_M": 32, "BLOCK_NC": 32}, num_warps=4, num_stages=1)]
         return [
             triton.Config({"BLOCK_M": block_m, "BLOCK_NC": block_nc}, num_warps=warps, num_stages=stages)
@@ -119,7 +121,7 @@ def _cuda_configs(kernel: str) -> list[triton.Config]:
             for stages in (2, 3)
         ]
     if kernel == "factor_grads":
-        if _interpreting():
+        if BUILT_FOR_INTERPRETER:
             return [
                 triton.Config({"BLOCK_P": 32, "BLOCK_Q": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)
             ]
@@ -155,42 +157,87 @@ def _prune_chain_configs(configs, named_args, **kwargs):
     return pruned
 
 
-def _size_bucket(n: int) -> int:
-    """Autotune key for a size: the next power of two (at least 16)."""
-    return max(16, triton.next_power_of_2(n))
-
-
-# --------------------------------------------------------------------------------------------
-# descriptor tables
-# --------------------------------------------------------------------------------------------
-
-# Columns of a chain table row (one row per factor F_j, j = 1..k).
-_CHAIN_COLUMNS = 6  # factor address, n_out, n_in, factor stride_out, factor stride_in, dest address
-# Columns of a factor-gradient table row (one row per pair (G_j, X_{j-1})).
-_GRAD_COLUMNS = 9  # grad address, input address, output address, n_p, n_q,
-#                    grad stride_m, grad stride_p, input stride_m, input stride_q
-
-_TABLE_CACHE: dict[tuple, Tensor] = {}
-_TABLE_CACHE_SIZE = 512
-
-
-def _device_table(rows: list[list[int]], device: torch.device) -> Tensor:
-    """An int64 device tensor holding ``rows``, copied to the device once per distinct content."""
-    key = (str(device), tuple(v for row in rows for v in row))
-    table = _TABLE_CACHE.get(key)
-    if table is None:
-        if len(_TABLE_CACHE) >= _TABLE_CACHE_SIZE:
-            _TABLE_CACHE.clear()
-        table = torch.tensor(rows, dtype=torch.int64, device=device)
-        _TABLE_CACHE[key] = table
-    return table
-
-
 def _input_precision(dtype: torch.dtype) -> str:
-    """tl.dot precision matching torch.matmul: fp32 uses TF32 only where torch allows it."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    """tl.dot precision matching torch's matmul: fp32 uses TF32 exactly where torch would."""
+    if dtype == torch.float32 and not cuda_matmul_allows_tf32():
         return "ieee"
     return "tf32"  # ignored by tl.dot for fp16 / bf16 operands
+
+
+# --------------------------------------------------------------------------------------------
+# argument selection
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _pick(j: tl.constexpr, a0, a1, a2, a3, a4, a5, a6, a7):
+    """Argument ``j`` (a compile-time index) of eight."""
+    if j == 0:
+        value = a0
+    elif j == 1:
+        value = a1
+    elif j == 2:
+        value = a2
+    elif j == 3:
+        value = a3
+    elif j == 4:
+        value = a4
+    elif j == 5:
+        value = a5
+    elif j == 6:
+        value = a6
+    else:
+        value = a7
+    return value
+
+
+@triton.jit
+def _select(index, a0, a1, a2, a3, a4, a5, a6, a7):
+    """Argument ``index`` (a run-time scalar in [0, 8)) of eight pointers of one type."""
+    value = a0
+    if index == 1:
+        value = a1
+    if index == 2:
+        value = a2
+    if index == 3:
+        value = a3
+    if index == 4:
+        value = a4
+    if index == 5:
+        value = a5
+    if index == 6:
+        value = a6
+    if index == 7:
+        value = a7
+    return value
+
+
+@triton.jit
+def _select_int(index, a0, a1, a2, a3, a4, a5, a6, a7):
+    """Argument ``index`` (a run-time scalar in [0, 8)) of eight integers, as int64 (the arguments
+    arrive as int32, int64 or compile-time 1 depending on their values)."""
+    zero = index.to(tl.int64) * 0
+    value = a0 + zero
+    if index == 1:
+        value = a1 + zero
+    if index == 2:
+        value = a2 + zero
+    if index == 3:
+        value = a3 + zero
+    if index == 4:
+        value = a4 + zero
+    if index == 5:
+        value = a5 + zero
+    if index == 6:
+        value = a6 + zero
+    if index == 7:
+        value = a7 + zero
+    return value
+
+
+def _padded(values: list, filler) -> list:
+    """``values`` padded with ``filler`` to FACTORS_PER_LAUNCH slots."""
+    return list(values) + [filler] * (FACTORS_PER_LAUNCH - len(values))
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,18 +253,21 @@ def _input_precision(dtype: torch.dtype) -> str:
 @triton.jit
 def _chain_matmul_kernel(
     # pointers
-    x_ptr,  # (M, n_0), any strides; its element type is the dtype of every factor and output
-    table_ptr,  # (NUM_FACTORS, 6) int64, row j: address of F_{j+1} (n_out, n_in), n_out, n_in,
-    #            F_{j+1} stride_out, F_{j+1} stride_in, address of the contiguous (M, n_out)
-    #            destination of X_{j+1} (an output, or staging scratch when not returned)
+    x_ptr,  # (M, n_0), any strides; its element type is that of every factor and output
+    f0_ptr, f1_ptr, f2_ptr, f3_ptr, f4_ptr, f5_ptr, f6_ptr, f7_ptr,  # F_{j+1}: (n_{j+1}, n_j), any strides
+    d0_ptr, d1_ptr, d2_ptr, d3_ptr, d4_ptr, d5_ptr, d6_ptr, d7_ptr,  # X_{j+1}: contiguous (M, n_{j+1})
+    #   (an output, or scratch when not returned); slots j >= NUM_FACTORS are never read
     # sizes
     M,
-    NUM_FACTORS,
+    n0, n1, n2, n3, n4, n5, n6, n7, n8,  # widths n_0 .. n_8
     M_BUCKET,  # autotune key only
-    # strides
+    # strides (in elements; products with row indices are formed in int64)
     stride_xm,
     stride_xk,
+    so0, so1, so2, so3, so4, so5, so6, so7,  # F_{j+1} stride along n_{j+1} (its rows)
+    si0, si1, si2, si3, si4, si5, si6, si7,  # F_{j+1} stride along n_j (its columns)
     # meta-parameters
+    NUM_FACTORS: tl.constexpr,  # live slots, 1 .. 8
     BLOCK_M: tl.constexpr,  # rows per program
     BLOCK_N: tl.constexpr,  # power of two >= every width n_0 .. n_k
     BLOCK_NC: tl.constexpr,  # output columns per dot; == BLOCK_N keeps the chain in registers
@@ -229,7 +279,7 @@ def _chain_matmul_kernel(
     With one column chunk (BLOCK_NC == BLOCK_N) the running block never leaves registers: each step
     is one (BLOCK_M, BLOCK_N) x (BLOCK_N, BLOCK_N) dot. With several chunks, each step writes its
     chunks to the destination (its own rows only), a barrier makes them visible to the whole
-    program, and the next step reloads the block (from L1/L2, it was just written). Destinations
+    program, and the next step reloads the block (from L2, it was just written). Destinations
     that are not returned alternate between two scratch buffers, so a step never overwrites what a
     slower warp may still be reading. No program reads another program's rows.
     """
@@ -239,48 +289,45 @@ def _chain_matmul_kernel(
     row_mask = rows < M
     rows64 = rows.to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
+    cols64 = cols.to(tl.int64)
 
-    n_in = tl.load(table_ptr + 2)
     block = tl.load(
-        x_ptr + rows64[:, None] * stride_xm + cols[None, :] * stride_xk,
-        mask=row_mask[:, None] & (cols[None, :] < n_in),
+        x_ptr + rows64[:, None] * stride_xm + cols64[None, :] * stride_xk,
+        mask=row_mask[:, None] & (cols[None, :] < n0),
         other=0.0,
     )
-    for j in range(NUM_FACTORS):
-        entry = table_ptr + j * 6
-        factor_ptr = tl.load(entry).to(tl.pointer_type(dtype))
-        n_out = tl.load(entry + 1)
-        n_in = tl.load(entry + 2)
-        stride_out = tl.load(entry + 3)
-        stride_in = tl.load(entry + 4)
-        dest_ptr = tl.load(entry + 5).to(tl.pointer_type(dtype))
+    for j in tl.static_range(NUM_FACTORS):
+        factor_ptr = _pick(j, f0_ptr, f1_ptr, f2_ptr, f3_ptr, f4_ptr, f5_ptr, f6_ptr, f7_ptr)
+        dest_ptr = _pick(j, d0_ptr, d1_ptr, d2_ptr, d3_ptr, d4_ptr, d5_ptr, d6_ptr, d7_ptr)
+        n_in = _pick(j, n0, n1, n2, n3, n4, n5, n6, n7)
+        n_out = _pick(j, n1, n2, n3, n4, n5, n6, n7, n8)
+        stride_out = _pick(j, so0, so1, so2, so3, so4, so5, so6, so7)
+        stride_in = _pick(j, si0, si1, si2, si3, si4, si5, si6, si7)
+        dest_rows = dest_ptr + rows64[:, None] * n_out
         if BLOCK_NC == BLOCK_N:
             # F_j^T as a (BLOCK_N, BLOCK_N) tile: element [c, r] = F_j[r, c], zero outside.
             factor_t = tl.load(
-                factor_ptr + cols[:, None] * stride_in + cols[None, :] * stride_out,
+                factor_ptr + cols64[:, None] * stride_in + cols64[None, :] * stride_out,
                 mask=(cols[:, None] < n_in) & (cols[None, :] < n_out),
                 other=0.0,
             )
             acc = tl.dot(block, factor_t, input_precision=INPUT_PRECISION)
             block = acc.to(dtype)
-            out_ptrs = dest_ptr + rows64[:, None] * n_out + cols[None, :]
-            out_mask = row_mask[:, None] & (cols[None, :] < n_out)
-            if RETURN_ALL:
-                tl.store(out_ptrs, block, mask=out_mask)
-            elif j == NUM_FACTORS - 1:
-                tl.store(out_ptrs, block, mask=out_mask)
+            if RETURN_ALL or j == NUM_FACTORS - 1:
+                tl.store(dest_rows + cols64[None, :], block, mask=row_mask[:, None] & (cols[None, :] < n_out))
         else:
             for chunk_start in tl.static_range(0, BLOCK_N, BLOCK_NC):
                 if chunk_start < n_out:
                     chunk_cols = chunk_start + tl.arange(0, BLOCK_NC)
+                    chunk_cols64 = chunk_cols.to(tl.int64)
                     factor_t = tl.load(
-                        factor_ptr + cols[:, None] * stride_in + chunk_cols[None, :] * stride_out,
+                        factor_ptr + cols64[:, None] * stride_in + chunk_cols64[None, :] * stride_out,
                         mask=(cols[:, None] < n_in) & (chunk_cols[None, :] < n_out),
                         other=0.0,
                     )
                     acc = tl.dot(block, factor_t, input_precision=INPUT_PRECISION)
                     tl.store(
-                        dest_ptr + rows64[:, None] * n_out + chunk_cols[None, :],
+                        dest_rows + chunk_cols64[None, :],
                         acc.to(dtype),
                         mask=row_mask[:, None] & (chunk_cols[None, :] < n_out),
                     )
@@ -288,7 +335,7 @@ def _chain_matmul_kernel(
             # reload reads through L2 (".cg"), never from a possibly stale L1 line.
             tl.debug_barrier()
             block = tl.load(
-                dest_ptr + rows64[:, None] * n_out + cols[None, :],
+                dest_rows + cols64[None, :],
                 mask=row_mask[:, None] & (cols[None, :] < n_out),
                 other=0.0,
                 cache_modifier=".cg",
@@ -296,21 +343,40 @@ def _chain_matmul_kernel(
 
 
 # --------------------------------------------------------------------------------------------
-# chain matmul: torch twin and launcher
+# chain matmul: launcher
 # --------------------------------------------------------------------------------------------
 
 
-def _chain_matmul_torch(x: Tensor, factors: Sequence[Tensor], return_all: bool) -> list[Tensor]:
-    """The fallback: one torch.matmul per step (cuBLAS on CUDA, fp32 accumulation for halves)."""
-    outputs, block = [], x
-    for factor in factors:
-        block = torch.matmul(block, factor.T)
-        outputs.append(block)
-    return outputs if return_all else outputs[-1:]
+def _launch_chain(x: Tensor, factors: Sequence[Tensor], dests: list[Tensor | None], return_all: bool) -> None:
+    """One launch through at most FACTORS_PER_LAUNCH factors; ``dests[j]`` receives X_{j+1}."""
+    k = len(factors)
+    M = x.shape[0]
+    widths = [x.shape[1]] + [f.shape[0] for f in factors]
+    filler = dests[-1]  # never read: slots j >= k are compiled out
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]),)
+
+    _chain_matmul_kernel[grid](
+        x,
+        *_padded(factors, factors[-1]),
+        *_padded([d if d is not None else filler for d in dests], filler),
+        M,
+        *(widths + [0] * (FACTORS_PER_LAUNCH + 1 - len(widths))),  # n_0 .. n_8
+        size_bucket(M),
+        x.stride(0),
+        x.stride(1),
+        *_padded([f.stride(0) for f in factors], 0),
+        *_padded([f.stride(1) for f in factors], 0),
+        NUM_FACTORS=k,
+        BLOCK_N=size_bucket(max(widths)),
+        RETURN_ALL=return_all,
+        INPUT_PRECISION=_input_precision(x.dtype),
+    )
 
 
 def chain_matmul(x: Tensor, factors: Sequence[Tensor], return_all: bool = True) -> list[Tensor]:
-    """Run ``x`` through the chain ``F_1 .. F_k`` in one kernel launch.
+    """Run ``x`` through the chain ``F_1 .. F_k``, one kernel launch per FACTORS_PER_LAUNCH steps.
 
     Args:
         x: ``(M, n_0)``, float32 / float16 / bfloat16 (float64 takes the torch path), any strides.
@@ -318,48 +384,39 @@ def chain_matmul(x: Tensor, factors: Sequence[Tensor], return_all: bool = True) 
         return_all: return ``[X_1, ..., X_k]``; otherwise ``[X_k]`` only.
 
     Returns:
-        Contiguous ``(M, n_j)`` tensors in ``x.dtype``; see the module docstring for the rounding.
-        Widths above :data:`MAX_ONCHIP_WIDTH` run one torch.matmul per step instead.
+        Contiguous ``(M, n_j)`` tensors in ``x.dtype`` on x's device; see the module docstring for
+        the rounding. Widths above :data:`MAX_ONCHIP_WIDTH` run one matmul per step instead.
     """
     _check_chain(x, factors)
-    k = len(factors)
     M = x.shape[0]
     widths = [x.shape[1]] + [f.shape[0] for f in factors]
     if x.dtype not in _KERNEL_DTYPES or M == 0 or min(widths) == 0 or max(widths) > MAX_ONCHIP_WIDTH:
-        return _chain_matmul_torch(x, factors, return_all)
+        return chain_matmul_ref(x, factors, return_all)
 
-    block_n = _size_bucket(max(widths))
-    outputs = [x.new_empty((M, n)) for n in (widths[1:] if return_all else widths[-1:])]
-    dests = [out.data_ptr() for out in outputs]
-    if not return_all:
-        # Intermediates are staged in two alternating scratch buffers when a step needs several
-        # column chunks (the smallest chunk any config may pick is 32 columns).
-        scratch = x.new_empty((2, M * max(widths[1:-1]))) if k > 1 and block_n > 32 else None
-        dests = [scratch[j % 2].data_ptr() if scratch is not None else 0 for j in range(k - 1)] + dests
-    table = _device_table(
-        [
-            [f.data_ptr(), f.shape[0], f.shape[1], f.stride(0), f.stride(1), dest]
-            for f, dest in zip(factors, dests)
-        ],
-        x.device,
-    )
-
-    def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]),)
-
-    _chain_matmul_kernel[grid](
-        x,
-        table,
-        M,
-        k,
-        _size_bucket(M),
-        x.stride(0),
-        x.stride(1),
-        BLOCK_N=block_n,
-        RETURN_ALL=return_all,
-        INPUT_PRECISION=_input_precision(x.dtype),
-    )
-    return outputs
+    outputs: list[Tensor] = []
+    with device_guard(x):
+        block = x
+        for start in range(0, len(factors), FACTORS_PER_LAUNCH):
+            group = factors[start : start + FACTORS_PER_LAUNCH]
+            last_group = start + FACTORS_PER_LAUNCH >= len(factors)
+            keep_all = return_all or not last_group  # the next launch starts from this one's X
+            group_widths = [block.shape[1]] + [f.shape[0] for f in group]
+            if keep_all:
+                dests = [x.new_empty((M, n)) for n in group_widths[1:]]
+            else:
+                # Intermediates are staged in two alternating scratch buffers when a step needs
+                # several column chunks (the smallest chunk any config may pick is 32 columns).
+                needs_scratch = len(group) > 1 and size_bucket(max(group_widths)) > 32
+                scratch = x.new_empty((2, M * max(group_widths[1:-1]))) if needs_scratch else None
+                dests = [
+                    scratch[j % 2][: M * n].view(M, n) if scratch is not None else None
+                    for j, n in enumerate(group_widths[1:-1])
+                ] + [x.new_empty((M, group_widths[-1]))]
+            _launch_chain(block, group, dests, keep_all)
+            if return_all:
+                outputs.extend(dests)
+            block = dests[-1]
+    return outputs if return_all else [block]
 
 
 # --------------------------------------------------------------------------------------------
@@ -370,51 +427,53 @@ def chain_matmul(x: Tensor, factors: Sequence[Tensor], return_all: bool = True) 
 @triton.autotune(configs=_cuda_configs("factor_grads"), key=["M_BUCKET", "WIDTH_BUCKET", "NUM_GROUPS"])
 @triton.jit
 def _factor_grads_kernel(
-    # pointers
-    dtype_ptr,  # (M, n_p) the first gradient; only its element type is used (the table has all)
-    table_ptr,  # (NUM_GROUPS, 9) int64, row j: address of G_j (M, n_p), address of X_{j-1} (M, n_q),
-    #            address of the contiguous (n_p, n_q) output dF_j, n_p, n_q,
-    #            G_j stride_m, G_j stride_p, X_{j-1} stride_m, X_{j-1} stride_q
+    # pointers (slot g = group member g; slots g >= NUM_GROUPS are never read)
+    g0_ptr, g1_ptr, g2_ptr, g3_ptr, g4_ptr, g5_ptr, g6_ptr, g7_ptr,  # G_g: (M, p_g), any strides
+    i0_ptr, i1_ptr, i2_ptr, i3_ptr, i4_ptr, i5_ptr, i6_ptr, i7_ptr,  # X_g: (M, q_g), any strides
+    o0_ptr, o1_ptr, o2_ptr, o3_ptr, o4_ptr, o5_ptr, o6_ptr, o7_ptr,  # dF_g = G_g^T X_g: contiguous (p_g, q_g)
     # sizes
     M,
-    NUM_GROUPS,
+    p0, p1, p2, p3, p4, p5, p6, p7,
+    q0, q1, q2, q3, q4, q5, q6, q7,
     M_BUCKET,  # autotune key only
     WIDTH_BUCKET,  # autotune key only
-    # strides: per group, in the table
+    # strides (in elements)
+    sgm0, sgm1, sgm2, sgm3, sgm4, sgm5, sgm6, sgm7,  # G_g along M
+    sgp0, sgp1, sgp2, sgp3, sgp4, sgp5, sgp6, sgp7,  # G_g along p
+    sim0, sim1, sim2, sim3, sim4, sim5, sim6, sim7,  # X_g along M
+    siq0, siq1, siq2, siq3, siq4, siq5, siq6, siq7,  # X_g along q
     # meta-parameters
-    BLOCK_P: tl.constexpr,  # rows of dF_j per program
-    BLOCK_Q: tl.constexpr,  # columns of dF_j per program
+    NUM_GROUPS: tl.constexpr,  # live slots, 1 .. 8
+    BLOCK_P: tl.constexpr,  # rows of dF_g per program
+    BLOCK_Q: tl.constexpr,  # columns of dF_g per program
     BLOCK_K: tl.constexpr,  # reduction (M) step
     INPUT_PRECISION: tl.constexpr,
 ):
-    """Grouped GEMM: one program per (BLOCK_P, BLOCK_Q) tile of one dF_j, the whole reduction over M
+    """Grouped GEMM: one program per (BLOCK_P, BLOCK_Q) tile of one dF_g, the whole reduction over M
     inside the program (fp32 accumulator), one rounding to the output dtype at the end."""
-    dtype = dtype_ptr.dtype.element_ty
-    pid = tl.program_id(0).to(tl.int64)
+    dtype = g0_ptr.dtype.element_ty
+    pid = tl.program_id(0)
 
-    # Find this program's group: the tiles of group 0 come first, then those of group 1, ...
+    # This program's member: the tiles of member 0 come first, then those of member 1, ...
     group = pid * 0
     group_start = pid * 0
-    tiles_before = pid * 0
-    for g in range(NUM_GROUPS):
-        n_p = tl.load(table_ptr + g * 9 + 3)
-        n_q = tl.load(table_ptr + g * 9 + 4)
-        tiles = tl.cdiv(n_p, BLOCK_P) * tl.cdiv(n_q, BLOCK_Q)
-        inside = (pid >= tiles_before) & (pid < tiles_before + tiles)
-        group = tl.where(inside, g, group)
-        group_start = tl.where(inside, tiles_before, group_start)
-        tiles_before += tiles
-
-    entry = table_ptr + group * 9
-    grad_ptr = tl.load(entry).to(tl.pointer_type(dtype))
-    input_ptr = tl.load(entry + 1).to(tl.pointer_type(dtype))
-    out_ptr = tl.load(entry + 2).to(tl.pointer_type(dtype))
-    n_p = tl.load(entry + 3)
-    n_q = tl.load(entry + 4)
-    stride_gm = tl.load(entry + 5)
-    stride_gp = tl.load(entry + 6)
-    stride_im = tl.load(entry + 7)
-    stride_iq = tl.load(entry + 8)
+    start = pid * 0
+    for g in tl.static_range(NUM_GROUPS):
+        is_past = pid >= start
+        group = tl.where(is_past, g, group)
+        group_start = tl.where(is_past, start, group_start)
+        p_g = _pick(g, p0, p1, p2, p3, p4, p5, p6, p7)
+        q_g = _pick(g, q0, q1, q2, q3, q4, q5, q6, q7)
+        start += tl.cdiv(p_g, BLOCK_P) * tl.cdiv(q_g, BLOCK_Q)
+    grad_ptr = _select(group, g0_ptr, g1_ptr, g2_ptr, g3_ptr, g4_ptr, g5_ptr, g6_ptr, g7_ptr)
+    input_ptr = _select(group, i0_ptr, i1_ptr, i2_ptr, i3_ptr, i4_ptr, i5_ptr, i6_ptr, i7_ptr)
+    out_ptr = _select(group, o0_ptr, o1_ptr, o2_ptr, o3_ptr, o4_ptr, o5_ptr, o6_ptr, o7_ptr)
+    n_p = _select_int(group, p0, p1, p2, p3, p4, p5, p6, p7)
+    n_q = _select_int(group, q0, q1, q2, q3, q4, q5, q6, q7)
+    stride_gm = _select_int(group, sgm0, sgm1, sgm2, sgm3, sgm4, sgm5, sgm6, sgm7)
+    stride_gp = _select_int(group, sgp0, sgp1, sgp2, sgp3, sgp4, sgp5, sgp6, sgp7)
+    stride_im = _select_int(group, sim0, sim1, sim2, sim3, sim4, sim5, sim6, sim7)
+    stride_iq = _select_int(group, siq0, siq1, siq2, siq3, siq4, siq5, siq6, siq7)
 
     tile = pid - group_start
     tiles_q = tl.cdiv(n_q, BLOCK_Q)
@@ -429,13 +488,13 @@ def _factor_grads_kernel(
         m = m_start + offs_k
         m_mask = m < M
         m64 = m.to(tl.int64)
-        # G_j^T tile (BLOCK_P, BLOCK_K): element [p, m] = G_j[m, p]
+        # G^T tile (BLOCK_P, BLOCK_K): element [p, m] = G[m, p]
         grad_t = tl.load(
             grad_ptr + offs_p[:, None] * stride_gp + m64[None, :] * stride_gm,
             mask=p_mask[:, None] & m_mask[None, :],
             other=0.0,
         )
-        # X_{j-1} tile (BLOCK_K, BLOCK_Q)
+        # X tile (BLOCK_K, BLOCK_Q)
         inp = tl.load(
             input_ptr + m64[:, None] * stride_im + offs_q[None, :] * stride_iq,
             mask=m_mask[:, None] & q_mask[None, :],
@@ -450,12 +509,43 @@ def _factor_grads_kernel(
 
 
 # --------------------------------------------------------------------------------------------
-# factor gradients: torch twin and launcher
+# factor gradients: launcher
 # --------------------------------------------------------------------------------------------
 
 
+def _launch_factor_grads(grads: Sequence[Tensor], inputs: Sequence[Tensor], outputs: list[Tensor]) -> None:
+    """One grouped launch for at most FACTORS_PER_LAUNCH pairs."""
+    M = grads[0].shape[0]
+    widths = [g.shape[1] for g in grads] + [i.shape[1] for i in inputs]
+
+    def grid(meta):
+        tiles = [
+            triton.cdiv(g.shape[1], meta["BLOCK_P"]) * triton.cdiv(i.shape[1], meta["BLOCK_Q"])
+            for g, i in zip(grads, inputs)
+        ]
+        return (sum(tiles),)
+
+    _factor_grads_kernel[grid](
+        *_padded(grads, grads[0]),
+        *_padded(inputs, inputs[0]),
+        *_padded(outputs, outputs[0]),
+        M,
+        *_padded([g.shape[1] for g in grads], 0),
+        *_padded([i.shape[1] for i in inputs], 0),
+        size_bucket(M),
+        size_bucket(max(widths)),
+        *_padded([g.stride(0) for g in grads], 0),
+        *_padded([g.stride(1) for g in grads], 0),
+        *_padded([i.stride(0) for i in inputs], 0),
+        *_padded([i.stride(1) for i in inputs], 0),
+        NUM_GROUPS=len(grads),
+        INPUT_PRECISION=_input_precision(grads[0].dtype),
+    )
+
+
 def chain_factor_grads(grads: Sequence[Tensor], inputs: Sequence[Tensor]) -> list[Tensor]:
-    """All factor gradients ``dF_j = grads[j]^T @ inputs[j]`` in one grouped launch.
+    """All factor gradients ``dF_j = grads[j]^T @ inputs[j]``, one grouped launch per
+    FACTORS_PER_LAUNCH pairs.
 
     Args:
         grads: ``G_j`` of shape ``(M, n_j)``, float32 / float16 / bfloat16, any strides.
@@ -463,7 +553,7 @@ def chain_factor_grads(grads: Sequence[Tensor], inputs: Sequence[Tensor]) -> lis
 
     Returns:
         Contiguous ``(n_j, n_{j-1})`` tensors in the input dtype, fp32 accumulation over M and one
-        rounding. Widths above :data:`MAX_GROUPED_WIDTH` (and float64) take one torch.matmul each.
+        rounding. Widths above :data:`MAX_GROUPED_WIDTH` (and float64) take one matmul each.
     """
     _check_factor_grads(grads, inputs)
     if not grads:
@@ -472,32 +562,11 @@ def chain_factor_grads(grads: Sequence[Tensor], inputs: Sequence[Tensor]) -> lis
     widths = [g.shape[1] for g in grads] + [i.shape[1] for i in inputs]
     dtype = grads[0].dtype
     if dtype not in _KERNEL_DTYPES or max(widths) > MAX_GROUPED_WIDTH or min(widths) == 0 or M == 0:
-        return [torch.matmul(g.T, i) for g, i in zip(grads, inputs)]
+        return chain_factor_grads_ref(grads, inputs)
 
     outputs = [g.new_empty((g.shape[1], i.shape[1])) for g, i in zip(grads, inputs)]
-    table = _device_table(
-        [
-            [g.data_ptr(), i.data_ptr(), out.data_ptr(), g.shape[1], i.shape[1]]
-            + [g.stride(0), g.stride(1), i.stride(0), i.stride(1)]
-            for g, i, out in zip(grads, inputs, outputs)
-        ],
-        grads[0].device,
-    )
-
-    def grid(meta):
-        tiles = sum(
-            triton.cdiv(g.shape[1], meta["BLOCK_P"]) * triton.cdiv(i.shape[1], meta["BLOCK_Q"])
-            for g, i in zip(grads, inputs)
-        )
-        return (tiles,)
-
-    _factor_grads_kernel[grid](
-        grads[0],
-        table,
-        M,
-        len(grads),
-        _size_bucket(M),
-        _size_bucket(max(widths)),
-        INPUT_PRECISION=_input_precision(dtype),
-    )
+    with device_guard(grads[0]):
+        for start in range(0, len(grads), FACTORS_PER_LAUNCH):
+            stop = start + FACTORS_PER_LAUNCH
+            _launch_factor_grads(grads[start:stop], inputs[start:stop], outputs[start:stop])
     return outputs

@@ -4,10 +4,16 @@ Without a GPU the kernels run on the CPU through the Triton interpreter; with on
 CUDA (and the bf16 / large-shape cases run too).
 """
 
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 
-from kernel_loading import DEVICE, load_kernels
+from kernel_loading import DEVICE, INTERPRET, load_kernels
 from tolerance import assert_close
 
 chain_kernels = load_kernels("chain")
@@ -24,6 +30,12 @@ DTYPES = [
     pytest.param(torch.float32, id="fp32"),
     pytest.param(torch.float16, id="fp16"),
     pytest.param(torch.bfloat16, id="bf16", marks=requires_cuda),
+]
+# The torch twins run every dtype on the CPU.
+ALL_DTYPES = [
+    pytest.param(torch.float32, id="fp32"),
+    pytest.param(torch.float16, id="fp16"),
+    pytest.param(torch.bfloat16, id="bf16"),
 ]
 BATCHES = [1, 7, 33]
 # Widths straddle the interpreter's 32-wide chunk: 40 pads to 64 and takes the staged path.
@@ -96,7 +108,7 @@ def test_chain_matmul_matches_fp64(dtype, batch, dims, layout):
     )
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
 def test_chain_matmul_ref_meets_the_same_tolerance(dtype):
     # The tolerance is not loose: the torch twin in the same dtype passes it, and the kernel is
     # held to it (no second, wider tolerance for the kernel).
@@ -117,6 +129,22 @@ def test_chain_matmul_fallback(monkeypatch, return_all):
         expected = expected[-1:]
     for j, (out, ref) in enumerate(zip(outputs, expected)):
         assert_close(out, ref, torch.float32, 17, steps=2, what=f"fallback output {j}")
+
+
+@pytest.mark.parametrize("return_all", [True, False], ids=["all", "last"])
+@pytest.mark.parametrize("depth", [9, 17], ids=["k9", "k17"])
+def test_chain_matmul_longer_than_one_launch(depth, return_all):
+    # More factors than one launch takes: consecutive launches, each starting from the last X.
+    dims = [33, 40, 17, 5, 40, 32, 17, 40, 5, 33] * 2
+    x, factors = make_chain(7, dims[: depth + 1], torch.float32, "transposed")
+    outputs = chain_matmul(x, factors, return_all=return_all)
+    expected = fp64_chain(x, factors)
+    if not return_all:
+        expected = expected[-1:]
+    assert len(outputs) == len(expected), f"{len(outputs)} outputs, expected {len(expected)}"
+    for j, (out, ref) in enumerate(zip(outputs, expected)):
+        step = j + 1 if return_all else depth
+        assert_close(out, ref, torch.float32, 40, steps=step, what=f"k={depth} output {j}")
 
 
 def test_chain_matmul_float64_takes_torch_path(monkeypatch):
@@ -169,7 +197,7 @@ def test_chain_factor_grads_matches_fp64(dtype, batch, dims, layout):
     check_factor_grads(chain_factor_grads(grads, inputs), grads, inputs, dtype, f"kernel {layout}")
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
 def test_chain_factor_grads_ref_meets_the_same_tolerance(dtype):
     for dims in CHAINS:
         grads, inputs = make_grad_pairs(33, dims, dtype)
@@ -180,6 +208,12 @@ def test_chain_factor_grads_long_reduction():
     # M spans several BLOCK_K steps with a ragged tail.
     grads, inputs = make_grad_pairs(301, [17, 40, 5], torch.float16, "transposed")
     check_factor_grads(chain_factor_grads(grads, inputs), grads, inputs, torch.float16, "M=301")
+
+
+def test_chain_factor_grads_more_pairs_than_one_launch():
+    dims = [5, 17, 40, 33, 7, 40, 17, 5, 33, 40, 17, 9]  # 11 pairs: two grouped launches
+    grads, inputs = make_grad_pairs(33, dims, torch.float16, "transposed")
+    check_factor_grads(chain_factor_grads(grads, inputs), grads, inputs, torch.float16, "11 pairs")
 
 
 def test_chain_factor_grads_fallback(monkeypatch):
@@ -223,3 +257,91 @@ def test_cuda_large_chain(dtype, batch, dims, layout):
     check_chain(chain_matmul(x, factors), x, factors, dtype, f"cuda {layout}")
     grads, inputs = make_grad_pairs(batch, dims, dtype, layout)
     check_factor_grads(chain_factor_grads(grads, inputs), grads, inputs, dtype, f"cuda {layout}")
+
+
+# --------------------------------------------------------------------------------------------
+# offsets past 2**31 elements
+# --------------------------------------------------------------------------------------------
+
+# Rows 2**30 elements apart in a lazily allocated 6 GiB fp16 buffer (only the touched pages are ever
+# backed). int32 offsets wrap there and read outside the tensor, which can crash the process: the
+# check runs in a child process.
+_LARGE_OFFSETS = textwrap.dedent(
+    """
+    import sys, torch
+    sys.path.insert(0, {tests!r})
+    from kernel_loading import load_kernels
+    from tolerance import assert_close
+    kernels = load_kernels("chain")
+    device = {device!r}
+    gen = torch.Generator().manual_seed(0)
+    base = torch.empty(3 * 2**30 + 2**21, dtype=torch.float16, device=device)  # 6 GiB, untouched but for the views
+    x = base.as_strided((3, 40), (2**30, 1))                       # rows at 0, 2**30, 2**31
+    x.copy_(torch.randn(3, 40, generator=gen))
+    factor = base[2**20:].as_strided((24, 40), (1, 2**26))         # F[r, c] at r + c * 2**26
+    factor.copy_(torch.randn(24, 40, generator=gen) / 40**0.5)
+    out = kernels.chain_matmul(x, [factor])[0]
+    assert_close(out, x.double() @ factor.double().T, torch.float16, 40, what="chain")
+    grad = base[2**19:].as_strided((3, 24), (2**30, 1))
+    grad.copy_(torch.randn(3, 24, generator=gen))
+    dF = kernels.chain_factor_grads([grad], [x])[0]
+    assert_close(dF, grad.double().T @ x.double(), torch.float16, 3, what="factor grads")
+    print("ok")
+    """
+)
+
+
+def test_offsets_beyond_int32():
+    script = _LARGE_OFFSETS.format(tests=str(Path(__file__).parent), device=DEVICE)
+    env = dict(os.environ, TRITON_INTERPRET="1" if INTERPRET else "0")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, (
+        f"chain kernels with offsets past 2**31 failed (exit {result.returncode}):\n"
+        f"{result.stdout}\n{result.stderr[-2000:]}"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# precision: fp32 uses TF32 exactly when torch's own matmul would
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def restore_matmul_precision():
+    matmul = torch.backends.cuda.matmul
+    saved = getattr(matmul, "fp32_precision", None)
+    saved_generic = getattr(torch.backends, "fp32_precision", None)
+    yield
+    if saved is not None:
+        matmul.fp32_precision = saved
+        torch.backends.fp32_precision = saved_generic
+    else:
+        matmul.allow_tf32 = False
+
+
+@pytest.mark.skipif(not hasattr(torch.backends.cuda.matmul, "fp32_precision"), reason="torch < 2.9: no new precision API")
+@pytest.mark.parametrize("setting,expected", [("tf32", "tf32"), ("ieee", "ieee"), ("none", "ieee")])
+def test_input_precision_reads_the_new_api(restore_matmul_precision, setting, expected):
+    # Reading the legacy allow_tf32 after the new API was used raises on torch >= 2.9.
+    torch.backends.cuda.matmul.fp32_precision = setting
+    assert chain_kernels._input_precision(torch.float32) == expected
+    assert chain_kernels._input_precision(torch.float16) == "tf32"  # ignored for half operands
+
+
+def test_input_precision_follows_the_legacy_setter(restore_matmul_precision):
+    torch.backends.cuda.matmul.allow_tf32 = True
+    assert chain_kernels._input_precision(torch.float32) == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = False
+    assert chain_kernels._input_precision(torch.float32) == "ieee"
+
+
+@requires_cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_cuda_runs_on_the_input_device():
+    x, factors = make_chain(65, [40, 17, 33], torch.float16, device="cuda:1")
+    with torch.cuda.device(0):
+        outputs = chain_matmul(x, factors)
+        grads = chain_factor_grads(outputs, [x, outputs[0]])
+    assert all(o.device == x.device for o in outputs + grads)
+    check_chain(outputs, x, factors, torch.float16, "cuda:1")
+    check_factor_grads(grads, outputs, [x, outputs[0]], torch.float16, "cuda:1")

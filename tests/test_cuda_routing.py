@@ -1,0 +1,121 @@
+"""On CUDA the chain ops reach the Triton kernels: eager layers, torch.compile (fullgraph, and
+``mode="reduce-overhead"``, i.e. CUDA graphs) and ``torch.library.opcheck``.
+
+Launches are counted by wrapping the launchers of ``fastrank.kernels.chain`` and
+``fastrank.kernels.sketch``; the registered CUDA bodies look them up at call time.
+"""
+
+import copy
+from collections import Counter
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fastrank
+from tolerance import assert_close
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    from fastrank.kernels import chain as chain_kernels
+    from fastrank.kernels import sketch as sketch_kernels
+
+    counts = Counter()
+
+    def counting(module, name):
+        original = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            counts[name] += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapper)
+
+    counting(chain_kernels, "_launch_chain")
+    counting(chain_kernels, "_launch_factor_grads")
+    counting(sketch_kernels, "_launch")
+    return counts
+
+
+def _model(dtype=torch.float32):
+    torch.manual_seed(0)
+    return nn.Sequential(
+        fastrank.OverparamLinear(48, 64, depth=3), nn.ReLU(), fastrank.OverparamLinear(64, 24, depth=2)
+    ).to("cuda", dtype)
+
+
+@pytest.mark.parametrize("batch", [5, 4096], ids=["activation-chain", "collapsed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_layers_launch_the_kernels(launches, dtype, batch):
+    model = _model(dtype)
+    reference = copy.deepcopy(model).double()
+    x = torch.randn(batch, 48, device="cuda", dtype=dtype, requires_grad=True)
+    xr = x.detach().double().requires_grad_(True)
+    out = model(x)
+    assert launches["_launch_chain"] >= 1, f"forward never launched the chain kernel: {dict(launches)}"
+    out.float().square().sum().backward()
+    assert launches["_launch_factor_grads"] >= 1, f"backward never launched the grads kernel: {dict(launches)}"
+    reference(xr).square().sum().backward()
+    steps = 5
+    assert_close(out, reference(xr), dtype, 64, steps=steps, what="output")
+    for (name, p), pr in zip(model.named_parameters(), reference.parameters()):
+        assert_close(p.grad, pr.grad, dtype, batch, steps=2 * steps, what=f"grad {name}")
+
+
+def test_compile_fullgraph_launches_the_kernels(launches):
+    model = _model()
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, fullgraph=True, dynamic=False)
+    x = torch.randn(5, 48, device="cuda", requires_grad=True)
+    out = compiled(x)
+    out.square().sum().backward()
+    assert launches["_launch_chain"] >= 1 and launches["_launch_factor_grads"] >= 1, dict(launches)
+    ref = eager(x.detach())
+    assert_close(out, ref, torch.float32, 64, steps=5, what="compiled output")
+
+
+def test_reduce_overhead_cuda_graphs(launches):
+    # CUDA graph capture: nothing may be copied from pageable host memory during a launch.
+    model = _model()
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True, dynamic=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    opt_eager = torch.optim.SGD(eager.parameters(), lr=0.01)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for _ in range(4):
+        x = torch.randn(5, 48, device="cuda", generator=gen)
+        for net, optimizer in ((compiled, opt), (eager, opt_eager)):
+            optimizer.zero_grad()
+            net(x).square().sum().backward()
+            optimizer.step()
+    assert launches["_launch_chain"] >= 1, dict(launches)
+    for (name, p), pe in zip(model.named_parameters(), eager.parameters()):
+        assert_close(p, pe, torch.float32, 64, steps=20, what=f"{name} after 4 steps")
+
+
+def test_opcheck_on_cuda(launches):
+    from fastrank.chain import _chain_factor_grads_op, _chain_matmul_op
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(9, 17, device="cuda", generator=gen, requires_grad=True)
+    factors = [torch.randn(n, m, device="cuda", generator=gen, requires_grad=True) for m, n in ((17, 33), (33, 5))]
+    torch.library.opcheck(_chain_matmul_op, (x, factors, True))
+    torch.library.opcheck(_chain_matmul_op, (x, factors, False))
+    grads = [torch.randn(9, 33, device="cuda", generator=gen), torch.randn(9, 5, device="cuda", generator=gen)]
+    torch.library.opcheck(_chain_factor_grads_op, (grads, [x.detach(), grads[0]]))
+    A = torch.randn(3, 20, 12, device="cuda", generator=gen)
+    torch.library.opcheck(torch.ops.fastrank.gaussian_sketch.default, (A, 5, 3, False))
+    assert launches["_launch_chain"] >= 1 and launches["_launch_factor_grads"] >= 1 and launches["_launch"] >= 1
+
+
+def test_sketch_op_does_not_depend_on_triton():
+    # Without Triton the torch body serves CUDA and draws the kernel's Omega (philox_omega).
+    from fastrank.sketch import gaussian_sketch, gaussian_sketch_ref
+
+    A = torch.randn(2, 40, 33, device="cuda")
+    kernel = gaussian_sketch(A, 7, seed=11)
+    twin = gaussian_sketch_ref(A, 7, 11)
+    assert_close(kernel, twin.double(), torch.float32, 33, what="kernel vs torch body on CUDA")

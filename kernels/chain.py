@@ -24,8 +24,9 @@ Rounding (fp16 / bf16)
 
 Passing a variable number of tensors
     Up to :data:`FACTORS_PER_LAUNCH` factors (group members) travel as ordinary kernel arguments,
-    each with its sizes and strides; a constexpr count says how many are live and the kernel picks
-    argument j at compile time (chain) or by a scalar select (factor gradients). Nothing is copied
+    each with its sizes and strides; a count says how many are live and the kernel picks argument
+    j by a scalar select (in the chain) or at compile time (the grouped factor gradients' search
+    for a program's member). Nothing is copied
     to the device before a launch, so the launches are safe under CUDA graph capture
     (``torch.compile(mode="reduce-overhead")``). Longer chains run as consecutive launches of at
     most that many steps; larger groups as several grouped launches.
@@ -216,7 +217,7 @@ def _select(index, a0, a1, a2, a3, a4, a5, a6, a7):
 def _select_int(index, a0, a1, a2, a3, a4, a5, a6, a7):
     """Argument ``index`` (a run-time scalar in [0, 8)) of eight integers, as int64 (the arguments
     arrive as int32, int64 or compile-time 1 depending on their values)."""
-    zero = index.to(tl.int64) * 0
+    zero = tl.full([], 0, tl.int64)
     value = a0 + zero
     if index == 1:
         value = a1 + zero
@@ -267,7 +268,7 @@ def _chain_matmul_kernel(
     so0, so1, so2, so3, so4, so5, so6, so7,  # F_{j+1} stride along n_{j+1} (its rows)
     si0, si1, si2, si3, si4, si5, si6, si7,  # F_{j+1} stride along n_j (its columns)
     # meta-parameters
-    NUM_FACTORS: tl.constexpr,  # live slots, 1 .. 8
+    NUM_FACTORS,  # live slots, 1 .. 8
     BLOCK_M: tl.constexpr,  # rows per program
     BLOCK_N: tl.constexpr,  # power of two >= every width n_0 .. n_k
     BLOCK_NC: tl.constexpr,  # output columns per dot; == BLOCK_N keeps the chain in registers
@@ -296,13 +297,14 @@ def _chain_matmul_kernel(
         mask=row_mask[:, None] & (cols[None, :] < n0),
         other=0.0,
     )
-    for j in tl.static_range(NUM_FACTORS):
-        factor_ptr = _pick(j, f0_ptr, f1_ptr, f2_ptr, f3_ptr, f4_ptr, f5_ptr, f6_ptr, f7_ptr)
-        dest_ptr = _pick(j, d0_ptr, d1_ptr, d2_ptr, d3_ptr, d4_ptr, d5_ptr, d6_ptr, d7_ptr)
-        n_in = _pick(j, n0, n1, n2, n3, n4, n5, n6, n7)
-        n_out = _pick(j, n1, n2, n3, n4, n5, n6, n7, n8)
-        stride_out = _pick(j, so0, so1, so2, so3, so4, so5, so6, so7)
-        stride_in = _pick(j, si0, si1, si2, si3, si4, si5, si6, si7)
+    # A run-time loop: unrolled over 8 factors, a BLOCK_N=256 config took 47 s to compile for sm_90.
+    for j in range(NUM_FACTORS):
+        factor_ptr = _select(j, f0_ptr, f1_ptr, f2_ptr, f3_ptr, f4_ptr, f5_ptr, f6_ptr, f7_ptr)
+        dest_ptr = _select(j, d0_ptr, d1_ptr, d2_ptr, d3_ptr, d4_ptr, d5_ptr, d6_ptr, d7_ptr)
+        n_in = _select_int(j, n0, n1, n2, n3, n4, n5, n6, n7)
+        n_out = _select_int(j, n1, n2, n3, n4, n5, n6, n7, n8)
+        stride_out = _select_int(j, so0, so1, so2, so3, so4, so5, so6, so7)
+        stride_in = _select_int(j, si0, si1, si2, si3, si4, si5, si6, si7)
         dest_rows = dest_ptr + rows64[:, None] * n_out
         if BLOCK_NC == BLOCK_N:
             # F_j^T as a (BLOCK_N, BLOCK_N) tile: element [c, r] = F_j[r, c], zero outside.
@@ -313,8 +315,11 @@ def _chain_matmul_kernel(
             )
             acc = tl.dot(block, factor_t, input_precision=INPUT_PRECISION)
             block = acc.to(dtype)
-            if RETURN_ALL or j == NUM_FACTORS - 1:
-                tl.store(dest_rows + cols64[None, :], block, mask=row_mask[:, None] & (cols[None, :] < n_out))
+            out_mask = row_mask[:, None] & (cols[None, :] < n_out)
+            if RETURN_ALL:
+                tl.store(dest_rows + cols64[None, :], block, mask=out_mask)
+            elif j == NUM_FACTORS - 1:
+                tl.store(dest_rows + cols64[None, :], block, mask=out_mask)
         else:
             for chunk_start in tl.static_range(0, BLOCK_N, BLOCK_NC):
                 if chunk_start < n_out:

@@ -17,9 +17,12 @@ setup(
     package_dir={"fastrank": "fastrank", "fastrank.kernels": "kernels"},
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "triton"],
+        # The optional integrations and plots are tested too.
+        "test": ["pytest", "pytest-benchmark", "triton", "matplotlib", "lightning", "transformers", "accelerate"],
         "plot": ["matplotlib"],
         "progress": ["tqdm"],
+        "lightning": ["lightning"],
+        "transformers": ["transformers", "accelerate"],  # Trainer needs accelerate
     },
     entry_points={"console_scripts": ["fastrank=fastrank.cli:main"]},
 )

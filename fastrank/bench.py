@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ._extras import MissingExtra, pyplot  # noqa: F401  (MissingExtra: the CLI catches it from here)
 from ._version import __version__
 
 __all__ = [
@@ -373,22 +374,8 @@ def format_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-class MissingExtra(RuntimeError):
-    """An optional dependency (an ``extras_require`` entry of setup.py) is not installed."""
-
-
 def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise MissingExtra(
-            "--plot needs matplotlib, which is not installed: pip install matplotlib "
-            "(or pip install -e \".[plot]\")"
-        ) from None
-    return plt
+    return pyplot("--plot")
 
 
 def plot_rows(rows: Sequence[dict], path: str) -> None:

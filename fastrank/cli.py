@@ -2,7 +2,7 @@
 
 ``fastrank bench`` runs the benchmark suites, ``fastrank paper`` reproduces the observations of
 Huh et al. (arXiv 2103.10427), ``fastrank rank CHECKPOINT`` prints the rank of every weight of a
-checkpoint.
+checkpoint, ``fastrank plot HISTORY -o PNG`` draws a RankTracker history over steps.
 """
 
 from __future__ import annotations
@@ -150,6 +150,20 @@ def rank(args: argparse.Namespace) -> int:
     return 0
 
 
+def plot(args: argparse.Namespace) -> int:
+    from ._extras import MissingExtra
+    from .plot import load_history, plot_history
+
+    try:
+        rows = load_history(args.history)
+        plot_history(rows, args.output, metric=args.metric)
+    except (OSError, ValueError, KeyError, MissingExtra) as error:
+        print(f"fastrank plot: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.output}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastrank", description=__doc__)
     parser.add_argument("--version", action="version", version=f"fastrank {__version__}")
@@ -188,6 +202,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="effective-rank algorithm (see fastrank.effective_rank)",
     )
     rank_parser.set_defaults(handler=rank)
+    plot_parser = commands.add_parser("plot", help="draw a RankTracker history (CSV or JSON) over steps")
+    plot_parser.add_argument("history", help="a file written by RankTracker.to_csv (.csv) or to_json")
+    plot_parser.add_argument("-o", "--output", required=True, metavar="PATH", help="image to write (.png, .pdf, .svg)")
+    plot_parser.add_argument(
+        "--metric", default="effective_rank",
+        help="column to draw: effective_rank (default), spectral_entropy, stable_rank, ...",
+    )
+    plot_parser.set_defaults(handler=plot)
     args = parser.parse_args(argv)
     return args.handler(args)
 

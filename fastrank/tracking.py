@@ -35,12 +35,26 @@ TRACKING_TOLERANCE = 1e-6
 def weight_matrix(module: nn.Module) -> Tensor | None:
     """The 2-D weight whose rank is reported: ``(out, in)``; conv kernels as ``(out, in/groups*kh*kw)``.
 
-    Over-parameterized layers report their collapsed weight. Other modules: None.
+    Over-parameterized layers report their collapsed weight. Hugging Face's ``Conv1D`` (GPT-2: a
+    linear layer that stores its weight as ``(in, out)``) is read transposed, as ``(out, in)`` like
+    ``nn.Linear``. Other modules: None.
     """
     if isinstance(module, (OverparamLinear, OverparamConv2d, nn.Linear, nn.Conv2d)):
         weight = module.weight
         return weight.reshape(weight.shape[0], -1)
+    if _is_hf_conv1d(module):
+        return module.weight.T
     return None
+
+
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    # Recognized by class name and home, so that fastrank never imports transformers.
+    return (
+        type(module).__name__ == "Conv1D"
+        and type(module).__module__.startswith("transformers")
+        and isinstance(getattr(module, "weight", None), Tensor)
+        and module.weight.dim() == 2
+    )
 
 
 def _rows(output: Any) -> Tensor | None:
@@ -187,6 +201,7 @@ class RankTracker:
         self._history: list[dict[str, Any]] = []
         self._executor = ThreadPoolExecutor(max_workers=1) if background else None
         self._pending: list[tuple[int, Future]] = []
+        self._polled = 0  # rows of _history already handed out by poll()
         self._accumulators = {
             name: _EmbeddingAccumulator(sketch_threshold, sketch_size, seed) for name in embeddings
         }
@@ -242,6 +257,22 @@ class RankTracker:
         while self._pending:
             step, future = self._pending.pop(0)
             self._record(step, future.result())
+
+    def poll(self) -> list[tuple[int, dict[str, dict[str, float]]]]:
+        """Measurements recorded since the previous ``poll()``, without waiting: ``[(step, {name:
+        metrics})]`` in step order. Background measurements that have finished are recorded first
+        (in step order; one still running holds back the later ones). For loggers and callbacks.
+        """
+        while self._pending and self._pending[0][1].done():
+            step, future = self._pending.pop(0)
+            self._record(step, future.result())
+        fresh = self._history[self._polled :]
+        self._polled = len(self._history)
+        measurements: dict[int, dict[str, dict[str, float]]] = {}
+        for row in fresh:
+            metrics = {key: value for key, value in row.items() if key not in ("step", "name")}
+            measurements.setdefault(row["step"], {})[row["name"]] = metrics
+        return list(measurements.items())
 
     # ---- measurement ------------------------------------------------------------------------
 
@@ -372,6 +403,16 @@ class RankTracker:
                 if key in ("step", "name") or not isinstance(value, (int, float)) or math.isnan(value):
                     continue
                 writer.add_scalar(f"rank/{row['name']}/{key}", value, latest if step is None else step)
+
+    def plot(self, path: str, metric: str = "effective_rank") -> None:
+        """Draw ``metric`` against step for every measured module and write it to ``path``.
+
+        One line per module up to a dozen modules, a heat map (module x step) beyond; needs
+        matplotlib (``pip install "fastrank[plot]"``). See :func:`fastrank.plot.plot_history`.
+        """
+        from .plot import plot_history
+
+        plot_history(self.history, path, metric=metric)
 
     def remove(self) -> None:
         """Remove the forward hooks and finish the background measurements; the history stays."""

@@ -1,0 +1,96 @@
+"""Rank over training steps, drawn from ``RankTracker.history`` rows (or their CSV / JSON export).
+
+Few modules: one line per module against step. Many modules (more than
+:data:`MAX_LINES`): a heat map of module x step, which stays readable for hundreds of modules.
+Needs matplotlib (the ``plot`` extra).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from ._extras import pyplot
+
+__all__ = ["MAX_LINES", "load_history", "plot_history"]
+
+# Above this many modules a line plot's legend and colours stop being told apart: heat map.
+MAX_LINES = 12
+
+
+def load_history(path: str | Path) -> list[dict[str, Any]]:
+    """Rows written by ``RankTracker.to_csv`` (``.csv``) or ``RankTracker.to_json`` (anything else)."""
+    path = Path(path)
+    if path.suffix.lower() == ".csv":
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        for row in rows:
+            for key, value in row.items():
+                if key != "name" and value not in ("", None):
+                    row[key] = float(value)
+        return rows
+    with open(path) as f:
+        rows = json.load(f)
+    if not isinstance(rows, list) or not all(isinstance(row, Mapping) for row in rows):
+        raise ValueError(f"{path}: expected a JSON list of rows (RankTracker.to_json), got {type(rows).__name__}")
+    return rows
+
+
+def plot_history(rows: Iterable[Mapping[str, Any]], path: str | Path, metric: str = "effective_rank") -> None:
+    """Draw ``metric`` against step for every module in ``rows`` and write the figure to ``path``.
+
+    Args:
+        rows: ``{"step", "name", <metric>: value, ...}`` rows, as in ``RankTracker.history``.
+        path: output file; the format follows the suffix (``.png``, ``.pdf``, ``.svg``).
+        metric: the column to draw (``effective_rank``, ``spectral_entropy``, ``stable_rank``, ...).
+
+    Raises:
+        ValueError: no row carries ``metric`` (the message lists the metrics present).
+        fastrank._extras.MissingExtra: matplotlib is not installed.
+    """
+    rows = [row for row in rows]
+    series: dict[str, dict[float, float]] = {}
+    for row in rows:
+        value = row.get(metric)
+        if value is None or value == "" or (isinstance(value, float) and math.isnan(value)):
+            continue
+        series.setdefault(str(row["name"]), {})[float(row["step"])] = float(value)
+    if not series:
+        present = sorted({key for row in rows for key in row if key not in ("step", "name")})
+        raise ValueError(f"no row has a value for metric {metric!r}; the rows have {present}")
+    plt = pyplot("plotting rank history")
+    names = list(series)
+    steps = sorted({step for values in series.values() for step in values})
+    if len(names) <= MAX_LINES:
+        fig, axis = plt.subplots(figsize=(8, 4.5), dpi=100)
+        for name in names:
+            xs = sorted(series[name])
+            axis.plot(xs, [series[name][x] for x in xs], marker="o", markersize=3, label=name)
+        axis.set_xlabel("step")
+        axis.set_ylabel(metric.replace("_", " "))
+        axis.legend(fontsize=7, loc="best")
+        axis.grid(alpha=0.3)
+    else:
+        import numpy as np
+
+        grid = np.full((len(names), len(steps)), np.nan)
+        column = {step: j for j, step in enumerate(steps)}
+        for i, name in enumerate(names):
+            for step, value in series[name].items():
+                grid[i, column[step]] = value
+        height = min(0.5 + 0.16 * len(names), 40.0)
+        fig, axis = plt.subplots(figsize=(9, max(height, 3.0)), dpi=100)
+        image = axis.imshow(grid, aspect="auto", interpolation="nearest", cmap="viridis")
+        axis.set_yticks(range(len(names)), names, fontsize=max(3, min(7, 400 // len(names))))
+        ticks = np.linspace(0, len(steps) - 1, min(len(steps), 10)).round().astype(int)
+        axis.set_xticks(ticks, [f"{steps[t]:g}" for t in ticks], fontsize=7)
+        axis.set_xlabel("step")
+        fig.colorbar(image, ax=axis, label=metric.replace("_", " "))
+    axis.set_title(f"{metric.replace('_', ' ')} of {len(names)} modules over {len(steps)} measurements", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,205 @@
+"""Rank tracking in training frameworks: the Lightning and Hugging Face callbacks, the history plot
+(``RankTracker.plot``, ``fastrank plot``), and fastrank without either framework installed."""
+
+import copy
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fastrank
+import fastrank.cli
+from fastrank import RankTracker
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 16), nn.ReLU(), fastrank.OverparamLinear(16, 8, depth=3), nn.Linear(8, 3))
+
+
+def _batches():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 12, generator=gen)
+    y = torch.randn(40, 3, generator=gen)
+    return [(x[i : i + 8], y[i : i + 8]) for i in range(0, 40, 8)]  # 5 batches an epoch
+
+
+def _hand_run(net, epochs, every):
+    """The same training as the Lightning module below, stepped by hand with a RankTracker."""
+    tracker = RankTracker(net, embeddings=("1",), every=every)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    for _ in range(epochs):
+        for x, y in _batches():
+            opt.zero_grad()
+            nn.functional.mse_loss(net(x), y).backward()
+            opt.step()
+            tracker.step()
+    return tracker.history
+
+
+# ---- Lightning -------------------------------------------------------------------------------
+
+
+def test_lightning_fit_logs_what_a_hand_run_tracker_measures(tmp_path):
+    pl = pytest.importorskip("lightning.pytorch")
+    from fastrank.integrations.lightning import RankCallback
+
+    class Module(pl.LightningModule):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.mse_loss(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    class MemoryLogger(pl.loggers.Logger):
+        def __init__(self):
+            super().__init__()
+            self.logged = []
+
+        name, version = "memory", 0
+        experiment = None
+
+        def log_hyperparams(self, params, *args, **kwargs):
+            pass
+
+        def log_metrics(self, metrics, step=None):
+            self.logged.append((step, dict(metrics)))
+
+    net = _net()
+    expected = _hand_run(copy.deepcopy(net), epochs=3, every=4)
+    logger = MemoryLogger()
+    callback = RankCallback(embeddings=("net.1",), every=4, background=True)
+    trainer = pl.Trainer(
+        max_epochs=3, logger=logger, callbacks=[callback], accelerator="cpu", devices=1,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    x = torch.cat([b[0] for b in _batches()])
+    y = torch.cat([b[1] for b in _batches()])
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8, shuffle=False)
+    trainer.fit(Module(net), train_dataloaders=loader)
+    history = callback.tracker.history
+    # 15 batches, measured at batches 0, 4, 8, 12: one embedding and four weights each
+    assert [row["step"] for row in history] == [row["step"] for row in expected]
+    assert len({row["step"] for row in history}) == 4
+    for got, want in zip(history, expected):
+        assert got["name"] == "net." + want["name"], (got["name"], want["name"])
+        for key in ("effective_rank", "spectral_entropy", "stable_rank"):
+            assert got[key] == pytest.approx(want[key], rel=1e-9), (got["name"], key)
+    rank_logs = [(step, m) for step, m in logger.logged if any(k.startswith("rank/") for k in m)]
+    # logged at trainer.global_step when measured: the optimizer steps taken, batch + 1
+    assert [step for step, _ in rank_logs] == [1, 5, 9, 13]
+    last = rank_logs[-1][1]
+    want_last = {row["name"]: row for row in expected if row["step"] == 12}
+    assert last["rank/net.1/effective_rank"] == pytest.approx(want_last["1"]["effective_rank"], rel=1e-9)
+    assert last["rank/net.2.weight/stable_rank"] == pytest.approx(want_last["2.weight"]["stable_rank"], rel=1e-9)
+    assert all(math.isfinite(v) for v in last.values())
+
+
+# ---- Hugging Face ----------------------------------------------------------------------------
+
+
+def test_transformers_trainer_logs_rank_of_a_tiny_gpt2(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from fastrank.integrations.transformers import RankCallback
+
+    config = transformers.GPT2Config(vocab_size=97, n_positions=16, n_embd=32, n_layer=2, n_head=2)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config)
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 97, (12, 16), generator=gen)
+    dataset = [{"input_ids": t, "labels": t} for t in tokens]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-3,
+        logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
+    )
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset)
+    callback = RankCallback(embeddings=("transformer.h.1",), every=1, background=False).attach(trainer)
+    trainer.train()
+    history = callback.tracker.history
+    assert sorted({row["step"] for row in history}) == [0, 1, 2]
+    names = {row["name"] for row in history}
+    # GPT-2's Conv1D weights (stored (in, out)) are measured, as (out, in)
+    assert "transformer.h.0.attn.c_attn.weight" in names and "transformer.h.1" in names
+    attn = [row for row in history if row["name"] == "transformer.h.0.attn.c_attn.weight"][-1]
+    weight = model.transformer.h[0].attn.c_attn.weight.detach().double()  # (32, 96) = (in, out)
+    assert attn["effective_rank"] == pytest.approx(float(fastrank.effective_rank(weight.T)), rel=1e-9)
+    logged = [entry for entry in trainer.state.log_history if "rank/transformer.h.1/effective_rank" in entry]
+    assert [entry["rank/step"] for entry in logged] == [1.0, 2.0, 3.0]  # global_step after each step
+
+
+# ---- plots ------------------------------------------------------------------------------------
+
+
+def _tracked_history(modules):
+    rows = []
+    for step in range(0, 50, 10):
+        for j in range(modules):
+            rows.append({"step": step, "name": f"layer{j}.weight", "effective_rank": 5.0 + j + step / 10})
+    return rows
+
+
+@pytest.mark.parametrize("modules", [3, 60], ids=["lines", "heat-map"])
+def test_plot_history_writes_a_png(tmp_path, modules):
+    pytest.importorskip("matplotlib")
+    from fastrank.plot import plot_history
+
+    path = tmp_path / "ranks.png"
+    plot_history(_tracked_history(modules), path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+def test_tracker_plot_and_cli_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    net = _net()
+    tracker = RankTracker(net, embeddings=("1",), every=1)
+    for x, _ in _batches():
+        net(x)
+        tracker.step()
+    tracker.plot(tmp_path / "tracker.png", metric="stable_rank")
+    assert (tmp_path / "tracker.png").stat().st_size > 5000
+    tracker.to_csv(tmp_path / "ranks.csv")
+    tracker.to_json(tmp_path / "ranks.json")
+    for source in ("ranks.csv", "ranks.json"):
+        out = tmp_path / f"{source}.png"
+        assert fastrank.cli.main(["plot", str(tmp_path / source), "-o", str(out)]) == 0
+        assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plot_names_a_missing_metric(tmp_path, capsys):
+    path = tmp_path / "h.json"
+    path.write_text('[{"step": 0, "name": "a", "effective_rank": 2.0}]')
+    assert fastrank.cli.main(["plot", str(path), "-o", str(tmp_path / "x.png"), "--metric", "nc1"]) == 2
+    assert "no row has a value for metric 'nc1'; the rows have ['effective_rank']" in capsys.readouterr().err
+
+
+# ---- without the frameworks ------------------------------------------------------------------
+
+_BLOCKED = """
+import sys
+for name in ("lightning", "pytorch_lightning", "transformers"):
+    sys.modules[name] = None  # makes "import name" raise ImportError
+import fastrank, fastrank.integrations, fastrank.tracking
+assert not any(m in sys.modules and sys.modules[m] is not None for m in ("lightning", "transformers"))
+for module, extra in (("lightning", "lightning"), ("transformers", "transformers")):
+    try:
+        __import__(f"fastrank.integrations.{module}")
+    except ImportError as error:
+        assert f'pip install "fastrank[{extra}]"' in str(error), error
+    else:
+        raise AssertionError(f"fastrank.integrations.{module} imported without its framework")
+print("ok")
+"""
+
+
+def test_fastrank_imports_without_the_frameworks():
+    result = subprocess.run([sys.executable, "-c", _BLOCKED], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]

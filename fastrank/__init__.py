@@ -2,6 +2,7 @@
 
 from ._version import __version__
 from .chain import chain_costs, chain_linear, chain_matmul, collapsed_weight
+from .classes import class_metrics
 from .conv import collapse_kernels
 from .layers import OverparamConv2d, OverparamLinear, collapse, overparameterize
 from .rank import (
@@ -32,4 +33,5 @@ __all__ = [
     "nystrom_entropy",
     "RankEstimate",
     "RankTracker",
+    "class_metrics",
 ]

@@ -22,6 +22,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
 
+from .classes import ClassStatistics, _check_labels
 from .layers import OverparamConv2d, OverparamLinear
 from .rank import effective_ranks, nystrom_entropy, rank_metrics
 
@@ -154,6 +155,11 @@ class RankTracker:
             and returns None; the results reach ``history`` in step order, and reading ``history``
             (or ``flush()``, the exports, ``remove()``) waits for the pending ones. On a 2-core CPU
             this hides most of the measurement behind the training loop; results are the same.
+        num_classes: also measure the class geometry of each embedding (``nc1``,
+            ``class_mean_effective_rank``, ``classes``, ``empty_classes``; see
+            :mod:`fastrank.classes`): give each measured batch's labels with :meth:`set_labels`
+            before its forward. Streaming fp64 sums (C x d means, d x d scatter), all-reduced like
+            the Gram; embeddings are never stored.
 
     Use::
 
@@ -179,6 +185,7 @@ class RankTracker:
         seed: int = 0,
         process_group=None,
         background: bool = False,
+        num_classes: int | None = None,
     ) -> None:
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive int, got {every!r}")
@@ -202,6 +209,11 @@ class RankTracker:
         self._executor = ThreadPoolExecutor(max_workers=1) if background else None
         self._pending: list[tuple[int, Future]] = []
         self._polled = 0  # rows of _history already handed out by poll()
+        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1):
+            raise ValueError(f"num_classes must be a positive int or None, got {num_classes!r}")
+        self.num_classes = num_classes
+        self._labels: Tensor | None = None
+        self._class_stats: dict[str, ClassStatistics] = {}
         self._accumulators = {
             name: _EmbeddingAccumulator(sketch_threshold, sketch_size, seed) for name in embeddings
         }
@@ -224,8 +236,34 @@ class RankTracker:
             if rows is not None:
                 with torch.no_grad():
                     self._accumulators[name].add(rows)
+                    if self.num_classes is not None:
+                        self._add_classes(name, rows)
 
         return hook
+
+    def set_labels(self, labels: Tensor) -> None:
+        """The class of each sample of the next forward (``(B,)`` integers), for ``num_classes``.
+
+        Outputs with more rows than samples (``(B, T, d)`` tokens, ``(B, C, H, W)`` maps) give every
+        row of a sample its label.
+        """
+        if self.num_classes is None:
+            raise ValueError("set_labels needs RankTracker(..., num_classes=C)")
+        self._labels = _check_labels(labels, None, self.num_classes).detach()
+
+    def _add_classes(self, name: str, rows: Tensor) -> None:
+        labels = self._labels
+        if labels is None:
+            raise ValueError("RankTracker(num_classes=...): call set_labels(labels) before the forward of a measurement step")
+        if labels.numel() == 0 or rows.shape[0] % labels.numel():
+            raise ValueError(
+                f"RankTracker: module {name!r} gave {rows.shape[0]} rows for {labels.numel()} labels; "
+                "expected a whole number of rows per sample"
+            )
+        labels = labels.to(rows.device).repeat_interleave(rows.shape[0] // labels.numel())
+        if name not in self._class_stats:
+            self._class_stats[name] = ClassStatistics(self.num_classes, rows.shape[1], device=rows.device)
+        self._class_stats[name].add(rows, labels)
 
     def step(self) -> dict[str, dict[str, float]] | None:
         """End the current step: measure and record it if it is a measurement step, then advance.
@@ -240,6 +278,7 @@ class RankTracker:
                 self._pending.append((self.step_count, self._executor.submit(self._snapshot(copy=True))))
             for acc in self._accumulators.values():
                 acc.reset()
+            self._class_stats = {}
         self.step_count += 1
         return result
 
@@ -355,10 +394,13 @@ class RankTracker:
             for name, acc in self._accumulators.items()
             if acc.gram is not None
         ]
+        classes = {name: stats.reduced(self.process_group) for name, stats in self._class_stats.items()}
         weights = self._weights(copy) if self.weights else ([], [])
 
         def measure() -> dict[str, dict[str, float]]:
             results = {name: self._embedding_metrics(omega, totals) for name, omega, totals in embeddings}
+            for name, stats in classes.items():
+                results[name].update({k: v for k, v in stats.metrics().items() if k != "samples"})
             results.update(self._weight_metrics(*weights))
             return results
 

@@ -31,7 +31,7 @@ from .bench import _pyplot, environment
 from .layers import OverparamLinear
 from .rank import effective_rank, spectral_entropy
 
-__all__ = ["init_entropy", "matrix_completion", "reproduce", "format_markdown", "plot"]
+__all__ = ["init_entropy", "matrix_completion", "optimizer_sweep", "init_sweep", "reproduce", "format_markdown", "plot"]
 
 # rho of the anchor library's collapsed weight of a 256 -> 256 linear chain at init (mean of 5
 # seeds), for the table beside fastrank's value.
@@ -140,26 +140,11 @@ def matrix_completion(
     with _threads(1):
         for seed in seeds:
             target, mask = _completion_problem(size, rank, observed, seed)
-            scale = target.square().mean().sqrt()
             target_ranks.append(float(effective_rank(target)))
             for depth in depths:
-                torch.manual_seed(seed)
-                layer = OverparamLinear(size, size, depth=depth, bias=False, dtype=torch.float64)
-                with torch.no_grad():
-                    start = layer.weight.square().mean().sqrt()
-                    for factor in layer.factors:
-                        factor.mul_((init_scale / start) ** (1.0 / depth))
-                optimizer = torch.optim.Adam(layer.parameters(), lr=lr)
-                for _ in range(steps):
-                    optimizer.zero_grad()
-                    loss = (layer.weight - target)[mask].square().mean()
-                    loss.backward()
-                    optimizer.step()
-                with torch.no_grad():
-                    estimate = layer.weight
-                    train = float((estimate - target)[mask].square().mean().sqrt() / scale)
-                    test = float((estimate - target)[~mask].square().mean().sqrt() / scale)
-                    per_depth[depth].append((float(effective_rank(estimate)), train, test))
+                per_depth[depth].append(
+                    _complete(target, mask, depth, seed, "adam", lr, steps, init_scale, "default")
+                )
     rows = []
     for depth, values in per_depth.items():
         erank_mean, erank_std = _mean_std([v[0] for v in values])
@@ -179,10 +164,153 @@ def matrix_completion(
     return rows
 
 
-def reproduce(quick: bool = False, log: Callable[[str], None] | None = None) -> dict:
-    """Both observations with the settings of ``fastrank paper`` (``quick``: fewer seeds and steps).
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw")
+# Learning rates for the loss sum over observed entries / size (a 48 x 48 problem, init RMS 1e-3):
+# measured on a 2-core CPU, SGD at 0.2 diverges at every depth, 0.05 fits depths 1-4 within 1500
+# steps; the momentum variants take the same effective step (lr / (1 - 0.9)).
+LEARNING_RATES = {"sgd": 0.05, "momentum": 0.005, "nesterov": 0.005, "adam": 0.01, "adamw": 0.01}
+INITS = ("kaiming normal", "xavier normal", "orthogonal")
 
-    Returns a dict with ``settings``, ``observation1`` rows, ``observation2`` rows, the seconds each
+
+def _optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    if name == "momentum":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+    if name == "nesterov":  # no second-moment estimate
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    raise ValueError(f"unknown optimizer {name!r}; expected one of {OPTIMIZERS}")
+
+
+def _initialize(layer: OverparamLinear, init: str) -> None:
+    """Re-draw the factors: fastrank's default is Kaiming normal (gain 1, sqrt(2) on the last)."""
+    if init in ("default", "kaiming normal"):
+        return
+    with torch.no_grad():
+        for factor in layer.factors:
+            if init == "xavier normal":
+                torch.nn.init.xavier_normal_(factor)
+            elif init == "orthogonal":
+                torch.nn.init.orthogonal_(factor)
+            else:
+                raise ValueError(f"unknown init {init!r}; expected one of {INITS}")
+
+
+def _complete(target, mask, depth, seed, optimizer, lr, steps, init_scale, init) -> tuple[float, float, float]:
+    """Train ``OverparamLinear(size, size, depth)`` (fp64) to fit ``target`` on ``mask``.
+
+    The factors are drawn by ``init`` and rescaled so that the collapsed weight starts with RMS
+    entry ``init_scale`` (``None``: as drawn). Loss: the Adam runs use the mean squared error over
+    observed entries (Adam is scale-free); the others the sum over observed entries / size, so that
+    one learning rate serves every size. Returns (effective rank, train error, test error), errors
+    relative to the target's RMS entry; NaN for a run that diverged.
+    """
+    size = target.shape[0]
+    scale = target.square().mean().sqrt()
+    torch.manual_seed(seed)
+    layer = OverparamLinear(size, size, depth=depth, bias=False, dtype=torch.float64)
+    _initialize(layer, init)
+    if init_scale is not None:
+        with torch.no_grad():
+            start = layer.weight.square().mean().sqrt()
+            for factor in layer.factors:
+                factor.mul_((init_scale / start) ** (1.0 / depth))
+    opt = _optimizer(optimizer, layer.parameters(), lr)
+    adaptive = optimizer in ("adam", "adamw")
+    for _ in range(steps):
+        opt.zero_grad()
+        residual = (layer.weight - target)[mask]
+        loss = residual.square().mean() if adaptive else residual.square().sum() / size
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        estimate = layer.weight
+        if not torch.isfinite(estimate).all():
+            return (math.nan, math.nan, math.nan)
+        train = float((estimate - target)[mask].square().mean().sqrt() / scale)
+        test = float((estimate - target)[~mask].square().mean().sqrt() / scale)
+        return (float(effective_rank(estimate)), train, test)
+
+
+def _summary(values: list[tuple[float, float, float]]) -> dict:
+    finite = [v for v in values if math.isfinite(v[0])]
+    if not finite:
+        return {"effective_rank": math.nan, "effective_rank_std": math.nan, "train_error": math.nan,
+                "test_error": math.nan, "test_error_std": math.nan, "diverged": len(values)}
+    erank, erank_std = _mean_std([v[0] for v in finite])
+    test, test_std = _mean_std([v[2] for v in finite])
+    return {"effective_rank": erank, "effective_rank_std": erank_std,
+            "train_error": statistics.fmean(v[1] for v in finite), "test_error": test,
+            "test_error_std": test_std, "diverged": len(values) - len(finite)}
+
+
+def optimizer_sweep(
+    optimizers: tuple[str, ...] = OPTIMIZERS,
+    depths: tuple[int, ...] = (1, 2, 4, 8),
+    size: int = 48,
+    rank: int = 3,
+    observed: float = 0.35,
+    steps: int = 2000,
+    init_scale: float = 1e-3,
+    seeds: tuple[int, ...] = (0, 1, 2),
+) -> list[dict]:
+    """Observation 3: the low-rank bias of depth under SGD, momentum, Nesterov, Adam and AdamW.
+
+    Observation 2's matrix completion, each optimizer at its :data:`LEARNING_RATES` entry.
+    Returns rows ``{"optimizer", "depth", "effective_rank", "effective_rank_std", "train_error",
+    "test_error", "test_error_std", "diverged", "seeds"}``.
+    """
+    rows = []
+    with _threads(1):
+        problems = {seed: _completion_problem(size, rank, observed, seed) for seed in seeds}
+        for optimizer in optimizers:
+            for depth in depths:
+                values = [
+                    _complete(*problems[seed], depth, seed, optimizer, LEARNING_RATES[optimizer], steps,
+                              init_scale, "default")
+                    for seed in seeds
+                ]
+                rows.append({"optimizer": optimizer, "depth": depth, **_summary(values), "seeds": len(seeds)})
+    return rows
+
+
+def init_sweep(
+    inits: tuple[str, ...] = INITS,
+    scales: tuple[float | None, ...] = (1e-3, 1e-1),
+    depths: tuple[int, ...] = (1, 2, 4, 8),
+    size: int = 48,
+    rank: int = 3,
+    observed: float = 0.35,
+    steps: int = 2000,
+    seeds: tuple[int, ...] = (0, 1, 2),
+) -> list[dict]:
+    """Observation 4: the bias against initialization: Kaiming / Xavier normal and orthogonal
+    factors, the collapsed weight rescaled to RMS entry ``scale`` (``None``: as drawn), Adam.
+
+    Returns rows ``{"init", "scale", "depth", ...}`` with the fields of :func:`optimizer_sweep`.
+    """
+    rows = []
+    with _threads(1):
+        problems = {seed: _completion_problem(size, rank, observed, seed) for seed in seeds}
+        for init in inits:
+            for scale in scales:
+                for depth in depths:
+                    values = [
+                        _complete(*problems[seed], depth, seed, "adam", LEARNING_RATES["adam"], steps, scale, init)
+                        for seed in seeds
+                    ]
+                    rows.append({"init": init, "scale": scale, "depth": depth, **_summary(values), "seeds": len(seeds)})
+    return rows
+
+
+def reproduce(quick: bool = False, log: Callable[[str], None] | None = None) -> dict:
+    """Observations 1-4 with the settings of ``fastrank paper`` (``quick``: fewer seeds and steps).
+
+    Returns a dict with ``settings``, ``observation1`` .. ``observation4`` rows, the seconds each
     took and the environment (device name, versions, date).
     """
     log = log or (lambda text: None)
@@ -199,13 +327,29 @@ def reproduce(quick: bool = False, log: Callable[[str], None] | None = None) -> 
     start = time.perf_counter()
     observation2 = matrix_completion(**observation2_settings)
     seconds2 = time.perf_counter() - start
-    log(f"observation 2: {seconds2:.1f} s")
+    log(f"observation 2: {seconds2:.1f} s; observation 3: optimizers ...")
+    sweep_settings = {"depths": (1, 2, 4, 8), "size": 48, "rank": 3, "observed": 0.35,
+                      "steps": 800 if quick else 2000, "seeds": (0,) if quick else (0, 1, 2)}
+    observation3_settings = {**sweep_settings, "init_scale": 1e-3, "learning_rates": dict(LEARNING_RATES)}
+    start = time.perf_counter()
+    observation3 = optimizer_sweep(**{k: v for k, v in observation3_settings.items() if k != "learning_rates"})
+    seconds3 = time.perf_counter() - start
+    log(f"observation 3: {seconds3:.1f} s; observation 4: initializations ...")
+    observation4_settings = {**sweep_settings, "scales": (1e-3, 1e-1)}
+    start = time.perf_counter()
+    observation4 = init_sweep(**observation4_settings)
+    seconds4 = time.perf_counter() - start
+    log(f"observation 4: {seconds4:.1f} s")
     return {
         "quick": quick,
-        "settings": {"observation1": observation1_settings, "observation2": observation2_settings},
+        "settings": {"observation1": observation1_settings, "observation2": observation2_settings,
+                     "observation3": observation3_settings, "observation4": observation4_settings},
         "observation1": observation1,
         "observation2": observation2,
-        "seconds": {"observation1": seconds1, "observation2": seconds2},
+        "observation3": observation3,
+        "observation4": observation4,
+        "seconds": {"observation1": seconds1, "observation2": seconds2, "observation3": seconds3,
+                    "observation4": seconds4},
         "environment": environment("cpu"),
     }
 
@@ -266,19 +410,68 @@ def format_markdown(results: dict) -> str:
             f"| {row['depth']} | {row['effective_rank']:.2f}{spread} | {row['train_error']:.1e} | "
             f"{row['test_error']:.3f}{test_spread} |"
         )
+    if "observation3" in results:
+        lines += _sweep_markdown(
+            results["observation3"], results["settings"]["observation3"], "optimizer",
+            "### Observation 3: the bias holds across optimizers",
+            "Observation 2's completion, fastrank's default init at RMS entry {init_scale:g}, {steps} steps, "
+            "{seeds} seed(s); learning rates {learning_rates}. Cells: effective rank / held-out error "
+            "(train error in brackets where above 0.05: not converged).",
+        )
+    if "observation4" in results:
+        s4 = results["settings"]["observation4"]
+        rows4 = [{**row, "variant": f"{row['init']}, RMS {row['scale']:g}"} for row in results["observation4"]]
+        lines += _sweep_markdown(
+            rows4, s4, "variant",
+            "### Observation 4: the bias against initialization",
+            "Observation 2's completion with Adam (lr 0.01), factors drawn by each init and rescaled so "
+            "that the collapsed weight starts at the given RMS entry, {steps} steps, {seeds} seed(s). "
+            "Cells: effective rank / held-out error.",
+        )
     seconds = results["seconds"]
     lines += [
         "",
-        f"Measured in {seconds['observation1']:.0f} s + {seconds['observation2']:.0f} s "
-        f"({'--quick' if results['quick'] else 'full'}).",
+        "Measured in " + " + ".join(f"{seconds[key]:.0f} s" for key in sorted(seconds))
+        + f" ({'--quick' if results['quick'] else 'full'}).",
     ]
     return "\n".join(lines)
+
+
+def _sweep_markdown(rows: list[dict], settings: dict, key: str, title: str, caption: str) -> list[str]:
+    depths = list(dict.fromkeys(row["depth"] for row in rows))
+    seeds = settings["seeds"]
+    lines = [
+        "",
+        title,
+        "",
+        caption.format(**{**settings, "seeds": len(seeds)}),
+        "",
+        f"| {key} | " + " | ".join(f"depth {d}" for d in depths) + " |",
+        "|---|" + "---:|" * len(depths),
+    ]
+    for name in dict.fromkeys(row[key] for row in rows):
+        cells = []
+        for depth in depths:
+            row = next(r for r in rows if r[key] == name and r["depth"] == depth)
+            if not math.isfinite(row["effective_rank"]):
+                cells.append("diverged")
+                continue
+            cell = f"{row['effective_rank']:.2f} / {row['test_error']:.3f}"
+            if row["train_error"] > 0.05:
+                cell += f" ({row['train_error']:.2f})"
+            if row.get("diverged"):
+                cell += f", {row['diverged']} diverged"
+            cells.append(cell)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def plot(results: dict, path: str) -> None:
     """Two panels: entropy against depth (Observation 1), effective rank and test error (2)."""
     plt = _pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=90)
+    sweeps = "observation3" in results and "observation4" in results
+    fig, axes = plt.subplots(2 if sweeps else 1, 2, figsize=(9, 7.2 if sweeps else 3.6), dpi=90, squeeze=False)
+    left, right = axes[0]
     s1 = results["settings"]["observation1"]
     for kind, marker in zip(KINDS, "osD"):
         rows = [row for row in results["observation1"] if row["kind"] == kind]
@@ -317,6 +510,26 @@ def plot(results: dict, path: str) -> None:
     handles = right.get_legend_handles_labels()
     more = twin.get_legend_handles_labels()
     right.legend(handles[0] + more[0], handles[1] + more[1], fontsize=7)
+    if sweeps:
+        for axis, rows, key, title in (
+            (axes[1][0], results["observation3"], "optimizer", "Observation 3: optimizers"),
+            (axes[1][1], [{**r, "variant": f"{r['init']}, {r['scale']:g}"} for r in results["observation4"]],
+             "variant", "Observation 4: init, start RMS"),
+        ):
+            for name in dict.fromkeys(row[key] for row in rows):
+                mine = [row for row in rows if row[key] == name]
+                axis.plot([row["depth"] for row in mine], [row["effective_rank"] for row in mine], "o-",
+                          label=name, markersize=3)
+            target = results["observation2"][0]["target_effective_rank"]
+            axis.axhline(target, color="grey", linestyle=":", linewidth=0.8)
+            axis.set_xscale("log", base=2)
+            depths = sorted({row["depth"] for row in rows})
+            axis.set_xticks(depths, [str(d) for d in depths])
+            axis.set_yscale("log")
+            axis.set_xlabel("depth L")
+            axis.set_ylabel("effective rank after training")
+            axis.set_title(title, fontsize=9)
+            axis.legend(fontsize=6)
     env = results["environment"]
     fig.suptitle(
         f"fastrank {env['fastrank']} paper{' --quick' if results['quick'] else ''}: "

@@ -62,3 +62,45 @@ def test_tables_and_plot(tmp_path):
     path = tmp_path / "paper.png"
     paper.plot(results, str(path))
     assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_observation3_depth_lowers_rank_under_every_optimizer():
+    rows = paper.optimizer_sweep(depths=(1, 4), size=24, rank=2, observed=0.4, steps=500, seeds=(0,))
+    assert {row["optimizer"] for row in rows} == set(paper.OPTIMIZERS)
+    for optimizer in paper.OPTIMIZERS:
+        shallow, deep = (next(r for r in rows if r["optimizer"] == optimizer and r["depth"] == d) for d in (1, 4))
+        assert deep["effective_rank"] < shallow["effective_rank"] / 2, (optimizer, shallow, deep)
+        assert deep["diverged"] == 0
+
+
+def test_observation4_depth_lowers_rank_for_every_init():
+    rows = paper.init_sweep(scales=(1e-3,), depths=(1, 4), size=24, rank=2, observed=0.4, steps=500, seeds=(0,))
+    for init in paper.INITS:
+        shallow, deep = (next(r for r in rows if r["init"] == init and r["depth"] == d) for d in (1, 4))
+        assert deep["effective_rank"] < shallow["effective_rank"] / 2, (init, shallow, deep)
+
+
+def test_sweep_tables_and_plot(tmp_path):
+    small = dict(depths=(1, 2), size=12, rank=2, observed=0.5, steps=30, seeds=(0,))
+    results = {
+        "quick": True,
+        "settings": {
+            "observation1": {"depths": (1, 2), "features": 16, "samples": 32, "seeds": 2},
+            "observation2": {"depths": (1, 2), "size": 12, "rank": 2, "observed": 0.5, "lr": 0.01,
+                             "init_scale": 1e-3, "steps": 30, "seeds": (0,)},
+            "observation3": {**small, "init_scale": 1e-3, "learning_rates": paper.LEARNING_RATES},
+            "observation4": {**small, "scales": (1e-3,)},
+        },
+        "observation1": paper.init_entropy(depths=(1, 2), features=16, samples=32, seeds=2),
+        "observation2": paper.matrix_completion(depths=(1, 2), size=12, rank=2, observed=0.5, steps=30),
+        "observation3": paper.optimizer_sweep(optimizers=("sgd", "adam"), init_scale=1e-3, **small),
+        "observation4": paper.init_sweep(inits=("orthogonal",), scales=(1e-3,), **small),
+        "seconds": {"observation1": 0.1, "observation2": 0.2, "observation3": 0.3, "observation4": 0.4},
+        "environment": paper.environment("cpu"),
+    }
+    text = paper.format_markdown(results)
+    assert "### Observation 3" in text and "| sgd |" in text and "| orthogonal, RMS 0.001 |" in text
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "paper.png"
+    paper.plot(results, str(path))
+    assert path.read_bytes()[:4] == b"\x89PNG"

@@ -15,7 +15,8 @@ memory than the target allows; 2 when :data:`KERNELS` and a kernel disagree. On 
 the ahead-of-time API (or without ptxas) it prints why and exits 0 without checking anything.
 
 Compiles run in parallel, one forked process each (``--workers``, default ``os.cpu_count()``),
-so that a compile running past ``--timeout`` can be killed and reported. Finished rows are cached
+so that a compile running past ``--timeout`` can be killed and reported (and counted as failing
+again while the limit is not raised). Finished rows are cached
 under ``~/.cache/fastrank/kernel-report`` (``--cache-dir``; ``--no-cache`` to recompile), keyed
 on the kernel source (``JITFunction.cache_key``, which covers the functions it calls), the
 signature, constexprs, options, target and Triton version: an edit to a kernel recompiles that
@@ -676,6 +677,35 @@ def format_table(rows: Sequence[dict]) -> str:
     return "\n".join([line(headers), "-" * (sum(widths) + 2 * len(widths) + 6)] + [line(c) for c in cells])
 
 
+def format_groups(rows: Sequence[dict], ignore: Sequence[str] = ()) -> str:
+    """One line per (kernel, arch, dtype, variant) with ``ignore``'s constexprs merged: how many
+    configs fail, and the ranges of registers, spill stores and shared memory."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        variant = " ".join(p for p in row["variant"].split() if p.split("=")[0] not in ignore)
+        groups.setdefault((row["kernel"], row["arch"], row["dtype"], variant), []).append(row)
+    headers = ["kernel", "sm", "dtype", "variant", "configs", "fail", "spill", "smem>", "slow", "regs",
+               "max spill st B", "max smem B"]
+    lines = []
+    for (kernel, arch, dtype, variant), members in groups.items():
+        compiled = [r for r in members if "regs" in r]
+        failures = [f for r in members for f in r["failures"]]
+        lines.append([
+            kernel, str(arch), dtype, variant or "-", str(len(members)),
+            str(sum(1 for r in members if r["failures"])),
+            str(sum(f.startswith("spills") for f in failures)),
+            str(sum(f.startswith("shared memory") for f in failures)),
+            str(sum(f.startswith("compile exceeded") for f in failures)),
+            f"{min(r['regs'] for r in compiled)}-{max(r['regs'] for r in compiled)}" if compiled else "-",
+            str(max(r["spill_stores"] for r in compiled)) if compiled else "-",
+            str(max(r["shared"] for r in compiled)) if compiled else "-",
+        ])
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(headers)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
+    out += ["  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip() for line in lines]
+    return "\n".join(out)
+
+
 def _cache_path(cache_dir: str, key: str) -> str:
     return os.path.join(cache_dir, key[:2], f"{key}.json")
 
@@ -746,6 +776,9 @@ def main(argv: Sequence[str] | None = None, kernels: dict[str, KernelSpec] | Non
     parser.add_argument("--cache-dir", default=_default_cache_dir(), help="where finished rows are kept")
     parser.add_argument("--no-cache", action="store_true", help="recompile everything, store nothing")
     parser.add_argument("--failures-only", action="store_true", help="print only the failing rows")
+    parser.add_argument("--group", nargs="*", metavar="CONSTEXPR",
+                        help="print one line per kernel, dtype and launcher constexprs (merging the "
+                        "constexprs named here) instead of one per config")
     args = parser.parse_args(argv)
     kernels = KERNELS if kernels is None else kernels
     if args.kernel:
@@ -777,7 +810,10 @@ def main(argv: Sequence[str] | None = None, kernels: dict[str, KernelSpec] | Non
         return 2
     elapsed = time.perf_counter() - start
     failing = [row for row in rows if row["failures"]]
-    print(format_table(failing if args.failures_only else rows))
+    if args.group is not None:
+        print(format_groups(rows, args.group))
+    else:
+        print(format_table(failing if args.failures_only else rows))
     cached = sum(1 for row in rows if row.get("cached"))
     print(
         f"\n{len(rows)} compiles ({cached} from the cache) for sm_{', sm_'.join(map(str, args.arch))} "

@@ -187,3 +187,19 @@ def test_judge_passes_only_clean_rows():
     assert report.judge({**clean, "spill_loads": 4}, 90) == ["spills 0 B stored / 4 B loaded"]
     assert report.judge({"error": "PTXASError: x"}, 90) == ["does not compile: PTXASError: x"]
     assert report.judge({"timeout_s": 30.0, "error": None}, 90) == ["compile exceeded 30 s"]
+
+
+def test_format_groups_counts_failures_per_kernel_dtype_and_variant():
+    def row(variant, regs, spills, shared, failures):
+        return {"kernel": "k", "arch": 90, "dtype": "fp16", "variant": variant, "regs": regs,
+                "spill_stores": spills, "shared": shared, "failures": failures}
+
+    rows = [
+        row("BLOCK_N=64 RETURN_ALL=1", 128, 0, 1024, []),
+        row("BLOCK_N=64 RETURN_ALL=0", 255, 96, 2048, ["spills 96 B stored / 96 B loaded"]),
+        {"kernel": "k", "arch": 90, "dtype": "fp16", "variant": "BLOCK_N=64 RETURN_ALL=0",
+         "failures": ["compile exceeded 30 s"]},
+    ]
+    header, line = report.format_groups(rows, ignore=["RETURN_ALL"]).splitlines()
+    assert header.split()[:6] == ["kernel", "sm", "dtype", "variant", "configs", "fail"]
+    assert line.split() == ["k", "90", "fp16", "BLOCK_N=64", "3", "2", "1", "0", "1", "128-255", "96", "2048"]

@@ -126,10 +126,10 @@ def test_gate_fails_on_spills_shared_memory_and_compile_errors(tmp_path):
 def test_gate_fails_a_compile_over_the_time_limit(tmp_path):
     out = tmp_path / "slow.json"
     result = _run([sys.executable, str(CASES), "gate", "--arch", "90", "--kernel", "tile_product_slow", "--no-cache",
-                   "--timeout", "1", "--json", str(out)], timeout=300)
+                   "--timeout", "0.05", "--json", str(out)], timeout=300)
     assert result.returncode == 1, f"expected exit 1, got {result.returncode}:\n{result.stdout}\n{result.stderr}"
     (row,) = json.loads(out.read_text())["rows"]
-    assert row["failures"] == ["compile exceeded 1 s"], row
+    assert row["failures"] == ["compile exceeded 0.05 s"], row
 
 
 @needs_aot

@@ -160,6 +160,8 @@ class TableError(ValueError):
 
 # =============================================================================================
 # Triton's ahead-of-time API, which changed across 3.2 - 3.9: everything version-dependent is here.
+# Run with Triton 3.9 and 3.6 (the GPU machines' version); the 3.2 - 3.4 branches follow those
+# versions' triton/tools/compile.py and have not been run.
 # =============================================================================================
 
 

@@ -38,7 +38,9 @@ __all__ = [
     "measure",
     "plot_rows",
     "pytest_cases",
+    "pytest_settings",
     "run",
+    "synchronized",
     "suite_cases",
 ]
 
@@ -290,6 +292,36 @@ def pytest_cases(cases: Sequence[Case]) -> tuple[list[tuple[Case, str]], list[st
         return by_name[case_name].setup()
 
     return params, ids, prepared
+
+
+def pytest_settings() -> tuple[str, bool]:
+    """Device and sizes of the pytest-benchmark files in benchmarks/, read from the environment.
+
+    ``FASTRANK_BENCH_DEVICE``: ``cpu`` (the default) or ``cuda``; ``FASTRANK_BENCH_QUICK``: ``1``
+    for the sizes of ``fastrank bench --quick``, ``0`` (the default) for the full ones.
+    benchmarks/gpu/run.sh sets both.
+    """
+    device = os.environ.get("FASTRANK_BENCH_DEVICE", "cpu")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"FASTRANK_BENCH_DEVICE must be 'cpu' or 'cuda', got {device!r}")
+    quick = os.environ.get("FASTRANK_BENCH_QUICK", "0")
+    if quick not in ("0", "1"):
+        raise ValueError(f"FASTRANK_BENCH_QUICK must be '0' or '1', got {quick!r}")
+    return device, quick == "1"
+
+
+def synchronized(fn: Callable[[], object], device: str) -> Callable[[], object]:
+    """``fn`` followed by a device synchronization on CUDA, so that a timer around a call measures
+    the work and not only its launch (pytest-benchmark times plain calls)."""
+    if not device.startswith("cuda"):
+        return fn
+
+    def call():
+        result = fn()
+        torch.cuda.synchronize()
+        return result
+
+    return call
 
 
 # ----------------------------------------------------------------------------- output

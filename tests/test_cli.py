@@ -173,3 +173,28 @@ def test_pytest_cases_pairs_ids_and_one_setup_per_case():
     for case, variant in params:  # consecutive variants of a case reuse its setup
         assert prepared(case.name).variants[variant]() == variant
     assert built == ["a b", "c"]
+
+
+def test_pytest_settings_reads_device_and_quick_from_the_environment(monkeypatch):
+    monkeypatch.delenv("FASTRANK_BENCH_DEVICE", raising=False)
+    monkeypatch.delenv("FASTRANK_BENCH_QUICK", raising=False)
+    assert bench.pytest_settings() == ("cpu", False)
+    monkeypatch.setenv("FASTRANK_BENCH_DEVICE", "cuda")
+    monkeypatch.setenv("FASTRANK_BENCH_QUICK", "1")
+    assert bench.pytest_settings() == ("cuda", True)
+    monkeypatch.setenv("FASTRANK_BENCH_DEVICE", "gpu")
+    with pytest.raises(ValueError, match="FASTRANK_BENCH_DEVICE must be 'cpu' or 'cuda', got 'gpu'"):
+        bench.pytest_settings()
+    monkeypatch.setenv("FASTRANK_BENCH_DEVICE", "cpu")
+    monkeypatch.setenv("FASTRANK_BENCH_QUICK", "yes")
+    with pytest.raises(ValueError, match="FASTRANK_BENCH_QUICK must be '0' or '1', got 'yes'"):
+        bench.pytest_settings()
+
+
+def test_synchronized_leaves_cpu_calls_alone_and_returns_the_result():
+    def call():
+        return 7
+
+    assert bench.synchronized(call, "cpu") is call
+    if torch.cuda.is_available():
+        assert bench.synchronized(call, "cuda")() == 7

@@ -1,0 +1,227 @@
+#!/usr/bin/env bash
+# One command for a GPU machine: every test (CUDA cases run natively there) and the CUDA benchmark
+# suites (chain kernel, chain layers, rank), from a plain checkout with nothing installed.
+#
+#   bash benchmarks/gpu/run.sh [OUTDIR] [--dry-run]
+#
+# Writes into OUTDIR (default: $OUT, else benchmarks/gpu/out):
+#   run.log                  everything printed, starting with what the machine has
+#   tests.xml                JUnit XML of the test run
+#   bench-chain-kernel.json  pytest-benchmark --benchmark-json of each suite
+#   bench-chain.json
+#   bench-rank.json
+#   summary.json             device, versions, date, and per step: passed / failed / skipped / errors,
+#                            exit status, whether it ran into its time limit
+#
+# Needs python3 with torch, triton, pytest and pytest-benchmark; fastrank runs from this checkout
+# (a temporary package folder links fastrank/ and kernels/ as fastrank.kernels; PYTHONSAFEPATH
+# keeps the checkout's own fastrank/, which lacks kernels, off sys.path). Each step has a time
+# limit, together under 8 minutes; at its limit a step is interrupted (SIGINT: pytest still writes
+# its reports) and the next one starts.
+#
+# --dry-run: the same steps on the CPU (CUDA hidden), tests collected only and benchmark suites
+# run with every CUDA case skipped; exits 0 when everything collected and nothing failed. CI runs it.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+
+dry_run=0
+outdir="${OUT:-benchmarks/gpu/out}"
+for arg in "$@"; do
+    case "$arg" in
+        --dry-run) dry_run=1 ;;
+        -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -*) echo "run.sh: unknown option $arg (expected [OUTDIR] [--dry-run])" >&2; exit 2 ;;
+        *) outdir="$arg" ;;
+    esac
+done
+mkdir -p "$outdir"
+outdir="$(cd "$outdir" && pwd)"
+python="${PYTHON:-python3}"
+
+# Seconds per step. The GPU machine's lease gives a command at most 10 minutes; these add up to
+# 420 s, plus up to 10 s per step between SIGINT and SIGKILL and about 20 s of setup and summary.
+tests_limit=220
+chain_kernel_limit=100
+chain_limit=50
+rank_limit=50
+
+log="$outdir/run.log"
+: > "$log"
+exec > >(tee -a "$log") 2>&1
+
+scratch="$(mktemp -d)"
+trap 'rm -rf "$scratch"' EXIT
+
+# ---------------------------------------------------------------------------------------- fastrank
+# fastrank/ is the package and kernels/ its subpackage fastrank.kernels (setup.py package_dir):
+# link both into one folder and put that first on the path.
+mkdir -p "$scratch/site/fastrank"
+for entry in fastrank/*; do
+    [ "$(basename "$entry")" = "__pycache__" ] && continue
+    ln -s "$PWD/$entry" "$scratch/site/fastrank/"
+done
+ln -s "$PWD/kernels" "$scratch/site/fastrank/kernels"
+export PYTHONPATH="$scratch/site${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONSAFEPATH=1  # python -m / -c would put the current folder (with its fastrank/) first
+if [ "$dry_run" -eq 1 ]; then
+    export CUDA_VISIBLE_DEVICES=""
+fi
+
+echo "== run.sh $(date -u +%Y-%m-%dT%H:%M:%SZ) dry_run=$dry_run out=$outdir"
+echo "== machine"
+if command -v nvidia-smi >/dev/null 2>&1; then
+    nvidia-smi
+else
+    echo "nvidia-smi: not found"
+fi
+echo "cpus: $(nproc 2>/dev/null || echo unknown)"
+if ! "$python" - "$scratch/site" <<'EOF'
+import os, platform, sys
+import torch
+print("python", sys.version.replace("\n", " "), sys.executable)
+print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    print("device", torch.cuda.get_device_name(), torch.cuda.get_device_capability())
+for name in ("triton", "pytest", "pytest_benchmark"):
+    try:
+        module = __import__(name)
+        print(name, getattr(module, "__version__", "?"))
+    except ImportError as error:
+        print(name, "MISSING", error)
+import fastrank, fastrank.kernels
+site = os.path.abspath(sys.argv[1])
+for module in (fastrank, fastrank.kernels):
+    path = os.path.abspath(os.path.dirname(module.__file__))
+    print(module.__name__, fastrank.__version__, "from", os.path.realpath(path))
+    if not path.startswith(site):
+        sys.exit(f"{module.__name__} was imported from {path}, not from this checkout's {site}: "
+                 "an installed fastrank shadows it")
+EOF
+then
+    echo "run.sh: the environment check failed (see above)" >&2
+    exit 1
+fi
+
+# ---------------------------------------------------------------------------------------- steps
+# step NAME LIMIT_S PYTEST_ARGS...: pytest with a JUnit report in $scratch/NAME.xml; records the
+# exit status and whether the limit cut it short in $scratch/NAME.status.
+step() {
+    local name="$1" limit="$2"
+    shift 2
+    echo
+    echo "== $name (limit ${limit} s): pytest $*"
+    local start=$SECONDS
+    timeout -s INT -k 10 "$limit" "$python" -m pytest -p no:cacheprovider --junitxml="$scratch/$name.xml" "$@" \
+        2>&1 | tee "$scratch/$name.out"
+    local status=${PIPESTATUS[0]}
+    local timed_out=false
+    if [ $((SECONDS - start)) -ge "$limit" ]; then
+        timed_out=true
+    fi
+    echo "$status $timed_out $((SECONDS - start))" > "$scratch/$name.status"
+    echo "== $name: exit $status, $((SECONDS - start)) s, time limit reached: $timed_out"
+}
+
+# Kernel test files first, so that a run cut short by its limit has done them. The ahead-of-time
+# compile gate (about 800 compiles, CPU work) runs in CI, not on the GPU's time.
+test_selection=(tests/test_chain_kernel.py tests/test_sketch_kernel.py tests
+                --deselect tests/test_kernel_report.py::test_every_selectable_config_compiles_without_spills_for_sm90)
+if [ "$dry_run" -eq 1 ]; then
+    step tests "$tests_limit" -q --collect-only "${test_selection[@]}" > /dev/null  # 800 lines: summary only
+    tail -n 1 "$scratch/tests.out"
+else
+    step tests "$tests_limit" -q -rs --durations=15 "${test_selection[@]}"
+fi
+cp "$scratch/tests.xml" "$outdir/tests.xml" 2>/dev/null
+
+export FASTRANK_BENCH_DEVICE=cuda FASTRANK_BENCH_QUICK=1
+for suite in chain-kernel:"$chain_kernel_limit":test_chain_kernel_bench.py \
+             chain:"$chain_limit":test_chain_bench.py \
+             rank:"$rank_limit":test_rank_bench.py; do
+    IFS=: read -r name limit file <<< "$suite"
+    step "bench-$name" "$limit" "benchmarks/$file" -q -rs --benchmark-only \
+        --benchmark-json="$outdir/bench-$name.json"
+done
+
+# ---------------------------------------------------------------------------------------- summary
+"$python" - "$scratch" "$outdir" "$dry_run" <<'EOF'
+import datetime, json, os, platform, re, sys
+import xml.etree.ElementTree as ET
+import torch
+
+scratch, outdir, dry_run = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+steps = {}
+for name in ("tests", "bench-chain-kernel", "bench-chain", "bench-rank"):
+    status_path = os.path.join(scratch, f"{name}.status")
+    if not os.path.exists(status_path):
+        steps[name] = {"ran": False}
+        continue
+    status, timed_out, seconds = open(status_path).read().split()
+    output = open(os.path.join(scratch, f"{name}.out")).read()
+    collected = re.findall(r"(\d+)(?:/\d+)? tests? collected", output)
+    counts = {"collected": int(collected[-1]) if collected else None,  # --collect-only runs
+              "tests": 0, "passed": 0, "failed": 0, "errors": 0, "skipped": 0}
+    xml_path = os.path.join(scratch, f"{name}.xml")
+    if os.path.exists(xml_path):
+        for suite in ET.parse(xml_path).getroot().iter("testsuite"):
+            for key in ("tests", "failures", "errors", "skipped"):
+                counts["failed" if key == "failures" else key] += int(suite.get(key, 0))
+        counts["passed"] = counts["tests"] - counts["failed"] - counts["errors"] - counts["skipped"]
+    steps[name] = {"ran": True, "exit_status": int(status), "time_limit_reached": timed_out == "true",
+                   "seconds": int(seconds), "junit": os.path.exists(xml_path), **counts}
+try:
+    import triton
+    triton_version = triton.__version__
+except ImportError:
+    triton_version = None
+cuda = torch.cuda.is_available()
+summary = {
+    "dry_run": dry_run,
+    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    "device_name": torch.cuda.get_device_name() if cuda else f"CPU: {platform.processor() or platform.machine()}",
+    "device_capability": list(torch.cuda.get_device_capability()) if cuda else None,
+    "cpus": os.cpu_count(),
+    "python": platform.python_version(),
+    "torch": torch.__version__,
+    "cuda": torch.version.cuda,
+    "triton": triton_version,
+    "fastrank": __import__("fastrank").__version__,
+    "steps": steps,
+}
+with open(os.path.join(outdir, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=1)
+print("\n== summary")
+for name, step in steps.items():
+    if not step["ran"]:
+        print(f"{name:20s} did not run")
+        continue
+    collected = f"collected {step['collected']}  " if step["collected"] is not None else ""
+    print(f"{name:20s} exit {step['exit_status']}  {step['seconds']:4d} s  {collected}"
+          f"passed {step['passed']}  failed {step['failed']}  errors {step['errors']}  skipped {step['skipped']}"
+          + ("  TIME LIMIT" if step["time_limit_reached"] else ""))
+if dry_run:
+    # The dry run checks the plumbing: tests collected, and no benchmark case ran on the CPU.
+    problems = [f"{name}: not run" for name, step in steps.items() if not step["ran"]]
+    if not steps["tests"].get("collected"):
+        problems.append("tests: nothing collected")
+    for name in ("bench-chain-kernel", "bench-chain", "bench-rank"):
+        step = steps[name]
+        if step.get("ran") and (step["skipped"] == 0 or step["skipped"] != step["tests"]):
+            problems.append(f"{name}: {step['tests'] - step['skipped']} of {step['tests']} cases not skipped "
+                            "without CUDA (every one should be)")
+    if problems:
+        sys.exit("dry run: " + "; ".join(problems))
+EOF
+summary_status=$?
+
+# Exit status: 0 when every step ran to its end without failures (and, in a dry run, the summary's
+# checks held: tests collected, every benchmark case skipped without CUDA).
+overall=$summary_status
+for name in tests bench-chain-kernel bench-chain bench-rank; do
+    read -r status timed_out _ < "$scratch/$name.status" || status=1
+    if [ "$status" -ne 0 ]; then
+        overall=1
+    fi
+done
+echo "run.sh: done in $SECONDS s, exit $overall; results in $outdir"
+exit "$overall"

@@ -25,8 +25,8 @@ Rounding (fp16 / bf16)
 Passing a variable number of tensors
     Up to :data:`FACTORS_PER_LAUNCH` factors (group members) travel as ordinary kernel arguments,
     each with its sizes and strides; a count says how many are live and the kernel picks argument
-    j by a scalar select (in the chain) or at compile time (the grouped factor gradients' search
-    for a program's member). Nothing is copied
+    j by a scalar select in a run-time loop (unrolled over 8 slots, a BLOCK_N=256 chain config took
+    47 s to compile for sm_90). Nothing is copied
     to the device before a launch, so the launches are safe under CUDA graph capture
     (``torch.compile(mode="reduce-overhead")``). Longer chains run as consecutive launches of at
     most that many steps; larger groups as several grouped launches.
@@ -64,6 +64,7 @@ from fastrank.chain import (  # noqa: F401  (re-exported for the kernel tests)
 __all__ = [
     "FACTORS_PER_LAUNCH",
     "MAX_ONCHIP_WIDTH",
+    "MAX_ONCHIP_WIDTH_IEEE",
     "MAX_GROUPED_WIDTH",
     "chain_matmul",
     "chain_matmul_ref",
@@ -78,10 +79,13 @@ FACTORS_PER_LAUNCH = 8
 # Widest layer (max over n_0 .. n_k) that the one-launch chain kernel takes. The running row block
 # is held on chip padded to BLOCK_N = next power of two >= the widest layer, and each step reads a
 # whole (BLOCK_N, BLOCK_N) factor, so the kernel only pays off while that stays small.
-# NOT MEASURED on a GPU. To set it, time chain_matmul against one torch.matmul per step
-# (benchmarks/test_chain_kernel_bench.py) for widths 64..1024, B in {512, 8192, 65536}, L in
-# {2, 4, 8}, fp16 / bf16 / fp32, and take the largest width at which the kernel still wins.
-MAX_ONCHIP_WIDTH = 256
+# Compile gate (sm_90, Triton 3.9, benchmarks/results/kernel_report_sm90.md): every BLOCK_N=256
+# config spilled (up to 5 KB a thread with tensor cores, 58 KB in fp32 "ieee"), and at BLOCK_N=128
+# fp32 "ieee" spilled in 40 of 48 configs: wider chains take the torch path (cuBLAS per step).
+# NOT MEASURED on a GPU: whether the kernel beats one matmul per step at these widths is for
+# benchmarks/test_chain_kernel_bench.py to say.
+MAX_ONCHIP_WIDTH = 128
+MAX_ONCHIP_WIDTH_IEEE = 64  # fp32 with TF32 off: tl.dot runs on FMA units, all tiles in registers
 
 # Widest dimension (max over n_j, n_{j-1}) that the grouped factor-gradient kernel takes; above it
 # each dF_j is one matmul (cuBLAS, which splits the long reduction over M across programs; the
@@ -112,14 +116,14 @@ def _cuda_configs(kernel: str) -> list[triton.Config]:
     """
     if kernel == "chain":
         # BLOCK_NC caps the output-column chunk; it is clamped to BLOCK_N by _prune_chain_configs.
+        # One stage: the factor loop carries its running block, there is nothing to pipeline.
         if BUILT_FOR_INTERPRETER:
             return [triton.Config({"BLOCK_M": 32, "BLOCK_NC": 32}, num_warps=4, num_stages=1)]
         return [
-            triton.Config({"BLOCK_M": block_m, "BLOCK_NC": block_nc}, num_warps=warps, num_stages=stages)
+            triton.Config({"BLOCK_M": block_m, "BLOCK_NC": block_nc}, num_warps=warps, num_stages=1)
             for block_m in (32, 64, 128)
-            for block_nc in (64, 128)
+            for block_nc in (32, 64)
             for warps in (4, 8)
-            for stages in (2, 3)
         ]
     if kernel == "factor_grads":
         if BUILT_FOR_INTERPRETER:
@@ -132,30 +136,52 @@ def _cuda_configs(kernel: str) -> list[triton.Config]:
                 num_warps=warps,
                 num_stages=stages,
             )
-            for block_p, block_q in ((64, 64), (128, 64), (64, 128), (128, 128))
+            for block_p, block_q in ((64, 64), (128, 64), (64, 128))
             for block_k in (32, 64)
-            for warps, stages in ((4, 3), (8, 3), (4, 4))
+            for warps, stages in ((4, 3), (8, 3))
         ]
     raise ValueError(f"unknown kernel {kernel!r}")
 
 
 def _prune_chain_configs(configs, named_args, **kwargs):
-    """Clamp BLOCK_NC to BLOCK_N (one chunk when the whole layer fits) and drop duplicates."""
-    block_n = {**named_args, **kwargs}["BLOCK_N"]
+    """Clamp BLOCK_NC to BLOCK_N, drop duplicates and the tiles the sm_90 compile gate shows to
+    spill (Triton 3.9): 128-row blocks from BLOCK_N=64 on (and with 4 warps at 32); 64-row blocks
+    with 4 warps at BLOCK_N=64 in fp32 "ieee" (9 KB); at BLOCK_N=128 every 4-warp config (16-700 B)
+    and 64 x 64 chunks (56 B in fp32)."""
+    meta = {**named_args, **kwargs}
+    block_n, ieee = meta["BLOCK_N"], meta["INPUT_PRECISION"] == "ieee"
     pruned, seen = [], set()
     for config in configs:
+        block_m, warps = config.kwargs["BLOCK_M"], config.num_warps
         block_nc = min(config.kwargs["BLOCK_NC"], block_n)
-        key = (config.kwargs["BLOCK_M"], block_nc, config.num_warps, config.num_stages)
+        if block_m == 128 and (block_n >= 64 or (block_n == 32 and warps == 4)):
+            continue
+        if ieee and block_n >= 64 and block_m == 64 and warps == 4:
+            continue
+        if block_n >= 128 and (warps == 4 or (block_m == 64 and block_nc == 64)):
+            continue
+        key = (block_m, block_nc, warps, config.num_stages)
         if key not in seen:
             seen.add(key)
             pruned.append(
-                triton.Config(
-                    {**config.kwargs, "BLOCK_NC": block_nc},
-                    num_warps=config.num_warps,
-                    num_stages=config.num_stages,
-                )
+                triton.Config({**config.kwargs, "BLOCK_NC": block_nc}, num_warps=warps, num_stages=config.num_stages)
             )
     return pruned
+
+
+def _prune_factor_grads_configs(configs, named_args, **kwargs):
+    """Drop what the sm_90 compile gate shows to spill: BLOCK_K=64 with 4 warps; in fp32 "ieee"
+    (FMA units, every tile in registers) everything but 64 x 64 tiles with BLOCK_K=32."""
+    ieee = {**named_args, **kwargs}["INPUT_PRECISION"] == "ieee"
+    kept = []
+    for config in configs:
+        meta = config.kwargs
+        if meta["BLOCK_K"] == 64 and config.num_warps == 4:
+            continue
+        if ieee and (meta["BLOCK_P"], meta["BLOCK_Q"], meta["BLOCK_K"]) != (64, 64, 32):
+            continue
+        kept.append(config)
+    return kept
 
 
 def _input_precision(dtype: torch.dtype) -> str:
@@ -168,28 +194,6 @@ def _input_precision(dtype: torch.dtype) -> str:
 # --------------------------------------------------------------------------------------------
 # argument selection
 # --------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _pick(j: tl.constexpr, a0, a1, a2, a3, a4, a5, a6, a7):
-    """Argument ``j`` (a compile-time index) of eight."""
-    if j == 0:
-        value = a0
-    elif j == 1:
-        value = a1
-    elif j == 2:
-        value = a2
-    elif j == 3:
-        value = a3
-    elif j == 4:
-        value = a4
-    elif j == 5:
-        value = a5
-    elif j == 6:
-        value = a6
-    else:
-        value = a7
-    return value
 
 
 @triton.jit
@@ -390,12 +394,14 @@ def chain_matmul(x: Tensor, factors: Sequence[Tensor], return_all: bool = True) 
 
     Returns:
         Contiguous ``(M, n_j)`` tensors in ``x.dtype`` on x's device; see the module docstring for
-        the rounding. Widths above :data:`MAX_ONCHIP_WIDTH` run one matmul per step instead.
+        the rounding. Widths above :data:`MAX_ONCHIP_WIDTH` (:data:`MAX_ONCHIP_WIDTH_IEEE` for fp32
+        with TF32 off) run one matmul per step instead.
     """
     _check_chain(x, factors)
     M = x.shape[0]
     widths = [x.shape[1]] + [f.shape[0] for f in factors]
-    if x.dtype not in _KERNEL_DTYPES or M == 0 or min(widths) == 0 or max(widths) > MAX_ONCHIP_WIDTH:
+    limit = MAX_ONCHIP_WIDTH if _input_precision(x.dtype) == "tf32" else MAX_ONCHIP_WIDTH_IEEE
+    if x.dtype not in _KERNEL_DTYPES or M == 0 or min(widths) == 0 or max(widths) > limit:
         return chain_matmul_ref(x, factors, return_all)
 
     outputs: list[Tensor] = []
@@ -429,7 +435,11 @@ def chain_matmul(x: Tensor, factors: Sequence[Tensor], return_all: bool = True) 
 # --------------------------------------------------------------------------------------------
 
 
-@triton.autotune(configs=_cuda_configs("factor_grads"), key=["M_BUCKET", "WIDTH_BUCKET", "NUM_GROUPS"])
+@triton.autotune(
+    configs=_cuda_configs("factor_grads"),
+    key=["M_BUCKET", "WIDTH_BUCKET", "NUM_GROUPS"],
+    prune_configs_by={"early_config_prune": _prune_factor_grads_configs},
+)
 @triton.jit
 def _factor_grads_kernel(
     # pointers (slot g = group member g; slots g >= NUM_GROUPS are never read)
@@ -448,7 +458,7 @@ def _factor_grads_kernel(
     sim0, sim1, sim2, sim3, sim4, sim5, sim6, sim7,  # X_g along M
     siq0, siq1, siq2, siq3, siq4, siq5, siq6, siq7,  # X_g along q
     # meta-parameters
-    NUM_GROUPS: tl.constexpr,  # live slots, 1 .. 8
+    NUM_GROUPS,  # live slots, 1 .. 8
     BLOCK_P: tl.constexpr,  # rows of dF_g per program
     BLOCK_Q: tl.constexpr,  # columns of dF_g per program
     BLOCK_K: tl.constexpr,  # reduction (M) step
@@ -463,13 +473,13 @@ def _factor_grads_kernel(
     group = pid * 0
     group_start = pid * 0
     start = pid * 0
-    for g in tl.static_range(NUM_GROUPS):
+    for g in range(NUM_GROUPS):
         is_past = pid >= start
         group = tl.where(is_past, g, group)
         group_start = tl.where(is_past, start, group_start)
-        p_g = _pick(g, p0, p1, p2, p3, p4, p5, p6, p7)
-        q_g = _pick(g, q0, q1, q2, q3, q4, q5, q6, q7)
-        start += tl.cdiv(p_g, BLOCK_P) * tl.cdiv(q_g, BLOCK_Q)
+        p_g = _select_int(g, p0, p1, p2, p3, p4, p5, p6, p7)
+        q_g = _select_int(g, q0, q1, q2, q3, q4, q5, q6, q7)
+        start += (tl.cdiv(p_g, BLOCK_P) * tl.cdiv(q_g, BLOCK_Q)).to(tl.int32)
     grad_ptr = _select(group, g0_ptr, g1_ptr, g2_ptr, g3_ptr, g4_ptr, g5_ptr, g6_ptr, g7_ptr)
     input_ptr = _select(group, i0_ptr, i1_ptr, i2_ptr, i3_ptr, i4_ptr, i5_ptr, i6_ptr, i7_ptr)
     out_ptr = _select(group, o0_ptr, o1_ptr, o2_ptr, o3_ptr, o4_ptr, o5_ptr, o6_ptr, o7_ptr)

@@ -66,6 +66,7 @@ from dataclasses import dataclass, field
 #                   (constexprs, num_warps, num_stages).
 #   sizes           representative values of runtime arguments that the autotuner's prune
 #                   function reads (none of today's prune functions reads one).
+#   skip            (dtype, constexprs) -> True for combinations the launcher never launches.
 #
 # The report checks every entry against the kernel (fn.arg_names, which parameters are
 # constexpr, the autotune configs) and stops with a message naming the kernel and the argument
@@ -86,26 +87,41 @@ class KernelSpec:
     constexprs: dict[str, tuple | dict[str, tuple]] = field(default_factory=dict)
     launch: tuple[dict, int, int] | None = None
     sizes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    skip: Callable[[str, dict], bool] | None = None  # (dtype, constexprs) the launcher never makes
 
 
 KERNELS: dict[str, KernelSpec] = {
     "chain_matmul": KernelSpec(
         module="fastrank.kernels.chain",
         kernel="_chain_matmul_kernel",
-        args={"x_ptr": "*{dtype}:16", "table_ptr": "*i64:16", "M": "i32", "NUM_FACTORS": "i32",
-              "M_BUCKET": "i32:16", "stride_xm": "i32:16", "stride_xk": "1"},
+        # Eight factor / destination slots; factors of any layout (a transposed factor in the
+        # backward's reverse chain), so no unit-stride specialization.
+        args={"x_ptr": "*{dtype}:16",
+              **{f"f{j}_ptr": "*{dtype}:16" for j in range(8)},
+              **{f"d{j}_ptr": "*{dtype}:16" for j in range(8)},
+              "M": "i32", **{f"n{j}": "i32" for j in range(9)}, "M_BUCKET": "i32:16",
+              "stride_xm": "i32", "stride_xk": "1",
+              **{f"so{j}": "i32" for j in range(8)}, **{f"si{j}": "i32" for j in range(8)},
+              "NUM_FACTORS": "i32"},
         dtypes=("fp32", "fp16", "bf16"),
         constexprs={
-            "BLOCK_N": (16, 32, 64, 128, 256),  # _size_bucket(widest layer) <= MAX_ONCHIP_WIDTH
+            # size_bucket(widest layer): up to MAX_ONCHIP_WIDTH (fp32 "ieee": MAX_ONCHIP_WIDTH_IEEE)
+            "BLOCK_N": {"fp32": (16, 32, 64, 128), "fp16": (16, 32, 64, 128), "bf16": (16, 32, 64, 128)},
             "RETURN_ALL": (True, False),
             "INPUT_PRECISION": _CHAIN_PRECISION,
         },
+        skip=lambda dtype, variant: variant["INPUT_PRECISION"] == "ieee" and variant["BLOCK_N"] > 64,
     ),
     "chain_factor_grads": KernelSpec(
         module="fastrank.kernels.chain",
         kernel="_factor_grads_kernel",
-        args={"dtype_ptr": "*{dtype}:16", "table_ptr": "*i64:16", "M": "i32", "NUM_GROUPS": "i32",
-              "M_BUCKET": "i32:16", "WIDTH_BUCKET": "i32:16"},
+        args={**{f"g{j}_ptr": "*{dtype}:16" for j in range(8)},
+              **{f"i{j}_ptr": "*{dtype}:16" for j in range(8)},
+              **{f"o{j}_ptr": "*{dtype}:16" for j in range(8)},
+              "M": "i32", **{f"p{j}": "i32" for j in range(8)}, **{f"q{j}": "i32" for j in range(8)},
+              "M_BUCKET": "i32:16", "WIDTH_BUCKET": "i32:16",
+              **{f"{name}{j}": "i32" for name in ("sgm", "sgp", "sim", "siq") for j in range(8)},
+              "NUM_GROUPS": "i32"},
         dtypes=("fp32", "fp16", "bf16"),
         constexprs={"INPUT_PRECISION": _CHAIN_PRECISION},
     ),
@@ -443,6 +459,8 @@ def build_tasks(kernels: dict[str, KernelSpec], archs: Sequence[int]) -> list[Ta
             value_lists = [_values_for(n, spec.constexprs[n], dtype, name) for n in names]
             for values in itertools.product(*value_lists):
                 variant = dict(zip(names, values))
+                if spec.skip is not None and spec.skip(dtype, variant):
+                    continue
                 for meta, options in _selectable(name, spec, configs, prune, variant):
                     for arch in archs:
                         tasks.append(Task(name, arch, dtype, variant, meta, options, args, fn))

@@ -36,42 +36,21 @@ def _run(command: list[str], timeout: float) -> subprocess.CompletedProcess:
 
 
 # ------------------------------------------------------------------------------ the package's kernels
-class KernelGateFindings(AssertionError):
-    """Configs that compile but spill, overflow shared memory or compile too slowly."""
-
-
-FINDINGS = (
-    "369 of the 809 selectable sm_90 configs fail (Triton 3.9; benchmarks/results/kernel_report_sm90.md): "
-    "chain kernel: every BLOCK_N=256 config spills or (fp32 ieee) compiles for over 30 s, 8 fp32 tf32 "
-    "ones also exceed shared memory; at BLOCK_N=128, 40/48 fp32 ieee, 25/48 fp32 tf32, 16/48 fp16 / bf16; "
-    "at BLOCK_N=64 the BLOCK_M=128 4-warp configs; factor gradients: 10-15 of 24 per dtype, the 4-warp "
-    "ones with BLOCK_K=64 or 128 x 128 tiles (one over shared memory); sketch kernel: fp32 with Omega "
-    "generated at every tile, fp32 / fp64 at 128-wide tiles, fp16 / bf16 at 64 x 64 with Omega generated. "
-    "The autotune lists in kernels/chain.py and kernels/sketch.py must be pruned or the kernels fixed"
-)
-
-
 @needs_aot
-@pytest.mark.xfail(raises=KernelGateFindings, strict=False, reason=FINDINGS)
 def test_every_selectable_config_compiles_without_spills_for_sm90(tmp_path):
     out = tmp_path / "report.json"
     # Rows are cached under ~/.cache/fastrank/kernel-report: only kernels edited since the last run
-    # are compiled again. A cold run compiles about 800 configs.
+    # are compiled again. A cold run compiles 220 configs (about 50 s on 2 cores, Triton 3.9).
     result = _run([sys.executable, "-m", "fastrank.kernels.report", "--arch", "90", "--json", str(out),
-                   "--failures-only"], timeout=3600)
+                   "--failures-only"], timeout=1800)
     if result.returncode == 0:
         return
-    assert result.returncode == 1 and out.exists(), (
-        f"report exited with {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    )
-    rows = json.loads(out.read_text())["rows"]
-    failing = [row for row in rows if row["failures"]]
-    broken = [row for row in failing if any(f.startswith("does not compile") for f in row["failures"])]
-    assert not broken, "configs that do not compile:\n" + "\n".join(
-        f"{r['kernel']} {r['dtype']} {r['variant']} {r['config']}: {r['failures']}" for r in broken
-    )
-    raise KernelGateFindings(
-        f"{len(failing)} of {len(rows)} selectable configs fail the gate:\n{result.stdout[-6000:]}"
+    assert out.exists(), f"report exited with {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    failing = [row for row in json.loads(out.read_text())["rows"] if row["failures"]]
+    raise AssertionError(
+        f"{len(failing)} selectable configs fail the sm_90 gate (prune them in the kernel's autotune "
+        "configs or fix the kernel):\n"
+        + "\n".join(f"{r['kernel']} {r['dtype']} {r['variant']} {r['config']}: {r['failures']}" for r in failing)
     )
 
 

@@ -121,6 +121,7 @@ def test_chain_matmul_ref_meets_the_same_tolerance(dtype):
 def test_chain_matmul_fallback(monkeypatch, return_all):
     # Widths above the threshold take one torch.matmul per step and never launch the kernel.
     monkeypatch.setattr(chain_kernels, "MAX_ONCHIP_WIDTH", 8)
+    monkeypatch.setattr(chain_kernels, "MAX_ONCHIP_WIDTH_IEEE", 8)
     monkeypatch.setattr(chain_kernels, "_chain_matmul_kernel", None)  # a launch would raise
     x, factors = make_chain(7, [5, 17, 5], torch.float32, "transposed")
     outputs = chain_matmul(x, factors, return_all=return_all)
@@ -244,12 +245,12 @@ def test_chain_factor_grads_rejects_bad_inputs():
 @pytest.mark.parametrize(
     "batch,dims",
     [
-        (8192, [256, 256, 256, 256, 256]),  # on chip, several column chunks
-        (4099, [129, 200, 77, 255]),  # odd widths below the threshold
-        (1000, [512, 1024, 512]),  # above the threshold: torch.matmul per step
+        (8192, [128, 128, 128, 128, 128]),  # on chip (fp32: above the ieee threshold), column chunks
+        (4099, [33, 100, 77, 127]),  # odd widths below the threshold
+        (1000, [512, 1024, 512]),  # above the threshold: one matmul per step
         (65536, [64, 64, 64]),  # many programs
     ],
-    ids=["8192x256^4", "4099-odd", "1000-fallback", "65536x64^2"],
+    ids=["8192x128^4", "4099-odd", "1000-fallback", "65536x64^2"],
 )
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cuda_large_chain(dtype, batch, dims, layout):

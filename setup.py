@@ -18,11 +18,15 @@ setup(
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
         # The optional integrations and plots are tested too.
-        "test": ["pytest", "pytest-benchmark", "triton", "matplotlib", "lightning", "transformers", "accelerate"],
+        "test": [
+            "pytest", "pytest-benchmark", "triton", "matplotlib", "lightning", "transformers", "accelerate",
+            "scikit-learn",
+        ],
         "plot": ["matplotlib"],
         "progress": ["tqdm"],
         "lightning": ["lightning"],
         "transformers": ["transformers", "accelerate"],  # Trainer needs accelerate
+        "paper": ["scikit-learn"],  # the 8x8 digits data set ships with it
     },
     entry_points={"console_scripts": ["fastrank=fastrank.cli:main"]},
 )

@@ -80,7 +80,10 @@ def paper(args: argparse.Namespace) -> int:
         except MissingExtra as error:
             print(f"fastrank paper: {error}", file=sys.stderr)
             return 2
-    results = reproduction.reproduce(quick=args.quick, log=lambda text: print(text, file=sys.stderr, flush=True))
+    parts = tuple(dict.fromkeys(args.part)) if args.part else reproduction.PARTS
+    results = reproduction.reproduce(
+        quick=args.quick, log=lambda text: print(text, file=sys.stderr, flush=True), parts=parts
+    )
     print(reproduction.format_markdown(results))
     if args.json:
         with open(args.json, "w") as f:
@@ -191,7 +194,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     paper_parser.add_argument(
         "--quick", action="store_true", help="fewer seeds and training steps (about a minute on 2 CPU cores)"
     )
-    paper_parser.add_argument("--plot", metavar="PATH", help="write a PNG of both observations (needs matplotlib)")
+    paper_parser.add_argument(
+        "--part", action="append", choices=["1", "2", "3", "4", "digits"],
+        help="run only this part (repeatable): observations 1-4, or the digits experiments "
+        "(needs scikit-learn: the `paper` extra); default: all",
+    )
+    paper_parser.add_argument("--plot", metavar="PATH", help="write a PNG of the parts run (needs matplotlib)")
     paper_parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
     paper_parser.set_defaults(handler=paper)
     rank_parser = commands.add_parser("rank", help="rank of every weight of a checkpoint")

@@ -27,11 +27,16 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from ._extras import MissingExtra, require
 from .bench import _pyplot, environment
-from .layers import OverparamLinear
+from .classes import class_metrics
+from .layers import OverparamLinear, collapse, overparameterize
 from .rank import effective_rank, spectral_entropy
 
-__all__ = ["init_entropy", "matrix_completion", "optimizer_sweep", "init_sweep", "reproduce", "format_markdown", "plot"]
+__all__ = [
+    "init_entropy", "matrix_completion", "optimizer_sweep", "init_sweep", "load_digits",
+    "digits_embedding_rank", "digits_overparameterized", "digits_collapse", "digits_ncc_depth", "reproduce", "format_markdown", "plot",
+]
 
 # rho of the anchor library's collapsed weight of a 256 -> 256 linear chain at init (mean of 5
 # seeds), for the table beside fastrank's value.
@@ -307,56 +312,289 @@ def init_sweep(
     return rows
 
 
-def reproduce(quick: bool = False, log: Callable[[str], None] | None = None) -> dict:
-    """Observations 1-4 with the settings of ``fastrank paper`` (``quick``: fewer seeds and steps).
+# ---- natural data: scikit-learn's 8x8 digits (1,797 images, shipped with the package) -------------
 
-    Returns a dict with ``settings``, ``observation1`` .. ``observation4`` rows, the seconds each
-    took and the environment (device name, versions, date).
+
+def load_digits(dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """The digits as ``(1797, 64)`` features scaled to [0, 1] and ``(1797,)`` int64 labels.
+
+    Needs scikit-learn (``pip install "fastrank[paper]"``); nothing is downloaded.
+    """
+    datasets = require("sklearn.datasets", "paper", "the digits experiments")
+    digits = datasets.load_digits()
+    return torch.tensor(digits.data / 16.0, dtype=dtype), torch.tensor(digits.target, dtype=torch.int64)
+
+
+def _split(samples: int, seed: int, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    order = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
+    return order[:samples], order[samples:]
+
+
+def _mlp(hidden_layers: int, width: int = 64, classes: int = 10) -> torch.nn.Sequential:
+    layers: list[torch.nn.Module] = []
+    features = 64
+    for _ in range(hidden_layers):
+        layers += [torch.nn.Linear(features, width), torch.nn.ReLU()]
+        features = width
+    layers.append(torch.nn.Linear(features, classes))
+    return torch.nn.Sequential(*layers).double()
+
+
+def _fit(model, x, y, steps, lr=1e-3, weight_decay=0.0) -> None:
+    """Full-batch AdamW on cross-entropy."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def _embeddings(model: torch.nn.Sequential, x: torch.Tensor) -> list[torch.Tensor]:
+    """The output of every ReLU (each hidden layer's embedding), in order."""
+    outputs = []
+    with torch.no_grad():
+        for layer in model:
+            x = layer(x)
+            if isinstance(layer, torch.nn.ReLU):
+                outputs.append(x)
+    return outputs
+
+
+def _accuracy(model, x, y) -> float:
+    with torch.no_grad():
+        return float((model(x).argmax(1) == y).double().mean())
+
+
+def digits_embedding_rank(
+    hidden_layers: tuple[int, ...] = (1, 2, 4, 6),
+    linear_depths: tuple[int, ...] = (1, 2, 4),
+    samples: int = 500,
+    steps: int = 1000,
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4),
+) -> list[dict]:
+    """Observation 2 on natural data: effective rank of the penultimate embeddings on held-out
+    digits after training, against non-linear depth (ReLU MLPs of width 64) and against linear
+    over-parameterization depth (a one-hidden-layer MLP whose layers are ``OverparamLinear`` of
+    that depth). Rows ``{"sweep", "depth", "effective_rank", "effective_rank_std", "test_accuracy",
+    "test_accuracy_std", "seeds"}``; the embedding Gram is centered.
+    """
+    x, y = load_digits()
+    rows = []
+    with _threads(1):
+        for sweep, depths in (("ReLU layers", hidden_layers), ("linear over-parameterization", linear_depths)):
+            for depth in depths:
+                ranks, accuracies = [], []
+                for seed in seeds:
+                    train, test = _split(samples, seed, len(x))
+                    torch.manual_seed(seed)
+                    if sweep == "ReLU layers":
+                        model = _mlp(depth)
+                    else:
+                        model = _mlp(1)
+                        if depth > 1:
+                            overparameterize(model, depth=depth)
+                    _fit(model, x[train], y[train], steps)
+                    penultimate = _embeddings(model, x[test])[-1]
+                    ranks.append(float(effective_rank(penultimate, gram=True, center=True)))
+                    accuracies.append(_accuracy(model, x[test], y[test]))
+                rank_mean, rank_std = _mean_std(ranks)
+                accuracy_mean, accuracy_std = _mean_std(accuracies)
+                rows.append({"sweep": sweep, "depth": depth, "effective_rank": rank_mean,
+                             "effective_rank_std": rank_std, "test_accuracy": accuracy_mean,
+                             "test_accuracy_std": accuracy_std, "seeds": len(seeds)})
+    return rows
+
+
+def digits_overparameterized(
+    depths: tuple[int, ...] = (1, 2, 3, 4),
+    samples: tuple[int, ...] = (200, 500),
+    steps: int = 1000,
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4),
+) -> list[dict]:
+    """The paper's practical claim on digits: a ReLU MLP (64-128-128-10) trained plainly (depth 1)
+    against the same network with every linear layer over-parameterized to ``depth`` factors
+    (``overparameterize``: fastrank's default init), trained the same way (full-batch AdamW, lr
+    1e-3) and ``collapse``d back to plain layers before testing: the same capacity at test time.
+    Rows ``{"samples", "depth", "test_accuracy", "test_accuracy_std", "seeds"}``.
+    """
+    x, y = load_digits()
+    rows = []
+    with _threads(1):
+        for count in samples:
+            for depth in depths:
+                accuracies = []
+                for seed in seeds:
+                    train, test = _split(count, seed, len(x))
+                    torch.manual_seed(seed)
+                    model = _mlp(2, width=128)
+                    if depth > 1:
+                        overparameterize(model, depth=depth)
+                    _fit(model, x[train], y[train], steps)
+                    model = collapse(model)
+                    accuracies.append(_accuracy(model, x[test], y[test]))
+                mean, std = _mean_std(accuracies)
+                rows.append({"samples": count, "depth": depth, "test_accuracy": mean,
+                             "test_accuracy_std": std, "seeds": len(seeds)})
+    return rows
+
+
+def digits_collapse(
+    weight_decays: tuple[float, ...] = (0.0, 0.3, 1.0, 3.0),
+    hidden_layers: int = 4,
+    samples: int = 1000,
+    steps: int = 2000,
+    seeds: tuple[int, ...] = (0, 1, 2),
+) -> list[dict]:
+    """Rank collapse under weight decay (ReLU MLP of ``hidden_layers`` x 64 on digits, AdamW):
+    per layer, the effective rank of its weight, and NC1 and nearest-class-center accuracy of its
+    input embeddings (the previous layer's output, training set). Rows ``{"weight_decay", "layer",
+    "weight_effective_rank", "input_nc1", "input_ncc_accuracy", "train_accuracy", "seeds"}``
+    (means over seeds).
+    """
+    x, y = load_digits()
+    rows = []
+    with _threads(1):
+        for decay in weight_decays:
+            collected: dict[int, list[tuple[float, float, float, float]]] = {}
+            for seed in seeds:
+                train, _ = _split(samples, seed, len(x))
+                torch.manual_seed(seed)
+                model = _mlp(hidden_layers)
+                _fit(model, x[train], y[train], steps, weight_decay=decay)
+                inputs = [x[train]] + _embeddings(model, x[train])
+                linears = [m for m in model if isinstance(m, torch.nn.Linear)]
+                metrics = class_metrics(inputs, y[train], num_classes=10)
+                accuracy = _accuracy(model, x[train], y[train])
+                for j, (linear, metric) in enumerate(zip(linears, metrics)):
+                    collected.setdefault(j + 1, []).append(
+                        (float(effective_rank(linear.weight.detach())), metric["nc1"], metric["ncc_accuracy"], accuracy)
+                    )
+            for layer, values in collected.items():
+                rows.append({"weight_decay": decay, "layer": layer,
+                             "weight_effective_rank": statistics.fmean(v[0] for v in values),
+                             "input_nc1": statistics.fmean(v[1] for v in values),
+                             "input_ncc_accuracy": statistics.fmean(v[2] for v in values),
+                             "train_accuracy": statistics.fmean(v[3] for v in values),
+                             "seeds": len(seeds)})
+    return rows
+
+
+PARTS = ("1", "2", "3", "4", "digits")
+
+
+def digits_ncc_depth(
+    depths: tuple[int, ...] = (2, 4, 6, 8),
+    samples: int = 1000,
+    steps: int = 2000,
+    seeds: tuple[int, ...] = (0, 1, 2),
+) -> list[dict]:
+    """Minimal effective depth: nearest-class-center accuracy of every layer's embeddings (training
+    set) of ReLU MLPs with ``depth`` hidden layers of 64, trained as in :func:`digits_collapse`
+    without weight decay. Rows ``{"depth", "layer", "ncc_accuracy", "nc1", "seeds"}`` (means)."""
+    x, y = load_digits()
+    rows = []
+    with _threads(1):
+        for depth in depths:
+            collected: dict[int, list[tuple[float, float]]] = {}
+            for seed in seeds:
+                train, _ = _split(samples, seed, len(x))
+                torch.manual_seed(seed)
+                model = _mlp(depth)
+                _fit(model, x[train], y[train], steps)
+                for layer, metric in enumerate(class_metrics(_embeddings(model, x[train]), y[train], num_classes=10), 1):
+                    collected.setdefault(layer, []).append((metric["ncc_accuracy"], metric["nc1"]))
+            for layer, values in collected.items():
+                rows.append({"depth": depth, "layer": layer,
+                             "ncc_accuracy": statistics.fmean(v[0] for v in values),
+                             "nc1": statistics.fmean(v[1] for v in values), "seeds": len(seeds)})
+    return rows
+
+
+def reproduce(
+    quick: bool = False, log: Callable[[str], None] | None = None, parts: tuple[str, ...] = PARTS
+) -> dict:
+    """The parts of ``fastrank paper`` (``quick``: fewer seeds and steps): Observations ``"1"`` ..
+    ``"4"`` and the ``"digits"`` experiments (skipped, with a logged reason, without scikit-learn).
+
+    Returns a dict with ``settings``, ``observation1`` .. ``observation4`` rows and ``digits``
+    (those asked for), the seconds each took and the environment (device name, versions, date).
     """
     log = log or (lambda text: None)
+    unknown = [part for part in parts if part not in PARTS]
+    if unknown:
+        raise ValueError(f"unknown part(s) {unknown}; expected some of {list(PARTS)}")
     observation1_settings = {"depths": (1, 2, 4, 8, 16), "features": 256, "samples": 512, "seeds": 5}
     observation2_settings = {
         "depths": (1, 2, 3, 4), "size": 48, "rank": 3, "observed": 0.35, "lr": 0.01, "init_scale": 1e-3,
         "steps": 800 if quick else 2000, "seeds": (0,) if quick else (0, 1, 2),
     }
-    log("observation 1: spectral entropy at initialization ...")
-    start = time.perf_counter()
-    observation1 = init_entropy(**observation1_settings)
-    seconds1 = time.perf_counter() - start
-    log(f"observation 1: {seconds1:.1f} s; observation 2: matrix completion ...")
-    start = time.perf_counter()
-    observation2 = matrix_completion(**observation2_settings)
-    seconds2 = time.perf_counter() - start
-    log(f"observation 2: {seconds2:.1f} s; observation 3: optimizers ...")
     sweep_settings = {"depths": (1, 2, 4, 8), "size": 48, "rank": 3, "observed": 0.35,
                       "steps": 800 if quick else 2000, "seeds": (0,) if quick else (0, 1, 2)}
     observation3_settings = {**sweep_settings, "init_scale": 1e-3, "learning_rates": dict(LEARNING_RATES)}
-    start = time.perf_counter()
-    observation3 = optimizer_sweep(**{k: v for k, v in observation3_settings.items() if k != "learning_rates"})
-    seconds3 = time.perf_counter() - start
-    log(f"observation 3: {seconds3:.1f} s; observation 4: initializations ...")
     observation4_settings = {**sweep_settings, "scales": (1e-3, 1e-1)}
-    start = time.perf_counter()
-    observation4 = init_sweep(**observation4_settings)
-    seconds4 = time.perf_counter() - start
-    log(f"observation 4: {seconds4:.1f} s")
-    return {
-        "quick": quick,
-        "settings": {"observation1": observation1_settings, "observation2": observation2_settings,
-                     "observation3": observation3_settings, "observation4": observation4_settings},
-        "observation1": observation1,
-        "observation2": observation2,
-        "observation3": observation3,
-        "observation4": observation4,
-        "seconds": {"observation1": seconds1, "observation2": seconds2, "observation3": seconds3,
-                    "observation4": seconds4},
-        "environment": environment("cpu"),
+    runs = {
+        "1": ("observation1", "spectral entropy at initialization", init_entropy, observation1_settings),
+        "2": ("observation2", "matrix completion", matrix_completion, observation2_settings),
+        "3": ("observation3", "optimizers", optimizer_sweep,
+              {k: v for k, v in observation3_settings.items() if k != "learning_rates"}),
+        "4": ("observation4", "initializations", init_sweep, observation4_settings),
     }
+    results: dict = {"quick": quick, "settings": {}, "seconds": {}}
+    settings_shown = {"1": observation1_settings, "2": observation2_settings, "3": observation3_settings,
+                      "4": observation4_settings}
+    for part in parts:
+        if part not in runs:
+            continue
+        key, title, function, settings = runs[part]
+        log(f"observation {part}: {title} ...")
+        start = time.perf_counter()
+        results[key] = function(**settings)
+        results["seconds"][key] = time.perf_counter() - start
+        results["settings"][key] = settings_shown[part]
+        log(f"observation {part}: {results['seconds'][key]:.1f} s")
+    digits = {}
+    if "digits" in parts:
+        digits = _run_digits(quick, log)
+    results["digits"] = digits
+    results["environment"] = environment("cpu")
+    return results
+
+
+def _run_digits(quick: bool, log: Callable[[str], None]) -> dict:
+    try:
+        load_digits()
+    except MissingExtra as error:
+        log(f"digits experiments skipped: {error}")
+        return {}
+    seeds = (0, 1) if quick else (0, 1, 2, 3, 4)
+    settings = {
+        "embedding_rank": {"steps": 500 if quick else 1000, "seeds": seeds},
+        "overparameterized": {"steps": 500 if quick else 1000, "seeds": seeds},
+        "collapse": {"steps": 1000 if quick else 2000, "seeds": seeds[:3]},
+        "ncc_depth": {"steps": 1000 if quick else 2000, "seeds": seeds[:3]},
+    }
+    digits: dict = {"settings": settings}
+    for name, function in (("embedding_rank", digits_embedding_rank), ("overparameterized", digits_overparameterized),
+                           ("collapse", digits_collapse), ("ncc_depth", digits_ncc_depth)):
+        log(f"digits: {name} ...")
+        start = time.perf_counter()
+        digits[name] = function(**settings[name])
+        digits[f"{name}_seconds"] = time.perf_counter() - start
+    return digits
 
 
 def format_markdown(results: dict) -> str:
-    """Both tables as markdown, with the settings they were measured with."""
-    s1, s2 = results["settings"]["observation1"], results["settings"]["observation2"]
+    """The tables of the parts in ``results`` as markdown, with the settings they were measured with."""
+    lines: list[str] = []
+    if "observation1" in results:
+        lines += _observation1_markdown(results)
+    if "observation2" in results:
+        lines += _observation2_markdown(results)
+    return _more_markdown(results, lines)
+
+
+def _observation1_markdown(results: dict) -> list[str]:
+    s1 = results["settings"]["observation1"]
     rows1 = results["observation1"]
     lines = [
         "### Observation 1: spectral entropy at initialization (nats, mean ± std over "
@@ -389,8 +627,13 @@ def format_markdown(results: dict) -> str:
             )
             + " |"
         )
+    return lines
+
+
+def _observation2_markdown(results: dict) -> list[str]:
+    s2 = results["settings"]["observation2"]
     rows2 = results["observation2"]
-    lines += [
+    lines = [
         "",
         f"### Observation 2: matrix completion ({s2['size']} x {s2['size']}, rank {s2['rank']}, "
         f"{100 * s2['observed']:.0f}% of entries observed)",
@@ -410,6 +653,10 @@ def format_markdown(results: dict) -> str:
             f"| {row['depth']} | {row['effective_rank']:.2f}{spread} | {row['train_error']:.1e} | "
             f"{row['test_error']:.3f}{test_spread} |"
         )
+    return lines
+
+
+def _more_markdown(results: dict, lines: list[str]) -> str:
     if "observation3" in results:
         lines += _sweep_markdown(
             results["observation3"], results["settings"]["observation3"], "optimizer",
@@ -428,6 +675,8 @@ def format_markdown(results: dict) -> str:
             "that the collapsed weight starts at the given RMS entry, {steps} steps, {seeds} seed(s). "
             "Cells: effective rank / held-out error.",
         )
+    if results.get("digits"):
+        lines += _digits_markdown(results["digits"])
     seconds = results["seconds"]
     lines += [
         "",
@@ -435,6 +684,69 @@ def format_markdown(results: dict) -> str:
         + f" ({'--quick' if results['quick'] else 'full'}).",
     ]
     return "\n".join(lines)
+
+
+def _digits_markdown(digits: dict) -> list[str]:
+    settings = digits["settings"]
+    lines = [
+        "",
+        "### Natural data: scikit-learn's 8x8 digits",
+        "",
+        f"Observation 2 on digits: effective rank of the penultimate embeddings (centered Gram, held-out "
+        f"digits) after {settings['embedding_rank']['steps']} full-batch AdamW steps on 500 training "
+        f"digits, mean ± std over {len(settings['embedding_rank']['seeds'])} seeds.",
+        "",
+        "| sweep | depth | effective rank | held-out accuracy |",
+        "|---|---:|---:|---:|",
+    ]
+    for row in digits["embedding_rank"]:
+        lines.append(f"| {row['sweep']} | {row['depth']} | {row['effective_rank']:.2f} ± {row['effective_rank_std']:.2f} "
+                     f"| {row['test_accuracy']:.3f} ± {row['test_accuracy_std']:.3f} |")
+    lines += [
+        "",
+        "The practical claim: ReLU MLP 64-128-128-10, every linear layer over-parameterized to the "
+        "given depth (depth 1: trained plainly), collapsed before testing; held-out accuracy, mean ± std "
+        f"over {len(settings['overparameterized']['seeds'])} seeds.",
+        "",
+        "| training digits | " + " | ".join(f"depth {d}" for d in dict.fromkeys(r["depth"] for r in digits["overparameterized"])) + " |",
+        "|---:|" + "---:|" * len(dict.fromkeys(r["depth"] for r in digits["overparameterized"])),
+    ]
+    for count in dict.fromkeys(r["samples"] for r in digits["overparameterized"]):
+        cells = [f"{r['test_accuracy']:.3f} ± {r['test_accuracy_std']:.3f}"
+                 for r in digits["overparameterized"] if r["samples"] == count]
+        lines.append(f"| {count} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Rank collapse under weight decay: ReLU MLP 64-(64 x 4)-10, AdamW (lr 1e-3, decoupled decay) "
+        f"{settings['collapse']['steps']} full-batch steps on 1,000 digits, means over "
+        f"{len(settings['collapse']['seeds'])} seeds; per layer the effective rank of its weight, and "
+        "NC1 and nearest-class-center accuracy of its input (the previous layer's output, training set).",
+        "",
+        "| weight decay | layer | weight effective rank | input NC1 | input NCC accuracy | train accuracy |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in digits["collapse"]:
+        lines.append(f"| {row['weight_decay']:g} | {row['layer']} | {row['weight_effective_rank']:.2f} | "
+                     f"{row['input_nc1']:.3f} | {row['input_ncc_accuracy']:.3f} | {row['train_accuracy']:.3f} |")
+    if "ncc_depth" in digits:
+        ncc = digits["ncc_depth"]
+        depths = list(dict.fromkeys(row["depth"] for row in ncc))
+        layers = max(row["layer"] for row in ncc)
+        lines += [
+            "",
+            "Minimal effective depth: nearest-class-center accuracy of each hidden layer's embeddings "
+            f"(training set) of ReLU MLPs with 2-8 hidden layers of 64, {settings['ncc_depth']['steps']} "
+            f"AdamW steps on 1,000 digits, means over {len(settings['ncc_depth']['seeds'])} seeds.",
+            "",
+            "| hidden layers | " + " | ".join(f"layer {j}" for j in range(1, layers + 1)) + " |",
+            "|---:|" + "---:|" * layers,
+        ]
+        for depth in depths:
+            cells = {row["layer"]: f"{row['ncc_accuracy']:.3f}" for row in ncc if row["depth"] == depth}
+            lines.append(f"| {depth} | " + " | ".join(cells.get(j, "") for j in range(1, layers + 1)) + " |")
+    timed = [key for key in ("embedding_rank", "overparameterized", "collapse", "ncc_depth") if f"{key}_seconds" in digits]
+    lines += ["", "Digits measured in " + " + ".join(f"{digits[f'{key}_seconds']:.0f} s" for key in timed) + "."]
+    return lines
 
 
 def _sweep_markdown(rows: list[dict], settings: dict, key: str, title: str, caption: str) -> list[str]:
@@ -467,69 +779,20 @@ def _sweep_markdown(rows: list[dict], settings: dict, key: str, title: str, capt
 
 
 def plot(results: dict, path: str) -> None:
-    """Two panels: entropy against depth (Observation 1), effective rank and test error (2)."""
+    """One panel per part in ``results``, two per row: entropy at init (1), completion (2),
+    optimizers (3), initializations (4), digits embedding rank and NCC accuracy per layer."""
     plt = _pyplot()
-    sweeps = "observation3" in results and "observation4" in results
-    fig, axes = plt.subplots(2 if sweeps else 1, 2, figsize=(9, 7.2 if sweeps else 3.6), dpi=90, squeeze=False)
-    left, right = axes[0]
-    s1 = results["settings"]["observation1"]
-    for kind, marker in zip(KINDS, "osD"):
-        rows = [row for row in results["observation1"] if row["kind"] == kind]
-        left.errorbar(
-            [row["depth"] for row in rows], [row["mean"] for row in rows],
-            yerr=[row["std"] for row in rows], marker=marker, capsize=3, label=kind,
-        )
-    if s1["features"] == 256:
-        depths = sorted(REFERENCE_RHO_256)
-        left.plot(depths, [REFERENCE_RHO_256[d] for d in depths], "k:", marker="x",
-                  label="anchor library, collapsed weight")
-    left.axhline(math.log(s1["features"]), color="grey", linewidth=0.8, linestyle="--")
-    left.set_xscale("log", base=2)
-    left.set_xticks(s1["depths"], [str(d) for d in s1["depths"]])
-    left.set_xlabel("depth L")
-    left.set_ylabel("spectral entropy (nats)")
-    left.set_title(f"Observation 1: at init, d={s1['features']}, {s1['seeds']} seeds", fontsize=9)
-    left.legend(fontsize=7)
-    rows = results["observation2"]
-    depths = [row["depth"] for row in rows]
-    right.plot(depths, [row["effective_rank"] for row in rows], "o-", color="tab:blue", label="effective rank")
-    right.axhline(rows[0]["target_effective_rank"], color="tab:blue", linestyle=":", linewidth=0.8,
-                  label="target's effective rank")
-    right.set_xlabel("depth L")
-    right.set_xticks(depths)
-    right.set_ylabel("effective rank of the solution", color="tab:blue")
-    twin = right.twinx()
-    twin.plot(depths, [row["test_error"] for row in rows], "s--", color="tab:red", label="test error")
-    twin.set_ylabel("held-out error (relative RMS)", color="tab:red")
-    twin.set_ylim(bottom=0)
-    s2 = results["settings"]["observation2"]
-    right.set_title(
-        f"Observation 2: completion {s2['size']}x{s2['size']}, rank {s2['rank']}, {s2['steps']} steps",
-        fontsize=9,
-    )
-    handles = right.get_legend_handles_labels()
-    more = twin.get_legend_handles_labels()
-    right.legend(handles[0] + more[0], handles[1] + more[1], fontsize=7)
-    if sweeps:
-        for axis, rows, key, title in (
-            (axes[1][0], results["observation3"], "optimizer", "Observation 3: optimizers"),
-            (axes[1][1], [{**r, "variant": f"{r['init']}, {r['scale']:g}"} for r in results["observation4"]],
-             "variant", "Observation 4: init, start RMS"),
-        ):
-            for name in dict.fromkeys(row[key] for row in rows):
-                mine = [row for row in rows if row[key] == name]
-                axis.plot([row["depth"] for row in mine], [row["effective_rank"] for row in mine], "o-",
-                          label=name, markersize=3)
-            target = results["observation2"][0]["target_effective_rank"]
-            axis.axhline(target, color="grey", linestyle=":", linewidth=0.8)
-            axis.set_xscale("log", base=2)
-            depths = sorted({row["depth"] for row in rows})
-            axis.set_xticks(depths, [str(d) for d in depths])
-            axis.set_yscale("log")
-            axis.set_xlabel("depth L")
-            axis.set_ylabel("effective rank after training")
-            axis.set_title(title, fontsize=9)
-            axis.legend(fontsize=6)
+    panels = [name for name in ("observation1", "observation2", "observation3", "observation4") if name in results]
+    digits = results.get("digits") or {}
+    panels += [name for name in ("embedding_rank", "ncc_depth") if name in digits]
+    if not panels:
+        raise ValueError("nothing to plot: the results hold no part")
+    rows_count = (len(panels) + 1) // 2
+    fig, axes = plt.subplots(rows_count, 2, figsize=(9, 3.6 * rows_count), dpi=90, squeeze=False)
+    for axis, name in zip(axes.flat, panels):
+        _PANELS[name](axis, results)
+    for axis in list(axes.flat)[len(panels):]:
+        axis.set_visible(False)
     env = results["environment"]
     fig.suptitle(
         f"fastrank {env['fastrank']} paper{' --quick' if results['quick'] else ''}: "
@@ -539,3 +802,94 @@ def plot(results: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def _panel_observation1(axis, results):
+    s1 = results["settings"]["observation1"]
+    for kind, marker in zip(KINDS, "osD"):
+        rows = [row for row in results["observation1"] if row["kind"] == kind]
+        axis.errorbar(
+            [row["depth"] for row in rows], [row["mean"] for row in rows],
+            yerr=[row["std"] for row in rows], marker=marker, capsize=3, label=kind,
+        )
+    if s1["features"] == 256:
+        depths = sorted(REFERENCE_RHO_256)
+        axis.plot(depths, [REFERENCE_RHO_256[d] for d in depths], "k:", marker="x",
+                  label="anchor library, collapsed weight")
+    axis.axhline(math.log(s1["features"]), color="grey", linewidth=0.8, linestyle="--")
+    axis.set_xscale("log", base=2)
+    axis.set_xticks(s1["depths"], [str(d) for d in s1["depths"]])
+    axis.set_xlabel("depth L")
+    axis.set_ylabel("spectral entropy (nats)")
+    axis.set_title(f"Observation 1: at init, d={s1['features']}, {s1['seeds']} seeds", fontsize=9)
+    axis.legend(fontsize=7)
+
+
+def _panel_observation2(axis, results):
+    rows = results["observation2"]
+    depths = [row["depth"] for row in rows]
+    axis.plot(depths, [row["effective_rank"] for row in rows], "o-", color="tab:blue", label="effective rank")
+    axis.axhline(rows[0]["target_effective_rank"], color="tab:blue", linestyle=":", linewidth=0.8,
+                 label="target's effective rank")
+    axis.set_xlabel("depth L")
+    axis.set_xticks(depths)
+    axis.set_ylabel("effective rank of the solution", color="tab:blue")
+    twin = axis.twinx()
+    twin.plot(depths, [row["test_error"] for row in rows], "s--", color="tab:red", label="test error")
+    twin.set_ylabel("held-out error (relative RMS)", color="tab:red")
+    twin.set_ylim(bottom=0)
+    s2 = results["settings"]["observation2"]
+    axis.set_title(
+        f"Observation 2: completion {s2['size']}x{s2['size']}, rank {s2['rank']}, {s2['steps']} steps", fontsize=9
+    )
+    handles = axis.get_legend_handles_labels()
+    more = twin.get_legend_handles_labels()
+    axis.legend(handles[0] + more[0], handles[1] + more[1], fontsize=7)
+
+
+def _panel_sweep(axis, rows, key, title, target):
+    for name in dict.fromkeys(row[key] for row in rows):
+        mine = [row for row in rows if row[key] == name]
+        axis.plot([row["depth"] for row in mine], [row["effective_rank"] for row in mine], "o-",
+                  label=name, markersize=3)
+    if target is not None:
+        axis.axhline(target, color="grey", linestyle=":", linewidth=0.8)
+    axis.set_xscale("log", base=2)
+    depths = sorted({row["depth"] for row in rows})
+    axis.set_xticks(depths, [str(d) for d in depths])
+    axis.set_yscale("log")
+    axis.set_xlabel("depth L")
+    axis.set_ylabel("effective rank after training")
+    axis.set_title(title, fontsize=9)
+    axis.legend(fontsize=6)
+
+
+def _target_rank(results):
+    return results["observation2"][0]["target_effective_rank"] if "observation2" in results else None
+
+
+def _panel_ncc_depth(axis, results):
+    rows = results["digits"]["ncc_depth"]
+    for depth in dict.fromkeys(row["depth"] for row in rows):
+        mine = [row for row in rows if row["depth"] == depth]
+        axis.plot([row["layer"] for row in mine], [row["ncc_accuracy"] for row in mine], "o-",
+                  label=f"{depth} hidden layers", markersize=3)
+    axis.set_xlabel("layer")
+    axis.set_ylabel("NCC accuracy (training digits)")
+    axis.set_title("Digits: nearest-class-center accuracy per layer", fontsize=9)
+    axis.legend(fontsize=6)
+
+
+_PANELS = {
+    "observation1": _panel_observation1,
+    "observation2": _panel_observation2,
+    "observation3": lambda axis, results: _panel_sweep(
+        axis, results["observation3"], "optimizer", "Observation 3: optimizers", _target_rank(results)),
+    "observation4": lambda axis, results: _panel_sweep(
+        axis, [{**r, "variant": f"{r['init']}, {r['scale']:g}"} for r in results["observation4"]], "variant",
+        "Observation 4: init, start RMS", _target_rank(results)),
+    "embedding_rank": lambda axis, results: _panel_sweep(
+        axis, results["digits"]["embedding_rank"], "sweep",
+        "Digits: penultimate embedding rank (held out)", None),
+    "ncc_depth": _panel_ncc_depth,
+}

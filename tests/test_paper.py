@@ -104,3 +104,36 @@ def test_sweep_tables_and_plot(tmp_path):
     path = tmp_path / "paper.png"
     paper.plot(results, str(path))
     assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_digits_experiments_run_and_are_sane():
+    pytest.importorskip("sklearn")
+    x, y = paper.load_digits()
+    assert x.shape == (1797, 64) and 0 <= float(x.min()) and float(x.max()) <= 1 and set(y.tolist()) == set(range(10))
+    ranks = paper.digits_embedding_rank(hidden_layers=(1, 3), linear_depths=(2,), samples=300, steps=300, seeds=(0,))
+    assert [r["sweep"] for r in ranks] == ["ReLU layers"] * 2 + ["linear over-parameterization"]
+    assert all(1 <= r["effective_rank"] <= 64 and r["test_accuracy"] > 0.8 for r in ranks), ranks
+    claim = paper.digits_overparameterized(depths=(1, 2), samples=(200,), steps=300, seeds=(0,))
+    assert all(r["test_accuracy"] > 0.8 for r in claim), claim
+    collapse = paper.digits_collapse(weight_decays=(0.0,), hidden_layers=2, samples=300, steps=300, seeds=(0,))
+    assert [r["layer"] for r in collapse] == [1, 2, 3]
+    assert all(r["input_nc1"] > 0 and 0.5 < r["input_ncc_accuracy"] <= 1 for r in collapse), collapse
+
+
+def test_reproduce_runs_only_the_parts_asked_for(tmp_path):
+    results = paper.reproduce(quick=True, parts=("1",))
+    assert "observation1" in results and "observation2" not in results and results["digits"] == {}
+    text = paper.format_markdown(results)
+    assert "### Observation 1" in text and "### Observation 2" not in text
+    with pytest.raises(ValueError, match=r"unknown part\(s\) \['5'\]"):
+        paper.reproduce(parts=("5",))
+    pytest.importorskip("matplotlib")
+    paper.plot(results, str(tmp_path / "one.png"))
+    assert (tmp_path / "one.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_digits_ncc_depth():
+    pytest.importorskip("sklearn")
+    rows = paper.digits_ncc_depth(depths=(2,), samples=300, steps=300, seeds=(0,))
+    assert [r["layer"] for r in rows] == [1, 2]
+    assert all(0.5 < r["ncc_accuracy"] <= 1 and r["nc1"] > 0 for r in rows), rows

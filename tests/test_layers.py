@@ -492,3 +492,53 @@ def test_autocast_like_nn_linear_and_cache_stays_fp32():
             assert layer(x).dtype == torch.bfloat16
         assert layer._cache.value[0].dtype == torch.float32
         assert layer(x).dtype == torch.float32  # the cache made under autocast serves fp32 calls
+
+
+# ---- eval cache: layout and inference mode ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make,shape",
+    [(lambda: OverparamLinear(7, 5, depth=3), (3, 7)),
+     (lambda: OverparamConv2d(3, 6, kernel_sizes=(3, (1, 3), 1), padding=1, groups=3), (2, 3, 9, 7))],
+    ids=["linear", "conv"],
+)
+def test_eval_cache_is_contiguous(make, shape):
+    torch.manual_seed(16)
+    layer = make().eval()
+    with torch.no_grad():
+        layer(torch.randn(*shape))
+    weight, _ = layer._cache.value
+    assert weight.is_contiguous(), f"cached weight strides {weight.stride()}"
+    assert torch.equal(weight, layer.collapsed_parameters()[0].detach())
+
+
+@pytest.mark.parametrize(
+    "make,shape",
+    [(lambda: OverparamLinear(7, 5, depth=3, dtype=torch.float64), (3, 7)),
+     (lambda: OverparamConv2d(3, 4, kernel_sizes=(3, 1), padding=1, dtype=torch.float64), (2, 3, 7, 5)),
+     (lambda: OverparamLinear(6, 6, depth=2, batch_norm=True, dtype=torch.float64), (4, 6))],
+    ids=["linear", "conv", "linear-batch-norm"],
+)
+@pytest.mark.parametrize("frozen", [False, True], ids=["trainable", "frozen"])
+def test_cache_filled_under_inference_mode_serves_autograd_later(make, shape, frozen):
+    torch.manual_seed(17)
+    layer = make().eval()
+    for p in layer.parameters():
+        p.requires_grad_(not frozen)
+    with torch.inference_mode():
+        first = layer(torch.randn(*shape, dtype=torch.float64))
+    assert first.is_inference()
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    out = layer(x)  # the cache (if used) was filled in inference mode
+    grad_out = torch.randn_like(out)
+    (grad_x,) = torch.autograd.grad(out, [x], grad_out)
+    weight, bias = layer.collapsed_parameters()
+    xr = x.detach().clone().requires_grad_(True)
+    if isinstance(layer, OverparamConv2d):
+        ref = F.conv2d(xr, weight.detach(), bias.detach(), padding=1)
+    else:
+        ref = F.linear(xr, weight.detach(), bias.detach())
+    (grad_ref,) = torch.autograd.grad(ref, [xr], grad_out)
+    assert_close(out, ref, torch.float64, 9, what="output")
+    assert_close(grad_x, grad_ref, torch.float64, 9, what="grad x")

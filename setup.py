@@ -20,6 +20,7 @@ setup(
         "test": ["pytest", "pytest-benchmark", "triton"],
         "plot": ["matplotlib"],
         "progress": ["tqdm"],
+        "safetensors": ["safetensors"],
     },
     entry_points={"console_scripts": ["fastrank=fastrank.cli:main"]},
 )

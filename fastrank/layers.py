@@ -63,7 +63,7 @@ def _check_input(x: Tensor, expected: int, dim: int, what: str, layer: nn.Module
             f"{type(layer).__name__}: expected input with {what}={expected} at dim {dim}, "
             f"got shape {tuple(x.shape)}"
         )
-    dtype = layer.factors[0].dtype
+    dtype = layer.factors._parameters["0"].dtype
     if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
         raise TypeError(f"{type(layer).__name__}: expected input of dtype {dtype} like the layer, got {x.dtype}")
 
@@ -88,11 +88,8 @@ class _CollapseCache:
         self.value: tuple[Tensor, Tensor | None] | None = None
 
     @staticmethod
-    def make_key(module: nn.Module) -> tuple:
-        return tuple(
-            (t.data_ptr(), t._version, t.dtype, t.device)
-            for t in (*module.parameters(), *module.buffers())
-        )
+    def make_key(module: _OverparamBase) -> tuple:
+        return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in module._state_tensors())
 
 
 class _OverparamBase(nn.Module):
@@ -101,6 +98,9 @@ class _OverparamBase(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self._cache = _CollapseCache()
+        # The cost model's choice per call signature (rows or image size, cache, backward): it
+        # depends on nothing else, and recomputing it cost about 15 us a call.
+        self._path_choices: dict[tuple, bool] = {}
 
     def collapsed_parameters(self) -> tuple[Tensor, Tensor | None]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -109,10 +109,26 @@ class _OverparamBase(nn.Module):
         """Drop the cached collapsed parameters (only needed after writes through ``.data``)."""
         self._cache = _CollapseCache()
 
+    def _state_tensors(self) -> list[Tensor]:
+        """Every tensor the collapsed parameters are made of, factors first.
+
+        Read from the modules' dicts rather than ``self.parameters()`` / ``buffers()``: the eval
+        path calls this on every forward, and the generic walk cost about 10 us a call.
+        """
+        tensors = [*self.factors._parameters.values(), *self._parameters.values()]
+        norms = getattr(self, "norms", None)
+        if norms is not None:
+            for norm in norms:
+                tensors += [*norm._parameters.values(), *norm._buffers.values()]
+        return [t for t in tensors if t is not None]
+
+    def _parameters_need_grad(self) -> bool:
+        return torch.is_grad_enabled() and any(t.requires_grad for t in self._state_tensors())
+
     def _cache_usable(self) -> bool:
         if torch.compiler.is_compiling():
             return False
-        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+        if self._parameters_need_grad():
             return False
         return not getattr(self, "batch_norm", False) or not self.training
 
@@ -123,7 +139,7 @@ class _OverparamBase(nn.Module):
             # cast it under autocast like any weight. Made outside inference mode: an inference
             # tensor in the cache would break a later call that autograd records (frozen
             # parameters, an input that requires grad).
-            device_type = self.factors[0].device.type
+            device_type = self._state_tensors()[0].device.type
             with torch.inference_mode(False), torch.no_grad(), \
                     torch.autocast(device_type, enabled=False):
                 weight, bias = self.collapsed_parameters()
@@ -133,8 +149,8 @@ class _OverparamBase(nn.Module):
             self._cache.key = key
         return self._cache.value
 
-    def _collapsed(self) -> tuple[Tensor, Tensor | None]:
-        if self._cache_usable():
+    def _collapsed(self, cache_usable: bool | None = None) -> tuple[Tensor, Tensor | None]:
+        if self._cache_usable() if cache_usable is None else cache_usable:
             return self._cached_parameters()
         return self.collapsed_parameters()
 
@@ -142,6 +158,11 @@ class _OverparamBase(nn.Module):
         state = super().__getstate__().copy()
         state["_cache"] = _CollapseCache()
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        state.setdefault("_cache", _CollapseCache())
+        state.setdefault("_path_choices", {})  # absent from layers pickled by older versions
+        super().__setstate__(state)
 
 
 class OverparamLinear(_OverparamBase):
@@ -335,21 +356,21 @@ class OverparamLinear(_OverparamBase):
         _check_input(x, self.in_features, -1, "in_features", self)
         if self.batch_norm and self.training:
             return self._activation_forward(x)
-        if not self.skips and self.norms is None and not self._cache_usable():
+        cached = self._cache_usable()
+        if not self.skips and self.norms is None and not cached:
             return chain_linear(x, list(self.factors), self.bias)
-        dims = [self.in_features] + [f.shape[0] for f in self.factors]
-        grad_on = torch.is_grad_enabled()
-        activation, collapsed = chain_costs(
-            x.numel() // self.in_features,
-            dims,
-            grad_input=grad_on and x.requires_grad,
-            grad_factors=grad_on and any(p.requires_grad for p in self.parameters()),
-        )
-        if self._cache_usable():
-            # The collapsed weight is already paid for; only a bottleneck chain can beat it.
-            collapsed = x.numel() // self.in_features * self.in_features * self.out_features
-        if collapsed <= activation:
-            weight, bias = self._collapsed()
+        rows = x.numel() // self.in_features
+        key = (rows, cached, torch.is_grad_enabled() and x.requires_grad, self._parameters_need_grad())
+        use_collapsed = self._path_choices.get(key)
+        if use_collapsed is None:
+            dims = [self.in_features] + [f.shape[0] for f in self.factors]
+            activation, collapsed = chain_costs(rows, dims, grad_input=key[2], grad_factors=key[3])
+            if cached:
+                # The collapsed weight is already paid for; only a bottleneck chain can beat it.
+                collapsed = rows * self.in_features * self.out_features
+            use_collapsed = self._path_choices[key] = collapsed <= activation
+        if use_collapsed:
+            weight, bias = self._collapsed(cached)
             return F.linear(x, weight, bias)
         return self._activation_forward(x)
 
@@ -539,21 +560,25 @@ class OverparamConv2d(_OverparamBase):
         else:
             pad_counted = self._pad
         cached = self._cache_usable()
-        grad_on = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
-        activation, collapsed = conv_chain_costs(
-            x.shape[0],
-            (x.shape[2], x.shape[3]),
-            self.channels,
-            self.kernel_sizes,
-            stride=self.stride,
-            dilation=self.dilation,
-            groups=self.groups,
-            padding=pad_counted,
-            backward=grad_on or (torch.is_grad_enabled() and x.requires_grad),
-            kernel_cached=cached,
-        )
-        if self.depth == 1 or collapsed <= activation:
-            kernel, bias = self._collapsed()
+        backward = self._parameters_need_grad() or (torch.is_grad_enabled() and x.requires_grad)
+        key = (x.shape[0], x.shape[2], x.shape[3], cached, backward)
+        use_collapsed = self._path_choices.get(key)
+        if use_collapsed is None:
+            activation, collapsed = conv_chain_costs(
+                x.shape[0],
+                (x.shape[2], x.shape[3]),
+                self.channels,
+                self.kernel_sizes,
+                stride=self.stride,
+                dilation=self.dilation,
+                groups=self.groups,
+                padding=pad_counted,
+                backward=backward,
+                kernel_cached=cached,
+            )
+            use_collapsed = self._path_choices[key] = self.depth == 1 or collapsed <= activation
+        if use_collapsed:
+            kernel, bias = self._collapsed(cached)
             return self._conv(x, kernel, bias, first=True, last=True)
         for j, kernel in enumerate(self.factors):
             last = j == self.depth - 1
@@ -798,7 +823,10 @@ class OverparamReport:
 
 
 def _has_weight_matrix(module: nn.Module) -> bool:
-    return any(p.dim() >= 2 for p in module.parameters(recurse=False)) or (
+    """A layer with a weight matrix or kernel of its own (not a class token or position table)."""
+    return any(
+        p.dim() >= 2 and "weight" in name for name, p in module.named_parameters(recurse=False)
+    ) or (
         isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params()
     )
 

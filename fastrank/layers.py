@@ -477,6 +477,10 @@ class OverparamConv2d(_OverparamBase):
                 f"padding_mode must be one of {sorted(_PAD_MODES)}, got {padding_mode!r}"
             )
         self.padding_mode = padding_mode
+        # Plain attributes, so the per-call getattr(self, "norms" / "batch_norm") of the shared
+        # eval path finds them instead of raising inside nn.Module.__getattr__ (about 2 us each).
+        self.norms = None
+        self.batch_norm = False
         self.padding = padding if isinstance(padding, str) else _pair("padding", padding, 0)
         self._pad = self._padding_amounts(padding)
         channels = [in_channels] + [self.hidden_channels] * (self.depth - 1) + [out_channels]

@@ -74,6 +74,10 @@ def _init_factor(factor: Tensor, last: bool, mode: str) -> None:
     nn.init.kaiming_normal_(factor, a=0.0 if last else 1.0, mode=mode, nonlinearity="leaky_relu")
 
 
+# Call signatures whose association choice a layer remembers.
+_PATH_CHOICES_KEPT = 256
+
+
 class _CollapseCache:
     """The collapsed parameters, valid while no tensor of the module changed.
 
@@ -121,6 +125,13 @@ class _OverparamBase(nn.Module):
             for norm in norms:
                 tensors += [*norm._parameters.values(), *norm._buffers.values()]
         return [t for t in tensors if t is not None]
+
+    def _remember_path(self, key: tuple, use_collapsed: bool) -> bool:
+        # Bounded: inputs of ever new lengths (sequence models) would grow it without end.
+        if len(self._path_choices) >= _PATH_CHOICES_KEPT:
+            self._path_choices.clear()
+        self._path_choices[key] = use_collapsed
+        return use_collapsed
 
     def _parameters_need_grad(self) -> bool:
         return torch.is_grad_enabled() and any(t.requires_grad for t in self._state_tensors())
@@ -368,7 +379,7 @@ class OverparamLinear(_OverparamBase):
             if cached:
                 # The collapsed weight is already paid for; only a bottleneck chain can beat it.
                 collapsed = rows * self.in_features * self.out_features
-            use_collapsed = self._path_choices[key] = collapsed <= activation
+            use_collapsed = self._remember_path(key, collapsed <= activation)
         if use_collapsed:
             weight, bias = self._collapsed(cached)
             return F.linear(x, weight, bias)
@@ -580,7 +591,7 @@ class OverparamConv2d(_OverparamBase):
                 backward=backward,
                 kernel_cached=cached,
             )
-            use_collapsed = self._path_choices[key] = self.depth == 1 or collapsed <= activation
+            use_collapsed = self._remember_path(key, self.depth == 1 or collapsed <= activation)
         if use_collapsed:
             kernel, bias = self._collapsed(cached)
             return self._conv(x, kernel, bias, first=True, last=True)

@@ -880,3 +880,17 @@ def test_init_match_of_a_zero_weight_keeps_gradients():
     assert torch.count_nonzero(replacement.collapsed_parameters()[0]) == 0
     replacement(torch.randn(3, 5)).square().sum().backward()
     assert replacement.factors[-1].grad.abs().max() > 0
+
+
+def test_path_choices_are_bounded_and_pickles_from_before_load():
+    layer = OverparamLinear(4, 4, depth=2)
+    with torch.no_grad():
+        for rows in range(1, layers_mod._PATH_CHOICES_KEPT + 20):
+            layer(torch.randn(rows, 4))
+    assert 0 < len(layer._path_choices) <= layers_mod._PATH_CHOICES_KEPT
+    state = layer.__getstate__()
+    del state["_path_choices"]  # a layer pickled before the choices were remembered
+    restored = OverparamLinear.__new__(OverparamLinear)
+    restored.__setstate__(state)
+    x = torch.randn(3, 4)
+    assert torch.equal(restored(x), layer(x))

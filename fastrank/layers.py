@@ -155,7 +155,7 @@ class _OverparamBase(nn.Module):
                     torch.autocast(device_type, enabled=False):
                 weight, bias = self.collapsed_parameters()
                 # Contiguous: the composed conv kernel is a transposed view, and F.conv2d copied
-                # it on every call (resnet18-sized eval 1.5x the plain model, 2-core CPU).
+                # it on every call (resnet18 eval was reported at 1.54x the plain model).
                 self._cache.value = (weight.contiguous(), bias)
             self._cache.key = key
         return self._cache.value
@@ -613,8 +613,9 @@ def _matches(name: str, module: nn.Module, patterns: Iterable[object]) -> bool:
 # ---- preserve: factoring an existing weight -----------------------------------------------------
 
 # Above this many multiply-adds (m^2 n for an m x n weight, m <= n) the factorization of an fp32 /
-# fp16 / bf16 weight runs in fp32: the 4096 x 25088 classifier of vgg11 takes about 20 s in fp32
-# on a 2-core CPU against 370 s for its fp64 SVD. Below it, fp64 costs under a second.
+# fp16 / bf16 weight runs in fp32: the three layers of vgg11's classifier (4096 x 25088 the
+# largest) take 38.5 s in fp32 on a 2-core CPU, where fp64 SVDs were reported to take 370 s.
+# Below it, fp64 costs under a second.
 _FP64_FACTOR_BUDGET = 2**31
 
 
@@ -959,8 +960,8 @@ def overparameterize(
         layers they replace.
 
     ``preserve=True`` needs no SVD when every hidden width is at least ``min(out, in)`` (the
-    eigendecomposition of the smaller Gram, in fp32 for large fp32 / half weights: the 4096 x
-    25088 vgg11 classifier in about 20 s on a 2-core CPU); a bottleneck takes an fp64 SVD.
+    eigendecomposition of the smaller Gram, in fp32 for large fp32 / half weights: the three
+    layers of vgg11's classifier in 38.5 s on a 2-core CPU); a bottleneck takes an fp64 SVD.
     """
     _check_positive_int("depth", depth)
     exclude = tuple(exclude)

@@ -20,13 +20,14 @@ setup(
         # The optional integrations and plots are tested too.
         "test": [
             "pytest", "pytest-benchmark", "triton", "matplotlib", "lightning", "transformers", "accelerate",
-            "scikit-learn",
+            "scikit-learn", "safetensors",
         ],
         "plot": ["matplotlib"],
         "progress": ["tqdm"],
         "lightning": ["lightning"],
         "transformers": ["transformers", "accelerate"],  # Trainer needs accelerate
         "paper": ["scikit-learn"],  # the 8x8 digits data set ships with it
+        "safetensors": ["safetensors"],
     },
     entry_points={"console_scripts": ["fastrank=fastrank.cli:main"]},
 )

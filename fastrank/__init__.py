@@ -4,7 +4,7 @@ from ._version import __version__
 from .chain import chain_costs, chain_linear, chain_matmul, collapsed_weight
 from .classes import class_metrics
 from .conv import collapse_kernels
-from .layers import OverparamConv2d, OverparamLinear, collapse, overparameterize
+from .layers import OverparamConv2d, OverparamLinear, OverparamReport, collapse, overparameterize
 from .rank import (
     RankEstimate,
     effective_rank,
@@ -20,6 +20,7 @@ __all__ = [
     "OverparamLinear",
     "OverparamConv2d",
     "overparameterize",
+    "OverparamReport",
     "collapse",
     "chain_matmul",
     "chain_linear",

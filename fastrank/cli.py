@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -131,10 +132,14 @@ def rank(args: argparse.Namespace) -> int:
     from .checkpoint import CheckpointError, load_weights, rank_report
 
     try:
-        weights = load_weights(args.checkpoint)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            weights = load_weights(args.checkpoint, trusted=args.trust_checkpoint)
     except CheckpointError as error:
         print(f"fastrank rank: {error}", file=sys.stderr)
         return 2
+    for warning in caught:
+        print(f"fastrank rank: warning: {warning.message}", file=sys.stderr)
     progress = _Progress(len({tuple(m.shape) for _, m in weights}), f"ranking {len(weights)} weights")
     rows = rank_report(weights, method=args.method, progress=lambda done, total: progress.update(done))
     progress.close()
@@ -203,7 +208,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     paper_parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
     paper_parser.set_defaults(handler=paper)
     rank_parser = commands.add_parser("rank", help="rank of every weight of a checkpoint")
-    rank_parser.add_argument("checkpoint", help="a checkpoint or state_dict saved with torch.save")
+    rank_parser.add_argument(
+        "checkpoint", help="a checkpoint, state_dict or model saved with torch.save, or a .safetensors file"
+    )
+    rank_parser.add_argument(
+        "--trust-checkpoint", action="store_true",
+        help="load a torch.save file fully (weights_only=False), which runs any code the file holds: "
+        "only for files from a source you trust",
+    )
     rank_parser.add_argument("--json", metavar="PATH", help="write the rows as JSON")
     rank_parser.add_argument(
         "--method", choices=["auto", "exact", "randomized", "slq"], default="auto",

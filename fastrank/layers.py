@@ -9,18 +9,26 @@ swaps the layers of a model for over-parameterized ones; ``collapse`` swaps them
 
 from __future__ import annotations
 
+import copy
+import logging
 import math
+import sys
+import warnings
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.utils import parametrize
 
 from .chain import chain_costs, chain_linear, chain_matmul, collapsed_weight
 from .conv import collapse_kernels, collapsed_kernel_size, conv_chain_costs
 
-__all__ = ["OverparamLinear", "OverparamConv2d", "overparameterize", "collapse"]
+__all__ = ["OverparamLinear", "OverparamConv2d", "OverparamReport", "overparameterize", "collapse"]
+
+_log = logging.getLogger(__name__)
 
 # Residual skips span this many factors, as in the anchor library's default.
 RESIDUAL_INTERVAL = 2
@@ -55,7 +63,7 @@ def _check_input(x: Tensor, expected: int, dim: int, what: str, layer: nn.Module
             f"{type(layer).__name__}: expected input with {what}={expected} at dim {dim}, "
             f"got shape {tuple(x.shape)}"
         )
-    dtype = layer.factors[0].dtype
+    dtype = layer.factors._parameters["0"].dtype
     if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
         raise TypeError(f"{type(layer).__name__}: expected input of dtype {dtype} like the layer, got {x.dtype}")
 
@@ -64,6 +72,10 @@ def _init_factor(factor: Tensor, last: bool, mode: str) -> None:
     # The anchor library's init: Kaiming-normal, gain 1 inside the chain (a linear map follows)
     # and sqrt(2) on the last factor (a ReLU follows the layer).
     nn.init.kaiming_normal_(factor, a=0.0 if last else 1.0, mode=mode, nonlinearity="leaky_relu")
+
+
+# Call signatures whose association choice a layer remembers.
+_PATH_CHOICES_KEPT = 256
 
 
 class _CollapseCache:
@@ -80,11 +92,8 @@ class _CollapseCache:
         self.value: tuple[Tensor, Tensor | None] | None = None
 
     @staticmethod
-    def make_key(module: nn.Module) -> tuple:
-        return tuple(
-            (t.data_ptr(), t._version, t.dtype, t.device)
-            for t in (*module.parameters(), *module.buffers())
-        )
+    def make_key(module: _OverparamBase) -> tuple:
+        return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in module._state_tensors())
 
 
 class _OverparamBase(nn.Module):
@@ -93,6 +102,9 @@ class _OverparamBase(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self._cache = _CollapseCache()
+        # The cost model's choice per call signature (rows or image size, cache, backward): it
+        # depends on nothing else, and recomputing it cost about 15 us a call.
+        self._path_choices: dict[tuple, bool] = {}
 
     def collapsed_parameters(self) -> tuple[Tensor, Tensor | None]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -101,10 +113,33 @@ class _OverparamBase(nn.Module):
         """Drop the cached collapsed parameters (only needed after writes through ``.data``)."""
         self._cache = _CollapseCache()
 
+    def _state_tensors(self) -> list[Tensor]:
+        """Every tensor the collapsed parameters are made of, factors first.
+
+        Read from the modules' dicts rather than ``self.parameters()`` / ``buffers()``: the eval
+        path calls this on every forward, and the generic walk cost about 10 us a call.
+        """
+        tensors = [*self.factors._parameters.values(), *self._parameters.values()]
+        norms = getattr(self, "norms", None)
+        if norms is not None:
+            for norm in norms:
+                tensors += [*norm._parameters.values(), *norm._buffers.values()]
+        return [t for t in tensors if t is not None]
+
+    def _remember_path(self, key: tuple, use_collapsed: bool) -> bool:
+        # Bounded: inputs of ever new lengths (sequence models) would grow it without end.
+        if len(self._path_choices) >= _PATH_CHOICES_KEPT:
+            self._path_choices.clear()
+        self._path_choices[key] = use_collapsed
+        return use_collapsed
+
+    def _parameters_need_grad(self) -> bool:
+        return torch.is_grad_enabled() and any(t.requires_grad for t in self._state_tensors())
+
     def _cache_usable(self) -> bool:
         if torch.compiler.is_compiling():
             return False
-        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+        if self._parameters_need_grad():
             return False
         return not getattr(self, "batch_norm", False) or not self.training
 
@@ -112,15 +147,21 @@ class _OverparamBase(nn.Module):
         key = _CollapseCache.make_key(self)
         if self._cache.key != key:
             # Cached in the parameters' dtype whatever the autocast state; F.linear / F.conv2d
-            # cast it under autocast like any weight.
-            device_type = self.factors[0].device.type
-            with torch.no_grad(), torch.autocast(device_type, enabled=False):
-                self._cache.value = self.collapsed_parameters()
+            # cast it under autocast like any weight. Made outside inference mode: an inference
+            # tensor in the cache would break a later call that autograd records (frozen
+            # parameters, an input that requires grad).
+            device_type = self._state_tensors()[0].device.type
+            with torch.inference_mode(False), torch.no_grad(), \
+                    torch.autocast(device_type, enabled=False):
+                weight, bias = self.collapsed_parameters()
+                # Contiguous: the composed conv kernel is a transposed view, and F.conv2d copied
+                # it on every call (resnet18 eval was reported at 1.54x the plain model).
+                self._cache.value = (weight.contiguous(), bias)
             self._cache.key = key
         return self._cache.value
 
-    def _collapsed(self) -> tuple[Tensor, Tensor | None]:
-        if self._cache_usable():
+    def _collapsed(self, cache_usable: bool | None = None) -> tuple[Tensor, Tensor | None]:
+        if self._cache_usable() if cache_usable is None else cache_usable:
             return self._cached_parameters()
         return self.collapsed_parameters()
 
@@ -128,6 +169,11 @@ class _OverparamBase(nn.Module):
         state = super().__getstate__().copy()
         state["_cache"] = _CollapseCache()
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        state.setdefault("_cache", _CollapseCache())
+        state.setdefault("_path_choices", {})  # absent from layers pickled by older versions
+        super().__setstate__(state)
 
 
 class OverparamLinear(_OverparamBase):
@@ -321,21 +367,21 @@ class OverparamLinear(_OverparamBase):
         _check_input(x, self.in_features, -1, "in_features", self)
         if self.batch_norm and self.training:
             return self._activation_forward(x)
-        if not self.skips and self.norms is None and not self._cache_usable():
+        cached = self._cache_usable()
+        if not self.skips and self.norms is None and not cached:
             return chain_linear(x, list(self.factors), self.bias)
-        dims = [self.in_features] + [f.shape[0] for f in self.factors]
-        grad_on = torch.is_grad_enabled()
-        activation, collapsed = chain_costs(
-            x.numel() // self.in_features,
-            dims,
-            grad_input=grad_on and x.requires_grad,
-            grad_factors=grad_on and any(p.requires_grad for p in self.parameters()),
-        )
-        if self._cache_usable():
-            # The collapsed weight is already paid for; only a bottleneck chain can beat it.
-            collapsed = x.numel() // self.in_features * self.in_features * self.out_features
-        if collapsed <= activation:
-            weight, bias = self._collapsed()
+        rows = x.numel() // self.in_features
+        key = (rows, cached, torch.is_grad_enabled() and x.requires_grad, self._parameters_need_grad())
+        use_collapsed = self._path_choices.get(key)
+        if use_collapsed is None:
+            dims = [self.in_features] + [f.shape[0] for f in self.factors]
+            activation, collapsed = chain_costs(rows, dims, grad_input=key[2], grad_factors=key[3])
+            if cached:
+                # The collapsed weight is already paid for; only a bottleneck chain can beat it.
+                collapsed = rows * self.in_features * self.out_features
+            use_collapsed = self._remember_path(key, collapsed <= activation)
+        if use_collapsed:
+            weight, bias = self._collapsed(cached)
             return F.linear(x, weight, bias)
         return self._activation_forward(x)
 
@@ -442,6 +488,10 @@ class OverparamConv2d(_OverparamBase):
                 f"padding_mode must be one of {sorted(_PAD_MODES)}, got {padding_mode!r}"
             )
         self.padding_mode = padding_mode
+        # Plain attributes, so the per-call getattr(self, "norms" / "batch_norm") of the shared
+        # eval path finds them instead of raising inside nn.Module.__getattr__ (about 2 us each).
+        self.norms = None
+        self.batch_norm = False
         self.padding = padding if isinstance(padding, str) else _pair("padding", padding, 0)
         self._pad = self._padding_amounts(padding)
         channels = [in_channels] + [self.hidden_channels] * (self.depth - 1) + [out_channels]
@@ -525,21 +575,25 @@ class OverparamConv2d(_OverparamBase):
         else:
             pad_counted = self._pad
         cached = self._cache_usable()
-        grad_on = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
-        activation, collapsed = conv_chain_costs(
-            x.shape[0],
-            (x.shape[2], x.shape[3]),
-            self.channels,
-            self.kernel_sizes,
-            stride=self.stride,
-            dilation=self.dilation,
-            groups=self.groups,
-            padding=pad_counted,
-            backward=grad_on or (torch.is_grad_enabled() and x.requires_grad),
-            kernel_cached=cached,
-        )
-        if self.depth == 1 or collapsed <= activation:
-            kernel, bias = self._collapsed()
+        backward = self._parameters_need_grad() or (torch.is_grad_enabled() and x.requires_grad)
+        key = (x.shape[0], x.shape[2], x.shape[3], cached, backward)
+        use_collapsed = self._path_choices.get(key)
+        if use_collapsed is None:
+            activation, collapsed = conv_chain_costs(
+                x.shape[0],
+                (x.shape[2], x.shape[3]),
+                self.channels,
+                self.kernel_sizes,
+                stride=self.stride,
+                dilation=self.dilation,
+                groups=self.groups,
+                padding=pad_counted,
+                backward=backward,
+                kernel_cached=cached,
+            )
+            use_collapsed = self._remember_path(key, self.depth == 1 or collapsed <= activation)
+        if use_collapsed:
+            kernel, bias = self._collapsed(cached)
             return self._conv(x, kernel, bias, first=True, last=True)
         for j, kernel in enumerate(self.factors):
             last = j == self.depth - 1
@@ -556,11 +610,20 @@ def _matches(name: str, module: nn.Module, patterns: Iterable[object]) -> bool:
     return False
 
 
-def _balanced_factors(matrix: Tensor, dims: Sequence[int], where: str) -> list[Tensor]:
-    """Factor ``matrix`` (``dims[-1] x dims[0]``) into ``W_L .. W_1`` of the given widths, exactly.
+# ---- preserve: factoring an existing weight -----------------------------------------------------
 
-    Balanced SVD split: ``W_j = Q_j diag(s^(1/L)) Q_{j-1}^T`` with ``Q_0 = V``, ``Q_L = U`` and random
-    orthonormal ``Q_j`` in between, so every factor carries the same share of the spectrum.
+# Above this many multiply-adds (m^2 n for an m x n weight, m <= n) the factorization of an fp32 /
+# fp16 / bf16 weight runs in fp32: the three layers of vgg11's classifier (4096 x 25088 the
+# largest) take 38.5 s in fp32 on a 2-core CPU, where fp64 SVDs were reported to take 370 s.
+# Below it, fp64 costs under a second.
+_FP64_FACTOR_BUDGET = 2**31
+
+
+def _svd_factors(matrix: Tensor, dims: Sequence[int], where: str) -> list[Tensor]:
+    """Balanced split through an fp64 SVD, truncated to a bottleneck narrower than the weight.
+
+    ``W_j = Q_j diag(s^(1/L)) Q_{j-1}^T`` with ``Q_0 = V``, ``Q_L = U`` and random orthonormal
+    ``Q_j`` in between. Raises ``ValueError`` when the weight's rank exceeds the narrowest width.
     """
     depth = len(dims) - 1
     work = matrix.detach().to(torch.float64)
@@ -584,46 +647,268 @@ def _balanced_factors(matrix: Tensor, dims: Sequence[int], where: str) -> list[T
     return [(bases[j + 1] * root) @ bases[j].T for j in range(depth)]
 
 
-def _linear_from(layer: nn.Linear, depth: int, width: float, preserve: bool, name: str) -> OverparamLinear:
-    weight = layer.weight
-    replacement = OverparamLinear(
-        layer.in_features, layer.out_features, depth=depth, width=width,
-        bias=layer.bias is not None, device=weight.device, dtype=weight.dtype,
+def _balanced_factors(matrix: Tensor, dims: Sequence[int], where: str) -> list[Tensor]:
+    """Factor ``matrix`` (``dims[-1] x dims[0]``) into ``W_1 .. W_L`` (input side first), balanced.
+
+    With ``W = U diag(s) V^T``: ``W_j = Q_j diag(s^(1/L)) Q_{j-1}^T``, ``Q_0 = V``, ``Q_L = U`` and
+    random orthonormal ``Q_j`` in between, so every factor carries the same share of the spectrum
+    (``W_{j+1}^T W_{j+1} = W_j W_j^T``). When every hidden width is at least ``m = min(out, in)``,
+    no SVD is taken: ``U`` and ``s`` come from the eigendecomposition of the ``m x m`` Gram and
+    ``W_1 = Q_1 diag(s^(1/L) / s) U^T W``, so the product is ``U U^T W``, ``W`` to the rounding of
+    the compute dtype whatever the accuracy of the small singular values. Returns the factors in
+    the compute dtype: fp64 for fp64 weights and small ones, fp32 beyond ``_FP64_FACTOR_BUDGET``.
+    """
+    depth = len(dims) - 1
+    if depth == 1:
+        return [matrix.detach().clone()]
+    rows, cols = matrix.shape
+    if rows > cols:  # factor W^T = F_L .. F_1, then W = F_1^T .. F_L^T
+        return [f.T for f in reversed(_balanced_factors(matrix.T, dims[::-1], where))]
+    if min(dims[1:-1]) < rows:
+        return _svd_factors(matrix, dims, where)
+    small = rows * rows * cols <= _FP64_FACTOR_BUDGET
+    compute = torch.float64 if matrix.dtype == torch.float64 or small else torch.float32
+    work = matrix.detach().to(compute)
+    eigenvalues, u = torch.linalg.eigh(work @ work.T)
+    top = eigenvalues[-1].clamp_min(0)
+    if top == 0:
+        return [torch.zeros(dims[j + 1], dims[j], dtype=compute, device=work.device) for j in range(depth)]
+    # Eigenvalues below the rounding of the Gram are noise (possibly negative): floor them so the
+    # spectrum is positive; the product U U^T W does not depend on them.
+    s = eigenvalues.clamp_min(top * rows * torch.finfo(compute).eps).sqrt()
+    root = s ** (1.0 / depth)
+    bases = [
+        torch.linalg.qr(torch.randn(n, rows, dtype=compute, device=work.device))[0]
+        for n in dims[1:-1]
+    ]
+    factors = [(bases[0] * (root / s)) @ u.T @ work]
+    factors += [(bases[j] * root) @ bases[j - 1].T for j in range(1, depth - 1)]
+    factors.append((u * root) @ bases[-1].T)
+    return factors
+
+
+def _preserve_tolerance(compute: torch.dtype, dtype: torch.dtype, fan_in: int, depth: int) -> float:
+    """Largest relative change of a layer's output that ``preserve=True`` accepts as rounding.
+
+    The check runs in ``compute`` (fp32 for half layers): its two reductions over ``fan_in`` terms
+    round in ``compute``, the ``depth`` factors were rounded to the layer's ``dtype``. The margins
+    (16, 8) sit well above the errors measured: 4.6e-6 on the fp32 4096 x 25088 vgg11 classifier
+    (tolerance 1.5e-4), 2.9e-4 on an fp16 3x3 conv (tolerance 7.8e-3); a layer whose forward is
+    not the plain ``F.linear`` / ``F.conv2d`` of its weight changes its output by 0.1 to 1, or its
+    shape.
+    """
+    unit = torch.finfo(compute).eps / 2
+    return 16.0 * unit * math.sqrt(fan_in) + 8.0 * torch.finfo(dtype).eps / 2 * depth
+
+
+def _probe_input(layer: nn.Module, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A fixed random input for ``layer``: ``(3, in_features)`` or an odd-sized ``(2, C, H, W)``."""
+    generator = torch.Generator().manual_seed(0)
+    if isinstance(layer, nn.Linear):
+        shape = (3, layer.in_features)
+    else:
+        span = [d * (k - 1) + 1 for d, k in zip(layer.dilation, layer.kernel_size)]
+        shape = (2, layer.in_channels, span[0] + 2 * layer.stride[0] + 1, span[1] + 3 * layer.stride[1] + 2)
+    return torch.randn(shape, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
+
+
+def _check_same_function(original: nn.Module, replacement: _OverparamBase, where: str) -> None:
+    """Raise ``ValueError`` naming the layer if ``replacement`` does not compute ``original``."""
+    layer_dtype = dtype = replacement.factors[0].dtype
+    if dtype in (torch.float16, torch.bfloat16):  # judge the factorization, not half rounding
+        original, replacement = copy.deepcopy(original).float(), copy.deepcopy(replacement).float()
+        dtype = torch.float32
+    probe = _probe_input(original, dtype, replacement.factors[0].device)
+    kind = type(original).__name__
+    with torch.no_grad():
+        try:
+            expected = original(probe)
+        except Exception as error:
+            raise ValueError(
+                f"preserve=True could not check layer {where} ({kind}): it fails on a probe input "
+                f"of shape {tuple(probe.shape)}: {error}"
+            ) from error
+    # With grad enabled the eval cache stays out of it: a call on a few probe rows runs the
+    # activation chain instead of collapsing (and keeping) a large weight.
+    with torch.enable_grad():
+        actual = replacement(probe).detach()
+    hint = (
+        f"{kind} is not a plain nn.Linear / nn.Conv2d: its forward is not F.linear / F.conv2d of "
+        f"its weight; leave it out of include (or exclude it) to keep it"
     )
-    if preserve:
-        dims = [layer.in_features] + [f.shape[0] for f in replacement.factors]
-        with torch.no_grad():
-            for factor, value in zip(replacement.factors, _balanced_factors(weight, dims, name)):
+    if not isinstance(expected, Tensor) or expected.shape != actual.shape:
+        shape = tuple(expected.shape) if isinstance(expected, Tensor) else type(expected).__name__
+        raise ValueError(
+            f"preserve=True changed layer {where} ({kind}): on a probe input of shape "
+            f"{tuple(probe.shape)} the original gives {shape}, the replacement "
+            f"{tuple(actual.shape)}. {hint}"
+        )
+    fan_in = original.weight[0].numel()
+    tol = _preserve_tolerance(dtype, layer_dtype, fan_in, replacement.depth)
+    scale = expected.double().norm().clamp_min(torch.finfo(torch.float64).tiny)
+    error = float((actual.double() - expected.double()).norm() / scale)
+    if not error <= tol:
+        raise ValueError(
+            f"preserve=True changed layer {where} ({kind}): relative error {error:.2e} on a probe "
+            f"input of shape {tuple(probe.shape)}, expected <= {tol:.1e} (rounding of {layer_dtype}). {hint}"
+        )
+
+
+# ---- building replacements ------------------------------------------------------------------------
+
+
+def _copy_preserved(layer: nn.Module, replacement: _OverparamBase, where: str) -> None:
+    weight = layer.weight
+    with torch.no_grad():
+        if isinstance(layer, nn.Linear):
+            dims = [layer.in_features] + [f.shape[0] for f in replacement.factors]
+            for factor, value in zip(replacement.factors, _balanced_factors(weight, dims, where)):
                 factor.copy_(value)
-            if layer.bias is not None:
-                replacement.bias.copy_(layer.bias)
-    return replacement
-
-
-def _conv_from(layer: nn.Conv2d, depth: int, width: float, preserve: bool, name: str) -> OverparamConv2d:
-    weight = layer.weight
-    replacement = OverparamConv2d(
-        layer.in_channels, layer.out_channels,
-        kernel_sizes=[tuple(layer.kernel_size)] + [(1, 1)] * (depth - 1),
-        stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
-        bias=layer.bias is not None, padding_mode=layer.padding_mode, width=width,
-        device=weight.device, dtype=weight.dtype,
-    )
-    if preserve:
-        groups = layer.groups
-        out_g, in_g = layer.out_channels // groups, weight.shape[1]
-        kh, kw = layer.kernel_size
-        dims = [in_g * kh * kw] + [c // groups for c in replacement.channels[1:]]
-        with torch.no_grad():
+        else:
+            groups = layer.groups
+            out_g, in_g = layer.out_channels // groups, weight.shape[1]
+            kh, kw = layer.kernel_size
+            dims = [in_g * kh * kw] + [c // groups for c in replacement.channels[1:]]
             for g in range(groups):
                 block = weight[g * out_g : (g + 1) * out_g].reshape(out_g, -1)
-                pieces = _balanced_factors(block, dims, f"{name} (group {g})")
+                pieces = _balanced_factors(block, dims, f"{where} (group {g})")
                 for j, (factor, piece) in enumerate(zip(replacement.factors, pieces)):
                     rows = slice(g * dims[j + 1], (g + 1) * dims[j + 1])
                     factor[rows].copy_(piece.reshape(factor[rows].shape))
-            if layer.bias is not None:
-                replacement.bias.copy_(layer.bias)
-    return replacement
+        if layer.bias is not None:
+            replacement.bias.copy_(layer.bias)
+
+
+def _match_init_scale(layer: nn.Module, replacement: _OverparamBase) -> None:
+    """Scale every factor alike so the collapsed weight's mean square equals the layer's weight's.
+
+    The bias is copied from ``layer``. A zero weight (a zero-initialized head) gives a zero last
+    factor: the collapsed weight is zero and the factors still get gradients.
+    """
+    with torch.no_grad():
+        target = layer.weight.double().square().mean()
+        if target == 0:
+            replacement.factors[-1].zero_()
+        else:
+            current = replacement.collapsed_parameters()[0].double().square().mean()
+            scale = float((target / current).sqrt()) ** (1.0 / replacement.depth)
+            for factor in replacement.factors:
+                factor.mul_(scale)
+        if layer.bias is not None:
+            replacement.bias.copy_(layer.bias)
+
+
+def _replacement_for(layer: nn.Module, depth: int, width: float) -> _OverparamBase:
+    weight = layer.weight
+    factory = {"device": weight.device, "dtype": weight.dtype}
+    if isinstance(layer, nn.Linear):
+        return OverparamLinear(
+            layer.in_features, layer.out_features, depth=depth, width=width,
+            bias=layer.bias is not None, **factory,
+        )
+    return OverparamConv2d(
+        layer.in_channels, layer.out_channels,
+        kernel_sizes=[tuple(layer.kernel_size)] + [(1, 1)] * (depth - 1),
+        stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
+        bias=layer.bias is not None, padding_mode=layer.padding_mode, width=width, **factory,
+    )
+
+
+# ---- overparameterize -----------------------------------------------------------------------------
+
+
+@dataclass
+class OverparamReport:
+    """What :func:`overparameterize` did to a model.
+
+    Attributes:
+        replaced: ``(name, type name)`` of every replaced layer, in module order.
+        skipped: ``(name, type name, reason)`` of every layer holding a weight matrix or kernel that
+            was left as it is (excluded, a subclass or type fastrank does not replace, a tied or
+            parametrized weight, an uninitialized lazy layer).
+    """
+
+    replaced: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[tuple[str, str, str]] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"overparameterize: replaced {len(self.replaced)} layers, skipped {len(self.skipped)}"]
+        lines += [f"  replaced {name or '(top level)'} ({kind})" for name, kind in self.replaced]
+        lines += [f"  skipped  {name or '(top level)'} ({kind}): {why}" for name, kind, why in self.skipped]
+        return "\n".join(lines)
+
+
+def _has_weight_matrix(module: nn.Module) -> bool:
+    """A layer with a weight matrix or kernel of its own (not a class token or position table)."""
+    return any(
+        p.dim() >= 2 and "weight" in name for name, p in module.named_parameters(recurse=False)
+    ) or (
+        isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params()
+    )
+
+
+def _skip_reason(
+    module: nn.Module, include: tuple[type, ...], owners: dict[int, list[str]], name: str
+) -> str | None:
+    """Why ``module`` (a layer of an included type, or one holding a weight) is not replaced."""
+    kind = type(module).__name__
+    if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+        return "uninitialized lazy layer: run one forward pass first (it then becomes a plain layer)"
+    if parametrize.is_parametrized(module):
+        return (
+            "parametrized weight (torch.nn.utils.parametrize): a replacement would drop the "
+            "parametrization; remove it first (parametrize.remove_parametrizations) to replace the layer"
+        )
+    if type(module) not in include:
+        if type(module) in (nn.Linear, nn.Conv2d):
+            return "not in include"
+        for base in (nn.Linear, nn.Conv2d):
+            if isinstance(module, base):
+                return (
+                    f"subclass of nn.{base.__name__} (its forward may differ); pass "
+                    f"include=(..., {kind}) to replace it anyway"
+                )
+        return "type not replaced by fastrank (nn.Linear and nn.Conv2d are)"
+    if "weight" not in module._parameters:
+        return (
+            "weight computed by a hook (torch.nn.utils.weight_norm or spectral_norm): a replacement "
+            "would drop it; remove the hook first to replace the layer"
+        )
+    for attribute in ("weight", "bias"):
+        param = module._parameters.get(attribute)
+        if param is None:
+            continue
+        others = [n for n in owners.get(id(param), []) if n != f"{name}.{attribute}".lstrip(".")]
+        if others:
+            return f"{attribute} tied to {', '.join(repr(n) for n in others)}; replacing it would untie them"
+    return None
+
+
+def _progress_bar(total: int, enabled: bool):
+    """A per-layer progress callback ``(done, name)`` on stderr: tqdm when installed, else lines."""
+    if not enabled:
+        return lambda done, name: None, lambda: None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        def update(done: int, name: str) -> None:
+            print(f"overparameterize: {done}/{total} {name}", file=sys.stderr, flush=True)
+
+        return update, lambda: None
+    bar = tqdm(total=total, desc="overparameterize", unit="layer", file=sys.stderr, leave=False)
+
+    def update(done: int, name: str) -> None:
+        bar.set_postfix_str(name, refresh=False)
+        bar.update(done - bar.n)
+
+    return update, bar.close
+
+
+# Weight elements to factor above which preserve=True shows a progress bar (progress=None): 2^24,
+# a few seconds of factoring; vgg11 has 1.3e8.
+_PROGRESS_ELEMENTS = 2**24
+
+_INITS = ("paper", "match")
 
 
 def overparameterize(
@@ -633,45 +918,138 @@ def overparameterize(
     include: tuple[type, ...] = (nn.Linear, nn.Conv2d),
     exclude: Iterable[str | type] = (),
     preserve: bool = False,
-) -> nn.Module:
+    init: str = "paper",
+    progress: bool | None = None,
+    return_report: bool = False,
+) -> nn.Module | tuple[nn.Module, OverparamReport]:
     """Replace the ``nn.Linear`` / ``nn.Conv2d`` layers of ``model`` by over-parameterized ones, in place.
+
+    Only layers whose type is exactly one of ``include`` are replaced. A subclass (timm's
+    ``StdConv2d`` standardizes its weight in ``forward``, ``Conv2dSame`` pads in ``forward``) is a
+    different function of its weight, so it is skipped unless named in ``include``. Layers with a
+    tied weight (a head sharing an embedding's matrix) or a parametrized one (``weight_norm``,
+    ``torch.nn.utils.parametrize``) are skipped too, which keeps the tie or the parametrization,
+    and so are uninitialized lazy layers. Every layer holding a weight that is not replaced is
+    listed with the reason in the report, logged (logger ``fastrank.layers``, INFO) and, unless
+    excluded by the caller, named in one ``UserWarning``.
 
     Args:
         model: any module; itself replaced (and returned) if it is a matching layer.
         depth: factors per replaced layer. Convolutions keep their kernel on the first factor and
             get 1x1 factors after it, so the collapsed kernel size is unchanged.
         width: hidden size as a multiple of each layer's output size.
-        include: layer types to replace (subclasses of ``nn.Linear`` / ``nn.Conv2d``).
+        include: layer types to replace, matched exactly: ``nn.Linear``, ``nn.Conv2d`` or
+            subclasses of them named explicitly (replaced as if plain).
         exclude: qualified module names (``"head"``, ``"features.3"``; a name excludes its
-            children too) or module types to leave alone.
+            children too) or module types (matched with ``isinstance``) to leave alone.
         preserve: factor each existing weight so the model computes the same function (a
-            balanced SVD split); raises ``ValueError`` naming the layer when a bottleneck is
-            narrower than the weight's rank. Otherwise the new layers get the default random init.
+            balanced split, see below), then run each replaced layer and its replacement on a
+            probe input: ``ValueError`` naming the layer if the outputs differ beyond rounding or
+            when a bottleneck is narrower than the weight's rank.
+        init: without ``preserve``, how new layers are initialized. ``"paper"`` (default): every
+            factor Kaiming-normal as in Huh et al. (gain 1, sqrt(2) on the last; the collapsed
+            weight's scale then differs from the architecture's own init). ``"match"``: the same
+            factors scaled alike so the collapsed weight's mean square equals that of the
+            replaced layer's weight, whose bias is kept.
+        progress: show a per-layer progress bar on stderr (tqdm when installed). ``None``: only
+            with ``preserve=True`` on models with more than 2^24 weight elements to factor.
+        return_report: also return the :class:`OverparamReport`.
 
     Returns:
-        the model, with the new layers on the device and dtype of the layers they replace.
+        the model (or ``(model, report)``), with the new layers on the device and dtype of the
+        layers they replace.
+
+    ``preserve=True`` needs no SVD when every hidden width is at least ``min(out, in)`` (the
+    eigendecomposition of the smaller Gram, in fp32 for large fp32 / half weights: the three
+    layers of vgg11's classifier in 38.5 s on a 2-core CPU); a bottleneck takes an fp64 SVD.
     """
     _check_positive_int("depth", depth)
     exclude = tuple(exclude)
+    include = tuple(include)
     for kind in include:
         if not (isinstance(kind, type) and issubclass(kind, (nn.Linear, nn.Conv2d))):
             raise ValueError(f"include may only hold nn.Linear / nn.Conv2d types, got {kind!r}")
+    if init not in _INITS:
+        raise ValueError(f"init must be one of {_INITS}, got {init!r}")
+    owners: dict[int, list[str]] = {}
+    for param_name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(param_name)
 
-    def replace(module: nn.Module, name: str) -> nn.Module:
-        if isinstance(module, _OverparamBase) or _matches(name, module, exclude):
-            return module
-        if isinstance(module, include):
+    report = OverparamReport()
+    plan: list[tuple[str, nn.Module]] = []
+    excluded: list[tuple[str, str, str]] = []
+
+    def visit(module: nn.Module, name: str) -> None:
+        if isinstance(module, _OverparamBase):
+            return
+        if _matches(name, module, exclude):
+            layers = [(f"{name}.{n}".strip("."), m) for n, m in module.named_modules()]
+            excluded.extend(
+                (n, type(m).__name__, "excluded") for n, m in layers if _has_weight_matrix(m)
+            )
+            return
+        candidate = type(module) in include or isinstance(module, (nn.Linear, nn.Conv2d))
+        if candidate or _has_weight_matrix(module):
+            reason = _skip_reason(module, include, owners, name)
+            if reason is None:
+                plan.append((name, module))
+                return
+            report.skipped.append((name, type(module).__name__, reason))
+            if parametrize.is_parametrized(module):
+                return
+        for child_name, child in module.named_children():
+            visit(child, f"{name}.{child_name}" if name else child_name)
+
+    visit(model, "")
+    elements = sum(layer.weight.numel() for _, layer in plan)
+    show = progress if progress is not None else preserve and elements > _PROGRESS_ELEMENTS
+    update, close = _progress_bar(len(plan), bool(show))
+    replacements: dict[str, nn.Module] = {}
+    try:
+        for done, (name, layer) in enumerate(plan):
+            update(done, name)
             where = repr(name) if name else "the top-level module"
-            if isinstance(module, nn.Linear):
-                return _linear_from(module, depth, width, preserve, where)
-            return _conv_from(module, depth, width, preserve, where)
-        for child_name, child in list(module.named_children()):
-            new = replace(child, f"{name}.{child_name}" if name else child_name)
-            if new is not child:
-                setattr(module, child_name, new)
-        return module
+            kind = type(layer).__name__
+            try:
+                replacement = _replacement_for(layer, depth, width)
+                if preserve:
+                    _copy_preserved(layer, replacement, where)
+                    _check_same_function(layer, replacement, where)
+                elif init == "match":
+                    _match_init_scale(layer, replacement)
+            except Exception as error:
+                if isinstance(error, ValueError) and "preserve=True" in str(error):
+                    raise  # already names the layer
+                message = f"overparameterize: layer {where} ({kind}): {error}"
+                try:
+                    named = type(error)(message)
+                except Exception:
+                    named = RuntimeError(message)
+                raise named from error
+            replacements[name] = replacement
+            report.replaced.append((name, kind))
+        update(len(plan), "")
+    finally:
+        close()
+    for name, replacement in replacements.items():
+        if not name:
+            model = replacement
+            continue
+        parent_name, _, child_name = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child_name, replacement)
 
-    return replace(model, "")
+    report.skipped.extend(excluded)
+    _log.info("%s", report)
+    unexpected = [entry for entry in report.skipped if entry[2] not in ("excluded", "not in include")]
+    if unexpected:
+        listed = "; ".join(f"{n or '(top level)'} ({k}): {why}" for n, k, why in unexpected[:8])
+        more = f"; and {len(unexpected) - 8} more" if len(unexpected) > 8 else ""
+        warnings.warn(
+            f"overparameterize left {len(unexpected)} layers with weights as they are: {listed}{more} "
+            f"(return_report=True lists them all)",
+            stacklevel=2,
+        )
+    return (model, report) if return_report else model
 
 
 def _plain_from(layer: _OverparamBase) -> nn.Module:

@@ -1,5 +1,6 @@
 import copy
 import io
+import math
 
 import pytest
 import torch
@@ -450,7 +451,7 @@ def test_preserve_bottleneck_above_rank_is_exact():
 
 
 def test_public_names():
-    for name in ["OverparamLinear", "OverparamConv2d", "overparameterize", "collapse", "__version__"]:
+    for name in ["OverparamLinear", "OverparamConv2d", "overparameterize", "OverparamReport", "collapse", "__version__"]:
         assert hasattr(fastrank, name)
 
 
@@ -492,3 +493,404 @@ def test_autocast_like_nn_linear_and_cache_stays_fp32():
             assert layer(x).dtype == torch.bfloat16
         assert layer._cache.value[0].dtype == torch.float32
         assert layer(x).dtype == torch.float32  # the cache made under autocast serves fp32 calls
+
+
+# ---- eval cache: layout and inference mode ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make,shape",
+    [(lambda: OverparamLinear(7, 5, depth=3), (3, 7)),
+     (lambda: OverparamConv2d(3, 6, kernel_sizes=(3, (1, 3), 1), padding=1, groups=3), (2, 3, 9, 7))],
+    ids=["linear", "conv"],
+)
+def test_eval_cache_is_contiguous(make, shape):
+    torch.manual_seed(16)
+    layer = make().eval()
+    with torch.no_grad():
+        layer(torch.randn(*shape))
+    weight, _ = layer._cache.value
+    assert weight.is_contiguous(), f"cached weight strides {weight.stride()}"
+    assert torch.equal(weight, layer.collapsed_parameters()[0].detach())
+
+
+@pytest.mark.parametrize(
+    "make,shape",
+    [(lambda: OverparamLinear(7, 5, depth=3, dtype=torch.float64), (3, 7)),
+     (lambda: OverparamConv2d(3, 4, kernel_sizes=(3, 1), padding=1, dtype=torch.float64), (2, 3, 7, 5)),
+     (lambda: OverparamLinear(6, 6, depth=2, batch_norm=True, dtype=torch.float64), (4, 6))],
+    ids=["linear", "conv", "linear-batch-norm"],
+)
+@pytest.mark.parametrize("frozen", [False, True], ids=["trainable", "frozen"])
+def test_cache_filled_under_inference_mode_serves_autograd_later(make, shape, frozen):
+    torch.manual_seed(17)
+    layer = make().eval()
+    for p in layer.parameters():
+        p.requires_grad_(not frozen)
+    with torch.inference_mode():
+        first = layer(torch.randn(*shape, dtype=torch.float64))
+    assert first.is_inference()
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    out = layer(x)  # the cache (if used) was filled in inference mode
+    grad_out = torch.randn_like(out)
+    (grad_x,) = torch.autograd.grad(out, [x], grad_out)
+    weight, bias = layer.collapsed_parameters()
+    xr = x.detach().clone().requires_grad_(True)
+    if isinstance(layer, OverparamConv2d):
+        ref = F.conv2d(xr, weight.detach(), bias.detach(), padding=1)
+    else:
+        ref = F.linear(xr, weight.detach(), bias.detach())
+    (grad_ref,) = torch.autograd.grad(ref, [xr], grad_out)
+    assert_close(out, ref, torch.float64, 9, what="output")
+    assert_close(grad_x, grad_ref, torch.float64, 9, what="grad x")
+
+
+# ---- overparameterize on the patterns of real models --------------------------------------------
+
+
+class StdConv2d(nn.Conv2d):
+    """timm's StdConv2d: the weight is standardized per output channel in forward."""
+
+    def forward(self, x):
+        weight = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
+                              training=True, momentum=0.0, eps=1e-6).reshape_as(self.weight)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class Conv2dSame(nn.Conv2d):
+    """timm's Conv2dSame: TensorFlow 'SAME' padding computed from the input size in forward."""
+
+    def forward(self, x):
+        pads = []
+        for size, k, s, d in zip(x.shape[-2:], self.kernel_size, self.stride, self.dilation):
+            total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
+            pads.append((total // 2, total - total // 2))
+        x = F.pad(x, (*pads[1], *pads[0]))
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class HFConv1D(nn.Module):
+    """Hugging Face's GPT-2 Conv1D: a linear layer with the weight stored (in, out)."""
+
+    def __init__(self, out_features, in_features):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(in_features, out_features) * 0.02)
+        self.bias = nn.Parameter(torch.zeros(out_features))
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).reshape(*x.shape[:-1], -1)
+
+
+class TinyBiT(nn.Module):
+    """A BiT / EfficientNet-like stem: a StdConv2d, a Conv2dSame, then plain layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = StdConv2d(3, 8, 3, padding=1, bias=False)
+        self.down = Conv2dSame(8, 8, 3, stride=2)
+        self.conv = nn.Conv2d(8, 6, 3, padding=1)
+        self.head = nn.Linear(6, 5)
+
+    def forward(self, x):
+        x = self.conv(F.relu(self.down(F.relu(self.stem(x)))))
+        return self.head(x.mean((2, 3)))
+
+
+class TiedLM(nn.Module):
+    """An embedding, a block, and a head tied to the embedding (GPT-2 style)."""
+
+    def __init__(self, vocab=11, dim=6):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.mlp = nn.Linear(dim, dim)
+        self.attn_proj = HFConv1D(dim, dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens):
+        h = self.embed(tokens)
+        h = h + self.attn_proj(torch.tanh(self.mlp(h)))
+        return self.head(h)
+
+
+class ResidualConvNet(nn.Module):
+    """A residual conv net with BatchNorm (resnet basic block), odd channel counts."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 7, 3, padding=1, bias=False), nn.BatchNorm2d(7), nn.ReLU())
+        self.conv1 = nn.Conv2d(7, 7, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(7)
+        self.conv2 = nn.Conv2d(7, 7, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(7)
+        self.down = nn.Sequential(nn.Conv2d(7, 9, 1, stride=2, bias=False), nn.BatchNorm2d(9))
+        self.fc = nn.Linear(9, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = F.relu(x + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+        return self.fc(F.relu(self.down(x)).mean((2, 3)))
+
+
+def _randomize_batch_norms(model):
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            with torch.no_grad():
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.5, 0.5)
+
+
+def test_subclasses_are_skipped_and_reported_by_default():
+    torch.manual_seed(20)
+    model = TinyBiT().double().eval()
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    expected = model(x)
+    with pytest.warns(UserWarning, match=r"stem \(StdConv2d\): subclass of nn.Conv2d.*down \(Conv2dSame\)"):
+        model, report = overparameterize(model, preserve=True, return_report=True)
+    assert type(model.stem) is StdConv2d and type(model.down) is Conv2dSame
+    assert isinstance(model.conv, OverparamConv2d) and isinstance(model.head, OverparamLinear)
+    assert report.replaced == [("conv", "Conv2d"), ("head", "Linear")]
+    assert [(n, k) for n, k, _ in report.skipped] == [("stem", "StdConv2d"), ("down", "Conv2dSame")]
+    assert "include=(..., StdConv2d)" in report.skipped[0][2]
+    assert "skipped  stem (StdConv2d)" in str(report)
+    assert_close(model(x), expected, torch.float64, 72, what="preserved model")
+
+
+@pytest.mark.parametrize(
+    "subclass,match",
+    [(StdConv2d, r"layer 'stem' \(StdConv2d\): relative error \d\.\d+e[-+]\d+ on a probe input"),
+     (Conv2dSame, r"layer 'down' \(Conv2dSame\): on a probe input of shape \(2, 8, \d+, \d+\) the "
+                  r"original gives \(2, 8, \d+, \d+\), the replacement \(2, 8, \d+, \d+\)")],
+    ids=["StdConv2d", "Conv2dSame"],
+)
+def test_preserve_raises_naming_a_subclass_whose_function_changes(subclass, match):
+    torch.manual_seed(21)
+    model = TinyBiT()
+    with pytest.raises(ValueError, match=match):
+        overparameterize(model, include=(nn.Linear, nn.Conv2d, subclass), preserve=True)
+
+
+def test_subclass_replaced_when_asked_without_preserve():
+    model = TinyBiT()
+    with pytest.warns(UserWarning, match=r"left 1 layers.*down \(Conv2dSame\)"):
+        overparameterize(model, include=(nn.Conv2d, StdConv2d))
+    assert isinstance(model.stem, OverparamConv2d) and type(model.down) is Conv2dSame
+    assert type(model.head) is nn.Linear
+
+
+def test_preserve_keeps_a_residual_batch_norm_net_and_checks_every_layer(monkeypatch):
+    torch.manual_seed(22)
+    model = ResidualConvNet().double()
+    _randomize_batch_norms(model)
+    model.eval()
+    x = torch.randn(3, 3, 11, 7, dtype=torch.float64)
+    expected = model(x)
+    checked = []
+    original_check = layers_mod._check_same_function
+    monkeypatch.setattr(layers_mod, "_check_same_function",
+                        lambda o, r, where: checked.append(where) or original_check(o, r, where))
+    model, report = overparameterize(model, depth=3, preserve=True, return_report=True)
+    assert checked == ["'stem.0'", "'conv1'", "'conv2'", "'down.0'", "'fc'"]
+    assert len(report.replaced) == 5 and report.skipped == []
+    assert_close(model(x), expected, torch.float64, 63, steps=3, what="preserved")
+    assert_close(collapse(model)(x), expected, torch.float64, 63, steps=3, what="collapsed")
+
+
+def test_check_same_function_detects_a_changed_weight():
+    torch.manual_seed(23)
+    layer = nn.Linear(9, 4)
+    replacement = overparameterize(copy.deepcopy(layer), preserve=True)
+    with torch.no_grad():
+        replacement.factors[0][0, 0] += 1e-3 * replacement.factors[0].abs().max()
+    with pytest.raises(ValueError, match=r"layer 'probe' \(Linear\): relative error"):
+        layers_mod._check_same_function(layer, replacement, "'probe'")
+
+
+def test_unsupported_types_and_tied_head_are_reported_and_kept():
+    torch.manual_seed(24)
+    model = nn.ModuleDict({
+        "lm": TiedLM(),
+        "conv1d": nn.Conv1d(3, 4, 3),
+        "conv3d": nn.Conv3d(3, 4, 3),
+        "deconv": nn.ConvTranspose2d(3, 4, 3),
+    })
+    with pytest.warns(UserWarning, match="left 6 layers with weights as they are") as caught:
+        _, report = overparameterize(model, return_report=True)
+    skipped = {name: why for name, _, why in report.skipped}
+    for name in ("lm.embed", "lm.attn_proj", "conv1d", "conv3d", "deconv"):
+        assert skipped[name].startswith("type not replaced by fastrank"), name
+        assert name in str(caught[0].message)
+    assert skipped["lm.head"] == "weight tied to 'lm.embed.weight'; replacing it would untie them"
+    assert [name for name, _ in report.replaced] == ["lm.mlp"]
+    assert model["lm"].head.weight is model["lm"].embed.weight
+
+
+def test_excluded_layers_are_reported_without_a_warning(recwarn):
+    model = nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)))
+    _, report = overparameterize(model, exclude=("1",), return_report=True)
+    assert report.skipped == [("1.0", "Linear", "excluded"), ("1.2", "Linear", "excluded")]
+    assert not [w for w in recwarn if "overparameterize" in str(w.message)]
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.nn.utils.weight_norm. is deprecated:FutureWarning")
+def test_parametrizations_are_kept_not_dropped():
+    torch.manual_seed(25)
+    model = nn.Sequential(
+        nn.utils.parametrizations.weight_norm(nn.Linear(5, 6)), nn.ReLU(),
+        torch.nn.utils.weight_norm(nn.Linear(6, 6)), nn.ReLU(), nn.Linear(6, 3),
+    ).double()
+    x = torch.randn(4, 5, dtype=torch.float64)
+    expected = model(x)
+    with pytest.warns(UserWarning, match=r"0 \(ParametrizedLinear\): parametrized weight.*2 \(Linear\): weight computed by a hook"):
+        _, report = overparameterize(model, preserve=True, return_report=True)
+    assert [name for name, _ in report.replaced] == ["4"]
+    assert nn.utils.parametrize.is_parametrized(model[0]) and hasattr(model[2], "weight_g")
+    assert_close(model(x), expected, torch.float64, 6)
+
+
+def test_lazy_layer_is_named_and_replaced_once_initialized():
+    model = nn.Sequential(nn.LazyLinear(4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.warns(UserWarning, match=r"0 \(LazyLinear\): uninitialized lazy layer"):
+        overparameterize(model)
+    model = nn.Sequential(nn.LazyLinear(4), nn.ReLU(), nn.Linear(4, 2))
+    model(torch.randn(3, 7))
+    overparameterize(model)
+    assert isinstance(model[0], OverparamLinear) and model[0].in_features == 7
+
+
+def test_errors_name_the_layer():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    with pytest.raises(ValueError, match=r"overparameterize: layer '2' \(Linear\): width=0.2 gives hidden size int\(3 \* 0.2\) = 0"):
+        overparameterize(model, width=0.2)
+    with pytest.raises(ValueError, match=r"init must be one of \('paper', 'match'\), got 'xavier'"):
+        overparameterize(model, init="xavier")
+
+
+# ---- preserve: the balanced factorization ---------------------------------------------------------
+
+
+FACTOR_CASES = [((7, 129), 2, 1.0), ((129, 7), 3, 1.0), ((64, 64), 4, 2.0), ((1, 5), 2, 3.0), ((33, 300), 3, 1.0)]
+
+
+@pytest.mark.parametrize("compute", ["fp64", "fp32"])
+@pytest.mark.parametrize("shape,depth,width", FACTOR_CASES, ids=str)
+def test_balanced_factors_product_and_balance(monkeypatch, compute, shape, depth, width):
+    if compute == "fp32":
+        monkeypatch.setattr(layers_mod, "_FP64_FACTOR_BUDGET", 0)
+    torch.manual_seed(26)
+    out_f, in_f = shape
+    weight = torch.randn(out_f, in_f, dtype=torch.float64).float()
+    dims = [in_f] + [int(out_f * width)] * (depth - 1) + [out_f]
+    factors = layers_mod._balanced_factors(weight, dims, "'w'")
+    assert factors[0].dtype == (torch.float64 if compute == "fp64" else torch.float32)
+    assert [tuple(f.shape) for f in factors] == [(dims[j + 1], dims[j]) for j in range(depth)]
+    product = fastrank.collapsed_weight([f.double() for f in factors])
+    dtype = torch.float64 if compute == "fp64" else torch.float32
+    assert_close(product, weight.double(), dtype, max(shape), steps=depth, what="product")
+
+
+@pytest.mark.parametrize("compute", ["fp64", "fp32"])
+@pytest.mark.parametrize("shape,depth,width", FACTOR_CASES, ids=str)
+def test_balanced_factors_are_balanced(monkeypatch, compute, shape, depth, width):
+    # W_{j+1}^T W_{j+1} = W_j W_j^T. Through the Gram, singular value s_i carries a relative error
+    # of eps (s_max / s_i)^2, so the fp32 case takes a weight with singular values in [1, 2]
+    # (condition 2: the tolerance of 4 times as many steps).
+    if compute == "fp32":
+        monkeypatch.setattr(layers_mod, "_FP64_FACTOR_BUDGET", 0)
+    torch.manual_seed(30)
+    out_f, in_f = shape
+    k = min(shape)
+    u = torch.linalg.qr(torch.randn(out_f, k, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(in_f, k, dtype=torch.float64))[0]
+    weight = ((u * torch.linspace(1, 2, k, dtype=torch.float64)) @ v.T).float()
+    dims = [in_f] + [int(out_f * width)] * (depth - 1) + [out_f]
+    factors = [f.double() for f in layers_mod._balanced_factors(weight, dims, "'w'")]
+    dtype, steps = (torch.float64, depth) if compute == "fp64" else (torch.float32, 4 * depth)
+    for j in range(depth - 1):
+        left = factors[j + 1].T @ factors[j + 1]
+        right = factors[j] @ factors[j].T
+        assert_close(left, right, dtype, max(shape), steps=steps, what=f"balance {j}")
+
+
+@pytest.mark.parametrize("compute", ["fp64", "fp32"])
+def test_balanced_factors_of_a_low_rank_weight(monkeypatch, compute):
+    if compute == "fp32":
+        monkeypatch.setattr(layers_mod, "_FP64_FACTOR_BUDGET", 0)
+    torch.manual_seed(27)
+    weight = torch.randn(40, 3, dtype=torch.float64) @ torch.randn(3, 57, dtype=torch.float64)
+    factors = layers_mod._balanced_factors(weight.float(), [57, 40, 40, 40], "'w'")
+    assert all(f.isfinite().all() for f in factors)
+    product = fastrank.collapsed_weight([f.double() for f in factors])
+    dtype = torch.float64 if compute == "fp64" else torch.float32
+    assert_close(product, weight.float().double(), dtype, 57, steps=3, what="product")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_preserve_each_dtype(dtype):
+    torch.manual_seed(28)
+    model = ResidualConvNet().to(dtype)
+    _randomize_batch_norms(model)
+    model.eval()
+    x = torch.randn(2, 3, 9, 7).to(dtype)
+    reference = copy.deepcopy(model).double()
+    overparameterize(model, depth=2, preserve=True)
+    # The factors are exact to the compute dtype, then rounded to the layer's: one rounding per
+    # factor and per product on top of the plain model's own rounding.
+    assert_close(model(x), reference(x.double()), dtype, 63, steps=6, what="preserved")
+
+
+def test_progress_bar_on_request(capsys):
+    model = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 2))
+    overparameterize(model, preserve=True, progress=True)
+    assert "overparameterize" in capsys.readouterr().err
+    overparameterize(nn.Sequential(nn.Linear(6, 6)), preserve=True)
+    assert capsys.readouterr().err == ""
+
+
+# ---- init="match" -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make", [lambda: nn.Linear(37, 29), lambda: nn.Conv2d(6, 12, 3, groups=2)],
+                         ids=["linear", "conv-groups"])
+@pytest.mark.parametrize("depth", [2, 4])
+def test_init_match_scales_collapsed_weight_to_the_original(make, depth):
+    torch.manual_seed(29)
+    layer = make().double()
+    with torch.no_grad():
+        layer.weight.mul_(0.3)
+        layer.bias.uniform_(-1, 1)
+    target = layer.weight.square().mean()
+    replacement = overparameterize(copy.deepcopy(layer), depth=depth, width=1.5, init="match")
+    paper = overparameterize(copy.deepcopy(layer), depth=depth, width=1.5)
+    collapsed = replacement.collapsed_parameters()[0].detach()
+    assert_close(collapsed.square().mean().reshape(1), target.reshape(1), torch.float64, collapsed.numel(),
+                 steps=depth, what="mean square")
+    assert torch.equal(replacement.bias, layer.bias)
+    # The paper's init has another scale (what init="match" is for).
+    assert abs(paper.collapsed_parameters()[0].square().mean() / target - 1) > 0.5
+
+
+def test_init_match_of_a_zero_weight_keeps_gradients():
+    layer = nn.Linear(5, 4)
+    with torch.no_grad():
+        layer.weight.zero_()
+    replacement = overparameterize(layer, depth=3, init="match")
+    assert torch.count_nonzero(replacement.collapsed_parameters()[0]) == 0
+    replacement(torch.randn(3, 5)).square().sum().backward()
+    assert replacement.factors[-1].grad.abs().max() > 0
+
+
+def test_path_choices_are_bounded_and_pickles_from_before_load():
+    layer = OverparamLinear(4, 4, depth=2)
+    with torch.no_grad():
+        for rows in range(1, layers_mod._PATH_CHOICES_KEPT + 20):
+            layer(torch.randn(rows, 4))
+    assert 0 < len(layer._path_choices) <= layers_mod._PATH_CHOICES_KEPT
+    state = layer.__getstate__()
+    del state["_path_choices"]  # a layer pickled before the choices were remembered
+    restored = OverparamLinear.__new__(OverparamLinear)
+    restored.__setstate__(state)
+    x = torch.randn(3, 4)
+    assert torch.equal(restored(x), layer(x))

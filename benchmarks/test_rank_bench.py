@@ -4,7 +4,8 @@ The cases are fastrank.bench_rank.rank_cases(), the ones `fastrank bench --suite
 is a benchmark group (fastrank's methods, the paper snippet or the direct fp64 formula, and torch's
 functions side by side); the error of each variant against the exact value (and the bound width,
 for those returning bounds) goes to extra_info, with the ratio of its median to the baseline's and,
-for the small-matrix cases, to the floor's (fp64 eigvalsh of the same matrix), measured in this run.
+for the small-matrix cases, to the floor's (the formula on fp64 eigvalsh of A^T A, A's size),
+measured in this run.
 
 `test_small_single_call_target` holds the small-matrix target: one effective_rank call at most 1.2x
 the direct fp64 formula for every n of the small cases, both timed interleaved in one run (the

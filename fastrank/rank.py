@@ -289,15 +289,16 @@ def _small_values(A, gram, hermitian, center, method):
     zero matrix (also after centering), ||A||_F outside _SMALL_NORM or overflowing fp64. Every
     value vector returned has a positive sum (A is not zero).
     """
-    shape = A.shape
     if not (
         isinstance(A, torch.Tensor)
         and A.is_cpu
         and (method == "auto" or method == "exact")
         and A.dtype in _REAL_DTYPES
         and not (gram and hermitian)
-        and len(shape) >= 2
     ):
+        return None
+    shape = A.shape
+    if len(shape) < 2:
         return None
     m, n = shape[-2], shape[-1]
     if not 0 < A.numel() == m * n or m * n * min(m, n) > _SMALL_WORK or (hermitian and (m != n or center)):

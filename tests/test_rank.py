@@ -627,6 +627,11 @@ def test_small_matrix_deterministic_and_differentiable():
         assert W.grad is not None and torch.isfinite(W.grad).all()
 
 
+def test_small_matrix_from_a_list():
+    rows = [[3.0, 1.0, 0.5], [1.0, 2.0, -1.0]]
+    assert_close_rel(effective_rank(rows), reference_entropy(torch.tensor(rows, dtype=torch.float64)).exp(), 1e-10, "list")
+
+
 def test_small_route_choice():
     """svdvals for one matrix with m n min(m, n) <= _SMALL_WORK; the Gram route for batches and above."""
     route = rank_module._svdvals_first

@@ -21,9 +21,10 @@ Methods (``method=``):
   e.g. a rank-deficient A), those matrices are recomputed with fp64 ``svdvals`` of A itself.
   fp32/fp16/bf16 data with gram=True form the Gram from fp32 products over row blocks
   of 16384 rows, summed in fp64; everything else is formed in fp64. One small matrix on the CPU
-  (m n min(m, n) <= 64^3, not a batch) skips the per-matrix bookkeeping (``_small_values``) and,
-  for gram=False, takes fp64 ``svdvals`` of A directly: there the Gram route's product and
-  rounding check cost more than its cheaper eigensolver saves (a 16 x 16 call: 240 -> 35 us).
+  (m n min(m, n) <= 64^3, not a batch) skips the per-matrix bookkeeping (``_small_values``; its
+  Gram, for gram=True, is formed in fp64) and, for gram=False, takes fp64 ``svdvals`` of A
+  directly: there the Gram route's product and rounding check cost more than its cheaper
+  eigensolver saves (one 16 x 16 call: 240 -> 35 us on a 2-core CPU).
 - ``"randomized"``: randomized range finder + Rayleigh-Ritz (Halko, Martinsson & Tropp 2011) on a
   Gaussian sketch, Y = A (A^T Omega) for data and Y = A Omega for a symmetric A, drawn from ``seed``
   (``fastrank.sketch.gaussian_sketch``), with certified bounds (see ``_certified_bounds``).

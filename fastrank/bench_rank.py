@@ -12,7 +12,14 @@ variants that return bounds:
 * ``weights``: a batch of b square weights: fastrank batched (one call) vs the snippet in a Python
   loop (as per-layer tools do) and batched ``torch.linalg.svdvals``;
 * ``decay``: A (n x n) with singular values 0.98^i: fastrank randomized / slq / exact vs the
-  snippet, ``torch.linalg.svdvals`` and ``torch.svd_lowrank``.
+  snippet, ``torch.linalg.svdvals`` and ``torch.svd_lowrank``;
+* ``small n``: one fp64 n x n matrix (n = 8, 16, 64, 256): fastrank exact vs the direct formula
+  (``fp64 svdvals formula``: ``torch.linalg.svdvals`` in fp64, p = s / sum(s), exp of the entropy),
+  with the floor: the same formula on fp64 ``torch.linalg.eigvalsh`` of the n x n Gram A^T A (a
+  symmetric eigensolver of A's size, the cheapest exact spectrum there is, without fastrank's
+  rounding check);
+* ``small batched``: b fp64 matrices n x n (1000 x 64 x 64): fastrank in one batched call and in a
+  Python loop of single calls vs the direct formula in a loop, batched, and the batched floor.
 
 Errors are relative errors of the effective rank exp(H).
 """
@@ -27,9 +34,11 @@ import torch
 from .bench import Case, Prepared
 from .rank import RankEstimate, effective_rank
 
-__all__ = ["QUICK_SIZES", "RankSizes", "paper_snippet_erank", "rank_cases"]
+__all__ = ["QUICK_SIZES", "RankSizes", "direct_erank", "paper_snippet_erank", "rank_cases"]
 
 SNIPPET = "paper snippet (full SVD)"
+DIRECT = "fp64 svdvals formula"
+FLOOR = "fp64 eigvalsh of A^T A (floor)"
 
 
 def paper_snippet_erank(A: torch.Tensor) -> torch.Tensor:
@@ -66,12 +75,27 @@ def _orthonormal(n: int, generator: torch.Generator) -> torch.Tensor:
     return torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64)).Q
 
 
-def _case(name, shape, variants, setup, repeats, note="") -> Case:
+def direct_erank(A: torch.Tensor) -> torch.Tensor:
+    """The direct fp64 formula: ``torch.linalg.svdvals`` in fp64, p = s / sum(s), exp of the entropy."""
+    s = torch.linalg.svdvals(A.double())
+    p = s / s.sum(-1, keepdim=True)
+    return torch.exp(-torch.special.xlogy(p, p).sum(-1))
+
+
+def _floor(A: torch.Tensor) -> torch.Tensor:
+    """The formula on fp64 eigvalsh of the Gram A^T A (n x n, A's size), with no rounding check:
+    the cheapest exact spectrum of that size (accurate to ~1e-13 on these well-conditioned inputs)."""
+    X = A.double()
+    s = torch.linalg.eigvalsh(X.mT @ X).clamp_min(0).sqrt()
+    return _erank_of(s)
+
+
+def _case(name, shape, variants, setup, repeats, note="", dtype="float32") -> Case:
     return Case(
         suite="rank",
         name=name,
         shape=shape,
-        dtype="float32",
+        dtype=dtype,
         baseline=variants[0],
         variants=variants,
         setup=setup,
@@ -84,7 +108,7 @@ def _case(name, shape, variants, setup, repeats, note="") -> Case:
 
 @dataclass(frozen=True)
 class RankSizes:
-    """Shapes of the four rank cases (see the module docstring)."""
+    """Shapes of the rank cases (see the module docstring)."""
 
     samples: int = 65536  # embeddings: X is samples x features
     features: int = 512
@@ -96,13 +120,17 @@ class RankSizes:
     decay_size: int = 4096  # decay: A is decay_size x decay_size
     decay_sketch: int = 512
     repeats: int = 3
+    small_sizes: tuple[int, ...] = (8, 16, 64, 256)  # small n: one n x n matrix
+    small_calls: int = 200  # timed calls of each small n <= 64 variant (a tenth of it above 64)
+    small_batch: int = 1000  # small batched: small_batch x (small_batch_size x small_batch_size)
+    small_batch_size: int = 64
 
 
-QUICK_SIZES = RankSizes(16384, 256, 1024, 128, 192, 16, 128, 1024, 256, 3)
+QUICK_SIZES = RankSizes(16384, 256, 1024, 128, 192, 16, 128, 1024, 256, 3, small_calls=100, small_batch=100)
 
 
 def rank_cases(quick: bool = False, device: str = "cpu", sizes: RankSizes | None = None) -> list[Case]:
-    """The four rank cases at :class:`RankSizes` (``quick``: :data:`QUICK_SIZES`, about 4x smaller per side)."""
+    """The rank cases at :class:`RankSizes` (``quick``: :data:`QUICK_SIZES`, about 4x smaller per side)."""
     sizes = sizes or (QUICK_SIZES if quick else RankSizes())
     samples, features = sizes.samples, sizes.features
     gram_size, gram_rank, gram_sketch = sizes.gram_size, sizes.gram_rank, sizes.gram_sketch
@@ -152,6 +180,34 @@ def rank_cases(quick: bool = False, device: str = "cpu", sizes: RankSizes | None
             reference=lambda: _erank_of(torch.linalg.svdvals(W.double())),
         )
 
+    def small(n: int):
+        def setup() -> Prepared:
+            A = torch.randn(n, n, generator=torch.Generator().manual_seed(4), dtype=torch.float64).to(device)
+            return Prepared(
+                {
+                    DIRECT: lambda: direct_erank(A),
+                    "fastrank exact": lambda: effective_rank(A),
+                    FLOOR: lambda: _floor(A),
+                },
+                reference=lambda: direct_erank(A),
+            )
+
+        return setup
+
+    def small_batched() -> Prepared:
+        generator = torch.Generator().manual_seed(5)
+        W = torch.randn(small_batch, small_size, small_size, generator=generator, dtype=torch.float64).to(device)
+        return Prepared(
+            {
+                DIRECT + " loop": lambda: torch.stack([direct_erank(w) for w in W]),
+                "fastrank batched": lambda: effective_rank(W),
+                "fastrank loop": lambda: torch.stack([effective_rank(w) for w in W]),
+                DIRECT + " batched": lambda: direct_erank(W),
+                FLOOR + " batched": lambda: _floor(W),
+            },
+            reference=lambda: direct_erank(W),
+        )
+
     def decay() -> Prepared:
         generator = torch.Generator().manual_seed(3)
         spectrum = 0.98 ** torch.arange(decay_size, dtype=torch.float64)
@@ -172,6 +228,7 @@ def rank_cases(quick: bool = False, device: str = "cpu", sizes: RankSizes | None
             reference=lambda: _erank_of(spectrum).to(device),
         )
 
+    small_batch, small_size = sizes.small_batch, sizes.small_batch_size
     square_variants = (
         SNIPPET, "fastrank exact", "fastrank randomized", "fastrank slq", "torch.linalg.svdvals",
     )
@@ -184,4 +241,13 @@ def rank_cases(quick: bool = False, device: str = "cpu", sizes: RankSizes | None
               (SNIPPET + " loop", "fastrank batched", "torch.linalg.svdvals batched"), weights, repeats),
         _case("decay", f"A {decay_size} x {decay_size}, s_i=0.98^i, k={decay_sketch}",
               square_variants + (f"torch.svd_lowrank(q={decay_sketch})",), decay, repeats),
+    ] + [
+        _case(f"small {n}", f"A {n} x {n}", (DIRECT, "fastrank exact", FLOOR), small(n),
+              sizes.small_calls if n <= 64 else max(repeats, sizes.small_calls // 10),
+              note="one matrix per call", dtype="float64")
+        for n in sizes.small_sizes
+    ] + [
+        _case("small batched", f"{small_batch} x ({small_size} x {small_size})",
+              (DIRECT + " loop", "fastrank batched", "fastrank loop", DIRECT + " batched", FLOOR + " batched"),
+              small_batched, repeats, dtype="float64"),
     ]

@@ -20,7 +20,11 @@ Methods (``method=``):
   could move the entropy by more than 1e-11 relative (singular values below ~1e-6 of the largest,
   e.g. a rank-deficient A), those matrices are recomputed with fp64 ``svdvals`` of A itself.
   fp32/fp16/bf16 data with gram=True form the Gram from fp32 products over row blocks
-  of 16384 rows, summed in fp64; everything else is formed in fp64.
+  of 16384 rows, summed in fp64; everything else is formed in fp64. One small matrix on the CPU
+  (m n min(m, n) <= 64^3, not a batch) skips the per-matrix bookkeeping (``_small_values``; its
+  Gram, for gram=True, is formed in fp64) and, for gram=False, takes fp64 ``svdvals`` of A
+  directly: there the Gram route's product and rounding check cost more than its cheaper
+  eigensolver saves (one 16 x 16 call: 240 -> 35 us on a 2-core CPU).
 - ``"randomized"``: randomized range finder + Rayleigh-Ritz (Halko, Martinsson & Tropp 2011) on a
   Gaussian sketch, Y = A (A^T Omega) for data and Y = A Omega for a symmetric A, drawn from ``seed``
   (``fastrank.sketch.gaussian_sketch``), with certified bounds (see ``_certified_bounds``).
@@ -85,6 +89,17 @@ _ROW_BLOCK = 16384  # rows per fp32 Gram block summed in fp64 (4 blocks for 6553
 _GRAM_SPLIT = 128  # Grams of at least 2x this many columns multiply only their upper block triangle
 _PROJECT_BLOCK = 2**21  # elements per fp64 block of A in _project (512 rows of 4096: 16 MiB)
 _EXACT_TOL = 1e-11  # relative entropy error above which gram=False exact falls back to svdvals(A)
+# One matrix with m n min(m, n) <= this is "small": exact runs without _prepare's bookkeeping and,
+# for gram=False, takes fp64 svdvals of A instead of the Gram route (_svdvals_first). Measured on the
+# 2-core CPU, one thread, whole effective_rank calls, Gram route / svdvals route: 64 x 64 1.14,
+# 96 x 48 1.07, 2048 x 8 1.24 (all below the bound: svdvals), 72 x 72 0.95, 128 x 64 0.83,
+# 512 x 32 0.96 (above: Gram).
+_SMALL_WORK = 64**3
+_SMALL_NORM = (2.0**-200, 2.0**200)  # ||A||_F range in which that path needs no scaling (see _small_values)
+_REAL_DTYPES = frozenset(
+    (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16, torch.int8,
+     torch.uint8, torch.bool)
+)
 _METHODS = ("auto", "exact", "randomized", "slq")
 
 
@@ -110,18 +125,31 @@ def _prepare(A, gram, hermitian, center, method, name):
         A = A.to(torch.float64)
     if A.dtype in (torch.float16, torch.bfloat16):
         A = A.to(torch.float32)  # exact; half-precision products would overflow at 256
-    # max |a| without an |A| copy (65536 x 512 fp32: 10 ms against 73 ms); NaN and Inf propagate
-    peak = torch.maximum(A.amax(dim=(-2, -1), keepdim=True), -A.amin(dim=(-2, -1), keepdim=True)).to(torch.float64)
-    if not bool(torch.isfinite(peak).all()):
-        raise ValueError(f"{name}: input of shape {tuple(A.shape)} contains NaN or Inf")
     # All three quantities are scale-invariant. Matrices whose largest entry is far from 1 are
     # scaled by a power of two (exact) to [1, 2), so that fp32 products of data at 1e20 or 1e-25
     # neither overflow nor underflow; others are used as they are (no copy).
-    exponent = torch.where(peak > 0, torch.floor(torch.log2(peak.clamp_min(1e-300))), torch.zeros_like(peak))
     safe = 200 if A.dtype == torch.float64 else 20
-    if bool((exponent.abs() > safe).any()):
-        limit = 1000 if A.dtype == torch.float64 else 126
-        A = A * torch.exp2(-exponent.clamp(-limit, limit)).to(A.dtype)
+    m, n = A.shape[-2:]
+    if A.numel() == m * n:
+        # one matrix: max |a| as a Python number (aminmax and two items: ~3 us, where the tensor
+        # bookkeeping below costs ~35 us on a 16 x 16 matrix, 2-core CPU)
+        low, high = torch.aminmax(A)
+        peak = max(high.item(), -low.item())
+        if not math.isfinite(peak):
+            raise ValueError(f"{name}: input of shape {tuple(A.shape)} contains NaN or Inf")
+        exponent = math.frexp(peak)[1] - 1  # floor(log2(peak))
+        if peak > 0 and abs(exponent) > safe:
+            limit = 1000 if A.dtype == torch.float64 else 126
+            A = A * 2.0 ** -max(-limit, min(limit, exponent))
+    else:
+        # max |a| without an |A| copy (65536 x 512 fp32: 10 ms against 73 ms); NaN and Inf propagate
+        peak = torch.maximum(A.amax(dim=(-2, -1), keepdim=True), -A.amin(dim=(-2, -1), keepdim=True)).to(torch.float64)
+        if not bool(torch.isfinite(peak).all()):
+            raise ValueError(f"{name}: input of shape {tuple(A.shape)} contains NaN or Inf")
+        exponent = torch.where(peak > 0, torch.floor(torch.log2(peak.clamp_min(1e-300))), torch.zeros_like(peak))
+        if bool((exponent.abs() > safe).any()):
+            limit = 1000 if A.dtype == torch.float64 else 126
+            A = A * torch.exp2(-exponent.clamp(-limit, limit)).to(A.dtype)
     if center:
         mean = A.mean(dim=-2, keepdim=True, dtype=torch.float64)
         work = torch.float64 if A.dtype == torch.float64 else torch.float32
@@ -145,7 +173,8 @@ def _add_gram(gram, block):
 
     Only the upper block triangle is multiplied when cols >= 2 * _GRAM_SPLIT (the column halves
     X1^T [X1 X2] and X2^T X2: 3/4 of the products; 65536 x 512 fp32 on 2 CPU cores: 0.19 s against
-    0.31 s for one X^T X). The lower triangle is filled in by ``_symmetric``.
+    0.31 s for one X^T X). The lower triangle is left as it is: ``_gram_eigenvalues`` reads the
+    upper one.
     """
     cols = block.shape[-1]
     half = cols // 2 if cols >= 2 * _GRAM_SPLIT else cols
@@ -154,31 +183,63 @@ def _add_gram(gram, block):
         gram[..., start : start + half, start:] += (left.mT @ block[..., :, start:]).to(torch.float64)
 
 
-def _symmetric(gram):
-    """The symmetric matrix whose upper triangle is that of ``gram``."""
-    return gram.triu() + gram.triu(1).mT
-
-
 def _smaller_gram(A, fp64_products):
-    """(..., r, r) fp64 Gram of the smaller side: A^T A if n <= m else A A^T."""
+    """(..., r, r) fp64 Gram of the smaller side, A^T A if n <= m else A A^T: its upper triangle.
+
+    Only the upper triangle is meaningful (the lower one may be zero or differ by rounding): read
+    it with ``eigvalsh(..., UPLO="U")``, as ``_gram_eigenvalues`` does.
+    """
     X = A if A.shape[-1] <= A.shape[-2] else A.mT
     rows, cols = X.shape[-2:]
     if fp64_products or A.dtype == torch.float64:
         dtype, block_rows = torch.float64, rows
     else:
         dtype, block_rows = torch.float32, _ROW_BLOCK
+    if rows <= block_rows and cols < 2 * _GRAM_SPLIT:
+        # one product, no accumulator (16 x 16: 4 us against 33 us for zeros, += and symmetrize)
+        X = X.to(dtype)
+        return (X.mT @ X).to(torch.float64)
     gram = torch.zeros(*X.shape[:-2], cols, cols, dtype=torch.float64, device=X.device)
     for start in range(0, rows, block_rows):
         _add_gram(gram, X[..., start : start + block_rows, :].to(dtype))
-    return _symmetric(gram)
+    return gram
+
+
+def _gram_eigenvalues(A, fp64_products):
+    """(..., r) ascending fp64 eigenvalues of the smaller-side Gram, clamped at 0."""
+    return torch.linalg.eigvalsh(_smaller_gram(A, fp64_products), UPLO="U").clamp_min(0)
+
+
+def _entropy_nonzero(values):
+    """H of p = values / sum(values) over the last dim, for values with a positive sum."""
+    return torch.special.entr(values / values.sum(-1, keepdim=True)).sum(-1)  # entr(p) = -p log p
 
 
 def _entropy(values):
     """H of p = values / sum(values) over the last dim; -inf where all values are zero."""
-    total = values.sum(-1)
-    p = values / total.unsqueeze(-1).clamp_min(torch.finfo(torch.float64).tiny)
-    entropy = -torch.special.xlogy(p, p).sum(-1)
-    return torch.where(total > 0, entropy, torch.full_like(entropy, -math.inf))
+    # The values are finite and nonnegative, so the only NaN is 0 / 0, where all values are zero
+    # (one nan_to_num: 2 us, a mask and torch.where: 11 us on one matrix)
+    return torch.nan_to_num(_entropy_nonzero(values), nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+
+
+def _stable_of(values):
+    """sum(v^2) / max(v)^2 over the last dim; 0 where all values are zero."""
+    top = values.amax(-1)
+    return torch.where(
+        top > 0, values.square().sum(-1) / top.square().clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(top)
+    )
+
+
+def _svdvals_first(A, gram, hermitian):
+    """Whether the exact values of A come from fp64 ``svdvals`` of A rather than from the Gram.
+
+    For one small matrix (gram=False) the Gram route's fixed cost (its product and the rounding
+    estimate below, about 25 small tensor operations) exceeds what its cheaper eigensolver saves.
+    Batches take the Gram route at every size: batched eigvalsh of Grams is 1.5x faster than
+    batched svdvals already at 1000 x 16 x 16 and the estimate is amortized.
+    """
+    m, n = A.shape[-2:]
+    return not (gram or hermitian) and A.numel() == m * n and m * n * min(m, n) <= _SMALL_WORK
 
 
 def _exact_values(A, gram, hermitian, tolerance=_EXACT_TOL):
@@ -186,27 +247,77 @@ def _exact_values(A, gram, hermitian, tolerance=_EXACT_TOL):
     if hermitian:
         return torch.linalg.eigvalsh(A.to(torch.float64)).abs()
     if gram:
-        return torch.linalg.eigvalsh(_smaller_gram(A, fp64_products=False)).clamp_min(0)
-    lam = torch.linalg.eigvalsh(_smaller_gram(A, fp64_products=True)).clamp_min(0)
+        return _gram_eigenvalues(A, fp64_products=False)
+    if _svdvals_first(A, gram, hermitian):
+        return torch.linalg.svdvals(A.double())
+    lam = _gram_eigenvalues(A, fp64_products=True)
     s = lam.sqrt()
     # First-order estimate of the entropy error caused by the Gram's rounding: each eigenvalue is
     # off by about eta, each singular value by ds = min(sqrt(eta), eta / (2 s)), and
     # dH/ds_i = -(log p_i + H) / S. eta follows the usual sqrt(m + n) eps ||A||_2^2 model of
     # accumulated rounding, not the (m + n) worst case: on 64 Gaussian 512 x 512 weights the
     # estimate still exceeds the true error (at most 1e-13, against fp64 svdvals) 60-fold, where
-    # the worst case flagged 19 of them for an SVD they did not need.
+    # the worst case flagged 19 of them for an SVD they did not need. The error bound taken is
+    # sum_i ds_i (H - log q_i) / S with q_i = max(s_i, ds_i) / S. An all-zero matrix gives NaN
+    # (0 / 0), which compares false: it is never recomputed.
     m, n = A.shape[-2:]
-    eta = math.sqrt(m + n) * _EPS * lam.amax(-1, keepdim=True)
-    ds = torch.minimum(eta.sqrt(), eta / (2 * s).clamp_min(torch.finfo(torch.float64).tiny))
-    total = s.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
-    entropy = _entropy(s).unsqueeze(-1).clamp_min(0)
-    p = torch.maximum(s / total, ds / total).clamp_min(torch.finfo(torch.float64).tiny)
-    error = (ds / total * (p.log().abs() + entropy)).sum(-1)
-    suspect = (error > tolerance * entropy.squeeze(-1).clamp_min(1)) & (s.sum(-1) > 0)
+    eta = math.sqrt(m + n) * _EPS * lam[..., -1:]  # eigvalsh is ascending: the last is ||A||_2^2
+    ds = eta / torch.maximum(2 * s, eta.sqrt())  # min(sqrt(eta), eta / (2 s))
+    total = s.sum(-1, keepdim=True)
+    entropy = torch.special.entr(s / total).sum(-1, keepdim=True).clamp_min(0)
+    error = (ds * (entropy + total.log() - torch.maximum(s, ds).log())).sum(-1, keepdim=True) / total
+    suspect = (error > tolerance * entropy.clamp_min(1)).squeeze(-1)
     if bool(suspect.any()):
         s = s.clone()
         s[suspect] = torch.linalg.svdvals(A[suspect].to(torch.float64))
     return s
+
+
+def _small_values(A, gram, hermitian, center, method):
+    """``_exact_values`` of one small matrix on the CPU, without ``_prepare``'s bookkeeping, or None.
+
+    The fixed cost of a call on a small matrix was that bookkeeping, not the spectrum: on one
+    16 x 16 fp32 matrix (2-core CPU, one thread; 240 us a call) the per-matrix NaN and scale checks
+    in tensors took 41 us, the Gram's accumulator and symmetrization 33 us, the rounding estimate
+    about 100 us and the entropy with its zero mask 33 us, around an eigvalsh of 18 us: some 60
+    tensor operations of 1.5-3 us each. Here one matrix with m n min(m, n) <= ``_SMALL_WORK``,
+    "exact" or "auto", costs one fp64 copy, ||A||_F read back as a Python number (NaN, Inf, zero
+    and scale in one check) and the spectrum: fp64 ``svdvals`` of A for gram=False (see
+    ``_svdvals_first``), eigvalsh of the fp64 Gram (gram=True) or of A (hermitian=True). With
+    ||A||_F in ``_SMALL_NORM`` the fp64 Gram neither overflows nor loses a value that matters, and
+    LAPACK scales internally. Anything else returns None and takes the general path, which raises
+    the documented errors, scales, or returns -inf: a batch, another device or method, NaN/Inf, a
+    zero matrix (also after centering), ||A||_F outside _SMALL_NORM or overflowing fp64. Every
+    value vector returned has a positive sum (A is not zero).
+    """
+    if not (
+        isinstance(A, torch.Tensor)
+        and A.is_cpu
+        and (method == "auto" or method == "exact")
+        and A.dtype in _REAL_DTYPES
+        and not (gram and hermitian)
+    ):
+        return None
+    shape = A.shape
+    if len(shape) < 2:
+        return None
+    m, n = shape[-2], shape[-1]
+    if not 0 < A.numel() == m * n or m * n * min(m, n) > _SMALL_WORK or (hermitian and (m != n or center)):
+        return None
+    X = A if len(shape) == 2 else A.reshape(m, n)
+    if X.dtype != torch.float64:
+        X = X.double()
+    if center:
+        X = X - X.mean(0, keepdim=True)
+    if not _SMALL_NORM[0] <= torch.linalg.vector_norm(X).item() <= _SMALL_NORM[1]:  # also False for NaN
+        return None
+    if hermitian:
+        values = torch.linalg.eigvalsh(X).abs()
+    elif gram:
+        values = _gram_eigenvalues(X, fp64_products=True)
+    else:
+        values = torch.linalg.svdvals(X)
+    return values if len(shape) == 2 else values.reshape(*shape[:-2], -1)
 
 
 # ----------------------------------------------------------------------------- randomized
@@ -657,8 +768,12 @@ def spectral_entropy(
     Raises:
         ValueError: NaN/Inf in A; empty or 1-D A; non-square A with hermitian=True.
     """
-    A = _prepare(A, gram, hermitian, center, method, "spectral_entropy")
-    lower, estimate, upper = _entropy_bounds(A, gram, hermitian, method, rank, niter, seed)
+    values = _small_values(A, gram, hermitian, center, method)
+    if values is not None:
+        lower = estimate = upper = _entropy_nonzero(values)
+    else:
+        A = _prepare(A, gram, hermitian, center, method, "spectral_entropy")
+        lower, estimate, upper = _entropy_bounds(A, gram, hermitian, method, rank, niter, seed)
     if return_bounds:
         return RankEstimate(estimate, lower, upper)
     return estimate
@@ -674,8 +789,16 @@ def effective_rank(
     RankEstimate(estimate, lower, upper) with return_bounds=True (bounds map through exp, which
     is monotone, so certified bounds stay certified). See spectral_entropy for the arguments.
     """
+    values = _small_values(A, gram, hermitian, center, method)
+    if values is not None:
+        lower = estimate = upper = _entropy_nonzero(values).exp()
+        return RankEstimate(estimate, lower, upper) if return_bounds else estimate
     A = _prepare(A, gram, hermitian, center, method, "effective_rank")
-    lower, estimate, upper = (x.exp() for x in _entropy_bounds(A, gram, hermitian, method, rank, niter, seed))
+    bounds = _entropy_bounds(A, gram, hermitian, method, rank, niter, seed)
+    if bounds[0] is bounds[1] is bounds[2]:  # exact: one exp
+        lower = estimate = upper = bounds[1].exp()
+    else:
+        lower, estimate, upper = (x.exp() for x in bounds)
     if return_bounds:
         return RankEstimate(estimate, lower, upper)
     return estimate
@@ -691,6 +814,10 @@ def stable_rank(A, *, gram=False, hermitian=False, method="auto", rank=None, nit
     mass, so the bounds are certified), "auto" (exact when r <= 4096, else randomized where
     available). "slq" is not available for the stable rank.
     """
+    values = _small_values(A, gram, hermitian, center, method)
+    if values is not None:
+        value = _stable_of(values)
+        return RankEstimate(value, value, value) if return_bounds else value
     A = _prepare(A, gram, hermitian, center, method, "stable_rank")
     r = _num_values(A, hermitian)
     if method == "auto":
@@ -703,11 +830,11 @@ def stable_rank(A, *, gram=False, hermitian=False, method="auto", rank=None, nit
             lam = torch.linalg.eigvalsh(A.to(torch.float64)).abs()
             num, top = lam.square().sum(-1), lam.amax(-1).square()
         elif gram:
-            lam = torch.linalg.eigvalsh(_smaller_gram(A, fp64_products=False)).clamp_min(0)
+            lam = _gram_eigenvalues(A, fp64_products=False)
             num, top = lam.square().sum(-1), lam.amax(-1).square()
         else:
             num = torch.linalg.vector_norm(A, dim=(-2, -1), dtype=torch.float64).square()
-            top = torch.linalg.eigvalsh(_smaller_gram(A, fp64_products=True))[..., -1].clamp_min(0)
+            top = _gram_eigenvalues(A, fp64_products=True)[..., -1]
         value = torch.where(top > 0, num / top.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(num))
         return RankEstimate(value, value, value) if return_bounds else value
     mu, total, total_hi, lead, frob2 = _captured(A, hermitian, k, 0 if niter is None else int(niter), _seed(seed))
@@ -744,17 +871,15 @@ def rank_metrics(
     functions use 1e-11; ``RankTracker`` passes 1e-6, enough for a training curve and several
     times cheaper on ill-conditioned weights).
     """
+    values = _small_values(A, gram, hermitian, center, method)
+    if values is not None:
+        entropy = _entropy_nonzero(values)
+        return {"spectral_entropy": entropy, "effective_rank": entropy.exp(), "stable_rank": _stable_of(values)}
     A = _prepare(A, gram, hermitian, center, method, "rank_metrics")
     if method == "exact" or (method == "auto" and _num_values(A, hermitian) <= _AUTO_EXACT_MAX):
         values = _exact_values(A, gram, hermitian, exact_tolerance)
         entropy = _entropy(values)
-        top = values.amax(-1)
-        stable = torch.where(
-            top > 0,
-            values.square().sum(-1) / top.square().clamp_min(torch.finfo(torch.float64).tiny),
-            torch.zeros_like(top),
-        )
-        return {"spectral_entropy": entropy, "effective_rank": entropy.exp(), "stable_rank": stable}
+        return {"spectral_entropy": entropy, "effective_rank": entropy.exp(), "stable_rank": _stable_of(values)}
     kwargs = dict(gram=gram, hermitian=hermitian, method=method, rank=rank, niter=niter, seed=seed)
     entropy = spectral_entropy(A, **kwargs)
     return {

@@ -503,3 +503,138 @@ def test_effective_ranks_all_metrics_in_input_order():
         assert float(result["effective_rank"]) == pytest.approx(float(rank_module.effective_rank(tensor)), rel=1e-12)
     with pytest.raises(ValueError, match="metric must be one of"):
         rank_module.effective_ranks(tensors, metric="rank")
+
+
+# ----------------------------------------------------------------------------- small matrices
+# One small CPU matrix takes _small_values (no _prepare bookkeeping; fp64 svdvals for gram=False):
+# the same results as the general path, the same errors, and one route per shape.
+SMALL_SHAPES = [(1, 1), (1, 7), (7, 1), (7, 7), (16, 16), (33, 9), (9, 33), (64, 64), (129, 7), (2048, 8), (72, 72), (129, 129)]
+SMALL_DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int64": torch.int64}
+SMALL_RTOL = {torch.float64: 1e-10, torch.int64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-5, torch.bfloat16: 1e-5}
+
+
+def small_input(shape, dtype, layout, seed):
+    """A fresh Gaussian (integers: -9..9, never all zero) of ``shape`` in ``dtype`` and ``layout``."""
+    generator = torch.Generator().manual_seed(seed)
+    rows, cols = shape
+    stored = {"contiguous": (rows, cols), "transposed": (cols, rows), "strided": (2 * rows, 2 * cols)}[layout]
+    if dtype == torch.int64:
+        base = torch.randint(-9, 10, stored, generator=generator)
+        base.view(-1)[0] = 5
+    else:
+        base = torch.randn(stored, generator=generator, dtype=torch.float64).to(dtype)
+    A = {"contiguous": base, "transposed": base.mT, "strided": base[::2, ::2]}[layout]
+    assert A.shape == shape
+    assert A.is_contiguous() == (layout == "contiguous") or min(shape) == 1, (layout, A.stride())
+    return A
+
+
+SMALL_CASES = [(shape, mode) for shape in SMALL_SHAPES for mode in ("singular", "gram", "hermitian")
+               if mode != "hermitian" or shape[0] == shape[1]]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "strided"])
+@pytest.mark.parametrize("dtype", list(SMALL_DTYPES.values()), ids=list(SMALL_DTYPES))
+@pytest.mark.parametrize("shape,mode", SMALL_CASES, ids=[f"{m}x{n}-{mode}" for (m, n), mode in SMALL_CASES])
+def test_small_matrix_matches_fp64_reference(shape, mode, dtype, layout):
+    A = small_input(shape, dtype, layout, seed=sum(shape) + len(mode))
+    if mode == "hermitian":
+        A = (A.double() @ A.double().mT).to(dtype) if dtype != torch.int64 else A @ A.mT
+    kwargs = {"gram": mode == "gram", "hermitian": mode == "hermitian"}
+    expected = reference_entropy(A.double(), **kwargs)
+    what = f"{shape} {mode} {dtype} {layout}"
+    assert_close_rel(spectral_entropy(A, **kwargs), expected, SMALL_RTOL[dtype], what, floor=1)
+    assert_close_rel(effective_rank(A, **kwargs), expected.exp(), SMALL_RTOL[dtype] * max(1, expected.item()), what)
+    s = torch.linalg.svdvals(A.double())
+    s = s.square() if mode == "gram" else s
+    assert_close_rel(stable_rank(A, **kwargs), s.square().sum() / s.max().square(), SMALL_RTOL[dtype], what + " stable")
+
+
+@pytest.mark.parametrize("mode", ["singular", "gram", "gram-centered", "hermitian"])
+@pytest.mark.parametrize("shape", [(1, 1), (7, 5), (16, 16), (64, 64), (2048, 8)], ids=str)
+def test_small_path_equals_general_path(monkeypatch, shape, mode):
+    """The small-matrix route gives the general path's answer (forced by _SMALL_WORK = 0) to rounding,
+    for every public function, and is taken: _prepare is never called."""
+    if mode == "gram-centered" and shape[0] == 1:
+        pytest.skip("one row is zero once centered: the general path's -inf")
+    generator = torch.Generator().manual_seed(7)
+    A = torch.randn(*shape, generator=generator, dtype=torch.float64)
+    if mode == "hermitian":
+        A = A[:, : shape[0]] if shape[1] >= shape[0] else A[: shape[1]]
+        A = A @ A.mT
+    kwargs = {"gram": mode.startswith("gram"), "hermitian": mode == "hermitian", "center": mode == "gram-centered"}
+    functions = {
+        "spectral_entropy": lambda X: spectral_entropy(X, **kwargs),
+        "effective_rank": lambda X: effective_rank(X, **kwargs),
+        "stable_rank": lambda X: stable_rank(X, **kwargs),
+        "bounds": lambda X: effective_rank(X, return_bounds=True, **kwargs).upper,
+        "rank_metrics": lambda X: rank_module.rank_metrics(X, **kwargs)["effective_rank"],
+    }
+
+    def no_prepare(*args):
+        raise AssertionError("a small matrix went through _prepare")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(rank_module, "_prepare", no_prepare)
+        small = {name: fn(A) for name, fn in functions.items()}
+    monkeypatch.setattr(rank_module, "_SMALL_WORK", 0)
+    for name, fn in functions.items():
+        general = fn(A)
+        assert small[name].shape == general.shape == () and small[name].dtype == torch.float64
+        assert_close_rel(small[name], general, 1e-12, f"{name} {shape} {mode}", floor=1)
+
+
+def test_small_batch_of_one_and_batch_agree():
+    A = torch.randn(1, 1, 9, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    one = effective_rank(A)
+    assert one.shape == (1, 1)
+    batch = effective_rank(torch.cat([A, torch.randn_like(A)], dim=1))  # a batch: the Gram route
+    assert_close_rel(one[0, 0], batch[0, 0], 1e-12, "batch of one vs batch")
+    assert_close_rel(one, reference_entropy(A).exp(), 1e-10, "batch of one vs svd")
+
+
+@pytest.mark.parametrize("mode", ["singular", "gram", "hermitian"])
+def test_small_matrix_zero_and_non_finite(mode):
+    kwargs = {"gram": mode == "gram", "hermitian": mode == "hermitian"}
+    Z = torch.zeros(6, 6)
+    assert spectral_entropy(Z, **kwargs).item() == -math.inf
+    assert effective_rank(Z, **kwargs).item() == 0 and stable_rank(Z, **kwargs).item() == 0
+    for bad in (math.nan, math.inf, -math.inf):
+        A = torch.randn(6, 6)
+        A[1, 4] = A[4, 1] = bad
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            effective_rank(A, **kwargs)
+    if mode == "gram":  # equal rows are zero once centered
+        X = torch.randn(1, 5).expand(8, 5)
+        assert spectral_entropy(X, gram=True, center=True).item() == -math.inf
+
+
+@pytest.mark.parametrize("scale", [1e-200, 1e-70, 1e-55, 1e55, 1e70, 1e200], ids=lambda s: f"{s:.0e}")
+def test_small_matrix_extreme_scales(scale):
+    A = make_matrix("decaying", 9, 7) * scale
+    for gram in (False, True):
+        assert_close_rel(spectral_entropy(A, gram=gram), reference_entropy(A / scale, gram=gram), 1e-10, f"{scale} gram={gram}", floor=1)
+
+
+def test_small_matrix_deterministic_and_differentiable():
+    A = torch.randn(12, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    first = effective_rank(A)
+    for _ in range(3):
+        assert torch.equal(effective_rank(A.clone()), first)
+    for shape in [(12, 10), (3, 12, 10)]:  # small path and general (batched) path
+        W = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+        spectral_entropy(W).sum().backward()
+        assert W.grad is not None and torch.isfinite(W.grad).all()
+
+
+def test_small_matrix_from_a_list():
+    rows = [[3.0, 1.0, 0.5], [1.0, 2.0, -1.0]]
+    assert_close_rel(effective_rank(rows), reference_entropy(torch.tensor(rows, dtype=torch.float64)).exp(), 1e-10, "list")
+
+
+def test_small_route_choice():
+    """svdvals for one matrix with m n min(m, n) <= _SMALL_WORK; the Gram route for batches and above."""
+    route = rank_module._svdvals_first
+    assert route(torch.empty(64, 64), False, False) and route(torch.empty(2048, 8), False, False)
+    assert not route(torch.empty(72, 72), False, False) and not route(torch.empty(2, 16, 16), False, False)
+    assert not route(torch.empty(16, 16), True, False) and not route(torch.empty(16, 16), False, True)

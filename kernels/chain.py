@@ -198,7 +198,7 @@ def _input_precision(dtype: torch.dtype) -> str:
 
 @triton.jit
 def _select(index, a0, a1, a2, a3, a4, a5, a6, a7):
-    """Argument ``index`` (a run-time scalar in [0, 8)) of eight pointers of one type."""
+    """Argument ``index`` (a run-time scalar in [0, 8)) of eight values of one type."""
     value = a0
     if index == 1:
         value = a1
@@ -219,25 +219,10 @@ def _select(index, a0, a1, a2, a3, a4, a5, a6, a7):
 
 @triton.jit
 def _select_int(index, a0, a1, a2, a3, a4, a5, a6, a7):
-    """Argument ``index`` (a run-time scalar in [0, 8)) of eight integers, as int64 (the arguments
-    arrive as int32, int64 or compile-time 1 depending on their values)."""
+    """Argument ``index`` of eight integers, as int64 (the arguments arrive as int32, int64 or
+    compile-time 1 depending on their values; a run-time select needs one type)."""
     zero = tl.full([], 0, tl.int64)
-    value = a0 + zero
-    if index == 1:
-        value = a1 + zero
-    if index == 2:
-        value = a2 + zero
-    if index == 3:
-        value = a3 + zero
-    if index == 4:
-        value = a4 + zero
-    if index == 5:
-        value = a5 + zero
-    if index == 6:
-        value = a6 + zero
-    if index == 7:
-        value = a7 + zero
-    return value
+    return _select(index, a0 + zero, a1 + zero, a2 + zero, a3 + zero, a4 + zero, a5 + zero, a6 + zero, a7 + zero)
 
 
 def _padded(values: list, filler) -> list:

@@ -32,3 +32,18 @@ def test_compile_fullgraph_matches_eager(batch):
     eager.eval()
     with torch.no_grad():
         assert_close(compiled(x), eager(x), torch.float32, 32, steps=5, what="eval")
+
+
+def test_compile_sees_the_custom_op_not_the_eager_function():
+    # Eager calls run a torch.autograd.Function (no dispatcher cost); a compiled graph must hold the
+    # custom op itself, with its fake kernel and registered autograd.
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    torch.manual_seed(0)
+    layer = fastrank.OverparamLinear(16, 16, depth=3)
+    torch.compile(layer, backend=backend, fullgraph=True)(torch.randn(3, 16, requires_grad=True))
+    assert any("fastrank.chain_matmul" in target for target in seen), seen

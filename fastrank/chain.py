@@ -252,13 +252,7 @@ class _ChainMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, return_all, *factors):
         outputs = _chain_matmul_body(x, list(factors), return_all)
-        ctx.set_materialize_grads(False)
-        ctx.return_all = return_all
-        ctx.num_factors = len(factors)
-        if return_all:
-            ctx.save_for_backward(x, *factors, *outputs[:-1])
-        else:
-            ctx.save_for_backward(x, *factors)
+        _chain_matmul_setup_context(ctx, (x, factors, return_all), outputs)
         return tuple(outputs)
 
     @staticmethod

@@ -341,7 +341,9 @@ def _chain_matmul_kernel(
 # --------------------------------------------------------------------------------------------
 
 
-def _launch_chain(x: Tensor, factors: Sequence[Tensor], dests: list[Tensor | None], return_all: bool) -> None:
+def _launch_chain(
+    x: Tensor, factors: Sequence[Tensor], dests: list[Tensor | None], return_all: bool, precision: str
+) -> None:
     """One launch through at most FACTORS_PER_LAUNCH factors; ``dests[j]`` receives X_{j+1}."""
     k = len(factors)
     M = x.shape[0]
@@ -365,7 +367,7 @@ def _launch_chain(x: Tensor, factors: Sequence[Tensor], dests: list[Tensor | Non
         NUM_FACTORS=k,
         BLOCK_N=size_bucket(max(widths)),
         RETURN_ALL=return_all,
-        INPUT_PRECISION=_input_precision(x.dtype),
+        INPUT_PRECISION=precision,
     )
 
 
@@ -385,7 +387,8 @@ def chain_matmul(x: Tensor, factors: Sequence[Tensor], return_all: bool = True) 
     _check_chain(x, factors)
     M = x.shape[0]
     widths = [x.shape[1]] + [f.shape[0] for f in factors]
-    limit = MAX_ONCHIP_WIDTH if _input_precision(x.dtype) == "tf32" else MAX_ONCHIP_WIDTH_IEEE
+    precision = _input_precision(x.dtype)  # one read of torch's TF32 setting per call
+    limit = MAX_ONCHIP_WIDTH if precision == "tf32" else MAX_ONCHIP_WIDTH_IEEE
     if x.dtype not in _KERNEL_DTYPES or M == 0 or min(widths) == 0 or max(widths) > limit:
         return chain_matmul_ref(x, factors, return_all)
 
@@ -408,7 +411,7 @@ def chain_matmul(x: Tensor, factors: Sequence[Tensor], return_all: bool = True) 
                     scratch[j % 2][: M * n].view(M, n) if scratch is not None else None
                     for j, n in enumerate(group_widths[1:-1])
                 ] + [x.new_empty((M, group_widths[-1]))]
-            _launch_chain(block, group, dests, keep_all)
+            _launch_chain(block, group, dests, keep_all, precision)
             if return_all:
                 outputs.extend(dests)
             block = dests[-1]

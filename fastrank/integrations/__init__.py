@@ -12,20 +12,57 @@ own and raises an ImportError naming the extra when it is missing.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
-
-def metric_items(results: dict[str, dict[str, Any]], prefix: str) -> dict[str, float]:
-    """``{name: {metric: value}}`` -> ``{"<prefix>/<name>/<metric>": value}``, finite numbers only."""
-    return {
-        f"{prefix}/{name}/{key}": float(value)
-        for name, values in results.items()
-        for key, value in values.items()
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    }
+from ..tracking import RankTracker
 
 
-def tracker_options(embeddings: Iterable[str] | str, **options: Any) -> dict[str, Any]:
-    """Keyword arguments of ``RankTracker`` from a callback's arguments (one place for both callbacks)."""
-    return {"embeddings": (embeddings,) if isinstance(embeddings, str) else tuple(embeddings), **options}
+class TrackerCallback:
+    """What both framework callbacks share: a ``RankTracker`` built from the callback's arguments,
+    stepped once per training step, and its measurements turned into ``<prefix>/<name>/<metric>``
+    values with the framework step each was taken at. Mixed in before the framework's base class.
+    """
+
+    def __init__(
+        self,
+        embeddings: Iterable[str] | str = (),
+        weights: bool = True,
+        every: int = 100,
+        method: str = "auto",
+        center: bool = False,
+        background: bool = True,
+        prefix: str = "rank",
+        **tracker_options: Any,
+    ) -> None:
+        super().__init__()
+        self.options = {
+            "embeddings": (embeddings,) if isinstance(embeddings, str) else tuple(embeddings),
+            "weights": weights, "every": every, "method": method, "center": center,
+            "background": background, **tracker_options,
+        }
+        self.prefix = prefix
+        self.tracker: RankTracker | None = None
+        self._global_steps: dict[int, int] = {}  # tracker step -> framework step when measured
+
+    def _start(self, model) -> None:
+        if self.tracker is None:
+            self.tracker = RankTracker(model, **self.options)
+
+    def _step(self, global_step: int) -> None:
+        """End a training step that the framework counts as ``global_step``."""
+        if self.tracker.measuring:
+            self._global_steps[self.tracker.step_count] = global_step
+        self.tracker.step()
+
+    def _ready(self, global_step: int) -> Iterator[tuple[int, dict[str, float]]]:
+        """``(framework step when measured, {"<prefix>/<name>/<metric>": value})`` of every
+        measurement finished since the last call; finite numbers only."""
+        for step, results in self.tracker.poll():
+            metrics = {
+                f"{self.prefix}/{name}/{key}": float(value)
+                for name, values in results.items()
+                for key, value in values.items()
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            }
+            yield self._global_steps.pop(step, global_step), metrics

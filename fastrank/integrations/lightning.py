@@ -6,9 +6,6 @@ Works with the ``lightning`` package (``lightning.pytorch``) and, where that is 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
-
 try:
     from lightning.pytorch.callbacks import Callback
 except ImportError:
@@ -20,13 +17,12 @@ except ImportError:
             'pip install "fastrank[lightning]" (or pip install lightning)'
         ) from None
 
-from ..tracking import RankTracker
-from . import metric_items, tracker_options
+from . import TrackerCallback
 
 __all__ = ["RankCallback"]
 
 
-class RankCallback(Callback):
+class RankCallback(TrackerCallback, Callback):
     """Measure effective rank during ``Trainer.fit`` and log it through the Trainer's loggers.
 
     The callback owns a :class:`fastrank.RankTracker` on the LightningModule, steps it after every
@@ -50,34 +46,12 @@ class RankCallback(Callback):
     After ``fit``, ``callback.tracker.history`` holds every measurement (``to_csv``, ``plot``).
     """
 
-    def __init__(
-        self,
-        embeddings: Iterable[str] | str = (),
-        weights: bool = True,
-        every: int = 100,
-        method: str = "auto",
-        center: bool = False,
-        background: bool = True,
-        prefix: str = "rank",
-        **tracker_options_: Any,
-    ) -> None:
-        super().__init__()
-        self.options = tracker_options(
-            embeddings, weights=weights, every=every, method=method, center=center,
-            background=background, **tracker_options_,
-        )
-        self.prefix = prefix
-        self.tracker: RankTracker | None = None
-        self._global_steps: dict[int, int] = {}  # tracker step -> trainer.global_step when measured
-
     def setup(self, trainer, pl_module, stage: str) -> None:
-        if stage == "fit" and self.tracker is None:
-            self.tracker = RankTracker(pl_module, **self.options)
+        if stage == "fit":
+            self._start(pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.tracker.measuring:
-            self._global_steps[self.tracker.step_count] = trainer.global_step
-        self.tracker.step()
+        self._step(trainer.global_step)
         self._log(trainer)
 
     def on_train_end(self, trainer, pl_module) -> None:
@@ -89,8 +63,6 @@ class RankCallback(Callback):
             self.tracker.remove()  # hooks off, background work finished; the history stays
 
     def _log(self, trainer) -> None:
-        for step, results in self.tracker.poll():
-            metrics = metric_items(results, self.prefix)
-            global_step = self._global_steps.pop(step, trainer.global_step)
+        for global_step, metrics in self._ready(trainer.global_step):
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=global_step)

@@ -5,9 +5,6 @@ GPT-2's ``Conv1D`` layers (weights stored ``(in, out)``) are measured like ``nn.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
-
 try:
     from transformers import TrainerCallback
 except ImportError:
@@ -16,13 +13,12 @@ except ImportError:
         'pip install "fastrank[transformers]" (or pip install transformers)'
     ) from None
 
-from ..tracking import RankTracker
-from . import metric_items, tracker_options
+from . import TrackerCallback
 
 __all__ = ["RankCallback"]
 
 
-class RankCallback(TrainerCallback):
+class RankCallback(TrackerCallback, TrainerCallback):
     """Measure effective rank during ``Trainer.train`` and put it into the Trainer's log.
 
     The callback owns a :class:`fastrank.RankTracker` on the model (created at ``on_train_begin``),
@@ -38,25 +34,7 @@ class RankCallback(TrainerCallback):
     steps). After training, ``callback.tracker.history`` holds every measurement.
     """
 
-    def __init__(
-        self,
-        embeddings: Iterable[str] | str = (),
-        weights: bool = True,
-        every: int = 100,
-        method: str = "auto",
-        center: bool = False,
-        background: bool = True,
-        prefix: str = "rank",
-        **tracker_options_: Any,
-    ) -> None:
-        self.options = tracker_options(
-            embeddings, weights=weights, every=every, method=method, center=center,
-            background=background, **tracker_options_,
-        )
-        self.prefix = prefix
-        self.trainer = None
-        self.tracker: RankTracker | None = None
-        self._global_steps: dict[int, int] = {}
+    trainer = None  # set by attach()
 
     def attach(self, trainer) -> RankCallback:
         """Add this callback to ``trainer`` and log through ``trainer.log`` (reaches integrations)."""
@@ -66,15 +44,12 @@ class RankCallback(TrainerCallback):
         return self
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if self.tracker is None:
-            if model is None:
-                raise ValueError("RankCallback: the Trainer passed no model to on_train_begin")
-            self.tracker = RankTracker(model, **self.options)
+        if self.tracker is None and model is None:
+            raise ValueError("RankCallback: the Trainer passed no model to on_train_begin")
+        self._start(model)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.tracker.measuring:
-            self._global_steps[self.tracker.step_count] = state.global_step
-        self.tracker.step()
+        self._step(state.global_step)
         self._log(state)
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -83,9 +58,8 @@ class RankCallback(TrainerCallback):
         self.tracker.remove()
 
     def _log(self, state) -> None:
-        for step, results in self.tracker.poll():
-            metrics = metric_items(results, self.prefix)
-            metrics[f"{self.prefix}/step"] = float(self._global_steps.pop(step, state.global_step))
+        for measured_at, metrics in self._ready(state.global_step):
+            metrics[f"{self.prefix}/step"] = float(measured_at)
             if self.trainer is not None:
                 self.trainer.log(metrics)
             else:

@@ -233,6 +233,18 @@ _chain_matmul_op.register_autograd(_chain_matmul_backward, setup_context=_chain_
 _CUDA_KERNELS = None  # fastrank.kernels.chain once registered
 
 
+def _traced(x: Tensor) -> bool:
+    """Whether this call is traced rather than run: by Dynamo (torch.compile's front end), or by
+    AOTAutograd / make_fx / any dispatch mode, which run the backward formula on fake or functional
+    tensors. Traced calls must reach the custom ops, which the tracers see as one node; the eager
+    bodies launch kernels on real memory."""
+    return (
+        torch.compiler.is_compiling()
+        or (type(x) is not Tensor and type(x) is not torch.nn.Parameter)
+        or torch._C._len_torch_dispatch_stack() > 0
+    )
+
+
 def _chain_matmul_body(x: Tensor, factors: list[Tensor], return_all: bool) -> list[Tensor]:
     """The op's body for x's device: the Triton kernel on CUDA, the torch twin elsewhere."""
     if x.is_cuda and _CUDA_KERNELS is not None:
@@ -308,7 +320,7 @@ def chain_matmul(x: Tensor, factors: Sequence[Tensor], return_all: bool = True) 
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         x, factors = x.to(dtype), [f.to(dtype) for f in factors]
-    if torch.compiler.is_compiling():  # one op in the graph
+    if _traced(x):  # one op in the graph
         return _chain_matmul_op(x, list(factors), return_all)
     if not torch.is_grad_enabled():  # eager without autograd: the body itself
         return _chain_matmul_body(x, list(factors), return_all)
@@ -319,7 +331,7 @@ def chain_factor_grads(grads: Sequence[Tensor], inputs: Sequence[Tensor]) -> lis
     """Grouped products ``dF_j = grads[j]^T @ inputs[j]`` (``(M, n_j)``, ``(M, m_j)`` -> ``(n_j, m_j)``)."""
     if len(grads) == 0:
         return []
-    if torch.compiler.is_compiling():
+    if _traced(grads[0]):
         return _chain_factor_grads_op(list(grads), list(inputs))
     return _chain_factor_grads_body(list(grads), list(inputs))
 

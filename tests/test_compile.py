@@ -47,3 +47,57 @@ def test_compile_sees_the_custom_op_not_the_eager_function():
     layer = fastrank.OverparamLinear(16, 16, depth=3)
     torch.compile(layer, backend=backend, fullgraph=True)(torch.randn(3, 16, requires_grad=True))
     assert any("fastrank.chain_matmul" in target for target in seen), seen
+
+
+def test_compiled_backward_never_runs_the_eager_bodies_on_traced_tensors(monkeypatch):
+    # AOTAutograd traces the backward formula with functional / fake tensors, outside Dynamo: the
+    # chain calls in it must become custom ops. The eager bodies launch Triton kernels on CUDA, and
+    # a fake tensor has no memory to launch on (the CPU body would trace, which hid this on CPU).
+    from fastrank import chain as chain_module
+
+    calls = []
+
+    def guarded(body):
+        def wrapper(first, *args):
+            tensor = first if isinstance(first, torch.Tensor) else first[0]
+            calls.append(type(tensor).__name__)
+            assert type(tensor) in (torch.Tensor, nn.Parameter), f"eager body ran on a {type(tensor).__name__}"
+            assert torch._C._len_torch_dispatch_stack() == 0, "eager body ran under a dispatch mode"
+            return body(first, *args)
+
+        return wrapper
+
+    monkeypatch.setattr(chain_module, "_chain_matmul_body", guarded(chain_module._chain_matmul_body))
+    monkeypatch.setattr(chain_module, "_chain_factor_grads_body", guarded(chain_module._chain_factor_grads_body))
+    torch.manual_seed(0)
+    for batch in (3, 2000):  # activation chain and collapsed product
+        torch._dynamo.reset()
+        layer = fastrank.OverparamLinear(16, 24, depth=3)
+        eager = copy.deepcopy(layer)
+        x = torch.randn(batch, 16, requires_grad=True)
+        xe = x.detach().clone().requires_grad_(True)
+        torch.compile(layer, fullgraph=True, dynamic=False)(x).square().sum().backward()
+        eager(xe).square().sum().backward()
+        assert_close(x.grad, xe.grad, torch.float32, batch, steps=4, what="grad x")
+        for p, pe in zip(layer.parameters(), eager.parameters()):
+            assert_close(p.grad, pe.grad, torch.float32, batch, steps=4, what="grad factor")
+    assert calls, "the eager reference never ran the bodies"
+
+    # The same through make_fx, which traces forward and backward with fake tensors and a proxy
+    # dispatch mode and never sets torch.compiler.is_compiling().
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    layer = fastrank.OverparamLinear(16, 24, depth=3)
+
+    def step(x, *factors):
+        out = torch.func.functional_call(layer, dict(zip([n for n, _ in layer.named_parameters()], factors)), (x,))
+        return torch.autograd.grad(out.square().sum(), (x, *factors))
+
+    params = [p.detach().requires_grad_(True) for p in layer.parameters()]
+    for batch in (3, 2000):
+        x = torch.randn(batch, 16, requires_grad=True)
+        graph = make_fx(step, tracing_mode="fake")(x, *params)
+        targets = [str(node.target) for node in graph.graph.nodes if node.op == "call_function"]
+        assert any("fastrank.chain_matmul" in t for t in targets), targets
+        for got, want in zip(graph(x, *params), step(x, *params)):
+            assert_close(got, want, torch.float32, batch, steps=4, what="make_fx gradient")

@@ -36,7 +36,7 @@ _INFO = {}  # (case name, variant) -> that benchmark's extra_info
 @functools.lru_cache(maxsize=1)
 def _prepared(case_name):
     prepared = _setup(case_name)
-    return prepared, prepared.reference()
+    return prepared, prepared.reference() if prepared.reference is not None else None
 
 
 def _floor_of(case):

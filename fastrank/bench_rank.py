@@ -21,20 +21,34 @@ variants that return bounds:
 * ``small batched``: b fp64 matrices n x n (1000 x 64 x 64): fastrank in one batched call and in a
   Python loop of single calls vs the direct formula in a loop, batched, and the batched floor.
 
+On CUDA three more cases measure model scale (:func:`cuda_rank_cases`, the same sizes with or
+without ``quick``):
+
+* ``weights 1024``: 64 fp32 weights 1024 x 1024: fastrank batched (cuSOLVER's batched eigensolver,
+  and with ``FASTRANK_EIGENSOLVER=torch``) vs ``torch.linalg.svdvals`` per weight (the baseline) and
+  batched, with the eigensolvers alone on the 64 fp64 Grams (the floor of the exact method);
+* ``model weights 4096``: 16 fp32 weights 4096 x 4096 (the shape of a 7B model's attention
+  weights), exact with both eigensolvers and randomized, vs ``torch.linalg.svdvals`` per weight;
+  ``7B weights randomized``: all 224 of them (15 GB) through ``effective_ranks``, randomized with
+  certified bounds (their width is the accuracy; no reference);
+* ``embeddings 1M``: the Gram spectrum of X 1,000,000 x 4096 fp32 (16 GB) against one fp32
+  ``X^T X`` (the floor: the product the exact method cannot avoid).
+
 Errors are relative errors of the effective rank exp(H).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
 
 from .bench import Case, Prepared
-from .rank import RankEstimate, effective_rank
+from .rank import RankEstimate, _eigvalsh, effective_rank, effective_ranks
 
-__all__ = ["QUICK_SIZES", "RankSizes", "direct_erank", "paper_snippet_erank", "rank_cases"]
+__all__ = ["QUICK_SIZES", "RankSizes", "cuda_rank_cases", "direct_erank", "paper_snippet_erank", "rank_cases"]
 
 SNIPPET = "paper snippet (full SVD)"
 DIRECT = "fp64 svdvals formula"
@@ -54,18 +68,29 @@ def _erank_of(values: torch.Tensor) -> torch.Tensor:
     return torch.exp(-torch.special.xlogy(p, p).sum(-1))
 
 
-def _rank_error(variant: str, result, reference: torch.Tensor) -> dict:
-    """Relative error of the estimate; width of the bounds (relative) and whether they hold."""
+def _rank_error(variant: str, result, reference: torch.Tensor | None) -> dict:
+    """Relative error of the estimate; width of the bounds (relative) and whether they hold.
+
+    Results that are lists (``effective_ranks``) are stacked; without a reference only the width
+    of the bounds is reported, and nothing for results that are not estimates."""
+    if isinstance(result, list):
+        if not result or not isinstance(result[0], (RankEstimate, torch.Tensor)):
+            return {}
+        result = RankEstimate(*(torch.stack(x) for x in zip(*result))) if isinstance(result[0], RankEstimate) \
+            else torch.stack(result)
+    if not isinstance(result, (RankEstimate, torch.Tensor)):
+        return {}
     if isinstance(result, RankEstimate):
         estimate = result.estimate
-        row = {
-            "bound_width": float(((result.upper - result.lower) / estimate).max()),
-            "bounds_contain_reference": bool(
-                ((result.lower <= reference) & (reference <= result.upper)).all()
-            ),
-        }
+        row = {"bound_width": float(((result.upper - result.lower) / estimate).max())}
+        if reference is not None:
+            row["bounds_contain_reference"] = bool(((result.lower <= reference) & (reference <= result.upper)).all())
     else:
         estimate, row = result, {}
+    if reference is None:
+        return row
+    if estimate.shape != reference.shape:  # e.g. eigenvalues, not effective ranks
+        return {}
     estimate = estimate.to(reference.device, torch.float64)
     row["error"] = float(((estimate - reference).abs() / reference).max())
     return row
@@ -250,4 +275,91 @@ def rank_cases(quick: bool = False, device: str = "cpu", sizes: RankSizes | None
         _case("small batched", f"{small_batch} x ({small_size} x {small_size})",
               (DIRECT + " loop", "fastrank batched", "fastrank loop", DIRECT + " batched", FLOOR + " batched"),
               small_batched, repeats, dtype="float64"),
+    ] + (cuda_rank_cases() if device == "cuda" else [])
+
+
+def _with_eigensolver(name: str, call):
+    """``call()`` with ``FASTRANK_EIGENSOLVER=name``, the previous setting restored."""
+    previous = os.environ.get("FASTRANK_EIGENSOLVER")
+    os.environ["FASTRANK_EIGENSOLVER"] = name
+    try:
+        return call()
+    finally:
+        if previous is None:
+            del os.environ["FASTRANK_EIGENSOLVER"]
+        else:
+            os.environ["FASTRANK_EIGENSOLVER"] = previous
+
+
+def cuda_rank_cases() -> list[Case]:
+    """The model-scale CUDA cases (module docstring); each builds its inputs on the current device."""
+    torch_solver = "eigensolver: torch"
+
+    def weights_1024() -> Prepared:
+        generator = torch.Generator(device="cuda").manual_seed(11)
+        W = torch.randn(64, 1024, 1024, generator=generator, device="cuda") / 32
+        G = W.double().mT @ W.double()
+        return Prepared(
+            {
+                "torch.linalg.svdvals loop": lambda: torch.stack([_erank_of(torch.linalg.svdvals(w)) for w in W]),
+                "fastrank batched": lambda: effective_rank(W, method="exact"),
+                f"fastrank batched ({torch_solver})": lambda: _with_eigensolver(
+                    "torch", lambda: effective_rank(W, method="exact")),
+                "torch.linalg.svdvals batched": lambda: _erank_of(torch.linalg.svdvals(W)),
+                "eigvalsh of the fp64 Grams: cuSOLVER batched": lambda: _with_eigensolver(
+                    "cusolver", lambda: _eigvalsh(G, upper=True)),
+                "eigvalsh of the fp64 Grams: torch": lambda: torch.linalg.eigvalsh(G),
+            },
+            reference=lambda: _erank_of(torch.linalg.svdvals(W.double())),
+        )
+
+    def model_weights() -> Prepared:
+        generator = torch.Generator(device="cuda").manual_seed(12)
+        W = torch.randn(16, 4096, 4096, generator=generator, device="cuda") / 64
+
+        def randomized():
+            return effective_rank(W, method="randomized", return_bounds=True, seed=0)
+
+        return Prepared(
+            {
+                "torch.linalg.svdvals loop": lambda: torch.stack([_erank_of(torch.linalg.svdvals(w)) for w in W]),
+                "fastrank exact": lambda: effective_rank(W, method="exact"),
+                f"fastrank exact ({torch_solver})": lambda: _with_eigensolver(
+                    "torch", lambda: effective_rank(W, method="exact")),
+                "fastrank randomized": randomized,
+            },
+            # fp64 Gram eigenvalues through torch's solver: the exact method's contract (1e-10
+            # against fp64 on the CPU) is a test; an fp64 SVD of 16 such weights takes minutes
+            reference=lambda: _with_eigensolver("torch", lambda: effective_rank(W, method="exact")),
+        )
+
+    def weights_7b() -> Prepared:
+        generator = torch.Generator(device="cuda").manual_seed(13)
+        weights = [torch.randn(4096, 4096, generator=generator, device="cuda") / 64 for _ in range(224)]
+        return Prepared(
+            {"fastrank randomized": lambda: effective_ranks(weights, method="randomized", return_bounds=True, seed=0)}
+        )
+
+    def embeddings_1m() -> Prepared:
+        generator = torch.Generator(device="cuda").manual_seed(14)
+        X = torch.randn(1_000_000, 4096, generator=generator, device="cuda")
+        return Prepared(
+            {
+                "X^T X, one fp32 matmul (floor)": lambda: X.mT @ X,
+                "fastrank exact (gram=True)": lambda: effective_rank(X, gram=True, method="exact"),
+            }
+        )
+
+    return [
+        _case("weights 1024", "64 x (1024 x 1024)",
+              ("torch.linalg.svdvals loop", "fastrank batched", f"fastrank batched ({torch_solver})",
+               "torch.linalg.svdvals batched", "eigvalsh of the fp64 Grams: cuSOLVER batched",
+               "eigvalsh of the fp64 Grams: torch"), weights_1024, repeats=3),
+        _case("model weights 4096", "16 x (4096 x 4096)",
+              ("torch.linalg.svdvals loop", "fastrank exact", f"fastrank exact ({torch_solver})",
+               "fastrank randomized"), model_weights, repeats=2),
+        _case("7B weights randomized", "224 x (4096 x 4096)", ("fastrank randomized",), weights_7b, repeats=2,
+              note="bounds only: their width is the accuracy"),
+        _case("embeddings 1M", "X 1000000 x 4096", ("X^T X, one fp32 matmul (floor)", "fastrank exact (gram=True)"),
+              embeddings_1m, repeats=2, note="spectrum of the Gram X X^T (never formed)"),
     ]

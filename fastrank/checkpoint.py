@@ -223,11 +223,13 @@ def rank_report(
     weights: list[tuple[str, Tensor]],
     method: str = "auto",
     progress: Callable[[int, int], None] | None = None,
+    device: str | torch.device = "cpu",
 ) -> list[dict]:
     """One row per weight: name, shape, effective rank, spectral entropy, stable rank.
 
     All weights of one shape go through one batched call (see :func:`fastrank.effective_ranks`),
-    the three metrics from one spectrum. ``progress(done, total)`` is called per shape group.
+    the three metrics from one spectrum, on ``device`` (each shape group is moved there in turn).
+    ``progress(done, total)`` is called per shape group.
     """
     groups: dict[tuple[int, ...], list[int]] = {}
     for index, (_, matrix) in enumerate(weights):
@@ -235,7 +237,9 @@ def rank_report(
     measured: list[dict | None] = [None] * len(weights)
     for done, indices in enumerate(groups.values(), start=1):
         # One batched call per shape (effective_ranks groups the same way), one spectrum each.
-        for index, values in zip(indices, effective_ranks([weights[i][1] for i in indices], metric="all", method=method)):
+        for index, values in zip(indices, effective_ranks(
+            [weights[i][1].to(device) for i in indices], metric="all", method=method
+        )):
             measured[index] = values
         if progress is not None:
             progress(done, len(groups))

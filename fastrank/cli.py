@@ -18,11 +18,11 @@ import torch
 from ._version import __version__
 
 
-def _device(choice: str) -> str:
+def _device(choice: str, command: str = "bench") -> str:
     if choice == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if choice == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("fastrank bench: --device cuda was asked for, but torch sees no CUDA device")
+        raise SystemExit(f"fastrank {command}: --device cuda was asked for, but torch sees no CUDA device")
     return choice
 
 
@@ -140,8 +140,11 @@ def rank(args: argparse.Namespace) -> int:
         return 2
     for warning in caught:
         print(f"fastrank rank: warning: {warning.message}", file=sys.stderr)
-    progress = _Progress(len({tuple(m.shape) for _, m in weights}), f"ranking {len(weights)} weights")
-    rows = rank_report(weights, method=args.method, progress=lambda done, total: progress.update(done))
+    device = _device(args.device, "rank")
+    progress = _Progress(len({tuple(m.shape) for _, m in weights}), f"ranking {len(weights)} weights on {device}")
+    rows = rank_report(
+        weights, method=args.method, progress=lambda done, total: progress.update(done), device=device
+    )
     progress.close()
     width = max(len("name"), *(len(row["name"]) for row in rows))
     print(f"{'name':<{width}}  {'shape':<14} {'effective rank':>14} {'spectral entropy':>16} {'stable rank':>11}")
@@ -220,6 +223,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     rank_parser.add_argument(
         "--method", choices=["auto", "exact", "randomized", "slq"], default="auto",
         help="effective-rank algorithm (see fastrank.effective_rank)",
+    )
+    rank_parser.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], default="auto",
+        help="where the spectra are computed (auto: CUDA when torch sees a device; batches of weights "
+        "then use cuSOLVER's batched eigensolver)",
     )
     rank_parser.set_defaults(handler=rank)
     plot_parser = commands.add_parser("plot", help="draw a RankTracker history (CSV or JSON) over steps")

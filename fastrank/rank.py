@@ -62,11 +62,13 @@ to float64. ``return_bounds=True`` returns ``RankEstimate(estimate, lower, upper
 the three are equal.
 """
 import math
+import os
 from collections import namedtuple
 from collections.abc import Mapping
 
 import torch
 
+from . import _cusolver
 from .sketch import gaussian_sketch
 
 __all__ = [
@@ -101,6 +103,7 @@ _REAL_DTYPES = frozenset(
      torch.uint8, torch.bool)
 )
 _METHODS = ("auto", "exact", "randomized", "slq")
+_EIGENSOLVERS = ("auto", "torch", "cusolver")  # FASTRANK_EIGENSOLVER: see _eigvalsh
 
 
 # ----------------------------------------------------------------------------- input handling
@@ -205,9 +208,37 @@ def _smaller_gram(A, fp64_products):
     return gram
 
 
+def _eigensolver():
+    choice = os.environ.get("FASTRANK_EIGENSOLVER", "auto")
+    if choice not in _EIGENSOLVERS:
+        raise ValueError(f"FASTRANK_EIGENSOLVER must be one of {_EIGENSOLVERS}, got {choice!r}")
+    return choice
+
+
+def _eigvalsh(G, upper=False):
+    """Ascending eigenvalues of symmetric (..., n, n) matrices, reading the upper or lower triangle.
+
+    A batch of CUDA matrices goes to cuSOLVER's batched solver (``fastrank._cusolver``: one call for
+    the batch, where ``torch.linalg.eigvalsh`` loops one ``syevd`` per matrix) when it is available
+    and ``FASTRANK_EIGENSOLVER`` is "auto" (default) or "cusolver"; "torch" keeps torch's solver.
+    Single matrices and CPU tensors always take ``torch.linalg.eigvalsh``.
+    """
+    if G.is_cuda and G.numel() > G.shape[-1] * G.shape[-2]:
+        choice = _eigensolver()
+        if choice != "torch":
+            if _cusolver.available():
+                return _cusolver.eigvalsh(G, upper=upper)
+            if choice == "cusolver":
+                raise RuntimeError(
+                    "FASTRANK_EIGENSOLVER=cusolver, but cusolverDnXsyevBatched is not available "
+                    "(needs cuSOLVER 11.7.1 / CUDA 12.6.2 or later)"
+                )
+    return torch.linalg.eigvalsh(G, UPLO="U" if upper else "L")
+
+
 def _gram_eigenvalues(A, fp64_products):
     """(..., r) ascending fp64 eigenvalues of the smaller-side Gram, clamped at 0."""
-    return torch.linalg.eigvalsh(_smaller_gram(A, fp64_products), UPLO="U").clamp_min(0)
+    return _eigvalsh(_smaller_gram(A, fp64_products), upper=True).clamp_min(0)
 
 
 def _entropy_nonzero(values):
@@ -245,7 +276,7 @@ def _svdvals_first(A, gram, hermitian):
 def _exact_values(A, gram, hermitian, tolerance=_EXACT_TOL):
     """(..., r) fp64 nonnegative values v with p = v / sum(v)."""
     if hermitian:
-        return torch.linalg.eigvalsh(A.to(torch.float64)).abs()
+        return _eigvalsh(A.to(torch.float64)).abs()
     if gram:
         return _gram_eigenvalues(A, fp64_products=False)
     if _svdvals_first(A, gram, hermitian):
@@ -373,7 +404,7 @@ def _captured(A, hermitian, k, niter, seed):
     if hermitian:
         # Rayleigh-Ritz: theta_i(Q^T G Q) <= lambda_i(G) (Cauchy interlacing), for any orthonormal Q.
         B = B @ Q
-        theta = torch.linalg.eigvalsh((B + B.mT) / 2).flip(-1)
+        theta = _eigvalsh((B + B.mT) / 2).flip(-1)
         # rounding of Q^T G, (Q^T G) Q and eigvalsh, each at most ~ (n sqrt(k) + k) eps ||G||_F
         eta = 2 * (n * math.sqrt(k) + k) * _EPS * frob
         mu = (theta - eta.unsqueeze(-1)).clamp_min(0)
@@ -827,7 +858,7 @@ def stable_rank(A, *, gram=False, hermitian=False, method="auto", rank=None, nit
     k = _default_sketch_size(r) if rank is None else int(rank)
     if method == "exact" or k >= r:
         if hermitian:
-            lam = torch.linalg.eigvalsh(A.to(torch.float64)).abs()
+            lam = _eigvalsh(A.to(torch.float64)).abs()
             num, top = lam.square().sum(-1), lam.amax(-1).square()
         elif gram:
             lam = _gram_eigenvalues(A, fp64_products=False)
@@ -889,6 +920,30 @@ def rank_metrics(
     }
 
 
+_CUDA_CHUNK_BYTES = 2**31  # working set of one batched call on CUDA, at least (see _chunks)
+
+
+def _chunks(groups, tensors):
+    """Split each group of same-shape tensors into batched calls of bounded memory on CUDA.
+
+    One call holds the stacked batch, its fp64 smaller-side Grams and the solver's copy of them:
+    about ``(2 m n e + 16 r^2)`` bytes per matrix (e the element size). A chunk's share is at most
+    a quarter of the free device memory, or 2 GiB, whichever is larger (224 weights of 4096 x 4096
+    fp32 would otherwise need some 60 GiB at once). CPU groups stay whole.
+    """
+    for indices in groups:
+        first = tensors[indices[0]]
+        if not first.is_cuda or first.dim() < 2 or len(indices) == 1:
+            yield indices
+            continue
+        m, n = first.shape[-2:]
+        per_matrix = (2 * m * n * first.element_size() + 16 * min(m, n) ** 2) * max(1, first[..., 0, 0].numel())
+        budget = max(_CUDA_CHUNK_BYTES, torch.cuda.mem_get_info(first.device)[0] // 4)
+        step = max(1, budget // max(per_matrix, 1))
+        for start in range(0, len(indices), step):
+            yield indices[start : start + step]
+
+
 def effective_ranks(tensors, *, metric="effective_rank", **kwargs):
     """A rank metric of many matrices of mixed shapes: one batched call per (shape, dtype, device).
 
@@ -921,10 +976,10 @@ def effective_ranks(tensors, *, metric="effective_rank", **kwargs):
         groups.setdefault((tuple(tensor.shape), tensor.dtype, tensor.device), []).append(index)
     results = [None] * len(tensors)
     with torch.no_grad():
-        for indices in groups.values():
-            batch = torch.stack([tensors[i].detach() for i in indices])
+        for chunk in _chunks(groups.values(), tensors):
+            batch = torch.stack([tensors[i].detach() for i in chunk])
             out = function(batch, **kwargs)
-            for position, index in enumerate(indices):
+            for position, index in enumerate(chunk):
                 if isinstance(out, RankEstimate):
                     results[index] = RankEstimate(*(x[position] for x in out))
                 elif isinstance(out, dict):

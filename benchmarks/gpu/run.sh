@@ -40,8 +40,17 @@ python="${PYTHON:-python3}"
 
 # Seconds per step. The GPU machine's lease gives a command at most 10 minutes; these add up to
 # 420 s, plus up to 10 s per step between SIGINT and SIGKILL and about 20 s of setup and summary.
-# FASTRANK_GPU_LIMITS="TESTS CHAIN_KERNEL CHAIN RANK" overrides them for a shorter lease.
+# FASTRANK_GPU_LIMITS="TESTS CHAIN_KERNEL CHAIN RANK" overrides them for a shorter lease, and
+# FASTRANK_GPU_STEPS (e.g. "tests bench-rank") runs only the steps it names.
 read -r tests_limit chain_kernel_limit chain_limit rank_limit <<< "${FASTRANK_GPU_LIMITS:-220 100 50 50}"
+steps="${FASTRANK_GPU_STEPS:-tests bench-chain-kernel bench-chain bench-rank}"
+for name in $steps; do
+    case "$name" in
+        tests|bench-chain-kernel|bench-chain|bench-rank) ;;
+        *) echo "run.sh: FASTRANK_GPU_STEPS names an unknown step $name (expected tests, bench-chain-kernel, bench-chain, bench-rank)" >&2; exit 2 ;;
+    esac
+done
+selected() { [[ " $steps " == *" $1 "* ]]; }
 
 log="$outdir/run.log"
 : > "$log"
@@ -124,7 +133,9 @@ step() {
 # compile gate (about 800 compiles, CPU work) runs in CI, not on the GPU's time.
 test_selection=(tests/test_chain_kernel.py tests/test_sketch_kernel.py tests
                 --deselect tests/test_kernel_report.py::test_every_selectable_config_compiles_without_spills_for_sm90)
-if [ "$dry_run" -eq 1 ]; then
+if ! selected tests; then
+    echo "== tests: not selected (FASTRANK_GPU_STEPS)"
+elif [ "$dry_run" -eq 1 ]; then
     step tests "$tests_limit" -q --collect-only "${test_selection[@]}" > /dev/null  # 800 lines: summary only
     tail -n 1 "$scratch/tests.out"
 else
@@ -143,6 +154,7 @@ for suite in chain-kernel:"$chain_kernel_limit":test_chain_kernel_bench.py \
              chain:"$chain_limit":test_chain_bench.py \
              rank:"$rank_limit":test_rank_bench.py; do
     IFS=: read -r name limit file <<< "$suite"
+    selected "bench-$name" || continue
     step "bench-$name" "$limit" "benchmarks/$file" -q -rs --benchmark-only \
         --benchmark-json="$outdir/bench-$name.json"
 done
@@ -221,7 +233,7 @@ summary_status=$?
 # Exit status: 0 when every step ran to its end without failures (and, in a dry run, the summary's
 # checks held: tests collected, every benchmark case skipped without CUDA).
 overall=$summary_status
-for name in tests bench-chain-kernel bench-chain bench-rank; do
+for name in $steps; do
     read -r status timed_out _ < "$scratch/$name.status" || status=1
     if [ "$status" -ne 0 ]; then
         overall=1

@@ -1,0 +1,193 @@
+"""Batched symmetric eigenvalues on CUDA: cuSOLVER's ``cusolverDnXsyevBatched``, one call per batch.
+
+``torch.linalg.eigvalsh`` on CUDA loops over a batch: one ``syevd`` per matrix (``syevj`` per matrix
+for fp32 with 32 < n <= 512), the batched Jacobi solver only for n <= 32. ``cusolverDnXsyevBatched``
+(cuSOLVER 11.7.1, CUDA 12.6.2 and later) takes the whole batch in one call, any n, as long as
+``n * n * batch`` fits in an int32. It is reached here through ctypes, in the cuSOLVER library that
+torch's CUDA build loads itself: no extra package, and the same library torch uses. (CuPy's
+batched ``eigvalsh`` runs ``syevj``, not this solver.)
+
+:func:`eigvalsh` falls back to nothing: callers ask :func:`available` first. The rank functions
+choose through ``fastrank.rank``'s solver policy (``FASTRANK_EIGENSOLVER``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import glob
+import os
+import threading
+
+import torch
+from torch import Tensor
+
+_INT32_MAX = 2**31 - 1
+_CUDA_R_32F, _CUDA_R_64F = 0, 1  # cudaDataType
+_EIG_MODE_NOVECTOR = 0  # cusolverEigMode_t
+_FILL_MODE_LOWER = 0  # cublasFillMode_t
+
+_lock = threading.Lock()
+_library: ctypes.CDLL | None = None
+_library_searched = False
+_handles: dict[int, ctypes.c_void_p] = {}  # device index -> cusolverDn handle
+
+
+def _candidate_paths() -> list[str]:
+    """Where libcusolver may be: mapped already (torch loads its linear-algebra library lazily, so
+    after a first CUDA linalg call), in the nvidia-* wheels beside torch, or on the loader path."""
+    paths = []
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.rstrip("\n").split(" ")[-1]
+                if os.path.basename(path).startswith("libcusolver.so") and path not in paths:
+                    paths.append(path)
+    except OSError:
+        pass
+    for root in {os.path.dirname(os.path.dirname(torch.__file__))}:
+        paths += sorted(glob.glob(os.path.join(root, "nvidia", "**", "libcusolver.so*"), recursive=True))
+    found = ctypes.util.find_library("cusolver")
+    if found:
+        paths.append(found)
+    return paths
+
+
+def _load() -> ctypes.CDLL | None:
+    global _library, _library_searched
+    if _library_searched:
+        return _library
+    with _lock:
+        if _library_searched:
+            return _library
+        if torch.cuda.is_available() and torch.version.cuda is not None:
+            # Make torch map its own cuSOLVER first, so that the search finds that one.
+            torch.linalg.eigvalsh(torch.eye(2, device="cuda"))
+            for path in _candidate_paths():
+                try:
+                    library = ctypes.CDLL(path)
+                except OSError:
+                    continue
+                if hasattr(library, "cusolverDnXsyevBatched"):
+                    _declare(library)
+                    _library = library
+                    break
+        _library_searched = True
+    return _library
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    vp, i32, i64, size = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_size_t
+    lib.cusolverDnCreate.argtypes = [ctypes.POINTER(vp)]
+    lib.cusolverDnSetStream.argtypes = [vp, vp]
+    lib.cusolverDnCreateParams.argtypes = [ctypes.POINTER(vp)]
+    lib.cusolverDnDestroyParams.argtypes = [vp]
+    lib.cusolverDnXsyevBatched_bufferSize.argtypes = [
+        vp, vp, i32, i32, i64, i32, vp, i64, i32, vp, i32, ctypes.POINTER(size), ctypes.POINTER(size), i64,
+    ]
+    lib.cusolverDnXsyevBatched.argtypes = [
+        vp, vp, i32, i32, i64, i32, vp, i64, i32, vp, i32, vp, size, vp, size, vp, i64,
+    ]
+    for name in ("cusolverDnCreate", "cusolverDnSetStream", "cusolverDnCreateParams", "cusolverDnDestroyParams",
+                 "cusolverDnXsyevBatched_bufferSize", "cusolverDnXsyevBatched"):
+        getattr(lib, name).restype = ctypes.c_int
+
+
+def available() -> bool:
+    """Whether ``cusolverDnXsyevBatched`` can be called (a CUDA device and a cuSOLVER that has it)."""
+    return _load() is not None
+
+
+def _check(status: int, function: str) -> None:
+    if status != 0:
+        raise RuntimeError(f"{function} returned cusolverStatus_t {status} (0 is CUSOLVER_STATUS_SUCCESS)")
+
+
+def _handle(lib: ctypes.CDLL, device: int) -> ctypes.c_void_p:
+    handle = _handles.get(device)
+    if handle is None:
+        handle = ctypes.c_void_p()
+        with torch.cuda.device(device):
+            _check(lib.cusolverDnCreate(ctypes.byref(handle)), "cusolverDnCreate")
+        _handles[device] = handle
+    return handle
+
+
+def chunk_size(n: int, batch: int) -> int:
+    """Matrices per call: cuSOLVER indexes the batch with int32, so ``n * n * chunk <= 2**31 - 1``."""
+    if n < 1 or batch < 1:
+        raise ValueError(f"chunk_size: expected n >= 1 and batch >= 1, got n={n}, batch={batch}")
+    per_call = _INT32_MAX // (n * n)
+    if per_call < 1:
+        raise ValueError(f"cusolverDnXsyevBatched: one {n} x {n} matrix has more than 2**31 - 1 elements")
+    return min(batch, per_call)
+
+
+def eigvalsh(G: Tensor, upper: bool = True) -> Tensor:
+    """Ascending eigenvalues of a batch of symmetric matrices.
+
+    Args:
+        G: ``(..., n, n)`` float32 or float64 CUDA tensor; only the triangle named by ``upper`` is
+            read (``upper=True``: the upper one, as ``torch.linalg.eigvalsh(G, UPLO="U")``).
+    Returns:
+        ``(..., n)`` tensor of G's dtype, ascending along the last dim.
+    Raises:
+        RuntimeError: cuSOLVER is unavailable (ask :func:`available` first), a call fails, or a
+            matrix did not converge (``info`` names how many).
+    """
+    lib = _load()
+    if lib is None:
+        raise RuntimeError("cusolverDnXsyevBatched is not available (needs CUDA and cuSOLVER 11.7.1 or later)")
+    if not G.is_cuda or G.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"eigvalsh: expected a float32 or float64 CUDA tensor, got {G.dtype} on {G.device}")
+    if G.dim() < 2 or G.shape[-1] != G.shape[-2] or G.shape[-1] == 0:
+        raise ValueError(f"eigvalsh: expected square matrices (..., n, n) with n >= 1, got shape {tuple(G.shape)}")
+    n = G.shape[-1]
+    batch_shape = G.shape[:-2]
+    # The solver overwrites its input: work on a contiguous copy. Row-major storage read as
+    # column-major is the transpose, so the upper triangle here is cuSOLVER's lower one.
+    work = G.reshape(-1, n, n).clone(memory_format=torch.contiguous_format)
+    if not upper:
+        work = work.mT.contiguous()
+    batch = work.shape[0]
+    values = torch.empty(batch, n, dtype=G.dtype, device=G.device)
+    info = torch.zeros(batch, dtype=torch.int32, device=G.device)
+    dtype = _CUDA_R_64F if G.dtype == torch.float64 else _CUDA_R_32F
+    step = chunk_size(n, batch)
+    device = G.device.index if G.device.index is not None else torch.cuda.current_device()
+    with _lock, torch.cuda.device(device):
+        handle = _handle(lib, device)
+        _check(lib.cusolverDnSetStream(handle, ctypes.c_void_p(torch.cuda.current_stream(device).cuda_stream)),
+               "cusolverDnSetStream")
+        params = ctypes.c_void_p()
+        _check(lib.cusolverDnCreateParams(ctypes.byref(params)), "cusolverDnCreateParams")
+        try:
+            device_bytes, host_bytes = ctypes.c_size_t(), ctypes.c_size_t()
+            _check(lib.cusolverDnXsyevBatched_bufferSize(
+                handle, params, _EIG_MODE_NOVECTOR, _FILL_MODE_LOWER, n, dtype, ctypes.c_void_p(work.data_ptr()), n,
+                dtype, ctypes.c_void_p(values.data_ptr()), dtype, ctypes.byref(device_bytes), ctypes.byref(host_bytes),
+                step,
+            ), "cusolverDnXsyevBatched_bufferSize")
+            device_work = torch.empty(max(device_bytes.value, 1), dtype=torch.uint8, device=G.device)
+            host_work = ctypes.create_string_buffer(max(host_bytes.value, 1))
+            item = work.element_size()
+            for start in range(0, batch, step):
+                count = min(step, batch - start)
+                _check(lib.cusolverDnXsyevBatched(
+                    handle, params, _EIG_MODE_NOVECTOR, _FILL_MODE_LOWER, n, dtype,
+                    ctypes.c_void_p(work.data_ptr() + start * n * n * item), n,
+                    dtype, ctypes.c_void_p(values.data_ptr() + start * n * item), dtype,
+                    ctypes.c_void_p(device_work.data_ptr()), device_bytes.value, ctypes.cast(host_work, ctypes.c_void_p),
+                    host_bytes.value,
+                    ctypes.c_void_p(info.data_ptr() + start * 4), count,
+                ), "cusolverDnXsyevBatched")
+        finally:
+            lib.cusolverDnDestroyParams(params)
+    failed = int((info != 0).sum())
+    if failed:
+        first = int(info[(info != 0).nonzero()[0, 0]])
+        raise RuntimeError(
+            f"cusolverDnXsyevBatched: {failed} of {batch} {n} x {n} matrices failed (first info {first}: "
+            "a negative value names a wrong argument, a positive one a matrix that did not converge)"
+        )
+    return values.reshape(*batch_shape, n)

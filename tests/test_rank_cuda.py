@@ -1,0 +1,177 @@
+"""The rank family on CUDA: cuSOLVER's batched eigensolver (fastrank._cusolver), the solver policy
+(FASTRANK_EIGENSOLVER), memory-bounded chunks in effective_ranks, and every method against the fp64
+CPU result. The chunking arithmetic and the CLI's device option run on the CPU too."""
+
+import math
+
+import pytest
+import torch
+
+import fastrank
+from fastrank import _cusolver
+from fastrank import rank as rank_module
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+needs_cusolver = pytest.mark.skipif(
+    not (torch.cuda.is_available() and _cusolver.available()), reason="needs cusolverDnXsyevBatched"
+)
+
+
+def test_chunk_size_keeps_each_call_within_int32():
+    assert _cusolver.chunk_size(1024, 5000) == (2**31 - 1) // 1024**2 == 2047
+    assert _cusolver.chunk_size(4096, 224) == 127
+    assert _cusolver.chunk_size(64, 10) == 10
+    with pytest.raises(ValueError, match="more than 2\\*\\*31 - 1 elements"):
+        _cusolver.chunk_size(46341, 1)
+    with pytest.raises(ValueError, match="n=0"):
+        _cusolver.chunk_size(0, 3)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
+def test_cusolver_unavailable_without_cuda():
+    assert not _cusolver.available()
+    with pytest.raises(RuntimeError, match="not available"):
+        _cusolver.eigvalsh(torch.eye(3))
+
+
+def _symmetric_with_garbage(batch, n, dtype, upper, seed):
+    """Symmetric matrices in the named triangle; the other triangle holds unrelated values."""
+    generator = torch.Generator().manual_seed(seed)
+    X = torch.randn(*batch, n, 2 * n, generator=generator, dtype=torch.float64)
+    S = X @ X.mT / n - 0.5 * torch.eye(n, dtype=torch.float64)  # indefinite too
+    garbage = torch.randn(*batch, n, n, generator=generator, dtype=torch.float64)
+    keep = torch.ones(n, n, dtype=torch.bool).triu() if upper else torch.ones(n, n, dtype=torch.bool).tril()
+    return torch.where(keep, S, garbage).to(dtype), S
+
+
+@needs_cusolver
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("upper", [True, False], ids=["upper", "lower"])
+@pytest.mark.parametrize("batch,n", [((7,), 33), ((2, 3), 64), ((5,), 1), ((3,), 257)])
+def test_cusolver_eigvalsh_matches_fp64(batch, n, dtype, upper):
+    G, S = _symmetric_with_garbage(batch, n, dtype, upper, seed=n)
+    values = _cusolver.eigvalsh(G.cuda(), upper=upper)
+    assert values.shape == (*batch, n) and values.dtype == dtype and values.is_cuda
+    reference = torch.linalg.eigvalsh(S)
+    scale = reference.abs().amax(-1, keepdim=True)
+    eps = torch.finfo(dtype).eps
+    error = ((values.cpu().double() - reference).abs() / scale).max().item()
+    assert error <= 20 * math.sqrt(n) * eps, f"relative eigenvalue error {error:.2e}"
+    assert bool((values[..., 1:] >= values[..., :-1]).all()), "eigenvalues not ascending"
+
+
+@needs_cusolver
+def test_cusolver_eigvalsh_in_several_calls_equals_one(monkeypatch):
+    G, _ = _symmetric_with_garbage((7,), 33, torch.float64, True, seed=1)
+    whole = _cusolver.eigvalsh(G.cuda())
+    monkeypatch.setattr(_cusolver, "_INT32_MAX", 3 * 33 * 33)  # 3 matrices a call: 3 + 3 + 1
+    assert _cusolver.chunk_size(33, 7) == 3
+    torch.testing.assert_close(_cusolver.eigvalsh(G.cuda()), whole, rtol=0, atol=0)
+
+
+@needs_cusolver
+def test_cusolver_eigvalsh_rejects_bad_input():
+    with pytest.raises(TypeError, match="float32 or float64 CUDA tensor"):
+        _cusolver.eigvalsh(torch.eye(3, device="cuda", dtype=torch.float16))
+    with pytest.raises(ValueError, match="square"):
+        _cusolver.eigvalsh(torch.ones(2, 3, 4, device="cuda"))
+
+
+def _weights(seed):
+    generator = torch.Generator().manual_seed(seed)
+    decay = 0.9 ** torch.arange(40, dtype=torch.float64)
+    low_rank = torch.randn(6, 70, 40, generator=generator, dtype=torch.float64) * decay
+    return {
+        "square fp32": torch.randn(5, 48, 48, generator=generator),
+        "wide fp64": torch.randn(4, 20, 90, generator=generator, dtype=torch.float64),
+        "decaying fp64": low_rank,
+        "single fp32": torch.randn(31, 17, generator=generator),
+    }
+
+
+@cuda
+@pytest.mark.parametrize("solver", ["auto", "torch", "cusolver"])
+def test_exact_metrics_on_cuda_equal_the_cpu_result(monkeypatch, solver):
+    if solver == "cusolver" and not _cusolver.available():
+        pytest.skip("needs cusolverDnXsyevBatched")
+    monkeypatch.setenv("FASTRANK_EIGENSOLVER", solver)
+    weights = _weights(3)
+    on_cpu = fastrank.effective_ranks(weights, metric="all", method="exact")
+    on_cuda = fastrank.effective_ranks({k: w.cuda() for k, w in weights.items()}, metric="all", method="exact")
+    for name in weights:
+        for metric, value in on_cpu[name].items():
+            got = on_cuda[name][metric]
+            assert got.is_cuda and got.dtype == torch.float64
+            torch.testing.assert_close(got.cpu(), value, rtol=1e-10, atol=0, msg=f"{name} {metric}")
+
+
+@cuda
+@pytest.mark.parametrize("solver", ["auto", "torch"])
+def test_gram_and_hermitian_on_cuda_equal_the_cpu_result(monkeypatch, solver):
+    monkeypatch.setenv("FASTRANK_EIGENSOLVER", solver)
+    generator = torch.Generator().manual_seed(4)
+    X = torch.randn(3, 500, 24, generator=generator, dtype=torch.float64)
+    G = X.mT @ X
+    for kwargs, A in (({"gram": True}, X), ({"hermitian": True}, G)):
+        cpu = fastrank.spectral_entropy(A, method="exact", **kwargs)
+        gpu = fastrank.spectral_entropy(A.cuda(), method="exact", **kwargs)
+        torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-10, atol=0)
+
+
+@cuda
+def test_randomized_and_slq_bounds_on_cuda_contain_the_exact_value():
+    generator = torch.Generator().manual_seed(5)
+    U = torch.linalg.qr(torch.randn(6, 300, 300, generator=generator, dtype=torch.float64)).Q
+    A = (U * 0.97 ** torch.arange(300, dtype=torch.float64)) @ U.mT
+    exact = fastrank.spectral_entropy(A, method="exact")
+    for method in ("randomized", "slq"):
+        bounds = fastrank.spectral_entropy(A.cuda(), method=method, rank=96 if method == "randomized" else None,
+                                           seed=0, return_bounds=True)
+        assert bool(((bounds.lower.cpu() <= exact) & (exact <= bounds.upper.cpu())).all()), (method, bounds, exact)
+
+
+@cuda
+def test_effective_ranks_chunks_a_group_to_bound_memory(monkeypatch):
+    weights = [w.cuda() for w in torch.randn(9, 40, 40, generator=torch.Generator().manual_seed(6)).unbind()]
+    whole = fastrank.effective_ranks(weights, method="exact")
+    calls = []
+    original = rank_module.effective_rank
+
+    def counting(batch, **kwargs):
+        calls.append(batch.shape[0])
+        return original(batch, **kwargs)
+
+    # 2 GiB floor and a quarter of free memory both shrunk to about two matrices' working set
+    per_matrix = 2 * 40 * 40 * 4 + 16 * 40 * 40
+    monkeypatch.setattr(rank_module, "_CUDA_CHUNK_BYTES", 2 * per_matrix)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (0, 0))
+    monkeypatch.setattr(rank_module, "effective_rank", counting)
+    chunked = rank_module.effective_ranks(weights, method="exact")
+    assert calls == [2, 2, 2, 2, 1]
+    torch.testing.assert_close(torch.stack(chunked), torch.stack(whole), rtol=1e-12, atol=0)
+
+
+@cuda
+def test_bad_eigensolver_setting_is_named(monkeypatch):
+    monkeypatch.setenv("FASTRANK_EIGENSOLVER", "magma")
+    with pytest.raises(ValueError, match="FASTRANK_EIGENSOLVER must be one of .* got 'magma'"):
+        fastrank.effective_rank(torch.randn(3, 8, 8, device="cuda"), method="exact")
+
+
+@cuda
+def test_cli_rank_on_cuda_equals_cpu(tmp_path, capsys):
+    from fastrank.cli import main
+
+    torch.manual_seed(7)
+    state = {"a.weight": torch.randn(32, 16), "b.weight": torch.randn(32, 16), "c.weight": torch.randn(8, 40)}
+    path = tmp_path / "weights.pt"
+    torch.save(state, path)
+    rows = {}
+    for device in ("cpu", "cuda"):
+        assert main(["rank", str(path), "--device", device, "--json", str(tmp_path / f"{device}.json")]) == 0
+        import json
+
+        rows[device] = json.loads((tmp_path / f"{device}.json").read_text())
+    for cpu_row, cuda_row in zip(rows["cpu"], rows["cuda"]):
+        assert cpu_row["name"] == cuda_row["name"]
+        assert cuda_row["effective_rank"] == pytest.approx(cpu_row["effective_rank"], rel=1e-10)

@@ -291,13 +291,19 @@ def _with_eigensolver(name: str, call):
             os.environ["FASTRANK_EIGENSOLVER"] = previous
 
 
-def cuda_rank_cases() -> list[Case]:
-    """The model-scale CUDA cases (module docstring); each builds its inputs on the current device."""
+def cuda_rank_cases(device: str = "cuda", toy: bool = False) -> list[Case]:
+    """The model-scale CUDA cases (module docstring). ``toy``: the same cases at sizes a few
+    hundred times smaller, so that a test can run them end to end on any ``device``."""
     torch_solver = "eigensolver: torch"
+    shrink = 16 if toy else 1
+    weights_1024_shape = (4, 64, 64) if toy else (64, 1024, 1024)
+    model_shape = (3, 4096 // shrink, 4096 // shrink) if toy else (16, 4096, 4096)
+    count_7b = 5 if toy else 224
+    embeddings_shape = (3000, 4096 // shrink) if toy else (1_000_000, 4096)
 
     def weights_1024() -> Prepared:
-        generator = torch.Generator(device="cuda").manual_seed(11)
-        W = torch.randn(64, 1024, 1024, generator=generator, device="cuda") / 32
+        generator = torch.Generator(device=device).manual_seed(11)
+        W = torch.randn(*weights_1024_shape, generator=generator, device=device) / math.sqrt(weights_1024_shape[-1])
         G = W.double().mT @ W.double()
         return Prepared(
             {
@@ -314,8 +320,8 @@ def cuda_rank_cases() -> list[Case]:
         )
 
     def model_weights() -> Prepared:
-        generator = torch.Generator(device="cuda").manual_seed(12)
-        W = torch.randn(16, 4096, 4096, generator=generator, device="cuda") / 64
+        generator = torch.Generator(device=device).manual_seed(12)
+        W = torch.randn(*model_shape, generator=generator, device=device) / math.sqrt(model_shape[-1])
 
         def randomized():
             return effective_rank(W, method="randomized", return_bounds=True, seed=0)
@@ -334,15 +340,16 @@ def cuda_rank_cases() -> list[Case]:
         )
 
     def weights_7b() -> Prepared:
-        generator = torch.Generator(device="cuda").manual_seed(13)
-        weights = [torch.randn(4096, 4096, generator=generator, device="cuda") / 64 for _ in range(224)]
+        generator = torch.Generator(device=device).manual_seed(13)
+        weights = [torch.randn(*model_shape[1:], generator=generator, device=device) / math.sqrt(model_shape[-1])
+                   for _ in range(count_7b)]
         return Prepared(
             {"fastrank randomized": lambda: effective_ranks(weights, method="randomized", return_bounds=True, seed=0)}
         )
 
     def embeddings_1m() -> Prepared:
-        generator = torch.Generator(device="cuda").manual_seed(14)
-        X = torch.randn(1_000_000, 4096, generator=generator, device="cuda")
+        generator = torch.Generator(device=device).manual_seed(14)
+        X = torch.randn(*embeddings_shape, generator=generator, device=device)
         return Prepared(
             {
                 "X^T X, one fp32 matmul (floor)": lambda: X.mT @ X,
@@ -350,16 +357,19 @@ def cuda_rank_cases() -> list[Case]:
             }
         )
 
+    def shape(dims):
+        return f"{dims[0]} x ({dims[1]} x {dims[2]})"
+
     return [
-        _case("weights 1024", "64 x (1024 x 1024)",
+        _case("weights 1024", shape(weights_1024_shape),
               ("torch.linalg.svdvals loop", "fastrank batched", f"fastrank batched ({torch_solver})",
                "torch.linalg.svdvals batched", "eigvalsh of the fp64 Grams: cuSOLVER batched",
                "eigvalsh of the fp64 Grams: torch"), weights_1024, repeats=3),
-        _case("model weights 4096", "16 x (4096 x 4096)",
+        _case("model weights 4096", shape(model_shape),
               ("torch.linalg.svdvals loop", "fastrank exact", f"fastrank exact ({torch_solver})",
                "fastrank randomized"), model_weights, repeats=2),
-        _case("7B weights randomized", "224 x (4096 x 4096)", ("fastrank randomized",), weights_7b, repeats=2,
+        _case("7B weights randomized", shape((count_7b, *model_shape[1:])), ("fastrank randomized",), weights_7b, repeats=2,
               note="bounds only: their width is the accuracy"),
-        _case("embeddings 1M", "X 1000000 x 4096", ("X^T X, one fp32 matmul (floor)", "fastrank exact (gram=True)"),
+        _case("embeddings 1M", f"X {embeddings_shape[0]} x {embeddings_shape[1]}", ("X^T X, one fp32 matmul (floor)", "fastrank exact (gram=True)"),
               embeddings_1m, repeats=2, note="spectrum of the Gram X X^T (never formed)"),
     ]

@@ -198,3 +198,24 @@ def test_synchronized_leaves_cpu_calls_alone_and_returns_the_result():
     assert bench.synchronized(call, "cpu") is call
     if torch.cuda.is_available():
         assert bench.synchronized(call, "cuda")() == 7
+
+
+def test_cuda_rank_cases_run_end_to_end_at_toy_sizes():
+    # The model-scale cases run only on a GPU; here the same code at toy sizes on the CPU.
+    from fastrank.bench_rank import cuda_rank_cases
+
+    cases = cuda_rank_cases(device="cpu", toy=True)
+    assert [case.name for case in cases] == ["weights 1024", "model weights 4096", "7B weights randomized", "embeddings 1M"]
+    for case in cases:
+        prepared = case.setup()
+        assert tuple(prepared.variants) == case.variants, case.name
+        reference = prepared.reference() if prepared.reference is not None else None
+        for variant, call in prepared.variants.items():
+            row = case.error(variant, call(), reference)
+            if reference is not None and (variant.startswith("fastrank exact") or variant.startswith("fastrank batched")):
+                assert row["error"] < 1e-10, (case.name, variant, row)
+            if variant == "fastrank randomized":
+                assert 0 <= row["bound_width"] < 1, (case.name, row)
+                assert row.get("bounds_contain_reference", True), (case.name, row)
+            if variant.startswith("eigvalsh") or variant.startswith("X^T X"):
+                assert row == {}, (case.name, variant, row)

@@ -13,7 +13,7 @@ setup(
     long_description=Path("README.md").read_text(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["fastrank", "fastrank.kernels"],
+    packages=["fastrank", "fastrank.bench", "fastrank.integrations", "fastrank.kernels", "fastrank.rank"],
     package_dir={"fastrank": "fastrank", "fastrank.kernels": "kernels"},
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
@@ -29,5 +29,5 @@ setup(
         "paper": ["scikit-learn"],  # the 8x8 digits data set ships with it
         "safetensors": ["safetensors"],
     },
-    entry_points={"console_scripts": ["fastrank=fastrank.cli:main"]},
+    entry_points={"console_scripts": ["fastrank=fastrank.bench.cli:main"]},
 )

@@ -1,6 +1,6 @@
 """Chain suite under pytest-benchmark: `pytest benchmarks/test_chain_bench.py --benchmark-only`.
 
-The cases are fastrank.bench_chain.chain_cases(), the ones `fastrank bench --suite chain` runs (the
+The cases are fastrank.bench.chain.chain_cases(), the ones `fastrank bench --suite chain` runs (the
 CUDA chain-kernel cases are in test_chain_kernel_bench.py), on the CPU unless
 FASTRANK_BENCH_DEVICE=cuda, at the --quick sizes when FASTRANK_BENCH_QUICK=1. Variants of one case
 share a benchmark group, so pytest-benchmark's table puts them side by side; `fastrank bench` adds
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fastrank.bench import pytest_cases, pytest_settings, synchronized
-from fastrank.bench_chain import chain_cases
+from fastrank.bench.chain import chain_cases
 
 DEVICE, QUICK = pytest_settings()
 pytestmark = pytest.mark.skipif(

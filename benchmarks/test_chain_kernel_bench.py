@@ -3,7 +3,7 @@
     pytest benchmarks/test_chain_kernel_bench.py --benchmark-only --benchmark-json=chain_kernel.json
 
 (FASTRANK_BENCH_QUICK=1: the sizes of `fastrank bench --quick`.)
-The cases are fastrank.bench_chain.chain_kernel_cases(), the ones `fastrank bench --device cuda`
+The cases are fastrank.bench.chain.chain_kernel_cases(), the ones `fastrank bench --device cuda`
 runs beside the chain suite: for every width d, batch B, chain length L and dtype, the Triton chain
 kernel (every intermediate, or only the last) against one torch.matmul per factor (the baseline)
 and torch.compile of that loop. `fastrank bench` adds the ratio to the baseline measured in the same
@@ -19,7 +19,7 @@ _, QUICK = pytest_settings()  # FASTRANK_BENCH_QUICK=1: the --quick cases
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="chain kernel benchmarks need CUDA")
 
 if torch.cuda.is_available():
-    from fastrank.bench_chain import chain_kernel_cases
+    from fastrank.bench.chain import chain_kernel_cases
 
     PARAMS, IDS, _prepared = pytest_cases(chain_kernel_cases(quick=QUICK))
 else:

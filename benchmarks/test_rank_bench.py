@@ -1,6 +1,6 @@
 """Rank suite under pytest-benchmark: `pytest benchmarks/test_rank_bench.py --benchmark-only`.
 
-The cases are fastrank.bench_rank.rank_cases(), the ones `fastrank bench --suite rank` runs, on the
+The cases are fastrank.bench.rank.rank_cases(), the ones `fastrank bench --suite rank` runs, on the
 CPU unless FASTRANK_BENCH_DEVICE=cuda, at the --quick sizes when FASTRANK_BENCH_QUICK=1. Each case
 is a benchmark group (fastrank's methods, the paper snippet or the direct fp64 formula, and torch's
 functions side by side); the error of each variant against the exact value (and the bound width,
@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from fastrank.bench import measure, pytest_cases, pytest_settings, synchronized
-from fastrank.bench_rank import FLOOR, rank_cases
+from fastrank.bench.rank import FLOOR, rank_cases
 
 DEVICE, QUICK = pytest_settings()
 pytestmark = pytest.mark.skipif(

@@ -14,6 +14,7 @@ from .rank import (
     stable_rank,
 )
 from .tracking import RankTracker
+from . import _cuda_kernels  # noqa: E402,F401  (after the ops: registers their CUDA kernels)
 
 __all__ = [
     "__version__",

@@ -277,13 +277,14 @@ class _ChainMatmul(torch.autograd.Function):
         return (grad_x, None, *(grad_factors if grad_factors is not None else [None] * k))
 
 
-def _register_cuda_kernels() -> None:
-    """Route the ops to the Triton kernels on CUDA; without Triton the torch bodies serve CUDA too."""
+def register_cuda_kernels(chain_kernels) -> None:
+    """Route the ops to the Triton kernels of ``chain_kernels`` (``fastrank.kernels.chain``) on CUDA.
+
+    Called by ``fastrank._cuda_kernels`` when Triton imports; the kernel module imports this one
+    (its torch twins and checks), so this module never imports it. Without it the torch bodies
+    serve CUDA too.
+    """
     global _CUDA_KERNELS
-    try:
-        from fastrank.kernels import chain as chain_kernels
-    except ImportError:  # Triton missing (or broken): the torch path stays in place.
-        return
     _CUDA_KERNELS = chain_kernels
 
     @_chain_matmul_op.register_kernel("cuda")
@@ -419,6 +420,3 @@ def chain_linear(x: Tensor, factors: Sequence[Tensor], bias: Tensor | None = Non
         out = out + bias.to(out.dtype)  # autocast: the chain ran in the autocast dtype
     return out.reshape(*x.shape[:-1], dims[-1])
 
-
-if torch.cuda.is_available():
-    _register_cuda_kernels()

@@ -113,20 +113,17 @@ def _(A, k, seed, gram):
     return A.new_empty((*A.shape[:-1], k), dtype=_accumulation_dtype(A.dtype))
 
 
-def _register_cuda_kernel() -> None:
-    """Route the op to the Triton kernel on CUDA; without Triton the torch body serves CUDA too."""
-    try:
-        from fastrank.kernels import sketch as sketch_kernels
-    except ImportError:
-        return
+def register_cuda_kernel(sketch_kernels) -> None:
+    """Route the op to the Triton kernel of ``sketch_kernels`` (``fastrank.kernels.sketch``) on CUDA.
+
+    Called by ``fastrank._cuda_kernels`` when Triton imports (the kernel module imports this one);
+    without it the torch body serves CUDA too.
+    """
 
     @_gaussian_sketch_op.register_kernel("cuda")
     def _(A, k, seed, gram):
         return sketch_kernels.gaussian_sketch(A, k, seed, gram)
 
-
-if torch.cuda.is_available():
-    _register_cuda_kernel()
 
 
 def gaussian_sketch(A, k, seed=0, gram=False):

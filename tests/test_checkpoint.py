@@ -11,7 +11,7 @@ import torch.nn as nn
 
 import fastrank
 from fastrank.checkpoint import CheckpointError, load_weights, rank_report
-from fastrank.cli import main
+from fastrank.bench.cli import main
 
 
 def _model():

@@ -8,9 +8,9 @@ import torch
 
 from fastrank import bench
 from fastrank.bench import Case, Prepared
-from fastrank.bench_chain import chain_cases
-from fastrank.bench_rank import RankSizes, rank_cases
-from fastrank.cli import main
+from fastrank.bench.chain import chain_cases
+from fastrank.bench.rank import RankSizes, rank_cases
+from fastrank.bench.cli import main
 
 TINY_RANK = RankSizes(samples=256, features=16, gram_size=64, gram_rank=8, gram_sketch=16, batch=3,
                       weight_size=12, decay_size=64, decay_sketch=16, repeats=2)
@@ -149,7 +149,7 @@ def test_plot_without_matplotlib_says_so(command, tiny, monkeypatch, tmp_path, c
 
 def test_json_has_no_nan_or_inf(tmp_path):
     rows = [{"median_s": float("inf"), "error": float("nan"), "ratio": 1.0}]
-    from fastrank.cli import _write_json
+    from fastrank.bench.cli import _write_json
 
     path = tmp_path / "rows.json"
     _write_json(rows, str(path))
@@ -202,7 +202,7 @@ def test_synchronized_leaves_cpu_calls_alone_and_returns_the_result():
 
 def test_cuda_rank_cases_run_end_to_end_at_toy_sizes():
     # The model-scale cases run only on a GPU; here the same code at toy sizes on the CPU.
-    from fastrank.bench_rank import cuda_rank_cases
+    from fastrank.bench.rank import cuda_rank_cases
 
     cases = cuda_rank_cases(device="cpu", toy=True)
     assert [case.name for case in cases] == ["weights 1024", "model weights 4096", "7B weights randomized", "embeddings 1M"]

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 import fastrank
-import fastrank.cli
+import fastrank.bench.cli
 from fastrank import RankTracker
 
 
@@ -170,14 +170,14 @@ def test_tracker_plot_and_cli_plot(tmp_path):
     tracker.to_json(tmp_path / "ranks.json")
     for source in ("ranks.csv", "ranks.json"):
         out = tmp_path / f"{source}.png"
-        assert fastrank.cli.main(["plot", str(tmp_path / source), "-o", str(out)]) == 0
+        assert fastrank.bench.cli.main(["plot", str(tmp_path / source), "-o", str(out)]) == 0
         assert out.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_plot_names_a_missing_metric(tmp_path, capsys):
     path = tmp_path / "h.json"
     path.write_text('[{"step": 0, "name": "a", "effective_rank": 2.0}]')
-    assert fastrank.cli.main(["plot", str(path), "-o", str(tmp_path / "x.png"), "--metric", "nc1"]) == 2
+    assert fastrank.bench.cli.main(["plot", str(path), "-o", str(tmp_path / "x.png"), "--metric", "nc1"]) == 2
     assert "no row has a value for metric 'nc1'; the rows have ['effective_rank']" in capsys.readouterr().err
 
 

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from fastrank import paper
+from fastrank.bench import paper
 
 
 def _by_kind(rows, kind):

@@ -9,7 +9,8 @@ import re
 import pytest
 import torch
 
-import fastrank.rank as rank_module
+import fastrank.rank.api as rank_module
+from fastrank.rank import exact, slq
 from fastrank.rank import RankEstimate, effective_rank, effective_ranks, spectral_entropy, stable_rank
 
 # relative tolerance of the exact method per input dtype (issue 4 targets)
@@ -346,8 +347,8 @@ def test_slq_quadrature_brackets_each_probe(kind):
 
     x_log_x = lambda x: torch.special.xlogy(x, x)
     root_log_root = lambda x: torch.special.xlogy(x.sqrt(), x.sqrt())
-    (sigma_g, w_g), (sigma_r, w_r) = rank_module._slq_data_rules(X, 160, probes, steps, 0)
-    gauss_h, radau_h, shift = rank_module._slq_hermitian_rules(G, 160, probes, steps, 0)
+    (sigma_g, w_g), (sigma_r, w_r) = slq._slq_data_rules(X, 160, probes, steps, 0)
+    gauss_h, radau_h, shift = slq._slq_hermitian_rules(G, 160, probes, steps, 0)
     for f in (x_log_x, root_log_root):
         exact = (mass * f(lam).unsqueeze(-1)).sum(0)
         slack = 1e-9 * exact.abs().max()
@@ -423,7 +424,7 @@ def test_stable_rank_randomized_bounds(kind, mode):
 
 # ----------------------------------------------------------------------------- many matrices
 def test_effective_ranks_groups_and_keeps_order(monkeypatch):
-    import fastrank.rank as rank_module
+    import fastrank.rank.api as rank_module
 
     tensors = [make_matrix("decaying", 12, 8, seed=i) if i % 2 else make_matrix("flat", 6, 9, seed=i) for i in range(5)]
     tensors.append(make_matrix("clustered", 7, 7, batch=(2,)))
@@ -577,7 +578,7 @@ def test_small_path_equals_general_path(monkeypatch, shape, mode):
     with monkeypatch.context() as patch:
         patch.setattr(rank_module, "_prepare", no_prepare)
         small = {name: fn(A) for name, fn in functions.items()}
-    monkeypatch.setattr(rank_module, "_SMALL_WORK", 0)
+    monkeypatch.setattr(exact, "_SMALL_WORK", 0)
     for name, fn in functions.items():
         general = fn(A)
         assert small[name].shape == general.shape == () and small[name].dtype == torch.float64
@@ -634,7 +635,7 @@ def test_small_matrix_from_a_list():
 
 def test_small_route_choice():
     """svdvals for one matrix with m n min(m, n) <= _SMALL_WORK; the Gram route for batches and above."""
-    route = rank_module._svdvals_first
+    route = exact._svdvals_first
     assert route(torch.empty(64, 64), False, False) and route(torch.empty(2048, 8), False, False)
     assert not route(torch.empty(72, 72), False, False) and not route(torch.empty(2, 16, 16), False, False)
     assert not route(torch.empty(16, 16), True, False) and not route(torch.empty(16, 16), False, True)

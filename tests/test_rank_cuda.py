@@ -1,4 +1,4 @@
-"""The rank family on CUDA: cuSOLVER's batched eigensolver (fastrank._cusolver), the solver policy
+"""The rank family on CUDA: cuSOLVER's batched eigensolver (fastrank.rank.eigensolver), the solver policy
 (FASTRANK_EIGENSOLVER), memory-bounded chunks in effective_ranks, and every method against the fp64
 CPU result. The chunking arithmetic and the CLI's device option run on the CPU too."""
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import fastrank
-from fastrank import _cusolver
-from fastrank import rank as rank_module
+from fastrank.rank import api as rank_module
+from fastrank.rank import eigensolver as _cusolver
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 needs_cusolver = pytest.mark.skipif(
@@ -31,7 +31,7 @@ def test_chunk_size_keeps_each_call_within_int32():
 def test_cusolver_unavailable_without_cuda():
     assert not _cusolver.available()
     with pytest.raises(RuntimeError, match="not available"):
-        _cusolver.eigvalsh(torch.eye(3))
+        _cusolver.cusolver_eigvalsh(torch.eye(3))
 
 
 def _symmetric_with_garbage(batch, n, dtype, upper, seed):
@@ -50,7 +50,7 @@ def _symmetric_with_garbage(batch, n, dtype, upper, seed):
 @pytest.mark.parametrize("batch,n", [((7,), 33), ((2, 3), 64), ((5,), 1), ((3,), 257)])
 def test_cusolver_eigvalsh_matches_fp64(batch, n, dtype, upper):
     G, S = _symmetric_with_garbage(batch, n, dtype, upper, seed=n)
-    values = _cusolver.eigvalsh(G.cuda(), upper=upper)
+    values = _cusolver.cusolver_eigvalsh(G.cuda(), upper=upper)
     assert values.shape == (*batch, n) and values.dtype == dtype and values.is_cuda
     reference = torch.linalg.eigvalsh(S)
     scale = reference.abs().amax(-1, keepdim=True)
@@ -63,18 +63,18 @@ def test_cusolver_eigvalsh_matches_fp64(batch, n, dtype, upper):
 @needs_cusolver
 def test_cusolver_eigvalsh_in_several_calls_equals_one(monkeypatch):
     G, _ = _symmetric_with_garbage((7,), 33, torch.float64, True, seed=1)
-    whole = _cusolver.eigvalsh(G.cuda())
+    whole = _cusolver.cusolver_eigvalsh(G.cuda())
     monkeypatch.setattr(_cusolver, "_INT32_MAX", 3 * 33 * 33)  # 3 matrices a call: 3 + 3 + 1
     assert _cusolver.chunk_size(33, 7) == 3
-    torch.testing.assert_close(_cusolver.eigvalsh(G.cuda()), whole, rtol=0, atol=0)
+    torch.testing.assert_close(_cusolver.cusolver_eigvalsh(G.cuda()), whole, rtol=0, atol=0)
 
 
 @needs_cusolver
 def test_cusolver_eigvalsh_rejects_bad_input():
     with pytest.raises(TypeError, match="float32 or float64 CUDA tensor"):
-        _cusolver.eigvalsh(torch.eye(3, device="cuda", dtype=torch.float16))
+        _cusolver.cusolver_eigvalsh(torch.eye(3, device="cuda", dtype=torch.float16))
     with pytest.raises(ValueError, match="square"):
-        _cusolver.eigvalsh(torch.ones(2, 3, 4, device="cuda"))
+        _cusolver.cusolver_eigvalsh(torch.ones(2, 3, 4, device="cuda"))
 
 
 def _weights(seed):
@@ -160,7 +160,7 @@ def test_bad_eigensolver_setting_is_named(monkeypatch):
 
 @cuda
 def test_cli_rank_on_cuda_equals_cpu(tmp_path, capsys):
-    from fastrank.cli import main
+    from fastrank.bench.cli import main
 
     torch.manual_seed(7)
     state = {"a.weight": torch.randn(32, 16), "b.weight": torch.randn(32, 16), "c.weight": torch.randn(8, 40)}

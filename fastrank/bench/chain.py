@@ -25,10 +25,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._backend import cuda_matmul_allows_tf32
-from .bench import Case, Prepared
-from .chain import chain_costs
-from .layers import OverparamLinear
+from .._backend import cuda_matmul_allows_tf32
+from ..chain import chain_costs
+from ..layers import OverparamLinear
+from .cases import Case, Prepared
 
 __all__ = ["LINEAR_VARIANTS", "KERNEL_VARIANTS", "chain_cases", "chain_kernel_cases"]
 
@@ -265,7 +265,7 @@ def chain_kernel_cases(
     lengths = lengths or ((4,) if quick else (2, 4, 8))
     dtypes = dtypes or tuple(_KERNEL_DTYPES)
     repeats = repeats or (10 if quick else 20)
-    from .kernels.chain import MAX_ONCHIP_WIDTH as max_onchip_width  # imports triton: CUDA suites only
+    from ..kernels.chain import MAX_ONCHIP_WIDTH as max_onchip_width  # imports triton: CUDA suites only
 
     cases = []
     for dtype_name in dtypes:
@@ -274,7 +274,7 @@ def chain_kernel_cases(
                 for length in lengths:
 
                     def setup(dtype_name=dtype_name, d=d, batch=batch, length=length) -> Prepared:
-                        from .kernels.chain import chain_matmul
+                        from ..kernels.chain import chain_matmul
 
                         dtype = _KERNEL_DTYPES[dtype_name]
                         gen = torch.Generator(device="cuda").manual_seed(0)

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ._version import __version__
+from .._version import __version__
 
 
 def _device(choice: str, command: str = "bench") -> str:
@@ -27,7 +27,7 @@ def _device(choice: str, command: str = "bench") -> str:
 
 
 def _write_json(rows: list[dict], path: str) -> None:
-    from .bench import finite_or_none
+    from .report import finite_or_none
 
     clean = [{key: finite_or_none(value) for key, value in row.items()} for row in rows]
     with open(path, "w") as f:
@@ -36,11 +36,12 @@ def _write_json(rows: list[dict], path: str) -> None:
 
 
 def bench(args: argparse.Namespace) -> int:
-    from . import bench as benchmarks
+    from .. import bench as benchmarks
+    from .report import _pyplot
 
     if args.plot:
         try:
-            benchmarks._pyplot()  # fail before running anything, not after
+            _pyplot()  # fail before running anything, not after
         except benchmarks.MissingExtra as error:
             print(f"fastrank bench: {error}", file=sys.stderr)
             return 2
@@ -73,7 +74,7 @@ def bench(args: argparse.Namespace) -> int:
 
 def paper(args: argparse.Namespace) -> int:
     from . import paper as reproduction
-    from .bench import MissingExtra
+    from .._extras import MissingExtra
 
     if args.plot:
         try:
@@ -129,7 +130,7 @@ class _Progress:
 
 
 def rank(args: argparse.Namespace) -> int:
-    from .checkpoint import CheckpointError, load_weights, rank_report
+    from ..checkpoint import CheckpointError, load_weights, rank_report
 
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -162,8 +163,8 @@ def rank(args: argparse.Namespace) -> int:
 
 
 def plot(args: argparse.Namespace) -> int:
-    from ._extras import MissingExtra
-    from .plot import load_history, plot_history
+    from .._extras import MissingExtra
+    from ..plot import load_history, plot_history
 
     try:
         rows = load_history(args.history)

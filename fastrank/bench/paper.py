@@ -27,11 +27,12 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from ._extras import MissingExtra, require
-from .bench import _pyplot, environment
-from .classes import class_metrics
-from .layers import OverparamLinear, collapse, overparameterize
-from .rank import effective_rank, spectral_entropy
+from .._extras import MissingExtra, require
+from ..classes import class_metrics
+from ..layers import OverparamLinear, collapse, overparameterize
+from ..rank import effective_rank, spectral_entropy
+from .report import _pyplot
+from .runner import environment
 
 __all__ = [
     "init_entropy", "matrix_completion", "optimizer_sweep", "init_sweep", "load_digits",

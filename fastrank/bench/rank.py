@@ -45,8 +45,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .bench import Case, Prepared
-from .rank import RankEstimate, _eigvalsh, effective_rank, effective_ranks
+from ..rank import RankEstimate, effective_rank, effective_ranks
+from ..rank.eigensolver import eigvalsh
+from .cases import Case, Prepared
 
 __all__ = ["QUICK_SIZES", "RankSizes", "cuda_rank_cases", "direct_erank", "paper_snippet_erank", "rank_cases"]
 
@@ -313,7 +314,7 @@ def cuda_rank_cases(device: str = "cuda", toy: bool = False) -> list[Case]:
                     "torch", lambda: effective_rank(W, method="exact")),
                 "torch.linalg.svdvals batched": lambda: _erank_of(torch.linalg.svdvals(W)),
                 "eigvalsh of the fp64 Grams: cuSOLVER batched": lambda: _with_eigensolver(
-                    "cusolver", lambda: _eigvalsh(G, upper=True)),
+                    "cusolver", lambda: eigvalsh(G, upper=True)),
                 "eigvalsh of the fp64 Grams: torch": lambda: torch.linalg.eigvalsh(G),
             },
             reference=lambda: _erank_of(torch.linalg.svdvals(W.double())),

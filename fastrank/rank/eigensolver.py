@@ -1,14 +1,13 @@
-"""Batched symmetric eigenvalues on CUDA: cuSOLVER's ``cusolverDnXsyevBatched``, one call per batch.
+"""Symmetric eigenvalues for the rank family: torch's solver, or cuSOLVER's batched one on CUDA.
 
 ``torch.linalg.eigvalsh`` on CUDA loops over a batch: one ``syevd`` per matrix (``syevj`` per matrix
 for fp32 with 32 < n <= 512), the batched Jacobi solver only for n <= 32. ``cusolverDnXsyevBatched``
 (cuSOLVER 11.7.1, CUDA 12.6.2 and later) takes the whole batch in one call, any n, as long as
 ``n * n * batch`` fits in an int32. It is reached here through ctypes, in the cuSOLVER library that
-torch's CUDA build loads itself: no extra package, and the same library torch uses. (CuPy's
-batched ``eigvalsh`` runs ``syevj``, not this solver.)
-
-:func:`eigvalsh` falls back to nothing: callers ask :func:`available` first. The rank functions
-choose through ``fastrank.rank``'s solver policy (``FASTRANK_EIGENSOLVER``).
+torch's CUDA build loads itself: no extra package, and the same library torch uses. (CuPy's batched
+``eigvalsh`` runs ``syevj``, not this solver.) :func:`eigvalsh` picks the solver
+(``FASTRANK_EIGENSOLVER``); :func:`cusolver_eigvalsh` is the binding, :func:`available` says
+whether it can be called.
 """
 
 from __future__ import annotations
@@ -21,6 +20,8 @@ import threading
 
 import torch
 from torch import Tensor
+
+__all__ = ["EIGENSOLVERS", "available", "chunk_size", "cusolver_eigvalsh", "eigvalsh"]
 
 _INT32_MAX = 2**31 - 1
 _CUDA_R_32F, _CUDA_R_64F = 0, 1  # cudaDataType
@@ -123,8 +124,9 @@ def chunk_size(n: int, batch: int) -> int:
     return min(batch, per_call)
 
 
-def eigvalsh(G: Tensor, upper: bool = True) -> Tensor:
-    """Ascending eigenvalues of a batch of symmetric matrices.
+def cusolver_eigvalsh(G: Tensor, upper: bool = True) -> Tensor:
+    """Ascending eigenvalues of a batch of symmetric matrices, in one ``cusolverDnXsyevBatched`` call
+    per ``chunk_size`` matrices.
 
     Args:
         G: ``(..., n, n)`` float32 or float64 CUDA tensor; only the triangle named by ``upper`` is
@@ -139,9 +141,9 @@ def eigvalsh(G: Tensor, upper: bool = True) -> Tensor:
     if lib is None:
         raise RuntimeError("cusolverDnXsyevBatched is not available (needs CUDA and cuSOLVER 11.7.1 or later)")
     if not G.is_cuda or G.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"eigvalsh: expected a float32 or float64 CUDA tensor, got {G.dtype} on {G.device}")
+        raise TypeError(f"cusolver_eigvalsh: expected a float32 or float64 CUDA tensor, got {G.dtype} on {G.device}")
     if G.dim() < 2 or G.shape[-1] != G.shape[-2] or G.shape[-1] == 0:
-        raise ValueError(f"eigvalsh: expected square matrices (..., n, n) with n >= 1, got shape {tuple(G.shape)}")
+        raise ValueError(f"cusolver_eigvalsh: expected square matrices (..., n, n) with n >= 1, got shape {tuple(G.shape)}")
     n = G.shape[-1]
     batch_shape = G.shape[:-2]
     # The solver overwrites its input: work on a contiguous copy. Row-major storage read as
@@ -191,3 +193,41 @@ def eigvalsh(G: Tensor, upper: bool = True) -> Tensor:
             "a negative value names a wrong argument, a positive one a matrix that did not converge)"
         )
     return values.reshape(*batch_shape, n)
+
+
+# ----------------------------------------------------------------------------- the policy
+EIGENSOLVERS = ("auto", "torch", "cusolver")  # values of FASTRANK_EIGENSOLVER
+# Largest n for which "auto" takes cuSOLVER's batched solver. fp64 batches on an H100, batched /
+# torch's loop: 1000 x 64^2 3.0 / 328 ms, 128 x 256^2 13.7 / 248, 64 x 1024^2 144 / 650,
+# 16 x 2048^2 245 / 412, 4 x 4096^2 495 / 470 (fp32: 604 / 354): no gain left at 4096.
+CUSOLVER_MAX_N = 2048
+
+
+def _choice() -> str:
+    choice = os.environ.get("FASTRANK_EIGENSOLVER", "auto")
+    if choice not in EIGENSOLVERS:
+        raise ValueError(f"FASTRANK_EIGENSOLVER must be one of {EIGENSOLVERS}, got {choice!r}")
+    return choice
+
+
+def eigvalsh(G: Tensor, upper: bool = False) -> Tensor:
+    """Ascending eigenvalues of symmetric ``(..., n, n)`` matrices, reading the upper or lower triangle.
+
+    A batch of CUDA matrices goes to cuSOLVER's batched solver (:func:`cusolver_eigvalsh`: one call
+    for the batch, where ``torch.linalg.eigvalsh`` loops one ``syevd`` per matrix) when it is
+    available and ``FASTRANK_EIGENSOLVER`` is "cusolver", or "auto" (default) with
+    n <= ``CUSOLVER_MAX_N``; "torch" keeps torch's solver. Single matrices and CPU tensors always
+    take ``torch.linalg.eigvalsh``. Returns G's dtype, shape ``(..., n)``.
+    """
+    n = G.shape[-1]
+    if G.is_cuda and G.numel() > n * n:
+        choice = _choice()
+        if choice == "cusolver" or (choice == "auto" and n <= CUSOLVER_MAX_N):
+            if available():
+                return cusolver_eigvalsh(G, upper=upper)
+            if choice == "cusolver":
+                raise RuntimeError(
+                    "FASTRANK_EIGENSOLVER=cusolver, but cusolverDnXsyevBatched is not available "
+                    "(needs cuSOLVER 11.7.1 / CUDA 12.6.2 or later)"
+                )
+    return torch.linalg.eigvalsh(G, UPLO="U" if upper else "L")

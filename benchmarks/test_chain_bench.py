@@ -3,14 +3,15 @@
 The cases are fastrank.bench.chain.chain_cases(), the ones `fastrank bench --suite chain` runs (the
 CUDA chain-kernel cases are in test_chain_kernel_bench.py), on the CPU unless
 FASTRANK_BENCH_DEVICE=cuda, at the --quick sizes when FASTRANK_BENCH_QUICK=1. Variants of one case
-share a benchmark group, so pytest-benchmark's table puts them side by side; `fastrank bench` adds
-the ratio to nn.Linear measured in the same run and the error against the fp64 chain.
+share a benchmark group, so pytest-benchmark's table puts them side by side; extra_info holds the
+ratio to nn.Linear and to the floor (one matmul of fastrank's FLOPs) measured in the same run, and
+on CUDA the times from CUDA events with the L2 cache flushed (fastrank.bench.pytest_run).
 """
 
 import pytest
 import torch
 
-from fastrank.bench import pytest_cases, pytest_settings, synchronized
+from fastrank.bench import pytest_cases, pytest_run, pytest_settings
 from fastrank.bench.chain import chain_cases
 
 DEVICE, QUICK = pytest_settings()
@@ -25,6 +26,4 @@ def test_chain(benchmark, case, variant):
     prepared = _prepared(case.name)
     if variant not in prepared.variants:
         pytest.skip(prepared.skipped.get(variant, "not run"))
-    benchmark.group = case.name
-    benchmark.extra_info.update(suite=case.suite, shape=case.shape, dtype=case.dtype, variant=variant, device=DEVICE)
-    benchmark.pedantic(synchronized(prepared.variants[variant], DEVICE), rounds=case.repeats, warmup_rounds=case.warmup)
+    pytest_run(benchmark, case, variant, prepared.variants[variant], DEVICE)

@@ -13,7 +13,7 @@ run, TFLOP/s and the error against fp64.
 import pytest
 import torch
 
-from fastrank.bench import pytest_cases, pytest_settings
+from fastrank.bench import pytest_cases, pytest_run, pytest_settings
 
 _, QUICK = pytest_settings()  # FASTRANK_BENCH_QUICK=1: the --quick cases
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="chain kernel benchmarks need CUDA")
@@ -28,15 +28,5 @@ else:
 
 @pytest.mark.parametrize("case,variant", PARAMS, ids=IDS)
 def test_chain_kernel(benchmark, case, variant):
-    fn = _prepared(case.name).variants[variant]
-
-    def call():
-        fn()
-        torch.cuda.synchronize()
-
-    benchmark.group = case.name
-    benchmark.extra_info.update(
-        suite=case.suite, shape=case.shape, dtype=case.dtype, variant=variant, note=case.note,
-        device=torch.cuda.get_device_name(), torch=torch.__version__,
-    )
-    benchmark.pedantic(call, rounds=case.repeats, warmup_rounds=case.warmup, iterations=1)
+    benchmark.extra_info.update(note=case.note, device_name=torch.cuda.get_device_name(), torch=torch.__version__)
+    pytest_run(benchmark, case, variant, _prepared(case.name).variants[variant], "cuda")

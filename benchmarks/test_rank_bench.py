@@ -4,9 +4,10 @@ The cases are fastrank.bench.rank.rank_cases(), the ones `fastrank bench --suite
 CPU unless FASTRANK_BENCH_DEVICE=cuda, at the --quick sizes when FASTRANK_BENCH_QUICK=1. Each case
 is a benchmark group (fastrank's methods, the paper snippet or the direct fp64 formula, and torch's
 functions side by side); the error of each variant against the exact value (and the bound width,
-for those returning bounds) goes to extra_info, with the ratio of its median to the baseline's and,
-for the small-matrix cases, to the floor's (the formula on fp64 eigvalsh of A^T A, A's size),
-measured in this run.
+for those returning bounds) goes to extra_info, with the ratios of its median to the baseline's and
+to the floor's (fp64 eigvalsh of the same Gram; for the small-matrix cases the formula on fp64
+eigvalsh of A^T A, A's size), measured in this run (fastrank.bench.pytest_run; on CUDA, CUDA events
+with the L2 cache flushed).
 
 `test_small_single_call_target` (CPU) holds the small-matrix target: one effective_rank call at
 most 1.2x the direct fp64 formula for every n of the small cases, both timed interleaved in one run
@@ -19,8 +20,8 @@ import statistics
 import pytest
 import torch
 
-from fastrank.bench import measure, pytest_cases, pytest_settings, synchronized
-from fastrank.bench.rank import FLOOR, rank_cases
+from fastrank.bench import measure, pytest_cases, pytest_run, pytest_settings
+from fastrank.bench.rank import rank_cases
 
 DEVICE, QUICK = pytest_settings()
 pytestmark = pytest.mark.skipif(
@@ -29,8 +30,6 @@ pytestmark = pytest.mark.skipif(
 CASES = rank_cases(quick=QUICK, device=DEVICE)
 PARAMS, IDS, _setup = pytest_cases(CASES)
 SMALL_TARGET = 1.2  # single calls: fastrank exact / direct fp64 formula
-_MEDIANS = {}  # (case name, variant) -> median seconds in this run
-_INFO = {}  # (case name, variant) -> that benchmark's extra_info
 
 
 @functools.lru_cache(maxsize=1)
@@ -39,33 +38,11 @@ def _prepared(case_name):
     return prepared, prepared.reference() if prepared.reference is not None else None
 
 
-def _floor_of(case):
-    return next((v for v in case.variants if v.startswith(FLOOR)), None)
-
-
 @pytest.mark.parametrize("case,variant", PARAMS, ids=IDS)
 def test_rank(benchmark, case, variant):
     prepared, reference = _prepared(case.name)
-    benchmark.group = case.name
-    benchmark.extra_info.update(
-        suite=case.suite, shape=case.shape, dtype=case.dtype, variant=variant, threads=torch.get_num_threads(),
-        device=DEVICE,
-    )
-    result = benchmark.pedantic(
-        synchronized(prepared.variants[variant], DEVICE), rounds=case.repeats, warmup_rounds=case.warmup,
-        iterations=1,
-    )
+    result = pytest_run(benchmark, case, variant, prepared.variants[variant], DEVICE)
     benchmark.extra_info.update(case.error(variant, result, reference))
-    if benchmark.stats is None:  # --benchmark-disable: nothing timed
-        return
-    _MEDIANS[case.name, variant] = benchmark.stats.stats.median
-    _INFO[case.name, variant] = benchmark.extra_info
-    # the variants of a case run one after another: fill in every ratio known so far (extra_info
-    # is written out at the end of the session, so rows timed before the floor get theirs too)
-    for done in case.variants:
-        for key, other in (("ratio", case.baseline), ("ratio_to_floor", _floor_of(case))):
-            if other not in (None, done) and (case.name, done) in _INFO and (case.name, other) in _MEDIANS:
-                _INFO[case.name, done][key] = _MEDIANS[case.name, done] / _MEDIANS[case.name, other]
 
 
 SMALL = [case for case in CASES if case.name.startswith("small") and case.name != "small batched"] if DEVICE == "cpu" else []
@@ -83,7 +60,7 @@ def _small_ratios(case):
     assert not failed, failed
     median = {name: statistics.median(values) for name, values in times.items()}
     fastrank = median["fastrank exact"]
-    return fastrank / median[case.baseline], fastrank / median[_floor_of(case)], median
+    return fastrank / median[case.baseline], fastrank / median[case.floor], median
 
 
 @pytest.mark.parametrize("case", SMALL, ids=[case.name.replace(" ", "_") for case in SMALL])

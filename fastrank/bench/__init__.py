@@ -17,7 +17,18 @@ A new benchmark case goes into the suite module of its op family (a function ret
 
 from .cases import Case, Prepared
 from .report import ROW_FIELDS, MissingExtra, finite_or_none, format_table, plot_rows
-from .runner import environment, measure, pytest_cases, pytest_settings, run, run_case, synchronized
+from .runner import (
+    cuda_times,
+    environment,
+    measure,
+    pytest_cases,
+    pytest_run,
+    pytest_settings,
+    run,
+    run_case,
+    synchronized,
+    timer_name,
+)
 from .suites import SUITES, suite_cases
 
 __all__ = [
@@ -26,15 +37,18 @@ __all__ = [
     "ROW_FIELDS",
     "SUITES",
     "MissingExtra",
+    "cuda_times",
     "environment",
     "finite_or_none",
     "format_table",
     "measure",
     "plot_rows",
     "pytest_cases",
+    "pytest_run",
     "pytest_settings",
     "run",
     "run_case",
     "suite_cases",
     "synchronized",
+    "timer_name",
 ]

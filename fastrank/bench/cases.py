@@ -52,6 +52,9 @@ class Case:
         repeats: timed calls per variant (interleaved across variants).
         warmup: untimed calls per variant before timing (compilation, caches, autotuning).
         note: shown beside the rows, e.g. what the case compares.
+        floor: the variant that is the case's floor (the least work any method must do: one
+            matmul of the same FLOPs, fp64 ``eigvalsh`` of the same Gram, one pass over the
+            input), or None; every row also gets its ratio to it.
     """
 
     suite: str
@@ -66,4 +69,5 @@ class Case:
     repeats: int = 5
     warmup: int = 1
     note: str = ""
+    floor: str | None = None
 

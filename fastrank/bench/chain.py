@@ -30,10 +30,22 @@ from ..chain import chain_costs
 from ..layers import OverparamLinear
 from .cases import Case, Prepared
 
-__all__ = ["LINEAR_VARIANTS", "KERNEL_VARIANTS", "chain_cases", "chain_kernel_cases"]
+__all__ = ["FLOOR", "LINEAR_VARIANTS", "KERNEL_VARIANTS", "chain_cases", "chain_kernel_cases"]
 
-LINEAR_VARIANTS = ("nn.Linear", "fastrank", "sequential chain", "collapsed autograd", "torch.compile chain")
-KERNEL_VARIANTS = ("torch.matmul x L", "chain_matmul", "chain_matmul last", "torch.compile chain")
+FLOOR = "one matmul of the same FLOPs (floor)"
+LINEAR_VARIANTS = ("nn.Linear", "fastrank", "sequential chain", "collapsed autograd", "torch.compile chain", FLOOR)
+KERNEL_VARIANTS = ("torch.matmul x L", "chain_matmul", "chain_matmul last", "torch.compile chain", FLOOR)
+
+
+def _matmul_floor(flops: float, features: int, device, dtype) -> Callable[[], torch.Tensor]:
+    """One ``(rows, d) @ (d, d)`` matmul doing ``flops`` floating-point operations (rows rounded):
+    what this machine's BLAS does with the work of a variant, in one call."""
+    rows = max(1, round(flops / (2.0 * features * features)))
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    a = torch.randn(rows, features, generator=gen).to(device=device, dtype=dtype)
+    b = torch.randn(features, features, generator=gen).to(device=device, dtype=dtype)
+    out = torch.empty(rows, features, device=device, dtype=dtype)
+    return lambda: torch.mm(a, b, out=out)
 
 class _SequentialChain(nn.Module):
     """The anchor library's training forward: one linear layer per factor, run in sequence."""
@@ -102,7 +114,7 @@ def _relative_error(results, references) -> float:
 
 
 def _chain_error(variant: str, result, reference) -> dict:
-    if variant == "nn.Linear":
+    if variant in ("nn.Linear", FLOOR):  # other computations: nothing to compare
         return {}
     results = result if isinstance(result, list) else [result]
     return {"error": _relative_error(results, reference)}
@@ -140,6 +152,7 @@ def _linear_flops(mode: str, batch: int, features: int, depth: int) -> dict[str,
         "sequential chain": activation,
         "collapsed autograd": collapsed,
         "torch.compile chain": activation,
+        FLOOR: fastrank,  # the floor does fastrank's work in one matmul
     }
     return {name: 2.0 * value for name, value in macs.items()}
 
@@ -199,6 +212,8 @@ def chain_cases(
                     "sequential chain": make(chain),
                     "collapsed autograd": make(_CollapsedAutograd(layer)),
                 }
+                floor_flops = _linear_flops(mode, batch, features, depth)[FLOOR]
+                variants[FLOOR] = _matmul_floor(floor_flops, features, device, dtype)
                 skipped = {}
                 if batch in compile_batches:
                     variants["torch.compile chain"] = make(_compiled(chain))
@@ -222,6 +237,7 @@ def chain_cases(
                     error=_chain_error,
                     repeats=repeats,
                     warmup=2 if batch in compile_batches else 1,  # compile traces the backward on the second call
+                    floor=FLOOR,
                 )
             )
     return cases
@@ -240,6 +256,8 @@ def _sequential_matmuls(x, factors):
 
 
 def _kernel_error(variant: str, result, reference) -> dict:
+    if variant == FLOOR:
+        return {}
     return {"error": _relative_error(result[-1:], reference)}
 
 
@@ -295,6 +313,7 @@ def chain_kernel_cases(
                                 "chain_matmul": lambda: chain_matmul(x, factors, return_all=True),
                                 "chain_matmul last": lambda: chain_matmul(x, factors, return_all=False),
                                 "torch.compile chain": lambda: compiled(x, factors),
+                                FLOOR: _matmul_floor(2.0 * batch * d * d * length, d, "cuda", dtype),
                             },
                             reference,
                         )
@@ -314,6 +333,7 @@ def chain_kernel_cases(
                             error=_kernel_error,
                             repeats=repeats,
                             warmup=3,
+                            floor=FLOOR,
                             note=f"chain_matmul path: {path}; "
                             f"tf32 {'on' if cuda_matmul_allows_tf32() else 'off'}",
                         )

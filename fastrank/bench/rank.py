@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +55,7 @@ __all__ = ["QUICK_SIZES", "RankSizes", "cuda_rank_cases", "direct_erank", "paper
 SNIPPET = "paper snippet (full SVD)"
 DIRECT = "fp64 svdvals formula"
 FLOOR = "fp64 eigvalsh of A^T A (floor)"
+BATCHED_FLOOR = "fp64 eigvalsh of A^T A, batched (floor)"
 
 
 def paper_snippet_erank(A: torch.Tensor) -> torch.Tensor:
@@ -116,7 +118,23 @@ def _floor(A: torch.Tensor) -> torch.Tensor:
     return _erank_of(s)
 
 
-def _case(name, shape, variants, setup, repeats, note="", dtype="float32") -> Case:
+GRAM_FLOOR = "fp64 eigvalsh of the Gram (floor)"
+
+
+def _gram_floor(A: torch.Tensor, given: bool = False) -> Callable[[], torch.Tensor]:
+    """fp64 eigvalsh of the smaller-side Gram of A (formed once, untimed; A itself when ``given``
+    is a Gram): the eigensolver the exact method cannot avoid, on this machine."""
+    if given:
+        G = A.double()
+    else:
+        X = A.double() if A.shape[-1] <= A.shape[-2] else A.double().mT
+        G = X.mT @ X
+    return lambda: eigvalsh(G)
+
+
+def _case(name, shape, variants, setup, repeats, note="", dtype="float32", floor=None) -> Case:
+    """A rank case; its floor is the variant named ``floor``, else the one whose name ends in "(floor)"."""
+    floor = floor or next((v for v in variants if v.endswith("(floor)")), None)
     return Case(
         suite="rank",
         name=name,
@@ -129,6 +147,7 @@ def _case(name, shape, variants, setup, repeats, note="", dtype="float32") -> Ca
         repeats=repeats,
         warmup=1,
         note=note,
+        floor=floor,
     )
 
 
@@ -171,6 +190,7 @@ def rank_cases(quick: bool = False, device: str = "cpu", sizes: RankSizes | None
                 SNIPPET: lambda: _erank_of(torch.linalg.svd(X, full_matrices=False).S.square()),
                 "fastrank exact": lambda: effective_rank(X, gram=True, method="exact"),
                 "torch.linalg.svdvals": lambda: _erank_of(torch.linalg.svdvals(X).square()),
+                GRAM_FLOOR: _gram_floor(X),
             },
             reference=lambda: _erank_of(torch.linalg.svdvals(X.double()).square()),
         )
@@ -190,6 +210,7 @@ def rank_cases(quick: bool = False, device: str = "cpu", sizes: RankSizes | None
                 "fastrank slq": lambda: effective_rank(G, hermitian=True, method="slq", return_bounds=True, seed=0),
                 "torch.linalg.svdvals": lambda: _erank_of(torch.linalg.svdvals(G)),
                 f"torch.svd_lowrank(q={gram_sketch})": lambda: _erank_of(torch.svd_lowrank(G, q=gram_sketch)[1]),
+                GRAM_FLOOR: _gram_floor(G, given=True),
             },
             reference=lambda: _erank_of(torch.linalg.eigvalsh(G.double()).abs()),
         )
@@ -202,6 +223,7 @@ def rank_cases(quick: bool = False, device: str = "cpu", sizes: RankSizes | None
                 SNIPPET + " loop": lambda: torch.stack([paper_snippet_erank(w) for w in W]),
                 "fastrank batched": lambda: effective_rank(W, method="exact"),
                 "torch.linalg.svdvals batched": lambda: _erank_of(torch.linalg.svdvals(W)),
+                GRAM_FLOOR: _gram_floor(W),
             },
             reference=lambda: _erank_of(torch.linalg.svdvals(W.double())),
         )
@@ -229,7 +251,7 @@ def rank_cases(quick: bool = False, device: str = "cpu", sizes: RankSizes | None
                 "fastrank batched": lambda: effective_rank(W),
                 "fastrank loop": lambda: torch.stack([effective_rank(w) for w in W]),
                 DIRECT + " batched": lambda: direct_erank(W),
-                FLOOR + " batched": lambda: _floor(W),
+                BATCHED_FLOOR: lambda: _floor(W),
             },
             reference=lambda: direct_erank(W),
         )
@@ -250,6 +272,7 @@ def rank_cases(quick: bool = False, device: str = "cpu", sizes: RankSizes | None
                 "fastrank slq": lambda: effective_rank(A, method="slq", return_bounds=True, seed=0),
                 "torch.linalg.svdvals": lambda: _erank_of(torch.linalg.svdvals(A)),
                 f"torch.svd_lowrank(q={decay_sketch})": lambda: _erank_of(torch.svd_lowrank(A, q=decay_sketch)[1]),
+                GRAM_FLOOR: _gram_floor(A),
             },
             reference=lambda: _erank_of(spectrum).to(device),
         )
@@ -259,14 +282,14 @@ def rank_cases(quick: bool = False, device: str = "cpu", sizes: RankSizes | None
         SNIPPET, "fastrank exact", "fastrank randomized", "fastrank slq", "torch.linalg.svdvals",
     )
     return [
-        _case("embeddings", f"X {samples} x {features}", (SNIPPET, "fastrank exact", "torch.linalg.svdvals"),
+        _case("embeddings", f"X {samples} x {features}", (SNIPPET, "fastrank exact", "torch.linalg.svdvals", GRAM_FLOOR),
               embeddings, repeats, note="spectrum of the Gram X X^T (never formed)"),
         _case("gram", f"G {gram_size} x {gram_size}, rank {gram_rank}, k={gram_sketch}",
-              square_variants + (f"torch.svd_lowrank(q={gram_sketch})",), gram, repeats),
+              square_variants + (f"torch.svd_lowrank(q={gram_sketch})", GRAM_FLOOR), gram, repeats),
         _case("weights", f"{batch} x ({weight_size} x {weight_size})",
-              (SNIPPET + " loop", "fastrank batched", "torch.linalg.svdvals batched"), weights, repeats),
+              (SNIPPET + " loop", "fastrank batched", "torch.linalg.svdvals batched", GRAM_FLOOR), weights, repeats),
         _case("decay", f"A {decay_size} x {decay_size}, s_i=0.98^i, k={decay_sketch}",
-              square_variants + (f"torch.svd_lowrank(q={decay_sketch})",), decay, repeats),
+              square_variants + (f"torch.svd_lowrank(q={decay_sketch})", GRAM_FLOOR), decay, repeats),
     ] + [
         _case(f"small {n}", f"A {n} x {n}", (DIRECT, "fastrank exact", FLOOR), small(n),
               sizes.small_calls if n <= 64 else max(repeats, sizes.small_calls // 10),
@@ -274,7 +297,7 @@ def rank_cases(quick: bool = False, device: str = "cpu", sizes: RankSizes | None
         for n in sizes.small_sizes
     ] + [
         _case("small batched", f"{small_batch} x ({small_size} x {small_size})",
-              (DIRECT + " loop", "fastrank batched", "fastrank loop", DIRECT + " batched", FLOOR + " batched"),
+              (DIRECT + " loop", "fastrank batched", "fastrank loop", DIRECT + " batched", BATCHED_FLOOR),
               small_batched, repeats, dtype="float64"),
     ] + (cuda_rank_cases() if device == "cuda" else [])
 
@@ -334,6 +357,7 @@ def cuda_rank_cases(device: str = "cuda", toy: bool = False) -> list[Case]:
                 f"fastrank exact ({torch_solver})": lambda: _with_eigensolver(
                     "torch", lambda: effective_rank(W, method="exact")),
                 "fastrank randomized": randomized,
+                GRAM_FLOOR: _gram_floor(W),
             },
             # fp64 Gram eigenvalues through torch's solver: the exact method's contract (1e-10
             # against fp64 on the CPU) is a test; an fp64 SVD of 16 such weights takes minutes
@@ -345,7 +369,10 @@ def cuda_rank_cases(device: str = "cuda", toy: bool = False) -> list[Case]:
         weights = [torch.randn(*model_shape[1:], generator=generator, device=device) / math.sqrt(model_shape[-1])
                    for _ in range(count_7b)]
         return Prepared(
-            {"fastrank randomized": lambda: effective_ranks(weights, method="randomized", return_bounds=True, seed=0)}
+            {
+                "fastrank randomized": lambda: effective_ranks(weights, method="randomized", return_bounds=True, seed=0),
+                "one pass over the weights (floor)": lambda: torch._foreach_norm(weights),
+            }
         )
 
     def embeddings_1m() -> Prepared:
@@ -365,11 +392,12 @@ def cuda_rank_cases(device: str = "cuda", toy: bool = False) -> list[Case]:
         _case("weights 1024", shape(weights_1024_shape),
               ("torch.linalg.svdvals loop", "fastrank batched", f"fastrank batched ({torch_solver})",
                "torch.linalg.svdvals batched", "eigvalsh of the fp64 Grams: cuSOLVER batched",
-               "eigvalsh of the fp64 Grams: torch"), weights_1024, repeats=3),
+               "eigvalsh of the fp64 Grams: torch"), weights_1024, repeats=3,
+              floor="eigvalsh of the fp64 Grams: cuSOLVER batched"),
         _case("model weights 4096", shape(model_shape),
               ("torch.linalg.svdvals loop", "fastrank exact", f"fastrank exact ({torch_solver})",
-               "fastrank randomized"), model_weights, repeats=2),
-        _case("7B weights randomized", shape((count_7b, *model_shape[1:])), ("fastrank randomized",), weights_7b, repeats=2,
+               "fastrank randomized", GRAM_FLOOR), model_weights, repeats=2),
+        _case("7B weights randomized", shape((count_7b, *model_shape[1:])), ("fastrank randomized", "one pass over the weights (floor)"), weights_7b, repeats=2,
               note="bounds only: their width is the accuracy"),
         _case("embeddings 1M", f"X {embeddings_shape[0]} x {embeddings_shape[1]}", ("X^T X, one fp32 matmul (floor)", "fastrank exact (gram=True)"),
               embeddings_1m, repeats=2, note="spectrum of the Gram X X^T (never formed)"),

@@ -12,7 +12,7 @@ __all__ = ["ROW_FIELDS", "finite_or_none", "format_table", "plot_rows"]
 # Columns of a result row besides the environment fields, in table order.
 ROW_FIELDS = (
     "suite", "case", "variant", "baseline", "shape", "dtype", "device",
-    "median_s", "q25_s", "q75_s", "repeats", "ratio", "tflops",
+    "median_s", "q25_s", "q75_s", "repeats", "timer", "ratio", "ratio_to_floor", "tflops",
     "error", "bound_width", "bounds_contain_reference", "note",
 )
 
@@ -50,6 +50,7 @@ def _cells(row: dict) -> list[str]:
         _milliseconds(row["median_s"]),
         spread,
         f"{row['ratio']:.2f}" if row["ratio"] is not None else "-",
+        f"{row['ratio_to_floor']:.2f}" if row.get("ratio_to_floor") is not None else "-",
         f"{row['tflops']:.3g}" if row["tflops"] is not None else "-",
         f"{row['error']:.1e}" if row.get("error") is not None else "-",
         bound,
@@ -57,7 +58,7 @@ def _cells(row: dict) -> list[str]:
 
 
 TABLE_HEADER = [
-    "case", "variant", "shape", "dtype", "median ms", "q25-q75 ms", "x base", "TFLOP/s", "error",
+    "case", "variant", "shape", "dtype", "median ms", "q25-q75 ms", "x base", "x floor", "TFLOP/s", "error",
     "bounds",
 ]
 
@@ -94,7 +95,9 @@ def format_table(rows: Sequence[dict]) -> str:
         lines.append("")
     lines.append(
         "x base: median time / the baseline's median in the same run (the first row of each case; "
-        "below 1 is faster). error: relative error against the exact or fp64 reference; "
+        "below 1 is faster). x floor: the same against the case's floor (marked \"(floor)\": the least "
+        "work any method must do on this machine, e.g. one matmul of the same FLOPs, or fp64 eigvalsh "
+        "of the same Gram), which moves less between machines than x base. error: relative error against the exact or fp64 reference; "
         "bounds: width of the returned interval, relative to the estimate."
     )
     return "\n".join(lines)

@@ -23,7 +23,11 @@ from .._version import __version__
 from .cases import Case, Prepared
 from .report import ROW_FIELDS
 
-__all__ = ["environment", "measure", "pytest_cases", "pytest_settings", "run", "run_case", "synchronized"]
+__all__ = [
+    "cuda_times", "environment", "measure", "pytest_cases", "pytest_run", "pytest_settings", "run", "run_case",
+    "synchronized",
+    "timer_name",
+]
 
 
 # ----------------------------------------------------------------------------- environment
@@ -73,14 +77,50 @@ def _failure(error: BaseException) -> str:
     return text if len(text) <= 120 else text[:117] + "..."
 
 
+def timer_name(device: str) -> str:
+    """How :func:`measure` times calls on ``device`` (a result row's ``timer``)."""
+    if device.startswith("cuda") and _do_bench() is not None:
+        return "cuda events, L2 flushed (triton.testing.do_bench)"
+    return "perf_counter, interleaved" + (", synchronized" if device.startswith("cuda") else "")
+
+
+def _do_bench():
+    try:
+        from triton.testing import do_bench
+    except ImportError:
+        return None
+    return do_bench
+
+
+def cuda_times(fn: Callable[[], object], repeats: int) -> list[float]:
+    """Seconds of about ``repeats`` calls of ``fn`` on CUDA, each timed with CUDA events after the L2
+    cache is flushed (``triton.testing.do_bench``, which also warms up once). ``fn`` must have
+    been called before (compilation and autotuning stay out)."""
+    do_bench = _do_bench()
+    if do_bench is None:
+        raise RuntimeError("cuda_times needs triton.testing.do_bench (Triton is not importable)")
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    estimate_ms = max(start.elapsed_time(end), 1e-3)
+    # do_bench repeats fn for `rep` milliseconds: ask for `repeats` calls' worth
+    times_ms = do_bench(fn, warmup=0, rep=max(1.0, estimate_ms * repeats), return_mode="all")
+    return [t / 1e3 for t in times_ms]
+
+
 def measure(
     variants: dict[str, Callable[[], object]], repeats: int, warmup: int = 1, device: str = "cpu"
 ) -> tuple[dict[str, list[float]], dict[str, object], dict[str, str]]:
-    """Seconds per call of every variant, the repeats interleaved round-robin.
+    """Seconds per call of every variant.
 
-    Interleaving spreads slow phases of a shared machine over all variants alike, so the ratios
-    stay fair when the absolute times drift. A variant raising during warmup (a compiler that is
-    not installed, out of memory) is dropped and reported in the third return value.
+    On the CPU the repeats are interleaved round-robin: interleaving spreads slow phases of a
+    shared machine over all variants alike, so the ratios stay fair when the absolute times
+    drift. On CUDA (with Triton) each variant is timed by :func:`cuda_times`: CUDA events around
+    each call and the L2 cache flushed before it, so that repeated calls do not measure the cache.
+    A variant raising during warmup (a compiler that is not installed, out of memory) is dropped
+    and reported in the third return value.
 
     Returns:
         ``(times, results, failed)``: variant -> list of seconds, variant -> return value of its
@@ -98,6 +138,8 @@ def measure(
             failed[name] = f"failed: {_failure(error)}"
             continue
         alive[name] = fn
+    if device.startswith("cuda") and _do_bench() is not None:
+        return {name: cuda_times(fn, repeats) for name, fn in alive.items()}, results, failed
     times: dict[str, list[float]] = {name: [] for name in alive}
     for _ in range(repeats):
         for name, fn in alive.items():
@@ -134,6 +176,7 @@ def run_case(case: Case, device: str = "cpu", repeats: int | None = None) -> lis
             prepared.variants, repeats or case.repeats, case.warmup, device
         )
         base = statistics.median(times[case.baseline]) if case.baseline in times else None
+        floor = statistics.median(times[case.floor]) if case.floor in times else None
         reference = None
         if case.error is not None and prepared.reference is not None and results:
             reference = prepared.reference()
@@ -149,7 +192,9 @@ def run_case(case: Case, device: str = "cpu", repeats: int | None = None) -> lis
                     q25_s=_quantile(times[name], 0.25),
                     q75_s=_quantile(times[name], 0.75),
                     repeats=len(times[name]),
+                    timer=timer_name(device),
                     ratio=median / base if base else None,
+                    ratio_to_floor=median / floor if floor else None,
                     tflops=case.flops[name] / median / 1e12 if name in case.flops else None,
                 )
                 if reference is not None:
@@ -227,3 +272,45 @@ def synchronized(fn: Callable[[], object], device: str) -> Callable[[], object]:
 
     return call
 
+
+_PYTEST_MEDIANS: dict[tuple[str, str, str], float] = {}  # (suite, case, variant) -> median seconds
+_PYTEST_INFO: dict[tuple[str, str, str], dict] = {}  # (suite, case, variant) -> its extra_info
+
+
+def pytest_run(benchmark, case: Case, variant: str, fn: Callable[[], object], device: str) -> object:
+    """Time one variant under pytest-benchmark and fill its ``extra_info``; returns its result.
+
+    On the CPU: pytest-benchmark's rounds (``case.repeats``) around a plain call. On CUDA with
+    Triton: one pytest-benchmark round (its host timer), then :func:`cuda_times` (CUDA events, L2
+    flushed) for ``median_s`` / ``q25_s`` / ``q75_s`` in ``extra_info``. ``ratio`` (to the case's
+    baseline) and ``ratio_to_floor`` are filled in on every variant of the case as soon as both
+    medians of a pair are known (the variants of a case run one after another; extra_info is
+    written out at the end of the session).
+    """
+    benchmark.group = case.name
+    benchmark.extra_info.update(
+        suite=case.suite, shape=case.shape, dtype=case.dtype, variant=variant, device=device,
+        timer=timer_name(device), threads=torch.get_num_threads(),
+    )
+    events = device.startswith("cuda") and _do_bench() is not None
+    result = benchmark.pedantic(
+        synchronized(fn, device), rounds=1 if events else case.repeats, warmup_rounds=case.warmup, iterations=1
+    )
+    if benchmark.stats is None:  # --benchmark-disable: nothing timed
+        return result
+    if events:
+        times = cuda_times(fn, case.repeats)
+        median = statistics.median(times)
+        benchmark.extra_info.update(
+            median_s=median, q25_s=_quantile(times, 0.25), q75_s=_quantile(times, 0.75), repeats=len(times)
+        )
+    else:
+        median = benchmark.stats.stats.median
+    key = (case.suite, case.name)
+    _PYTEST_MEDIANS[(*key, variant)] = median
+    _PYTEST_INFO[(*key, variant)] = benchmark.extra_info
+    for done in case.variants:
+        for field, other in (("ratio", case.baseline), ("ratio_to_floor", case.floor)):
+            if other not in (None, done) and (*key, done) in _PYTEST_INFO and (*key, other) in _PYTEST_MEDIANS:
+                _PYTEST_INFO[(*key, done)][field] = _PYTEST_MEDIANS[(*key, done)] / _PYTEST_MEDIANS[(*key, other)]
+    return result

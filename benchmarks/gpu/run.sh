@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One command for a GPU machine: every test (CUDA cases run natively there) and the CUDA benchmark
-# suites (chain kernel, chain layers, rank), from a plain checkout with nothing installed.
+# One command for a GPU machine: every test (CUDA cases run natively there), the CUDA benchmark
+# suites (chain kernel, chain layers, rank) and a kernel profile of one layer's train step, from a
+# plain checkout with nothing installed.
 #
 #   bash benchmarks/gpu/run.sh [OUTDIR] [--dry-run]
 #
@@ -10,6 +11,8 @@
 #   bench-chain-kernel.json  pytest-benchmark --benchmark-json of each suite
 #   bench-chain.json
 #   bench-rank.json
+#   profile.json             kernel launches and device time per kernel of one OverparamLinear train
+#                            step (benchmarks/gpu/profile_step.py)
 #   summary.json             device, versions, date, and per step: passed / failed / skipped / errors,
 #                            exit status, whether it ran into its time limit
 #
@@ -29,7 +32,7 @@ outdir="${OUT:-benchmarks/gpu/out}"
 for arg in "$@"; do
     case "$arg" in
         --dry-run) dry_run=1 ;;
-        -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
         -*) echo "run.sh: unknown option $arg (expected [OUTDIR] [--dry-run])" >&2; exit 2 ;;
         *) outdir="$arg" ;;
     esac
@@ -39,16 +42,18 @@ outdir="$(cd "$outdir" && pwd)"
 python="${PYTHON:-python3}"
 
 # Seconds per step. The GPU machine's lease gives a command at most 10 minutes; these add up to
-# 420 s, plus up to 10 s per step between SIGINT and SIGKILL and about 20 s of setup and summary.
+# 480 s (the profile step 60 s), plus up to 10 s per step between SIGINT and SIGKILL and about 20 s
+# of setup and summary.
 # FASTRANK_GPU_LIMITS="TESTS CHAIN_KERNEL CHAIN RANK" overrides them for a shorter lease,
 # FASTRANK_GPU_STEPS (e.g. "tests bench-rank") runs only the steps it names and FASTRANK_GPU_TESTS
 # only the test files it names.
 read -r tests_limit chain_kernel_limit chain_limit rank_limit <<< "${FASTRANK_GPU_LIMITS:-220 100 50 50}"
-steps="${FASTRANK_GPU_STEPS:-tests bench-chain-kernel bench-chain bench-rank}"
+steps="${FASTRANK_GPU_STEPS:-tests bench-chain-kernel bench-chain bench-rank profile}"
+profile_limit=60
 for name in $steps; do
     case "$name" in
-        tests|bench-chain-kernel|bench-chain|bench-rank) ;;
-        *) echo "run.sh: FASTRANK_GPU_STEPS names an unknown step $name (expected tests, bench-chain-kernel, bench-chain, bench-rank)" >&2; exit 2 ;;
+        tests|bench-chain-kernel|bench-chain|bench-rank|profile) ;;
+        *) echo "run.sh: FASTRANK_GPU_STEPS names an unknown step $name (expected tests, bench-chain-kernel, bench-chain, bench-rank, profile)" >&2; exit 2 ;;
     esac
 done
 selected() { [[ " $steps " == *" $1 "* ]]; }
@@ -165,6 +170,20 @@ for suite in chain-kernel:"$chain_kernel_limit":test_chain_kernel_bench.py \
         --benchmark-json="$outdir/bench-$name.json"
 done
 
+# Kernel launches and device time per kernel of one OverparamLinear train step (not a pytest step).
+if selected profile; then
+    echo
+    echo "== profile (limit ${profile_limit} s): benchmarks/gpu/profile_step.py"
+    start=$SECONDS
+    timeout -s INT -k 10 "$profile_limit" "$python" benchmarks/gpu/profile_step.py --json "$outdir/profile.json" \
+        2>&1 | tee "$scratch/profile.out"
+    status=${PIPESTATUS[0]}
+    timed_out=false
+    [ $((SECONDS - start)) -ge "$profile_limit" ] && timed_out=true
+    echo "$status $timed_out $((SECONDS - start))" > "$scratch/profile.status"
+    echo "== profile: exit $status, $((SECONDS - start)) s"
+fi
+
 # ---------------------------------------------------------------------------------------- summary
 "$python" - "$scratch" "$outdir" "$dry_run" <<'EOF'
 import datetime, json, os, platform, re, sys
@@ -173,7 +192,7 @@ import torch
 
 scratch, outdir, dry_run = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
 steps = {}
-for name in ("tests", "bench-chain-kernel", "bench-chain", "bench-rank"):
+for name in ("tests", "bench-chain-kernel", "bench-chain", "bench-rank", "profile"):
     status_path = os.path.join(scratch, f"{name}.status")
     if not os.path.exists(status_path):
         steps[name] = {"ran": False}

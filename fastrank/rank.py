@@ -63,6 +63,7 @@ the three are equal.
 """
 import math
 import os
+import sys
 from collections import namedtuple
 from collections.abc import Mapping
 
@@ -111,6 +112,12 @@ _CUSOLVER_MAX_N = 2048
 
 
 # ----------------------------------------------------------------------------- input handling
+def _is_dtensor(A):
+    """Whether A is a ``torch.distributed`` DTensor: a sharded weight, measured by ``fastrank.sharded``."""
+    module = sys.modules.get("torch.distributed.tensor")  # no DTensor exists before it is imported
+    return module is not None and isinstance(A, module.DTensor)
+
+
 def _prepare(A, gram, hermitian, center, method, name):
     if not isinstance(A, torch.Tensor):
         A = torch.as_tensor(A)
@@ -288,6 +295,17 @@ def _exact_values(A, gram, hermitian, tolerance=_EXACT_TOL):
     if _svdvals_first(A, gram, hermitian):
         return torch.linalg.svdvals(A.double())
     lam = _gram_eigenvalues(A, fp64_products=True)
+    s, suspect = _gram_singular_values(lam, *A.shape[-2:], tolerance)
+    if bool(suspect.any()):
+        s = s.clone()
+        s[suspect] = torch.linalg.svdvals(A[suspect].to(torch.float64))
+    return s
+
+
+def _gram_singular_values(lam, m, n, tolerance):
+    """Singular values ``sqrt(lam)`` of an m x n matrix from its fp64 Gram eigenvalues ``lam`` (..., r),
+    and a bool (...) mask of the matrices whose entropy the Gram's rounding may move by more than
+    ``tolerance`` (relative): those need ``svdvals`` of the matrix itself."""
     s = lam.sqrt()
     # First-order estimate of the entropy error caused by the Gram's rounding: each eigenvalue is
     # off by about eta, each singular value by ds = min(sqrt(eta), eta / (2 s)), and
@@ -297,17 +315,12 @@ def _exact_values(A, gram, hermitian, tolerance=_EXACT_TOL):
     # the worst case flagged 19 of them for an SVD they did not need. The error bound taken is
     # sum_i ds_i (H - log q_i) / S with q_i = max(s_i, ds_i) / S. An all-zero matrix gives NaN
     # (0 / 0), which compares false: it is never recomputed.
-    m, n = A.shape[-2:]
     eta = math.sqrt(m + n) * _EPS * lam[..., -1:]  # eigvalsh is ascending: the last is ||A||_2^2
     ds = eta / torch.maximum(2 * s, eta.sqrt())  # min(sqrt(eta), eta / (2 s))
     total = s.sum(-1, keepdim=True)
     entropy = torch.special.entr(s / total).sum(-1, keepdim=True).clamp_min(0)
     error = (ds * (entropy + total.log() - torch.maximum(s, ds).log())).sum(-1, keepdim=True) / total
-    suspect = (error > tolerance * entropy.clamp_min(1)).squeeze(-1)
-    if bool(suspect.any()):
-        s = s.clone()
-        s[suspect] = torch.linalg.svdvals(A[suspect].to(torch.float64))
-    return s
+    return s, (error > tolerance * entropy.clamp_min(1)).squeeze(-1)
 
 
 def _small_values(A, gram, hermitian, center, method):
@@ -805,6 +818,9 @@ def spectral_entropy(
     Raises:
         ValueError: NaN/Inf in A; empty or 1-D A; non-square A with hermitian=True.
     """
+    if _is_dtensor(A):  # sharded: reduced Grams, never a gathered weight
+        from .sharded import sharded_metric
+        return sharded_metric("spectral_entropy", A, gram=gram, hermitian=hermitian, method=method, rank=rank, niter=niter, seed=seed, center=center, return_bounds=return_bounds)
     values = _small_values(A, gram, hermitian, center, method)
     if values is not None:
         lower = estimate = upper = _entropy_nonzero(values)
@@ -826,6 +842,9 @@ def effective_rank(
     RankEstimate(estimate, lower, upper) with return_bounds=True (bounds map through exp, which
     is monotone, so certified bounds stay certified). See spectral_entropy for the arguments.
     """
+    if _is_dtensor(A):  # sharded: reduced Grams, never a gathered weight
+        from .sharded import sharded_metric
+        return sharded_metric("effective_rank", A, gram=gram, hermitian=hermitian, method=method, rank=rank, niter=niter, seed=seed, center=center, return_bounds=return_bounds)
     values = _small_values(A, gram, hermitian, center, method)
     if values is not None:
         lower = estimate = upper = _entropy_nonzero(values).exp()
@@ -851,6 +870,9 @@ def stable_rank(A, *, gram=False, hermitian=False, method="auto", rank=None, nit
     mass, so the bounds are certified), "auto" (exact when r <= 4096, else randomized where
     available). "slq" is not available for the stable rank.
     """
+    if _is_dtensor(A):  # sharded: reduced Grams, never a gathered weight
+        from .sharded import sharded_metric
+        return sharded_metric("stable_rank", A, gram=gram, hermitian=hermitian, method=method, rank=rank, niter=niter, seed=seed, center=center, return_bounds=return_bounds)
     values = _small_values(A, gram, hermitian, center, method)
     if values is not None:
         value = _stable_of(values)
@@ -908,6 +930,9 @@ def rank_metrics(
     functions use 1e-11; ``RankTracker`` passes 1e-6, enough for a training curve and several
     times cheaper on ill-conditioned weights).
     """
+    if _is_dtensor(A):  # sharded: reduced Grams, never a gathered weight
+        from .sharded import sharded_metric
+        return sharded_metric("all", A, gram=gram, hermitian=hermitian, method=method, rank=rank, niter=niter, seed=seed, center=center, exact_tolerance=exact_tolerance)
     values = _small_values(A, gram, hermitian, center, method)
     if values is not None:
         entropy = _entropy_nonzero(values)
@@ -977,6 +1002,9 @@ def effective_ranks(tensors, *, metric="effective_rank", **kwargs):
         keys = list(tensors.keys())
         return dict(zip(keys, effective_ranks([tensors[key] for key in keys], metric=metric, **kwargs)))
     tensors = [t if isinstance(t, torch.Tensor) else torch.as_tensor(t) for t in tensors]
+    if any(_is_dtensor(t) for t in tensors):  # sharded weights: one all-reduce per shape group
+        from .sharded import sharded_effective_ranks
+        return sharded_effective_ranks(tensors, metric=metric, **kwargs)
     groups = {}
     for index, tensor in enumerate(tensors):
         groups.setdefault((tuple(tensor.shape), tensor.dtype, tensor.device), []).append(index)

@@ -195,8 +195,13 @@ def _tsqr_singular_values(X: Tensor, groups: Sequence) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- spectrum
-def _group_values(tensors: Sequence[Tensor], gram: bool, center: bool, tolerance: float, name: str) -> Tensor:
-    """(B, ..., r) fp64 values v (p = v / sum v) of B DTensors of one shape, placement and mesh."""
+def _reduced_gram(tensors: Sequence[Tensor], gram: bool, center: bool, name: str) -> tuple:
+    """The summed small-side Grams of B DTensors of one shape, placement and mesh.
+
+    Returns ``(G, X, groups)``: G (B, ..., r, r) fp64, meaningful in its upper triangle, equal on
+    every rank; X (B, ..., p, r) this rank's rows of the arranged matrix (A, or A^T when m < n;
+    scaled, centered, re-sharded), whose Gram summed over ``groups`` is G.
+    """
     first = tensors[0]
     layout = _Layout(first, name)
     m, n = first.shape[-2:]
@@ -244,6 +249,13 @@ def _group_values(tensors: Sequence[Tensor], gram: bool, center: bool, tolerance
     for start in range(0, X.shape[-2], block_rows):
         _add_gram(G, X[..., start : start + block_rows, :].to(dtype))  # the upper triangle
     _all_reduce(G, groups)  # the one reduction of the group's Grams
+    return G, X, groups
+
+
+def _group_values(tensors: Sequence[Tensor], gram: bool, center: bool, tolerance: float, name: str) -> Tensor:
+    """(B, ..., r) fp64 values v (p = v / sum v) of B DTensors of one shape, placement and mesh."""
+    G, X, groups = _reduced_gram(tensors, gram, center, name)
+    m, n = tensors[0].shape[-2:]
     lam = _eigvalsh(G, upper=True).clamp_min(0)
     if gram:
         return lam

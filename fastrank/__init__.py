@@ -14,6 +14,7 @@ from .rank import (
     stable_rank,
 )
 from .tracking import RankTracker
+from . import sharded  # DTensor weights: reached through the rank functions and RankTracker
 
 __all__ = [
     "__version__",

@@ -15,6 +15,7 @@ from .rank import (
 )
 from .tracking import RankTracker
 from . import _cuda_kernels  # noqa: E402,F401  (after the ops: registers their CUDA kernels)
+from . import sharded  # noqa: F401  (DTensor weights: reached through the rank functions and RankTracker)
 
 __all__ = [
     "__version__",

@@ -25,6 +25,7 @@ from torch import Tensor
 from .classes import ClassStatistics, _check_labels
 from .layers import OverparamConv2d, OverparamLinear
 from .rank import effective_ranks, nystrom_entropy, rank_metrics
+from .sharded import check_token_rate, collapsed_weight_of, is_sharded, select_tokens
 
 __all__ = ["RankTracker", "weight_matrix"]
 
@@ -41,7 +42,7 @@ def weight_matrix(module: nn.Module) -> Tensor | None:
     ``nn.Linear``. Other modules: None.
     """
     if isinstance(module, (OverparamLinear, OverparamConv2d, nn.Linear, nn.Conv2d)):
-        weight = module.weight
+        weight = collapsed_weight_of(module) if isinstance(module, (OverparamLinear, OverparamConv2d)) else module.weight
         return weight.reshape(weight.shape[0], -1)
     if _is_hf_conv1d(module):
         return module.weight.T
@@ -160,6 +161,15 @@ class RankTracker:
             :mod:`fastrank.classes`): give each measured batch's labels with :meth:`set_labels`
             before its forward. Streaming fp64 sums (C x d means, d x d scatter), all-reduced like
             the Gram; embeddings are never stored.
+        token_rate: sequence outputs ``(B, T, d)``: measure ``max(1, round(token_rate * T))`` token
+            positions per measurement step instead of all T (the same positions for every
+            sequence and rank, drawn from ``seed`` and the step; :func:`fastrank.sharded.select_tokens`).
+        token_dim: the token dim of 3-D outputs: 1 for ``(B, T, d)``, 0 for ``(T, B, d)``.
+
+    Sharded models (FSDP2, tensor parallel): DTensor weights are measured without gathering them
+    (:mod:`fastrank.sharded`), in ``step()`` on the calling thread also with ``background=True``
+    (their all-reduces must run in the same order on every rank); over-parameterized layers whose
+    factors are sharded gather the factors for their collapsed weight.
 
     Use::
 
@@ -186,6 +196,8 @@ class RankTracker:
         process_group=None,
         background: bool = False,
         num_classes: int | None = None,
+        token_rate: float | None = None,
+        token_dim: int = 1,
     ) -> None:
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive int, got {every!r}")
@@ -212,6 +224,7 @@ class RankTracker:
         if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1):
             raise ValueError(f"num_classes must be a positive int or None, got {num_classes!r}")
         self.num_classes = num_classes
+        self.token_rate, self.token_dim, self.seed = check_token_rate(token_rate), token_dim, seed
         self._labels: Tensor | None = None
         self._class_stats: dict[str, ClassStatistics] = {}
         self._accumulators = {
@@ -232,6 +245,7 @@ class RankTracker:
         def hook(module, inputs, output):
             if not self.measuring:
                 return
+            output = select_tokens(output, self.token_rate, self.seed, self.step_count, self.token_dim)
             rows = _rows(output)
             if rows is not None:
                 with torch.no_grad():
@@ -396,12 +410,16 @@ class RankTracker:
         ]
         classes = {name: stats.reduced(self.process_group) for name, stats in self._class_stats.items()}
         weights = self._weights(copy) if self.weights else ([], [])
+        measured = {}
+        if any(is_sharded(matrix) for matrix in weights[1]):  # their collectives run here, in rank order
+            measured, weights = self._weight_metrics(*weights), ([], [])
 
         def measure() -> dict[str, dict[str, float]]:
             results = {name: self._embedding_metrics(omega, totals) for name, omega, totals in embeddings}
             for name, stats in classes.items():
                 results[name].update({k: v for k, v in stats.metrics().items() if k != "samples"})
             results.update(self._weight_metrics(*weights))
+            results.update(measured)
             return results
 
         return measure

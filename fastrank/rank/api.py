@@ -8,7 +8,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .common import _EPS, RankEstimate, _entropy, _entropy_nonzero, _num_values, _prepare, _seed, _stable_of
+from .common import _EPS, RankEstimate, _entropy, _entropy_nonzero, _is_dtensor, _num_values, _prepare, _seed, _stable_of
 from .eigensolver import eigvalsh as _eigvalsh
 from .exact import _EXACT_TOL, _exact_values, _gram_eigenvalues, _small_values
 from .randomized import _captured, _default_sketch_size, _randomized_entropy
@@ -68,6 +68,11 @@ def spectral_entropy(
     Raises:
         ValueError: NaN/Inf in A; empty or 1-D A; non-square A with hermitian=True.
     """
+    if _is_dtensor(A):  # sharded: reduced Grams, never a gathered weight
+        from ..sharded import sharded_metric
+
+        return sharded_metric("spectral_entropy", A, gram=gram, hermitian=hermitian, method=method, rank=rank, niter=niter,
+                              seed=seed, center=center, return_bounds=return_bounds)
     values = _small_values(A, gram, hermitian, center, method)
     if values is not None:
         lower = estimate = upper = _entropy_nonzero(values)
@@ -89,6 +94,11 @@ def effective_rank(
     RankEstimate(estimate, lower, upper) with return_bounds=True (bounds map through exp, which
     is monotone, so certified bounds stay certified). See spectral_entropy for the arguments.
     """
+    if _is_dtensor(A):  # sharded: reduced Grams, never a gathered weight
+        from ..sharded import sharded_metric
+
+        return sharded_metric("effective_rank", A, gram=gram, hermitian=hermitian, method=method, rank=rank, niter=niter,
+                              seed=seed, center=center, return_bounds=return_bounds)
     values = _small_values(A, gram, hermitian, center, method)
     if values is not None:
         lower = estimate = upper = _entropy_nonzero(values).exp()
@@ -114,6 +124,11 @@ def stable_rank(A, *, gram=False, hermitian=False, method="auto", rank=None, nit
     mass, so the bounds are certified), "auto" (exact when r <= 4096, else randomized where
     available). "slq" is not available for the stable rank.
     """
+    if _is_dtensor(A):  # sharded: reduced Grams, never a gathered weight
+        from ..sharded import sharded_metric
+
+        return sharded_metric("stable_rank", A, gram=gram, hermitian=hermitian, method=method, rank=rank, niter=niter,
+                              seed=seed, center=center, return_bounds=return_bounds)
     values = _small_values(A, gram, hermitian, center, method)
     if values is not None:
         value = _stable_of(values)
@@ -171,6 +186,11 @@ def rank_metrics(
     functions use 1e-11; ``RankTracker`` passes 1e-6, enough for a training curve and several
     times cheaper on ill-conditioned weights).
     """
+    if _is_dtensor(A):  # sharded: reduced Grams, never a gathered weight
+        from ..sharded import sharded_metric
+
+        return sharded_metric("all", A, gram=gram, hermitian=hermitian, method=method, rank=rank, niter=niter,
+                              seed=seed, center=center, exact_tolerance=exact_tolerance)
     values = _small_values(A, gram, hermitian, center, method)
     if values is not None:
         entropy = _entropy_nonzero(values)
@@ -240,6 +260,19 @@ def effective_ranks(tensors, *, metric="effective_rank", **kwargs):
         keys = list(tensors.keys())
         return dict(zip(keys, effective_ranks([tensors[key] for key in keys], metric=metric, **kwargs)))
     tensors = [t if isinstance(t, torch.Tensor) else torch.as_tensor(t) for t in tensors]
+    sharded = [i for i, t in enumerate(tensors) if _is_dtensor(t)]
+    if sharded:  # DTensors: one all-reduce per shape group (fastrank.sharded); the rest as usual
+        from ..sharded import sharded_effective_ranks
+
+        results = [None] * len(tensors)
+        plain = [i for i in range(len(tensors)) if i not in set(sharded)]
+        for indices, values in (
+            (plain, effective_ranks([tensors[i] for i in plain], metric=metric, **kwargs) if plain else []),
+            (sharded, sharded_effective_ranks([tensors[i] for i in sharded], metric=metric, **kwargs)),
+        ):
+            for index, value in zip(indices, values):
+                results[index] = value
+        return results
     groups = {}
     for index, tensor in enumerate(tensors):
         groups.setdefault((tuple(tensor.shape), tensor.dtype, tensor.device), []).append(index)

@@ -4,6 +4,7 @@ entropy of a spectrum. See :mod:`fastrank.rank` for the definitions."""
 from __future__ import annotations
 
 import math
+import sys
 from collections import namedtuple
 
 import torch
@@ -17,6 +18,12 @@ _REAL_DTYPES = frozenset(
      torch.uint8, torch.bool)
 )
 _METHODS = ("auto", "exact", "randomized", "slq")
+
+
+def _is_dtensor(A):
+    """Whether A is a ``torch.distributed`` DTensor: a sharded weight, measured by ``fastrank.sharded``."""
+    module = sys.modules.get("torch.distributed.tensor")  # no DTensor exists before it is imported
+    return module is not None and isinstance(A, module.DTensor)
 
 
 def _prepare(A, gram, hermitian, center, method, name):

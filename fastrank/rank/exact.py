@@ -85,6 +85,17 @@ def _exact_values(A, gram, hermitian, tolerance=_EXACT_TOL):
     if _svdvals_first(A, gram, hermitian):
         return torch.linalg.svdvals(A.double())
     lam = _gram_eigenvalues(A, fp64_products=True)
+    s, suspect = _gram_singular_values(lam, *A.shape[-2:], tolerance)
+    if bool(suspect.any()):
+        s = s.clone()
+        s[suspect] = torch.linalg.svdvals(A[suspect].to(torch.float64))
+    return s
+
+
+def _gram_singular_values(lam, m, n, tolerance):
+    """Singular values ``sqrt(lam)`` of an m x n matrix from its fp64 Gram eigenvalues ``lam`` (..., r),
+    and a bool (...) mask of the matrices whose entropy the Gram's rounding may move by more than
+    ``tolerance`` (relative): those need ``svdvals`` of the matrix itself."""
     s = lam.sqrt()
     # First-order estimate of the entropy error caused by the Gram's rounding: each eigenvalue is
     # off by about eta, each singular value by ds = min(sqrt(eta), eta / (2 s)), and
@@ -94,17 +105,12 @@ def _exact_values(A, gram, hermitian, tolerance=_EXACT_TOL):
     # the worst case flagged 19 of them for an SVD they did not need. The error bound taken is
     # sum_i ds_i (H - log q_i) / S with q_i = max(s_i, ds_i) / S. An all-zero matrix gives NaN
     # (0 / 0), which compares false: it is never recomputed.
-    m, n = A.shape[-2:]
     eta = math.sqrt(m + n) * _EPS * lam[..., -1:]  # eigvalsh is ascending: the last is ||A||_2^2
     ds = eta / torch.maximum(2 * s, eta.sqrt())  # min(sqrt(eta), eta / (2 s))
     total = s.sum(-1, keepdim=True)
     entropy = torch.special.entr(s / total).sum(-1, keepdim=True).clamp_min(0)
     error = (ds * (entropy + total.log() - torch.maximum(s, ds).log())).sum(-1, keepdim=True) / total
-    suspect = (error > tolerance * entropy.clamp_min(1)).squeeze(-1)
-    if bool(suspect.any()):
-        s = s.clone()
-        s[suspect] = torch.linalg.svdvals(A[suspect].to(torch.float64))
-    return s
+    return s, (error > tolerance * entropy.clamp_min(1)).squeeze(-1)
 
 
 def _small_values(A, gram, hermitian, center, method):

@@ -228,8 +228,11 @@ _chain_matmul_op.register_autograd(_chain_matmul_backward, setup_context=_chain_
 
 # Eager calls skip the custom-op dispatcher (about 100 us of Python per call, measured on a 2-core
 # CPU: a depth-4 layer's train step at d=64, B=1 took 411 us against 118 us for the sequential
-# chain) and run the same bodies through a torch.autograd.Function with the same backward;
-# under torch.compile the ops are what the graph sees.
+# chain); under torch.compile the ops are what the graph sees. Where the Triton kernels serve the
+# call, eager autograd runs the same bodies through a torch.autograd.Function with the op's
+# backward. Everywhere else the body is the torch twin, whose matmuls autograd differentiates
+# itself: that graph is the naive chain's own, with no Python backward (the Function cost 60 to
+# 100 us a train step more than the sequential chain at d=64, B=1 on the same CPU).
 _CUDA_KERNELS = None  # fastrank.kernels.chain once registered
 
 
@@ -243,6 +246,11 @@ def _traced(x: Tensor) -> bool:
         or (type(x) is not Tensor and type(x) is not torch.nn.Parameter)
         or torch._C._len_torch_dispatch_stack() > 0
     )
+
+
+def _runs_kernels(x: Tensor) -> bool:
+    """Whether the op's body for x's device is a Triton kernel (no autograd of its own)."""
+    return x.is_cuda and _CUDA_KERNELS is not None
 
 
 def _chain_matmul_body(x: Tensor, factors: list[Tensor], return_all: bool) -> list[Tensor]:
@@ -323,8 +331,12 @@ def chain_matmul(x: Tensor, factors: Sequence[Tensor], return_all: bool = True) 
         x, factors = x.to(dtype), [f.to(dtype) for f in factors]
     if _traced(x):  # one op in the graph
         return _chain_matmul_op(x, list(factors), return_all)
-    if not torch.is_grad_enabled():  # eager without autograd: the body itself
+    if not torch.is_grad_enabled() or (return_all and not _runs_kernels(x)):
+        # Eager without autograd, or a torch twin that autograd differentiates as the naive chain
+        # (return_all: its intermediates are kept, as the Function keeps them).
         return _chain_matmul_body(x, list(factors), return_all)
+    # A kernel body, or return_all=False: the Function recomputes X_1 .. X_{k-1} in the backward
+    # instead of keeping them.
     return list(_ChainMatmul.apply(x, return_all, *factors))
 
 
@@ -386,10 +398,6 @@ def chain_costs(
     return activation, collapsed
 
 
-def _rows(x: Tensor, in_features: int) -> Tensor:
-    return x.reshape(-1, in_features)
-
-
 def chain_linear(x: Tensor, factors: Sequence[Tensor], bias: Tensor | None = None) -> Tensor:
     """``F.linear(x, W_L ... W_1, bias)`` with the cheaper association chosen from the shapes.
 
@@ -408,15 +416,26 @@ def chain_linear(x: Tensor, factors: Sequence[Tensor], bias: Tensor | None = Non
     grad_on = torch.is_grad_enabled()
     grad_input = grad_on and x.requires_grad
     grad_factors = grad_on and any(f.requires_grad for f in factors)
-    rows = _rows(x, in_features)
+    rows = x.numel() // max(in_features, 1)
     dims = [in_features] + [f.shape[0] for f in factors]
-    activation, collapsed = chain_costs(
-        rows.shape[0], dims, grad_input=grad_input, grad_factors=grad_factors
-    )
-    if collapsed <= activation:
+    activation, collapsed = chain_costs(rows, dims, grad_input=grad_input, grad_factors=grad_factors)
+    return _chain_linear_as(x, factors, bias, collapsed <= activation, grad_input or grad_factors)
+
+
+def _chain_linear_as(
+    x: Tensor, factors: Sequence[Tensor], bias: Tensor | None, collapse: bool, backward: bool
+) -> Tensor:
+    """:func:`chain_linear` with the association already chosen (layers remember their choice).
+
+    ``collapse``: one ``F.linear`` with the collapsed weight, else the activation chain;
+    ``backward``: some gradient (of x or of a factor) will be asked for, so the activation chain
+    keeps its intermediates.
+    """
+    if collapse:
         return F.linear(x, collapsed_weight(factors), bias)
-    out = chain_matmul(rows, factors, return_all=grad_factors or grad_input)[-1]
+    flat = x.dim() == 2
+    rows = x if flat else x.reshape(-1, factors[0].shape[1])
+    out = chain_matmul(rows, factors, return_all=backward)[-1]
     if bias is not None:
         out = out + bias.to(out.dtype)  # autocast: the chain ran in the autocast dtype
-    return out.reshape(*x.shape[:-1], dims[-1])
-
+    return out if flat else out.reshape(*x.shape[:-1], out.shape[-1])

@@ -288,7 +288,16 @@ class OverparamLinear(_OverparamBase):
         self.register_parameter(
             "bias", nn.Parameter(torch.empty(out_features, **factory)) if bias else None
         )
+        self._derive_constants()
         self.reset_parameters()
+
+    def _derive_constants(self) -> None:
+        """``_inference_collapses``: whether a call without autograd takes the cached weight."""
+        # A forward-only call with the collapsed weight cached costs B n_0 n_L, the activation
+        # chain B sum(n_j n_{j-1}): whatever B, only a bottleneck chain is cheaper.
+        dims = [self.in_features] + [self.hidden_features] * (self.depth - 1) + [self.out_features]
+        chain = sum(dims[j] * dims[j + 1] for j in range(self.depth))
+        self._inference_collapses = self.in_features * self.out_features <= chain
 
     @staticmethod
     def _skip_targets(dims: Sequence[int]) -> tuple[int, ...]:
@@ -410,21 +419,21 @@ class OverparamLinear(_OverparamBase):
     def forward(self, x: Tensor) -> Tensor:
         if (
             not torch.is_grad_enabled()
+            and self._inference_collapses
             and (not self.batch_norm or not self.training)
             and not torch.compiler.is_compiling()
-            and isinstance(x, Tensor)
-            and self._path_choices.get((x.numel() // self.in_features, True, False, False))
         ):
-            # Inference with the cached collapsed weight (these rows chose it before): one
-            # F.linear. The input is checked only when F.linear rejects it (the check cost 1.6 us
-            # a call, nn.Linear's whole call 7 us).
-            weight, bias = self._cached_parameters()
-            try:
-                return F.linear(x, weight, bias)
-            except (TypeError, RuntimeError) as error:
-                failure = error
-            _check_input(x, self.in_features, -1, "in_features", self)  # a clearer message
-            raise failure
+            cache = self._cache
+            if cache.key == _CollapseCache.make_key(self._state_tensors()):
+                # Inference with a valid cache: one F.linear. The input is checked only when
+                # F.linear rejects it (the check cost 1.6 us a call, nn.Linear's whole call 7 us).
+                try:
+                    return F.linear(x, *cache.value)
+                except (TypeError, RuntimeError) as error:
+                    failure = error
+                _check_input(x, self.in_features, -1, "in_features", self)  # a clearer message
+                raise failure
+            # Otherwise the path below fills the cache.
         _check_input(x, self.in_features, -1, "in_features", self)
         if self.batch_norm and self.training:
             return self._activation_forward(x)

@@ -15,7 +15,6 @@ import math
 import operator
 import sys
 import warnings
-import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -88,37 +87,31 @@ class _CollapseCache:
     """The collapsed parameters, valid while no tensor of the module changed.
 
     The key holds every parameter's and buffer's version counter, storage address and object id,
-    read by three C-level maps (1.0 us for five tensors on a 2-core Xeon, where a tuple of
+    read by three C-level maps (about 1.5 us for five tensors on a 2-core Xeon, where a tuple of
     ``(data_ptr, _version, dtype, device)`` per tensor took 3.8 us): version counters catch
     in-place writes (optimizer steps, ``load_state_dict``, edits under ``no_grad``), addresses
     catch new storage under the same object (``.to()``, ``swap_tensors``, ``p.data = ...``), ids a
-    replaced parameter. An id is unique only while its object lives: the cache holds a weak
-    reference to every keyed tensor, whose callback empties the cache when the tensor dies.
-    ``Module._apply`` (``.to()``, ``.half()``, ``.cuda()``) empties it too. In-place writes
-    through ``tensor.data`` bypass version counters; call ``clear_cache()`` after such writes.
+    replaced parameter. An id is unique only while its object lives, so the cache holds the keyed
+    tensors (weak references would do it without keeping replaced tensors alive until the next
+    call, but ``torch.utils.swap_tensors`` refuses tensors with weak references, and
+    ``load_state_dict`` swaps under ``torch.__future__.set_swap_module_params_on_conversion``).
+    ``Module._apply`` (``.to()``, ``.half()``, ``.cuda()``) empties it. In-place writes through
+    ``tensor.data`` bypass version counters; call ``clear_cache()`` after such writes.
     """
 
-    __slots__ = ("key", "value", "_guards", "__weakref__")
+    __slots__ = ("key", "value", "_tensors")
 
     def __init__(self) -> None:
         self.key: tuple | None = None
         self.value: tuple[Tensor, Tensor | None] | None = None
-        self._guards: tuple = ()
+        self._tensors: tuple[Tensor, ...] = ()
 
     @staticmethod
     def make_key(tensors: Sequence[Tensor]) -> tuple:
         return (*map(_VERSION, tensors), *map(_DATA_PTR, tensors), *map(id, tensors))
 
     def store(self, tensors: Sequence[Tensor], key: tuple, value: tuple[Tensor, Tensor | None]) -> None:
-        owner = weakref.ref(self)
-
-        def forget(_, owner=owner):
-            cache = owner()
-            if cache is not None:
-                cache.key = cache.value = None
-
-        self.key, self.value = key, value
-        self._guards = tuple(weakref.ref(t, forget) for t in tensors)
+        self.key, self.value, self._tensors = key, value, tuple(tensors)
 
 
 class _OverparamBase(nn.Module):

@@ -1,7 +1,8 @@
 """Chain suite under pytest-benchmark: `pytest benchmarks/test_chain_bench.py --benchmark-only`.
 
-The cases are fastrank.bench.chain.chain_cases(), the ones `fastrank bench --suite chain` runs (the
-CUDA chain-kernel cases are in test_chain_kernel_bench.py), on the CPU unless
+The cases are fastrank.bench.chain.chain_cases(), small_layer_cases() among them, the ones
+`fastrank bench --suite chain` runs (the CUDA chain-kernel cases are in test_chain_kernel_bench.py),
+on the CPU unless
 FASTRANK_BENCH_DEVICE=cuda, at the --quick sizes when FASTRANK_BENCH_QUICK=1. Variants of one case
 share a benchmark group, so pytest-benchmark's table puts them side by side; extra_info holds the
 ratio to nn.Linear and to the floor (one matmul of fastrank's FLOPs) measured in the same run, and

@@ -47,14 +47,14 @@ def _check_chain(x: Tensor, factors: Sequence[Tensor]) -> None:
         raise ValueError(f"chain_matmul: x must be 2-D (M, n_0), got shape {tuple(x.shape)}")
     if len(factors) == 0:
         raise ValueError("chain_matmul: expected at least one factor, got none")
-    width = x.shape[1]
+    width, dtype, device = x.shape[1], x.dtype, x.device
     for j, factor in enumerate(factors):
         if factor.dim() != 2 or factor.shape[1] != width:
             raise ValueError(
                 f"chain_matmul: factor {j} must have shape (n_{j + 1}, {width}), "
                 f"got {tuple(factor.shape)}"
             )
-        if factor.dtype != x.dtype or factor.device != x.device:
+        if factor.dtype != dtype or factor.device != device:
             raise TypeError(
                 f"chain_matmul: factor {j} is {factor.dtype} on {factor.device}, "
                 f"expected {x.dtype} on {x.device} like x"
@@ -83,16 +83,26 @@ def _matmul_rounded_once(a: Tensor, b: Tensor) -> Tensor:
     return a @ b
 
 
+def _linear_rounded_once(a: Tensor, weight: Tensor) -> Tensor:
+    """``a @ weight^T`` rounded as :func:`_matmul_rounded_once`; ``F.linear`` for fp32 / fp64, which
+    under autograd records one transpose and one matmul (``a @ weight.T`` recorded a permute,
+    about 1 us more a step on a 2-core Xeon, forward and backward)."""
+    if a.dtype in _HALF_DTYPES:
+        return _matmul_rounded_once(a, weight.T)
+    return F.linear(a, weight)
+
+
 def chain_matmul_ref(x: Tensor, factors: Sequence[Tensor], return_all: bool = True) -> list[Tensor]:
     """Torch twin of the chain matmul, the specification of the kernel and the CPU path.
 
     ``X_j = X_{j-1} @ F_j^T`` for j = 1..k, each step accumulated in fp32 (float64 stays float64)
-    and rounded to ``x.dtype``; the next step starts from the rounded ``X_j``.
+    and rounded to ``x.dtype``; the next step starts from the rounded ``X_j``. Differentiable by
+    autograd: for fp32 / fp64 its graph is the naive chain's.
     """
     _check_chain(x, factors)
     outputs, block = [], x
     for factor in factors:
-        block = _matmul_rounded_once(block, factor.T)
+        block = _linear_rounded_once(block, factor)
         outputs.append(block)
     return outputs if return_all else outputs[-1:]
 
@@ -228,8 +238,11 @@ _chain_matmul_op.register_autograd(_chain_matmul_backward, setup_context=_chain_
 
 # Eager calls skip the custom-op dispatcher (about 100 us of Python per call, measured on a 2-core
 # CPU: a depth-4 layer's train step at d=64, B=1 took 411 us against 118 us for the sequential
-# chain) and run the same bodies through a torch.autograd.Function with the same backward;
-# under torch.compile the ops are what the graph sees.
+# chain); under torch.compile the ops are what the graph sees. Where the Triton kernels serve the
+# call, eager autograd runs the same bodies through a torch.autograd.Function with the op's
+# backward. Everywhere else the body is the torch twin, whose matmuls autograd differentiates
+# itself: that graph is the naive chain's own, with no Python backward (the Function cost 60 to
+# 100 us a train step more than the sequential chain at d=64, B=1 on the same CPU).
 _CUDA_KERNELS = None  # fastrank.kernels.chain once registered
 
 
@@ -242,6 +255,36 @@ def _traced(x: Tensor) -> bool:
         torch.compiler.is_compiling()
         or (type(x) is not Tensor and type(x) is not torch.nn.Parameter)
         or torch._C._len_torch_dispatch_stack() > 0
+    )
+
+
+def _runs_kernels(x: Tensor) -> bool:
+    """Whether the op's body for x's device is a Triton kernel (no autograd of its own)."""
+    return x.is_cuda and _CUDA_KERNELS is not None
+
+
+_PLAIN_DTYPES = (torch.float32, torch.float64)
+# One C call, 0.13 us, where torch.is_autocast_enabled(x.device.type) took 0.66 us (2-core Xeon).
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
+
+
+def _autocast_enabled(x: Tensor) -> bool:
+    if _any_autocast is not None and not torch.compiler.is_compiling() and not _any_autocast():
+        return False
+    return torch.is_autocast_enabled(x.device.type)
+
+
+def _eager_plain(x: Tensor) -> bool:
+    """Whether a chain call on x may run as the naive chain of plain torch matmuls, differentiated by
+    autograd: an eager call (not traced), fp32 or fp64 (the torch twin rounds nothing), no autocast
+    cast to apply first, and no Triton kernel to route to. Layers then fuse the bias into the last
+    step and multiply the collapsed weight without transposes (each saved a few us a train step at
+    d=64, B=1 on a 2-core Xeon: against 82 us for the whole step)."""
+    return (
+        x.dtype in _PLAIN_DTYPES
+        and not _runs_kernels(x)
+        and not _autocast_enabled(x)
+        and not _traced(x)
     )
 
 
@@ -317,14 +360,17 @@ def chain_matmul(x: Tensor, factors: Sequence[Tensor], return_all: bool = True) 
         Under ``torch.autocast`` the inputs are cast to the autocast dtype first, as ``F.linear``
         does.
     """
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
+    if _autocast_enabled(x):
+        dtype = torch.get_autocast_dtype(x.device.type)
         x, factors = x.to(dtype), [f.to(dtype) for f in factors]
     if _traced(x):  # one op in the graph
         return _chain_matmul_op(x, list(factors), return_all)
-    if not torch.is_grad_enabled():  # eager without autograd: the body itself
+    if not torch.is_grad_enabled() or (return_all and not _runs_kernels(x)):
+        # Eager without autograd, or a torch twin that autograd differentiates as the naive chain
+        # (return_all: its intermediates are kept, as the Function keeps them).
         return _chain_matmul_body(x, list(factors), return_all)
+    # A kernel body, or return_all=False: the Function recomputes X_1 .. X_{k-1} in the backward
+    # instead of keeping them.
     return list(_ChainMatmul.apply(x, return_all, *factors))
 
 
@@ -348,6 +394,12 @@ def collapsed_weight(factors: Sequence[Tensor]) -> Tensor:
     """
     if len(factors) == 1:
         return factors[0]
+    if _eager_plain(factors[0]):
+        # The prefix products W_j ... W_1 as plain matmuls, which autograd differentiates (and keeps).
+        weight = factors[0]
+        for factor in factors[1:]:
+            weight = torch.mm(factor, weight)
+        return weight
     # Under autograd the prefix products are kept for the backward instead of recomputed.
     keep = torch.is_grad_enabled() and any(f.requires_grad for f in factors)
     return chain_matmul(factors[0].T, factors[1:], return_all=keep)[-1].T
@@ -386,10 +438,6 @@ def chain_costs(
     return activation, collapsed
 
 
-def _rows(x: Tensor, in_features: int) -> Tensor:
-    return x.reshape(-1, in_features)
-
-
 def chain_linear(x: Tensor, factors: Sequence[Tensor], bias: Tensor | None = None) -> Tensor:
     """``F.linear(x, W_L ... W_1, bias)`` with the cheaper association chosen from the shapes.
 
@@ -408,15 +456,32 @@ def chain_linear(x: Tensor, factors: Sequence[Tensor], bias: Tensor | None = Non
     grad_on = torch.is_grad_enabled()
     grad_input = grad_on and x.requires_grad
     grad_factors = grad_on and any(f.requires_grad for f in factors)
-    rows = _rows(x, in_features)
+    rows = x.numel() // max(in_features, 1)
     dims = [in_features] + [f.shape[0] for f in factors]
-    activation, collapsed = chain_costs(
-        rows.shape[0], dims, grad_input=grad_input, grad_factors=grad_factors
-    )
-    if collapsed <= activation:
-        return F.linear(x, collapsed_weight(factors), bias)
-    out = chain_matmul(rows, factors, return_all=grad_factors or grad_input)[-1]
-    if bias is not None:
-        out = out + bias.to(out.dtype)  # autocast: the chain ran in the autocast dtype
-    return out.reshape(*x.shape[:-1], dims[-1])
+    activation, collapsed = chain_costs(rows, dims, grad_input=grad_input, grad_factors=grad_factors)
+    return _chain_linear_as(x, factors, bias, collapsed <= activation, grad_input or grad_factors)
 
+
+def _chain_linear_as(
+    x: Tensor, factors: Sequence[Tensor], bias: Tensor | None, collapse: bool, backward: bool
+) -> Tensor:
+    """:func:`chain_linear` with the association already chosen (layers remember their choice).
+
+    ``collapse``: one ``F.linear`` with the collapsed weight, else the activation chain;
+    ``backward``: some gradient (of x or of a factor) will be asked for, so the activation chain
+    keeps its intermediates.
+    """
+    if collapse:
+        return F.linear(x, collapsed_weight(factors), bias)
+    flat = x.dim() == 2
+    rows = x if flat else x.reshape(-1, factors[0].shape[1])
+    if _eager_plain(rows):
+        # The naive chain itself, its last step carrying the bias (one addmm, not a matmul and an
+        # add): the torch twin up to W_{L-1}, under autograd.
+        hidden = _chain_matmul_body(rows, list(factors[:-1]), False)[-1] if len(factors) > 1 else rows
+        out = F.linear(hidden, factors[-1], bias)
+    else:
+        out = chain_matmul(rows, factors, return_all=backward)[-1]
+        if bias is not None:
+            out = out + bias.to(out.dtype)  # autocast: the chain ran in the autocast dtype
+    return out if flat else out.reshape(*x.shape[:-1], out.shape[-1])

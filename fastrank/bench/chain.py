@@ -8,6 +8,10 @@
 * ``collapsed autograd``: plain autograd through ``W_L @ ... @ W_1``, then ``F.linear``,
 * ``torch.compile chain``: ``torch.compile`` of the sequential chain.
 
+:func:`small_layer_cases` (every device, part of :func:`chain_cases`' defaults): the same
+comparison where fixed per-call costs dominate (d = 64 and 256, B = 1 and 64, L = 2, 4, 8 in
+training), and ``OverparamConv2d`` against ``nn.Conv2d`` in eval at small images.
+
 :func:`chain_kernel_cases` (CUDA): the Triton chain kernel (``fastrank.kernels.chain.chain_matmul``)
 against one ``torch.matmul`` per factor and ``torch.compile`` of that loop.
 
@@ -27,13 +31,18 @@ import torch.nn.functional as F
 
 from .._backend import cuda_matmul_allows_tf32
 from ..chain import chain_costs
-from ..layers import OverparamLinear
+from ..layers import OverparamConv2d, OverparamLinear
 from .cases import Case, Prepared
 
-__all__ = ["FLOOR", "LINEAR_VARIANTS", "KERNEL_VARIANTS", "chain_cases", "chain_kernel_cases"]
+__all__ = [
+    "FLOOR", "LINEAR_VARIANTS", "SMALL_VARIANTS", "CONV_VARIANTS", "KERNEL_VARIANTS", "chain_cases",
+    "small_layer_cases", "chain_kernel_cases",
+]
 
 FLOOR = "one matmul of the same FLOPs (floor)"
 LINEAR_VARIANTS = ("nn.Linear", "fastrank", "sequential chain", "collapsed autograd", "torch.compile chain", FLOOR)
+SMALL_VARIANTS = ("nn.Linear", "fastrank", "sequential chain", "collapsed autograd", FLOOR)
+CONV_VARIANTS = ("nn.Conv2d", "fastrank", "sequential convs", FLOOR)
 KERNEL_VARIANTS = ("torch.matmul x L", "chain_matmul", "chain_matmul last", "torch.compile chain", FLOOR)
 
 
@@ -166,16 +175,20 @@ def chain_cases(
     batches: tuple[int, ...] | None = None,
     compile_batches: tuple[int, ...] | None = None,
     repeats: int | None = None,
+    small_layers: bool | None = None,
 ) -> list[Case]:
     """Train-step and eval cases of ``OverparamLinear(features, features, depth)`` vs ``nn.Linear``.
 
     Defaults: ``features=1024, batches=(256, 2048, 16384)``; with ``quick``: ``features=256,
-    batches=(64, 1024, 8192)`` and fewer repeats. The ``torch.compile chain`` variant runs for the
+    batches=(64, 1024, 8192)`` and fewer repeats. ``small_layers`` (default: when neither
+    ``features`` nor ``batches`` is given) appends :func:`small_layer_cases`. The ``torch.compile chain`` variant runs for the
     batches in ``compile_batches`` (default: all; with ``quick``: only the middle batch, because
     compiling costs 5-10 s per case on a 2-core CPU, as much as the rest of a case) and is listed
     as skipped in the others. Where torch.compile fails (no C++ compiler, unsupported platform) the
     variant is reported as failed with the error, and the other variants still run.
     """
+    if small_layers is None:
+        small_layers = features is None and batches is None
     features = features or (256 if quick else 1024)
     batches = batches or ((64, 1024, 8192) if quick else (256, 2048, 16384))
     if compile_batches is None:
@@ -240,6 +253,170 @@ def chain_cases(
                     floor=FLOOR,
                 )
             )
+    if small_layers:
+        cases += small_layer_cases(quick=quick, device=device, dtype=dtype)
+    return cases
+
+
+# ----------------------------------------------------------------------------- small layers
+# (d, B, L) of the train-step cases; quick keeps one. Eval runs at L = 4 for every (d, B).
+_SMALL_TRAIN = [(d, b, length) for d in (64, 256) for b in (1, 64) for length in (2, 4, 8)]
+_SMALL_TRAIN_QUICK = [(64, 1, 4)]
+_SMALL_EVAL = [(d, b) for d in (64, 256) for b in (1, 64)]
+_SMALL_EVAL_QUICK = [(64, 1)]
+# (channels, image side, batch) of the conv eval cases, kernel sizes (3, 1), padding 1.
+_SMALL_CONV = [(32, 8, 1), (64, 16, 8)]
+_SMALL_CONV_QUICK = [(32, 8, 1)]
+# Calls of a few to a few hundred microseconds: many repeats keep the medians steady (the
+# interleaved quartiles of the d=64 eval cases stay within 5% of the median at 200, 2-core Xeon).
+_SMALL_REPEATS = 200
+_SMALL_REPEATS_QUICK = 60
+
+
+def _small_linear_case(mode: str, features: int, batch: int, depth: int, device, dtype, repeats: int) -> Case:
+    def setup() -> Prepared:
+        factory = {"device": device, "dtype": dtype}
+        torch.manual_seed(0)
+        layer = OverparamLinear(features, features, depth=depth, **factory)
+        linear = nn.Linear(features, features, **factory)
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        x = torch.randn(batch, features, generator=gen).to(**factory)
+        if mode == "train":
+            x.requires_grad_(True)
+            watched = list(layer.factors) + [x]
+
+            def make(module):
+                return _train_step(module, x, watched)
+        else:
+            layer.eval()
+
+            def make(module):
+                return _eval_step(module, x)
+
+        flops = _linear_flops(mode, batch, features, depth)
+        variants = {
+            "nn.Linear": make(linear),
+            "fastrank": make(layer),
+            "sequential chain": make(_SequentialChain(layer)),
+            "collapsed autograd": make(_CollapsedAutograd(layer)),
+            FLOOR: _matmul_floor(flops[FLOOR], features, device, dtype),
+        }
+        return Prepared(variants, _fp64_reference(layer, x, mode))
+
+    target = (
+        "target: fastrank <= 1.1x the cheaper of sequential chain and collapsed autograd"
+        if mode == "train" else "target: fastrank <= 1.1x nn.Linear"
+    )
+    return Case(
+        suite="chain",
+        name=f"small {mode} d={features} B={batch} L={depth}",
+        shape=f"B={batch} d={features} L={depth}",
+        dtype=str(dtype).replace("torch.", ""),
+        baseline="nn.Linear",
+        variants=SMALL_VARIANTS,
+        setup=setup,
+        flops=_linear_flops(mode, batch, features, depth),
+        error=_chain_error,
+        repeats=repeats,
+        warmup=5,
+        note=f"per-call overhead; {target}",
+        floor=FLOOR,
+    )
+
+
+class _SequentialConvs(nn.Module):
+    """One convolution per factor of an ``OverparamConv2d`` (padding on the first, bias on the last)."""
+
+    def __init__(self, layer: OverparamConv2d):
+        super().__init__()
+        self.factors = layer.factors
+        self.bias = layer.bias
+        self.padding = layer._conv_padding
+
+    def forward(self, x):
+        last = len(self.factors) - 1
+        for j, factor in enumerate(self.factors):
+            x = F.conv2d(x, factor, self.bias if j == last else None, padding=self.padding if j == 0 else 0)
+        return x
+
+
+def _conv_error(variant: str, result, reference) -> dict:
+    if variant in ("nn.Conv2d", FLOOR):
+        return {}
+    return {"error": _relative_error([result], reference)}
+
+
+def _small_conv_case(channels: int, side: int, batch: int, device, dtype, repeats: int) -> Case:
+    # kernel sizes (3, 1), padding 1: a 3x3 conv then a 1x1 conv, collapsed 3x3
+    conv_macs = batch * side * side * channels * channels * (9 + 1)
+    flops = {
+        "nn.Conv2d": 2.0 * batch * side * side * channels * channels * 9,
+        "fastrank": 2.0 * batch * side * side * channels * channels * 9,  # the cached 3x3 kernel
+        "sequential convs": 2.0 * conv_macs,
+    }
+    flops[FLOOR] = flops["fastrank"]
+
+    def setup() -> Prepared:
+        factory = {"device": device, "dtype": dtype}
+        torch.manual_seed(0)
+        layer = OverparamConv2d(channels, channels, kernel_sizes=(3, 1), padding=1, **factory).eval()
+        conv = nn.Conv2d(channels, channels, 3, padding=1, **factory)
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        x = torch.randn(batch, channels, side, side, generator=gen).to(**factory)
+
+        def reference():
+            h = x.double()
+            for j, factor in enumerate(layer.factors):
+                h = F.conv2d(h, factor.detach().double(), padding=1 if j == 0 else 0)
+            return [h + layer.bias.detach().double()[:, None, None]]
+
+        variants = {
+            "nn.Conv2d": _eval_step(conv, x),
+            "fastrank": _eval_step(layer, x),
+            "sequential convs": _eval_step(_SequentialConvs(layer), x),
+            FLOOR: _matmul_floor(flops[FLOOR], channels, device, dtype),
+        }
+        return Prepared(variants, reference)
+
+    return Case(
+        suite="chain",
+        name=f"small conv eval C={channels} {side}x{side} B={batch}",
+        shape=f"B={batch} C={channels} H=W={side} k=(3, 1)",
+        dtype=str(dtype).replace("torch.", ""),
+        baseline="nn.Conv2d",
+        variants=CONV_VARIANTS,
+        setup=setup,
+        flops=flops,
+        error=_conv_error,
+        repeats=repeats,
+        warmup=5,
+        note="per-call overhead; target: fastrank <= 1.1x nn.Conv2d",
+        floor=FLOOR,
+    )
+
+
+def small_layer_cases(quick: bool = False, device: str = "cpu", dtype: torch.dtype = torch.float32) -> list[Case]:
+    """Cases where a layer's fixed per-call cost shows: small widths and batches (ViT-tiny, RL MLPs).
+
+    Train steps of ``OverparamLinear(d, d, depth=L)`` for d in (64, 256), B in (1, 64), L in (2, 4,
+    8); eval calls at L = 4 for the same (d, B); ``OverparamConv2d(C, C, (3, 1), padding=1)`` in
+    eval against ``nn.Conv2d`` at C=32 on 8x8 (B=1) and C=64 on 16x16 (B=8). With ``quick``: one
+    case of each kind (d=64, B=1). The targets (in each case's note): train steps within 1.1x of
+    the cheaper naive form, eval calls within 1.1x of the plain layer.
+    """
+    repeats = _SMALL_REPEATS_QUICK if quick else _SMALL_REPEATS
+    cases = [
+        _small_linear_case("train", d, b, length, device, dtype, repeats)
+        for d, b, length in (_SMALL_TRAIN_QUICK if quick else _SMALL_TRAIN)
+    ]
+    cases += [
+        _small_linear_case("eval", d, b, 4, device, dtype, repeats)
+        for d, b in (_SMALL_EVAL_QUICK if quick else _SMALL_EVAL)
+    ]
+    cases += [
+        _small_conv_case(c, side, b, device, dtype, repeats)
+        for c, side, b in (_SMALL_CONV_QUICK if quick else _SMALL_CONV)
+    ]
     return cases
 
 

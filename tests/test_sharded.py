@@ -3,6 +3,7 @@ placement, FSDP2 training of over-parameterized layers, and RankTracker on a sha
 each equal to one process on the whole tensors."""
 
 import contextlib
+import copy
 
 import pytest
 import torch
@@ -162,6 +163,44 @@ def _placements_worker(rank: int, world: int) -> None:
 @pytest.mark.parametrize("world", [2, 4], ids=["2-processes", "4-processes"])
 def test_dtensor_placements_equal_one_process(tmp_path, world):
     run_processes(_placements_worker, world, tmp_path)
+
+
+# ----------------------------------------------------------------------------- tensor parallel
+def _tp_worker(rank: int, world: int) -> None:
+    # torch's own tensor parallelism: ColwiseParallel shards a weight's rows (Shard(0)), RowwiseParallel
+    # its columns (Shard(1)); the widths are multiples of the world size (with 29 hidden units torch's
+    # own sharded forward fails: "a and b must have same reduction dim").
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    torch.set_num_threads(1)
+    torch.manual_seed(3)
+    full = nn.Sequential(nn.Linear(24, 36), nn.ReLU(), nn.Linear(36, 20), nn.ReLU(), nn.Linear(20, 44)).double()
+    model = copy.deepcopy(full)
+    mesh = init_device_mesh("cpu", (world,))
+    parallelize_module(
+        model, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel(), "4": ColwiseParallel(use_local_output=False)}
+    )
+    weights = {name: p for name, p in model.named_parameters() if p.dim() == 2}
+    assert all(isinstance(w, DTensor) for w in weights.values())
+    assert weights["0.weight"].placements == (Shard(0),) and weights["2.weight"].placements == (Shard(1),)
+    want = fastrank.effective_ranks(
+        {name: p.detach() for name, p in full.named_parameters() if p.dim() == 2}, metric="all", method="exact"
+    )
+    got = fastrank.effective_ranks(weights, metric="all")
+    for name in weights:
+        for key, value in want[name].items():
+            _close(got[name][key], value, f"tensor-parallel {name} {key}")
+    # The sharded forward still matches the full model (the weights above are the ones it uses).
+    x = torch.randn(5, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    out = model(x)
+    out = out.full_tensor() if isinstance(out, DTensor) else out
+    torch.testing.assert_close(out, full(x), rtol=1e-12, atol=1e-12)
+
+
+def test_tensor_parallel_weights_equal_one_process(tmp_path):
+    run_processes(_tp_worker, 2, tmp_path)
 
 
 # ----------------------------------------------------------------------------- FSDP2

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from multiprocess import run_processes
+from small_models import conv_mlp, conv_mlp_data
 
 import fastrank
 from fastrank.sharded import check_token_rate, is_sharded, select_tokens
@@ -207,20 +208,7 @@ def test_tensor_parallel_weights_equal_one_process(tmp_path):
 STEPS = 3
 
 
-def _model(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        fastrank.OverparamConv2d(3, 4, kernel_sizes=(3, 1), padding=1),
-        nn.ReLU(),
-        nn.Flatten(),
-        fastrank.OverparamLinear(4 * 6 * 6, 5, depth=3),
-    ).double()
-
-
-def _data():
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(8, 3, 6, 6, generator=gen, dtype=torch.float64)
-    return x, torch.randn(8, 5, generator=gen, dtype=torch.float64)
+_model, _data = conv_mlp, conv_mlp_data
 
 
 def _train(model, x, y, steps=STEPS):

@@ -56,13 +56,18 @@ def _matmul_floor(flops: float, features: int, device, dtype) -> Callable[[], to
     out = torch.empty(rows, features, device=device, dtype=dtype)
     return lambda: torch.mm(a, b, out=out)
 
-class _SequentialChain(nn.Module):
-    """The anchor library's training forward: one linear layer per factor, run in sequence."""
+
+class _FactorsOf(nn.Module):
+    """A naive form of an ``OverparamLinear``'s forward, sharing its factors and bias."""
 
     def __init__(self, layer: OverparamLinear):
         super().__init__()
         self.factors = layer.factors
         self.bias = layer.bias
+
+
+class _SequentialChain(_FactorsOf):
+    """The anchor library's training forward: one linear layer per factor, run in sequence."""
 
     def forward(self, x):
         for factor in self.factors:
@@ -70,19 +75,39 @@ class _SequentialChain(nn.Module):
         return x + self.bias
 
 
-class _CollapsedAutograd(nn.Module):
+class _CollapsedAutograd(_FactorsOf):
     """Plain autograd through the collapsed product ``W_L @ ... @ W_1``, then ``F.linear``."""
-
-    def __init__(self, layer: OverparamLinear):
-        super().__init__()
-        self.factors = layer.factors
-        self.bias = layer.bias
 
     def forward(self, x):
         weight = self.factors[-1]
         for factor in reversed(self.factors[:-1]):
             weight = weight @ factor
         return F.linear(x, weight, self.bias)
+
+
+def _layer_calls(features: int, depth: int, batch: int, mode: str, device, dtype):
+    """``OverparamLinear(features, features, depth)``, ``nn.Linear`` of the same shape, the input
+    x (batch, features) and ``make(module)``: one train step (x requires grad, as inside a network)
+    or one eval call of a module on x, as a zero-argument callable."""
+    factory = {"device": device, "dtype": dtype}
+    torch.manual_seed(0)
+    layer = OverparamLinear(features, features, depth=depth, **factory)
+    linear = nn.Linear(features, features, **factory)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(batch, features, generator=gen).to(**factory)
+    if mode == "train":
+        x.requires_grad_(True)
+        watched = list(layer.factors) + [x]
+
+        def make(module):
+            return _train_step(module, x, watched)
+    else:
+        layer.eval()
+
+        def make(module):
+            return _eval_step(module, x)
+
+    return layer, linear, x, make
 
 
 def _train_step(module: nn.Module, x: torch.Tensor, watched: list[torch.Tensor]) -> Callable[[], list]:
@@ -200,24 +225,8 @@ def chain_cases(
         for batch in batches:
 
             def setup(batch=batch, mode=mode) -> Prepared:
-                factory = {"device": device, "dtype": dtype}
-                torch.manual_seed(0)
-                layer = OverparamLinear(features, features, depth=depth, **factory)
-                linear = nn.Linear(features, features, **factory)
-                gen = torch.Generator(device="cpu").manual_seed(0)
-                x = torch.randn(batch, features, generator=gen).to(**factory)
+                layer, linear, x, make = _layer_calls(features, depth, batch, mode, device, dtype)
                 chain = _SequentialChain(layer)
-                if mode == "train":
-                    x.requires_grad_(True)  # as inside a network: dx is needed too
-                    watched = list(layer.factors) + [x]
-
-                    def make(module):
-                        return _train_step(module, x, watched)
-                else:
-                    layer.eval()
-
-                    def make(module):
-                        return _eval_step(module, x)
 
                 variants = {
                     "nn.Linear": make(linear),
@@ -275,24 +284,7 @@ _SMALL_REPEATS_QUICK = 60
 
 def _small_linear_case(mode: str, features: int, batch: int, depth: int, device, dtype, repeats: int) -> Case:
     def setup() -> Prepared:
-        factory = {"device": device, "dtype": dtype}
-        torch.manual_seed(0)
-        layer = OverparamLinear(features, features, depth=depth, **factory)
-        linear = nn.Linear(features, features, **factory)
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        x = torch.randn(batch, features, generator=gen).to(**factory)
-        if mode == "train":
-            x.requires_grad_(True)
-            watched = list(layer.factors) + [x]
-
-            def make(module):
-                return _train_step(module, x, watched)
-        else:
-            layer.eval()
-
-            def make(module):
-                return _eval_step(module, x)
-
+        layer, linear, x, make = _layer_calls(features, depth, batch, mode, device, dtype)
         flops = _linear_flops(mode, batch, features, depth)
         variants = {
             "nn.Linear": make(linear),

@@ -42,6 +42,13 @@ def _entropy_bounds(A, gram, hermitian, method, rank, niter, seed):
     return _slq_entropy(A, gram, hermitian, rank, niter, seed)
 
 
+def _sharded(metric, A, **kwargs):
+    """A metric of a DTensor A through ``fastrank.sharded`` (imported when a DTensor first comes)."""
+    from ..sharded import sharded_metric
+
+    return sharded_metric(metric, A, **kwargs)
+
+
 def spectral_entropy(
     A, *, gram=False, hermitian=False, method="auto", rank=None, niter=None, seed=None, center=False, return_bounds=False
 ):
@@ -69,10 +76,8 @@ def spectral_entropy(
         ValueError: NaN/Inf in A; empty or 1-D A; non-square A with hermitian=True.
     """
     if _is_dtensor(A):  # sharded: reduced Grams, never a gathered weight
-        from ..sharded import sharded_metric
-
-        return sharded_metric("spectral_entropy", A, gram=gram, hermitian=hermitian, method=method, rank=rank, niter=niter,
-                              seed=seed, center=center, return_bounds=return_bounds)
+        return _sharded("spectral_entropy", A, gram=gram, hermitian=hermitian, method=method, rank=rank, niter=niter,
+                        seed=seed, center=center, return_bounds=return_bounds)
     values = _small_values(A, gram, hermitian, center, method)
     if values is not None:
         lower = estimate = upper = _entropy_nonzero(values)
@@ -95,10 +100,8 @@ def effective_rank(
     is monotone, so certified bounds stay certified). See spectral_entropy for the arguments.
     """
     if _is_dtensor(A):  # sharded: reduced Grams, never a gathered weight
-        from ..sharded import sharded_metric
-
-        return sharded_metric("effective_rank", A, gram=gram, hermitian=hermitian, method=method, rank=rank, niter=niter,
-                              seed=seed, center=center, return_bounds=return_bounds)
+        return _sharded("effective_rank", A, gram=gram, hermitian=hermitian, method=method, rank=rank, niter=niter,
+                        seed=seed, center=center, return_bounds=return_bounds)
     values = _small_values(A, gram, hermitian, center, method)
     if values is not None:
         lower = estimate = upper = _entropy_nonzero(values).exp()
@@ -125,10 +128,8 @@ def stable_rank(A, *, gram=False, hermitian=False, method="auto", rank=None, nit
     available). "slq" is not available for the stable rank.
     """
     if _is_dtensor(A):  # sharded: reduced Grams, never a gathered weight
-        from ..sharded import sharded_metric
-
-        return sharded_metric("stable_rank", A, gram=gram, hermitian=hermitian, method=method, rank=rank, niter=niter,
-                              seed=seed, center=center, return_bounds=return_bounds)
+        return _sharded("stable_rank", A, gram=gram, hermitian=hermitian, method=method, rank=rank, niter=niter,
+                        seed=seed, center=center, return_bounds=return_bounds)
     values = _small_values(A, gram, hermitian, center, method)
     if values is not None:
         value = _stable_of(values)
@@ -187,10 +188,8 @@ def rank_metrics(
     times cheaper on ill-conditioned weights).
     """
     if _is_dtensor(A):  # sharded: reduced Grams, never a gathered weight
-        from ..sharded import sharded_metric
-
-        return sharded_metric("all", A, gram=gram, hermitian=hermitian, method=method, rank=rank, niter=niter,
-                              seed=seed, center=center, exact_tolerance=exact_tolerance)
+        return _sharded("all", A, gram=gram, hermitian=hermitian, method=method, rank=rank, niter=niter,
+                        seed=seed, center=center, exact_tolerance=exact_tolerance)
     values = _small_values(A, gram, hermitian, center, method)
     if values is not None:
         entropy = _entropy_nonzero(values)

@@ -258,9 +258,12 @@ def _traced(x: Tensor) -> bool:
     )
 
 
-def _runs_kernels(x: Tensor) -> bool:
-    """Whether the op's body for x's device is a Triton kernel (no autograd of its own)."""
-    return x.is_cuda and _CUDA_KERNELS is not None
+def _runs_kernels(x: Tensor, factors: Sequence[Tensor]) -> bool:
+    """Whether the chain's body for x (M, n_0) and factors is the Triton chain kernel (which has no
+    autograd of its own): CUDA, the kernels registered, and inputs the on-chip kernel takes. Wider
+    chains run the torch twin on CUDA too (one cuBLAS matmul per step), which autograd can
+    differentiate as the naive chain itself."""
+    return x.is_cuda and _CUDA_KERNELS is not None and _CUDA_KERNELS.runs_on_chip(x, factors)
 
 
 _PLAIN_DTYPES = (torch.float32, torch.float64)
@@ -274,7 +277,7 @@ def _autocast_enabled(x: Tensor) -> bool:
     return torch.is_autocast_enabled(x.device.type)
 
 
-def _eager_plain(x: Tensor) -> bool:
+def _eager_plain(x: Tensor, factors: Sequence[Tensor]) -> bool:
     """Whether a chain call on x may run as the naive chain of plain torch matmuls, differentiated by
     autograd: an eager call (not traced), fp32 or fp64 (the torch twin rounds nothing), no autocast
     cast to apply first, and no Triton kernel to route to. Layers then fuse the bias into the last
@@ -282,7 +285,7 @@ def _eager_plain(x: Tensor) -> bool:
     d=64, B=1 on a 2-core Xeon: against 82 us for the whole step)."""
     return (
         x.dtype in _PLAIN_DTYPES
-        and not _runs_kernels(x)
+        and not _runs_kernels(x, factors)
         and not _autocast_enabled(x)
         and not _traced(x)
     )
@@ -365,7 +368,7 @@ def chain_matmul(x: Tensor, factors: Sequence[Tensor], return_all: bool = True) 
         x, factors = x.to(dtype), [f.to(dtype) for f in factors]
     if _traced(x):  # one op in the graph
         return _chain_matmul_op(x, list(factors), return_all)
-    if not torch.is_grad_enabled() or (return_all and not _runs_kernels(x)):
+    if not torch.is_grad_enabled() or (return_all and not _runs_kernels(x, factors)):
         # Eager without autograd, or a torch twin that autograd differentiates as the naive chain
         # (return_all: its intermediates are kept, as the Function keeps them).
         return _chain_matmul_body(x, list(factors), return_all)
@@ -394,7 +397,7 @@ def collapsed_weight(factors: Sequence[Tensor]) -> Tensor:
     """
     if len(factors) == 1:
         return factors[0]
-    if _eager_plain(factors[0]):
+    if _eager_plain(factors[0].T, factors[1:]):
         # The prefix products W_j ... W_1 as plain matmuls, which autograd differentiates (and keeps).
         weight = factors[0]
         for factor in factors[1:]:
@@ -475,7 +478,7 @@ def _chain_linear_as(
         return F.linear(x, collapsed_weight(factors), bias)
     flat = x.dim() == 2
     rows = x if flat else x.reshape(-1, factors[0].shape[1])
-    if _eager_plain(rows):
+    if _eager_plain(rows, factors):
         # The naive chain itself, its last step carrying the bias (one addmm, not a matmul and an
         # add): the torch twin up to W_{L-1}, under autograd.
         hidden = _chain_matmul_body(rows, list(factors[:-1]), False)[-1] if len(factors) > 1 else rows

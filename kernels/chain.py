@@ -70,6 +70,7 @@ __all__ = [
     "chain_matmul_ref",
     "chain_factor_grads",
     "chain_factor_grads_ref",
+    "runs_on_chip",
 ]
 
 # Factors (group members) one launch takes as arguments. 8 covers the depths the paper trains
@@ -89,9 +90,10 @@ MAX_ONCHIP_WIDTH_IEEE = 64  # fp32 with TF32 off: tl.dot runs on FMA units, all 
 
 # Widest dimension (max over n_j, n_{j-1}) that the grouped factor-gradient kernel takes; above it
 # each dF_j is one matmul (cuBLAS, which splits the long reduction over M across programs; the
-# grouped kernel reduces all of M inside one program). NOT MEASURED on a GPU: time
-# chain_factor_grads against one torch.matmul per factor for d in {256, 1024, 4096}, M in {512,
-# 8192, 65536}, L in {2, 4, 8} to set it.
+# grouped kernel reduces all of M inside one program). Measured once on an H100 (bf16, in a layer's
+# train step, benchmarks/results/h100/): 4 products of 1024 x 8192 x 1024 took 137 us, about 63
+# TFLOP/s, where cuBLAS runs a product of that size near 700; not yet timed against one
+# torch.matmul per factor for d in {256, 1024, 4096}, M in {512, 8192, 65536}, L in {2, 4, 8}.
 MAX_GROUPED_WIDTH = 1024
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -189,6 +191,20 @@ def _input_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and not cuda_matmul_allows_tf32():
         return "ieee"
     return "tf32"  # ignored by tl.dot for fp16 / bf16 operands
+
+
+def _on_chip(x: Tensor, factors: Sequence[Tensor], precision: str) -> bool:
+    M = x.shape[0]
+    widths = [x.shape[1]] + [f.shape[0] for f in factors]
+    limit = MAX_ONCHIP_WIDTH if precision == "tf32" else MAX_ONCHIP_WIDTH_IEEE
+    return x.dtype in _KERNEL_DTYPES and M > 0 and min(widths) > 0 and max(widths) <= limit
+
+
+def runs_on_chip(x: Tensor, factors: Sequence[Tensor]) -> bool:
+    """Whether :func:`chain_matmul` runs the Triton kernel for ``x`` (M, n_0) and ``factors``: a
+    kernel dtype and every width within the on-chip limit for torch's current TF32 setting.
+    Otherwise it runs its torch twin, one matmul per step."""
+    return _on_chip(x, factors, _input_precision(x.dtype))
 
 
 # --------------------------------------------------------------------------------------------
@@ -386,10 +402,8 @@ def chain_matmul(x: Tensor, factors: Sequence[Tensor], return_all: bool = True) 
     """
     _check_chain(x, factors)
     M = x.shape[0]
-    widths = [x.shape[1]] + [f.shape[0] for f in factors]
     precision = _input_precision(x.dtype)  # one read of torch's TF32 setting per call
-    limit = MAX_ONCHIP_WIDTH if precision == "tf32" else MAX_ONCHIP_WIDTH_IEEE
-    if x.dtype not in _KERNEL_DTYPES or M == 0 or min(widths) == 0 or max(widths) > limit:
+    if not _on_chip(x, factors, precision):
         return chain_matmul_ref(x, factors, return_all)
 
     outputs: list[Tensor] = []

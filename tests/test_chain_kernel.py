@@ -21,6 +21,7 @@ chain_matmul = chain_kernels.chain_matmul
 chain_matmul_ref = chain_kernels.chain_matmul_ref
 chain_factor_grads = chain_kernels.chain_factor_grads
 chain_factor_grads_ref = chain_kernels.chain_factor_grads_ref
+MAX_ONCHIP_WIDTH, MAX_ONCHIP_WIDTH_IEEE = chain_kernels.MAX_ONCHIP_WIDTH, chain_kernels.MAX_ONCHIP_WIDTH_IEEE
 
 requires_cuda = pytest.mark.skipif(
     DEVICE != "cuda", reason="needs a CUDA device (runs natively, not interpreted)"
@@ -346,3 +347,22 @@ def test_cuda_runs_on_the_input_device():
     assert all(o.device == x.device for o in outputs + grads)
     check_chain(outputs, x, factors, torch.float16, "cuda:1")
     check_factor_grads(grads, outputs, [x, outputs[0]], torch.float16, "cuda:1")
+
+
+def test_runs_on_chip_names_the_inputs_the_kernel_takes(monkeypatch):
+    # The layers run the naive chain under plain autograd wherever the kernel would fall back to its
+    # torch twin; this is the rule they ask. fp32 follows torch's TF32 setting.
+    wide = [torch.empty(MAX_ONCHIP_WIDTH + 1, 16)]
+    narrow = [torch.empty(MAX_ONCHIP_WIDTH, 16), torch.empty(16, MAX_ONCHIP_WIDTH)]
+    for dtype in (torch.float16, torch.bfloat16):
+        x = torch.empty(5, 16, dtype=dtype)
+        assert chain_kernels.runs_on_chip(x, [f.to(dtype) for f in narrow])
+        assert not chain_kernels.runs_on_chip(x, [f.to(dtype) for f in wide])
+        assert not chain_kernels.runs_on_chip(torch.empty(0, 16, dtype=dtype), [f.to(dtype) for f in narrow])
+    assert not chain_kernels.runs_on_chip(torch.empty(5, 16, dtype=torch.float64), narrow)
+    ieee = [torch.empty(MAX_ONCHIP_WIDTH_IEEE + 1, 16)]
+    monkeypatch.setattr(chain_kernels, "cuda_matmul_allows_tf32", lambda: False)
+    assert not chain_kernels.runs_on_chip(torch.empty(5, 16), ieee)
+    assert chain_kernels.runs_on_chip(torch.empty(5, 16), [torch.empty(MAX_ONCHIP_WIDTH_IEEE, 16)])
+    monkeypatch.setattr(chain_kernels, "cuda_matmul_allows_tf32", lambda: True)
+    assert chain_kernels.runs_on_chip(torch.empty(5, 16), ieee)

@@ -80,7 +80,7 @@ FACTORS_PER_LAUNCH = 8
 # Widest layer (max over n_0 .. n_k) that the one-launch chain kernel takes. The running row block
 # is held on chip padded to BLOCK_N = next power of two >= the widest layer, and each step reads a
 # whole (BLOCK_N, BLOCK_N) factor, so the kernel only pays off while that stays small.
-# Compile gate (sm_90, Triton 3.9, benchmarks/results/kernel_report_sm90.md): every BLOCK_N=256
+# Compile gate (sm_90, Triton 3.9, benchmarks/results/compile_sm90.md): every BLOCK_N=256
 # config spilled (up to 5 KB a thread with tensor cores, 58 KB in fp32 "ieee"), and at BLOCK_N=128
 # fp32 "ieee" spilled in 40 of 48 configs: wider chains take the torch path (cuBLAS per step).
 # NOT MEASURED on a GPU: whether the kernel beats one matmul per step at these widths is for

@@ -699,13 +699,15 @@ def format_table(rows: Sequence[dict]) -> str:
 
 def format_groups(rows: Sequence[dict], ignore: Sequence[str] = ()) -> str:
     """One line per (kernel, arch, dtype, variant) with ``ignore``'s constexprs merged: how many
-    configs fail, and the ranges of registers, spill stores and shared memory."""
+    configs fail, the ranges of registers, spill stores and shared memory, and how many compiled
+    configs use each kind of instruction: ``wgmma`` (Hopper's asynchronous tensor cores),
+    ``mma.sync`` only, neither (FMA), any vectorized global load (v2 or wider), ``cp.async``."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         variant = " ".join(p for p in row["variant"].split() if p.split("=")[0] not in ignore)
         groups.setdefault((row["kernel"], row["arch"], row["dtype"], variant), []).append(row)
     headers = ["kernel", "sm", "dtype", "variant", "configs", "fail", "spill", "smem>", "slow", "regs",
-               "max spill st B", "max smem B"]
+               "max spill st B", "max smem B", "wgmma", "mma.sync", "FMA", "vec ld", "cp.async"]
     lines = []
     for (kernel, arch, dtype, variant), members in groups.items():
         compiled = [r for r in members if "regs" in r]
@@ -719,6 +721,11 @@ def format_groups(rows: Sequence[dict], ignore: Sequence[str] = ()) -> str:
             f"{min(r['regs'] for r in compiled)}-{max(r['regs'] for r in compiled)}" if compiled else "-",
             str(max(r["spill_stores"] for r in compiled)) if compiled else "-",
             str(max(r["shared"] for r in compiled)) if compiled else "-",
+            str(sum(r.get("wgmma", 0) > 0 for r in compiled)),
+            str(sum(r.get("wgmma", 0) == 0 and r.get("mma", 0) > 0 for r in compiled)),
+            str(sum(r.get("wgmma", 0) == 0 and r.get("mma", 0) == 0 for r in compiled)),
+            str(sum(r.get("ld_v8", 0) + r.get("ld_v4", 0) + r.get("ld_v2", 0) > 0 for r in compiled)),
+            str(sum(r.get("cp_async", 0) > 0 for r in compiled)),
         ])
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(headers)]
     out = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]

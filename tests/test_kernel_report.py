@@ -171,16 +171,18 @@ def test_judge_passes_only_clean_rows():
 
 
 def test_format_groups_counts_failures_per_kernel_dtype_and_variant():
-    def row(variant, regs, spills, shared, failures):
+    def row(variant, regs, spills, shared, failures, **instructions):
         return {"kernel": "k", "arch": 90, "dtype": "fp16", "variant": variant, "regs": regs,
-                "spill_stores": spills, "shared": shared, "failures": failures}
+                "spill_stores": spills, "shared": shared, "failures": failures, **instructions}
 
     rows = [
-        row("BLOCK_N=64 RETURN_ALL=1", 128, 0, 1024, []),
-        row("BLOCK_N=64 RETURN_ALL=0", 255, 96, 2048, ["spills 96 B stored / 96 B loaded"]),
+        row("BLOCK_N=64 RETURN_ALL=1", 128, 0, 1024, [], wgmma=4, mma=0, ld_v4=2, cp_async=1),
+        row("BLOCK_N=64 RETURN_ALL=0", 255, 96, 2048, ["spills 96 B stored / 96 B loaded"], wgmma=0, mma=3,
+            ld_scalar=5),
         {"kernel": "k", "arch": 90, "dtype": "fp16", "variant": "BLOCK_N=64 RETURN_ALL=0",
          "failures": ["compile exceeded 30 s"]},
     ]
     header, line = report.format_groups(rows, ignore=["RETURN_ALL"]).splitlines()
     assert header.split()[:6] == ["kernel", "sm", "dtype", "variant", "configs", "fail"]
-    assert line.split() == ["k", "90", "fp16", "BLOCK_N=64", "3", "2", "1", "0", "1", "128-255", "96", "2048"]
+    assert line.split() == ["k", "90", "fp16", "BLOCK_N=64", "3", "2", "1", "0", "1", "128-255", "96", "2048",
+                            "1", "1", "0", "1", "1"]

@@ -2,6 +2,7 @@
 (FASTRANK_EIGENSOLVER), memory-bounded chunks in effective_ranks, and every method against the fp64
 CPU result. The chunking arithmetic and the CLI's device option run on the CPU too."""
 
+import json
 import math
 
 import pytest
@@ -169,8 +170,6 @@ def test_cli_rank_on_cuda_equals_cpu(tmp_path, capsys):
     rows = {}
     for device in ("cpu", "cuda"):
         assert main(["rank", str(path), "--device", device, "--json", str(tmp_path / f"{device}.json")]) == 0
-        import json
-
         rows[device] = json.loads((tmp_path / f"{device}.json").read_text())
     for cpu_row, cuda_row in zip(rows["cpu"], rows["cuda"]):
         assert cpu_row["name"] == cuda_row["name"]

@@ -48,6 +48,7 @@ import torch
 
 from ..rank import RankEstimate, effective_rank, effective_ranks
 from ..rank.eigensolver import eigvalsh
+from ..rank.exact import _smaller_gram
 from .cases import Case, Prepared
 
 __all__ = ["QUICK_SIZES", "RankSizes", "cuda_rank_cases", "direct_erank", "paper_snippet_erank", "rank_cases"]
@@ -125,11 +126,9 @@ def _gram_floor(A: torch.Tensor, given: bool = False) -> Callable[[], torch.Tens
     """fp64 eigvalsh of the smaller-side Gram of A (formed once, untimed; A itself when ``given``
     is a Gram): the eigensolver the exact method cannot avoid, on this machine."""
     if given:
-        G = A.double()
-    else:
-        X = A.double() if A.shape[-1] <= A.shape[-2] else A.double().mT
-        G = X.mT @ X
-    return lambda: eigvalsh(G)
+        return lambda G=A.double(): eigvalsh(G)
+    G = _smaller_gram(A, fp64_products=True)  # its upper triangle, as the exact method reads it
+    return lambda: eigvalsh(G, upper=True)
 
 
 def _case(name, shape, variants, setup, repeats, note="", dtype="float32", floor=None) -> Case:

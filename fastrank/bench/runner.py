@@ -77,9 +77,14 @@ def _failure(error: BaseException) -> str:
     return text if len(text) <= 120 else text[:117] + "..."
 
 
+def _cuda_events(device: str) -> bool:
+    """Whether calls on ``device`` are timed with CUDA events (:func:`cuda_times`)."""
+    return device.startswith("cuda") and _do_bench() is not None
+
+
 def timer_name(device: str) -> str:
     """How :func:`measure` times calls on ``device`` (a result row's ``timer``)."""
-    if device.startswith("cuda") and _do_bench() is not None:
+    if _cuda_events(device):
         return "cuda events, L2 flushed (triton.testing.do_bench)"
     return "perf_counter, interleaved" + (", synchronized" if device.startswith("cuda") else "")
 
@@ -138,7 +143,7 @@ def measure(
             failed[name] = f"failed: {_failure(error)}"
             continue
         alive[name] = fn
-    if device.startswith("cuda") and _do_bench() is not None:
+    if _cuda_events(device):
         return {name: cuda_times(fn, repeats) for name, fn in alive.items()}, results, failed
     times: dict[str, list[float]] = {name: [] for name in alive}
     for _ in range(repeats):
@@ -292,7 +297,7 @@ def pytest_run(benchmark, case: Case, variant: str, fn: Callable[[], object], de
         suite=case.suite, shape=case.shape, dtype=case.dtype, variant=variant, device=device,
         timer=timer_name(device), threads=torch.get_num_threads(),
     )
-    events = device.startswith("cuda") and _do_bench() is not None
+    events = _cuda_events(device)
     result = benchmark.pedantic(
         synchronized(fn, device), rounds=1 if events else case.repeats, warmup_rounds=case.warmup, iterations=1
     )

@@ -264,7 +264,7 @@ def effective_ranks(tensors, *, metric="effective_rank", **kwargs):
         from ..sharded import sharded_effective_ranks
 
         results = [None] * len(tensors)
-        plain = [i for i in range(len(tensors)) if i not in set(sharded)]
+        plain = [i for i, t in enumerate(tensors) if not _is_dtensor(t)]
         for indices, values in (
             (plain, effective_ranks([tensors[i] for i in plain], metric=metric, **kwargs) if plain else []),
             (sharded, sharded_effective_ranks([tensors[i] for i in sharded], metric=metric, **kwargs)),

@@ -199,7 +199,11 @@ def cusolver_eigvalsh(G: Tensor, upper: bool = True) -> Tensor:
 EIGENSOLVERS = ("auto", "torch", "cusolver")  # values of FASTRANK_EIGENSOLVER
 # Largest n for which "auto" takes cuSOLVER's batched solver. fp64 batches on an H100, batched /
 # torch's loop: 1000 x 64^2 3.0 / 328 ms, 128 x 256^2 13.7 / 248, 64 x 1024^2 144 / 650,
-# 16 x 2048^2 245 / 412, 4 x 4096^2 495 / 470 (fp32: 604 / 354): no gain left at 4096.
+# 16 x 2048^2 245 / 412, 4 x 4096^2 495 / 470 (fp32: 604 / 354): no gain left at 4096 (a later
+# run: 8 x 4096^2 720 / 937). At n = 4096 each syevd is bound by its reduction to tridiagonal form,
+# whose matrix-vector half reads the trailing matrix once per column (about n^3 / 3 * 8 bytes,
+# 60 ms of HBM traffic in fp64): solving 2, 4 or 8 matrices at once, each on its own stream and
+# host thread, gave 0.99x / 0.98x / 0.98x the loop's 937 ms for 8 fp64 matrices on an H100.
 CUSOLVER_MAX_N = 2048
 
 

@@ -120,9 +120,9 @@ def test_linear_eval_caches_and_never_goes_stale():
     x = torch.randn(4, 6)
     with torch.no_grad():
         first = layer(x)
-        key = layer._cache.key
-        assert key is not None
-        assert torch.equal(layer(x), first) and layer._cache.key == key  # served from the cache
+        cached = layer._cache.value
+        assert cached is not None
+        assert torch.equal(layer(x), first) and layer._cache.value is cached  # served from the cache
         assert torch.equal(first, F.linear(x, layer.weight, layer.bias))
 
     # An optimizer step updates the factors in place.

@@ -97,21 +97,36 @@ def _do_bench():
     return do_bench
 
 
+# Calls at least this long are timed by CUDA events alone: do_bench would add six untimed calls
+# (its first and its five-call estimate), a minute for a 10 s call, and flushing a 50 MB L2
+# changes nothing at this length.
+LONG_CALL_MS = 100.0
+
+
 def cuda_times(fn: Callable[[], object], repeats: int) -> list[float]:
     """Seconds of about ``repeats`` calls of ``fn`` on CUDA, each timed with CUDA events after the L2
-    cache is flushed (``triton.testing.do_bench``, which also warms up once). ``fn`` must have
-    been called before (compilation and autotuning stay out)."""
+    cache is flushed (``triton.testing.do_bench``, which also warms up once); calls longer than
+    :data:`LONG_CALL_MS` are ``repeats`` calls timed by events alone, the first being the one
+    that measured the length. ``fn`` must have been called before (compilation and autotuning
+    stay out)."""
     do_bench = _do_bench()
     if do_bench is None:
         raise RuntimeError("cuda_times needs triton.testing.do_bench (Triton is not importable)")
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    torch.cuda.synchronize()
-    estimate_ms = max(start.elapsed_time(end), 1e-3)
-    # do_bench repeats fn for `rep` milliseconds: ask for `repeats` calls' worth
-    times_ms = do_bench(fn, warmup=0, rep=max(1.0, estimate_ms * repeats), return_mode="all")
+
+    def timed_call() -> float:
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+
+    estimate_ms = max(timed_call(), 1e-3)
+    if estimate_ms >= LONG_CALL_MS:
+        times_ms = [estimate_ms] + [timed_call() for _ in range(max(repeats, 1) - 1)]
+    else:
+        # do_bench repeats fn for `rep` milliseconds: ask for `repeats` calls' worth
+        times_ms = do_bench(fn, warmup=0, rep=max(1.0, estimate_ms * repeats), return_mode="all")
     return [t / 1e3 for t in times_ms]
 
 
@@ -298,8 +313,11 @@ def pytest_run(benchmark, case: Case, variant: str, fn: Callable[[], object], de
         timer=timer_name(device), threads=torch.get_num_threads(),
     )
     events = _cuda_events(device)
+    # With CUDA events the one pytest-benchmark round is itself a warm-up call (its host time is
+    # not the reported median), so it stands for one of the case's warm-up calls.
     result = benchmark.pedantic(
-        synchronized(fn, device), rounds=1 if events else case.repeats, warmup_rounds=case.warmup, iterations=1
+        synchronized(fn, device), rounds=1 if events else case.repeats,
+        warmup_rounds=max(case.warmup - 1, 0) if events else case.warmup, iterations=1,
     )
     if benchmark.stats is None:  # --benchmark-disable: nothing timed
         return result

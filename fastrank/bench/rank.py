@@ -361,6 +361,7 @@ def cuda_rank_cases(device: str = "cuda", toy: bool = False) -> list[Case]:
                 f"fastrank exact ({cusolver_solver})": lambda: _with_eigensolver(
                     "cusolver", lambda: effective_rank(W, method="exact")),
                 "fastrank randomized": randomized,
+                "fastrank slq": lambda: effective_rank(W, method="slq", return_bounds=True, seed=0),
                 GRAM_FLOOR: _gram_floor(W),
             },
             # fp64 Gram eigenvalues through torch's solver: the exact method's contract (1e-10
@@ -375,6 +376,9 @@ def cuda_rank_cases(device: str = "cuda", toy: bool = False) -> list[Case]:
         return Prepared(
             {
                 "fastrank randomized": lambda: effective_ranks(weights, method="randomized", return_bounds=True, seed=0),
+                # a flat (Marchenko-Pastur) spectrum leaves the sketch's tail mass wide open; SLQ's
+                # bracket does not depend on the decay
+                "fastrank slq": lambda: effective_ranks(weights, method="slq", return_bounds=True, seed=0),
                 "one pass over the weights (floor)": lambda: torch._foreach_norm(weights),
             }
         )
@@ -397,11 +401,11 @@ def cuda_rank_cases(device: str = "cuda", toy: bool = False) -> list[Case]:
     return [
         _case("embeddings 1M", f"X {embeddings_shape[0]} x {embeddings_shape[1]}", ("X^T X, one fp32 matmul (floor)", "fastrank exact (gram=True)"),
               embeddings_1m, repeats=2, note="spectrum of the Gram X X^T (never formed)"),
-        _case("7B weights randomized", shape((count_7b, *model_shape[1:])), ("fastrank randomized", "one pass over the weights (floor)"), weights_7b, repeats=2,
+        _case("7B weights randomized", shape((count_7b, *model_shape[1:])), ("fastrank randomized", "fastrank slq", "one pass over the weights (floor)"), weights_7b, repeats=2,
               note="bounds only: their width is the accuracy"),
         _case("model weights 4096", shape(model_shape),
               ("torch.linalg.svdvals loop", "fastrank exact", f"fastrank exact ({cusolver_solver})",
-               "fastrank randomized", GRAM_FLOOR), model_weights, repeats=2),
+               "fastrank randomized", "fastrank slq", GRAM_FLOOR), model_weights, repeats=2),
         _case("weights 1024", shape(weights_1024_shape),
               ("torch.linalg.svdvals loop", "fastrank batched", f"fastrank batched ({torch_solver})",
                "eigvalsh of the fp64 Grams: cuSOLVER batched", "eigvalsh of the fp64 Grams: torch"),

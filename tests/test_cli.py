@@ -224,3 +224,44 @@ def test_cuda_rank_cases_run_end_to_end_at_toy_sizes():
                 assert row.get("bounds_contain_reference", True), (case.name, row)
             if variant.startswith("eigvalsh") or variant.startswith("X^T X"):
                 assert row == {}, (case.name, variant, row)
+
+
+class _FakeEvent:
+    """A CUDA event on a fake clock: elapsed_time is the fake milliseconds between two records."""
+
+    clock_ms = 0.0
+
+    def __init__(self, enable_timing=True):
+        self.at = None
+
+    def record(self):
+        self.at = _FakeEvent.clock_ms
+
+    def elapsed_time(self, other):
+        return other.at - self.at
+
+
+@pytest.mark.parametrize("call_ms,do_bench_calls", [(250.0, 0), (2.0, 1)], ids=["long-call", "short-call"])
+def test_cuda_times_leaves_long_calls_to_events_alone(monkeypatch, call_ms, do_bench_calls):
+    from fastrank.bench import runner
+
+    calls, bench_calls = [], []
+
+    def fn():
+        calls.append(1)
+        _FakeEvent.clock_ms += call_ms
+
+    def fake_do_bench(fn, warmup, rep, return_mode):
+        bench_calls.append(rep)
+        return [call_ms] * 4
+
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(runner, "_do_bench", lambda: fake_do_bench)
+    times = runner.cuda_times(fn, repeats=3)
+    assert len(bench_calls) == do_bench_calls
+    if do_bench_calls:
+        assert bench_calls == [call_ms * 3] and len(calls) == 1  # the estimate, then do_bench's own calls
+    else:
+        assert len(calls) == 3, "a long call is timed `repeats` times, the estimate among them"
+        assert times == [call_ms / 1e3] * 3

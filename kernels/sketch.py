@@ -86,7 +86,8 @@ _SHARED_MEMORY_SM90 = 232448
 
 def sketch_configs():
     """Autotune configs for ``_sketch_kernel`` (BLOCK_M x BLOCK_N tiles of A, warps, stages),
-    keyed on power-of-two buckets of (M, N, K); ``_prune_sketch_configs`` keeps, for the launch's
+    keyed on power-of-two buckets of (M, N, K), BLOCK_K and the precision (the dtypes are keys
+    of every Triton autotuner); ``_prune_sketch_configs`` keeps, for the launch's
     element size, precision and BLOCK_K, those that pass the sm_90 compile gate.
 
     Under TRITON_INTERPRET=1 a single config: several configs fail to benchmark with no GPU.
@@ -204,7 +205,9 @@ def _omega_kernel(
 
 @triton.autotune(
     configs=sketch_configs(),
-    key=["M_BUCKET", "N_BUCKET", "K_BUCKET"],
+    # BLOCK_K and the precision change which configs are valid: a config tuned for another
+    # BLOCK_K (k = 129 and k = 256 share a bucket) could spill, so they are part of the key
+    key=["M_BUCKET", "N_BUCKET", "K_BUCKET", "BLOCK_K", "INPUT_PRECISION"],
     prune_configs_by={"early_config_prune": _prune_sketch_configs},
 )
 @triton.jit

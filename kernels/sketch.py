@@ -84,18 +84,19 @@ BUILT_FOR_INTERPRETER = interpreting()  # tests reload the module when this disa
 _SHARED_MEMORY_SM90 = 232448
 
 
-def sketch_configs():
+def sketch_configs(interpreter=None):
     """Autotune configs for ``_sketch_kernel`` (BLOCK_M x BLOCK_N tiles of A, warps, stages),
     keyed on power-of-two buckets of (M, N, K), BLOCK_K and the precision (the dtypes are keys
     of every Triton autotuner); ``_prune_sketch_configs`` keeps, for the launch's
     element size, precision and BLOCK_K, those that pass the sm_90 compile gate.
 
-    Under TRITON_INTERPRET=1 a single config: several configs fail to benchmark with no GPU.
+    Under TRITON_INTERPRET=1 (``interpreter``: default, how this module was built) a single
+    config: several configs fail to benchmark with no GPU.
     On the GPU the usual candidates for a bandwidth-bound GEMM tile, NOT MEASURED yet; the gate
     (``python -m fastrank.kernels.report --arch 90``) compiled each with 16-byte cp.async copies
     of both operands and wgmma for fp16 / bf16 / TF32.
     """
-    if BUILT_FOR_INTERPRETER:
+    if BUILT_FOR_INTERPRETER if interpreter is None else interpreter:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
@@ -310,6 +311,10 @@ _BLOCK_K_FP64 = 64  # an fp64 accumulator takes two registers an entry
 _BLOCK_K_IEEE = 64  # fp32 "ieee" (FMA): BLOCK_K = 256 tiles spilled 52-224 B on sm_90, 128 ones 8 B with Triton 3.6
 _OMEGA_BLOCK_N, _OMEGA_BLOCK_Q = 64, 4  # _omega_kernel tile: 64 rows x 16 columns, 256 Philox calls (64 x 8: 4 B spilled)
 _SPLIT_GRANULE = 256  # split sizes are multiples of this (and so of every BLOCK_N)
+# Launches under this many FLOPs (2 M N K per matrix: ~35 us at the bf16 dense peak of an H100)
+# take the first config that passes the prune instead of autotuning: the autotuner's first call
+# compiles and times every config (seconds), which a small launch never pays back.
+_AUTOTUNE_MIN_FLOPS = 2**35
 _MIN_SPLIT = 4096  # reduction elements a split keeps at least (its pipeline must fill)
 
 
@@ -352,12 +357,13 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "tf32"  # ignored by tl.dot for fp16 / bf16 operands
 
 
-def _launch(a3, b3, out, splits=None):
+def _launch(a3, b3, out, splits=None, autotune=None):
     """out (batch, M, K) = a3 (batch, M, N) @ b3 (batch or 1, N, K) through ``_sketch_kernel``.
 
     a3 and b3 share a dtype; out is fp32 / fp64 or that dtype. ``splits`` cuts the reduction
     into that many chunks (default: ``_reduction_splits``); their fp32 (fp64) partial products
-    are then added by torch.
+    are then added by torch. ``autotune`` (default: from ``_AUTOTUNE_MIN_FLOPS``) False launches
+    the first config that passes the prune.
     """
     batch, M, N = a3.shape
     K = out.shape[-1]
@@ -380,19 +386,30 @@ def _launch(a3, b3, out, splits=None):
     )
     b_strides = (0 if b3.shape[0] == 1 else b3.stride(0), b3.stride(1), b3.stride(2))
 
+    launch_meta = dict(ACC_FP64=fp64, INPUT_PRECISION=precision, ELEMENT_SIZE=a3.element_size(), BLOCK_K=block_k)
+    if autotune is None:
+        autotune = 2.0 * batch * M * N * K >= _AUTOTUNE_MIN_FLOPS
+    if autotune:
+        kernel, config_meta = _sketch_kernel, {}
+    else:
+        configs = sketch_configs()
+        if len(configs) > 1:  # as the autotuner, which prunes only a list of several
+            configs = _prune_sketch_configs(configs, {}, **launch_meta)
+        config = configs[0]
+        kernel = _sketch_kernel.fn  # the JIT function under the autotuner
+        config_meta = dict(**config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+
     def grid(meta):
         return sketch_grid(splits, batch, M, K, meta["BLOCK_M"], block_k)
 
     with device_guard(a3):
-        _sketch_kernel[grid](
+        kernel[grid](
             a3, b3, target,
             M, N, K, split_size, batch,
             *a3.stride(), *b_strides, *target.stride(),
             size_bucket(M), size_bucket(N), size_bucket(K),
-            ACC_FP64=fp64,
-            INPUT_PRECISION=precision,
-            ELEMENT_SIZE=a3.element_size(),
-            BLOCK_K=block_k,
+            **launch_meta,
+            **config_meta,
         )
     if splits > 1:
         out.copy_(target.sum(0))

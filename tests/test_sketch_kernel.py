@@ -131,9 +131,23 @@ def test_split_reduction_matches_fp64(dtype, splits):
     A = make_input(1, 700, 40, dtype, "contiguous", seed=2).mT  # (1, 40, 700), reduction stride 40
     right = make_input(1, 700, 9, dtype, "transposed", seed=3)
     out = torch.empty(1, 40, 9, device=DEVICE, dtype=dtype)  # rounded to A's dtype, as Z is
-    kernels._launch(A, right, out, splits=splits)
+    kernels._launch(A, right, out, splits=splits, autotune=splits == 3)  # both launch paths
     expected = A.double() @ right.double()
     assert_close(out, expected, operand_dtype(dtype), reduction=700, what=f"{splits} splits")
+
+
+def test_small_launches_take_a_gated_config_without_autotuning():
+    # the first config the prune keeps for each launch the compile gate covers (what a small
+    # launch runs instead of autotuning) exists, and a 1,000,000 x 4096 sketch autotunes
+    configs = kernels.sketch_configs(interpreter=False)
+    for element, fp64, precisions, block_ks in [(2, False, ["tf32"], [32, 64, 128, 256]),
+                                                 (4, False, ["tf32"], [32, 64, 128, 256]),
+                                                 (4, False, ["ieee"], [32, 64]), (8, True, ["tf32"], [32, 64])]:
+        for precision in precisions:
+            for block_k in block_ks:
+                meta = dict(ACC_FP64=fp64, INPUT_PRECISION=precision, ELEMENT_SIZE=element, BLOCK_K=block_k)
+                assert kernels._prune_sketch_configs(configs, {}, **meta), meta
+    assert 2.0 * 1_000_000 * 4096 * 256 >= kernels._AUTOTUNE_MIN_FLOPS > 2.0 * 4096 * 4096 * 64
 
 
 def test_reduction_splits_fill_the_gpu():

@@ -110,9 +110,9 @@ def gaussian_sketch_ref(A, k, seed, gram=False):
     fp32 (fp64 for fp64 input); products are accumulated in that dtype.
 
     The CUDA kernel computes the same products on the tensor cores in A's dtype: for fp16 / bf16
-    input it rounds Omega (and, in the Gram form, Z = A^T Omega) once to that dtype, and fp32
-    uses TF32 exactly where torch's fp32 matmul does; it differs from this twin by those
-    roundings (the tests' per-dtype tolerances).
+    input it rounds Omega once to that dtype (and, in the Gram form, Z = A^T Omega to bf16, or
+    to TF32's 10-bit mantissa for fp16), and fp32 uses TF32 exactly where torch's fp32 matmul
+    does; it differs from this twin by those roundings (the tests' per-dtype tolerances).
     """
     _check_inputs(A, k, seed)
     acc_dtype = _accumulation_dtype(A.dtype)

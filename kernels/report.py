@@ -168,6 +168,21 @@ KERNELS: dict[str, KernelSpec] = {
         constexprs=_SKETCH_CONSTEXPRS,
         skip=lambda dtype, variant: variant["INPUT_PRECISION"] == "ieee" and variant["BLOCK_K"] > 64,
     ),
+    "gaussian_sketch_fp16_gram": KernelSpec(
+        module="fastrank.kernels.sketch",
+        kernel="_sketch_kernel",
+        # The Gram form's second launch for fp16 X, Y = X Z: Z stays fp32 (fp16's range), X's
+        # tiles are converted to fp32 and the dot takes TF32; tiles sized for 4-byte elements.
+        args={"a_ptr": "*fp16:16", "b_ptr": "*fp32:16", "y_ptr": "*fp32:16",
+              "M": "i32", "N": "i32:16", "K": "i32:16", "split_size": "i32:16", "batch_size": "1",
+              "stride_ab": "i64:16", "stride_am": "i32:16", "stride_an": "1",
+              "stride_bb": "i32:16", "stride_bn": "1", "stride_bk": "i32:16",
+              "stride_ys": "i32:16", "stride_yb": "i32:16", "stride_ym": "i32:16", "stride_yk": "1",
+              "M_BUCKET": "i32:16", "N_BUCKET": "i32:16", "K_BUCKET": "i32:16"},
+        dtypes=("fp16",),
+        constexprs={"ACC_FP64": (False,), "INPUT_PRECISION": ("tf32",), "ELEMENT_SIZE": (4,),
+                    "BLOCK_K": (32, 64, 128, 256)},
+    ),
     "gaussian_omega": KernelSpec(
         module="fastrank.kernels.sketch",
         kernel="_omega_kernel",

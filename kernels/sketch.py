@@ -61,8 +61,9 @@ specializations of the same kernel, compiled when they occur, never packed (a ``
 of a 16 GB input would double the traffic); the Gram form's transposed read of A still gets
 16-byte copies for fp16 / bf16, 4-byte ones for fp32.
 
-The Gram form Y = A (A^T Omega), Omega (m, k), is two launches: Z = A^T Omega (Z rounded to A's
-dtype for fp16 / bf16), then Y = A Z. Z has only n x k entries, so with few row blocks the first
+The Gram form Y = A (A^T Omega), Omega (m, k), is two launches: Z = A^T Omega (Z rounded to
+bf16 for bf16 input; kept in fp32 for fp16, whose range Z can leave, and then multiplied in TF32
+with A's tiles converted, exact for fp16 values), then Y = A Z. Z has only n x k entries, so with few row blocks the first
 launch splits its (long) reduction into chunks whose fp32 partial products torch adds up
 (``_reduction_splits``).
 
@@ -215,7 +216,7 @@ def _omega_kernel(
 def _sketch_kernel(
     # pointers
     a_ptr,  # (BATCH, M, N) input, any strides
-    b_ptr,  # (BATCH, N, K) right factor in A's dtype (Omega: batch stride 0), any strides
+    b_ptr,  # (BATCH, N, K) right factor in A's dtype (Omega: batch stride 0) or fp32, any strides
     y_ptr,  # (SPLITS, BATCH, M, K) output: fp32 (fp64 for fp64 input), or A's dtype (Gram pass 1)
     # sizes
     M,
@@ -289,6 +290,8 @@ def _sketch_kernel(
         inner_mask = inner < length - start
         a = tl.load(a_rows + inner64[None, :] * stride_an, mask=row_mask[:, None] & inner_mask[None, :], other=0.0)
         b = tl.load(b_cols + inner64[:, None] * stride_bn, mask=inner_mask[:, None] & col_mask[None, :], other=0.0)
+        if a_ptr.dtype.element_ty != b_ptr.dtype.element_ty:  # fp16 A times the fp32 Z of the Gram form
+            a = a.to(b_ptr.dtype.element_ty)
         if ACC_FP64:
             acc += tl.dot(a, b)
         else:
@@ -360,7 +363,8 @@ def _input_precision(dtype: torch.dtype) -> str:
 def _launch(a3, b3, out, splits=None, autotune=None):
     """out (batch, M, K) = a3 (batch, M, N) @ b3 (batch or 1, N, K) through ``_sketch_kernel``.
 
-    a3 and b3 share a dtype; out is fp32 / fp64 or that dtype. ``splits`` cuts the reduction
+    a3 and b3 share a dtype, or a3 is fp16 and b3 fp32 (then a3's tiles are converted to fp32 and
+    the dot takes TF32, which holds every fp16 value exactly); out is fp32 / fp64 or a3's dtype. ``splits`` cuts the reduction
     into that many chunks (default: ``_reduction_splits``); their fp32 (fp64) partial products
     are then added by torch. ``autotune`` (default: from ``_AUTOTUNE_MIN_FLOPS``) False launches
     the first config that passes the prune.
@@ -386,7 +390,8 @@ def _launch(a3, b3, out, splits=None, autotune=None):
     )
     b_strides = (0 if b3.shape[0] == 1 else b3.stride(0), b3.stride(1), b3.stride(2))
 
-    launch_meta = dict(ACC_FP64=fp64, INPUT_PRECISION=precision, ELEMENT_SIZE=a3.element_size(), BLOCK_K=block_k)
+    element = max(a3.element_size(), b3.element_size())  # both tiles sized for the wider, for the prune
+    launch_meta = dict(ACC_FP64=fp64, INPUT_PRECISION=precision, ELEMENT_SIZE=element, BLOCK_K=block_k)
     if autotune is None:
         autotune = 2.0 * batch * M * N * K >= _AUTOTUNE_MIN_FLOPS
     if autotune:
@@ -439,7 +444,8 @@ def gaussian_sketch(A, k, seed, gram=False):
     A: (..., m, n), fp16/bf16/fp32/fp64, any strides. Returns (..., m, k) in fp32 (fp64 for
     fp64 input). Products take A's dtype on the tensor cores (Omega rounded once to fp16 / bf16;
     fp32 in TF32 when torch's fp32 matmul uses TF32) and accumulate in the output dtype; the
-    Gram form rounds Z = A^T Omega to A's dtype. Runs on A's device (a CUDA device guard is taken).
+    Gram form rounds Z = A^T Omega to A's dtype (to TF32 in the product for fp16, whose range
+    Z can leave). Runs on A's device (a CUDA device guard is taken).
     """
     _check_inputs(A, k, seed)
     if A.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
@@ -450,8 +456,11 @@ def gaussian_sketch(A, k, seed, gram=False):
     omega = gaussian_omega(m if gram else n, k, seed, A.device, A.dtype)[None]  # one Omega for the batch
     y3 = torch.empty(a3.shape[0], m, k, device=A.device, dtype=acc_dtype)
     if gram:
-        # Z stored (batch, k, n): the second launch reads it with the reduction index contiguous
-        z3 = torch.empty(a3.shape[0], k, n, device=A.device, dtype=A.dtype).mT
+        # Z stored (batch, k, n): the second launch reads it with the reduction index contiguous.
+        # fp16 keeps Z in fp32: a sum over m rows of A leaves fp16's range (65504) for m = 10**6
+        # rows of entries ~ 50; bf16 has fp32's range.
+        z_dtype = torch.float32 if A.dtype == torch.float16 else A.dtype
+        z3 = torch.empty(a3.shape[0], k, n, device=A.device, dtype=z_dtype).mT
         _launch(a3.mT, omega, z3)
         _launch(a3, z3, y3)
     else:

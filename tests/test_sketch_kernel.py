@@ -63,10 +63,10 @@ def reference_omega(n, k, seed):
 def operand_dtype(dtype):
     """The precision the kernel's products take for ``dtype`` input, as a tolerance-table entry.
 
-    fp16 / bf16: that dtype (Omega and the Gram form's Z are rounded to it). fp32: fp32, or fp16's
-    unit roundoff where TF32 is on (TF32 keeps fp16's 10 explicit mantissa bits). fp64: fp32, the
-    precision of Omega itself (drawn in fp32; the reference's Omega agrees with the kernel's to the
-    last bits of fp32 log / cos / sin, not to fp64).
+    fp16 / bf16: that dtype (Omega is rounded to it, and the Gram form's Z to bf16, or for fp16 to
+    TF32, which keeps fp16's 10 explicit mantissa bits). fp32: fp32, or fp16's unit roundoff where
+    TF32 is on. fp64: fp32, the precision of Omega itself (drawn in fp32; the reference's Omega
+    agrees with the kernel's to the last bits of fp32 log / cos, not to fp64).
     """
     if dtype in (torch.float16, torch.bfloat16):
         return dtype
@@ -121,6 +121,18 @@ def test_gram_sketch_matches_fp64(dtype, shape, layout):
     assert Y.shape == (*shape[:2], k) and Y.dtype == result_dtype(dtype)
     assert_close(Y, expected, operand_dtype(dtype), reduction=max(shape[1], shape[2]), steps=2,
                  what=f"gram sketch {shape}")
+
+
+def test_fp16_gram_sketch_beyond_fp16_range():
+    # Z = A^T Omega sums 700 rows of entries ~ 2000: |Z| reaches ~ 1e5, past fp16's 65504
+    # (an fp16 Z would hold inf); the product Y is fp32 and must match fp64 at fp16's tolerance.
+    A = (make_input(1, 700, 24, torch.float32, "contiguous", seed=4) * 2000).to(torch.float16)
+    Y = kernels.gaussian_sketch(A, 9, seed=2, gram=True)
+    Ad = A.double()
+    Z = Ad.mT @ reference_omega(700, 9, 2)
+    assert Z.abs().max() > torch.finfo(torch.float16).max, "the case must leave fp16's range"
+    assert torch.isfinite(Y).all()
+    assert_close(Y, Ad @ Z, torch.float16, reduction=700, steps=2, what="fp16 gram sketch past fp16 range")
 
 
 @pytest.mark.parametrize("splits", [2, 3])

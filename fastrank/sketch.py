@@ -4,8 +4,9 @@ One op, ``torch.ops.fastrank.gaussian_sketch``, dispatched by device through ``t
 the pure-torch twin below is the CPU body (and the body on any device without a kernel), the
 Triton kernel in ``fastrank.kernels.sketch`` is the CUDA body, and a fake kernel gives shapes
 to torch.compile. Omega is standard normal and depends only on (seed, device type):
-- CUDA: entry (i, j) of Omega is Philox ``tl.randn(seed, i * k + j)``, drawn inside the kernel,
-  never materialized;
+- CUDA: Omega is :func:`philox_omega`: entry (i, j) is one of the four normals (two Box-Muller
+  pairs) of the Philox-4x32-10 call with counter (i, j // 4, 0, 0) and key (seed, 0); the kernel
+  draws it once per call into a small (k, n) buffer that its GEMM reads;
 - elsewhere: Omega = ``torch.randn(rows, k, generator=torch.Generator().manual_seed(seed))``
   (fp32, drawn on the CPU), materialized by the twin.
 Same seed and same device type give the same Omega, hence the same result. The op is a
@@ -52,15 +53,24 @@ def _mul_hi_lo(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
     return hi, lo
 
 
+def _open_uniform(words: Tensor) -> Tensor:
+    """uint32 Philox words (held in int64) -> odd multiples of 2**-24 in (0, 1), exact in fp32."""
+    return ((words >> 9) * 2 + 1).to(torch.float32) * 2.0**-24
+
+
 def philox_omega(rows, k, seed, device=None, dtype=torch.float32):
     """The (rows, k) Omega the CUDA kernel draws, materialized in torch (its specification).
 
-    Entry (i, j): Philox-4x32-10 of counter (i, j, 0, 0) and key (seed, 0); its first two outputs
-    r0, r1 become u = (2 * (r >> 9) + 1) * 2**-24 in (0, 1) (exact in fp32), and the entry is the
-    fp32 Box-Muller normal sqrt(-2 log u1) cos(2 pi u2).
+    Entry (i, j), with q = j // 4 and t = j % 4: Philox-4x32-10 of counter (i, q, 0, 0) and key
+    (seed, 0) gives words r0..r3, each turned into u = (2 * (r >> 9) + 1) * 2**-24 in (0, 1)
+    (exact in fp32); two fp32 Box-Muller pairs make the group's four entries:
+    t = 0, 1: sqrt(-2 log u0) (cos, sin)(2 pi u1); t = 2, 3: sqrt(-2 log u2) (cos, sin)(2 pi u3),
+    each sin(2 pi u) evaluated as cos(2 pi (u - 1/4)) (u - 1/4 is exact), as the kernel does.
+    Entry (i, j) depends on (seed, i, j) only, not on ``rows`` or ``k``.
     """
-    c0 = torch.arange(rows, device=device, dtype=torch.int64)[:, None].expand(rows, k)
-    c1 = torch.arange(k, device=device, dtype=torch.int64)[None, :].expand(rows, k)
+    groups = -(-k // 4)
+    c0 = torch.arange(rows, device=device, dtype=torch.int64)[:, None].expand(rows, groups)
+    c1 = torch.arange(groups, device=device, dtype=torch.int64)[None, :].expand(rows, groups)
     c2 = torch.zeros_like(c0)
     c3 = torch.zeros_like(c0)
     k0, k1 = int(seed) & _MASK32, int(seed) >> 32
@@ -70,10 +80,16 @@ def philox_omega(rows, k, seed, device=None, dtype=torch.float32):
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0 = (k0 + _PHILOX_KEY_A) & _MASK32
         k1 = (k1 + _PHILOX_KEY_B) & _MASK32
-    u1 = ((c0 >> 9) * 2 + 1).to(torch.float32) * 2.0**-24
-    u2 = ((c1 >> 9) * 2 + 1).to(torch.float32) * 2.0**-24
-    omega = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(6.283185307179586 * u2)
-    return omega.to(dtype)
+    u1, u3 = _open_uniform(c1), _open_uniform(c3)
+    radius01 = torch.sqrt(-2.0 * torch.log(_open_uniform(c0)))
+    radius23 = torch.sqrt(-2.0 * torch.log(_open_uniform(c2)))
+    two_pi = 6.283185307179586
+    quads = torch.stack(
+        [radius01 * torch.cos(two_pi * u1), radius01 * torch.cos(two_pi * (u1 - 0.25)),
+         radius23 * torch.cos(two_pi * u3), radius23 * torch.cos(two_pi * (u3 - 0.25))],
+        dim=-1,
+    )  # (rows, groups, 4)
+    return quads.reshape(rows, 4 * groups)[:, :k].to(dtype)
 
 
 def sketch_omega_ref(rows, k, seed, device=None, dtype=torch.float32):
@@ -92,6 +108,11 @@ def gaussian_sketch_ref(A, k, seed, gram=False):
     A: (..., m, n). gram=False: Y = A @ Omega, Omega (n, k). gram=True: Y = A @ (A^T @ Omega),
     Omega (m, k), i.e. a sketch of the Gram A A^T without forming it. Returns (..., m, k) in
     fp32 (fp64 for fp64 input); products are accumulated in that dtype.
+
+    The CUDA kernel computes the same products on the tensor cores in A's dtype: for fp16 / bf16
+    input it rounds Omega once to that dtype (and, in the Gram form, Z = A^T Omega to bf16, or
+    to TF32's 10-bit mantissa for fp16), and fp32 uses TF32 exactly where torch's fp32 matmul
+    does; it differs from this twin by those roundings (the tests' per-dtype tolerances).
     """
     _check_inputs(A, k, seed)
     acc_dtype = _accumulation_dtype(A.dtype)

@@ -77,6 +77,17 @@ from dataclasses import dataclass, field
 # "ieee"); halves pass "tf32", which tl.dot ignores for 16-bit operands.
 _CHAIN_PRECISION = {"fp32": ("ieee", "tf32"), "fp16": ("tf32",), "bf16": ("tf32",)}
 
+# The sketch launcher's constexprs (fastrank.kernels.sketch._matmul): fp32 follows torch's TF32
+# switch, every other dtype passes "tf32" (ignored); BLOCK_K = sketch_block_k(k) (at most 64 for
+# fp32 "ieee" and for fp64); `skip` drops the "ieee" BLOCK_K the launcher never makes.
+_SKETCH_CONSTEXPRS = {
+    "ACC_FP64": {"fp32": (False,), "fp16": (False,), "bf16": (False,), "fp64": (True,)},
+    "INPUT_PRECISION": {"fp32": ("ieee", "tf32"), "fp16": ("tf32",), "bf16": ("tf32",), "fp64": ("tf32",)},
+    "ELEMENT_SIZE": {"fp32": (4,), "fp16": (2,), "bf16": (2,), "fp64": (8,)},
+    "BLOCK_K": {"fp32": (32, 64, 128, 256), "fp16": (32, 64, 128, 256), "bf16": (32, 64, 128, 256),
+                "fp64": (32, 64)},
+}
+
 
 @dataclass(frozen=True)
 class KernelSpec:
@@ -128,27 +139,58 @@ KERNELS: dict[str, KernelSpec] = {
     "gaussian_sketch": KernelSpec(
         module="fastrank.kernels.sketch",
         kernel="_sketch_kernel",
-        # Contiguous A and a contiguous right factor / output; b_ptr is only read when
-        # GENERATE_OMEGA is False (then it is the fp32 / fp64 intermediate Z).
-        args={"a_ptr": "*{dtype}:16", "b_ptr": "*{acc}:16", "y_ptr": "*{acc}:16",
-              "M": "i32", "N": "i32", "K": "i32", "seed": "i32",
-              "stride_ab": "i32", "stride_am": "i32", "stride_an": "1",
-              "stride_bb": "i32", "stride_bn": "i32", "stride_bk": "1",
-              "stride_yb": "i32", "stride_ym": "i32", "stride_yk": "1",
+        # The launch of the sketch of a contiguous 1,000,000 x 4096 X (and of the Gram form's second
+        # launch, Y = A Z): 16-divisible rows and sizes, a batch stride past 2**31 (i64), Omega
+        # (Z) read through its transposed (k, n) buffer (stride_bn 1), one matrix, one split.
+        args={"a_ptr": "*{dtype}:16", "b_ptr": "*{dtype}:16", "y_ptr": "*{acc}:16",
+              "M": "i32", "N": "i32:16", "K": "i32:16", "split_size": "i32:16", "batch_size": "1",
+              "stride_ab": "i64:16", "stride_am": "i32:16", "stride_an": "1",
+              "stride_bb": "i32:16", "stride_bn": "1", "stride_bk": "i32:16",
+              "stride_ys": "i32:16", "stride_yb": "i32:16", "stride_ym": "i32:16", "stride_yk": "1",
               "M_BUCKET": "i32:16", "N_BUCKET": "i32:16", "K_BUCKET": "i32:16"},
         dtypes=("fp32", "fp16", "bf16", "fp64"),
-        constexprs={
-            "GENERATE_OMEGA": (True, False),
-            "ACC_FP64": {"fp32": (False,), "fp16": (False,), "bf16": (False,), "fp64": (True,)},
-        },
+        constexprs=_SKETCH_CONSTEXPRS,
+        skip=lambda dtype, variant: variant["INPUT_PRECISION"] == "ieee" and variant["BLOCK_K"] > 64,
+    ),
+    "gaussian_sketch_gram": KernelSpec(
+        module="fastrank.kernels.sketch",
+        kernel="_sketch_kernel",
+        # The Gram form's first launch for the same X, Z = X^T Omega: X read transposed
+        # (stride_am 1), its 1,000,000 rows (16-divisible) split into chunks with fp32 (fp64)
+        # partial products.
+        args={"a_ptr": "*{dtype}:16", "b_ptr": "*{dtype}:16", "y_ptr": "*{acc}:16",
+              "M": "i32:16", "N": "i32:16", "K": "i32:16", "split_size": "i32:16", "batch_size": "1",
+              "stride_ab": "i64:16", "stride_am": "1", "stride_an": "i32:16",
+              "stride_bb": "i32:16", "stride_bn": "1", "stride_bk": "i32:16",
+              "stride_ys": "i32:16", "stride_yb": "i32:16", "stride_ym": "i32:16", "stride_yk": "1",
+              "M_BUCKET": "i32:16", "N_BUCKET": "i32:16", "K_BUCKET": "i32:16"},
+        dtypes=("fp32", "fp16", "bf16", "fp64"),
+        constexprs=_SKETCH_CONSTEXPRS,
+        skip=lambda dtype, variant: variant["INPUT_PRECISION"] == "ieee" and variant["BLOCK_K"] > 64,
+    ),
+    "gaussian_sketch_fp16_gram": KernelSpec(
+        module="fastrank.kernels.sketch",
+        kernel="_sketch_kernel",
+        # The Gram form's second launch for fp16 X, Y = X Z: Z stays fp32 (fp16's range), X's
+        # tiles are converted to fp32 and the dot takes TF32; tiles sized for 4-byte elements.
+        args={"a_ptr": "*fp16:16", "b_ptr": "*fp32:16", "y_ptr": "*fp32:16",
+              "M": "i32", "N": "i32:16", "K": "i32:16", "split_size": "i32:16", "batch_size": "1",
+              "stride_ab": "i64:16", "stride_am": "i32:16", "stride_an": "1",
+              "stride_bb": "i32:16", "stride_bn": "1", "stride_bk": "i32:16",
+              "stride_ys": "i32:16", "stride_yb": "i32:16", "stride_ym": "i32:16", "stride_yk": "1",
+              "M_BUCKET": "i32:16", "N_BUCKET": "i32:16", "K_BUCKET": "i32:16"},
+        dtypes=("fp16",),
+        constexprs={"ACC_FP64": (False,), "INPUT_PRECISION": ("tf32",), "ELEMENT_SIZE": (4,),
+                    "BLOCK_K": (32, 64, 128, 256)},
     ),
     "gaussian_omega": KernelSpec(
         module="fastrank.kernels.sketch",
         kernel="_omega_kernel",
-        args={"out_ptr": "*fp32:16", "N": "i32", "K": "i32", "seed": "i32",
-              "stride_on": "i32", "stride_ok": "1"},
-        dtypes=("fp32",),
-        launch=({"BLOCK_N": 32, "BLOCK_K": 32}, 4, 3),  # gaussian_omega(); Triton's default warps, stages
+        # the (k, n) buffer seen as (n, k): stride_on 1; written in the sketch's operand dtype
+        args={"out_ptr": "*{dtype}:16", "N": "i32", "K": "i32", "seed": "i32",
+              "stride_on": "1", "stride_ok": "i32"},
+        dtypes=("fp32", "fp16", "bf16", "fp64"),
+        launch=({"BLOCK_N": 64, "BLOCK_Q": 4}, 4, 3),  # _write_omega; Triton's default warps, stages
     ),
 }
 

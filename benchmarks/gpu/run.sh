@@ -11,6 +11,7 @@
 #   bench-chain-kernel.json  pytest-benchmark --benchmark-json of each suite
 #   bench-chain.json
 #   bench-rank.json
+#   bench-sketch.json
 #   profile.json             kernel launches and device time per kernel of one OverparamLinear train
 #                            step (benchmarks/gpu/profile_step.py)
 #   summary.json             device, versions, date, and per step: passed / failed / skipped / errors,
@@ -44,18 +45,19 @@ python="${PYTHON:-python3}"
 # Seconds per step. The GPU machine's lease gives a command at most 10 minutes; these add up to
 # 480 s, plus up to 10 s per step between SIGINT and SIGKILL and about 20 s of setup and summary.
 # On an H100 the CUDA test files took about 130 s on 12 workers, the chain suites 20-30 s each,
-# the rank suite's quick cases 25 s and its model-scale CUDA cases the rest of its 180 s.
-# FASTRANK_GPU_LIMITS="TESTS CHAIN_KERNEL CHAIN RANK" overrides them for a shorter lease,
+# the rank suite's quick cases 25 s and its model-scale CUDA cases the rest of its 150 s.
+# FASTRANK_GPU_LIMITS="TESTS CHAIN_KERNEL CHAIN RANK SKETCH" overrides them for a shorter lease,
 # FASTRANK_GPU_STEPS (e.g. "tests bench-rank") runs only the steps it names and FASTRANK_GPU_TESTS
 # only the test files it names.
-read -r tests_limit chain_kernel_limit chain_limit rank_limit <<< "${FASTRANK_GPU_LIMITS:-160 60 40 180}"
-steps="${FASTRANK_GPU_STEPS:-tests bench-chain-kernel bench-chain bench-rank profile}"
+read -r tests_limit chain_kernel_limit chain_limit rank_limit sketch_limit <<< "${FASTRANK_GPU_LIMITS:-150 60 40 150 40}"
+steps="${FASTRANK_GPU_STEPS:-tests bench-chain-kernel bench-chain bench-rank bench-sketch profile}"
 profile_limit=40
+all_steps="tests bench-chain-kernel bench-chain bench-rank bench-sketch profile"
 for name in $steps; do
-    case "$name" in
-        tests|bench-chain-kernel|bench-chain|bench-rank|profile) ;;
-        *) echo "run.sh: FASTRANK_GPU_STEPS names an unknown step $name (expected tests, bench-chain-kernel, bench-chain, bench-rank, profile)" >&2; exit 2 ;;
-    esac
+    if [[ " $all_steps " != *" $name "* ]]; then
+        echo "run.sh: FASTRANK_GPU_STEPS names an unknown step $name (expected one of: $all_steps)" >&2
+        exit 2
+    fi
 done
 selected() { [[ " $steps " == *" $1 "* ]]; }
 
@@ -165,7 +167,8 @@ cp "$scratch/tests.xml" "$outdir/tests.xml" 2>/dev/null
 export FASTRANK_BENCH_DEVICE=cuda FASTRANK_BENCH_QUICK=1
 for suite in chain-kernel:"$chain_kernel_limit":test_chain_kernel_bench.py \
              chain:"$chain_limit":test_chain_bench.py \
-             rank:"$rank_limit":test_rank_bench.py; do
+             rank:"$rank_limit":test_rank_bench.py \
+             sketch:"$sketch_limit":test_sketch_kernel_bench.py; do
     IFS=: read -r name limit file <<< "$suite"
     selected "bench-$name" || continue
     step "bench-$name" "$limit" "benchmarks/$file" -q -rs --benchmark-only \
@@ -194,7 +197,7 @@ import torch
 
 scratch, outdir, dry_run = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
 steps = {}
-for name in ("tests", "bench-chain-kernel", "bench-chain", "bench-rank", "profile"):
+for name in ("tests", "bench-chain-kernel", "bench-chain", "bench-rank", "bench-sketch", "profile"):
     status_path = os.path.join(scratch, f"{name}.status")
     if not os.path.exists(status_path):
         steps[name] = {"ran": False}
@@ -248,7 +251,7 @@ if dry_run:
     problems = [f"{name}: not run" for name, step in steps.items() if not step["ran"] and name in selected]
     if "tests" in selected and not steps["tests"].get("collected"):
         problems.append("tests: nothing collected")
-    for name in ("bench-chain-kernel", "bench-chain", "bench-rank"):
+    for name in ("bench-chain-kernel", "bench-chain", "bench-rank", "bench-sketch"):
         step = steps[name]
         if step.get("ran") and (step["skipped"] == 0 or step["skipped"] != step["tests"]):
             problems.append(f"{name}: {step['tests'] - step['skipped']} of {step['tests']} cases not skipped "

@@ -827,7 +827,9 @@ def _factor_grads_kernel(
         # Every thread's partial stores happen before the (one-thread) release of the arrival.
         tl.debug_barrier()
         arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel", scope="gpu")
-        if arrived == num_splits - 1:
+        if arrived == num_splits - 1:  # the same value in every thread: the whole program enters
+            # The acquire above was one thread's; the barrier orders every thread's loads after it.
+            tl.debug_barrier()
             total = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
             for s in range(num_splits):
                 total += tl.load(

@@ -437,7 +437,9 @@ def _chain_step_streamed(
 
 @triton.autotune(
     configs=_cuda_configs("chain"),
-    key=["M_BUCKET", "WIDTH_BUCKET", "BLOCK_N", "NUM_FACTORS"],
+    # The layouts too: a layer runs its weight chain (x transposed) and its reverse chain (both
+    # transposed) at the same sizes, and their best tiles need not agree.
+    key=["M_BUCKET", "WIDTH_BUCKET", "BLOCK_N", "NUM_FACTORS", "X_ROWS_CONTIGUOUS", "FACTORS_TRANSPOSED"],
     prune_configs_by={"early_config_prune": _prune_chain_configs},
 )
 @triton.jit
@@ -466,7 +468,8 @@ def _chain_matmul_kernel(
     BLOCK_K: tl.constexpr,  # streamed: reduction step over the input width (resident: BLOCK_N)
     X_ROWS_CONTIGUOUS: tl.constexpr,
     FACTORS_TRANSPOSED: tl.constexpr,
-    RETURN_ALL: tl.constexpr,
+    RETURN_ALL: tl.constexpr,  # resident: store every X_j, else only X_k (the streamed mode stores
+    #   every step: its destinations carry the running block)
     ELEMENT_SIZE: tl.constexpr,  # bytes per element; read by the prune function only
     INPUT_PRECISION: tl.constexpr,
 ):
@@ -706,7 +709,7 @@ def _factor_grad_tile(
 
 @triton.autotune(
     configs=_cuda_configs("factor_grads"),
-    key=["M_BUCKET", "WIDTH_BUCKET", "NUM_GROUPS", "num_splits"],
+    key=["M_BUCKET", "WIDTH_BUCKET", "NUM_GROUPS", "num_splits", "LAYOUTS"],
     prune_configs_by={"early_config_prune": _prune_factor_grads_configs},
 )
 @triton.jit

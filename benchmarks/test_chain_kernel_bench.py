@@ -6,7 +6,10 @@
 The cases are fastrank.bench.chain.chain_kernel_cases(), the ones `fastrank bench --device cuda`
 runs beside the chain suite: for every width d, batch B, chain length L and dtype, the Triton chain
 kernel (every intermediate, or only the last) against one torch.matmul per factor (the baseline)
-and torch.compile of that loop. `fastrank bench` adds the ratio to the baseline measured in the same
+and torch.compile of that loop; then a collapsed train step's d x d work in bf16, each against one
+torch.matmul per factor: the weight chain W_1^T through L - 1 factors with every prefix product
+(d = 256 L = 4, d = 256 L = 8, d = 1024 L = 4) and the grouped factor gradients (d = 256 and 1024,
+M = d, L = 4). `fastrank bench` adds the ratio to the baseline measured in the same
 run, TFLOP/s and the error against fp64.
 """
 

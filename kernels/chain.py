@@ -21,21 +21,38 @@ Rounding (fp16 / bf16)
     after every step, so each returned ``X_j`` is exactly one fp32-accumulated matmul of the
     *returned* ``X_{j-1}`` rounded once: what a sequence of ``torch.matmul`` calls in that dtype
     computes, up to the order of the fp32 summation. ``return_all`` does not change the values.
+    Split-K factor gradients add their fp32 partial sums in a fixed order and round once.
 
 Passing a variable number of tensors
     Up to :data:`FACTORS_PER_LAUNCH` factors (group members) travel as ordinary kernel arguments,
     each with its sizes and strides; a count says how many are live and the kernel picks argument
     j by a scalar select in a run-time loop (unrolled over 8 slots, a BLOCK_N=256 chain config took
-    47 s to compile for sm_90). Nothing is copied
-    to the device before a launch, so the launches are safe under CUDA graph capture
-    (``torch.compile(mode="reduce-overhead")``). Longer chains run as consecutive launches of at
-    most that many steps; larger groups as several grouped launches.
+    47 s to compile for sm_90). Unused slots repeat a live value (never 0), so every slot carries
+    the same alignment and divisibility and the selects keep what Triton specialized for each
+    argument. Nothing is copied to the device before a launch, so the launches are safe under CUDA
+    graph capture (``torch.compile(mode="reduce-overhead")``). Longer chains run as consecutive
+    launches of at most that many steps; larger groups as several grouped launches.
+
+Memory layouts (what makes the global loads vectorized)
+    A matrix operand is passed as a pointer, its one non-unit stride and a layout flag saying which
+    of its two dimensions has unit stride. The unit stride is a compile-time constant in the
+    kernels, so Triton knows the contiguous dimension, loads 16-byte vectors along it (when the
+    other stride and the sizes are multiples of 16, which Triton specializes on) and, in the
+    factor-gradient kernel, pipelines the loads with ``cp.async``. Each tile is loaded in the
+    orientation that is contiguous in memory and transposed in registers (``tl.trans``) where the
+    dot wants the other one. The layers only pass row-major tensors and their transposed views
+    (``W_1^T``, the reverse chain's ``F^T``, ``dP^T``), so the launchers pack only the rare operand
+    with neither stride equal to 1 (``.contiguous()``, one copy, cheaper than compiling every config
+    once more for general strides). Chain: one flag for x, one for all factors of a launch (a launch
+    mixing layouts packs its minority layout); factor gradients: two bits per member, and the
+    kernel compiles one tile loop per layout combination present in the launch.
 
 Fallbacks
-    Widths above :data:`MAX_ONCHIP_WIDTH` (chain) or :data:`MAX_GROUPED_WIDTH` (factor gradients),
-    and float64, run one matmul per step with fp32 accumulation and one rounding, as the kernels
-    do (``torch.mm(..., out_dtype=torch.float32)`` on CUDA for fp16 / bf16; cuBLAS's own fp16
-    GEMM may reduce split-K partial sums in half precision).
+    Widths above :data:`MAX_ONCHIP_WIDTH` (chain; :data:`MAX_ONCHIP_WIDTH_IEEE` for fp32 with TF32
+    off) or :data:`MAX_GROUPED_WIDTH` (factor gradients), and float64, run one matmul per step with
+    fp32 accumulation and one rounding, as the kernels do (``torch.mm(..., out_dtype=torch.float32)``
+    on CUDA for fp16 / bf16; cuBLAS's own fp16 GEMM may reduce split-K partial sums in half
+    precision).
 
 Device
     Launchers take a device guard on the inputs' device; Triton launches on the current device.
@@ -65,6 +82,7 @@ __all__ = [
     "FACTORS_PER_LAUNCH",
     "MAX_ONCHIP_WIDTH",
     "MAX_ONCHIP_WIDTH_IEEE",
+    "MAX_RESIDENT_WIDTH",
     "MAX_GROUPED_WIDTH",
     "chain_matmul",
     "chain_matmul_ref",
@@ -77,24 +95,39 @@ __all__ = [
 # (2-8) in one launch for the activation chain and for the weight chain (L - 1 steps).
 FACTORS_PER_LAUNCH = 8
 
-# Widest layer (max over n_0 .. n_k) that the one-launch chain kernel takes. The running row block
-# is held on chip padded to BLOCK_N = next power of two >= the widest layer, and each step reads a
-# whole (BLOCK_N, BLOCK_N) factor, so the kernel only pays off while that stays small.
-# Compile gate (sm_90, Triton 3.9, benchmarks/results/compile_sm90.md): every BLOCK_N=256
-# config spilled (up to 5 KB a thread with tensor cores, 58 KB in fp32 "ieee"), and at BLOCK_N=128
-# fp32 "ieee" spilled in 40 of 48 configs: wider chains take the torch path (cuBLAS per step).
-# NOT MEASURED on a GPU: whether the kernel beats one matmul per step at these widths is for
-# benchmarks/test_chain_kernel_bench.py to say.
-MAX_ONCHIP_WIDTH = 128
-MAX_ONCHIP_WIDTH_IEEE = 64  # fp32 with TF32 off: tl.dot runs on FMA units, all tiles in registers
+# Widest layer (max over n_0 .. n_k) that the chain kernel takes (``runs_on_chip``). Up to
+# MAX_RESIDENT_WIDTH the running row block stays in registers, padded to BLOCK_N = the next power of
+# two, one (BLOCK_N, BLOCK_N) factor tile per step; wider chains stream it through the destination
+# buffers (K-loop over the input width, N-loop over output chunks; see _chain_matmul_kernel).
+# 1024: the weight chain of a layer is latency-bound up to d ~ 1024 (DESIGN.md), where one launch
+# replaces L - 1. NOT MEASURED on a GPU: whether the streamed kernel beats one cuBLAS matmul per step
+# at d = 512..1024 (the roofline in _chain_matmul_kernel expects it not to at 1024) is for
+# benchmarks/test_chain_kernel_bench.py to say; lower this constant if it does not.
+MAX_ONCHIP_WIDTH = 1024
+# fp32 with TF32 off: tl.dot runs on FMA units (no tensor cores), every tile in registers; the
+# compile gate (sm_90, Triton 3.9) spilled in 40 of 48 register-resident configs at BLOCK_N=128.
+MAX_ONCHIP_WIDTH_IEEE = 64
+# Widest layer whose running block stays in registers (BLOCK_N > 0 in the kernel). Compile gate
+# (sm_90, Triton 3.9, benchmarks/results/compile_sm90.md): register-resident blocks spilled in every
+# BLOCK_N=256 config and in most BLOCK_N=128 ones.
+MAX_RESIDENT_WIDTH = 64
 
 # Widest dimension (max over n_j, n_{j-1}) that the grouped factor-gradient kernel takes; above it
-# each dF_j is one matmul (cuBLAS, which splits the long reduction over M across programs; the
-# grouped kernel reduces all of M inside one program). Measured once on an H100 (bf16, in a layer's
-# train step, benchmarks/results/h100/): 4 products of 1024 x 8192 x 1024 took 137 us, about 63
-# TFLOP/s, where cuBLAS runs a product of that size near 700; not yet timed against one
-# torch.matmul per factor for d in {256, 1024, 4096}, M in {512, 8192, 65536}, L in {2, 4, 8}.
+# each dF_j is one matmul (cuBLAS). Measured once on an H100 (bf16, in a layer's train step,
+# benchmarks/results/h100/) with the kernel before its tiles were vectorized and pipelined: 4
+# products of 1024 x 8192 x 1024 took 137 us, about 63 TFLOP/s.
 MAX_GROUPED_WIDTH = 1024
+
+# Split-K of the factor gradients (reduction over M shared by several programs per output tile).
+# A split covers a multiple of SPLIT_ALIGN rows, so every BLOCK_K of the configs divides it and the
+# splits' K-loops never overlap; at least SPLIT_MIN_ROWS rows (4 steps of BLOCK_K = 64: a 3-4 stage
+# pipeline is full for at least one step); at most MAX_SPLITS splits (the fp32 partials cost
+# 8 bytes per output element and split, written once and read once). The launcher splits when one
+# program per 128 x 128 tile (the largest tile of the configs) leaves SMs idle. NOT MEASURED.
+SPLIT_ALIGN = 64
+SPLIT_MIN_ROWS = 256
+MAX_SPLITS = 16
+_SPLIT_REFERENCE_TILE = 128
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -114,73 +147,113 @@ def _cuda_configs(kernel: str) -> list[triton.Config]:
     Under the interpreter a single config (several configs fail without a GPU, and the interpreter
     has nothing to tune). NOT MEASURED on a GPU: the lists are the usual candidates for tiles of
     this size, less those the sm_90 compile gate (``python -m fastrank.kernels.report``) shows to
-    spill (see ``_prune_chain_configs``).
+    spill (see the prune functions).
     """
     if kernel == "chain":
-        # BLOCK_NC caps the output-column chunk; it is clamped to BLOCK_N by _prune_chain_configs.
-        # One stage: the factor loop carries its running block, there is nothing to pipeline.
         if BUILT_FOR_INTERPRETER:
-            return [triton.Config({"BLOCK_M": 32, "BLOCK_NC": 32}, num_warps=4, num_stages=1)]
-        return [
-            triton.Config({"BLOCK_M": block_m, "BLOCK_NC": block_nc}, num_warps=warps, num_stages=1)
+            return [triton.Config({"BLOCK_M": 32, "BLOCK_NC": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
+        # Register-resident blocks (one stage: the factor loop carries its running block, there is
+        # nothing to pipeline); BLOCK_NC and BLOCK_K are clamped to BLOCK_N by the prune function.
+        resident = [
+            triton.Config({"BLOCK_M": block_m, "BLOCK_NC": 64, "BLOCK_K": 64}, num_warps=warps, num_stages=1)
             for block_m in (32, 64, 128)
-            for block_nc in (32, 64)
             for warps in (4, 8)
         ]
+        # Streamed blocks (two stages: the K-loop over the input width prefetches its next tiles).
+        # 16- and 32-row blocks give M / 16 programs, the most a weight chain of M = d rows can fill.
+        streamed = [
+            triton.Config({"BLOCK_M": block_m, "BLOCK_NC": block_nc, "BLOCK_K": 64}, num_warps=warps, num_stages=2)
+            for block_m in (16, 32, 64)
+            for block_nc in (64, 128)
+            for warps in (4, 8)
+        ]
+        return resident + streamed
     if kernel == "factor_grads":
         if BUILT_FOR_INTERPRETER:
             return [
                 triton.Config({"BLOCK_P": 32, "BLOCK_Q": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)
             ]
+        # wgmma-sized tiles (a warpgroup owns 64 rows), BLOCK_K 64 (128 bytes of a 16-bit row: one
+        # full swizzled shared-memory line), 3-4 stages; 64 x 64 x 32 is the fp32 "ieee" (FMA) tile.
         return [
-            triton.Config(
-                {"BLOCK_P": block_p, "BLOCK_Q": block_q, "BLOCK_K": block_k},
-                num_warps=warps,
-                num_stages=stages,
+            triton.Config({"BLOCK_P": p, "BLOCK_Q": q, "BLOCK_K": k}, num_warps=warps, num_stages=stages)
+            for p, q, k, warps, stages in (
+                (128, 128, 64, 8, 3),
+                (128, 128, 64, 8, 4),
+                (128, 64, 64, 4, 4),
+                (128, 64, 64, 8, 3),
+                (64, 64, 64, 4, 4),
+                (64, 64, 32, 4, 3),
             )
-            for block_p, block_q in ((64, 64), (128, 64), (64, 128))
-            for block_k in (32, 64)
-            for warps, stages in ((4, 3), (8, 3))
         ]
     raise ValueError(f"unknown kernel {kernel!r}")
 
 
+# Streamed chain configs that spill in at least one of the four layouts (compile gate, sm_90,
+# Triton 3.9: 4-512 bytes), as (bytes per element, BLOCK_M, BLOCK_NC, num_warps). fp32 (TF32) tiles
+# need twice the registers of 16-bit ones for the same shape.
+_STREAMED_SPILLS = {
+    (2, 16, 64, 8), (2, 32, 64, 4),
+    (4, 16, 64, 4), (4, 16, 128, 4), (4, 32, 64, 4), (4, 32, 64, 8), (4, 32, 128, 4), (4, 64, 128, 4),
+}
+
+
 def _prune_chain_configs(configs, named_args, **kwargs):
-    """Clamp BLOCK_NC to BLOCK_N, drop duplicates and the tiles the sm_90 compile gate shows to
-    spill (Triton 3.9): 128-row blocks from BLOCK_N=64 on (and with 4 warps at 32); 64-row blocks
-    with 4 warps at BLOCK_N=64 in fp32 "ieee" (9 KB); at BLOCK_N=128 every 4-warp config (16-700 B)
-    and 64 x 64 chunks (56 B in fp32)."""
+    """The configs of the launch's mode. Register-resident (BLOCK_N > 0; the 1-stage configs):
+    BLOCK_NC and BLOCK_K clamped to BLOCK_N, less what the sm_90 compile gate shows to spill
+    (Triton 3.9): 128-row blocks from BLOCK_N=64 on (and with 4 warps at 32); 32-row blocks with
+    8 warps at BLOCK_N=64 (12-28 B in 16-bit) and at BLOCK_N=16 (two elements a thread: no vector
+    load in 16-bit, and 4 warps hold the tile as well); 64-row blocks with 4 warps at BLOCK_N=64 in fp32
+    "ieee" (9 KB). Streamed (BLOCK_N == 0): the multi-stage configs, less _STREAMED_SPILLS.
+    Under the interpreter the single config serves both modes."""
     meta = {**named_args, **kwargs}
     block_n, ieee = meta["BLOCK_N"], meta["INPUT_PRECISION"] == "ieee"
+    element_size = meta["ELEMENT_SIZE"]
     pruned, seen = [], set()
     for config in configs:
-        block_m, warps = config.kwargs["BLOCK_M"], config.num_warps
-        block_nc = min(config.kwargs["BLOCK_NC"], block_n)
-        if block_m == 128 and (block_n >= 64 or (block_n == 32 and warps == 4)):
+        block_m, warps, stages = config.kwargs["BLOCK_M"], config.num_warps, config.num_stages
+        block_nc, block_k = config.kwargs["BLOCK_NC"], config.kwargs["BLOCK_K"]
+        if block_n > 0:
+            if stages != 1 and not BUILT_FOR_INTERPRETER:
+                continue
+            block_nc = block_k = block_n
+            if block_m == 128 and (block_n >= 64 or (block_n == 32 and warps == 4)):
+                continue
+            if block_m == 32 and warps == 8 and block_n in (16, 64):
+                continue
+            if ieee and block_n >= 64 and block_m == 64 and warps == 4:
+                continue
+        elif not BUILT_FOR_INTERPRETER and (stages == 1 or (element_size, block_m, block_nc, warps) in _STREAMED_SPILLS):
             continue
-        if ieee and block_n >= 64 and block_m == 64 and warps == 4:
-            continue
-        if block_n >= 128 and (warps == 4 or (block_m == 64 and block_nc == 64)):
-            continue
-        key = (block_m, block_nc, warps, config.num_stages)
+        key = (block_m, block_nc, block_k, warps, stages)
         if key not in seen:
             seen.add(key)
             pruned.append(
-                triton.Config({**config.kwargs, "BLOCK_NC": block_nc}, num_warps=warps, num_stages=config.num_stages)
+                triton.Config(
+                    {**config.kwargs, "BLOCK_NC": block_nc, "BLOCK_K": block_k}, num_warps=warps, num_stages=stages
+                )
             )
     return pruned
 
 
+# Shared memory the factor-gradient pipeline may take, bytes: sm_90's 232448 less room for the
+# epilogue's layout conversion.
+_FACTOR_GRADS_SMEM_BUDGET = 200 * 1024
+
+
 def _prune_factor_grads_configs(configs, named_args, **kwargs):
-    """Drop what the sm_90 compile gate shows to spill: BLOCK_K=64 with 4 warps; in fp32 "ieee"
-    (FMA units, every tile in registers) everything but 64 x 64 tiles with BLOCK_K=32."""
-    ieee = {**named_args, **kwargs}["INPUT_PRECISION"] == "ieee"
+    """fp32 "ieee" (FMA units, every tile in registers) keeps only the 64 x 64 x 32 tile, the others
+    drop it; pipelines over the shared-memory budget go (fp32 128 x 128 x 64 with 4 stages)."""
+    if BUILT_FOR_INTERPRETER:
+        return configs
+    meta = {**named_args, **kwargs}
+    ieee, element_size = meta["INPUT_PRECISION"] == "ieee", meta["ELEMENT_SIZE"]
     kept = []
     for config in configs:
-        meta = config.kwargs
-        if meta["BLOCK_K"] == 64 and config.num_warps == 4:
+        block_p, block_q, block_k = (config.kwargs[name] for name in ("BLOCK_P", "BLOCK_Q", "BLOCK_K"))
+        if ieee != ((block_p, block_q, block_k) == (64, 64, 32)):
             continue
-        if ieee and (meta["BLOCK_P"], meta["BLOCK_Q"], meta["BLOCK_K"]) != (64, 64, 32):
+        if config.num_stages * (block_p + block_q) * block_k * element_size > _FACTOR_GRADS_SMEM_BUDGET:
             continue
         kept.append(config)
     return kept
@@ -202,13 +275,13 @@ def _on_chip(x: Tensor, factors: Sequence[Tensor], precision: str) -> bool:
 
 def runs_on_chip(x: Tensor, factors: Sequence[Tensor]) -> bool:
     """Whether :func:`chain_matmul` runs the Triton kernel for ``x`` (M, n_0) and ``factors``: a
-    kernel dtype and every width within the on-chip limit for torch's current TF32 setting.
+    kernel dtype and every width within the kernel's limit for torch's current TF32 setting.
     Otherwise it runs its torch twin, one matmul per step."""
     return _on_chip(x, factors, _input_precision(x.dtype))
 
 
 # --------------------------------------------------------------------------------------------
-# argument selection
+# argument selection and operand layouts
 # --------------------------------------------------------------------------------------------
 
 
@@ -241,9 +314,78 @@ def _select_int(index, a0, a1, a2, a3, a4, a5, a6, a7):
     return _select(index, a0 + zero, a1 + zero, a2 + zero, a3 + zero, a4 + zero, a5 + zero, a6 + zero, a7 + zero)
 
 
-def _padded(values: list, filler) -> list:
-    """``values`` padded with ``filler`` to FACTORS_PER_LAUNCH slots."""
-    return list(values) + [filler] * (FACTORS_PER_LAUNCH - len(values))
+def _padded(values: list) -> list:
+    """``values`` padded to FACTORS_PER_LAUNCH slots by repeating its last entry: the unused slots
+    carry a live value, so they share its alignment and divisibility (a 0 stride or size would
+    not tell Triton the same thing about the selected value)."""
+    return list(values) + [values[-1]] * (FACTORS_PER_LAUNCH - len(values))
+
+
+def _row_major(t: Tensor) -> bool:
+    return t.stride(1) == 1 or t.shape[1] == 1
+
+
+def _column_major(t: Tensor) -> bool:
+    return t.stride(0) == 1 or t.shape[0] == 1
+
+
+def _layout(t: Tensor) -> tuple[Tensor, bool, int]:
+    """``(t or a packed copy, whether dim 0 has unit stride, the other stride)``: row-major views
+    keep dim 1 as the unit stride, column-major views (transposes) dim 0; anything else is packed
+    row-major (one copy)."""
+    if _row_major(t):
+        return t, False, t.stride(0)
+    if _column_major(t):
+        return t, True, t.stride(1)
+    t = t.contiguous()
+    return t, False, t.stride(0)
+
+
+@triton.jit
+def _load_rows(ptr, stride, rows64, row_mask, cols, col_mask, ROWS_CONTIGUOUS: tl.constexpr):
+    """Tile ``[r, c]`` (rows ``rows64``, columns ``cols``) of a matrix with unit stride along its
+    columns and ``stride`` between rows, or (ROWS_CONTIGUOUS) unit stride along its rows and
+    ``stride`` between columns. Loaded in the orientation that is contiguous in memory (vector loads
+    along the unit stride), transposed in registers for the second; zero outside the masks. Through
+    L2 (".cg"): the chain kernel's streamed steps read rows this program has just written."""
+    if ROWS_CONTIGUOUS:
+        tile = tl.load(
+            ptr + cols.to(tl.int64)[:, None] * stride + rows64[None, :],
+            mask=col_mask[:, None] & row_mask[None, :],
+            other=0.0,
+            cache_modifier=".cg",
+        )
+        tile = tl.trans(tile)
+    else:
+        tile = tl.load(
+            ptr + rows64[:, None] * stride + cols[None, :],
+            mask=row_mask[:, None] & col_mask[None, :],
+            other=0.0,
+            cache_modifier=".cg",
+        )
+    return tile
+
+
+@triton.jit
+def _load_factor_t(ptr, stride, k, k_mask, n, n_mask, TRANSPOSED: tl.constexpr):
+    """Tile ``[k, n] = F[n, k]`` of F^T for a factor F (n_out, n_in) with unit stride along n_in
+    and ``stride`` between rows, or (TRANSPOSED: F is a transposed view) unit stride along n_out
+    and ``stride`` between columns. The first is loaded as F's (n, k) rows, contiguous along k, and
+    transposed in registers; zero outside the masks."""
+    if TRANSPOSED:
+        tile = tl.load(
+            ptr + k.to(tl.int64)[:, None] * stride + n[None, :],
+            mask=k_mask[:, None] & n_mask[None, :],
+            other=0.0,
+        )
+    else:
+        tile = tl.load(
+            ptr + n.to(tl.int64)[:, None] * stride + k[None, :],
+            mask=n_mask[:, None] & k_mask[None, :],
+            other=0.0,
+        )
+        tile = tl.trans(tile)
+    return tile
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,110 +393,167 @@ def _padded(values: list, filler) -> list:
 # --------------------------------------------------------------------------------------------
 
 
+@triton.jit
+def _chain_step_streamed(
+    src_ptr,  # X_{j-1}: (M, n_in), unit stride along n_in, or along M when SRC_ROWS_CONTIGUOUS
+    src_stride,  # X_{j-1}'s other stride
+    factor_ptr,  # F_j: (n_out, n_in), layout as in _load_factor_t
+    factor_stride,
+    dest_ptr,  # X_j: contiguous (M, n_out)
+    rows64,
+    row_mask,
+    n_in,
+    n_out,
+    SRC_ROWS_CONTIGUOUS: tl.constexpr,
+    FACTORS_TRANSPOSED: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_NC: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """One step of a streamed chain for one row block: X_j[rows] = X_{j-1}[rows] @ F_j^T in
+    (BLOCK_M, BLOCK_NC) output chunks, each a K-loop over n_in, rounded once and stored; then a
+    barrier, so the next step's loads (other threads of this program) see every chunk."""
+    dtype = dest_ptr.dtype.element_ty
+    for n_start in range(0, n_out, BLOCK_NC):
+        n = n_start + tl.arange(0, BLOCK_NC)
+        n_mask = n < n_out
+        acc = tl.zeros((BLOCK_M, BLOCK_NC), dtype=tl.float32)
+        for k_start in range(0, n_in, BLOCK_K):
+            k = k_start + tl.arange(0, BLOCK_K)
+            k_mask = k < n_in
+            block = _load_rows(src_ptr, src_stride, rows64, row_mask, k, k_mask, SRC_ROWS_CONTIGUOUS)
+            factor_t = _load_factor_t(factor_ptr, factor_stride, k, k_mask, n, n_mask, FACTORS_TRANSPOSED)
+            acc = tl.dot(block, factor_t, acc, input_precision=INPUT_PRECISION)
+        tl.store(
+            dest_ptr + rows64[:, None] * n_out + n[None, :],
+            acc.to(dtype),
+            mask=row_mask[:, None] & n_mask[None, :],
+        )
+    # The barrier makes this program's stores visible to all of its threads; the next step reads
+    # them through L2 (".cg" in _load_rows), never from a possibly stale L1 line.
+    tl.debug_barrier()
+
+
 @triton.autotune(
     configs=_cuda_configs("chain"),
-    key=["M_BUCKET", "BLOCK_N", "NUM_FACTORS"],
+    # The layouts too: a layer runs its weight chain (x transposed) and its reverse chain (both
+    # transposed) at the same sizes, and their best tiles need not agree.
+    key=["M_BUCKET", "WIDTH_BUCKET", "BLOCK_N", "NUM_FACTORS", "X_ROWS_CONTIGUOUS", "FACTORS_TRANSPOSED"],
     prune_configs_by={"early_config_prune": _prune_chain_configs},
 )
 @triton.jit
 def _chain_matmul_kernel(
     # pointers
-    x_ptr,  # (M, n_0), any strides; its element type is that of every factor and output
-    f0_ptr, f1_ptr, f2_ptr, f3_ptr, f4_ptr, f5_ptr, f6_ptr, f7_ptr,  # F_{j+1}: (n_{j+1}, n_j), any strides
+    x_ptr,  # X_0: (M, n_0), unit stride along n_0 (or along M: X_ROWS_CONTIGUOUS); its element
+    #   type is that of every factor and output
+    f0_ptr, f1_ptr, f2_ptr, f3_ptr, f4_ptr, f5_ptr, f6_ptr, f7_ptr,  # F_{j+1}: (n_{j+1}, n_j), unit
+    #   stride along n_j (or along n_{j+1}: FACTORS_TRANSPOSED)
     d0_ptr, d1_ptr, d2_ptr, d3_ptr, d4_ptr, d5_ptr, d6_ptr, d7_ptr,  # X_{j+1}: contiguous (M, n_{j+1})
     #   (an output, or scratch when not returned); slots j >= NUM_FACTORS are never read
     # sizes
     M,
     n0, n1, n2, n3, n4, n5, n6, n7, n8,  # widths n_0 .. n_8
     M_BUCKET,  # autotune key only
+    WIDTH_BUCKET,  # autotune key only
     # strides (in elements; products with row indices are formed in int64)
-    stride_xm,
-    stride_xk,
-    so0, so1, so2, so3, so4, so5, so6, so7,  # F_{j+1} stride along n_{j+1} (its rows)
-    si0, si1, si2, si3, si4, si5, si6, si7,  # F_{j+1} stride along n_j (its columns)
+    stride_x,  # x's other stride: between rows, or between columns with X_ROWS_CONTIGUOUS
+    sf0, sf1, sf2, sf3, sf4, sf5, sf6, sf7,  # F_{j+1}'s other stride: between its rows, or columns
     # meta-parameters
     NUM_FACTORS,  # live slots, 1 .. 8
     BLOCK_M: tl.constexpr,  # rows per program
-    BLOCK_N: tl.constexpr,  # power of two >= every width n_0 .. n_k
-    BLOCK_NC: tl.constexpr,  # output columns per dot; == BLOCK_N keeps the chain in registers
-    RETURN_ALL: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # power of two >= every width n_0 .. n_k: the block stays in registers;
+    #   0: the chain is wider than MAX_RESIDENT_WIDTH and streams through the destinations
+    BLOCK_NC: tl.constexpr,  # streamed: output columns per dot (resident: BLOCK_N)
+    BLOCK_K: tl.constexpr,  # streamed: reduction step over the input width (resident: BLOCK_N)
+    X_ROWS_CONTIGUOUS: tl.constexpr,
+    FACTORS_TRANSPOSED: tl.constexpr,
+    RETURN_ALL: tl.constexpr,  # resident: store every X_j, else only X_k (the streamed mode stores
+    #   every step: its destinations carry the running block)
+    ELEMENT_SIZE: tl.constexpr,  # bytes per element; read by the prune function only
     INPUT_PRECISION: tl.constexpr,
 ):
     """Each program streams one BLOCK_M row block of x through all factors.
 
-    With one column chunk (BLOCK_NC == BLOCK_N) the running block never leaves registers: each step
-    is one (BLOCK_M, BLOCK_N) x (BLOCK_N, BLOCK_N) dot. With several chunks, each step writes its
-    chunks to the destination (its own rows only), a barrier makes them visible to the whole
-    program, and the next step reloads the block (from L2, it was just written). Destinations
-    that are not returned alternate between two scratch buffers, so a step never overwrites what a
-    slower warp may still be reading. No program reads another program's rows.
+    Resident (BLOCK_N > 0, widths <= MAX_RESIDENT_WIDTH): the running block never leaves
+    registers; each step is one (BLOCK_M, BLOCK_N) x (BLOCK_N, BLOCK_N) dot, rounded to the input
+    dtype, stored when returned. Streamed (BLOCK_N == 0): each step (``_chain_step_streamed``)
+    reads the previous X from global memory (x, then the destination it wrote one step earlier,
+    from L2), runs a K-loop over the input width per BLOCK_NC output chunk, so registers hold one
+    (BLOCK_M, BLOCK_NC) fp32 accumulator and two tiles, and writes its own rows of the next
+    destination. Destinations that are not returned alternate between two scratch buffers, so a
+    step never overwrites what a slower warp may still be reading. No program reads another
+    program's rows.
+
+    Roofline (one launch, k steps, e = bytes per element, S = sum_j n_j n_{j-1}):
+      FLOPs   2 M S.
+      DRAM    e (M n_0 + S + M sum_{returned} n_j) bytes at least (every operand once).
+      L2      every program reads every factor: e S ceil(M / BLOCK_M); streamed steps also reread
+              their row block once per output chunk: e M sum_j n_{j-1} ceil(n_j / BLOCK_NC).
+    The weight chain of an OverparamLinear(d, d, depth=L) (M = d, k = L - 1, bf16), H100 (989
+    dense bf16 TFLOP/s, 3.35 TB/s DRAM, 132 SMs):
+      d = 256, L = 4: 0.10 GFLOP, 0.9 MB of DRAM traffic (0.1 us and 0.3 us): launch-bound; one
+              launch replaces L - 1 cuBLAS calls, so the expected time is one launch plus a few us
+              (16 programs of 16 rows), against L - 1 launches.
+      d = 1024, L = 4: 6.4 GFLOP (6.5 us at peak). Programs = 1024 / BLOCK_M = 16-64, at most
+              half the SMs, and 16-32-row tiles run mma.sync, not wgmma: expected bound by
+              parallelism and by the L2 rereads of the factors (384 MB at 16 rows, ~70 us at
+              ~5.5 TB/s; 96 MB at 64 rows), i.e. expected 10-20% of the chip, slower than L - 1
+              cuBLAS calls. Expected, NOT MEASURED: benchmarks/test_chain_kernel_bench.py decides.
     """
     dtype = x_ptr.dtype.element_ty
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
     rows64 = rows.to(tl.int64)
-    cols = tl.arange(0, BLOCK_N)
-    cols64 = cols.to(tl.int64)
 
-    block = tl.load(
-        x_ptr + rows64[:, None] * stride_xm + cols64[None, :] * stride_xk,
-        mask=row_mask[:, None] & (cols[None, :] < n0),
-        other=0.0,
-    )
-    # A run-time loop: unrolled over 8 factors, a BLOCK_N=256 config took 47 s to compile for sm_90.
-    for j in range(NUM_FACTORS):
-        factor_ptr = _select(j, f0_ptr, f1_ptr, f2_ptr, f3_ptr, f4_ptr, f5_ptr, f6_ptr, f7_ptr)
-        dest_ptr = _select(j, d0_ptr, d1_ptr, d2_ptr, d3_ptr, d4_ptr, d5_ptr, d6_ptr, d7_ptr)
-        n_in = _select_int(j, n0, n1, n2, n3, n4, n5, n6, n7)
-        n_out = _select_int(j, n1, n2, n3, n4, n5, n6, n7, n8)
-        stride_out = _select_int(j, so0, so1, so2, so3, so4, so5, so6, so7)
-        stride_in = _select_int(j, si0, si1, si2, si3, si4, si5, si6, si7)
-        dest_rows = dest_ptr + rows64[:, None] * n_out
-        if BLOCK_NC == BLOCK_N:
-            # F_j^T as a (BLOCK_N, BLOCK_N) tile: element [c, r] = F_j[r, c], zero outside.
-            factor_t = tl.load(
-                factor_ptr + cols64[:, None] * stride_in + cols64[None, :] * stride_out,
-                mask=(cols[:, None] < n_in) & (cols[None, :] < n_out),
-                other=0.0,
-            )
-            acc = tl.dot(block, factor_t, input_precision=INPUT_PRECISION)
-            block = acc.to(dtype)
+    if BLOCK_N > 0:
+        cols = tl.arange(0, BLOCK_N)
+        block = _load_rows(x_ptr, stride_x, rows64, row_mask, cols, cols < n0, X_ROWS_CONTIGUOUS)
+        # A run-time loop: unrolled over 8 factors, a BLOCK_N=256 config took 47 s to compile for sm_90.
+        for j in range(NUM_FACTORS):
+            factor_ptr = _select(j, f0_ptr, f1_ptr, f2_ptr, f3_ptr, f4_ptr, f5_ptr, f6_ptr, f7_ptr)
+            dest_ptr = _select(j, d0_ptr, d1_ptr, d2_ptr, d3_ptr, d4_ptr, d5_ptr, d6_ptr, d7_ptr)
+            n_in = _select_int(j, n0, n1, n2, n3, n4, n5, n6, n7)
+            n_out = _select_int(j, n1, n2, n3, n4, n5, n6, n7, n8)
+            factor_stride = _select_int(j, sf0, sf1, sf2, sf3, sf4, sf5, sf6, sf7)
+            factor_t = _load_factor_t(factor_ptr, factor_stride, cols, cols < n_in, cols, cols < n_out, FACTORS_TRANSPOSED)
+            block = tl.dot(block, factor_t, input_precision=INPUT_PRECISION).to(dtype)
             out_mask = row_mask[:, None] & (cols[None, :] < n_out)
+            dest = dest_ptr + rows64[:, None] * n_out + cols[None, :]
             if RETURN_ALL:
-                tl.store(dest_rows + cols64[None, :], block, mask=out_mask)
+                tl.store(dest, block, mask=out_mask)
             elif j == NUM_FACTORS - 1:
-                tl.store(dest_rows + cols64[None, :], block, mask=out_mask)
-        else:
-            for chunk_start in tl.static_range(0, BLOCK_N, BLOCK_NC):
-                if chunk_start < n_out:
-                    chunk_cols = chunk_start + tl.arange(0, BLOCK_NC)
-                    chunk_cols64 = chunk_cols.to(tl.int64)
-                    factor_t = tl.load(
-                        factor_ptr + cols64[:, None] * stride_in + chunk_cols64[None, :] * stride_out,
-                        mask=(cols[:, None] < n_in) & (chunk_cols[None, :] < n_out),
-                        other=0.0,
-                    )
-                    acc = tl.dot(block, factor_t, input_precision=INPUT_PRECISION)
-                    tl.store(
-                        dest_rows + chunk_cols64[None, :],
-                        acc.to(dtype),
-                        mask=row_mask[:, None] & (chunk_cols[None, :] < n_out),
-                    )
-            # The barrier makes this program's stores above visible to all of its threads; the
-            # reload reads through L2 (".cg"), never from a possibly stale L1 line.
-            tl.debug_barrier()
-            block = tl.load(
-                dest_rows + cols64[None, :],
-                mask=row_mask[:, None] & (cols[None, :] < n_out),
-                other=0.0,
-                cache_modifier=".cg",
+                tl.store(dest, block, mask=out_mask)
+    else:
+        # Step 1 reads x in its own layout; the later steps read the row-major destinations.
+        _chain_step_streamed(
+            x_ptr, stride_x, f0_ptr, sf0, d0_ptr, rows64, row_mask, n0, n1,
+            X_ROWS_CONTIGUOUS, FACTORS_TRANSPOSED, BLOCK_M, BLOCK_NC, BLOCK_K, INPUT_PRECISION,
+        )
+        for j in range(1, NUM_FACTORS):
+            src_ptr = _select(j - 1, d0_ptr, d1_ptr, d2_ptr, d3_ptr, d4_ptr, d5_ptr, d6_ptr, d7_ptr)
+            factor_ptr = _select(j, f0_ptr, f1_ptr, f2_ptr, f3_ptr, f4_ptr, f5_ptr, f6_ptr, f7_ptr)
+            dest_ptr = _select(j, d0_ptr, d1_ptr, d2_ptr, d3_ptr, d4_ptr, d5_ptr, d6_ptr, d7_ptr)
+            n_in = _select_int(j, n0, n1, n2, n3, n4, n5, n6, n7)
+            n_out = _select_int(j, n1, n2, n3, n4, n5, n6, n7, n8)
+            factor_stride = _select_int(j, sf0, sf1, sf2, sf3, sf4, sf5, sf6, sf7)
+            _chain_step_streamed(
+                src_ptr, n_in, factor_ptr, factor_stride, dest_ptr, rows64, row_mask, n_in, n_out,
+                False, FACTORS_TRANSPOSED, BLOCK_M, BLOCK_NC, BLOCK_K, INPUT_PRECISION,
             )
 
 
 # --------------------------------------------------------------------------------------------
 # chain matmul: launcher
 # --------------------------------------------------------------------------------------------
+
+
+def _resident_block(widths: Sequence[int]) -> int:
+    """The kernel's BLOCK_N for a launch through layers of these widths: the padded width when the
+    block stays in registers, 0 when it is streamed."""
+    widest = max(widths)
+    return size_bucket(widest) if widest <= MAX_RESIDENT_WIDTH else 0
 
 
 def _launch_chain(
@@ -364,25 +563,34 @@ def _launch_chain(
     k = len(factors)
     M = x.shape[0]
     widths = [x.shape[1]] + [f.shape[0] for f in factors]
-    filler = dests[-1]  # never read: slots j >= k are compiled out
+    x, x_rows_contiguous, stride_x = _layout(x)
+    # One layout for all factors: transposed views when every factor is one (the reverse chain),
+    # else row-major, packing any factor that is not (a launch mixing the two is not one the layers
+    # make).
+    transposed = all(_column_major(f) for f in factors) and not all(_row_major(f) for f in factors)
+    factors = [f if (_column_major(f) if transposed else _row_major(f)) else f.contiguous() for f in factors]
+    strides = [f.stride(1) if transposed else f.stride(0) for f in factors]
+    filler = next(d for d in reversed(dests) if d is not None)  # never written: its slot stores nothing
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]),)
 
     _chain_matmul_kernel[grid](
         x,
-        *_padded(factors, factors[-1]),
-        *_padded([d if d is not None else filler for d in dests], filler),
+        *_padded(factors),
+        *_padded([d if d is not None else filler for d in dests]),
         M,
-        *(widths + [0] * (FACTORS_PER_LAUNCH + 1 - len(widths))),  # n_0 .. n_8
+        *(widths + [widths[-1]] * (FACTORS_PER_LAUNCH + 1 - len(widths))),  # n_0 .. n_8
         size_bucket(M),
-        x.stride(0),
-        x.stride(1),
-        *_padded([f.stride(0) for f in factors], 0),
-        *_padded([f.stride(1) for f in factors], 0),
+        size_bucket(max(widths)),
+        stride_x,
+        *_padded(strides),
         NUM_FACTORS=k,
-        BLOCK_N=size_bucket(max(widths)),
+        BLOCK_N=_resident_block(widths),
+        X_ROWS_CONTIGUOUS=x_rows_contiguous,
+        FACTORS_TRANSPOSED=transposed,
         RETURN_ALL=return_all,
+        ELEMENT_SIZE=x.element_size(),
         INPUT_PRECISION=precision,
     )
 
@@ -417,10 +625,12 @@ def chain_matmul(x: Tensor, factors: Sequence[Tensor], return_all: bool = True) 
             if keep_all:
                 dests = [x.new_empty((M, n)) for n in group_widths[1:]]
             else:
-                # Intermediates are staged in two alternating scratch buffers when a step needs
-                # several column chunks (the smallest chunk any config may pick is 32 columns).
-                needs_scratch = len(group) > 1 and size_bucket(max(group_widths)) > 32
-                scratch = x.new_empty((2, M * max(group_widths[1:-1]))) if needs_scratch else None
+                # A streamed chain stages its intermediates in two alternating scratch buffers; a
+                # resident one keeps them in registers.
+                # Each buffer's size is rounded up to 64 elements: both start 128-byte aligned.
+                needs_scratch = len(group) > 1 and _resident_block(group_widths) == 0
+                scratch_size = triton.cdiv(M * max(group_widths[1:-1], default=1), 64) * 64
+                scratch = x.new_empty((2, scratch_size)) if needs_scratch else None
                 dests = [
                     scratch[j % 2][: M * n].view(M, n) if scratch is not None else None
                     for j, n in enumerate(group_widths[1:-1])
@@ -437,92 +647,204 @@ def chain_matmul(x: Tensor, factors: Sequence[Tensor], return_all: bool = True) 
 # --------------------------------------------------------------------------------------------
 
 
+@triton.jit
+def _factor_grad_tile(
+    grad_ptr,  # G: (M, p), unit stride along p, or along M when G_ROWS_CONTIGUOUS
+    input_ptr,  # X: (M, q), unit stride along q, or along M when X_ROWS_CONTIGUOUS
+    stride_g,  # G's other stride
+    stride_x,  # X's other stride
+    offs_p,
+    p_mask,
+    offs_q,
+    q_mask,
+    m_begin,
+    m_end,
+    M,
+    G_ROWS_CONTIGUOUS: tl.constexpr,
+    X_ROWS_CONTIGUOUS: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """fp32 (BLOCK_P, BLOCK_Q) tile of G^T X over the reduction rows [m_begin, m_end). Every tile
+    is loaded along its unit stride (16-byte vectors; cp.async stages when pipelined) and
+    transposed in registers where the dot wants the other orientation."""
+    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+    offs_p64 = offs_p.to(tl.int64)
+    offs_q64 = offs_q.to(tl.int64)
+    for m_start in range(m_begin, m_end, BLOCK_K):
+        m = m_start + tl.arange(0, BLOCK_K)
+        m_mask = m < M
+        m64 = m.to(tl.int64)
+        if G_ROWS_CONTIGUOUS:  # G^T is row-major: its (BLOCK_P, BLOCK_K) tile directly
+            grad_t = tl.load(
+                grad_ptr + offs_p64[:, None] * stride_g + m[None, :],
+                mask=p_mask[:, None] & m_mask[None, :],
+                other=0.0,
+            )
+        else:  # G's (BLOCK_K, BLOCK_P) rows, transposed
+            grad_t = tl.load(
+                grad_ptr + m64[:, None] * stride_g + offs_p[None, :],
+                mask=m_mask[:, None] & p_mask[None, :],
+                other=0.0,
+            )
+            grad_t = tl.trans(grad_t)
+        if X_ROWS_CONTIGUOUS:  # X^T's (BLOCK_Q, BLOCK_K) rows, transposed
+            inp = tl.load(
+                input_ptr + offs_q64[:, None] * stride_x + m[None, :],
+                mask=q_mask[:, None] & m_mask[None, :],
+                other=0.0,
+            )
+            inp = tl.trans(inp)
+        else:
+            inp = tl.load(
+                input_ptr + m64[:, None] * stride_x + offs_q[None, :],
+                mask=m_mask[:, None] & q_mask[None, :],
+                other=0.0,
+            )
+        acc = tl.dot(grad_t, inp, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
 @triton.autotune(
     configs=_cuda_configs("factor_grads"),
-    key=["M_BUCKET", "WIDTH_BUCKET", "NUM_GROUPS"],
+    key=["M_BUCKET", "WIDTH_BUCKET", "NUM_GROUPS", "num_splits", "LAYOUTS"],
     prune_configs_by={"early_config_prune": _prune_factor_grads_configs},
 )
 @triton.jit
 def _factor_grads_kernel(
     # pointers (slot g = group member g; slots g >= NUM_GROUPS are never read)
-    g0_ptr, g1_ptr, g2_ptr, g3_ptr, g4_ptr, g5_ptr, g6_ptr, g7_ptr,  # G_g: (M, p_g), any strides
-    i0_ptr, i1_ptr, i2_ptr, i3_ptr, i4_ptr, i5_ptr, i6_ptr, i7_ptr,  # X_g: (M, q_g), any strides
+    g0_ptr, g1_ptr, g2_ptr, g3_ptr, g4_ptr, g5_ptr, g6_ptr, g7_ptr,  # G_g: (M, p_g), unit stride along
+    #   p_g, or along M (layout bit 0 of member g)
+    i0_ptr, i1_ptr, i2_ptr, i3_ptr, i4_ptr, i5_ptr, i6_ptr, i7_ptr,  # X_g: (M, q_g), unit stride along
+    #   q_g, or along M (layout bit 1 of member g)
     o0_ptr, o1_ptr, o2_ptr, o3_ptr, o4_ptr, o5_ptr, o6_ptr, o7_ptr,  # dF_g = G_g^T X_g: contiguous (p_g, q_g)
+    partial_ptr,  # fp32 (num_splits, sum_g r_g), r_g = p_g q_g rounded up to a multiple of 16 (so
+    #   every region starts 64-byte aligned), SPLIT_K only: split s's partial of member g is the
+    #   contiguous (p_g, q_g) at s * sum_h r_h + sum_{h<g} r_h
+    counter_ptr,  # int32 (>= number of output tiles,), SPLIT_K only: splits arrived per output tile;
+    #   zero before the launch, and the last split of each tile sets it back to zero
     # sizes
     M,
     p0, p1, p2, p3, p4, p5, p6, p7,
     q0, q1, q2, q3, q4, q5, q6, q7,
+    split_rows,  # reduction rows per split (a multiple of SPLIT_ALIGN when num_splits > 1)
+    num_splits,  # programs per output tile, each reducing split_rows rows of M
     M_BUCKET,  # autotune key only
     WIDTH_BUCKET,  # autotune key only
     # strides (in elements)
-    sgm0, sgm1, sgm2, sgm3, sgm4, sgm5, sgm6, sgm7,  # G_g along M
-    sgp0, sgp1, sgp2, sgp3, sgp4, sgp5, sgp6, sgp7,  # G_g along p
-    sim0, sim1, sim2, sim3, sim4, sim5, sim6, sim7,  # X_g along M
-    siq0, siq1, siq2, siq3, siq4, siq5, siq6, siq7,  # X_g along q
+    sg0, sg1, sg2, sg3, sg4, sg5, sg6, sg7,  # G_g's other stride: along M, or along p_g
+    si0, si1, si2, si3, si4, si5, si6, si7,  # X_g's other stride: along M, or along q_g
+    layouts,  # bits 2g, 2g + 1: member g's G_g, X_g have unit stride along M
     # meta-parameters
     NUM_GROUPS,  # live slots, 1 .. 8
     BLOCK_P: tl.constexpr,  # rows of dF_g per program
     BLOCK_Q: tl.constexpr,  # columns of dF_g per program
-    BLOCK_K: tl.constexpr,  # reduction (M) step
+    BLOCK_K: tl.constexpr,  # reduction (M) step; divides SPLIT_ALIGN
+    LAYOUTS: tl.constexpr,  # bit c set when some member has layout code c = bits (2g, 2g+1) of layouts
+    SPLIT_K: tl.constexpr,  # num_splits > 1
+    ELEMENT_SIZE: tl.constexpr,  # bytes per element; read by the prune function only
     INPUT_PRECISION: tl.constexpr,
 ):
-    """Grouped GEMM: one program per (BLOCK_P, BLOCK_Q) tile of one dF_g, the whole reduction over M
-    inside the program (fp32 accumulator), one rounding to the output dtype at the end."""
+    """Grouped GEMM with optional split-K: one program per (output tile of one dF_g, split of M).
+
+    Programs ``pid = tile * num_splits + split``; tiles of member 0 come first, then member 1, ...
+    Without split each program reduces all of M (fp32 accumulator) and rounds once. With split,
+    each program stores its fp32 partial, and the last of a tile's splits to arrive (an atomic
+    counter per tile; no program ever waits) adds the partials in split order 0, 1, ... (the same
+    order whichever program arrives last: deterministic), rounds once and stores dF_g.
+
+    Roofline (one launch, e = bytes per element, P = sum_g p_g q_g, S splits):
+      FLOPs   2 M P.
+      DRAM    e (M sum_g (p_g + q_g) + P) bytes at least (every operand once), plus 8 S P for the
+              split partials (fp32, written and read once).
+    The factor gradients of OverparamLinear(d, d, depth=4)'s step (4 products, M = d, bf16), H100:
+      d = 1024: 8.6 GFLOP (8.7 us at 989 TFLOP/s), 25 MB (7.5 us at 3.35 TB/s; mostly L2-resident,
+              just written by the backward): compute-bound, 256 tiles of 128 x 128 (1.9 waves on
+              132 SMs, no split); expected 50-70% of peak (12-17 us), against four cuBLAS calls
+              and their launches.
+      d = 256: 0.13 GFLOP, 1.6 MB: launch-bound (well under 1 us of work); expected one launch's
+              time against four.
+    Expected, NOT MEASURED: benchmarks/test_chain_kernel_bench.py measures both.
+    """
     dtype = g0_ptr.dtype.element_ty
     pid = tl.program_id(0)
+    split = pid % num_splits
+    tile = pid // num_splits
 
-    # This program's member: the tiles of member 0 come first, then those of member 1, ...
+    # This program's member g, the first tile of g and the offset of g's partials.
     group = pid * 0
     group_start = pid * 0
     start = pid * 0
+    partial_offset = tl.full([], 0, tl.int64)
+    elements = tl.full([], 0, tl.int64)  # after the loop: sum_g r_g
     for g in range(NUM_GROUPS):
-        is_past = pid >= start
-        group = tl.where(is_past, g, group)
-        group_start = tl.where(is_past, start, group_start)
         p_g = _select_int(g, p0, p1, p2, p3, p4, p5, p6, p7)
         q_g = _select_int(g, q0, q1, q2, q3, q4, q5, q6, q7)
+        is_past = tile >= start
+        group = tl.where(is_past, g, group)
+        group_start = tl.where(is_past, start, group_start)
+        partial_offset = tl.where(is_past, elements, partial_offset)
         start += (tl.cdiv(p_g, BLOCK_P) * tl.cdiv(q_g, BLOCK_Q)).to(tl.int32)
+        elements += tl.cdiv(p_g * q_g, 16) * 16
     grad_ptr = _select(group, g0_ptr, g1_ptr, g2_ptr, g3_ptr, g4_ptr, g5_ptr, g6_ptr, g7_ptr)
     input_ptr = _select(group, i0_ptr, i1_ptr, i2_ptr, i3_ptr, i4_ptr, i5_ptr, i6_ptr, i7_ptr)
     out_ptr = _select(group, o0_ptr, o1_ptr, o2_ptr, o3_ptr, o4_ptr, o5_ptr, o6_ptr, o7_ptr)
     n_p = _select_int(group, p0, p1, p2, p3, p4, p5, p6, p7)
     n_q = _select_int(group, q0, q1, q2, q3, q4, q5, q6, q7)
-    stride_gm = _select_int(group, sgm0, sgm1, sgm2, sgm3, sgm4, sgm5, sgm6, sgm7)
-    stride_gp = _select_int(group, sgp0, sgp1, sgp2, sgp3, sgp4, sgp5, sgp6, sgp7)
-    stride_im = _select_int(group, sim0, sim1, sim2, sim3, sim4, sim5, sim6, sim7)
-    stride_iq = _select_int(group, siq0, siq1, siq2, siq3, siq4, siq5, siq6, siq7)
+    stride_g = _select_int(group, sg0, sg1, sg2, sg3, sg4, sg5, sg6, sg7)
+    stride_x = _select_int(group, si0, si1, si2, si3, si4, si5, si6, si7)
+    layout = (layouts >> (2 * group)) & 3
 
-    tile = pid - group_start
+    local = tile - group_start
     tiles_q = tl.cdiv(n_q, BLOCK_Q)
-    offs_p = (tile // tiles_q) * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_q = (tile % tiles_q) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    offs_k = tl.arange(0, BLOCK_K)
+    offs_p = (local // tiles_q) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_q = (local % tiles_q) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     p_mask = offs_p < n_p
     q_mask = offs_q < n_q
+    m_begin = split * split_rows
+    m_end = tl.minimum(m_begin + split_rows, M)
 
+    # One tile loop per layout code present in the launch (compile-time flags, so each loop's loads
+    # have a known unit stride); a run-time branch picks the member's.
     acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
-    for m_start in range(0, M, BLOCK_K):
-        m = m_start + offs_k
-        m_mask = m < M
-        m64 = m.to(tl.int64)
-        # G^T tile (BLOCK_P, BLOCK_K): element [p, m] = G[m, p]
-        grad_t = tl.load(
-            grad_ptr + offs_p[:, None] * stride_gp + m64[None, :] * stride_gm,
-            mask=p_mask[:, None] & m_mask[None, :],
-            other=0.0,
-        )
-        # X tile (BLOCK_K, BLOCK_Q)
-        inp = tl.load(
-            input_ptr + m64[:, None] * stride_im + offs_q[None, :] * stride_iq,
-            mask=m_mask[:, None] & q_mask[None, :],
-            other=0.0,
-        )
-        acc = tl.dot(grad_t, inp, acc, input_precision=INPUT_PRECISION)
-    tl.store(
-        out_ptr + offs_p[:, None] * n_q + offs_q[None, :],
-        acc.to(dtype),
-        mask=p_mask[:, None] & q_mask[None, :],
-    )
+    for code in tl.static_range(4):
+        if (LAYOUTS >> code) & 1:
+            if LAYOUTS == (1 << code):
+                acc = _factor_grad_tile(
+                    grad_ptr, input_ptr, stride_g, stride_x, offs_p, p_mask, offs_q, q_mask, m_begin, m_end, M,
+                    code & 1, code >> 1, BLOCK_P, BLOCK_Q, BLOCK_K, INPUT_PRECISION,
+                )
+            elif layout == code:
+                acc = _factor_grad_tile(
+                    grad_ptr, input_ptr, stride_g, stride_x, offs_p, p_mask, offs_q, q_mask, m_begin, m_end, M,
+                    code & 1, code >> 1, BLOCK_P, BLOCK_Q, BLOCK_K, INPUT_PRECISION,
+                )
+
+    out_offsets = offs_p.to(tl.int64)[:, None] * n_q + offs_q[None, :]
+    out_mask = p_mask[:, None] & q_mask[None, :]
+    if SPLIT_K:
+        region = tl.multiple_of(partial_offset, 16)  # true by construction (r_g above)
+        tl.store(partial_ptr + tl.multiple_of(split * elements, 16) + region + out_offsets, acc, mask=out_mask)
+        # Every thread's partial stores happen before the (one-thread) release of the arrival.
+        tl.debug_barrier()
+        arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if arrived == num_splits - 1:  # the same value in every thread: the whole program enters
+            # The acquire above was one thread's; the barrier orders every thread's loads after it.
+            tl.debug_barrier()
+            total = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+            for s in range(num_splits):
+                total += tl.load(
+                    partial_ptr + tl.multiple_of(s * elements, 16) + region + out_offsets,
+                    mask=out_mask,
+                    other=0.0,
+                    cache_modifier=".cg",  # written by other SMs: read through L2
+                )
+            tl.store(out_ptr + out_offsets, total.to(dtype), mask=out_mask)
+            tl.atomic_xchg(counter_ptr + tile, 0, sem="relaxed", scope="gpu")  # ready for the next launch
+    else:
+        tl.store(out_ptr + out_offsets, acc.to(dtype), mask=out_mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -530,43 +852,124 @@ def _factor_grads_kernel(
 # --------------------------------------------------------------------------------------------
 
 
-def _launch_factor_grads(grads: Sequence[Tensor], inputs: Sequence[Tensor], outputs: list[Tensor]) -> None:
+def split_plan(M: int, tiles: int, num_sms: int, split_k: int | None = None) -> tuple[int, int]:
+    """``(splits, rows per split)`` of the reduction over M for a grouped launch of ``tiles``
+    output tiles of 128 x 128 on ``num_sms`` SMs; ``split_k`` forces a split count (clamped to what
+    SPLIT_ALIGN-row splits of M allow).
+
+    Without ``split_k``: no split while the tiles alone fill the SMs or M is under two
+    SPLIT_MIN_ROWS; else enough splits to give every SM a program, at most MAX_SPLITS and at least
+    SPLIT_MIN_ROWS rows each.
+    """
+    if split_k is None:
+        if tiles >= num_sms or M < 2 * SPLIT_MIN_ROWS:
+            return 1, M
+        split_k = min(triton.cdiv(num_sms, tiles), M // SPLIT_MIN_ROWS, MAX_SPLITS)
+    if split_k <= 1:
+        return 1, M
+    rows = triton.cdiv(triton.cdiv(M, split_k), SPLIT_ALIGN) * SPLIT_ALIGN
+    splits = triton.cdiv(M, rows)
+    return (splits, rows) if splits > 1 else (1, M)
+
+
+_SM_COUNTS: dict[int, int] = {}
+# Arrival counters of split launches, one zeroed int32 buffer per (device, stream): the kernel
+# leaves them zero, so consecutive launches on one stream share them without a memset launch.
+_SPLIT_COUNTERS: dict[tuple, Tensor] = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132  # the interpreter: an H100's count, so that tests see the GPU's decisions
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNTS:
+        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNTS[index]
+
+
+def _split_counters(device: torch.device, count: int) -> Tensor | None:
+    """A zeroed int32 buffer of at least ``count`` counters for this device's current stream, or
+    None while that stream is capturing a CUDA graph and has none yet (allocating one there would
+    tie it to the graph's memory pool)."""
+    if device.type == "cuda":
+        key = (device.index, torch.cuda.current_stream(device).cuda_stream)
+        capturing = torch.cuda.is_current_stream_capturing()
+    else:
+        key, capturing = (str(device), 0), False
+    counters = _SPLIT_COUNTERS.get(key)
+    if counters is None or counters.numel() < count:
+        if capturing:
+            return None
+        counters = torch.zeros(max(count, 1024), dtype=torch.int32, device=device)
+        _SPLIT_COUNTERS[key] = counters
+    return counters
+
+
+def _launch_factor_grads(
+    grads: Sequence[Tensor], inputs: Sequence[Tensor], outputs: list[Tensor], split_k: int | None = None
+) -> None:
     """One grouped launch for at most FACTORS_PER_LAUNCH pairs."""
     M = grads[0].shape[0]
+    device = grads[0].device
     widths = [g.shape[1] for g in grads] + [i.shape[1] for i in inputs]
+    grads, grad_rows, grad_strides = zip(*(_layout(g) for g in grads))
+    inputs, input_rows, input_strides = zip(*(_layout(i) for i in inputs))
+    codes = [int(g) | int(i) << 1 for g, i in zip(grad_rows, input_rows)]
+    pairs = list(zip(grads, inputs))
+
+    def tile_count(block_p: int, block_q: int) -> int:
+        return sum(triton.cdiv(g.shape[1], block_p) * triton.cdiv(i.shape[1], block_q) for g, i in pairs)
+
+    reference_tiles = tile_count(_SPLIT_REFERENCE_TILE, _SPLIT_REFERENCE_TILE)
+    splits, split_rows = split_plan(M, reference_tiles, _num_sms(device), split_k)
+    counters = _split_counters(device, tile_count(32, 32)) if splits > 1 else None  # 32: the smallest tile
+    if counters is None:
+        splits, split_rows = 1, M
+    if splits > 1:
+        regions = sum(triton.cdiv(g.shape[1] * i.shape[1], 16) * 16 for g, i in pairs)
+        partials = torch.empty(splits * regions, dtype=torch.float32, device=device)
+    else:  # never read; a live fp32 pointer keeps the launch's signature
+        partials = torch.empty(1, dtype=torch.float32, device=device)
+        counters = torch.empty(1, dtype=torch.int32, device=device)
 
     def grid(meta):
-        tiles = [
-            triton.cdiv(g.shape[1], meta["BLOCK_P"]) * triton.cdiv(i.shape[1], meta["BLOCK_Q"])
-            for g, i in zip(grads, inputs)
-        ]
-        return (sum(tiles),)
+        return (tile_count(meta["BLOCK_P"], meta["BLOCK_Q"]) * splits,)
 
     _factor_grads_kernel[grid](
-        *_padded(grads, grads[0]),
-        *_padded(inputs, inputs[0]),
-        *_padded(outputs, outputs[0]),
+        *_padded(grads),
+        *_padded(inputs),
+        *_padded(outputs),
+        partials,
+        counters,
         M,
-        *_padded([g.shape[1] for g in grads], 0),
-        *_padded([i.shape[1] for i in inputs], 0),
+        *_padded([g.shape[1] for g in grads]),
+        *_padded([i.shape[1] for i in inputs]),
+        split_rows,
+        splits,
         size_bucket(M),
         size_bucket(max(widths)),
-        *_padded([g.stride(0) for g in grads], 0),
-        *_padded([g.stride(1) for g in grads], 0),
-        *_padded([i.stride(0) for i in inputs], 0),
-        *_padded([i.stride(1) for i in inputs], 0),
+        *_padded(list(grad_strides)),
+        *_padded(list(input_strides)),
+        sum(code << (2 * g) for g, code in enumerate(codes)),
         NUM_GROUPS=len(grads),
+        LAYOUTS=sum(1 << code for code in set(codes)),
+        SPLIT_K=splits > 1,
+        ELEMENT_SIZE=grads[0].element_size(),
         INPUT_PRECISION=_input_precision(grads[0].dtype),
     )
 
 
-def chain_factor_grads(grads: Sequence[Tensor], inputs: Sequence[Tensor]) -> list[Tensor]:
+def chain_factor_grads(
+    grads: Sequence[Tensor], inputs: Sequence[Tensor], split_k: int | None = None
+) -> list[Tensor]:
     """All factor gradients ``dF_j = grads[j]^T @ inputs[j]``, one grouped launch per
     FACTORS_PER_LAUNCH pairs.
 
     Args:
         grads: ``G_j`` of shape ``(M, n_j)``, float32 / float16 / bfloat16, any strides.
         inputs: ``X_{j-1}`` of shape ``(M, n_{j-1})``, same M, dtype and device, any strides.
+        split_k: splits of the reduction over M per output tile (None: :func:`split_plan` decides
+            from the shapes and the SM count).
 
     Returns:
         Contiguous ``(n_j, n_{j-1})`` tensors in the input dtype, fp32 accumulation over M and one
@@ -585,5 +988,5 @@ def chain_factor_grads(grads: Sequence[Tensor], inputs: Sequence[Tensor]) -> lis
     with device_guard(grads[0]):
         for start in range(0, len(grads), FACTORS_PER_LAUNCH):
             stop = start + FACTORS_PER_LAUNCH
-            _launch_factor_grads(grads[start:stop], inputs[start:stop], outputs[start:stop])
+            _launch_factor_grads(grads[start:stop], inputs[start:stop], outputs[start:stop], split_k)
     return outputs

@@ -105,36 +105,59 @@ KERNELS: dict[str, KernelSpec] = {
     "chain_matmul": KernelSpec(
         module="fastrank.kernels.chain",
         kernel="_chain_matmul_kernel",
-        # Eight factor / destination slots; factors of any layout (a transposed factor in the
-        # backward's reverse chain), so no unit-stride specialization.
+        # A tile load that Triton pipelines through cp.async leaves no ld.global behind: in the
+        # streamed chain and factor-gradient rows `vec ld` can be 0 while every tile is copied in
+        # 16-byte cp.async (cp.async.cg ... 0x10 in their PTX), the vectorized form.
+        # Eight factor / destination slots (unused ones repeat a live tensor and size). Unit strides
+        # are compile-time constants inside the kernel (the layout flags); the other strides,
+        # the widths and M are multiples of 16 here, the layers' d = 256 .. 1024 (odd sizes are
+        # other specializations: same code, masked scalar loads where a row is not 16-aligned).
         args={"x_ptr": "*{dtype}:16",
               **{f"f{j}_ptr": "*{dtype}:16" for j in range(8)},
               **{f"d{j}_ptr": "*{dtype}:16" for j in range(8)},
-              "M": "i32", **{f"n{j}": "i32" for j in range(9)}, "M_BUCKET": "i32:16",
-              "stride_xm": "i32", "stride_xk": "1",
-              **{f"so{j}": "i32" for j in range(8)}, **{f"si{j}": "i32" for j in range(8)},
+              "M": "i32:16", **{f"n{j}": "i32:16" for j in range(9)},
+              "M_BUCKET": "i32:16", "WIDTH_BUCKET": "i32:16",
+              "stride_x": "i32:16", **{f"sf{j}": "i32:16" for j in range(8)},
               "NUM_FACTORS": "i32"},
         dtypes=("fp32", "fp16", "bf16"),
         constexprs={
-            # size_bucket(widest layer): up to MAX_ONCHIP_WIDTH (fp32 "ieee": MAX_ONCHIP_WIDTH_IEEE)
-            "BLOCK_N": {"fp32": (16, 32, 64, 128), "fp16": (16, 32, 64, 128), "bf16": (16, 32, 64, 128)},
+            # _resident_block(widths): size_bucket(widest) up to MAX_RESIDENT_WIDTH, else 0 (streamed,
+            # up to MAX_ONCHIP_WIDTH; fp32 "ieee" stops at MAX_ONCHIP_WIDTH_IEEE = 64)
+            "BLOCK_N": (16, 32, 64, 0),
+            # x row-major / a transposed view (the weight chain's W_1^T, the backward's dP^T);
+            # factors row-major / transposed views (the backward's reverse chain)
+            "X_ROWS_CONTIGUOUS": (False, True),
+            "FACTORS_TRANSPOSED": (False, True),
             "RETURN_ALL": (True, False),
+            "ELEMENT_SIZE": {"fp32": (4,), "fp16": (2,), "bf16": (2,)},
             "INPUT_PRECISION": _CHAIN_PRECISION,
         },
-        skip=lambda dtype, variant: variant["INPUT_PRECISION"] == "ieee" and variant["BLOCK_N"] > 64,
+        skip=lambda dtype, variant: variant["INPUT_PRECISION"] == "ieee" and variant["BLOCK_N"] == 0,
     ),
     "chain_factor_grads": KernelSpec(
         module="fastrank.kernels.chain",
         kernel="_factor_grads_kernel",
+        # Sizes and strides multiples of 16 as above; num_splits is the split launch's (an unsplit
+        # launch passes 1, which Triton compiles in as a constant).
         args={**{f"g{j}_ptr": "*{dtype}:16" for j in range(8)},
               **{f"i{j}_ptr": "*{dtype}:16" for j in range(8)},
               **{f"o{j}_ptr": "*{dtype}:16" for j in range(8)},
-              "M": "i32", **{f"p{j}": "i32" for j in range(8)}, **{f"q{j}": "i32" for j in range(8)},
+              "partial_ptr": "*fp32:16", "counter_ptr": "*i32:16",
+              "M": "i32:16", **{f"p{j}": "i32:16" for j in range(8)}, **{f"q{j}": "i32:16" for j in range(8)},
+              "split_rows": "i32:16", "num_splits": "i32",
               "M_BUCKET": "i32:16", "WIDTH_BUCKET": "i32:16",
-              **{f"{name}{j}": "i32" for name in ("sgm", "sgp", "sim", "siq") for j in range(8)},
-              "NUM_GROUPS": "i32"},
+              **{f"{name}{j}": "i32:16" for name in ("sg", "si") for j in range(8)},
+              "layouts": "i32", "NUM_GROUPS": "i32"},
         dtypes=("fp32", "fp16", "bf16"),
-        constexprs={"INPUT_PRECISION": _CHAIN_PRECISION},
+        constexprs={
+            # 1: every member row-major (the activation chain's backward); 7: row-major members plus
+            # X_0 = W_1^T and G_k = dP^T as transposed views (the weight chain's backward): three
+            # tile loops in one kernel. Other combinations compile the same loops.
+            "LAYOUTS": (1, 7),
+            "SPLIT_K": (False, True),
+            "ELEMENT_SIZE": {"fp32": (4,), "fp16": (2,), "bf16": (2,)},
+            "INPUT_PRECISION": _CHAIN_PRECISION,
+        },
     ),
     "gaussian_sketch": KernelSpec(
         module="fastrank.kernels.sketch",

@@ -39,7 +39,8 @@ ALL_DTYPES = [
     pytest.param(torch.bfloat16, id="bf16"),
 ]
 BATCHES = [1, 7, 33]
-# Widths straddle the interpreter's 32-wide chunk: 40 pads to 64 and takes the staged path.
+# Widths up to MAX_RESIDENT_WIDTH (64): the register-resident kernel; 40 pads to 64 (wider chains are
+# streamed: WIDE_CHAINS below).
 CHAINS = [[5, 17], [17, 40, 5], [32, 5, 40, 17], [40, 17, 32, 5, 40]]  # k = 1, 2, 3, 4
 LAYOUTS = ["contiguous", "transposed", "strided"]
 
@@ -156,6 +157,62 @@ def test_chain_matmul_float64_takes_torch_path(monkeypatch):
         assert_close(out, ref, torch.float64, 17)
 
 
+# Chains wider than MAX_RESIDENT_WIDTH stream their row block through the destinations (K-loop over
+# the input width, N-loop over output chunks). fp32 takes them only with TF32 allowed, which the fp32
+# tolerance does not cover: the half dtypes test the streamed kernel.
+HALF_DTYPES = DTYPES[1:]
+WIDE_CHAINS = [[129, 200, 65], [1, 129], [200, 257, 7, 129], [65, 1, 257, 33]]  # k = 2, 1, 3, 3
+
+
+def _wide_layout(x, factors, layout):
+    """The chain in ``layout``: the test LAYOUTS for x and every factor, or "weight chain" (x a
+    transposed view, factors row-major: how a layer collapses its weight) or "mixed factors" (every
+    other factor a transposed view: the launcher packs those)."""
+    if layout == "weight chain":
+        return _layout(x, "transposed"), factors
+    if layout == "mixed factors":
+        return x, [_layout(f, "transposed") if j % 2 else f for j, f in enumerate(factors)]
+    return _layout(x, layout), [_layout(f, layout) for f in factors]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS + ["weight chain", "mixed factors"])
+@pytest.mark.parametrize("dims", WIDE_CHAINS, ids=lambda d: "x".join(map(str, d)))
+@pytest.mark.parametrize("batch", [1, 33], ids=lambda b: f"M{b}")
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_chain_matmul_wide_matches_fp64(monkeypatch, dtype, batch, dims, layout):
+    monkeypatch.setattr(chain_kernels, "chain_matmul_ref", None)  # a torch fallback would raise
+    x, factors = make_chain(batch, dims, dtype)
+    x, factors = _wide_layout(x, factors, layout)
+    assert chain_kernels._resident_block([x.shape[1]] + [f.shape[0] for f in factors]) == 0, "not streamed"
+    outputs = chain_matmul(x, factors, return_all=True)
+    check_chain(outputs, x, factors, dtype, f"streamed {layout}")
+    last = chain_matmul(x, factors, return_all=False)
+    assert torch.equal(last[0], outputs[-1]), (
+        f"return_all=False differs from return_all=True by "
+        f"{(last[0].double() - outputs[-1].double()).abs().max().item():.3e}"
+    )
+
+
+def test_chain_matmul_wide_longer_than_one_launch(monkeypatch):
+    # 10 streamed steps: a launch of 8 through alternating scratch buffers, then one of 2.
+    monkeypatch.setattr(chain_kernels, "chain_matmul_ref", None)
+    dims = [129, 70, 200, 65, 129, 7, 200, 129, 65, 70, 129]
+    x, factors = make_chain(7, dims, torch.float16, "transposed")
+    last = chain_matmul(x, factors, return_all=False)
+    assert_close(last[0], fp64_chain(x, factors)[-1], torch.float16, 200, steps=10, what="k=10 last")
+    outputs = chain_matmul(x, factors, return_all=True)
+    assert torch.equal(last[0], outputs[-1]), "return_all=False differs from return_all=True"
+    check_chain(outputs, x, factors, torch.float16, "k=10")
+
+
+def test_chain_matmul_wide_fp32_ieee_takes_torch_path(monkeypatch):
+    # fp32 with TF32 off stays on the torch path above MAX_ONCHIP_WIDTH_IEEE.
+    monkeypatch.setattr(chain_kernels, "cuda_matmul_allows_tf32", lambda: False)
+    monkeypatch.setattr(chain_kernels, "_chain_matmul_kernel", None)  # a launch would raise
+    x, factors = make_chain(7, [MAX_ONCHIP_WIDTH_IEEE + 1, 17], torch.float32)
+    check_chain(chain_matmul(x, factors), x, factors, torch.float32, "ieee fallback")
+
+
 def test_chain_matmul_rejects_bad_inputs():
     x = torch.randn(4, 5, device=DEVICE)
     with pytest.raises(ValueError, match=r"factor 1 must have shape \(n_2, 3\), got \(2, 4\)"):
@@ -218,6 +275,53 @@ def test_chain_factor_grads_more_pairs_than_one_launch():
     check_factor_grads(chain_factor_grads(grads, inputs), grads, inputs, torch.float16, "11 pairs")
 
 
+def _transposed_ends(grads, inputs):
+    """The weight chain's backward layout: X_0 = W_1^T and the last G = dP^T are transposed views."""
+    return grads[:-1] + [_layout(grads[-1], "transposed")], [_layout(inputs[0], "transposed")] + inputs[1:]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "weight chain"])
+@pytest.mark.parametrize("split_k", [1, 2, 3], ids=lambda s: f"split{s}")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_chain_factor_grads_split_k(dtype, split_k, layout):
+    # M = 301 rows in SPLIT_ALIGN-row splits (3: 128 + 128 + 45); fp32 partials added in split order.
+    dims = [17, 40, 5, 33]
+    grads, inputs = make_grad_pairs(301, dims, dtype, "transposed" if layout == "transposed" else "contiguous")
+    if layout == "weight chain":
+        grads, inputs = _transposed_ends(grads, inputs)
+    assert chain_kernels.split_plan(301, 1, 132, split_k)[0] == split_k
+    results = chain_factor_grads(grads, inputs, split_k=split_k)
+    check_factor_grads(results, grads, inputs, dtype, f"split {split_k} {layout}")
+    again = chain_factor_grads(grads, inputs, split_k=split_k)
+    for j, (first, second) in enumerate(zip(results, again)):
+        assert torch.equal(first, second), f"split {split_k}: dF_{j + 1} differs between two runs"
+    for key, counters in chain_kernels._SPLIT_COUNTERS.items():
+        assert int(counters.abs().sum()) == 0, f"split counters of {key} not reset: {counters.nonzero().flatten().tolist()}"
+
+
+def test_chain_factor_grads_split_matches_unsplit_up_to_summation_order():
+    # Same values as one fp32 accumulation over M: within the tolerance of each other, not only of fp64.
+    grads, inputs = make_grad_pairs(256, [33, 9, 40], torch.float16)
+    whole = chain_factor_grads(grads, inputs, split_k=1)
+    split = chain_factor_grads(grads, inputs, split_k=4)
+    for j, (a, b) in enumerate(zip(split, whole)):
+        assert_close(a, b.double(), torch.float16, 256, what=f"split vs unsplit dF_{j + 1}")
+
+
+def test_split_plan():
+    # No split while the tiles fill the SMs or M is short; otherwise enough to fill them.
+    assert chain_kernels.split_plan(8192, 256, 132) == (1, 8192)  # d = 1024, L = 4: 256 tiles
+    assert chain_kernels.split_plan(256, 16, 132) == (1, 256)  # d = 256, M = 256: too short to split
+    splits, rows = chain_kernels.split_plan(8192, 16, 132)  # d = 256, M = 8192: 16 tiles
+    assert splits * 16 >= 132 and rows % chain_kernels.SPLIT_ALIGN == 0 and (splits - 1) * rows < 8192 <= splits * rows
+    splits, rows = chain_kernels.split_plan(1 << 20, 1, 132)
+    assert splits == chain_kernels.MAX_SPLITS, splits
+    splits, rows = chain_kernels.split_plan(600, 1, 132)  # at least SPLIT_MIN_ROWS rows a split
+    assert splits == 2 and rows >= chain_kernels.SPLIT_MIN_ROWS
+    assert chain_kernels.split_plan(33, 1, 132, split_k=3) == (1, 33)  # one SPLIT_ALIGN block: no split
+    assert chain_kernels.split_plan(200, 1, 132, split_k=4) == (4, 64)
+
+
 def test_chain_factor_grads_fallback(monkeypatch):
     monkeypatch.setattr(chain_kernels, "MAX_GROUPED_WIDTH", 8)
     monkeypatch.setattr(chain_kernels, "_factor_grads_kernel", None)  # a launch would raise
@@ -246,12 +350,14 @@ def test_chain_factor_grads_rejects_bad_inputs():
 @pytest.mark.parametrize(
     "batch,dims",
     [
-        (8192, [128, 128, 128, 128, 128]),  # on chip (fp32: above the ieee threshold), column chunks
+        (8192, [128, 128, 128, 128, 128]),  # streamed (fp32 "ieee": above its threshold)
         (4099, [33, 100, 77, 127]),  # odd widths below the threshold
-        (1000, [512, 1024, 512]),  # above the threshold: one matmul per step
+        (1000, [512, 1024, 512]),  # streamed (fp32 "ieee": one matmul per step)
+        (1000, [512, 1040, 512]),  # above MAX_ONCHIP_WIDTH: one matmul per step
+        (1024, [1024, 1024, 1024, 1024]),  # the weight chain of a d=1024, L=4 layer; 64 x 64 tiles
         (65536, [64, 64, 64]),  # many programs
     ],
-    ids=["8192x128^4", "4099-odd", "1000-fallback", "65536x64^2"],
+    ids=["8192x128^4", "4099-odd", "1000-streamed", "1000-fallback", "1024^4", "65536x64^2"],
 )
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cuda_large_chain(dtype, batch, dims, layout):

@@ -13,7 +13,9 @@ comparison where fixed per-call costs dominate (d = 64 and 256, B = 1 and 64, L 
 training), and ``OverparamConv2d`` against ``nn.Conv2d`` in eval at small images.
 
 :func:`chain_kernel_cases` (CUDA): the Triton chain kernel (``fastrank.kernels.chain.chain_matmul``)
-against one ``torch.matmul`` per factor and ``torch.compile`` of that loop.
+against one ``torch.matmul`` per factor and ``torch.compile`` of that loop; the d x d work of a
+collapsed train step (the weight chain with its prefix products, the grouped factor gradients)
+against one ``torch.matmul`` per factor.
 
 Errors are relative to an fp64 evaluation of the same chain: the gradients of the factors and of x
 after a train step, the output after an eval call (``nn.Linear`` is another layer: no error).
@@ -36,7 +38,7 @@ from .cases import Case, Prepared
 
 __all__ = [
     "FLOOR", "LINEAR_VARIANTS", "SMALL_VARIANTS", "CONV_VARIANTS", "KERNEL_VARIANTS", "chain_cases",
-    "small_layer_cases", "chain_kernel_cases",
+    "small_layer_cases", "chain_kernel_cases", "WEIGHT_CHAIN_VARIANTS", "FACTOR_GRADS_VARIANTS",
 ]
 
 FLOOR = "one matmul of the same FLOPs (floor)"
@@ -44,6 +46,9 @@ LINEAR_VARIANTS = ("nn.Linear", "fastrank", "sequential chain", "collapsed autog
 SMALL_VARIANTS = ("nn.Linear", "fastrank", "sequential chain", "collapsed autograd", FLOOR)
 CONV_VARIANTS = ("nn.Conv2d", "fastrank", "sequential convs", FLOOR)
 KERNEL_VARIANTS = ("torch.matmul x L", "chain_matmul", "chain_matmul last", "torch.compile chain", FLOOR)
+PER_FACTOR = "torch.matmul per factor"
+WEIGHT_CHAIN_VARIANTS = (PER_FACTOR, "chain_matmul", FLOOR)
+FACTOR_GRADS_VARIANTS = (PER_FACTOR, "chain_factor_grads", FLOOR)
 
 
 def _matmul_floor(flops: float, features: int, device, dtype) -> Callable[[], torch.Tensor]:
@@ -442,17 +447,22 @@ def chain_kernel_cases(
 
     Variants: ``torch.matmul x L`` (the baseline, cuBLAS), ``chain_matmul`` (every intermediate),
     ``chain_matmul last`` (only X_L), ``torch.compile chain``. The note says which path
-    ``chain_matmul`` takes for the width (on-chip kernel up to ``MAX_ONCHIP_WIDTH``, one matmul per
+    ``chain_matmul`` takes for the width (the kernel up to ``MAX_ONCHIP_WIDTH``, one matmul per
     step above) and whether TF32 is allowed. Defaults: widths (256, 1024, 4096), batches (512, 8192,
     65536), lengths (2, 4, 8), bf16 and fp32; with ``quick``: widths (256, 1024), batch 8192,
     length 4, bf16 and fp32.
+
+    With bf16 among ``dtypes`` it adds a collapsed train step's d x d work, each against one
+    ``torch.matmul`` per factor: the weight chain with all prefix products (``chain_matmul`` of
+    ``W_1^T`` through L - 1 factors; d, L in (256, 4), (256, 8), (1024, 4)) and the grouped factor
+    gradients (L = 4 products of (d, d) operands, M = d; d in 256, 1024). ``quick`` keeps d = 256, L = 4.
     """
     widths = widths or ((256, 1024) if quick else (256, 1024, 4096))
     batches = batches or ((8192,) if quick else (512, 8192, 65536))
     lengths = lengths or ((4,) if quick else (2, 4, 8))
     dtypes = dtypes or tuple(_KERNEL_DTYPES)
     repeats = repeats or (10 if quick else 20)
-    from ..kernels.chain import MAX_ONCHIP_WIDTH as max_onchip_width  # imports triton: CUDA suites only
+    from ..kernels.chain import runs_on_chip  # imports triton: CUDA suites only
 
     cases = []
     for dtype_name in dtypes:
@@ -487,7 +497,13 @@ def chain_kernel_cases(
                             reference,
                         )
 
-                    path = "on-chip kernel" if d <= max_onchip_width else "torch.matmul per step"
+                    # The rule chain_matmul applies (dtype, widths, TF32 setting), on shape-only tensors.
+                    kernel_dtype = _KERNEL_DTYPES[dtype_name]
+                    takes_kernel = runs_on_chip(
+                        torch.empty(batch, d, dtype=kernel_dtype, device="meta"),
+                        [torch.empty(d, d, dtype=kernel_dtype, device="meta")] * length,
+                    )
+                    path = "Triton kernel" if takes_kernel else "torch.matmul per step"
                     flops = 2.0 * batch * d * d * length
                     cases.append(
                         Case(
@@ -507,4 +523,112 @@ def chain_kernel_cases(
                             f"tf32 {'on' if cuda_matmul_allows_tf32() else 'off'}",
                         )
                     )
+    if "bf16" in dtypes:
+        cases += [_weight_chain_case(d, length, repeats) for d, length in (_WEIGHT_CHAIN_QUICK if quick else _WEIGHT_CHAIN)]
+        cases += [_factor_grads_case(d, length, repeats) for d, length in (_FACTOR_GRADS_QUICK if quick else _FACTOR_GRADS)]
     return cases
+
+
+# ----------------------------------------------------------------------------- a collapsed step's d x d work
+# (d, L) of the weight-chain and factor-gradient cases (bf16, M = d); quick keeps the cheap d = 256 ones.
+_WEIGHT_CHAIN = [(256, 4), (256, 8), (1024, 4)]
+_WEIGHT_CHAIN_QUICK = [(256, 4)]
+_FACTOR_GRADS = [(256, 4), (1024, 4)]
+_FACTOR_GRADS_QUICK = [(256, 4)]
+
+
+def _all_errors(variant: str, result, reference) -> dict:
+    if variant == FLOOR:
+        return {}
+    return {"error": _relative_error(result, reference)}
+
+
+def _square_factors(d: int, count: int, seed: int) -> list[torch.Tensor]:
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    return [(torch.randn(d, d, device="cuda", generator=gen) / d**0.5).to(torch.bfloat16) for _ in range(count)]
+
+
+def _weight_chain_case(d: int, length: int, repeats: int) -> Case:
+    """The forward of a collapsed OverparamLinear(d, d, depth=L): ``W_1^T`` (a transposed view, as
+    ``collapsed_weight`` passes it) through ``W_2 .. W_L``, keeping every prefix product."""
+    flops = 2.0 * d * d * d * (length - 1)
+
+    def setup() -> Prepared:
+        from ..kernels.chain import chain_matmul
+
+        first, *rest = _square_factors(d, length, seed=0)
+        x = first.T
+
+        def reference():
+            return _sequential_matmuls(x.double(), [f.double() for f in rest])
+
+        return Prepared(
+            {
+                PER_FACTOR: lambda: _sequential_matmuls(x, rest),
+                "chain_matmul": lambda: chain_matmul(x, rest, return_all=True),
+                FLOOR: _matmul_floor(flops, d, "cuda", torch.bfloat16),
+            },
+            reference,
+        )
+
+    return Case(
+        suite="chain-kernel",
+        name=f"weight chain bf16 d={d} L={length}",
+        shape=f"x=W_1^T ({d}, {d}), {length - 1} factors {d}x{d}, all prefix products",
+        dtype="bfloat16",
+        baseline=PER_FACTOR,
+        variants=WEIGHT_CHAIN_VARIANTS,
+        setup=setup,
+        flops=dict.fromkeys(WEIGHT_CHAIN_VARIANTS, flops),
+        error=_all_errors,
+        repeats=repeats,
+        warmup=3,
+        floor=FLOOR,
+        note=f"one launch (on-chip limit {_onchip_width()}) against {length - 1} cuBLAS calls",
+    )
+
+
+def _factor_grads_case(d: int, length: int, repeats: int) -> Case:
+    """The factor gradients of a collapsed OverparamLinear(d, d, depth=L)'s backward: L products
+    ``G_j^T X_{j-1}`` of (d, d) operands (M = d)."""
+    flops = 2.0 * d * d * d * length
+
+    def setup() -> Prepared:
+        from ..kernels.chain import chain_factor_grads
+
+        grads = _square_factors(d, length, seed=1)
+        inputs = _square_factors(d, length, seed=2)
+
+        def reference():
+            return [g.double().T @ i.double() for g, i in zip(grads, inputs)]
+
+        return Prepared(
+            {
+                PER_FACTOR: lambda: [torch.matmul(g.T, i) for g, i in zip(grads, inputs)],
+                "chain_factor_grads": lambda: chain_factor_grads(grads, inputs),
+                FLOOR: _matmul_floor(flops, d, "cuda", torch.bfloat16),
+            },
+            reference,
+        )
+
+    return Case(
+        suite="chain-kernel",
+        name=f"factor grads bf16 d={d} M={d} L={length}",
+        shape=f"{length} x (G^T X), G, X: ({d}, {d})",
+        dtype="bfloat16",
+        baseline=PER_FACTOR,
+        variants=FACTOR_GRADS_VARIANTS,
+        setup=setup,
+        flops=dict.fromkeys(FACTOR_GRADS_VARIANTS, flops),
+        error=_all_errors,
+        repeats=repeats,
+        warmup=3,
+        floor=FLOOR,
+        note=f"one grouped launch against {length} cuBLAS calls; target: >= 2x faster",
+    )
+
+
+def _onchip_width() -> int:
+    from ..kernels.chain import MAX_ONCHIP_WIDTH  # imports triton: CUDA suites only
+
+    return MAX_ONCHIP_WIDTH

@@ -99,11 +99,13 @@ FACTORS_PER_LAUNCH = 8
 # MAX_RESIDENT_WIDTH the running row block stays in registers, padded to BLOCK_N = the next power of
 # two, one (BLOCK_N, BLOCK_N) factor tile per step; wider chains stream it through the destination
 # buffers (K-loop over the input width, N-loop over output chunks; see _chain_matmul_kernel).
-# 1024: the weight chain of a layer is latency-bound up to d ~ 1024 (DESIGN.md), where one launch
-# replaces L - 1. NOT MEASURED on a GPU: whether the streamed kernel beats one cuBLAS matmul per step
-# at d = 512..1024 (the roofline in _chain_matmul_kernel expects it not to at 1024) is for
-# benchmarks/test_chain_kernel_bench.py to say; lower this constant if it does not.
-MAX_ONCHIP_WIDTH = 1024
+# 256, from an H100 (bf16, benchmarks/results/h100/, 2026-11-26): at d = 256 the streamed kernel ran
+# an 8192-row chain of 4 factors in 61 us against 100 us for one torch.matmul per step, and a
+# layer's train step launched 14 kernels against 26 (wall time 1.76 ms against 1.95); at d = 1024
+# it took 450 us against 111 for the 8192-row chain, and 250 us per weight chain in a layer's step
+# (16-64 programs, each rereading every factor from L2). The kernel runs up to 1024 when this is
+# raised (the CUDA tests do); wider chains take one cuBLAS matmul per step.
+MAX_ONCHIP_WIDTH = 256
 # fp32 with TF32 off: tl.dot runs on FMA units (no tensor cores), every tile in registers; the
 # compile gate (sm_90, Triton 3.9) spilled in 40 of 48 register-resident configs at BLOCK_N=128.
 MAX_ONCHIP_WIDTH_IEEE = 64

@@ -181,6 +181,7 @@ def _wide_layout(x, factors, layout):
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 def test_chain_matmul_wide_matches_fp64(monkeypatch, dtype, batch, dims, layout):
     monkeypatch.setattr(chain_kernels, "chain_matmul_ref", None)  # a torch fallback would raise
+    monkeypatch.setattr(chain_kernels, "MAX_ONCHIP_WIDTH", 1024)  # 257 streams too (routed only up to 256)
     x, factors = make_chain(batch, dims, dtype)
     x, factors = _wide_layout(x, factors, layout)
     assert chain_kernels._resident_block([x.shape[1]] + [f.shape[0] for f in factors]) == 0, "not streamed"
@@ -360,7 +361,8 @@ def test_chain_factor_grads_rejects_bad_inputs():
     ids=["8192x128^4", "4099-odd", "1000-streamed", "1000-fallback", "1024^4", "65536x64^2"],
 )
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_cuda_large_chain(dtype, batch, dims, layout):
+def test_cuda_large_chain(dtype, batch, dims, layout, monkeypatch):
+    monkeypatch.setattr(chain_kernels, "MAX_ONCHIP_WIDTH", 1024)  # the streamed kernel at its widest
     x, factors = make_chain(batch, dims, dtype, layout)
     check_chain(chain_matmul(x, factors), x, factors, dtype, f"cuda {layout}")
     grads, inputs = make_grad_pairs(batch, dims, dtype, layout)

@@ -152,6 +152,28 @@ def test_effective_ranks_chunks_a_group_to_bound_memory(monkeypatch):
     torch.testing.assert_close(torch.stack(chunked), torch.stack(whole), rtol=1e-12, atol=0)
 
 
+@needs_cusolver
+@pytest.mark.parametrize(
+    "batch,n,batched",
+    [(2, 64, True), (1, 64, False), (7, 2049, False), (8, 2049, True)],
+    ids=["small-batch", "one-matrix", "large-n-few", "large-n-eight"],
+)
+def test_auto_eigensolver_policy(monkeypatch, batch, n, batched):
+    calls = []
+    real = _cusolver.cusolver_eigvalsh
+
+    def recording(G, upper=True):
+        calls.append(G.shape)
+        return real(G, upper)
+
+    monkeypatch.setattr(_cusolver, "cusolver_eigvalsh", recording)
+    monkeypatch.delenv("FASTRANK_EIGENSOLVER", raising=False)
+    G = torch.eye(n, device="cuda", dtype=torch.float64).expand(batch, n, n) * 2
+    values = _cusolver.eigvalsh(G)
+    assert bool((values == 2).all())
+    assert bool(calls) == batched, (batch, n, calls)
+
+
 @cuda
 def test_bad_eigensolver_setting_is_named(monkeypatch):
     monkeypatch.setenv("FASTRANK_EIGENSOLVER", "magma")

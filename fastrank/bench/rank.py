@@ -319,7 +319,6 @@ def cuda_rank_cases(device: str = "cuda", toy: bool = False) -> list[Case]:
     """The model-scale CUDA cases (module docstring). ``toy``: the same cases at sizes a few
     hundred times smaller, so that a test can run them end to end on any ``device``."""
     torch_solver = "eigensolver: torch"
-    cusolver_solver = "eigensolver: cusolver"
     shrink = 16 if toy else 1
     weights_1024_shape = (4, 64, 64) if toy else (64, 1024, 1024)
     model_shape = (3, 4096 // shrink, 4096 // shrink) if toy else (16, 4096, 4096)
@@ -357,9 +356,9 @@ def cuda_rank_cases(device: str = "cuda", toy: bool = False) -> list[Case]:
             {
                 "torch.linalg.svdvals loop": lambda: torch.stack([_erank_of(torch.linalg.svdvals(w)) for w in W]),
                 "fastrank exact": lambda: effective_rank(W, method="exact"),
-                # "auto" takes torch's solver at n = 4096 (CUSOLVER_MAX_N): the batched one beside it
-                f"fastrank exact ({cusolver_solver})": lambda: _with_eigensolver(
-                    "cusolver", lambda: effective_rank(W, method="exact")),
+                # "auto" takes the batched solver for 8 or more 4096^2 Grams: torch's loop beside it
+                f"fastrank exact ({torch_solver})": lambda: _with_eigensolver(
+                    "torch", lambda: effective_rank(W, method="exact")),
                 "fastrank randomized": randomized,
                 "fastrank slq": lambda: effective_rank(W, method="slq", return_bounds=True, seed=0),
                 GRAM_FLOOR: _gram_floor(W),
@@ -404,7 +403,7 @@ def cuda_rank_cases(device: str = "cuda", toy: bool = False) -> list[Case]:
         _case("7B weights randomized", shape((count_7b, *model_shape[1:])), ("fastrank randomized", "fastrank slq", "one pass over the weights (floor)"), weights_7b, repeats=2,
               note="bounds only: their width is the accuracy"),
         _case("model weights 4096", shape(model_shape),
-              ("torch.linalg.svdvals loop", "fastrank exact", f"fastrank exact ({cusolver_solver})",
+              ("torch.linalg.svdvals loop", "fastrank exact", f"fastrank exact ({torch_solver})",
                "fastrank randomized", "fastrank slq", GRAM_FLOOR), model_weights, repeats=2),
         _case("weights 1024", shape(weights_1024_shape),
               ("torch.linalg.svdvals loop", "fastrank batched", f"fastrank batched ({torch_solver})",

@@ -50,14 +50,17 @@ def _model(dtype=torch.float32):
 @pytest.mark.parametrize("batch", [5, 4096], ids=["activation-chain", "collapsed"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 def test_layers_launch_the_kernels(launches, dtype, batch):
+    # Eager fp32 layers run the naive chain under plain autograd (fastrank.chain._eager_plain: on an
+    # H100 the kernels' launches cost more host time than they save); fp16 / bf16 take the kernels.
+    kernels = dtype != torch.float32
     model = _model(dtype)
     reference = copy.deepcopy(model).double()
     x = torch.randn(batch, 48, device="cuda", dtype=dtype, requires_grad=True)
     xr = x.detach().double().requires_grad_(True)
     out = model(x)
-    assert launches["_launch_chain"] >= 1, f"forward never launched the chain kernel: {dict(launches)}"
+    assert (launches["_launch_chain"] >= 1) == kernels, f"chain kernel launches: {dict(launches)}"
     out.float().square().sum().backward()
-    assert launches["_launch_factor_grads"] >= 1, f"backward never launched the grads kernel: {dict(launches)}"
+    assert (launches["_launch_factor_grads"] >= 1) == kernels, f"grads kernel launches: {dict(launches)}"
     reference(xr).square().sum().backward()
     steps = 5
     assert_close(out, reference(xr), dtype, 64, steps=steps, what="output")

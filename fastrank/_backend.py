@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
-__all__ = ["cuda_matmul_allows_tf32"]
+__all__ = ["cuda_matmul_allows_tf32", "cuda_matmul_tf32"]
 
 
 def cuda_matmul_allows_tf32() -> bool:
@@ -23,3 +26,17 @@ def cuda_matmul_allows_tf32() -> bool:
     if precision == "none":
         precision = getattr(torch.backends, "fp32_precision", "none")
     return precision == "tf32"
+
+
+@contextlib.contextmanager
+def cuda_matmul_tf32(enabled: bool) -> Iterator[None]:
+    """torch's fp32 CUDA matmul precision set to TF32 (``enabled``) or IEEE for the block, then
+    restored; through ``fp32_precision`` where torch has it (see :func:`cuda_matmul_allows_tf32`)."""
+    matmul = torch.backends.cuda.matmul
+    name = "fp32_precision" if hasattr(matmul, "fp32_precision") else "allow_tf32"
+    before = getattr(matmul, name)
+    setattr(matmul, name, ("tf32" if enabled else "ieee") if name == "fp32_precision" else enabled)
+    try:
+        yield
+    finally:
+        setattr(matmul, name, before)

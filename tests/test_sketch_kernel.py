@@ -8,7 +8,6 @@ Tolerances: the kernel multiplies in A's dtype (Omega rounded once to fp16 / bf1
 where torch's matmul uses it), so the per-dtype bound of tests/tolerance.py is that of the
 operands' precision (``operand_dtype``).
 """
-import contextlib
 import os
 import subprocess
 import sys
@@ -21,7 +20,7 @@ import torch
 from kernel_loading import DEVICE, INTERPRET, load_kernels
 from tolerance import assert_close
 
-from fastrank._backend import cuda_matmul_allows_tf32
+from fastrank._backend import cuda_matmul_allows_tf32, cuda_matmul_tf32
 from fastrank.sketch import philox_omega
 
 kernels = load_kernels("sketch")
@@ -73,26 +72,6 @@ def operand_dtype(dtype):
     if dtype == torch.float32 and cuda_matmul_allows_tf32():
         return torch.float16
     return torch.float32
-
-
-@contextlib.contextmanager
-def tf32_matmul(enabled):
-    """torch's fp32 CUDA matmul precision set to TF32 (or IEEE) for the block, then restored."""
-    matmul = torch.backends.cuda.matmul
-    if hasattr(matmul, "fp32_precision"):
-        before = matmul.fp32_precision
-        matmul.fp32_precision = "tf32" if enabled else "ieee"
-        try:
-            yield
-        finally:
-            matmul.fp32_precision = before
-    else:
-        before = matmul.allow_tf32
-        matmul.allow_tf32 = enabled
-        try:
-            yield
-        finally:
-            matmul.allow_tf32 = before
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -182,7 +161,7 @@ def test_fp32_follows_torchs_tf32_setting():
     expected = A.double() @ reference_omega(40, 33, 5)
     results = {}
     for enabled in (False, True):
-        with tf32_matmul(enabled):
+        with cuda_matmul_tf32(enabled):
             assert kernels._input_precision(torch.float32) == ("tf32" if enabled else "ieee")
             assert kernels._input_precision(torch.float16) == "tf32"  # ignored for 16-bit operands
             results[enabled] = kernels.gaussian_sketch(A, 33, seed=5)

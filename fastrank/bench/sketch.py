@@ -14,12 +14,12 @@ and is compute-bound (see ``fastrank/kernels/sketch.py``).
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from .._backend import cuda_matmul_tf32
 from .cases import Case, Prepared
 
 __all__ = ["SketchCase", "sketch_kernel_cases", "SKETCH_BASELINE", "SKETCH_FLOOR", "SKETCH_VARIANTS"]
@@ -40,29 +40,9 @@ class SketchCase(Case):
     x_bytes: int = 0
 
 
-@contextlib.contextmanager
-def _fp32_matmul_precision(tf32: bool):
-    """torch's fp32 CUDA matmul precision for the block ("tf32" / "ieee"), then restored."""
-    matmul = torch.backends.cuda.matmul
-    if hasattr(matmul, "fp32_precision"):  # torch >= 2.9
-        before = matmul.fp32_precision
-        matmul.fp32_precision = "tf32" if tf32 else "ieee"
-        try:
-            yield
-        finally:
-            matmul.fp32_precision = before
-    else:
-        before = matmul.allow_tf32
-        matmul.allow_tf32 = tf32
-        try:
-            yield
-        finally:
-            matmul.allow_tf32 = before
-
-
 def _with_precision(fn: Callable[[], object], tf32: bool) -> Callable[[], object]:
     def call():
-        with _fp32_matmul_precision(tf32):
+        with cuda_matmul_tf32(tf32):
             return fn()
 
     return call

@@ -68,7 +68,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fastrank._backend import cuda_matmul_allows_tf32
-from fastrank.kernels._launch import device_guard, interpreting, size_bucket
+from fastrank.kernels._launch import cdiv, device_guard, interpreting, size_bucket
 
 # The torch twins (the specification of these kernels, and the CPU path) live in the op file.
 from fastrank.chain import (  # noqa: F401  (re-exported for the kernel tests)
@@ -579,7 +579,7 @@ def _launch_chain(
     filler = next(d for d in reversed(dests) if d is not None)  # never written: its slot stores nothing
 
     def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]),)
+        return (cdiv(M, meta["BLOCK_M"]),)
 
     _chain_matmul_kernel[grid](
         x,
@@ -635,7 +635,7 @@ def chain_matmul(x: Tensor, factors: Sequence[Tensor], return_all: bool = True) 
                 # resident one keeps them in registers.
                 # Each buffer's size is rounded up to 64 elements: both start 128-byte aligned.
                 needs_scratch = len(group) > 1 and _resident_block(group_widths) == 0
-                scratch_size = triton.cdiv(M * max(group_widths[1:-1], default=1), 64) * 64
+                scratch_size = cdiv(M * max(group_widths[1:-1], default=1), 64) * 64
                 scratch = x.new_empty((2, scratch_size)) if needs_scratch else None
                 dests = [
                     scratch[j % 2][: M * n].view(M, n) if scratch is not None else None
@@ -873,11 +873,11 @@ def split_plan(M: int, tiles: int, num_sms: int, split_k: int | None = None) -> 
     if split_k is None:
         if tiles >= num_sms or M < 2 * SPLIT_MIN_ROWS:
             return 1, M
-        split_k = min(triton.cdiv(num_sms, tiles), M // SPLIT_MIN_ROWS, MAX_SPLITS)
+        split_k = min(cdiv(num_sms, tiles), M // SPLIT_MIN_ROWS, MAX_SPLITS)
     if split_k <= 1:
         return 1, M
-    rows = triton.cdiv(triton.cdiv(M, split_k), SPLIT_ALIGN) * SPLIT_ALIGN
-    splits = triton.cdiv(M, rows)
+    rows = cdiv(cdiv(M, split_k), SPLIT_ALIGN) * SPLIT_ALIGN
+    splits = cdiv(M, rows)
     return (splits, rows) if splits > 1 else (1, M)
 
 
@@ -927,7 +927,7 @@ def _launch_factor_grads(
     pairs = list(zip(grads, inputs))
 
     def tile_count(block_p: int, block_q: int) -> int:
-        return sum(triton.cdiv(g.shape[1], block_p) * triton.cdiv(i.shape[1], block_q) for g, i in pairs)
+        return sum(cdiv(g.shape[1], block_p) * cdiv(i.shape[1], block_q) for g, i in pairs)
 
     reference_tiles = tile_count(_SPLIT_REFERENCE_TILE, _SPLIT_REFERENCE_TILE)
     splits, split_rows = split_plan(M, reference_tiles, _num_sms(device), split_k)
@@ -935,7 +935,7 @@ def _launch_factor_grads(
     if counters is None:
         splits, split_rows = 1, M
     if splits > 1:
-        regions = sum(triton.cdiv(g.shape[1] * i.shape[1], 16) * 16 for g, i in pairs)
+        regions = sum(cdiv(g.shape[1] * i.shape[1], 16) * 16 for g, i in pairs)
         partials = torch.empty(splits * regions, dtype=torch.float32, device=device)
     else:  # never read; a live fp32 pointer keeps the launch's signature
         partials = torch.empty(1, dtype=torch.float32, device=device)

@@ -79,7 +79,7 @@ import triton
 import triton.language as tl
 
 from fastrank._backend import cuda_matmul_allows_tf32
-from fastrank.kernels._launch import device_guard, interpreting, size_bucket
+from fastrank.kernels._launch import cdiv, device_guard, interpreting, size_bucket
 from fastrank.sketch import _accumulation_dtype, _check_inputs
 
 BUILT_FOR_INTERPRETER = interpreting()  # tests reload the module when this disagrees with the environment
@@ -354,7 +354,7 @@ def _reduction_splits(programs: int, reduction: int, sm_count: int) -> int:
 
 def sketch_grid(splits: int, batch: int, M: int, K: int, block_m: int, block_k: int) -> tuple[int]:
     """Programs of one launch: every (split, matrix, row block, column block), all on axis 0."""
-    return (splits * batch * triton.cdiv(M, block_m) * triton.cdiv(K, block_k),)
+    return (splits * batch * cdiv(M, block_m) * cdiv(K, block_k),)
 
 
 def _input_precision(dtype: torch.dtype) -> str:
@@ -382,11 +382,11 @@ def _launch(a3, b3, out, splits=None, autotune=None):
     widest = _BLOCK_K_FP64 if fp64 else _BLOCK_K_IEEE if precision == "ieee" else 256
     block_k = sketch_block_k(K, widest)
     if splits is None:
-        programs = batch * triton.cdiv(M, 128) * triton.cdiv(K, block_k)  # 128: the usual BLOCK_M
+        programs = batch * cdiv(M, 128) * cdiv(K, block_k)  # 128: the usual BLOCK_M
         splits = _reduction_splits(programs, N, _sm_count(a3.device))
     if splits > 1:
-        split_size = triton.cdiv(triton.cdiv(N, splits), _SPLIT_GRANULE) * _SPLIT_GRANULE
-        splits = triton.cdiv(N, split_size)  # rounding the chunks up can leave fewer
+        split_size = cdiv(cdiv(N, splits), _SPLIT_GRANULE) * _SPLIT_GRANULE
+        splits = cdiv(N, split_size)  # rounding the chunks up can leave fewer
     else:
         split_size = N
     target = out.unsqueeze(0) if splits == 1 else torch.empty(
@@ -428,7 +428,7 @@ def _launch(a3, b3, out, splits=None, autotune=None):
 def _write_omega(out, seed):
     """Fill ``out`` (N, K), any strides and float dtype, with Omega for ``seed``."""
     N, K = out.shape
-    grid = (triton.cdiv(N, _OMEGA_BLOCK_N), triton.cdiv(K, 4 * _OMEGA_BLOCK_Q))
+    grid = (cdiv(N, _OMEGA_BLOCK_N), cdiv(K, 4 * _OMEGA_BLOCK_Q))
     with device_guard(out):
         _omega_kernel[grid](out, N, K, seed, *out.stride(), BLOCK_N=_OMEGA_BLOCK_N, BLOCK_Q=_OMEGA_BLOCK_Q)
     return out

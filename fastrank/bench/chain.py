@@ -548,6 +548,26 @@ def _square_factors(d: int, count: int, seed: int) -> list[torch.Tensor]:
     return [(torch.randn(d, d, device="cuda", generator=gen) / d**0.5).to(torch.bfloat16) for _ in range(count)]
 
 
+def _per_factor_case(name: str, shape: str, variants: tuple[str, ...], setup, flops: float, repeats: int,
+                     note: str) -> Case:
+    """A bf16 case of a collapsed step's d x d work against one torch.matmul per factor."""
+    return Case(
+        suite="chain-kernel",
+        name=name,
+        shape=shape,
+        dtype="bfloat16",
+        baseline=PER_FACTOR,
+        variants=variants,
+        setup=setup,
+        flops=dict.fromkeys(variants, flops),
+        error=_all_errors,
+        repeats=repeats,
+        warmup=3,
+        floor=FLOOR,
+        note=note,
+    )
+
+
 def _weight_chain_case(d: int, length: int, repeats: int) -> Case:
     """The forward of a collapsed OverparamLinear(d, d, depth=L): ``W_1^T`` (a transposed view, as
     ``collapsed_weight`` passes it) through ``W_2 .. W_L``, keeping every prefix product."""
@@ -571,20 +591,12 @@ def _weight_chain_case(d: int, length: int, repeats: int) -> Case:
             reference,
         )
 
-    return Case(
-        suite="chain-kernel",
-        name=f"weight chain bf16 d={d} L={length}",
-        shape=f"x=W_1^T ({d}, {d}), {length - 1} factors {d}x{d}, all prefix products",
-        dtype="bfloat16",
-        baseline=PER_FACTOR,
-        variants=WEIGHT_CHAIN_VARIANTS,
-        setup=setup,
-        flops=dict.fromkeys(WEIGHT_CHAIN_VARIANTS, flops),
-        error=_all_errors,
-        repeats=repeats,
-        warmup=3,
-        floor=FLOOR,
-        note=f"one launch (on-chip limit {_onchip_width()}) against {length - 1} cuBLAS calls",
+    path = "one launch" if d <= _onchip_width() else "one matmul per step (wider than the kernel's limit)"
+    return _per_factor_case(
+        f"weight chain bf16 d={d} L={length}",
+        f"x=W_1^T ({d}, {d}), {length - 1} factors {d}x{d}, all prefix products",
+        WEIGHT_CHAIN_VARIANTS, setup, flops, repeats,
+        f"chain_matmul path: {path}; against {length - 1} cuBLAS calls",
     )
 
 
@@ -611,20 +623,11 @@ def _factor_grads_case(d: int, length: int, repeats: int) -> Case:
             reference,
         )
 
-    return Case(
-        suite="chain-kernel",
-        name=f"factor grads bf16 d={d} M={d} L={length}",
-        shape=f"{length} x (G^T X), G, X: ({d}, {d})",
-        dtype="bfloat16",
-        baseline=PER_FACTOR,
-        variants=FACTOR_GRADS_VARIANTS,
-        setup=setup,
-        flops=dict.fromkeys(FACTOR_GRADS_VARIANTS, flops),
-        error=_all_errors,
-        repeats=repeats,
-        warmup=3,
-        floor=FLOOR,
-        note=f"one grouped launch against {length} cuBLAS calls; target: >= 2x faster",
+    return _per_factor_case(
+        f"factor grads bf16 d={d} M={d} L={length}",
+        f"{length} x (G^T X), G, X: ({d}, {d})",
+        FACTOR_GRADS_VARIANTS, setup, flops, repeats,
+        f"one grouped launch against {length} cuBLAS calls; target: >= 2x faster",
     )
 
 

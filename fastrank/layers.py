@@ -90,9 +90,9 @@ class _CollapseCache:
     ``fresh`` compares the module's tensors with the cached ones by identity (a replaced
     parameter), then the cached tensors' version counters (in-place writes: optimizer steps,
     ``load_state_dict``, edits under ``no_grad``) and storage addresses (new storage under the same
-    object: ``.to()``, ``swap_tensors``, ``p.data = ...``), each through one C-level map: about
-    1.3 us for four factors on a 2-core Xeon, where building a key of versions, addresses and ids
-    of five tensors took 2.1 us. Identity needs the cached tensors alive, so the cache holds them
+    object: ``.to()``, ``swap_tensors``, ``p.data = ...``), each through one C-level map: 1.8-1.9 us
+    a check for four factors on a 2-core Xeon (1.2 us of it the versions and addresses), where
+    building the former key of versions, addresses and ids of five tensors took 2.1-2.2 us. Identity needs the cached tensors alive, so the cache holds them
     (weak references would not keep replaced tensors alive until the next call, but
     ``torch.utils.swap_tensors`` refuses tensors with weak references, and ``load_state_dict``
     swaps under ``torch.__future__.set_swap_module_params_on_conversion``). ``Module._apply``

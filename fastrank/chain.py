@@ -34,6 +34,7 @@ from torch import Tensor
 __all__ = [
     "chain_matmul",
     "chain_factor_grads",
+    "chain_matmul_backward",
     "chain_costs",
     "chain_linear",
     "collapsed_weight",
@@ -137,6 +138,50 @@ def chain_factor_grads_ref(grads: Sequence[Tensor], inputs: Sequence[Tensor]) ->
     return [_matmul_rounded_once(grad.T, inp) for grad, inp in zip(grads, inputs)]
 
 
+def _check_backward(x: Tensor, factors: Sequence[Tensor], grad_output: Tensor) -> None:
+    _check_chain(x, factors)
+    expected = (x.shape[0], factors[-1].shape[0])
+    if tuple(grad_output.shape) != expected:
+        raise ValueError(
+            f"chain_matmul_backward: grad_output must have shape {expected} (M, n_k), "
+            f"got {tuple(grad_output.shape)}"
+        )
+    if grad_output.dtype != x.dtype or grad_output.device != x.device:
+        raise TypeError(
+            f"chain_matmul_backward: grad_output is {grad_output.dtype} on {grad_output.device}, "
+            f"expected {x.dtype} on {x.device} like x"
+        )
+
+
+def compose_chain_backward(
+    x: Tensor, factors: Sequence[Tensor], grad_output: Tensor, needs_x: bool, chain, factor_grads
+) -> list[Tensor]:
+    """The recomputing backward of ``chain_matmul(x, factors, return_all=False)`` from two chain
+    primitives: ``chain`` (a chain matmul) recomputes ``X_1 .. X_{k-1}`` and runs the reverse chain
+    ``dX_{j-1} = dX_j F_j`` (each step rounded once), ``factor_grads`` forms every
+    ``dF_j = dX_j^T X_{j-1}`` (fp32 accumulation, one rounding). Returns ``[dF_1, ..., dF_k]``,
+    then ``dX_0`` when ``needs_x``."""
+    k = len(factors)
+    inputs = [x, *chain(x, factors[:-1])] if k > 1 else [x]  # X_0 .. X_{k-1}
+    stop = 0 if needs_x else 1  # without dX_0 the reverse chain ends at dX_1
+    reverse = [f.T for f in reversed(factors[stop:])]  # F_k^T .. F_{stop+1}^T
+    backs = chain(grad_output, reverse) if reverse else []  # dX_{k-1} .. dX_stop
+    grads = [grad_output, *backs][:k][::-1]  # dX_1 .. dX_k
+    return factor_grads(grads, inputs) + (backs[-1:] if needs_x else [])
+
+
+def chain_matmul_backward_ref(
+    x: Tensor, factors: Sequence[Tensor], grad_output: Tensor, needs_x: bool
+) -> list[Tensor]:
+    """Torch twin of the fused backward kernel (the specification and the CPU path): the gradients
+    of ``chain_matmul(x, factors, return_all=False)`` from ``x``, the factors and
+    ``grad_output = dX_k`` (M, n_k) alone, recomputing the intermediates. Returns ``[dF_1, ...,
+    dF_k]`` (``(n_j, n_{j-1})``), then ``dX_0`` (M, n_0) when ``needs_x``; rounding as the naive
+    chain's backward in x's dtype (see :func:`compose_chain_backward`)."""
+    _check_backward(x, factors, grad_output)
+    return compose_chain_backward(x, factors, grad_output, needs_x, chain_matmul_ref, chain_factor_grads_ref)
+
+
 # --------------------------------------------------------------------------------------------
 # custom ops
 # --------------------------------------------------------------------------------------------
@@ -164,6 +209,19 @@ def _(grads, inputs):
     return [g.new_empty((g.shape[1], i.shape[1])) for g, i in zip(grads, inputs)]
 
 
+@torch.library.custom_op("fastrank::chain_matmul_backward", mutates_args=())
+def _chain_matmul_backward_op(
+    x: Tensor, factors: list[Tensor], grad_output: Tensor, needs_x: bool
+) -> list[Tensor]:
+    return chain_matmul_backward_ref(x, factors, grad_output, needs_x)
+
+
+@_chain_matmul_backward_op.register_fake
+def _(x, factors, grad_output, needs_x):
+    _check_backward(x, factors, grad_output)
+    return [f.new_empty(f.shape) for f in factors] + ([x.new_empty(x.shape)] if needs_x else [])
+
+
 def _chain_matmul_setup_context(ctx, inputs, output):
     x, factors, return_all = inputs
     # Outputs whose gradient is never used (all but the last, in the common case) arrive as None
@@ -189,15 +247,20 @@ def _chain_backward(saved, k, return_all, grad_outputs, needs_x, needs_factor):
     """Gradients of x and of the factors from what the forward saved: ``(x, *factors, [X_1 ..
     X_{k-1}])``; the reverse chain and the grouped factor gradients (the naive chain's math)."""
     x, factors = saved[0], list(saved[1 : 1 + k])
+    if all(g is None for g in grad_outputs):
+        return None, None
     if return_all:
         intermediates = list(saved[1 + k :])
         grad_outputs = list(grad_outputs)
+    elif all(needs_factor):
+        # Only X_k was kept: one op recomputes X_1 .. X_{k-1} and forms every gradient (on CUDA one
+        # fused launch for narrow chains, which never writes the intermediates out).
+        results = chain_matmul_backward(x, factors, grad_outputs[0], needs_x)
+        return (results[k] if needs_x else None), results[:k]
     else:
         intermediates = chain_matmul(x, factors[:-1]) if k > 1 else []
         grad_outputs = [None] * (k - 1) + list(grad_outputs)
     inputs = [x, *intermediates]  # X_0 .. X_{k-1}
-    if all(g is None for g in grad_outputs):
-        return None, None
 
     # Gradient w.r.t. X_j for j = k..1 (and X_0 if x needs it).
     # dF_j needs the gradient of X_j, so without a gradient for x the reverse chain stops at X_1.
@@ -297,6 +360,19 @@ def _chain_matmul_body(x: Tensor, factors: list[Tensor], return_all: bool) -> li
     return chain_matmul_ref(x, factors, return_all)
 
 
+def _chain_matmul_backward_body(x: Tensor, factors: list[Tensor], grad_output: Tensor, needs_x: bool) -> list[Tensor]:
+    if x.is_cuda and _CUDA_KERNELS is not None:
+        return _CUDA_KERNELS.chain_matmul_backward(x, factors, grad_output, needs_x)
+    return chain_matmul_backward_ref(x, factors, grad_output, needs_x)
+
+
+def _recomputes_backward(x: Tensor, factors: Sequence[Tensor]) -> bool:
+    """Whether the backward of a chain on x (M, n_0) recomputes the intermediates at about the cost
+    of reading them (narrow chains on CUDA: the fused kernel): layers then keep only x, one layer's
+    activation memory instead of L."""
+    return x.is_cuda and _CUDA_KERNELS is not None and _CUDA_KERNELS.recomputes_backward(x, factors)
+
+
 def _chain_factor_grads_body(grads: list[Tensor], inputs: list[Tensor]) -> list[Tensor]:
     if grads[0].is_cuda and _CUDA_KERNELS is not None:
         return _CUDA_KERNELS.chain_factor_grads(grads, inputs)
@@ -341,6 +417,10 @@ def register_cuda_kernels(chain_kernels) -> None:
     def _(grads, inputs):
         return chain_kernels.chain_factor_grads(grads, inputs)
 
+    @_chain_matmul_backward_op.register_kernel("cuda")
+    def _(x, factors, grad_output, needs_x):
+        return chain_kernels.chain_matmul_backward(x, factors, grad_output, needs_x)
+
 
 
 # --------------------------------------------------------------------------------------------
@@ -383,6 +463,31 @@ def chain_factor_grads(grads: Sequence[Tensor], inputs: Sequence[Tensor]) -> lis
     if _traced(grads[0]):
         return _chain_factor_grads_op(list(grads), list(inputs))
     return _chain_factor_grads_body(list(grads), list(inputs))
+
+
+def chain_matmul_backward(
+    x: Tensor, factors: Sequence[Tensor], grad_output: Tensor, needs_x: bool = True
+) -> list[Tensor]:
+    """Gradients of ``chain_matmul(x, factors, return_all=False)`` from its inputs and the gradient
+    of its output alone: the intermediates are recomputed, never kept.
+
+    Args:
+        x: ``(M, n_0)`` float tensor, as given to :func:`chain_matmul`.
+        factors: ``F_1 .. F_k``, ``F_j`` of shape ``(n_j, n_{j-1})``, same dtype and device as x.
+        grad_output: ``dX_k``, ``(M, n_k)``, same dtype and device.
+        needs_x: also return ``dX_0``.
+
+    Returns:
+        ``[dF_1, ..., dF_k]`` (``(n_j, n_{j-1})``), then ``dX_0`` (``(M, n_0)``) when ``needs_x``, in
+        x's dtype, each rounded as the naive chain's backward rounds it: the reverse chain
+        ``dX_{j-1} = dX_j F_j`` once per step, ``dF_j = dX_j^T X_{j-1}`` accumulated in fp32 and
+        rounded once. On CUDA a narrow chain (every width at most
+        ``fastrank.kernels.chain.MAX_RESIDENT_WIDTH``, at most ``FACTORS_PER_LAUNCH`` factors) takes
+        one fused launch that keeps its row block's intermediates on chip.
+    """
+    if _traced(x):
+        return _chain_matmul_backward_op(x, list(factors), grad_output, needs_x)
+    return _chain_matmul_backward_body(x, list(factors), grad_output, needs_x)
 
 
 def collapsed_weight(factors: Sequence[Tensor]) -> Tensor:
@@ -483,7 +588,9 @@ def _chain_linear_as(
         hidden = _chain_matmul_body(rows, list(factors[:-1]), False)[-1] if len(factors) > 1 else rows
         out = F.linear(hidden, factors[-1], bias)
     else:
-        out = chain_matmul(rows, factors, return_all=backward)[-1]
+        # A backward that recomputes the intermediates (the fused kernel) needs only x kept.
+        keep = backward and not _recomputes_backward(rows, factors)
+        out = chain_matmul(rows, factors, return_all=keep)[-1]
         if bias is not None:
             out = out + bias.to(out.dtype)  # autocast: the chain ran in the autocast dtype
     return out if flat else out.reshape(*x.shape[:-1], out.shape[-1])

@@ -72,10 +72,13 @@ from fastrank.kernels._launch import cdiv, device_guard, interpreting, size_buck
 
 # The torch twins (the specification of these kernels, and the CPU path) live in the op file.
 from fastrank.chain import (  # noqa: F401  (re-exported for the kernel tests)
+    _check_backward,
     _check_chain,
     _check_factor_grads,
     chain_factor_grads_ref,
+    chain_matmul_backward_ref,
     chain_matmul_ref,
+    compose_chain_backward,
 )
 
 __all__ = [
@@ -84,10 +87,16 @@ __all__ = [
     "MAX_ONCHIP_WIDTH_IEEE",
     "MAX_RESIDENT_WIDTH",
     "MAX_GROUPED_WIDTH",
+    "MAX_BACKWARD_PROGRAMS",
+    "MAX_BACKWARD_WIDTH_IEEE",
     "chain_matmul",
     "chain_matmul_ref",
     "chain_factor_grads",
     "chain_factor_grads_ref",
+    "chain_matmul_backward",
+    "chain_matmul_backward_ref",
+    "fuses_backward",
+    "recomputes_backward",
     "runs_on_chip",
 ]
 
@@ -187,6 +196,15 @@ def _cuda_configs(kernel: str) -> list[triton.Config]:
                 (64, 64, 64, 4, 4),
                 (64, 64, 32, 4, 3),
             )
+        ]
+    if kernel == "chain_backward":
+        if BUILT_FOR_INTERPRETER:
+            return [triton.Config({"BLOCK_M": 32}, num_warps=4, num_stages=1)]
+        # Register-resident like the chain's resident mode; one stage (each step's operands depend
+        # on the step before).
+        return [
+            triton.Config({"BLOCK_M": block_m}, num_warps=warps, num_stages=1)
+            for block_m, warps in ((16, 4), (32, 4), (64, 4), (64, 8))
         ]
     raise ValueError(f"unknown kernel {kernel!r}")
 
@@ -999,3 +1017,255 @@ def chain_factor_grads(
             stop = start + FACTORS_PER_LAUNCH
             _launch_factor_grads(grads[start:stop], inputs[start:stop], outputs[start:stop], split_k)
     return outputs
+
+
+# --------------------------------------------------------------------------------------------
+# fused backward of a narrow chain: kernel
+# --------------------------------------------------------------------------------------------
+
+
+def _prune_backward_configs(configs, named_args, **kwargs):
+    """Less what the sm_90 compile gate (Triton 3.9) shows to spill: 16-row blocks at BLOCK_N=32
+    (8 B in 16-bit without NEEDS_X). fp32 "ieee" (FMA units) is launched at BLOCK_N=16 only
+    (:func:`fuses_backward`): at 32 and 64 most configs spilled, up to 32 KB."""
+    if BUILT_FOR_INTERPRETER:
+        return configs
+    block_n = {**named_args, **kwargs}["BLOCK_N"]
+    return [config for config in configs if not (block_n == 32 and config.kwargs["BLOCK_M"] == 16)]
+
+
+@triton.autotune(
+    configs=_cuda_configs("chain_backward"),
+    key=["M_BUCKET", "BLOCK_N", "NUM_FACTORS", "NEEDS_X"],
+    prune_configs_by={"early_config_prune": _prune_backward_configs},
+)
+@triton.jit
+def _chain_backward_kernel(
+    # pointers
+    x_ptr,  # X_0: contiguous (M, n_0); its element type is that of every factor and gradient
+    grad_ptr,  # dX_k: contiguous (M, n_k)
+    f0_ptr, f1_ptr, f2_ptr, f3_ptr, f4_ptr, f5_ptr, f6_ptr, f7_ptr,  # F_{j+1}: contiguous
+    #   (n_{j+1}, n_j); slots j >= NUM_FACTORS are never read
+    grad_x_ptr,  # dX_0: contiguous (M, n_0), written with NEEDS_X only
+    grad_factors_ptr,  # dF_{j+1}: contiguous (n_{j+1}, n_j) at offset sum_{i<j} r_i of one flat
+    #   buffer, r_i = n_{i+1} n_i rounded up to a multiple of 16
+    scratch_ptr,  # X_1 .. X_{k-1} recomputed: (M, (NUM_FACTORS - 1) BLOCK_N), X_j in columns
+    #   [(j - 1) BLOCK_N, j BLOCK_N); each program writes and reads its own rows only
+    partial_ptr,  # fp32 (programs, NUM_FACTORS, BLOCK_N, BLOCK_N): program p's sum of
+    #   dX_{j+1}^T X_j over its rows, at [p, j]
+    counter_ptr,  # int32 (1,): programs arrived; zero before the launch, reset by the last one
+    # sizes
+    M,
+    n0, n1, n2, n3, n4, n5, n6, n7, n8,  # widths n_0 .. n_8
+    M_BUCKET,  # autotune key only
+    # meta-parameters
+    NUM_FACTORS,  # live slots, 1 .. 8
+    BLOCK_M: tl.constexpr,  # rows per step of a program
+    BLOCK_N: tl.constexpr,  # power of two >= every width n_0 .. n_k (16 .. MAX_RESIDENT_WIDTH)
+    NEEDS_X: tl.constexpr,  # also compute dX_0
+    INPUT_PRECISION: tl.constexpr,
+):
+    """Every gradient of a narrow chain ``X_k = x F_1^T ... F_k^T`` from x, the factors and dX_k, in
+    one launch that keeps no intermediate from the forward.
+
+    Each program takes row blocks pid, pid + programs, ... For a block it recomputes X_1 ..
+    X_{k-1} (rounded once per step, as the forward kernel does) into its rows of the scratch, then
+    runs the reverse chain dX_{j-1} = dX_j F_j (rounded once per step, as the naive chain's backward)
+    with the block in registers, adding dX_j^T X_{j-1} (fp32) into its own partial of every dF_j.
+    The last program to arrive (an atomic counter; no program waits) sums the partials in program
+    order (deterministic), rounds once and stores every dF_j.
+
+    Roofline (one launch, k factors, e = bytes per element, S = sum_j n_j n_{j-1}, P programs):
+      FLOPs   2 M S (recompute, k - 1 steps) + 2 M S (reverse chain) + 2 M S (factor gradients).
+      DRAM    e (M (n_0 + n_k) + S) in, e (S + M n_0) out: the intermediates (scratch) stay in L2,
+              the partials (4 P k BLOCK_N^2 bytes) too.
+    For the narrow layers it serves (d <= 64, B below ~d), e.g. OverparamLinear(64, 64, depth=4) at
+    B = 64, bf16: 6 MFLOP, under 100 kB: launch-bound on any GPU; expected one launch's time
+    against the two launches (reverse chain, factor gradients) of the kept-intermediates backward,
+    and activation memory of one layer (x) instead of four. NOT MEASURED on a GPU.
+    """
+    dtype = x_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK_N)
+    tile_rows = tl.arange(0, BLOCK_N)
+    tile = tile_rows[:, None] * BLOCK_N + cols[None, :]  # a (BLOCK_N, BLOCK_N) partial, row-major
+    scratch_stride = (NUM_FACTORS - 1) * BLOCK_N
+    n_k = _select_int(NUM_FACTORS - 1, n1, n2, n3, n4, n5, n6, n7, n8)
+
+    for block_start in range(pid * BLOCK_M, M, programs * BLOCK_M):
+        rows = block_start + tl.arange(0, BLOCK_M)
+        row_mask = rows < M
+        rows64 = rows.to(tl.int64)
+
+        # Forward: X_1 .. X_{k-1} into this block's scratch rows (zero beyond each width).
+        block = _load_rows(x_ptr, n0, rows64, row_mask, cols, cols < n0, False)
+        for j in range(NUM_FACTORS - 1):
+            factor_ptr = _select(j, f0_ptr, f1_ptr, f2_ptr, f3_ptr, f4_ptr, f5_ptr, f6_ptr, f7_ptr)
+            n_in = _select_int(j, n0, n1, n2, n3, n4, n5, n6, n7)
+            n_out = _select_int(j, n1, n2, n3, n4, n5, n6, n7, n8)
+            factor_t = _load_factor_t(factor_ptr, n_in, cols, cols < n_in, cols, cols < n_out, False)
+            block = tl.dot(block, factor_t, input_precision=INPUT_PRECISION).to(dtype)
+            tl.store(scratch_ptr + rows64[:, None] * scratch_stride + j * BLOCK_N + cols[None, :], block,
+                     mask=row_mask[:, None])
+        # This program's scratch stores before its loads below (read through L2, ".cg").
+        tl.debug_barrier()
+
+        # Reverse: dX_k, then dX_{j-1} = dX_j F_j; the partial of dF_j takes dX_j^T X_{j-1}.
+        grad = _load_rows(grad_ptr, n_k, rows64, row_mask, cols, cols < n_k, False)
+        for step in range(NUM_FACTORS):
+            j = NUM_FACTORS - 1 - step  # slot of F_{j+1}, whose input is X_j
+            factor_ptr = _select(j, f0_ptr, f1_ptr, f2_ptr, f3_ptr, f4_ptr, f5_ptr, f6_ptr, f7_ptr)
+            n_in = _select_int(j, n0, n1, n2, n3, n4, n5, n6, n7)
+            n_out = _select_int(j, n1, n2, n3, n4, n5, n6, n7, n8)
+            if j == 0:
+                inputs = _load_rows(x_ptr, n0, rows64, row_mask, cols, cols < n0, False)
+            else:
+                inputs = _load_rows(scratch_ptr + (j - 1) * BLOCK_N, scratch_stride, rows64, row_mask, cols,
+                                    cols < n_in, False)
+            partial = partial_ptr + (pid * NUM_FACTORS + j).to(tl.int64) * (BLOCK_N * BLOCK_N) + tile
+            acc = tl.zeros((BLOCK_N, BLOCK_N), dtype=tl.float32)
+            if block_start > pid * BLOCK_M:  # not this program's first block: add to its partial
+                acc = tl.load(partial, cache_modifier=".cg")
+            acc = tl.dot(tl.trans(grad), inputs, acc, input_precision=INPUT_PRECISION)
+            tl.store(partial, acc)
+            if j > 0 or NEEDS_X:
+                # The reverse step's factor is F^T, a transposed view of F: its tile [a, b] = F[a, b].
+                factor = _load_factor_t(factor_ptr, n_in, cols, cols < n_out, cols, cols < n_in, True)
+                grad = tl.dot(grad, factor, input_precision=INPUT_PRECISION).to(dtype)
+        if NEEDS_X:
+            tl.store(grad_x_ptr + rows64[:, None] * n0 + cols[None, :], grad,
+                     mask=row_mask[:, None] & (cols[None, :] < n0))
+        # The partial stores before the next block's loads of them, and the scratch reads before
+        # the next block's writes.
+        tl.debug_barrier()
+
+    # Every thread's partial stores happen before the (one-thread) release of the arrival.
+    arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
+    if arrived == programs - 1:  # the same value in every thread: the whole program enters
+        tl.debug_barrier()  # the acquire above was one thread's: order every thread's loads after it
+        offset = tl.full([], 0, tl.int64)
+        for j in range(NUM_FACTORS):
+            n_in = _select_int(j, n0, n1, n2, n3, n4, n5, n6, n7)
+            n_out = _select_int(j, n1, n2, n3, n4, n5, n6, n7, n8)
+            total = tl.zeros((BLOCK_N, BLOCK_N), dtype=tl.float32)
+            for p in range(programs):
+                total += tl.load(partial_ptr + (p * NUM_FACTORS + j).to(tl.int64) * (BLOCK_N * BLOCK_N) + tile,
+                                 cache_modifier=".cg")  # written by other SMs: read through L2
+            tl.store(grad_factors_ptr + tl.multiple_of(offset, 16) + tile_rows[:, None] * n_in + cols[None, :],
+                     total.to(dtype), mask=(tile_rows[:, None] < n_out) & (cols[None, :] < n_in))
+            offset += tl.cdiv(n_out * n_in, 16) * 16
+        tl.atomic_xchg(counter_ptr, 0, sem="relaxed", scope="gpu")  # ready for the next launch
+
+
+# --------------------------------------------------------------------------------------------
+# fused backward of a narrow chain: launcher
+# --------------------------------------------------------------------------------------------
+
+# Programs of one fused backward launch at most: each keeps fp32 partials of every dF_j
+# (4 k BLOCK_N^2 bytes, 64 kB at k = 4, BLOCK_N = 64) that the last one sums alone. The layers
+# route chains here when B is below about d (the cost model's activation chain), i.e. a few row
+# blocks. NOT MEASURED on a GPU.
+MAX_BACKWARD_PROGRAMS = 16
+_SMALLEST_BACKWARD_BLOCK_M = 16  # of _cuda_configs("chain_backward"): sizes the partials
+# Widest layer the fused backward takes in fp32 with TF32 off (FMA units, every tile in registers):
+# the compile gate (sm_90, Triton 3.9) spilled in 11 of 16 configs at BLOCK_N = 32 and 64, none at 16.
+MAX_BACKWARD_WIDTH_IEEE = 16
+
+
+def recomputes_backward(x: Tensor, factors: Sequence[Tensor]) -> bool:
+    """Whether :func:`chain_matmul_backward` serves the chain on ``x`` (M, n_0) from the inputs
+    alone at about the cost of the kept-intermediates backward, so a layer need not keep X_1 ..
+    X_{k-1}: a kernel dtype, at most FACTORS_PER_LAUNCH factors and every width at most
+    :data:`MAX_RESIDENT_WIDTH` (within the chain kernel's limits). The fused kernel serves it (see
+    :func:`fuses_backward` for fp32 with TF32 off). Shapes and dtypes only, so torch.compile traces
+    the rule (Dynamo cannot trace the read of torch's TF32 setting)."""
+    widths = [x.shape[1]] + [f.shape[0] for f in factors]
+    limit = min(MAX_RESIDENT_WIDTH, MAX_ONCHIP_WIDTH, MAX_ONCHIP_WIDTH_IEEE)
+    return (
+        x.dtype in _KERNEL_DTYPES
+        and len(factors) <= FACTORS_PER_LAUNCH
+        and x.shape[0] > 0
+        and 0 < min(widths)
+        and max(widths) <= limit
+    )
+
+
+def fuses_backward(x: Tensor, factors: Sequence[Tensor]) -> bool:
+    """Whether :func:`chain_matmul_backward` runs the fused kernel: :func:`recomputes_backward`,
+    and for fp32 with TF32 off (FMA tiles in registers) every width at most
+    :data:`MAX_BACKWARD_WIDTH_IEEE`; wider ones recompute with the chain kernel instead."""
+    if not recomputes_backward(x, factors):
+        return False
+    widths = [x.shape[1]] + [f.shape[0] for f in factors]
+    return _input_precision(x.dtype) != "ieee" or max(widths) <= MAX_BACKWARD_WIDTH_IEEE
+
+
+def chain_matmul_backward(
+    x: Tensor, factors: Sequence[Tensor], grad_output: Tensor, needs_x: bool = True
+) -> list[Tensor]:
+    """Gradients of ``chain_matmul(x, factors, return_all=False)`` from ``dX_k = grad_output``,
+    recomputing the intermediates: one launch where :func:`fuses_backward` holds, else the chain
+    kernel twice (recompute, reverse chain) and the grouped factor gradients.
+
+    Args:
+        x: ``(M, n_0)``, float32 / float16 / bfloat16, any strides.
+        factors: ``F_j`` of shape ``(n_j, n_{j-1})``, same dtype and device, any strides.
+        grad_output: ``(M, n_k)``, same dtype and device, any strides.
+        needs_x: also return ``dX_0``.
+
+    Returns:
+        ``[dF_1, ..., dF_k]``, then ``dX_0`` when ``needs_x``: contiguous, x's dtype; rounding as
+        ``chain_matmul_backward_ref``.
+    """
+    _check_backward(x, factors, grad_output)
+    counters = _split_counters(x.device, 1) if fuses_backward(x, factors) else None
+    if counters is None:  # not a narrow chain, or a CUDA graph capture without counters yet
+        return compose_chain_backward(x, factors, grad_output, needs_x, chain_matmul, chain_factor_grads)
+
+    k, widths = len(factors), [x.shape[1]] + [f.shape[0] for f in factors]
+    regions = [cdiv(widths[j + 1] * widths[j], 16) * 16 for j in range(k)]
+    grad_factors = x.new_empty(sum(regions))
+    grad_x = x.new_empty(x.shape) if needs_x else None
+    with device_guard(x):
+        _launch_backward(x.contiguous(), [f.contiguous() for f in factors], grad_output.contiguous(),
+                         grad_x, grad_factors, counters)
+    outputs, offset = [], 0
+    for j in range(k):
+        outputs.append(grad_factors[offset : offset + widths[j + 1] * widths[j]].view(widths[j + 1], widths[j]))
+        offset += regions[j]
+    return outputs + ([grad_x] if needs_x else [])
+
+
+def _launch_backward(
+    x: Tensor, factors: list[Tensor], grad_output: Tensor, grad_x: Tensor | None, grad_factors: Tensor,
+    counters: Tensor,
+) -> None:
+    """One fused backward launch; contiguous operands, ``grad_factors`` the flat output buffer."""
+    M, k = x.shape[0], len(factors)
+    widths = [x.shape[1]] + [f.shape[0] for f in factors]
+    block_n = _resident_block(widths)
+    scratch = x.new_empty((M, (k - 1) * block_n)) if k > 1 else x  # never read with one factor
+    most_programs = min(cdiv(M, _SMALLEST_BACKWARD_BLOCK_M), MAX_BACKWARD_PROGRAMS)
+    partials = torch.empty(most_programs * k * block_n * block_n, dtype=torch.float32, device=x.device)
+
+    def grid(meta):
+        return (min(cdiv(M, meta["BLOCK_M"]), MAX_BACKWARD_PROGRAMS),)
+
+    _chain_backward_kernel[grid](
+        x,
+        grad_output,
+        *_padded(factors),
+        grad_x if grad_x is not None else grad_factors,  # never written without NEEDS_X
+        grad_factors,
+        scratch,
+        partials,
+        counters,
+        M,
+        *(widths + [widths[-1]] * (FACTORS_PER_LAUNCH + 1 - len(widths))),  # n_0 .. n_8
+        size_bucket(M),
+        NUM_FACTORS=k,
+        BLOCK_N=block_n,
+        NEEDS_X=grad_x is not None,
+        INPUT_PRECISION=_input_precision(x.dtype),
+    )

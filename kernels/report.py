@@ -159,6 +159,27 @@ KERNELS: dict[str, KernelSpec] = {
             "INPUT_PRECISION": _CHAIN_PRECISION,
         },
     ),
+    "chain_backward": KernelSpec(
+        module="fastrank.kernels.chain",
+        kernel="_chain_backward_kernel",
+        # The fused backward of a narrow chain: contiguous operands (the launcher packs), eight
+        # factor slots, widths and M multiples of 16 (a layer of d = 16 .. 64).
+        args={"x_ptr": "*{dtype}:16", "grad_ptr": "*{dtype}:16",
+              **{f"f{j}_ptr": "*{dtype}:16" for j in range(8)},
+              "grad_x_ptr": "*{dtype}:16", "grad_factors_ptr": "*{dtype}:16", "scratch_ptr": "*{dtype}:16",
+              "partial_ptr": "*fp32:16", "counter_ptr": "*i32:16",
+              "M": "i32:16", **{f"n{j}": "i32:16" for j in range(9)},
+              "M_BUCKET": "i32:16", "NUM_FACTORS": "i32"},
+        dtypes=("fp32", "fp16", "bf16"),
+        constexprs={
+            # _resident_block(widths): size_bucket(widest), at most MAX_RESIDENT_WIDTH
+            "BLOCK_N": (16, 32, 64),
+            "NEEDS_X": (True, False),
+            "INPUT_PRECISION": _CHAIN_PRECISION,
+        },
+        # fp32 "ieee" is fused up to MAX_BACKWARD_WIDTH_IEEE = 16 only
+        skip=lambda dtype, variant: variant["INPUT_PRECISION"] == "ieee" and variant["BLOCK_N"] > 16,
+    ),
     "gaussian_sketch": KernelSpec(
         module="fastrank.kernels.sketch",
         kernel="_sketch_kernel",

@@ -3,7 +3,7 @@ import torch
 from torch.library import opcheck
 
 import fastrank.chain as chain_mod
-from fastrank.chain import chain_costs, chain_linear, chain_matmul, collapsed_weight
+from fastrank.chain import chain_costs, chain_linear, chain_matmul, chain_matmul_backward, collapsed_weight
 from tolerance import assert_close
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
@@ -103,6 +103,67 @@ def test_opcheck_chain_ops(return_all):
     grads = [torch.randn(7, 3, dtype=torch.float64), torch.randn(7, 4, dtype=torch.float64)]
     inputs = [torch.randn(7, 5, dtype=torch.float64), torch.randn(7, 3, dtype=torch.float64)]
     opcheck(torch.ops.fastrank.chain_factor_grads.default, (grads, inputs))
+
+
+def test_opcheck_chain_matmul_backward():
+    x, factors = make_chain(7, [5, 3, 4], torch.float64)
+    grad = torch.randn(7, 4, dtype=torch.float64)
+    for needs_x in (True, False):
+        opcheck(torch.ops.fastrank.chain_matmul_backward.default, (x, factors, grad, needs_x))
+
+
+@pytest.mark.parametrize("needs_x", [True, False], ids=["x-grad", "no-x-grad"])
+@pytest.mark.parametrize("dims", [[7], [7, 5], [7, 5, 11, 3]], ids=lambda d: f"k{len(d)}")
+def test_chain_matmul_backward_equals_naive_chain(dims, needs_x):
+    x, factors = make_chain(9, [6] + dims, torch.float64, seed=4)
+    grad = torch.randn(9, dims[-1], dtype=torch.float64)
+    x.requires_grad_(True)
+    for f in factors:
+        f.requires_grad_(True)
+    ref = torch.autograd.grad(naive(x, factors), factors + ([x] if needs_x else []), grad)
+    ours = chain_matmul_backward(x.detach(), [f.detach() for f in factors], grad, needs_x)
+    assert len(ours) == len(ref), f"{len(ours)} results, expected {len(ref)}"
+    for j, (a, b) in enumerate(zip(ours, ref)):
+        assert_close(a, b, torch.float64, 11, what=f"result {j}")
+
+
+def _saved_shapes(fn):
+    """Shapes of the tensors autograd keeps for the backward while ``fn`` runs."""
+    shapes = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, shapes
+
+
+@pytest.mark.parametrize("recomputes", [True, False], ids=["recompute", "keep"])
+def test_activation_chain_keeps_one_layer_when_the_backward_recomputes(monkeypatch, recomputes):
+    # Where the backward is the fused kernel (narrow chains on CUDA), the layer's activation chain
+    # keeps x and the factors only; the gradients are the naive chain's either way.
+    force_path(monkeypatch, "activation")
+    monkeypatch.setattr(chain_mod, "_recomputes_backward", lambda x, factors: recomputes)
+    calls = []
+    body = chain_mod._chain_matmul_backward_body
+    monkeypatch.setattr(chain_mod, "_chain_matmul_backward_body", lambda *a: calls.append(1) or body(*a))
+    x, factors = make_chain(5, [16, 24, 24, 8], torch.float16, seed=6)
+    x.requires_grad_(True)
+    for f in factors:
+        f.requires_grad_(True)
+    out, shapes = _saved_shapes(lambda: chain_linear(x, factors))
+    intermediates = [shape for shape in shapes if shape in ((5, 24),)]
+    assert bool(intermediates) != recomputes, f"saved {shapes}"
+    grad = torch.randn(5, 8, dtype=torch.float16)
+    ours = torch.autograd.grad(out, [x, *factors], grad)
+    assert (len(calls) == 1) == recomputes, f"{len(calls)} calls of the recomputing backward"
+    xd = x.detach().double().requires_grad_(True)
+    fd = [f.detach().double().requires_grad_(True) for f in factors]
+    ref = torch.autograd.grad(naive(xd, fd), [xd, *fd], grad.double())
+    for j, (a, b) in enumerate(zip(ours, ref)):
+        assert_close(a, b, torch.float16, 24, steps=3, what=f"grad {j}")
 
 
 def test_cost_model_switches_with_batch():

@@ -342,6 +342,141 @@ def test_chain_factor_grads_rejects_bad_inputs():
 
 
 # --------------------------------------------------------------------------------------------
+# fused backward of a narrow chain
+# --------------------------------------------------------------------------------------------
+
+chain_matmul_backward = chain_kernels.chain_matmul_backward
+chain_matmul_backward_ref = chain_kernels.chain_matmul_backward_ref
+
+
+def make_backward(batch, dims, dtype, layout="contiguous", seed=3):
+    """x, factors (as make_chain) and dX_k (M, n_k)."""
+    x, factors = make_chain(batch, dims, dtype, layout, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    grad = torch.randn(batch, dims[-1], generator=gen, dtype=torch.float64).to(dtype).to(DEVICE)
+    return x, factors, _layout(grad, layout)
+
+
+def fp64_backward(x, factors, grad, needs_x):
+    """[dF_1 .. dF_k] (+ dX_0) of X_k in float64 from the same (rounded) inputs, by autograd."""
+    x64 = x.double().requires_grad_(needs_x)
+    factors64 = [f.double().requires_grad_(True) for f in factors]
+    out = fp64_chain(x64, factors64)[-1]
+    return list(torch.autograd.grad(out, factors64 + ([x64] if needs_x else []), grad.double()))
+
+
+def check_backward(results, x, factors, grad, needs_x, dtype, what):
+    expected = fp64_backward(x, factors, grad, needs_x)
+    names = [f"dF_{j + 1}" for j in range(len(factors))] + (["dX_0"] if needs_x else [])
+    assert len(results) == len(expected), f"{what}: {len(results)} results, expected {len(expected)}"
+    # Every result is k roundings deep (reverse steps, forward steps, its own), each reducing over
+    # at most the widest layer or M rows.
+    reduction = max([x.shape[0], x.shape[1]] + [f.shape[0] for f in factors])
+    for name, out, ref in zip(names, results, expected):
+        assert out.dtype == dtype, f"{what} {name}: dtype {out.dtype}, expected {dtype}"
+        assert out.shape == ref.shape, f"{what} {name}: shape {tuple(out.shape)}, expected {tuple(ref.shape)}"
+        assert out.is_contiguous(), f"{what} {name}: not contiguous"
+        assert_close(out, ref, dtype, reduction, steps=len(factors), what=f"{what} {name}")
+
+
+def assert_counters_reset():
+    for key, counters in chain_kernels._SPLIT_COUNTERS.items():
+        assert int(counters.abs().sum()) == 0, f"counters of {key} not reset: {counters.nonzero().flatten().tolist()}"
+
+
+@pytest.fixture
+def fused_fp32(monkeypatch):
+    """fp32 through the fused kernel at every resident width. The interpreter's dot is exact fp32
+    whatever the precision, so there fp32 takes the TF32 path (which the kernel fuses at every
+    width); on CUDA torch's setting stands (TF32 off: fused up to MAX_BACKWARD_WIDTH_IEEE, composed
+    above, both checked against the same reference)."""
+    if INTERPRET:
+        monkeypatch.setattr(chain_kernels, "cuda_matmul_allows_tf32", lambda: True)
+
+
+@pytest.mark.parametrize("needs_x", [True, False], ids=["dx", "no-dx"])
+@pytest.mark.parametrize("dims", CHAINS, ids=lambda d: "x".join(map(str, d)))
+@pytest.mark.parametrize("batch", BATCHES, ids=lambda b: f"M{b}")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_chain_matmul_backward_matches_fp64(fused_fp32, dtype, batch, dims, needs_x):
+    x, factors, grad = make_backward(batch, dims, dtype)
+    assert chain_kernels.recomputes_backward(x, factors)
+    if INTERPRET or dtype != torch.float32:
+        assert chain_kernels.fuses_backward(x, factors)
+    results = chain_matmul_backward(x, factors, grad, needs_x)
+    check_backward(results, x, factors, grad, needs_x, dtype, "fused")
+    assert_counters_reset()
+
+
+@pytest.mark.parametrize("layout", ["transposed", "strided"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_chain_matmul_backward_any_strides(fused_fp32, dtype, layout):
+    x, factors, grad = make_backward(33, [40, 17, 32, 5], dtype, layout)
+    check_backward(chain_matmul_backward(x, factors, grad), x, factors, grad, True, dtype, layout)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_chain_matmul_backward_ref_meets_the_same_tolerance(dtype):
+    for dims in CHAINS:
+        x, factors, grad = make_backward(33, dims, dtype, seed=5)
+        x, factors, grad = x.cpu(), [f.cpu() for f in factors], grad.cpu()
+        check_backward(chain_matmul_backward_ref(x, factors, grad, True), x, factors, grad, True, dtype, "twin")
+
+
+def test_chain_matmul_backward_several_blocks_per_program(monkeypatch):
+    # 161 rows in blocks of 32 over 2 programs: 3 blocks each, their partials added in place, then
+    # summed by the last program in program order, the same result on every run.
+    monkeypatch.setattr(chain_kernels, "MAX_BACKWARD_PROGRAMS", 2)
+    x, factors, grad = make_backward(161, [17, 40, 5, 33], torch.float16)
+    first = chain_matmul_backward(x, factors, grad)
+    check_backward(first, x, factors, grad, True, torch.float16, "2 programs")
+    second = chain_matmul_backward(x, factors, grad)
+    for j, (a, b) in enumerate(zip(first, second)):
+        assert torch.equal(a, b), f"result {j} differs between two runs"
+    assert_counters_reset()
+
+
+def test_chain_matmul_backward_fp32_ieee_fuses_narrow_chains_only(monkeypatch):
+    # TF32 off: FMA tiles in registers, fused up to MAX_BACKWARD_WIDTH_IEEE, composed above.
+    monkeypatch.setattr(chain_kernels, "cuda_matmul_allows_tf32", lambda: False)
+    limit = chain_kernels.MAX_BACKWARD_WIDTH_IEEE
+    for dims, fused in (([limit, 9, limit], True), ([limit + 1, 5], False)):
+        x, factors, grad = make_backward(7, dims, torch.float32)
+        assert chain_kernels.recomputes_backward(x, factors)
+        assert chain_kernels.fuses_backward(x, factors) == fused, f"{dims}: expected fused={fused}"
+        check_backward(chain_matmul_backward(x, factors, grad), x, factors, grad, True, torch.float32, f"{dims}")
+
+
+def test_chain_matmul_backward_eight_factors_in_one_launch():
+    dims = [33, 40, 17, 5, 40, 32, 17, 40, 5]
+    x, factors, grad = make_backward(7, dims, torch.float16)
+    assert chain_kernels.fuses_backward(x, factors)
+    check_backward(chain_matmul_backward(x, factors, grad), x, factors, grad, True, torch.float16, "k=8")
+
+
+@pytest.mark.parametrize(
+    "dims", [[33, 40, 17, 5, 40, 32, 17, 40, 5, 9], [17, 65, 5]], ids=["k9", "wider-than-resident"]
+)
+def test_chain_matmul_backward_composes_the_kernels_elsewhere(monkeypatch, dims):
+    # Longer or wider chains recompute with the chain kernel and group their factor gradients.
+    monkeypatch.setattr(chain_kernels, "_chain_backward_kernel", None)  # a launch would raise
+    monkeypatch.setattr(chain_kernels, "MAX_ONCHIP_WIDTH", 1024)
+    x, factors, grad = make_backward(7, dims, torch.float16)
+    assert not chain_kernels.recomputes_backward(x, factors) and not chain_kernels.fuses_backward(x, factors)
+    check_backward(chain_matmul_backward(x, factors, grad, False), x, factors, grad, False, torch.float16, "composed")
+
+
+def test_chain_matmul_backward_rejects_bad_inputs():
+    x, factors, grad = make_backward(4, [5, 3], torch.float32)
+    with pytest.raises(ValueError, match=r"grad_output must have shape \(4, 3\).*got \(4, 5\)"):
+        chain_matmul_backward(x, factors, grad.new_zeros(4, 5))
+    with pytest.raises(TypeError, match="grad_output is torch.float16"):
+        chain_matmul_backward(x, factors, grad.half())
+    with pytest.raises(ValueError, match="factor 0 must have shape"):
+        chain_matmul_backward(x, [factors[0].T], grad)
+
+
+# --------------------------------------------------------------------------------------------
 # CUDA only: bf16, large shapes, non-contiguous, both sides of the on-chip threshold
 # --------------------------------------------------------------------------------------------
 

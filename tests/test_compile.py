@@ -101,3 +101,29 @@ def test_compiled_backward_never_runs_the_eager_bodies_on_traced_tensors(monkeyp
         assert any("fastrank.chain_matmul" in t for t in targets), targets
         for got, want in zip(graph(x, *params), step(x, *params)):
             assert_close(got, want, torch.float32, batch, steps=4, what="make_fx gradient")
+
+
+def test_compiled_narrow_layer_recomputes_in_its_backward(monkeypatch):
+    # Where the fused backward serves a chain (narrow chains on CUDA), a compiled layer's forward
+    # keeps only x and its backward graph holds the recomputing op. The rule is the kernel module's
+    # own (fuses_backward), asked here for CPU tensors: Dynamo must trace it without a graph break.
+    pytest.importorskip("triton")
+    from fastrank import chain as chain_module
+    from fastrank.kernels import chain as chain_kernels
+
+    monkeypatch.setattr(chain_module, "_recomputes_backward", chain_kernels.recomputes_backward)
+    calls = []
+    twin = chain_module.chain_matmul_backward_ref
+    monkeypatch.setattr(chain_module, "chain_matmul_backward_ref", lambda *a: calls.append(1) or twin(*a))
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = fastrank.OverparamLinear(16, 24, depth=3)
+    eager = copy.deepcopy(layer)
+    x = torch.randn(3, 16, requires_grad=True)
+    xe = x.detach().clone().requires_grad_(True)
+    torch.compile(layer, fullgraph=True, dynamic=False)(x).square().sum().backward()
+    assert calls, "the compiled backward did not run the recomputing op"
+    eager(xe).square().sum().backward()
+    assert_close(x.grad, xe.grad, torch.float32, 24, steps=4, what="grad x")
+    for p, pe in zip(layer.parameters(), eager.parameters()):
+        assert_close(p.grad, pe.grad, torch.float32, 24, steps=4, what="grad factor")

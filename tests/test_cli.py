@@ -265,3 +265,20 @@ def test_cuda_times_leaves_long_calls_to_events_alone(monkeypatch, call_ms, do_b
     else:
         assert len(calls) == 3, "a long call is timed `repeats` times, the estimate among them"
         assert times == [call_ms / 1e3] * 3
+
+
+def test_narrow_train_step_case_runs_end_to_end_at_toy_size():
+    # A CUDA case of the chain-kernel suite; here the same code on the CPU (the torch twins).
+    pytest.importorskip("triton")
+    from fastrank.bench.chain import NARROW_STEP_VARIANTS, _narrow_step_case
+
+    case = _narrow_step_case(16, 9, 3, repeats=1, device="cpu")
+    assert "one fused backward launch" in case.note, case.note
+    prepared = case.setup()
+    assert tuple(prepared.variants) == NARROW_STEP_VARIANTS
+    reference = prepared.reference()
+    for variant, call in prepared.variants.items():
+        row = case.error(variant, call(), reference)
+        if variant != NARROW_STEP_VARIANTS[-1]:  # the floor has no error
+            assert row["error"] < 0.05, (variant, row)  # bf16 against fp64: 3 steps, K <= 16
+    assert "fused" not in _narrow_step_case(256, 9, 3, repeats=1, device="cpu").note  # wider than resident

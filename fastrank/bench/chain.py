@@ -15,7 +15,9 @@ training), and ``OverparamConv2d`` against ``nn.Conv2d`` in eval at small images
 :func:`chain_kernel_cases` (CUDA): the Triton chain kernel (``fastrank.kernels.chain.chain_matmul``)
 against one ``torch.matmul`` per factor and ``torch.compile`` of that loop; the d x d work of a
 collapsed train step (the weight chain with its prefix products, the grouped factor gradients)
-against one ``torch.matmul`` per factor.
+against one ``torch.matmul`` per factor; the narrow activation chain's train step (forward and
+backward) with its intermediates kept or recomputed (the fused backward kernel) against autograd
+through one ``torch.matmul`` per factor.
 
 Errors are relative to an fp64 evaluation of the same chain: the gradients of the factors and of x
 after a train step, the output after an eval call (``nn.Linear`` is another layer: no error).
@@ -39,6 +41,7 @@ from .cases import Case, Prepared
 __all__ = [
     "FLOOR", "LINEAR_VARIANTS", "SMALL_VARIANTS", "CONV_VARIANTS", "KERNEL_VARIANTS", "chain_cases",
     "small_layer_cases", "chain_kernel_cases", "WEIGHT_CHAIN_VARIANTS", "FACTOR_GRADS_VARIANTS",
+    "NARROW_STEP_VARIANTS",
 ]
 
 FLOOR = "one matmul of the same FLOPs (floor)"
@@ -48,6 +51,8 @@ CONV_VARIANTS = ("nn.Conv2d", "fastrank", "sequential convs", FLOOR)
 KERNEL_VARIANTS = ("torch.matmul x L", "chain_matmul", "chain_matmul last", "torch.compile chain", FLOOR)
 PER_FACTOR = "torch.matmul per factor"
 WEIGHT_CHAIN_VARIANTS = (PER_FACTOR, "chain_matmul", FLOOR)
+NARROW_STEP_BASELINE = "torch.matmul x L, autograd"
+NARROW_STEP_VARIANTS = (NARROW_STEP_BASELINE, "chain_matmul keep", "chain_matmul recompute", FLOOR)
 FACTOR_GRADS_VARIANTS = (PER_FACTOR, "chain_factor_grads", FLOOR)
 
 
@@ -526,6 +531,8 @@ def chain_kernel_cases(
     if "bf16" in dtypes:
         cases += [_weight_chain_case(d, length, repeats) for d, length in (_WEIGHT_CHAIN_QUICK if quick else _WEIGHT_CHAIN)]
         cases += [_factor_grads_case(d, length, repeats) for d, length in (_FACTOR_GRADS_QUICK if quick else _FACTOR_GRADS)]
+        cases += [_narrow_step_case(d, batch, length, repeats)
+                  for d, batch, length in (_NARROW_STEP_QUICK if quick else _NARROW_STEP)]
     return cases
 
 
@@ -537,15 +544,20 @@ _FACTOR_GRADS = [(256, 4), (1024, 4)]
 _FACTOR_GRADS_QUICK = [(256, 4)]
 
 
+# (d, B, L) of the narrow train-step cases (bf16): the fused backward up to d = 64, composed at 256.
+_NARROW_STEP = [(64, 64, 4), (64, 1024, 4), (32, 256, 8), (256, 1024, 4)]
+_NARROW_STEP_QUICK = [(64, 64, 4)]
+
+
 def _all_errors(variant: str, result, reference) -> dict:
     if variant == FLOOR:
         return {}
     return {"error": _relative_error(result, reference)}
 
 
-def _square_factors(d: int, count: int, seed: int) -> list[torch.Tensor]:
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    return [(torch.randn(d, d, device="cuda", generator=gen) / d**0.5).to(torch.bfloat16) for _ in range(count)]
+def _square_factors(d: int, count: int, seed: int, device: str = "cuda") -> list[torch.Tensor]:
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return [(torch.randn(d, d, device=device, generator=gen) / d**0.5).to(torch.bfloat16) for _ in range(count)]
 
 
 def _per_factor_case(name: str, shape: str, variants: tuple[str, ...], setup, flops: float, repeats: int,
@@ -628,6 +640,63 @@ def _factor_grads_case(d: int, length: int, repeats: int) -> Case:
         f"{length} x (G^T X), G, X: ({d}, {d})",
         FACTOR_GRADS_VARIANTS, setup, flops, repeats,
         f"one grouped launch against {length} cuBLAS calls; target: >= 2x faster",
+    )
+
+
+def _narrow_step_case(d: int, batch: int, length: int, repeats: int, device: str = "cuda") -> Case:
+    """The activation chain's train step of a narrow OverparamLinear(d, d, depth=L) at B rows: X_L
+    and the gradients of x and of every factor. ``chain_matmul keep`` keeps X_1 .. X_{L-1} for the
+    backward (reverse chain and grouped factor gradients: two launches); ``chain_matmul recompute``
+    keeps only x and recomputes (the fused backward kernel: one launch, where it serves the widths).
+    ``device`` other than CUDA: the same code on the torch twins (for the tests)."""
+    flops = 2.0 * batch * d * d * (3 * length - 1)
+
+    def setup() -> Prepared:
+        from ..chain import chain_matmul
+
+        gen = torch.Generator(device=device).manual_seed(3)
+        x = torch.randn(batch, d, device=device, generator=gen).to(torch.bfloat16).requires_grad_(True)
+        factors = [f.requires_grad_(True) for f in _square_factors(d, length, seed=4, device=device)]
+        grad = torch.randn(batch, d, device=device, generator=gen).to(torch.bfloat16)
+        leaves = [x, *factors]
+
+        def step(forward):
+            return lambda: torch.autograd.grad(forward(), leaves, grad)
+
+        def reference():
+            leaves64 = [t.detach().double().requires_grad_(True) for t in leaves]
+            out = _sequential_matmuls(leaves64[0], leaves64[1:])[-1]
+            return torch.autograd.grad(out, leaves64, grad.double())
+
+        return Prepared(
+            {
+                NARROW_STEP_BASELINE: step(lambda: _sequential_matmuls(x, factors)[-1]),
+                "chain_matmul keep": step(lambda: chain_matmul(x, factors, return_all=True)[-1]),
+                "chain_matmul recompute": step(lambda: chain_matmul(x, factors, return_all=False)[-1]),
+                FLOOR: _matmul_floor(flops, d, device, torch.bfloat16),
+            },
+            reference,
+        )
+
+    from ..kernels.chain import fuses_backward  # imports triton: CUDA suites only
+
+    fused = fuses_backward(torch.empty(batch, d, dtype=torch.bfloat16, device="meta"),
+                           [torch.empty(d, d, dtype=torch.bfloat16, device="meta")] * length)
+    return Case(
+        suite="chain-kernel",
+        name=f"narrow train step bf16 d={d} B={batch} L={length}",
+        shape=f"B={batch} d={d} L={length}, x and {length} factors {d}x{d}",
+        dtype="bfloat16",
+        baseline=NARROW_STEP_BASELINE,
+        variants=NARROW_STEP_VARIANTS,
+        setup=setup,
+        flops=dict.fromkeys(NARROW_STEP_VARIANTS, flops),
+        error=_all_errors,
+        repeats=repeats,
+        warmup=3,
+        floor=FLOOR,
+        note=f"recompute: {'one fused backward launch' if fused else 'chain kernel recompute + reverse chain + grouped grads'}"
+        f"; keep: reverse chain + grouped grads, L - 1 intermediates kept",
     )
 
 

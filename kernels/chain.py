@@ -1,4 +1,4 @@
-"""Triton kernels for the chain matmul and its grouped factor gradients.
+"""Triton kernels for the chain matmul, its grouped factor gradients and its fused backward.
 
 The over-parameterized layer is built on one primitive, the *chain matmul*::
 
@@ -6,14 +6,16 @@ The over-parameterized layer is built on one primitive, the *chain matmul*::
     X_j = X_{j-1} @ F_j^T        F_j: (n_j, n_{j-1}),  j = 1..k
 
 returning ``[X_1, ..., X_k]`` (or only ``X_k``). Its backward needs the group of factor gradients
-``dF_j = G_j^T @ X_{j-1}``. This module holds, for each of the two:
+``dF_j = G_j^T @ X_{j-1}``; for narrow chains (widths up to MAX_RESIDENT_WIDTH) one fused kernel
+computes the whole backward from x, the factors and ``dX_k``, recomputing the intermediates. This
+module holds, for each of the three:
 
 * the ``@triton.jit`` kernel,
 * a thin launcher (check shapes and dtypes, allocate outputs, launch).
 
-The pure-torch twins (``chain_matmul_ref``, ``chain_factor_grads_ref``), readable as the
-specification, the CPU path and the test reference, live beside the ops in ``fastrank.chain`` and
-are re-exported here. Nothing here knows about modules or autograd; ``fastrank.chain`` wraps the
+The pure-torch twins (``chain_matmul_ref``, ``chain_factor_grads_ref``,
+``chain_matmul_backward_ref``), readable as the specification, the CPU path and the test
+reference, live beside the ops in ``fastrank.chain`` and are re-exported here. Nothing here knows about modules or autograd; ``fastrank.chain`` wraps the
 launchers in custom ops.
 
 Rounding (fp16 / bf16)

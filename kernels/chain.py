@@ -70,7 +70,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fastrank._backend import cuda_matmul_allows_tf32
-from fastrank.kernels._launch import cdiv, device_guard, interpreting, size_bucket
+from fastrank.kernels._launch import cdiv, device_guard, interpreting, launch_tuned, size_bucket
 
 # The torch twins (the specification of these kernels, and the CPU path) live in the op file.
 from fastrank.chain import (  # noqa: F401  (re-exported for the kernel tests)
@@ -601,7 +601,9 @@ def _launch_chain(
     def grid(meta):
         return (cdiv(M, meta["BLOCK_M"]),)
 
-    _chain_matmul_kernel[grid](
+    launch_tuned(
+        _chain_matmul_kernel,
+        grid,
         x,
         *_padded(factors),
         *_padded([d if d is not None else filler for d in dests]),
@@ -964,7 +966,9 @@ def _launch_factor_grads(
     def grid(meta):
         return (tile_count(meta["BLOCK_P"], meta["BLOCK_Q"]) * splits,)
 
-    _factor_grads_kernel[grid](
+    launch_tuned(
+        _factor_grads_kernel,
+        grid,
         *_padded(grads),
         *_padded(inputs),
         *_padded(outputs),
@@ -1254,7 +1258,9 @@ def _launch_backward(
     def grid(meta):
         return (min(cdiv(M, meta["BLOCK_M"]), MAX_BACKWARD_PROGRAMS),)
 
-    _chain_backward_kernel[grid](
+    launch_tuned(
+        _chain_backward_kernel,
+        grid,
         x,
         grad_output,
         *_padded(factors),

@@ -609,3 +609,29 @@ def test_runs_on_chip_names_the_inputs_the_kernel_takes(monkeypatch):
     assert chain_kernels.runs_on_chip(torch.empty(5, 16), [torch.empty(MAX_ONCHIP_WIDTH_IEEE, 16)])
     monkeypatch.setattr(chain_kernels, "cuda_matmul_allows_tf32", lambda: True)
     assert chain_kernels.runs_on_chip(torch.empty(5, 16), ieee)
+
+
+def test_launches_reuse_the_autotuners_choice(monkeypatch):
+    # The first launch of an autotune key goes through the autotuner; later ones call the JIT
+    # function with its choice (fastrank.kernels._launch.launch_tuned). A new dtype or size bucket
+    # is a new key.
+    from fastrank.kernels import _launch
+
+    kernel = chain_kernels._chain_matmul_kernel
+    _launch._CHOICES.pop(kernel, None)
+    runs = []
+    original = kernel.run
+    monkeypatch.setattr(kernel, "run", lambda *args, **kwargs: runs.append(1) or original(*args, **kwargs))
+    x, factors = make_chain(7, [5, 17, 5], torch.float32)
+    first = chain_matmul(x, factors)
+    second = chain_matmul(x, factors)
+    assert len(runs) == 1, f"{len(runs)} launches through the autotuner, expected 1"
+    for j, (a, b) in enumerate(zip(first, second)):
+        assert torch.equal(a, b), f"X_{j + 1} differs between the autotuned and the direct launch"
+    check_chain(second, x, factors, torch.float32, "direct launch")
+    half_x, half_factors = make_chain(7, [5, 17, 5], torch.float16)
+    chain_matmul(half_x, half_factors)
+    assert len(runs) == 2, "a new dtype must go through the autotuner"
+    wide_x, wide_factors = make_chain(33, [5, 17, 5], torch.float32)
+    check_chain(chain_matmul(wide_x, wide_factors), wide_x, wide_factors, torch.float32, "M=33")
+    assert len(runs) == 3, "a new size bucket must go through the autotuner"

@@ -797,7 +797,9 @@ def _factor_grads_kernel(
     Measured on an H100 (2026-11-26, device time in a layer's train step): 22 us at d = 1024
     (387 TFLOP/s, 39% of peak), 2.5 us at d = 256 with M = 64. A single call at d = 256 timed from
     the host's side took 261 us against 33 us for four torch.matmul calls: the launch itself (50-75
-    arguments) costs host time that the kernel does not.
+    arguments) costs host time that the kernel does not. Since then launches skip the autotuner after
+    a key's first (launch_tuned: 54 us of Triton's 99-102 us per launch on a 2-core Xeon with the CUDA
+    driver stubbed, benchmarks/results/triton_launch_cpu.md; not GPU-measured).
     """
     dtype = g0_ptr.dtype.element_ty
     pid = tl.program_id(0)

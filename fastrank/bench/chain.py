@@ -562,13 +562,14 @@ def _square_factors(d: int, count: int, seed: int, device: str = "cuda") -> list
 
 def _per_factor_case(name: str, shape: str, variants: tuple[str, ...], setup, flops: float, repeats: int,
                      note: str) -> Case:
-    """A bf16 case of a collapsed step's d x d work against one torch.matmul per factor."""
+    """A bf16 chain-kernel case whose first variant is its baseline (one torch.matmul per factor,
+    with autograd where the case trains)."""
     return Case(
         suite="chain-kernel",
         name=name,
         shape=shape,
         dtype="bfloat16",
-        baseline=PER_FACTOR,
+        baseline=variants[0],
         variants=variants,
         setup=setup,
         flops=dict.fromkeys(variants, flops),
@@ -682,21 +683,12 @@ def _narrow_step_case(d: int, batch: int, length: int, repeats: int, device: str
 
     fused = fuses_backward(torch.empty(batch, d, dtype=torch.bfloat16, device="meta"),
                            [torch.empty(d, d, dtype=torch.bfloat16, device="meta")] * length)
-    return Case(
-        suite="chain-kernel",
-        name=f"narrow train step bf16 d={d} B={batch} L={length}",
-        shape=f"B={batch} d={d} L={length}, x and {length} factors {d}x{d}",
-        dtype="bfloat16",
-        baseline=NARROW_STEP_BASELINE,
-        variants=NARROW_STEP_VARIANTS,
-        setup=setup,
-        flops=dict.fromkeys(NARROW_STEP_VARIANTS, flops),
-        error=_all_errors,
-        repeats=repeats,
-        warmup=3,
-        floor=FLOOR,
-        note=f"recompute: {'one fused backward launch' if fused else 'chain kernel recompute + reverse chain + grouped grads'}"
-        f"; keep: reverse chain + grouped grads, L - 1 intermediates kept",
+    recompute = "one fused backward launch" if fused else "chain kernel recompute + reverse chain + grouped grads"
+    return _per_factor_case(
+        f"narrow train step bf16 d={d} B={batch} L={length}",
+        f"B={batch} d={d} L={length}, x and {length} factors {d}x{d}",
+        NARROW_STEP_VARIANTS, setup, flops, repeats,
+        f"recompute: {recompute}; keep: reverse chain + grouped grads, L - 1 intermediates kept",
     )
 
 

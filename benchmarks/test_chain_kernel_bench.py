@@ -9,7 +9,7 @@ kernel (every intermediate, or only the last) against one torch.matmul per facto
 and torch.compile of that loop; then a collapsed train step's d x d work in bf16, each against one
 torch.matmul per factor: the weight chain W_1^T through L - 1 factors with every prefix product
 (d = 256 L = 4, d = 256 L = 8, d = 1024 L = 4), the grouped factor gradients (d = 256 and 1024,
-M = d, L = 4); and the narrow activation chain's train step (x W_1^T ... W_L^T and every gradient;
+M = d, L = 4), each also replayed from a CUDA graph (device time without launch costs); and the narrow activation chain's train step (x W_1^T ... W_L^T and every gradient;
 d = 64 B = 64 L = 4, d = 64 B = 1024 L = 4, d = 32 B = 256 L = 8, d = 256 B = 1024 L = 4) with its
 intermediates kept or recomputed (the fused backward), against autograd through one torch.matmul
 per factor. `fastrank bench` adds the ratio to the baseline measured in the same

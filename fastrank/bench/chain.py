@@ -15,7 +15,8 @@ training), and ``OverparamConv2d`` against ``nn.Conv2d`` in eval at small images
 :func:`chain_kernel_cases` (CUDA): the Triton chain kernel (``fastrank.kernels.chain.chain_matmul``)
 against one ``torch.matmul`` per factor and ``torch.compile`` of that loop; the d x d work of a
 collapsed train step (the weight chain with its prefix products, the grouped factor gradients)
-against one ``torch.matmul`` per factor; the narrow activation chain's train step (forward and
+against one ``torch.matmul`` per factor, each also replayed from a CUDA graph (the device's time
+without the host's launch costs); the narrow activation chain's train step (forward and
 backward) with its intermediates kept or recomputed (the fused backward kernel) against autograd
 through one ``torch.matmul`` per factor.
 
@@ -41,7 +42,7 @@ from .cases import Case, Prepared
 __all__ = [
     "FLOOR", "LINEAR_VARIANTS", "SMALL_VARIANTS", "CONV_VARIANTS", "KERNEL_VARIANTS", "chain_cases",
     "small_layer_cases", "chain_kernel_cases", "WEIGHT_CHAIN_VARIANTS", "FACTOR_GRADS_VARIANTS",
-    "NARROW_STEP_VARIANTS",
+    "NARROW_STEP_VARIANTS", "GRAPHED",
 ]
 
 FLOOR = "one matmul of the same FLOPs (floor)"
@@ -50,10 +51,12 @@ SMALL_VARIANTS = ("nn.Linear", "fastrank", "sequential chain", "collapsed autogr
 CONV_VARIANTS = ("nn.Conv2d", "fastrank", "sequential convs", FLOOR)
 KERNEL_VARIANTS = ("torch.matmul x L", "chain_matmul", "chain_matmul last", "torch.compile chain", FLOOR)
 PER_FACTOR = "torch.matmul per factor"
-WEIGHT_CHAIN_VARIANTS = (PER_FACTOR, "chain_matmul", FLOOR)
+GRAPHED = " (CUDA graph)"
+WEIGHT_CHAIN_VARIANTS = (PER_FACTOR, "chain_matmul", PER_FACTOR + GRAPHED, "chain_matmul" + GRAPHED, FLOOR)
 NARROW_STEP_BASELINE = "torch.matmul x L, autograd"
 NARROW_STEP_VARIANTS = (NARROW_STEP_BASELINE, "chain_matmul keep", "chain_matmul recompute", FLOOR)
-FACTOR_GRADS_VARIANTS = (PER_FACTOR, "chain_factor_grads", FLOOR)
+FACTOR_GRADS_VARIANTS = (PER_FACTOR, "chain_factor_grads", PER_FACTOR + GRAPHED, "chain_factor_grads" + GRAPHED,
+                         FLOOR)
 
 
 def _matmul_floor(flops: float, features: int, device, dtype) -> Callable[[], torch.Tensor]:
@@ -581,6 +584,37 @@ def _per_factor_case(name: str, shape: str, variants: tuple[str, ...], setup, fl
     )
 
 
+def _graphed(call: Callable[[], object]) -> Callable[[], object]:
+    """``call`` captured in a CUDA graph at its first use and replayed from then on: the device's time
+    without the host's launch costs (which dominate these small calls). Three eager calls on a side
+    stream come first, so that autotuning and allocation happen outside the capture."""
+    captured: dict = {}
+
+    def replay():
+        if not captured:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(3):
+                    call()
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                captured["out"] = call()
+            captured["graph"] = graph
+        captured["graph"].replay()
+        return captured["out"]
+
+    return replay
+
+
+def _with_graphs(variants: dict) -> dict:
+    """``variants`` (name -> call) with a CUDA-graph replay of each but the floor, before the floor."""
+    floor = variants.pop(FLOOR)
+    graphed = {name + GRAPHED: _graphed(call) for name, call in variants.items()}
+    return {**variants, **graphed, FLOOR: floor}
+
+
 def _weight_chain_case(d: int, length: int, repeats: int) -> Case:
     """The forward of a collapsed OverparamLinear(d, d, depth=L): ``W_1^T`` (a transposed view, as
     ``collapsed_weight`` passes it) through ``W_2 .. W_L``, keeping every prefix product."""
@@ -596,11 +630,11 @@ def _weight_chain_case(d: int, length: int, repeats: int) -> Case:
             return _sequential_matmuls(x.double(), [f.double() for f in rest])
 
         return Prepared(
-            {
+            _with_graphs({
                 PER_FACTOR: lambda: _sequential_matmuls(x, rest),
                 "chain_matmul": lambda: chain_matmul(x, rest, return_all=True),
                 FLOOR: _matmul_floor(flops, d, "cuda", torch.bfloat16),
-            },
+            }),
             reference,
         )
 
@@ -628,11 +662,11 @@ def _factor_grads_case(d: int, length: int, repeats: int) -> Case:
             return [g.double().T @ i.double() for g, i in zip(grads, inputs)]
 
         return Prepared(
-            {
+            _with_graphs({
                 PER_FACTOR: lambda: [torch.matmul(g.T, i) for g, i in zip(grads, inputs)],
                 "chain_factor_grads": lambda: chain_factor_grads(grads, inputs),
                 FLOOR: _matmul_floor(flops, d, "cuda", torch.bfloat16),
-            },
+            }),
             reference,
         )
 

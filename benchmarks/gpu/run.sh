@@ -144,8 +144,8 @@ step() {
 if [ -n "${FASTRANK_GPU_TESTS:-}" ]; then
     read -r -a test_selection <<< "$FASTRANK_GPU_TESTS"
 else
-    test_selection=(tests/test_chain_kernel.py tests/test_sketch_kernel.py tests/test_cuda_routing.py
-                    tests/test_rank_cuda.py tests/test_compile.py tests
+    test_selection=(tests/test_cuda_routing.py tests/test_chain_kernel.py tests/test_compile.py
+                    tests/test_sketch_kernel.py tests/test_rank_cuda.py tests
                     --deselect tests/test_kernel_report.py::test_every_selectable_config_compiles_without_spills_for_sm90)
 fi
 if ! selected tests; then

@@ -282,3 +282,22 @@ def test_narrow_train_step_case_runs_end_to_end_at_toy_size():
         if variant != NARROW_STEP_VARIANTS[-1]:  # the floor has no error
             assert row["error"] < 0.05, (variant, row)  # bf16 against fp64: 3 steps, K <= 16
     assert "fused" not in _narrow_step_case(256, 9, 3, repeats=1, device="cpu").note  # wider than resident
+
+
+def test_sketch_kernel_cases_run_end_to_end_at_toy_size():
+    # CUDA cases of the rank suite (1,000,000 x 4096 X); here the same code at 64 rows on the CPU.
+    from fastrank.bench.sketch import SKETCH_FLOOR, SKETCH_VARIANTS, sketch_kernel_cases
+
+    assert sketch_kernel_cases(device="cpu") == []
+    cases = sketch_kernel_cases(device="cpu", toy=True)
+    assert [case.dtype for case in cases] == ["bfloat16", "float32"]
+    for case in cases:
+        prepared = case.setup()
+        assert tuple(prepared.variants) == SKETCH_VARIANTS
+        reference = prepared.reference()
+        for variant, call in prepared.variants.items():
+            row = case.error(variant, call(), reference)
+            if variant == SKETCH_FLOOR:
+                assert row == {}
+            else:  # one rounding of Y in the dtype, against fp64
+                assert row["error"] < (1e-2 if case.dtype == "bfloat16" else 1e-5), (case.name, variant, row)

@@ -62,17 +62,19 @@ def sketch_kernel_cases(
     k: int = 256,
     dtypes: tuple[str, ...] | None = None,
     repeats: int | None = None,
+    toy: bool = False,
 ) -> list[SketchCase]:
     """CUDA cases of the sketch of X (``rows`` x 4096) with k columns: bf16 and fp32 (TF32).
 
     Defaults: rows 1,000,000 (X is 16.4 GB in fp32, 8.2 GB in bf16: built once per case) and 5
     timed calls; with ``quick`` 65,536 rows (1 GB / 0.5 GB) and 10. k = 256 is the randomized
     method's sketch for matrices of 2,048 - 4,096 values (``_default_sketch_size``). The error
-    is checked on the first 4,096 rows of Y against fp64.
+    is checked on the first 4,096 rows of Y against fp64. Without CUDA no cases, unless ``toy``:
+    64 rows on any device (the same code at a size the tests run on the CPU).
     """
-    if not str(device).startswith("cuda"):
+    if not (str(device).startswith("cuda") or toy):
         return []
-    rows = rows or (65_536 if quick else 1_000_000)
+    rows = rows or (64 if toy else 65_536 if quick else 1_000_000)
     dtypes = dtypes or tuple(_DTYPES)
     repeats = repeats or (10 if quick else 5)
     cases = []
@@ -81,14 +83,15 @@ def sketch_kernel_cases(
         tf32 = dtype == torch.float32
 
         def setup(dtype=dtype, tf32=tf32) -> Prepared:
-            from ..sketch import gaussian_sketch, philox_omega
+            from ..sketch import gaussian_sketch, sketch_omega_ref
 
             gen = torch.Generator(device=device).manual_seed(0)
             x = torch.randn(rows, _WIDTH, device=device, dtype=dtype, generator=gen)
-            omega = philox_omega(_WIDTH, k, _SEED, device=device, dtype=dtype)  # the kernel's Omega
+            omega = sketch_omega_ref(_WIDTH, k, _SEED, device=device, dtype=dtype)  # the op's Omega there
 
             def reference():
-                return x[:_CHECKED_ROWS].double() @ philox_omega(_WIDTH, k, _SEED, device=device, dtype=torch.float64)
+                omega64 = sketch_omega_ref(_WIDTH, k, _SEED, device=device, dtype=torch.float64)
+                return x[:_CHECKED_ROWS].double() @ omega64
 
             variants = {
                 SKETCH_BASELINE: lambda: torch.matmul(x, omega),

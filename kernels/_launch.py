@@ -60,8 +60,8 @@ _CHOICES: "weakref.WeakKeyDictionary[object, _Choices]" = weakref.WeakKeyDiction
 
 def launch_tuned(kernel, grid, *args, **kwargs) -> None:
     """``kernel[grid](*args, **kwargs)`` for an ``@triton.autotune`` kernel whose tensor arguments'
-    dtypes all follow from the first argument's (the chain kernels: every other tensor has that
-    dtype, or a fixed one).
+    dtypes all follow from the first argument's (or, for a tuple, its first entry's): the chain
+    kernels, whose other tensors have that dtype or a fixed one.
 
     The first launch of each autotune key goes through the autotuner (which tunes, or finds its
     choice cached); later launches call the JIT function with the config it chose, skipping the
@@ -75,7 +75,8 @@ def launch_tuned(kernel, grid, *args, **kwargs) -> None:
         choices = _CHOICES[kernel] = _Choices(kernel)
     count = len(args)
     key = tuple(args[index] if index < count else kwargs[name] for name, index in choices.positions)
-    key += (args[0].dtype,)
+    first = args[0][0] if isinstance(args[0], tuple) else args[0]
+    key += (first.dtype,)
     config = choices.configs.get(key)
     if config is None:
         kernel[grid](*args, **kwargs)

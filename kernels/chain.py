@@ -26,12 +26,13 @@ Rounding (fp16 / bf16)
     Split-K factor gradients add their fp32 partial sums in a fixed order and round once.
 
 Passing a variable number of tensors
-    Up to :data:`FACTORS_PER_LAUNCH` factors (group members) travel as ordinary kernel arguments,
-    each with its sizes and strides; a count says how many are live and the kernel picks argument
-    j by a scalar select in a run-time loop (unrolled over 8 slots, a BLOCK_N=256 chain config took
-    47 s to compile for sm_90). Unused slots repeat a live value (never 0), so every slot carries
-    the same alignment and divisibility and the selects keep what Triton specialized for each
-    argument. Nothing is copied to the device before a launch, so the launches are safe under CUDA
+    Up to :data:`FACTORS_PER_LAUNCH` factors (group members) travel in tuple arguments of that
+    many slots (pointers, sizes, strides: one tuple each, which costs a launch less host time than
+    as many separate arguments, benchmarks/results/triton_launch_cpu.md); a count says how many are
+    live and the kernel picks slot j by a scalar select in a run-time loop (unrolled over 8 slots, a
+    BLOCK_N=256 chain config took 47 s to compile for sm_90). Unused slots repeat a live value
+    (never 0), so every slot carries the same alignment and divisibility and the selects keep what
+    Triton specialized for each entry. Nothing is copied to the device before a launch, so the launches are safe under CUDA
     graph capture (``torch.compile(mode="reduce-overhead")``). Longer chains run as consecutive
     launches of at most that many steps; larger groups as several grouped launches.
 
@@ -187,7 +188,8 @@ def _cuda_configs(kernel: str) -> list[triton.Config]:
                 triton.Config({"BLOCK_P": 32, "BLOCK_Q": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)
             ]
         # wgmma-sized tiles (a warpgroup owns 64 rows), BLOCK_K 64 (128 bytes of a 16-bit row: one
-        # full swizzled shared-memory line), 3-4 stages; 64 x 64 x 32 is the fp32 "ieee" (FMA) tile.
+        # full swizzled shared-memory line), 3-4 stages; 64 x 64 x 32 and 64 x 32 x 32 are the fp32
+        # "ieee" (FMA) tiles.
         return [
             triton.Config({"BLOCK_P": p, "BLOCK_Q": q, "BLOCK_K": k}, num_warps=warps, num_stages=stages)
             for p, q, k, warps, stages in (
@@ -197,6 +199,7 @@ def _cuda_configs(kernel: str) -> list[triton.Config]:
                 (128, 64, 64, 8, 3),
                 (64, 64, 64, 4, 4),
                 (64, 64, 32, 4, 3),
+                (64, 32, 32, 4, 3),
             )
         ]
     if kernel == "chain_backward":
@@ -212,10 +215,10 @@ def _cuda_configs(kernel: str) -> list[triton.Config]:
 
 
 # Streamed chain configs that spill in at least one of the four layouts (compile gate, sm_90,
-# Triton 3.9: 4-512 bytes), as (bytes per element, BLOCK_M, BLOCK_NC, num_warps). fp32 (TF32) tiles
-# need twice the registers of 16-bit ones for the same shape.
+# Triton 3.9: 4-512 bytes; (2, 16, 128, 8): 12 bytes with Triton 3.6), as (bytes per element,
+# BLOCK_M, BLOCK_NC, num_warps). fp32 (TF32) tiles need twice the registers of 16-bit ones.
 _STREAMED_SPILLS = {
-    (2, 16, 64, 8), (2, 32, 64, 4),
+    (2, 16, 64, 8), (2, 32, 64, 4), (2, 16, 128, 8),
     (4, 16, 64, 4), (4, 16, 128, 4), (4, 32, 64, 4), (4, 32, 64, 8), (4, 32, 128, 4), (4, 64, 128, 4),
 }
 
@@ -225,8 +228,9 @@ def _prune_chain_configs(configs, named_args, **kwargs):
     BLOCK_NC and BLOCK_K clamped to BLOCK_N, less what the sm_90 compile gate shows to spill
     (Triton 3.9): 128-row blocks from BLOCK_N=64 on (and with 4 warps at 32); 32-row blocks with
     8 warps at BLOCK_N=64 (12-28 B in 16-bit) and at BLOCK_N=16 (two elements a thread: no vector
-    load in 16-bit, and 4 warps hold the tile as well); 64-row blocks with 4 warps at BLOCK_N=64 in fp32
-    "ieee" (9 KB). Streamed (BLOCK_N == 0): the multi-stage configs, less _STREAMED_SPILLS.
+    load in 16-bit, and 4 warps hold the tile as well), and with 4 warps at BLOCK_N=64 for a
+    transposed x in 16-bit (4 B since the slots became tuple arguments); 64-row blocks with 4 warps
+    at BLOCK_N=64 in fp32 "ieee" (9 KB). Streamed (BLOCK_N == 0): the multi-stage configs, less _STREAMED_SPILLS.
     Under the interpreter the single config serves both modes."""
     meta = {**named_args, **kwargs}
     block_n, ieee = meta["BLOCK_N"], meta["INPUT_PRECISION"] == "ieee"
@@ -242,6 +246,8 @@ def _prune_chain_configs(configs, named_args, **kwargs):
             if block_m == 128 and (block_n >= 64 or (block_n == 32 and warps == 4)):
                 continue
             if block_m == 32 and warps == 8 and block_n in (16, 64):
+                continue
+            if block_m == 32 and block_n == 64 and element_size == 2 and meta["X_ROWS_CONTIGUOUS"]:
                 continue
             if ieee and block_n >= 64 and block_m == 64 and warps == 4:
                 continue
@@ -264,16 +270,21 @@ _FACTOR_GRADS_SMEM_BUDGET = 200 * 1024
 
 
 def _prune_factor_grads_configs(configs, named_args, **kwargs):
-    """fp32 "ieee" (FMA units, every tile in registers) keeps only the 64 x 64 x 32 tile, the others
-    drop it; pipelines over the shared-memory budget go (fp32 128 x 128 x 64 with 4 stages)."""
+    """fp32 "ieee" (FMA units, every tile in registers) keeps only the BLOCK_K = 32 tiles, the others
+    drop them; with several tile loops in one kernel (LAYOUTS not a power of two) "ieee" keeps
+    64 x 32 (64 x 64 spilled 36 B with Triton 3.6, sm_90); pipelines over the shared-memory budget go
+    (fp32 128 x 128 x 64 with 4 stages)."""
     if BUILT_FOR_INTERPRETER:
         return configs
     meta = {**named_args, **kwargs}
     ieee, element_size = meta["INPUT_PRECISION"] == "ieee", meta["ELEMENT_SIZE"]
+    several_loops = meta["LAYOUTS"] & (meta["LAYOUTS"] - 1) != 0
     kept = []
     for config in configs:
         block_p, block_q, block_k = (config.kwargs[name] for name in ("BLOCK_P", "BLOCK_Q", "BLOCK_K"))
-        if ieee != ((block_p, block_q, block_k) == (64, 64, 32)):
+        if ieee != (block_k == 32):
+            continue
+        if ieee and several_loops and block_q == 64:
             continue
         if config.num_stages * (block_p + block_q) * block_k * element_size > _FACTOR_GRADS_SMEM_BUDGET:
             continue
@@ -308,39 +319,34 @@ def runs_on_chip(x: Tensor, factors: Sequence[Tensor]) -> bool:
 
 
 @triton.jit
-def _select(index, a0, a1, a2, a3, a4, a5, a6, a7):
-    """Argument ``index`` (a run-time scalar in [0, 8)) of eight values of one type."""
-    value = a0
-    if index == 1:
-        value = a1
-    if index == 2:
-        value = a2
-    if index == 3:
-        value = a3
-    if index == 4:
-        value = a4
-    if index == 5:
-        value = a5
-    if index == 6:
-        value = a6
-    if index == 7:
-        value = a7
+def _select(index, values):
+    """Entry ``index`` (a run-time scalar) of a tuple argument whose entries share one type."""
+    value = values[0]
+    for slot in tl.static_range(1, len(values)):
+        if index == slot:
+            value = values[slot]
     return value
 
 
 @triton.jit
-def _select_int(index, a0, a1, a2, a3, a4, a5, a6, a7):
-    """Argument ``index`` of eight integers, as int64 (the arguments arrive as int32, int64 or
-    compile-time 1 depending on their values; a run-time select needs one type)."""
+def _select_int(index, values):
+    """Entry ``index`` of a tuple of integers, as int64 (each entry arrives as int32, int64 or
+    compile-time 1 depending on its value; a run-time select needs one type)."""
     zero = tl.full([], 0, tl.int64)
-    return _select(index, a0 + zero, a1 + zero, a2 + zero, a3 + zero, a4 + zero, a5 + zero, a6 + zero, a7 + zero)
+    value = values[0] + zero
+    for slot in tl.static_range(1, len(values)):
+        if index == slot:
+            value = values[slot] + zero
+    return value
 
 
-def _padded(values: list) -> list:
-    """``values`` padded to FACTORS_PER_LAUNCH slots by repeating its last entry: the unused slots
-    carry a live value, so they share its alignment and divisibility (a 0 stride or size would
-    not tell Triton the same thing about the selected value)."""
-    return list(values) + [values[-1]] * (FACTORS_PER_LAUNCH - len(values))
+def _padded(values: Sequence, slots: int = FACTORS_PER_LAUNCH) -> tuple:
+    """``values`` padded to ``slots`` entries by repeating its last one, as a tuple (one kernel
+    argument: each entry of a tuple costs Triton's launch 0.09 us (an int) to 0.42 us (a pointer)
+    of host time where a separate argument cost 0.32 / 0.61 us, Triton 3.6 and 3.9, 2-core Xeon).
+    The unused slots carry a live value, so they share its alignment and divisibility (a 0 stride
+    or size would not tell Triton the same thing about the selected value)."""
+    return tuple(values) + (values[-1],) * (slots - len(values))
 
 
 def _row_major(t: Tensor) -> bool:
@@ -460,8 +466,11 @@ def _chain_step_streamed(
 @triton.autotune(
     configs=_cuda_configs("chain"),
     # The layouts too: a layer runs its weight chain (x transposed) and its reverse chain (both
-    # transposed) at the same sizes, and their best tiles need not agree.
-    key=["M_BUCKET", "WIDTH_BUCKET", "BLOCK_N", "NUM_FACTORS", "X_ROWS_CONTIGUOUS", "FACTORS_TRANSPOSED"],
+    # transposed) at the same sizes, and their best tiles need not agree. The precision: the prune
+    # function keeps other configs for fp32 "ieee" than for TF32 (the autotuner's own key has the
+    # dtype of x, not torch's TF32 switch).
+    key=["M_BUCKET", "WIDTH_BUCKET", "BLOCK_N", "NUM_FACTORS", "X_ROWS_CONTIGUOUS", "FACTORS_TRANSPOSED",
+         "INPUT_PRECISION"],
     prune_configs_by={"early_config_prune": _prune_chain_configs},
 )
 @triton.jit
@@ -469,18 +478,18 @@ def _chain_matmul_kernel(
     # pointers
     x_ptr,  # X_0: (M, n_0), unit stride along n_0 (or along M: X_ROWS_CONTIGUOUS); its element
     #   type is that of every factor and output
-    f0_ptr, f1_ptr, f2_ptr, f3_ptr, f4_ptr, f5_ptr, f6_ptr, f7_ptr,  # F_{j+1}: (n_{j+1}, n_j), unit
-    #   stride along n_j (or along n_{j+1}: FACTORS_TRANSPOSED)
-    d0_ptr, d1_ptr, d2_ptr, d3_ptr, d4_ptr, d5_ptr, d6_ptr, d7_ptr,  # X_{j+1}: contiguous (M, n_{j+1})
-    #   (an output, or scratch when not returned); slots j >= NUM_FACTORS are never read
+    factors,  # 8 pointers, slot j: F_{j+1} (n_{j+1}, n_j), unit stride along n_j (or along n_{j+1}:
+    #   FACTORS_TRANSPOSED)
+    dests,  # 8 pointers, slot j: X_{j+1}, contiguous (M, n_{j+1}) (an output, or scratch when not
+    #   returned); slots j >= NUM_FACTORS are never read
     # sizes
     M,
-    n0, n1, n2, n3, n4, n5, n6, n7, n8,  # widths n_0 .. n_8
+    widths,  # 9 integers: n_0 .. n_8
     M_BUCKET,  # autotune key only
     WIDTH_BUCKET,  # autotune key only
     # strides (in elements; products with row indices are formed in int64)
     stride_x,  # x's other stride: between rows, or between columns with X_ROWS_CONTIGUOUS
-    sf0, sf1, sf2, sf3, sf4, sf5, sf6, sf7,  # F_{j+1}'s other stride: between its rows, or columns
+    factor_strides,  # 8 integers, slot j: F_{j+1}'s other stride, between its rows (or columns)
     # meta-parameters
     NUM_FACTORS,  # live slots, 1 .. 8
     BLOCK_M: tl.constexpr,  # rows per program
@@ -528,6 +537,7 @@ def _chain_matmul_kernel(
     61 us against 100 us for one torch.matmul per step.
     """
     dtype = x_ptr.dtype.element_ty
+    n0 = widths[0]
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
@@ -538,11 +548,11 @@ def _chain_matmul_kernel(
         block = _load_rows(x_ptr, stride_x, rows64, row_mask, cols, cols < n0, X_ROWS_CONTIGUOUS)
         # A run-time loop: unrolled over 8 factors, a BLOCK_N=256 config took 47 s to compile for sm_90.
         for j in range(NUM_FACTORS):
-            factor_ptr = _select(j, f0_ptr, f1_ptr, f2_ptr, f3_ptr, f4_ptr, f5_ptr, f6_ptr, f7_ptr)
-            dest_ptr = _select(j, d0_ptr, d1_ptr, d2_ptr, d3_ptr, d4_ptr, d5_ptr, d6_ptr, d7_ptr)
-            n_in = _select_int(j, n0, n1, n2, n3, n4, n5, n6, n7)
-            n_out = _select_int(j, n1, n2, n3, n4, n5, n6, n7, n8)
-            factor_stride = _select_int(j, sf0, sf1, sf2, sf3, sf4, sf5, sf6, sf7)
+            factor_ptr = _select(j, factors)
+            dest_ptr = _select(j, dests)
+            n_in = _select_int(j, widths)
+            n_out = _select_int(j + 1, widths)
+            factor_stride = _select_int(j, factor_strides)
             factor_t = _load_factor_t(factor_ptr, factor_stride, cols, cols < n_in, cols, cols < n_out, FACTORS_TRANSPOSED)
             block = tl.dot(block, factor_t, input_precision=INPUT_PRECISION).to(dtype)
             out_mask = row_mask[:, None] & (cols[None, :] < n_out)
@@ -554,16 +564,16 @@ def _chain_matmul_kernel(
     else:
         # Step 1 reads x in its own layout; the later steps read the row-major destinations.
         _chain_step_streamed(
-            x_ptr, stride_x, f0_ptr, sf0, d0_ptr, rows64, row_mask, n0, n1,
+            x_ptr, stride_x, factors[0], factor_strides[0], dests[0], rows64, row_mask, n0, widths[1],
             X_ROWS_CONTIGUOUS, FACTORS_TRANSPOSED, BLOCK_M, BLOCK_NC, BLOCK_K, INPUT_PRECISION,
         )
         for j in range(1, NUM_FACTORS):
-            src_ptr = _select(j - 1, d0_ptr, d1_ptr, d2_ptr, d3_ptr, d4_ptr, d5_ptr, d6_ptr, d7_ptr)
-            factor_ptr = _select(j, f0_ptr, f1_ptr, f2_ptr, f3_ptr, f4_ptr, f5_ptr, f6_ptr, f7_ptr)
-            dest_ptr = _select(j, d0_ptr, d1_ptr, d2_ptr, d3_ptr, d4_ptr, d5_ptr, d6_ptr, d7_ptr)
-            n_in = _select_int(j, n0, n1, n2, n3, n4, n5, n6, n7)
-            n_out = _select_int(j, n1, n2, n3, n4, n5, n6, n7, n8)
-            factor_stride = _select_int(j, sf0, sf1, sf2, sf3, sf4, sf5, sf6, sf7)
+            src_ptr = _select(j - 1, dests)
+            factor_ptr = _select(j, factors)
+            dest_ptr = _select(j, dests)
+            n_in = _select_int(j, widths)
+            n_out = _select_int(j + 1, widths)
+            factor_stride = _select_int(j, factor_strides)
             _chain_step_streamed(
                 src_ptr, n_in, factor_ptr, factor_stride, dest_ptr, rows64, row_mask, n_in, n_out,
                 False, FACTORS_TRANSPOSED, BLOCK_M, BLOCK_NC, BLOCK_K, INPUT_PRECISION,
@@ -605,14 +615,14 @@ def _launch_chain(
         _chain_matmul_kernel,
         grid,
         x,
-        *_padded(factors),
-        *_padded([d if d is not None else filler for d in dests]),
+        _padded(factors),
+        _padded([d if d is not None else filler for d in dests]),
         M,
-        *(widths + [widths[-1]] * (FACTORS_PER_LAUNCH + 1 - len(widths))),  # n_0 .. n_8
+        _padded(widths, FACTORS_PER_LAUNCH + 1),  # n_0 .. n_8
         size_bucket(M),
         size_bucket(max(widths)),
         stride_x,
-        *_padded(strides),
+        _padded(strides),
         NUM_FACTORS=k,
         BLOCK_N=_resident_block(widths),
         X_ROWS_CONTIGUOUS=x_rows_contiguous,
@@ -737,17 +747,18 @@ def _factor_grad_tile(
 
 @triton.autotune(
     configs=_cuda_configs("factor_grads"),
-    key=["M_BUCKET", "WIDTH_BUCKET", "NUM_GROUPS", "num_splits", "LAYOUTS"],
+    # The element size and the precision: the prune function keeps configs by them (shared memory,
+    # FMA tiles), and the autotuner's own key holds the dtype of top-level tensors only, not of the
+    # tuples' entries.
+    key=["M_BUCKET", "WIDTH_BUCKET", "NUM_GROUPS", "num_splits", "LAYOUTS", "ELEMENT_SIZE", "INPUT_PRECISION"],
     prune_configs_by={"early_config_prune": _prune_factor_grads_configs},
 )
 @triton.jit
 def _factor_grads_kernel(
     # pointers (slot g = group member g; slots g >= NUM_GROUPS are never read)
-    g0_ptr, g1_ptr, g2_ptr, g3_ptr, g4_ptr, g5_ptr, g6_ptr, g7_ptr,  # G_g: (M, p_g), unit stride along
-    #   p_g, or along M (layout bit 0 of member g)
-    i0_ptr, i1_ptr, i2_ptr, i3_ptr, i4_ptr, i5_ptr, i6_ptr, i7_ptr,  # X_g: (M, q_g), unit stride along
-    #   q_g, or along M (layout bit 1 of member g)
-    o0_ptr, o1_ptr, o2_ptr, o3_ptr, o4_ptr, o5_ptr, o6_ptr, o7_ptr,  # dF_g = G_g^T X_g: contiguous (p_g, q_g)
+    grads,  # 8 pointers, slot g: G_g (M, p_g), unit stride along p_g, or along M (layout bit 0 of g)
+    inputs,  # 8 pointers, slot g: X_g (M, q_g), unit stride along q_g, or along M (layout bit 1 of g)
+    outputs,  # 8 pointers, slot g: dF_g = G_g^T X_g, contiguous (p_g, q_g)
     partial_ptr,  # fp32 (num_splits, sum_g r_g), r_g = p_g q_g rounded up to a multiple of 16 (so
     #   every region starts 64-byte aligned), SPLIT_K only: split s's partial of member g is the
     #   contiguous (p_g, q_g) at s * sum_h r_h + sum_{h<g} r_h
@@ -755,15 +766,15 @@ def _factor_grads_kernel(
     #   zero before the launch, and the last split of each tile sets it back to zero
     # sizes
     M,
-    p0, p1, p2, p3, p4, p5, p6, p7,
-    q0, q1, q2, q3, q4, q5, q6, q7,
+    grad_widths,  # 8 integers: p_g
+    input_widths,  # 8 integers: q_g
     split_rows,  # reduction rows per split (a multiple of SPLIT_ALIGN when num_splits > 1)
     num_splits,  # programs per output tile, each reducing split_rows rows of M
     M_BUCKET,  # autotune key only
     WIDTH_BUCKET,  # autotune key only
     # strides (in elements)
-    sg0, sg1, sg2, sg3, sg4, sg5, sg6, sg7,  # G_g's other stride: along M, or along p_g
-    si0, si1, si2, si3, si4, si5, si6, si7,  # X_g's other stride: along M, or along q_g
+    grad_strides,  # 8 integers: G_g's other stride, along M or along p_g
+    input_strides,  # 8 integers: X_g's other stride, along M or along q_g
     layouts,  # bits 2g, 2g + 1: member g's G_g, X_g have unit stride along M
     # meta-parameters
     NUM_GROUPS,  # live slots, 1 .. 8
@@ -796,12 +807,13 @@ def _factor_grads_kernel(
               time against four.
     Measured on an H100 (2026-11-26, device time in a layer's train step): 22 us at d = 1024
     (387 TFLOP/s, 39% of peak), 2.5 us at d = 256 with M = 64. A single call at d = 256 timed from
-    the host's side took 261 us against 33 us for four torch.matmul calls: the launch itself (50-75
-    arguments) costs host time that the kernel does not. Since then launches skip the autotuner after
-    a key's first (launch_tuned: 54 us of Triton's 99-102 us per launch on a 2-core Xeon with the CUDA
-    driver stubbed, benchmarks/results/triton_launch_cpu.md; not GPU-measured).
+    the host's side took 261 us against 33 us for four torch.matmul calls: the launch itself (then
+    64 separate arguments) costs host time that the kernel does not. Since then launches skip the
+    autotuner after a key's first (launch_tuned: 54 us of Triton's 99-102 us per launch) and the
+    slots are tuples (13-18 us less), both on a 2-core Xeon with the CUDA driver stubbed
+    (benchmarks/results/triton_launch_cpu.md); not GPU-measured.
     """
-    dtype = g0_ptr.dtype.element_ty
+    dtype = grads[0].dtype.element_ty
     pid = tl.program_id(0)
     split = pid % num_splits
     tile = pid // num_splits
@@ -813,21 +825,21 @@ def _factor_grads_kernel(
     partial_offset = tl.full([], 0, tl.int64)
     elements = tl.full([], 0, tl.int64)  # after the loop: sum_g r_g
     for g in range(NUM_GROUPS):
-        p_g = _select_int(g, p0, p1, p2, p3, p4, p5, p6, p7)
-        q_g = _select_int(g, q0, q1, q2, q3, q4, q5, q6, q7)
+        p_g = _select_int(g, grad_widths)
+        q_g = _select_int(g, input_widths)
         is_past = tile >= start
         group = tl.where(is_past, g, group)
         group_start = tl.where(is_past, start, group_start)
         partial_offset = tl.where(is_past, elements, partial_offset)
         start += (tl.cdiv(p_g, BLOCK_P) * tl.cdiv(q_g, BLOCK_Q)).to(tl.int32)
         elements += tl.cdiv(p_g * q_g, 16) * 16
-    grad_ptr = _select(group, g0_ptr, g1_ptr, g2_ptr, g3_ptr, g4_ptr, g5_ptr, g6_ptr, g7_ptr)
-    input_ptr = _select(group, i0_ptr, i1_ptr, i2_ptr, i3_ptr, i4_ptr, i5_ptr, i6_ptr, i7_ptr)
-    out_ptr = _select(group, o0_ptr, o1_ptr, o2_ptr, o3_ptr, o4_ptr, o5_ptr, o6_ptr, o7_ptr)
-    n_p = _select_int(group, p0, p1, p2, p3, p4, p5, p6, p7)
-    n_q = _select_int(group, q0, q1, q2, q3, q4, q5, q6, q7)
-    stride_g = _select_int(group, sg0, sg1, sg2, sg3, sg4, sg5, sg6, sg7)
-    stride_x = _select_int(group, si0, si1, si2, si3, si4, si5, si6, si7)
+    grad_ptr = _select(group, grads)
+    input_ptr = _select(group, inputs)
+    out_ptr = _select(group, outputs)
+    n_p = _select_int(group, grad_widths)
+    n_q = _select_int(group, input_widths)
+    stride_g = _select_int(group, grad_strides)
+    stride_x = _select_int(group, input_strides)
     layout = (layouts >> (2 * group)) & 3
 
     local = tile - group_start
@@ -971,20 +983,20 @@ def _launch_factor_grads(
     launch_tuned(
         _factor_grads_kernel,
         grid,
-        *_padded(grads),
-        *_padded(inputs),
-        *_padded(outputs),
+        _padded(grads),
+        _padded(inputs),
+        _padded(outputs),
         partials,
         counters,
         M,
-        *_padded([g.shape[1] for g in grads]),
-        *_padded([i.shape[1] for i in inputs]),
+        _padded([g.shape[1] for g in grads]),
+        _padded([i.shape[1] for i in inputs]),
         split_rows,
         splits,
         size_bucket(M),
         size_bucket(max(widths)),
-        *_padded(list(grad_strides)),
-        *_padded(list(input_strides)),
+        _padded(grad_strides),
+        _padded(input_strides),
         sum(code << (2 * g) for g, code in enumerate(codes)),
         NUM_GROUPS=len(grads),
         LAYOUTS=sum(1 << code for code in set(codes)),
@@ -1034,17 +1046,17 @@ def chain_factor_grads(
 
 def _prune_backward_configs(configs, named_args, **kwargs):
     """Less what the sm_90 compile gate (Triton 3.9) shows to spill: 16-row blocks at BLOCK_N=32
-    (8 B in 16-bit without NEEDS_X). fp32 "ieee" (FMA units) is launched at BLOCK_N=16 only
+    (8 B in 16-bit without NEEDS_X) and at BLOCK_N=16 (4 B in 16-bit with NEEDS_X). fp32 "ieee" (FMA units) is launched at BLOCK_N=16 only
     (:func:`fuses_backward`): at 32 and 64 most configs spilled, up to 32 KB."""
     if BUILT_FOR_INTERPRETER:
         return configs
     block_n = {**named_args, **kwargs}["BLOCK_N"]
-    return [config for config in configs if not (block_n == 32 and config.kwargs["BLOCK_M"] == 16)]
+    return [config for config in configs if not (block_n <= 32 and config.kwargs["BLOCK_M"] == 16)]
 
 
 @triton.autotune(
     configs=_cuda_configs("chain_backward"),
-    key=["M_BUCKET", "BLOCK_N", "NUM_FACTORS", "NEEDS_X"],
+    key=["M_BUCKET", "BLOCK_N", "NUM_FACTORS", "NEEDS_X", "INPUT_PRECISION"],
     prune_configs_by={"early_config_prune": _prune_backward_configs},
 )
 @triton.jit
@@ -1052,8 +1064,8 @@ def _chain_backward_kernel(
     # pointers
     x_ptr,  # X_0: contiguous (M, n_0); its element type is that of every factor and gradient
     grad_ptr,  # dX_k: contiguous (M, n_k)
-    f0_ptr, f1_ptr, f2_ptr, f3_ptr, f4_ptr, f5_ptr, f6_ptr, f7_ptr,  # F_{j+1}: contiguous
-    #   (n_{j+1}, n_j); slots j >= NUM_FACTORS are never read
+    factors,  # 8 pointers, slot j: F_{j+1}, contiguous (n_{j+1}, n_j); slots j >= NUM_FACTORS are
+    #   never read
     grad_x_ptr,  # dX_0: contiguous (M, n_0), written with NEEDS_X only
     grad_factors_ptr,  # dF_{j+1}: contiguous (n_{j+1}, n_j) at offset sum_{i<j} r_i of one flat
     #   buffer, r_i = n_{i+1} n_i rounded up to a multiple of 16
@@ -1064,7 +1076,7 @@ def _chain_backward_kernel(
     counter_ptr,  # int32 (1,): programs arrived; zero before the launch, reset by the last one
     # sizes
     M,
-    n0, n1, n2, n3, n4, n5, n6, n7, n8,  # widths n_0 .. n_8
+    widths,  # 9 integers: n_0 .. n_8
     M_BUCKET,  # autotune key only
     # meta-parameters
     NUM_FACTORS,  # live slots, 1 .. 8
@@ -1099,7 +1111,8 @@ def _chain_backward_kernel(
     tile_rows = tl.arange(0, BLOCK_N)
     tile = tile_rows[:, None] * BLOCK_N + cols[None, :]  # a (BLOCK_N, BLOCK_N) partial, row-major
     scratch_stride = (NUM_FACTORS - 1) * BLOCK_N
-    n_k = _select_int(NUM_FACTORS - 1, n1, n2, n3, n4, n5, n6, n7, n8)
+    n0 = widths[0]
+    n_k = _select_int(NUM_FACTORS, widths)
 
     for block_start in range(pid * BLOCK_M, M, programs * BLOCK_M):
         rows = block_start + tl.arange(0, BLOCK_M)
@@ -1109,9 +1122,9 @@ def _chain_backward_kernel(
         # Forward: X_1 .. X_{k-1} into this block's scratch rows (zero beyond each width).
         block = _load_rows(x_ptr, n0, rows64, row_mask, cols, cols < n0, False)
         for j in range(NUM_FACTORS - 1):
-            factor_ptr = _select(j, f0_ptr, f1_ptr, f2_ptr, f3_ptr, f4_ptr, f5_ptr, f6_ptr, f7_ptr)
-            n_in = _select_int(j, n0, n1, n2, n3, n4, n5, n6, n7)
-            n_out = _select_int(j, n1, n2, n3, n4, n5, n6, n7, n8)
+            factor_ptr = _select(j, factors)
+            n_in = _select_int(j, widths)
+            n_out = _select_int(j + 1, widths)
             factor_t = _load_factor_t(factor_ptr, n_in, cols, cols < n_in, cols, cols < n_out, False)
             block = tl.dot(block, factor_t, input_precision=INPUT_PRECISION).to(dtype)
             tl.store(scratch_ptr + rows64[:, None] * scratch_stride + j * BLOCK_N + cols[None, :], block,
@@ -1123,9 +1136,9 @@ def _chain_backward_kernel(
         grad = _load_rows(grad_ptr, n_k, rows64, row_mask, cols, cols < n_k, False)
         for step in range(NUM_FACTORS):
             j = NUM_FACTORS - 1 - step  # slot of F_{j+1}, whose input is X_j
-            factor_ptr = _select(j, f0_ptr, f1_ptr, f2_ptr, f3_ptr, f4_ptr, f5_ptr, f6_ptr, f7_ptr)
-            n_in = _select_int(j, n0, n1, n2, n3, n4, n5, n6, n7)
-            n_out = _select_int(j, n1, n2, n3, n4, n5, n6, n7, n8)
+            factor_ptr = _select(j, factors)
+            n_in = _select_int(j, widths)
+            n_out = _select_int(j + 1, widths)
             if j == 0:
                 inputs = _load_rows(x_ptr, n0, rows64, row_mask, cols, cols < n0, False)
             else:
@@ -1154,8 +1167,8 @@ def _chain_backward_kernel(
         tl.debug_barrier()  # the acquire above was one thread's: order every thread's loads after it
         offset = tl.full([], 0, tl.int64)
         for j in range(NUM_FACTORS):
-            n_in = _select_int(j, n0, n1, n2, n3, n4, n5, n6, n7)
-            n_out = _select_int(j, n1, n2, n3, n4, n5, n6, n7, n8)
+            n_in = _select_int(j, widths)
+            n_out = _select_int(j + 1, widths)
             total = tl.zeros((BLOCK_N, BLOCK_N), dtype=tl.float32)
             for p in range(programs):
                 total += tl.load(partial_ptr + (p * NUM_FACTORS + j).to(tl.int64) * (BLOCK_N * BLOCK_N) + tile,
@@ -1265,14 +1278,14 @@ def _launch_backward(
         grid,
         x,
         grad_output,
-        *_padded(factors),
+        _padded(factors),
         grad_x if grad_x is not None else grad_factors,  # never written without NEEDS_X
         grad_factors,
         scratch,
         partials,
         counters,
         M,
-        *(widths + [widths[-1]] * (FACTORS_PER_LAUNCH + 1 - len(widths))),  # n_0 .. n_8
+        _padded(widths, FACTORS_PER_LAUNCH + 1),  # n_0 .. n_8
         size_bucket(M),
         NUM_FACTORS=k,
         BLOCK_N=block_n,

@@ -55,7 +55,8 @@ from dataclasses import dataclass, field
 #                   signature of the launch the launcher makes, in triton/tools/compile.py's
 #                   notation: "*fp16:16" a pointer aligned to 16 bytes (torch allocations are),
 #                   "i32" / "i64" an integer, "i32:16" an integer divisible by 16, "1" an integer
-#                   equal to 1 (a unit stride: Triton compiles it in as a constant). "{dtype}" is
+#                   equal to 1 (a unit stride: Triton compiles it in as a constant); a tuple of
+#                   such strings for a tuple argument (entries other than "1"). "{dtype}" is
 #                   replaced by each entry of `dtypes`, "{acc}" by its accumulator type (fp64 for
 #                   fp64, fp32 otherwise).
 #   dtypes          the element types the launcher passes the kernel.
@@ -93,7 +94,7 @@ _SKETCH_CONSTEXPRS = {
 class KernelSpec:
     module: str
     kernel: str
-    args: dict[str, str]
+    args: dict[str, str | tuple[str, ...]]
     dtypes: tuple[str, ...]
     constexprs: dict[str, tuple | dict[str, tuple]] = field(default_factory=dict)
     launch: tuple[dict, int, int] | None = None
@@ -112,12 +113,10 @@ KERNELS: dict[str, KernelSpec] = {
         # are compile-time constants inside the kernel (the layout flags); the other strides,
         # the widths and M are multiples of 16 here, the layers' d = 256 .. 1024 (odd sizes are
         # other specializations: same code, masked scalar loads where a row is not 16-aligned).
-        args={"x_ptr": "*{dtype}:16",
-              **{f"f{j}_ptr": "*{dtype}:16" for j in range(8)},
-              **{f"d{j}_ptr": "*{dtype}:16" for j in range(8)},
-              "M": "i32:16", **{f"n{j}": "i32:16" for j in range(9)},
+        args={"x_ptr": "*{dtype}:16", "factors": ("*{dtype}:16",) * 8, "dests": ("*{dtype}:16",) * 8,
+              "M": "i32:16", "widths": ("i32:16",) * 9,
               "M_BUCKET": "i32:16", "WIDTH_BUCKET": "i32:16",
-              "stride_x": "i32:16", **{f"sf{j}": "i32:16" for j in range(8)},
+              "stride_x": "i32:16", "factor_strides": ("i32:16",) * 8,
               "NUM_FACTORS": "i32"},
         dtypes=("fp32", "fp16", "bf16"),
         constexprs={
@@ -139,14 +138,12 @@ KERNELS: dict[str, KernelSpec] = {
         kernel="_factor_grads_kernel",
         # Sizes and strides multiples of 16 as above; num_splits is the split launch's (an unsplit
         # launch passes 1, which Triton compiles in as a constant).
-        args={**{f"g{j}_ptr": "*{dtype}:16" for j in range(8)},
-              **{f"i{j}_ptr": "*{dtype}:16" for j in range(8)},
-              **{f"o{j}_ptr": "*{dtype}:16" for j in range(8)},
+        args={"grads": ("*{dtype}:16",) * 8, "inputs": ("*{dtype}:16",) * 8, "outputs": ("*{dtype}:16",) * 8,
               "partial_ptr": "*fp32:16", "counter_ptr": "*i32:16",
-              "M": "i32:16", **{f"p{j}": "i32:16" for j in range(8)}, **{f"q{j}": "i32:16" for j in range(8)},
+              "M": "i32:16", "grad_widths": ("i32:16",) * 8, "input_widths": ("i32:16",) * 8,
               "split_rows": "i32:16", "num_splits": "i32",
               "M_BUCKET": "i32:16", "WIDTH_BUCKET": "i32:16",
-              **{f"{name}{j}": "i32:16" for name in ("sg", "si") for j in range(8)},
+              "grad_strides": ("i32:16",) * 8, "input_strides": ("i32:16",) * 8,
               "layouts": "i32", "NUM_GROUPS": "i32"},
         dtypes=("fp32", "fp16", "bf16"),
         constexprs={
@@ -164,11 +161,10 @@ KERNELS: dict[str, KernelSpec] = {
         kernel="_chain_backward_kernel",
         # The fused backward of a narrow chain: contiguous operands (the launcher packs), eight
         # factor slots, widths and M multiples of 16 (a layer of d = 16 .. 64).
-        args={"x_ptr": "*{dtype}:16", "grad_ptr": "*{dtype}:16",
-              **{f"f{j}_ptr": "*{dtype}:16" for j in range(8)},
+        args={"x_ptr": "*{dtype}:16", "grad_ptr": "*{dtype}:16", "factors": ("*{dtype}:16",) * 8,
               "grad_x_ptr": "*{dtype}:16", "grad_factors_ptr": "*{dtype}:16", "scratch_ptr": "*{dtype}:16",
               "partial_ptr": "*fp32:16", "counter_ptr": "*i32:16",
-              "M": "i32:16", **{f"n{j}": "i32:16" for j in range(9)},
+              "M": "i32:16", "widths": ("i32:16",) * 9,
               "M_BUCKET": "i32:16", "NUM_FACTORS": "i32"},
         dtypes=("fp32", "fp16", "bf16"),
         constexprs={
@@ -306,12 +302,13 @@ def _parse_signature(text: str) -> tuple[str, bool]:
     return kind, hint == "16"
 
 
-def aot_compile(fn, args: dict[str, str], constexprs: dict, arch: int, options: dict):
+def aot_compile(fn, args: dict[str, str | tuple[str, ...]], constexprs: dict, arch: int, options: dict):
     """``triton.compile`` of ``fn`` for ``sm_<arch>``; returns ``(compiled, ptxas_log)``.
 
     Args:
         fn: the ``triton.runtime.JITFunction``.
-        args: runtime argument -> signature string (``"*fp16:16"``, ``"i32"``, ``"1"``).
+        args: runtime argument -> signature string (``"*fp16:16"``, ``"i32"``, ``"1"``), or a tuple
+            of them (not ``"1"``) for a tuple argument.
         constexprs: constexpr name -> value.
         options: ``num_warps``, ``num_stages`` and the config's other compile options.
     """
@@ -319,25 +316,35 @@ def aot_compile(fn, args: dict[str, str], constexprs: dict, arch: int, options: 
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    signature, constants, aligned = {}, dict(constexprs), []
+    signature, constants, aligned = {}, dict(constexprs), []  # aligned: paths, (index,) or (index, entry)
     for index, name in enumerate(fn.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
+        elif isinstance(args[name], tuple):
+            kinds = []
+            for entry, text in enumerate(args[name]):
+                kind, divisible = _parse_signature(text)
+                kinds.append(kind)
+                if divisible:
+                    aligned.append((index, entry))
+            signature[name] = tuple(kinds)
         elif args[name] == "1":
             signature[name] = "constexpr"  # what Triton's launcher does with an int equal to 1
             constants[name] = 1
         else:
             signature[name], divisible = _parse_signature(args[name])
             if divisible:
-                aligned.append(index)
+                aligned.append((index,))
     parameters = inspect.signature(ASTSource.__init__).parameters
     constants_keyword = "constexprs" if "constexprs" in parameters else "constants"  # 3.2: constants
     attrs_descriptor = getattr(importlib.import_module("triton.backends.compiler"), "AttrsDescriptor", None)
-    if attrs_descriptor is not None:  # 3.2: a descriptor object
+    if attrs_descriptor is not None:  # 3.2: a descriptor object, and no tuple arguments
+        if any(len(path) > 1 for path in aligned):
+            raise TableError(f"Triton {triton.__version__} has no tuple arguments")
         from_hints = getattr(attrs_descriptor, "from_hints", None)
-        attrs = from_hints({index: 16 for index in aligned}) if from_hints else None
-    else:  # 3.3+: {(argument index,): [[attribute, value]]}
-        attrs = {(index,): [["tt.divisibility", 16]] for index in aligned}
+        attrs = from_hints({path[0]: 16 for path in aligned}) if from_hints else None
+    else:  # 3.3+: {(argument index[, tuple entry]): [[attribute, value]]}
+        attrs = {path: [["tt.divisibility", 16]] for path in aligned}
     source = ASTSource(fn=fn, signature=signature, attrs=attrs, **{constants_keyword: constants})
     target = GPUTarget("cuda", arch, 32)
 
@@ -436,7 +443,7 @@ class Task:
     variant: dict  # launcher constexprs
     config: dict  # autotuned constexprs
     options: dict  # num_warps, num_stages, ...
-    args: dict[str, str] = field(repr=False)
+    args: dict[str, str | tuple[str, ...]] = field(repr=False)
     fn: object = field(repr=False)
     key: str = ""
 
@@ -496,12 +503,17 @@ def check_table(name: str, spec: KernelSpec, fn, configs: Sequence) -> None:
             raise TableError(f"{where}: KERNELS lists runtime argument {arg!r}, which is {what} of the kernel")
     if table != runtime:
         raise TableError(f"{where}: runtime arguments in KERNELS are in the order {table}, the kernel's are {runtime}")
-    for arg, text in spec.args.items():
-        kind, _ = _parse_signature(text)
-        base = kind[1:] if kind.startswith("*") else kind
-        base = base.replace("{dtype}", "fp32").replace("{acc}", "fp32")
-        if text != "1" and base not in _SCALAR_TYPES:
-            raise TableError(f"{where}: argument {arg!r} has signature {text!r}; expected e.g. '*fp16:16', 'i32', 'i32:16' or '1'")
+    for arg, signature in spec.args.items():
+        entries = signature if isinstance(signature, tuple) else (signature,)
+        for text in entries:
+            kind, _ = _parse_signature(text)
+            base = kind[1:] if kind.startswith("*") else kind
+            base = base.replace("{dtype}", "fp32").replace("{acc}", "fp32")
+            if (text == "1" and entries is signature) or (text != "1" and base not in _SCALAR_TYPES):
+                raise TableError(
+                    f"{where}: argument {arg!r} has signature {signature!r}; expected e.g. '*fp16:16', "
+                    "'i32', 'i32:16' or '1', or a tuple of them (but '1') for a tuple argument"
+                )
     constexpr_params = [p for p in params if p.is_constexpr]
     constexpr_names = {p.name for p in constexpr_params}
     config_keys = set()
@@ -540,7 +552,11 @@ def build_tasks(kernels: dict[str, KernelSpec], archs: Sequence[int]) -> list[Ta
         prune = getattr(autotuner, "early_config_prune", None)
         for dtype in spec.dtypes:
             accumulator = _ACCUMULATOR.get(dtype, "fp32")
-            args = {k: v.replace("{dtype}", dtype).replace("{acc}", accumulator) for k, v in spec.args.items()}
+
+            def typed(text: str) -> str:
+                return text.replace("{dtype}", dtype).replace("{acc}", accumulator)
+
+            args = {k: tuple(map(typed, v)) if isinstance(v, tuple) else typed(v) for k, v in spec.args.items()}
             names = list(spec.constexprs)
             value_lists = [_values_for(n, spec.constexprs[n], dtype, name) for n in names]
             for values in itertools.product(*value_lists):

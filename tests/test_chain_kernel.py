@@ -635,3 +635,22 @@ def test_launches_reuse_the_autotuners_choice(monkeypatch):
     wide_x, wide_factors = make_chain(33, [5, 17, 5], torch.float32)
     check_chain(chain_matmul(wide_x, wide_factors), wide_x, wide_factors, torch.float32, "M=33")
     assert len(runs) == 3, "a new size bucket must go through the autotuner"
+
+
+def test_factor_grads_launches_key_on_the_dtype_of_their_tuples(monkeypatch):
+    # The factor-gradient kernel takes every tensor in tuples, whose entries' dtypes the autotuner
+    # does not key on: its key names the element size and precision, and launch_tuned the dtype.
+    from fastrank.kernels import _launch
+
+    kernel = chain_kernels._factor_grads_kernel
+    assert {"ELEMENT_SIZE", "INPUT_PRECISION"} <= set(kernel.keys), kernel.keys
+    for name in ("_chain_matmul_kernel", "_chain_backward_kernel"):
+        assert "INPUT_PRECISION" in getattr(chain_kernels, name).keys, name
+    _launch._CHOICES.pop(kernel, None)
+    runs = []
+    original = kernel.run
+    monkeypatch.setattr(kernel, "run", lambda *args, **kwargs: runs.append(1) or original(*args, **kwargs))
+    for dtype in (torch.float32, torch.float32, torch.float16):
+        grads, inputs = make_grad_pairs(33, [17, 40, 5], dtype)
+        check_factor_grads(chain_factor_grads(grads, inputs), grads, inputs, dtype, str(dtype))
+    assert len(runs) == 2, f"{len(runs)} launches through the autotuner, expected one per dtype"

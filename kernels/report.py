@@ -90,6 +90,24 @@ _SKETCH_CONSTEXPRS = {
 }
 
 
+def _sketch_skip(dtype: str, variant: dict) -> bool:
+    return variant["INPUT_PRECISION"] == "ieee" and variant["BLOCK_K"] > 64
+
+
+# The launch of the sketch of a contiguous 1,000,000 x 4096 X (and of the Gram form's second
+# launch, Y = A Z): 16-divisible rows and sizes, a batch stride past 2**31 (i64), Omega (Z) read
+# through its transposed (k, n) buffer (stride_bn 1), one matrix, one split. The other sketch
+# launches below differ from it in a few entries.
+_SKETCH_ARGS = {
+    "a_ptr": "*{dtype}:16", "b_ptr": "*{dtype}:16", "y_ptr": "*{acc}:16",
+    "M": "i32", "N": "i32:16", "K": "i32:16", "split_size": "i32:16", "batch_size": "1",
+    "stride_ab": "i64:16", "stride_am": "i32:16", "stride_an": "1",
+    "stride_bb": "i32:16", "stride_bn": "1", "stride_bk": "i32:16",
+    "stride_ys": "i32:16", "stride_yb": "i32:16", "stride_ym": "i32:16", "stride_yk": "1",
+    "M_BUCKET": "i32:16", "N_BUCKET": "i32:16", "K_BUCKET": "i32:16",
+}
+
+
 @dataclass(frozen=True)
 class KernelSpec:
     module: str
@@ -179,18 +197,10 @@ KERNELS: dict[str, KernelSpec] = {
     "gaussian_sketch": KernelSpec(
         module="fastrank.kernels.sketch",
         kernel="_sketch_kernel",
-        # The launch of the sketch of a contiguous 1,000,000 x 4096 X (and of the Gram form's second
-        # launch, Y = A Z): 16-divisible rows and sizes, a batch stride past 2**31 (i64), Omega
-        # (Z) read through its transposed (k, n) buffer (stride_bn 1), one matrix, one split.
-        args={"a_ptr": "*{dtype}:16", "b_ptr": "*{dtype}:16", "y_ptr": "*{acc}:16",
-              "M": "i32", "N": "i32:16", "K": "i32:16", "split_size": "i32:16", "batch_size": "1",
-              "stride_ab": "i64:16", "stride_am": "i32:16", "stride_an": "1",
-              "stride_bb": "i32:16", "stride_bn": "1", "stride_bk": "i32:16",
-              "stride_ys": "i32:16", "stride_yb": "i32:16", "stride_ym": "i32:16", "stride_yk": "1",
-              "M_BUCKET": "i32:16", "N_BUCKET": "i32:16", "K_BUCKET": "i32:16"},
+        args=_SKETCH_ARGS,
         dtypes=("fp32", "fp16", "bf16", "fp64"),
         constexprs=_SKETCH_CONSTEXPRS,
-        skip=lambda dtype, variant: variant["INPUT_PRECISION"] == "ieee" and variant["BLOCK_K"] > 64,
+        skip=_sketch_skip,
     ),
     "gaussian_sketch_gram": KernelSpec(
         module="fastrank.kernels.sketch",
@@ -198,27 +208,17 @@ KERNELS: dict[str, KernelSpec] = {
         # The Gram form's first launch for the same X, Z = X^T Omega: X read transposed
         # (stride_am 1), its 1,000,000 rows (16-divisible) split into chunks with fp32 (fp64)
         # partial products.
-        args={"a_ptr": "*{dtype}:16", "b_ptr": "*{dtype}:16", "y_ptr": "*{acc}:16",
-              "M": "i32:16", "N": "i32:16", "K": "i32:16", "split_size": "i32:16", "batch_size": "1",
-              "stride_ab": "i64:16", "stride_am": "1", "stride_an": "i32:16",
-              "stride_bb": "i32:16", "stride_bn": "1", "stride_bk": "i32:16",
-              "stride_ys": "i32:16", "stride_yb": "i32:16", "stride_ym": "i32:16", "stride_yk": "1",
-              "M_BUCKET": "i32:16", "N_BUCKET": "i32:16", "K_BUCKET": "i32:16"},
+        args={**_SKETCH_ARGS, "M": "i32:16", "stride_am": "1", "stride_an": "i32:16"},
         dtypes=("fp32", "fp16", "bf16", "fp64"),
         constexprs=_SKETCH_CONSTEXPRS,
-        skip=lambda dtype, variant: variant["INPUT_PRECISION"] == "ieee" and variant["BLOCK_K"] > 64,
+        skip=_sketch_skip,
     ),
     "gaussian_sketch_fp16_gram": KernelSpec(
         module="fastrank.kernels.sketch",
         kernel="_sketch_kernel",
         # The Gram form's second launch for fp16 X, Y = X Z: Z stays fp32 (fp16's range), X's
         # tiles are converted to fp32 and the dot takes TF32; tiles sized for 4-byte elements.
-        args={"a_ptr": "*fp16:16", "b_ptr": "*fp32:16", "y_ptr": "*fp32:16",
-              "M": "i32", "N": "i32:16", "K": "i32:16", "split_size": "i32:16", "batch_size": "1",
-              "stride_ab": "i64:16", "stride_am": "i32:16", "stride_an": "1",
-              "stride_bb": "i32:16", "stride_bn": "1", "stride_bk": "i32:16",
-              "stride_ys": "i32:16", "stride_yb": "i32:16", "stride_ym": "i32:16", "stride_yk": "1",
-              "M_BUCKET": "i32:16", "N_BUCKET": "i32:16", "K_BUCKET": "i32:16"},
+        args={**_SKETCH_ARGS, "a_ptr": "*fp16:16", "b_ptr": "*fp32:16", "y_ptr": "*fp32:16"},
         dtypes=("fp16",),
         constexprs={"ACC_FP64": (False,), "INPUT_PRECISION": ("tf32",), "ELEMENT_SIZE": (4,),
                     "BLOCK_K": (32, 64, 128, 256)},
@@ -504,12 +504,12 @@ def check_table(name: str, spec: KernelSpec, fn, configs: Sequence) -> None:
     if table != runtime:
         raise TableError(f"{where}: runtime arguments in KERNELS are in the order {table}, the kernel's are {runtime}")
     for arg, signature in spec.args.items():
-        entries = signature if isinstance(signature, tuple) else (signature,)
-        for text in entries:
+        in_tuple = isinstance(signature, tuple)
+        for text in signature if in_tuple else (signature,):
             kind, _ = _parse_signature(text)
             base = kind[1:] if kind.startswith("*") else kind
             base = base.replace("{dtype}", "fp32").replace("{acc}", "fp32")
-            if (text == "1" and entries is signature) or (text != "1" and base not in _SCALAR_TYPES):
+            if (text == "1" and in_tuple) or (text != "1" and base not in _SCALAR_TYPES):
                 raise TableError(
                     f"{where}: argument {arg!r} has signature {signature!r}; expected e.g. '*fp16:16', "
                     "'i32', 'i32:16' or '1', or a tuple of them (but '1') for a tuple argument"

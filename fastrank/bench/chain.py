@@ -512,23 +512,14 @@ def chain_kernel_cases(
                         [torch.empty(d, d, dtype=kernel_dtype, device="meta")] * length,
                     )
                     path = "Triton kernel" if takes_kernel else "torch.matmul per step"
-                    flops = 2.0 * batch * d * d * length
                     cases.append(
-                        Case(
-                            suite="chain-kernel",
-                            name=f"{dtype_name} d={d} B={batch} L={length}",
-                            shape=f"B={batch} d={d} L={length}",
+                        _kernel_case(
+                            f"{dtype_name} d={d} B={batch} L={length}",
+                            f"B={batch} d={d} L={length}",
+                            KERNEL_VARIANTS, setup, 2.0 * batch * d * d * length, repeats,
+                            f"chain_matmul path: {path}; tf32 {'on' if cuda_matmul_allows_tf32() else 'off'}",
                             dtype=str(_KERNEL_DTYPES[dtype_name]).replace("torch.", ""),
-                            baseline="torch.matmul x L",
-                            variants=KERNEL_VARIANTS,
-                            setup=setup,
-                            flops=dict.fromkeys(KERNEL_VARIANTS, flops),
                             error=_kernel_error,
-                            repeats=repeats,
-                            warmup=3,
-                            floor=FLOOR,
-                            note=f"chain_matmul path: {path}; "
-                            f"tf32 {'on' if cuda_matmul_allows_tf32() else 'off'}",
                         )
                     )
     if "bf16" in dtypes:
@@ -563,20 +554,20 @@ def _square_factors(d: int, count: int, seed: int, device: str = "cuda") -> list
     return [(torch.randn(d, d, device=device, generator=gen) / d**0.5).to(torch.bfloat16) for _ in range(count)]
 
 
-def _per_factor_case(name: str, shape: str, variants: tuple[str, ...], setup, flops: float, repeats: int,
-                     note: str) -> Case:
-    """A bf16 chain-kernel case whose first variant is its baseline (one torch.matmul per factor,
-    with autograd where the case trains)."""
+def _kernel_case(name: str, shape: str, variants: tuple[str, ...], setup, flops: float, repeats: int,
+                 note: str, dtype: str = "bfloat16", error=_all_errors) -> Case:
+    """A chain-kernel case whose first variant is its baseline (one torch.matmul per factor, with
+    autograd where the case trains); every variant, the floor included, does ``flops``."""
     return Case(
         suite="chain-kernel",
         name=name,
         shape=shape,
-        dtype="bfloat16",
+        dtype=dtype,
         baseline=variants[0],
         variants=variants,
         setup=setup,
         flops=dict.fromkeys(variants, flops),
-        error=_all_errors,
+        error=error,
         repeats=repeats,
         warmup=3,
         floor=FLOOR,
@@ -639,7 +630,7 @@ def _weight_chain_case(d: int, length: int, repeats: int) -> Case:
         )
 
     path = "one launch" if d <= _onchip_width() else "one matmul per step (wider than the kernel's limit)"
-    return _per_factor_case(
+    return _kernel_case(
         f"weight chain bf16 d={d} L={length}",
         f"x=W_1^T ({d}, {d}), {length - 1} factors {d}x{d}, all prefix products",
         WEIGHT_CHAIN_VARIANTS, setup, flops, repeats,
@@ -670,7 +661,7 @@ def _factor_grads_case(d: int, length: int, repeats: int) -> Case:
             reference,
         )
 
-    return _per_factor_case(
+    return _kernel_case(
         f"factor grads bf16 d={d} M={d} L={length}",
         f"{length} x (G^T X), G, X: ({d}, {d})",
         FACTOR_GRADS_VARIANTS, setup, flops, repeats,
@@ -718,7 +709,7 @@ def _narrow_step_case(d: int, batch: int, length: int, repeats: int, device: str
     fused = fuses_backward(torch.empty(batch, d, dtype=torch.bfloat16, device="meta"),
                            [torch.empty(d, d, dtype=torch.bfloat16, device="meta")] * length)
     recompute = "one fused backward launch" if fused else "chain kernel recompute + reverse chain + grouped grads"
-    return _per_factor_case(
+    return _kernel_case(
         f"narrow train step bf16 d={d} B={batch} L={length}",
         f"B={batch} d={d} L={length}, x and {length} factors {d}x{d}",
         NARROW_STEP_VARIANTS, setup, flops, repeats,

@@ -299,11 +299,14 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "tf32"  # ignored by tl.dot for fp16 / bf16 operands
 
 
-def _on_chip(x: Tensor, factors: Sequence[Tensor], precision: str) -> bool:
-    M = x.shape[0]
+def _within(x: Tensor, factors: Sequence[Tensor], limit: int) -> bool:
+    """A kernel dtype, rows, and every width n_0 .. n_k in [1, limit]."""
     widths = [x.shape[1]] + [f.shape[0] for f in factors]
-    limit = MAX_ONCHIP_WIDTH if precision == "tf32" else MAX_ONCHIP_WIDTH_IEEE
-    return x.dtype in _KERNEL_DTYPES and M > 0 and min(widths) > 0 and max(widths) <= limit
+    return x.dtype in _KERNEL_DTYPES and x.shape[0] > 0 and min(widths) > 0 and max(widths) <= limit
+
+
+def _on_chip(x: Tensor, factors: Sequence[Tensor], precision: str) -> bool:
+    return _within(x, factors, MAX_ONCHIP_WIDTH if precision == "tf32" else MAX_ONCHIP_WIDTH_IEEE)
 
 
 def runs_on_chip(x: Tensor, factors: Sequence[Tensor]) -> bool:
@@ -1201,25 +1204,20 @@ def recomputes_backward(x: Tensor, factors: Sequence[Tensor]) -> bool:
     :data:`MAX_RESIDENT_WIDTH` (within the chain kernel's limits). The fused kernel serves it (see
     :func:`fuses_backward` for fp32 with TF32 off). Shapes and dtypes only, so torch.compile traces
     the rule (Dynamo cannot trace the read of torch's TF32 setting)."""
-    widths = [x.shape[1]] + [f.shape[0] for f in factors]
     limit = min(MAX_RESIDENT_WIDTH, MAX_ONCHIP_WIDTH, MAX_ONCHIP_WIDTH_IEEE)
-    return (
-        x.dtype in _KERNEL_DTYPES
-        and len(factors) <= FACTORS_PER_LAUNCH
-        and x.shape[0] > 0
-        and 0 < min(widths)
-        and max(widths) <= limit
-    )
+    return len(factors) <= FACTORS_PER_LAUNCH and _within(x, factors, limit)
 
 
 def fuses_backward(x: Tensor, factors: Sequence[Tensor]) -> bool:
     """Whether :func:`chain_matmul_backward` runs the fused kernel: :func:`recomputes_backward`,
     and for fp32 with TF32 off (FMA tiles in registers) every width at most
     :data:`MAX_BACKWARD_WIDTH_IEEE`; wider ones recompute with the chain kernel instead."""
-    if not recomputes_backward(x, factors):
-        return False
-    widths = [x.shape[1]] + [f.shape[0] for f in factors]
-    return _input_precision(x.dtype) != "ieee" or max(widths) <= MAX_BACKWARD_WIDTH_IEEE
+    return _fuses_backward(x, factors, _input_precision(x.dtype))
+
+
+def _fuses_backward(x: Tensor, factors: Sequence[Tensor], precision: str) -> bool:
+    limit = MAX_BACKWARD_WIDTH_IEEE if precision == "ieee" else MAX_RESIDENT_WIDTH
+    return recomputes_backward(x, factors) and _within(x, factors, limit)
 
 
 def chain_matmul_backward(
@@ -1240,7 +1238,8 @@ def chain_matmul_backward(
         ``chain_matmul_backward_ref``.
     """
     _check_backward(x, factors, grad_output)
-    counters = _split_counters(x.device, 1) if fuses_backward(x, factors) else None
+    precision = _input_precision(x.dtype)  # one read of torch's TF32 setting per call
+    counters = _split_counters(x.device, 1) if _fuses_backward(x, factors, precision) else None
     if counters is None:  # not a narrow chain, or a CUDA graph capture without counters yet
         return compose_chain_backward(x, factors, grad_output, needs_x, chain_matmul, chain_factor_grads)
 
@@ -1250,7 +1249,7 @@ def chain_matmul_backward(
     grad_x = x.new_empty(x.shape) if needs_x else None
     with device_guard(x):
         _launch_backward(x.contiguous(), [f.contiguous() for f in factors], grad_output.contiguous(),
-                         grad_x, grad_factors, counters)
+                         grad_x, grad_factors, counters, precision)
     outputs, offset = [], 0
     for j in range(k):
         outputs.append(grad_factors[offset : offset + widths[j + 1] * widths[j]].view(widths[j + 1], widths[j]))
@@ -1260,7 +1259,7 @@ def chain_matmul_backward(
 
 def _launch_backward(
     x: Tensor, factors: list[Tensor], grad_output: Tensor, grad_x: Tensor | None, grad_factors: Tensor,
-    counters: Tensor,
+    counters: Tensor, precision: str,
 ) -> None:
     """One fused backward launch; contiguous operands, ``grad_factors`` the flat output buffer."""
     M, k = x.shape[0], len(factors)
@@ -1290,5 +1289,5 @@ def _launch_backward(
         NUM_FACTORS=k,
         BLOCK_N=block_n,
         NEEDS_X=grad_x is not None,
-        INPUT_PRECISION=_input_precision(x.dtype),
+        INPUT_PRECISION=precision,
     )

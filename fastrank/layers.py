@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.utils import parametrize
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from .chain import _chain_linear_as, chain_costs, chain_matmul, collapsed_weight
 from .conv import collapse_kernels, collapsed_kernel_size, conv_chain_costs
@@ -83,36 +84,57 @@ _VERSION = operator.attrgetter("_version")
 _DATA_PTR = Tensor.data_ptr
 _IS = operator.is_
 
+# Optimizer steps begun or finished by any ``torch.optim.Optimizer`` (subclasses included: the
+# global hooks run around every ``step``). Fused optimizer kernels (``fused=True``, the Hugging
+# Face Trainer's default ``adamw_torch_fused``) update parameters without bumping their version
+# counters, so a cache made before a step must not be trusted after it, whatever the counters say.
+_optimizer_steps = 0
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_pre_hook(_count_optimizer_step)
+register_optimizer_step_post_hook(_count_optimizer_step)
+
 
 class _CollapseCache:
-    """The collapsed parameters, valid while no tensor they were made of changed.
+    """The collapsed parameters of an eval-mode layer, valid while nothing they were made of changed.
 
-    ``fresh`` compares the module's tensors with the cached ones by identity (a replaced
-    parameter), then the cached tensors' version counters (in-place writes: optimizer steps,
-    ``load_state_dict``, edits under ``no_grad``) and storage addresses (new storage under the same
-    object: ``.to()``, ``swap_tensors``, ``p.data = ...``), each through one C-level map: 1.8-1.9 us
-    a check for four factors on a 2-core Xeon (1.2 us of it the versions and addresses), where
-    building the former key of versions, addresses and ids of five tensors took 2.1-2.2 us. Identity needs the cached tensors alive, so the cache holds them
-    (weak references would not keep replaced tensors alive until the next call, but
-    ``torch.utils.swap_tensors`` refuses tensors with weak references, and ``load_state_dict``
-    swaps under ``torch.__future__.set_swap_module_params_on_conversion``). ``Module._apply``
-    (``.to()``, ``.half()``, ``.cuda()``) empties it. In-place writes through ``tensor.data``
-    bypass version counters; call ``clear_cache()`` after such writes.
+    A cache lives within one eval window: layers fill it only in eval mode and drop it on every
+    ``train()`` / ``eval()`` call, on ``load_state_dict`` and on ``Module._apply`` (``.to()``,
+    ``.half()``, ``.cuda()``). Within the window ``fresh`` checks, in order: that no optimizer
+    stepped (:data:`_optimizer_steps`; fused kernels skip version counters), that the module's
+    tensors are the cached ones (identity: a replaced parameter, ``load_state_dict(assign=True)``,
+    FSDP2 swapping sharded and unsharded parameters), their version counters (in-place writes:
+    foreach kernels, edits under ``no_grad``, ``copy_``) and their storage addresses (new storage
+    under the same object: ``p.data = ...``, ``swap_tensors``, ``vector_to_parameters``). The cache
+    keeps the storages it was made of alive (``pins``), so an address can only match the storage it
+    was made of, never a new allocation at a freed address. Each check goes through one C-level
+    map: 1.8-1.9 us for four factors on a 2-core Xeon. Identity needs the cached tensors alive,
+    so the cache holds them (``torch.utils.swap_tensors`` refuses tensors with weak references).
+    The one write no check sees is an in-place write through ``tensor.data`` within an eval
+    window (``p.data.add_(...)`` outside an optimizer): call ``clear_cache()`` (or ``eval()``) after it.
     """
 
-    __slots__ = ("tensors", "versions", "addresses", "value")
+    __slots__ = ("tensors", "versions", "addresses", "pins", "steps", "value")
 
     def __init__(self) -> None:
         self.tensors: tuple[Tensor, ...] = ()
         self.versions: tuple[int, ...] = ()
         self.addresses: tuple[int, ...] = ()
+        self.pins: tuple[Tensor, ...] = ()
+        self.steps = -1
         self.value: tuple[Tensor, Tensor | None] | None = None
 
     def fresh(self, tensors: Collection[Tensor]) -> bool:
         """Whether ``value`` was made of exactly ``tensors``, unchanged since."""
         cached = self.tensors
         return (
-            self.value is not None
+            self.steps == _optimizer_steps
+            and self.value is not None
             and len(tensors) == len(cached)
             and all(map(_IS, tensors, cached))
             and tuple(map(_VERSION, cached)) == self.versions
@@ -123,7 +145,18 @@ class _CollapseCache:
         self.tensors = tuple(tensors)
         self.versions = tuple(map(_VERSION, self.tensors))
         self.addresses = tuple(map(_DATA_PTR, self.tensors))
+        self.pins = tuple(t.detach() for t in self.tensors)
+        self.steps = _optimizer_steps
         self.value = value
+
+
+def _clear_after_load(module: _OverparamBase, incompatible_keys) -> None:
+    """``load_state_dict`` post-hook: drop the cache; accept checkpoints made before
+    ``residual_interval`` was saved (they cannot say whether the layer had skips)."""
+    module.clear_cache()
+    missing = incompatible_keys.missing_keys
+    for key in [k for k in missing if k.rpartition(".")[2] == "residual_interval"]:
+        missing.remove(key)
 
 
 class _OverparamBase(nn.Module):
@@ -135,6 +168,7 @@ class _OverparamBase(nn.Module):
         # The cost model's choice per call signature (rows or image size, cache, backward): it
         # depends on nothing else, and recomputing it cost about 15 us a call.
         self._path_choices: dict[tuple, bool] = {}
+        self.register_load_state_dict_post_hook(_clear_after_load)
 
     def collapsed_parameters(self) -> tuple[Tensor, Tensor | None]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -143,8 +177,15 @@ class _OverparamBase(nn.Module):
         """Per-call constants derived from the hyper-parameters (recomputed on unpickling)."""
 
     def clear_cache(self) -> None:
-        """Drop the cached collapsed parameters (only needed after writes through ``.data``)."""
+        """Drop the cached collapsed parameters (only needed after in-place writes through
+        ``tensor.data`` in eval mode; ``eval()`` drops it too)."""
         self._cache = _CollapseCache()
+
+    def train(self, mode: bool = True) -> _OverparamBase:
+        # The cache lives within one eval window: whatever happened to the parameters before
+        # (writes through .data included), a call to train() / eval() starts from nothing.
+        self.clear_cache()
+        return super().train(mode)
 
     def _apply(self, fn, recurse=True):
         # .to() / .half() / .cuda() give the parameters new storage under the same objects.
@@ -191,11 +232,11 @@ class _OverparamBase(nn.Module):
         return torch.is_grad_enabled() and any(t.requires_grad for t in self._state_tensors())
 
     def _cache_usable(self) -> bool:
-        if torch.compiler.is_compiling():
+        # Training mode never caches: a forward under no_grad there (reentrant gradient
+        # checkpointing, a held-out batch) is followed by a step that changes the parameters.
+        if self.training or torch.compiler.is_compiling():
             return False
-        if self._parameters_need_grad():
-            return False
-        return not self.batch_norm or not self.training
+        return not self._parameters_need_grad()
 
     def _cached_parameters(self) -> tuple[Tensor, Tensor | None]:
         tensors = self._collapse_inputs()
@@ -229,6 +270,8 @@ class _OverparamBase(nn.Module):
         state.setdefault("_cache", _CollapseCache())
         state.setdefault("_path_choices", {})  # absent from layers pickled by older versions
         super().__setstate__(state)
+        if _clear_after_load not in self._load_state_dict_post_hooks.values():  # older pickles
+            self.register_load_state_dict_post_hook(_clear_after_load)
         self._derive_constants()
 
 
@@ -301,6 +344,10 @@ class OverparamLinear(_OverparamBase):
         self.register_parameter(
             "bias", nn.Parameter(torch.empty(out_features, **factory)) if bias else None
         )
+        if self.residual:
+            # Saved with the factors, so that a checkpoint says the chain has skips (fastrank rank
+            # collapses it from the state_dict alone).
+            self.register_buffer("residual_interval", torch.tensor(RESIDUAL_INTERVAL, device=device))
         self._derive_constants()
         self.reset_parameters()
 
@@ -435,7 +482,7 @@ class OverparamLinear(_OverparamBase):
         if (
             not torch.is_grad_enabled()
             and self._inference_collapses
-            and (not self.batch_norm or not self.training)
+            and not self.training
             and not torch.compiler.is_compiling()
         ):
             cache = self._cache
@@ -457,7 +504,7 @@ class OverparamLinear(_OverparamBase):
         grad_on = torch.is_grad_enabled()
         grad_factors = grad_on and any(t.requires_grad for t in tensors)
         grad_input = grad_on and x.requires_grad
-        cached = not grad_factors and not torch.compiler.is_compiling()
+        cached = not grad_factors and not self.training and not torch.compiler.is_compiling()
         rows = x.numel() // self.in_features
         key = (rows, cached, grad_input, grad_factors)
         use_collapsed = self._path_choices.get(key)
@@ -661,6 +708,7 @@ class OverparamConv2d(_OverparamBase):
         if (
             not torch.is_grad_enabled()
             and self._pad_in_conv
+            and not self.training
             and not torch.compiler.is_compiling()
             and isinstance(x, Tensor)
             and x.dim() == 4
@@ -691,7 +739,7 @@ class OverparamConv2d(_OverparamBase):
             pad_counted = self._pad
         grad_on = torch.is_grad_enabled()
         grad_factors = grad_on and any(t.requires_grad for t in self._state_tensors())
-        cached = not grad_factors and not torch.compiler.is_compiling()
+        cached = not grad_factors and not self.training and not torch.compiler.is_compiling()
         backward = grad_factors or (grad_on and x.requires_grad)
         key = (x.shape[0], x.shape[2], x.shape[3], cached, backward)
         use_collapsed = self._path_choices.get(key)

@@ -189,6 +189,170 @@ def test_conv_eval_cache_never_serves_stale_kernels():
     assert torch.equal(served(layer, x), expected)
 
 
+# ---- whatever changes the parameters, within one eval window -------------------------------------
+# Each edit runs with the layer in eval mode and its cache filled, as when a training step runs
+# between evaluations without a call to train() / eval() (the fused optimizers update parameters
+# without bumping their version counters).
+
+
+def _make_linear():
+    return OverparamLinear(6, 5, depth=3)
+
+
+def _make_conv():
+    return OverparamConv2d(3, 4, kernel_sizes=(3, 1), padding=1)
+
+
+def _input_for(layer):
+    return torch.randn(4, 6) if isinstance(layer, OverparamLinear) else torch.randn(2, 3, 7, 7)
+
+
+def _reference(layer, x):
+    with torch.no_grad():
+        if isinstance(layer, OverparamLinear):
+            return F.linear(x, *layer.collapsed_parameters())
+        return F.conv2d(x, *layer.collapsed_parameters(), padding=1)
+
+
+def _optimizer(name, **options):
+    def step(layer):
+        opt = getattr(torch.optim, name)(layer.parameters(), lr=0.1, **options)
+        layer(_input_for(layer)).square().sum().backward()  # eval mode, grad enabled: no cache
+        opt.step()
+
+    step.__name__ = f"{name}_{'_'.join(options) or 'default'}"
+    return step
+
+
+def _foreach_ops(layer):
+    with torch.no_grad():
+        torch._foreach_mul_(list(layer.parameters()), 1.25)
+        torch._foreach_add_(list(layer.parameters()), 0.01)
+
+
+def _copy_under_no_grad(layer):
+    with torch.no_grad():
+        layer.factors[0].copy_(torch.randn_like(layer.factors[0]))
+
+
+def _vector_to_parameters(layer):
+    vector = torch.nn.utils.parameters_to_vector(layer.parameters())
+    torch.nn.utils.vector_to_parameters(vector * 1.5, layer.parameters())
+
+
+def _data_assigned_twice(layer):
+    # The second assignment may land at the address the first one freed: an address alone would
+    # take it for the storage the cache was made of.
+    for _ in range(2):
+        layer.factors[0].data = torch.randn_like(layer.factors[0])
+
+
+def test_eval_cache_keeps_the_storage_it_was_made_of():
+    # With a caching allocator (CUDA's), storage freed by ``p.data = ...`` is handed to the next
+    # allocation of its size, which a later ``p.data = ...`` may take: only while the storage the
+    # cache was made of stays alive can its address not come back.
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    torch.manual_seed(14)
+    layer = _make_linear().eval()
+    x = _input_for(layer)
+    served(layer, x)
+    old = StorageWeakRef(layer.factors[0].untyped_storage())
+    layer.factors[0].data = torch.randn_like(layer.factors[0])
+    assert not old.expired(), "the cache let the storage it was made of go"
+    assert torch.equal(served(layer, x), _reference(layer, x))
+    layer.eval()
+    assert old.expired(), "a dropped cache still holds old storage"
+
+
+def _swap_tensors_same_shape(layer):
+    torch.utils.swap_tensors(layer.factors[1], nn.Parameter(torch.randn_like(layer.factors[1])))
+
+
+def _load_state_dict_of_another(layer):
+    other = copy.deepcopy(layer)
+    with torch.no_grad():
+        for q in other.parameters():
+            q.mul_(-1)
+    layer.load_state_dict(other.state_dict())
+
+
+def _load_state_dict_assign_of_another(layer):
+    other = copy.deepcopy(layer)
+    with torch.no_grad():
+        for q in other.parameters():
+            q.mul_(-1)
+    layer.load_state_dict(other.state_dict(), assign=True)
+
+
+def _half_and_back(layer):
+    with torch.no_grad():
+        layer.factors[0].add_(1e-3 * torch.randn_like(layer.factors[0]))  # not representable in fp16
+    layer.clear_cache()
+    served(layer, _input_for(layer))  # cache made of the edited fp32 factors
+    layer.half().float()
+
+
+WINDOW_EDITS = [
+    _optimizer("SGD", fused=True), _optimizer("Adam", fused=True), _optimizer("AdamW", fused=True),
+    _optimizer("Adagrad", fused=True), _optimizer("SGD", foreach=True), _optimizer("AdamW", foreach=True),
+    _optimizer("AdamW", foreach=False), _foreach_ops, _copy_under_no_grad, _vector_to_parameters,
+    _data_assigned_twice, _swap_tensors_same_shape, _load_state_dict_of_another,
+    _load_state_dict_assign_of_another, _half_and_back,
+]
+
+
+@pytest.mark.parametrize("edit", WINDOW_EDITS, ids=[e.__name__.lstrip("_") for e in WINDOW_EDITS])
+@pytest.mark.parametrize("make", [_make_linear, _make_conv], ids=["linear", "conv"])
+def test_eval_cache_sees_every_change_within_an_eval_window(make, edit):
+    torch.manual_seed(11)
+    layer = make().eval()
+    x = _input_for(layer)
+    before = served(layer, x)
+    assert torch.equal(served(layer, x), before) and layer._cache.value is not None  # cached
+    edit(layer)
+    assert not layer.training
+    after, expected = served(layer, x), _reference(layer, x)
+    assert not torch.equal(expected, before), "the edit changed nothing: the test would prove nothing"
+    assert torch.equal(after, expected), f"stale by {(after - expected).abs().max():.3e}"
+
+
+def test_train_and_eval_calls_drop_the_cache():
+    # Writes through .data bypass every counter; a cache never outlives the eval window it was
+    # made in, so the next evaluation sees them.
+    torch.manual_seed(12)
+    layer = _make_linear().eval()
+    x = _input_for(layer)
+    before = served(layer, x)
+    layer.train()
+    layer.factors[0].data.mul_(2.0)  # a hand-written update, as in old training loops
+    layer.eval()
+    assert torch.equal(served(layer, x), _reference(layer, x))
+    assert not torch.equal(served(layer, x), before)
+    layer.factors[1].data.mul_(2.0)
+    layer.eval()  # eval() again, as an evaluation loop does before each evaluation
+    assert torch.equal(served(layer, x), _reference(layer, x))
+
+
+@pytest.mark.parametrize("make", [_make_linear, _make_conv], ids=["linear", "conv"])
+def test_training_mode_never_caches(make):
+    # A forward under no_grad in training mode (reentrant gradient checkpointing, a held-out batch)
+    # is followed by a step: nothing it made may be served after the step.
+    torch.manual_seed(13)
+    layer = make().double().train()
+    x = _input_for(layer).double()
+    served(layer, x)
+    with torch.no_grad():
+        layer.weight
+    assert layer._cache.value is None
+    layer(x).square().sum().backward()
+    for factor in layer.factors:  # a hand-written update: no optimizer, no version counter
+        factor.data.add_(-0.1 * factor.grad)
+    # fp64: the activation chain and the collapsed weight differ by rounding only, a stale
+    # weight by the step.
+    torch.testing.assert_close(served(layer, x), _reference(layer, x), rtol=1e-12, atol=1e-12)
+
+
 # ---- bad inputs still get the layer's own message on the fast eval path --------------------------
 
 

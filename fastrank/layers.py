@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import numbers
 import operator
 import sys
 import warnings
@@ -36,21 +37,39 @@ _log = logging.getLogger(__name__)
 RESIDUAL_INTERVAL = 2
 
 
+def _is_int(value: object) -> bool:
+    """An integer of any kind torch takes for a size (``int``, ``numpy.int64``, ...), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _check_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not _is_int(value) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
+    return int(value)
 
 
 def _check_width(width: object, out_features: int) -> int:
-    if isinstance(width, bool) or not isinstance(width, (int, float)) or not width > 0:
-        raise ValueError(f"width must be a number > 0, got {width!r}")
+    if (
+        not isinstance(width, numbers.Real)
+        or isinstance(width, bool)
+        or not math.isfinite(width)
+        or not width > 0
+    ):
+        raise ValueError(f"width must be a finite number > 0, got {width!r}")
+    width = float(width) if not _is_int(width) else int(width)
     hidden = int(out_features * width)
     if hidden < 1:
         raise ValueError(
             f"width={width!r} gives hidden size int({out_features} * {width}) = {hidden}, expected >= 1"
         )
     return hidden
+
+
+def _check_dtype(dtype: torch.dtype | None) -> None:
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(
+            f"dtype must be a floating-point torch.dtype (float16, bfloat16, float32, float64), got {dtype!r}"
+        )
 
 
 def _check_input(x: Tensor, expected: int, dim: int, what: str, layer: _OverparamBase) -> None:
@@ -332,11 +351,12 @@ class OverparamLinear(_OverparamBase):
         self.hidden_features = _check_width(width, out_features)
         self.residual = bool(residual)
         self.batch_norm = bool(batch_norm)
-        dims = [in_features] + [self.hidden_features] * (depth - 1) + [out_features]
+        dims = [self.in_features] + [self.hidden_features] * (self.depth - 1) + [self.out_features]
         self.skips = self._skip_targets(dims) if residual else ()
+        _check_dtype(dtype)
         factory = {"device": device, "dtype": dtype}
         self.factors = nn.ParameterList(
-            nn.Parameter(torch.empty(dims[j + 1], dims[j], **factory)) for j in range(depth)
+            nn.Parameter(torch.empty(dims[j + 1], dims[j], **factory)) for j in range(self.depth)
         )
         self.norms = (
             nn.ModuleList(nn.BatchNorm1d(n, **factory) for n in dims[1:]) if batch_norm else None
@@ -526,7 +546,7 @@ class OverparamLinear(_OverparamBase):
 
 def _parse_kernel_sizes(kernel_sizes: object) -> list[tuple[int, int]]:
     def is_int(v: object) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+        return _is_int(v) and v >= 1
 
     entries = [kernel_sizes] if is_int(kernel_sizes) else kernel_sizes
     if not isinstance(entries, (list, tuple)) or len(entries) == 0:
@@ -536,9 +556,9 @@ def _parse_kernel_sizes(kernel_sizes: object) -> list[tuple[int, int]]:
     sizes = []
     for k in entries:
         if is_int(k):
-            sizes.append((k, k))
+            sizes.append((int(k), int(k)))
         elif isinstance(k, (list, tuple)) and len(k) == 2 and all(is_int(v) for v in k):
-            sizes.append((k[0], k[1]))
+            sizes.append((int(k[0]), int(k[1])))
         else:
             raise ValueError(
                 f"kernel_sizes entries must be positive ints or (kh, kw) pairs, got {k!r} in "
@@ -548,14 +568,14 @@ def _parse_kernel_sizes(kernel_sizes: object) -> list[tuple[int, int]]:
 
 
 def _pair(name: str, value: object, minimum: int) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) else value
+    pair = (value, value) if _is_int(value) else value
     if (
         not isinstance(pair, (list, tuple))
         or len(pair) != 2
-        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in pair)
+        or not all(_is_int(v) and v >= minimum for v in pair)
     ):
         raise ValueError(f"{name} must be an int >= {minimum} or a pair of them, got {value!r}")
-    return (pair[0], pair[1])
+    return (int(pair[0]), int(pair[1]))
 
 
 _PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
@@ -633,12 +653,14 @@ class OverparamConv2d(_OverparamBase):
         self.padding = padding if isinstance(padding, str) else _pair("padding", padding, 0)
         self._pad = self._padding_amounts(padding)
         self._derive_constants()
+        in_channels, out_channels, groups = self.in_channels, self.out_channels, self.groups
         channels = [in_channels] + [self.hidden_channels] * (self.depth - 1) + [out_channels]
         for name, n in (("in_channels", in_channels), ("out_channels", out_channels),
                         ("hidden channels", self.hidden_channels)):
             if n % groups:
                 raise ValueError(f"groups={groups} must divide {name}={n}")
         self.channels = channels
+        _check_dtype(dtype)
         factory = {"device": device, "dtype": dtype}
         self.factors = nn.ParameterList(
             nn.Parameter(torch.empty(channels[j + 1], channels[j] // groups, *k, **factory))
@@ -964,6 +986,20 @@ def _match_init_scale(layer: nn.Module, replacement: _OverparamBase) -> None:
             replacement.bias.copy_(layer.bias)
 
 
+def _check_finite_weight(layer: nn.Module, option: str, where: str) -> None:
+    """``ValueError`` when ``layer``'s weight or bias holds NaN or Inf: it cannot be factored or matched."""
+    for attribute in ("weight", "bias"):
+        tensor = getattr(layer, attribute, None)
+        if tensor is None:
+            continue
+        nan, inf = int(tensor.isnan().sum()), int(tensor.isinf().sum())
+        if nan or inf:
+            raise ValueError(
+                f"overparameterize: layer {where}: its {attribute} is not finite ({nan} NaN and {inf} Inf of {tensor.numel()} elements); "
+                f"{option} needs a finite {attribute} (overparameterize without it starts from a fresh init)"
+            )
+
+
 def _replacement_for(layer: nn.Module, depth: int, width: float) -> _OverparamBase:
     weight = layer.weight
     factory = {"device": weight.device, "dtype": weight.dtype}
@@ -1077,12 +1113,35 @@ _PROGRESS_ELEMENTS = 2**24
 _INITS = ("paper", "match")
 
 
+_DEFAULT_INCLUDE = (nn.Linear, nn.Conv2d)
+
+
+def _warn_unmatched(model: nn.Module, exclude: tuple, include: tuple) -> None:
+    """One ``UserWarning`` naming the ``exclude`` entries and ``include`` types matching no module."""
+    named = list(model.named_modules())
+    unmatched = [
+        f"exclude entry {entry!r}" for entry in exclude
+        if not any(_matches(name, module, (entry,)) for name, module in named)
+    ]
+    unmatched += [
+        f"include type {kind.__name__}" for kind in include
+        if not any(type(module) is kind for _, module in named)
+    ]
+    if unmatched:
+        names = sorted(name for name, _ in named if name)
+        warnings.warn(
+            f"overparameterize: {'; '.join(unmatched)} matches no module of the model "
+            f"(module names include {names[:8]})",
+            stacklevel=3,
+        )
+
+
 def overparameterize(
     model: nn.Module,
     depth: int = 2,
     width: float = 1.0,
-    include: tuple[type, ...] = (nn.Linear, nn.Conv2d),
-    exclude: Iterable[str | type] = (),
+    include: type | tuple[type, ...] = _DEFAULT_INCLUDE,
+    exclude: str | type | Iterable[str | type] = (),
     preserve: bool = False,
     init: str = "paper",
     progress: bool | None = None,
@@ -1105,9 +1164,12 @@ def overparameterize(
             get 1x1 factors after it, so the collapsed kernel size is unchanged.
         width: hidden size as a multiple of each layer's output size.
         include: layer types to replace, matched exactly: ``nn.Linear``, ``nn.Conv2d`` or
-            subclasses of them named explicitly (replaced as if plain).
+            subclasses of them named explicitly (replaced as if plain); one type or a tuple.
         exclude: qualified module names (``"head"``, ``"features.3"``; a name excludes its
-            children too) or module types (matched with ``isinstance``) to leave alone.
+            children too) or module types (matched with ``isinstance``) to leave alone; one name
+            or type, or an iterable of them. An entry of ``exclude``, or a type given in
+            ``include``, that matches no module of the model is named in a ``UserWarning``
+            (a misspelt name would otherwise replace the layer silently).
         preserve: factor each existing weight so the model computes the same function (a
             balanced split, see below), then run each replaced layer and its replacement on a
             probe input: ``ValueError`` naming the layer if the outputs differ beyond rounding or
@@ -1130,11 +1192,18 @@ def overparameterize(
     layers of vgg11's classifier in 38.5 s on a 2-core CPU); a bottleneck takes an fp64 SVD.
     """
     _check_positive_int("depth", depth)
-    exclude = tuple(exclude)
-    include = tuple(include)
+    include_given = include is not _DEFAULT_INCLUDE
+    exclude = (exclude,) if isinstance(exclude, (str, type)) else tuple(exclude)
+    include = (include,) if isinstance(include, type) else tuple(include)
     for kind in include:
         if not (isinstance(kind, type) and issubclass(kind, (nn.Linear, nn.Conv2d))):
             raise ValueError(f"include may only hold nn.Linear / nn.Conv2d types, got {kind!r}")
+    for entry in exclude:
+        if not isinstance(entry, (str, type)):
+            raise TypeError(
+                f"exclude entries must be module names (str) or module types, got {entry!r} "
+                f"({type(entry).__name__})"
+            )
     if init not in _INITS:
         raise ValueError(f"init must be one of {_INITS}, got {init!r}")
     owners: dict[int, list[str]] = {}
@@ -1167,6 +1236,7 @@ def overparameterize(
             visit(child, f"{name}.{child_name}" if name else child_name)
 
     visit(model, "")
+    _warn_unmatched(model, exclude, include if include_given else ())
     elements = sum(layer.weight.numel() for _, layer in plan)
     show = progress if progress is not None else preserve and elements > _PROGRESS_ELEMENTS
     update, close = _progress_bar(len(plan), bool(show))
@@ -1176,6 +1246,8 @@ def overparameterize(
             update(done, name)
             where = repr(name) if name else "the top-level module"
             kind = type(layer).__name__
+            if preserve or init == "match":
+                _check_finite_weight(layer, "preserve=True" if preserve else "init='match'", f"{where} ({kind})")
             try:
                 replacement = _replacement_for(layer, depth, width)
                 if preserve:

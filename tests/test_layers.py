@@ -1,7 +1,9 @@
 import copy
 import io
 import math
+import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -230,7 +232,7 @@ def test_batch_norm_trains_through_activation_chain():
     [
         (dict(in_features=0, out_features=3), r"in_features must be a positive int, got 0"),
         (dict(in_features=3, out_features=3, depth=0), r"depth must be a positive int, got 0"),
-        (dict(in_features=3, out_features=3, width=0), r"width must be a number > 0, got 0"),
+        (dict(in_features=3, out_features=3, width=0), r"width must be a finite number > 0, got 0"),
         (dict(in_features=3, out_features=3, width=-1.5), r"got -1.5"),
         (dict(in_features=3, out_features=3, width=0.1), r"hidden size int\(3 \* 0.1\) = 0"),
         (dict(in_features=3, out_features=5, residual=True), r"skip into node 2 needs equal widths, got 3 -> 5"),
@@ -348,7 +350,7 @@ def test_conv_cost_model_prefers_chain_for_large_images():
         (dict(stride=0), ValueError, r"stride must be an int >= 1"),
         (dict(padding="same", stride=2), ValueError, r"padding='same' needs stride 1"),
         (dict(padding_mode="mirror"), ValueError, r"padding_mode must be one of"),
-        (dict(width=0), ValueError, r"width must be a number > 0, got 0"),
+        (dict(width=0), ValueError, r"width must be a finite number > 0, got 0"),
     ],
     ids=["groups", "kernel0", "kernel-empty", "stride0", "same-stride", "padmode", "width0"],
 )
@@ -766,6 +768,74 @@ def test_errors_name_the_layer():
         overparameterize(model, width=0.2)
     with pytest.raises(ValueError, match=r"init must be one of \('paper', 'match'\), got 'xavier'"):
         overparameterize(model, init="xavier")
+
+
+def test_exclude_takes_one_name_or_type_and_include_one_type():
+    model = nn.Sequential()
+    model.add_module("body", nn.Linear(4, 4))
+    model.add_module("head", nn.Linear(4, 2))
+    overparameterize(model, exclude="head", include=nn.Linear)  # a str is one name, not its letters
+    assert isinstance(model.body, OverparamLinear) and type(model.head) is nn.Linear
+    model = nn.Sequential(nn.Linear(4, 4), nn.Conv2d(2, 2, 1))
+    overparameterize(model, exclude=nn.Conv2d)
+    assert isinstance(model[0], OverparamLinear) and type(model[1]) is nn.Conv2d
+    with pytest.raises(TypeError, match=r"exclude entries must be module names \(str\) or module types, got 3 \(int\)"):
+        overparameterize(nn.Linear(2, 2), exclude=(3,))
+
+
+def test_exclude_and_include_entries_matching_nothing_warn():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.warns(UserWarning, match=r"exclude entry 'hed'; include type Conv2d matches no module.*\['0', '1', '2'\]"):
+        overparameterize(model, exclude=("hed",), include=(nn.Linear, nn.Conv2d))
+    assert type(model[2]) is OverparamLinear  # nothing was excluded
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the default include names no layer the user asked for
+        overparameterize(nn.Sequential(nn.Linear(4, 4)), exclude=("0",))
+
+
+def test_numpy_integer_sizes_are_sizes():
+    torch.manual_seed(27)
+    model = nn.Sequential(nn.Linear(np.int64(8), np.int32(4)), nn.ReLU(), nn.Conv2d(np.int64(1), np.int64(2), np.int64(3)))
+    x = torch.randn(3, 8, dtype=torch.float64)
+    model = model.double()
+    expected = model[0](x)
+    overparameterize(model, preserve=True)
+    assert isinstance(model[0], OverparamLinear) and type(model[0].in_features) is int
+    assert_close(model[0](x), expected, torch.float64, 8)
+    conv = OverparamConv2d(np.int64(3), np.int64(4), kernel_sizes=(np.int64(3), 1), stride=np.int64(2), groups=np.int64(1))
+    assert conv.kernel_size == (3, 3) and conv.stride == (2, 2) and type(conv.in_channels) is int
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("option", [dict(preserve=True), dict(init="match")], ids=["preserve", "match"])
+def test_non_finite_weights_are_named_not_factored(option, value):
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 3))
+    with torch.no_grad():
+        model[2].weight[1, 2] = value
+    with pytest.raises(ValueError, match=r"layer '2' \(Linear\): its weight is not finite \(\d NaN and \d Inf of 12 elements\)"):
+        overparameterize(model, **option)
+    assert type(model[0]) is nn.Linear  # nothing replaced when one layer fails
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: OverparamLinear(4, 4, width=float("inf")),
+        lambda: OverparamLinear(4, 4, width=float("nan")),
+        lambda: OverparamConv2d(2, 2, width=float("inf")),
+    ],
+    ids=["linear-inf", "linear-nan", "conv-inf"],
+)
+def test_non_finite_width_is_refused(make):
+    with pytest.raises(ValueError, match=r"width must be a finite number > 0, got (inf|nan)"):
+        make()
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.int32, torch.bool], ids=str)
+def test_non_floating_dtypes_are_refused_at_construction(dtype):
+    for make in (lambda: OverparamLinear(4, 4, dtype=dtype), lambda: OverparamConv2d(2, 2, dtype=dtype)):
+        with pytest.raises(TypeError, match=rf"dtype must be a floating-point torch.dtype .*got {dtype}"):
+            make()
 
 
 # ---- preserve: the balanced factorization ---------------------------------------------------------

@@ -28,6 +28,8 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 
 from .chain import _chain_linear_as, chain_costs, chain_matmul, collapsed_weight
 from .conv import collapse_kernels, collapsed_kernel_size, conv_chain_costs
+from .rank.common import _is_dtensor
+from .sharded import collapsed_parameters_of
 
 __all__ = ["OverparamLinear", "OverparamConv2d", "OverparamReport", "overparameterize", "collapse"]
 
@@ -276,6 +278,8 @@ class _OverparamBase(nn.Module):
         return weight, self._parameters["bias"] if self._bias_is_own else bias
 
     def _collapsed(self, cache_usable: bool | None = None) -> tuple[Tensor, Tensor | None]:
+        if _is_dtensor(self._factor_list()[0]):  # FSDP2 outside forward: gather the factors
+            return collapsed_parameters_of(self)
         if self._cache_usable() if cache_usable is None else cache_usable:
             return self._cached_parameters()
         return self.collapsed_parameters()
@@ -475,7 +479,8 @@ class OverparamLinear(_OverparamBase):
 
     @property
     def weight(self) -> Tensor:
-        """The collapsed ``(out_features, in_features)`` weight (cached when no grad is needed)."""
+        """The collapsed ``(out_features, in_features)`` weight (cached in eval mode when no grad is
+        needed; gathered when FSDP2 has sharded the factors: every rank must read it)."""
         return self._collapsed()[0]
 
     # ---- forward ----------------------------------------------------------------------------
@@ -709,7 +714,8 @@ class OverparamConv2d(_OverparamBase):
 
     @property
     def weight(self) -> Tensor:
-        """The collapsed kernel (cached when no grad is needed)."""
+        """The collapsed kernel (cached in eval mode when no grad is needed; gathered when FSDP2 has
+        sharded the factors: every rank must read it)."""
         return self._collapsed()[0]
 
     def _derive_constants(self) -> None:
@@ -1292,7 +1298,7 @@ def overparameterize(
 
 def _plain_from(layer: _OverparamBase) -> nn.Module:
     with torch.no_grad():
-        weight, bias = layer.collapsed_parameters()
+        weight, bias = collapsed_parameters_of(layer)  # gathered when FSDP2 has sharded the layer
     factory = {"device": weight.device, "dtype": weight.dtype}
     if isinstance(layer, OverparamLinear):
         plain = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None, **factory)

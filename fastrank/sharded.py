@@ -45,8 +45,10 @@ positions of every sequence are kept, drawn per step from the tracker's seed, so
 not depend on how the batch is split across ranks.
 
 Over-parameterized layers under FSDP2: outside forward their factors are sharded DTensors, and the
-chain's custom ops have no DTensor sharding rule; :func:`collapsed_weight_of` gathers the factors
-(one all-gather each, what FSDP2's forward does) and returns the collapsed weight as a plain tensor.
+chain's custom ops have no DTensor sharding rule; :func:`collapsed_parameters_of` gathers the
+parameters (one all-gather each, what FSDP2's forward does) and returns the collapsed weight and
+bias as plain tensors. ``layer.weight`` and ``fastrank.collapse`` go through it, so every rank of
+the mesh must make those calls, in the same order.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ __all__ = [
     "is_sharded",
     "sharded_metric",
     "sharded_effective_ranks",
+    "collapsed_parameters_of",
     "collapsed_weight_of",
     "select_tokens",
 ]
@@ -355,30 +358,49 @@ def sharded_effective_ranks(tensors: Sequence[Tensor], *, metric: str = "effecti
 
 
 # ----------------------------------------------------------------------------- layers and tokens
+def collapsed_parameters_of(layer: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """``layer.collapsed_parameters()``, also when FSDP2 has sharded the layer's parameters.
+
+    Outside forward, ``fully_shard`` leaves the factors (and the bias) as Shard(0) DTensors, on
+    which the chain's custom ops have no sharding rule. A product of factors mixes every row of
+    one with every column of the next, so it needs them whole: each sharded parameter is
+    all-gathered (``full_tensor()``, in the order of ``named_parameters``, so every rank of the
+    mesh must call this) and ``collapsed_parameters`` runs on the gathered copies through
+    ``torch.func.functional_call``; the layer keeps its sharded parameters. Differentiable where
+    autograd records (the gathers are).
+
+    Args:
+        layer: ``OverparamLinear`` / ``OverparamConv2d`` (or any module with ``collapsed_parameters()``).
+    Returns:
+        ``(weight, bias)`` as plain tensors, the same on every rank: ``(out_features, in_features)``
+        (Linear) or ``(out, in / groups, kh, kw)`` (Conv2d), in the factors' dtype, and the
+        ``(out,)`` bias or None.
+    """
+    parameters = dict(layer.named_parameters())
+    if not any(_is_dtensor(p) for p in parameters.values()):
+        return layer.collapsed_parameters()
+    gathered = {f"layer.{name}": p.full_tensor() if _is_dtensor(p) else p for name, p in parameters.items()}
+    return torch.func.functional_call(_Collapse(layer), gathered, ())
+
+
 def collapsed_weight_of(layer: nn.Module) -> Tensor:
     """The collapsed weight of an over-parameterized layer, also when FSDP2 has sharded its factors.
 
-    Outside forward, ``fully_shard`` leaves the factors as Shard(0) DTensors, and ``layer.weight``
-    raises ``NotImplementedError`` (the chain's custom ops have no DTensor sharding rule). A
-    product of factors mixes every row of one with every column of the next, so it needs them
-    whole: each sharded parameter is all-gathered (``full_tensor()``, in the order of
-    ``named_parameters``, so every rank of the mesh must call this) and ``collapsed_parameters``
-    runs on the gathered copies through ``torch.func.functional_call``; the layer keeps its
-    sharded parameters. Layers without DTensor parameters return ``layer.weight``.
+    Sharded layers: :func:`collapsed_parameters_of` (every rank of the mesh must call this, in
+    the same order), without an autograd graph. Layers without DTensor parameters return
+    ``layer.weight`` (the cached collapsed weight in eval mode under no_grad).
 
     Args:
         layer: ``OverparamLinear`` / ``OverparamConv2d`` (or any module with
             ``collapsed_parameters()`` and a ``weight``).
     Returns:
         plain tensor: ``(out_features, in_features)`` (Linear) or ``(out, in / groups, kh, kw)``
-        (Conv2d), in the factors' dtype, the same on every rank; no autograd graph.
+        (Conv2d), in the factors' dtype, the same on every rank.
     """
-    parameters = dict(layer.named_parameters())
-    if not any(_is_dtensor(p) for p in parameters.values()):
+    if not any(_is_dtensor(p) for p in layer.parameters()):
         return layer.weight
     with torch.no_grad():
-        gathered = {name: p.full_tensor() if _is_dtensor(p) else p for name, p in parameters.items()}
-        return torch.func.functional_call(_Collapse(layer), {f"layer.{k}": v for k, v in gathered.items()}, ())
+        return collapsed_parameters_of(layer)[0]
 
 
 class _Collapse(nn.Module):
@@ -388,8 +410,8 @@ class _Collapse(nn.Module):
         super().__init__()
         self.layer = layer
 
-    def forward(self) -> Tensor:
-        return self.layer.collapsed_parameters()[0]
+    def forward(self) -> tuple[Tensor, Tensor | None]:
+        return self.layer.collapsed_parameters()
 
 
 def check_token_rate(token_rate: float | None) -> float | None:

@@ -251,8 +251,10 @@ def _fsdp_worker(rank: int, world: int, checkpoint: str) -> None:
         collapsed = fastrank.sharded.collapsed_weight_of(model[index])
         err = ((collapsed - single[index].weight).norm() / single[index].weight.norm()).item()
         assert err < 1e-12, f"collapsed weight of layer {index}: relative difference {err:.2e}"
-    with pytest.raises(NotImplementedError):
-        model[3].weight  # documented: the chain op has no DTensor rule, collapsed_weight_of gathers
+    for index in (0, 3):  # the layers gather their sharded factors (every rank reads the weight)
+        weight = model[index].weight
+        assert not is_sharded(weight)
+        torch.testing.assert_close(weight, single[index].weight, rtol=1e-12, atol=1e-12)
 
     # eval cache: one F.linear with the cached collapsed weight, refreshed after a training step
     for _ in range(2):
@@ -274,6 +276,17 @@ def _fsdp_worker(rank: int, world: int, checkpoint: str) -> None:
     full = get_model_state_dict(fresh, options=_full_options())
     for key, value in single.state_dict().items():
         torch.testing.assert_close(full[key], value, rtol=1e-12, atol=1e-12, msg=lambda m: f"{key}: {m}")
+
+    # collapse of the sharded model: plain layers holding the gathered collapsed weights
+    expected = fastrank.collapse(copy.deepcopy(single))
+    collapsed = fastrank.collapse(fresh)
+    assert type(collapsed[0]) is nn.Conv2d and type(collapsed[3]) is nn.Linear
+    for index in (0, 3):
+        for name, value in expected[index].state_dict().items():
+            got = collapsed[index].state_dict()[name]
+            assert not is_sharded(got), f"{index}.{name}"
+            torch.testing.assert_close(got, value, rtol=1e-12, atol=1e-12, msg=lambda m: f"{index}.{name}: {m}")
+    torch.testing.assert_close(_eval(collapsed, x), _eval(expected, x), rtol=1e-12, atol=1e-12)
 
 
 def _full_options():

@@ -330,9 +330,10 @@ class OverparamLinear(_OverparamBase):
 
     Each call picks the cheaper association from the shapes (see :func:`fastrank.chain_costs`);
     gradients of every factor and of x equal those of the naive chain. When no gradient of the
-    parameters is needed (eval under ``torch.no_grad()``), the collapsed weight is cached and
-    forward is a single ``F.linear``; the cache is invalidated by any in-place update, by
-    ``load_state_dict`` and by ``.to()``.
+    parameters is needed in eval mode (under ``torch.no_grad()``), the collapsed weight is cached
+    and forward is a single ``F.linear``. The cache lives within one eval window (dropped by
+    ``train()`` / ``eval()``, ``load_state_dict``, ``.to()``) and is never served after an
+    optimizer step or an in-place update (see ``_CollapseCache``).
     """
 
     def __init__(
@@ -1321,7 +1322,9 @@ def collapse(model: nn.Module) -> nn.Module:
 
     The plain layers compute the same outputs (batch norms folded with their running statistics)
     and hold ordinary ``weight`` / ``bias`` parameters, so the state_dict loads into a model that
-    never imported fastrank. Works in place; returns the model (or the replacement if ``model``
+    never imported fastrank. Layers sharded by FSDP2 (``fully_shard``) are gathered
+    (:func:`fastrank.sharded.collapsed_parameters_of`): every rank must call ``collapse``, and each
+    gets plain layers with the full weights. Works in place; returns the model (or the replacement if ``model``
     itself is an over-parameterized layer).
     """
     if isinstance(model, _OverparamBase):

@@ -262,6 +262,17 @@ def _fsdp_worker(rank: int, world: int, checkpoint: str) -> None:
         _train(model, x[shard], y[shard], steps=1)
         _train(single, x, y, steps=1)
     torch.testing.assert_close(_eval(model, x), _eval(single, x), rtol=1e-12, atol=1e-12)
+    # a step within one eval window: FSDP2 reshards, the optimizer updates the shards, the next
+    # forward gathers into the same unsharded parameters (same objects, versions kept)
+    model.eval()
+    single.eval()
+    for _ in range(2):
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), single(x), rtol=1e-12, atol=1e-12)
+        _train(model, x[shard], y[shard], steps=1)
+        _train(single, x, y, steps=1)
+    model.train()
+    single.train()
 
     # DCP round trip into a differently initialized sharded model
     dcp.save(get_model_state_dict(model), checkpoint_id=checkpoint)

@@ -13,7 +13,7 @@ setup(
     long_description=Path("README.md").read_text(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["fastrank", "fastrank.bench", "fastrank.integrations", "fastrank.kernels", "fastrank.rank"],
+    packages=["fastrank", "fastrank.bench", "fastrank.integrations", "fastrank.kernels", "fastrank.layers", "fastrank.rank"],
     package_dir={"fastrank": "fastrank", "fastrank.kernels": "kernels"},
     install_requires=["torch>=2.4", "numpy"],
     extras_require={

@@ -11,7 +11,11 @@ import torch.nn.functional as F
 
 import fastrank
 import fastrank.chain as chain_mod
-import fastrank.layers as layers_mod
+import fastrank.layers.base as layers_base
+import fastrank.layers.convert as layers_convert
+import fastrank.layers.convolution as layers_conv
+import fastrank.layers.linear as layers_linear
+import fastrank.layers.preserve as layers_preserve
 from fastrank import OverparamConv2d, OverparamLinear, collapse, overparameterize
 from tolerance import assert_close
 
@@ -29,12 +33,12 @@ def naive_linear(layer, x):
 def force_linear_path(monkeypatch, path):
     costs = (0, 1) if path == "activation" else (1, 0)
     monkeypatch.setattr(chain_mod, "chain_costs", lambda *a, **k: costs)
-    monkeypatch.setattr(layers_mod, "chain_costs", lambda *a, **k: costs)
+    monkeypatch.setattr(layers_linear, "chain_costs", lambda *a, **k: costs)
 
 
 def force_conv_path(monkeypatch, path):
     costs = (0, 1) if path == "activation" else (1, 0)
-    monkeypatch.setattr(layers_mod, "conv_chain_costs", lambda *a, **k: costs)
+    monkeypatch.setattr(layers_conv, "conv_chain_costs", lambda *a, **k: costs)
 
 
 # ---- OverparamLinear ------------------------------------------------------------------------
@@ -334,7 +338,7 @@ def test_conv_unbatched_and_eval():
 
 def test_conv_cost_model_prefers_chain_for_large_images():
     layer = OverparamConv2d(64, 64, kernel_sizes=(3, 3, 1), padding=2)
-    costs = layers_mod.conv_chain_costs(
+    costs = layers_conv.conv_chain_costs(
         8, (128, 128), layer.channels, layer.kernel_sizes, stride=(1, 1), dilation=(1, 1),
         groups=1, padding=layer._pad, backward=False, kernel_cached=True,
     )
@@ -690,8 +694,8 @@ def test_preserve_keeps_a_residual_batch_norm_net_and_checks_every_layer(monkeyp
     x = torch.randn(3, 3, 11, 7, dtype=torch.float64)
     expected = model(x)
     checked = []
-    original_check = layers_mod._check_same_function
-    monkeypatch.setattr(layers_mod, "_check_same_function",
+    original_check = layers_preserve._check_same_function
+    monkeypatch.setattr(layers_convert, "_check_same_function",
                         lambda o, r, where: checked.append(where) or original_check(o, r, where))
     model, report = overparameterize(model, depth=3, preserve=True, return_report=True)
     assert checked == ["'stem.0'", "'conv1'", "'conv2'", "'down.0'", "'fc'"]
@@ -707,7 +711,7 @@ def test_check_same_function_detects_a_changed_weight():
     with torch.no_grad():
         replacement.factors[0][0, 0] += 1e-3 * replacement.factors[0].abs().max()
     with pytest.raises(ValueError, match=r"layer 'probe' \(Linear\): relative error"):
-        layers_mod._check_same_function(layer, replacement, "'probe'")
+        layers_preserve._check_same_function(layer, replacement, "'probe'")
 
 
 def test_unsupported_types_and_tied_head_are_reported_and_kept():
@@ -848,12 +852,12 @@ FACTOR_CASES = [((7, 129), 2, 1.0), ((129, 7), 3, 1.0), ((64, 64), 4, 2.0), ((1,
 @pytest.mark.parametrize("shape,depth,width", FACTOR_CASES, ids=str)
 def test_balanced_factors_product_and_balance(monkeypatch, compute, shape, depth, width):
     if compute == "fp32":
-        monkeypatch.setattr(layers_mod, "_FP64_FACTOR_BUDGET", 0)
+        monkeypatch.setattr(layers_preserve, "_FP64_FACTOR_BUDGET", 0)
     torch.manual_seed(26)
     out_f, in_f = shape
     weight = torch.randn(out_f, in_f, dtype=torch.float64).float()
     dims = [in_f] + [int(out_f * width)] * (depth - 1) + [out_f]
-    factors = layers_mod._balanced_factors(weight, dims, "'w'")
+    factors = layers_preserve._balanced_factors(weight, dims, "'w'")
     assert factors[0].dtype == (torch.float64 if compute == "fp64" else torch.float32)
     assert [tuple(f.shape) for f in factors] == [(dims[j + 1], dims[j]) for j in range(depth)]
     product = fastrank.collapsed_weight([f.double() for f in factors])
@@ -868,7 +872,7 @@ def test_balanced_factors_are_balanced(monkeypatch, compute, shape, depth, width
     # of eps (s_max / s_i)^2, so the fp32 case takes a weight with singular values in [1, 2]
     # (condition 2: the tolerance of 4 times as many steps).
     if compute == "fp32":
-        monkeypatch.setattr(layers_mod, "_FP64_FACTOR_BUDGET", 0)
+        monkeypatch.setattr(layers_preserve, "_FP64_FACTOR_BUDGET", 0)
     torch.manual_seed(30)
     out_f, in_f = shape
     k = min(shape)
@@ -876,7 +880,7 @@ def test_balanced_factors_are_balanced(monkeypatch, compute, shape, depth, width
     v = torch.linalg.qr(torch.randn(in_f, k, dtype=torch.float64))[0]
     weight = ((u * torch.linspace(1, 2, k, dtype=torch.float64)) @ v.T).float()
     dims = [in_f] + [int(out_f * width)] * (depth - 1) + [out_f]
-    factors = [f.double() for f in layers_mod._balanced_factors(weight, dims, "'w'")]
+    factors = [f.double() for f in layers_preserve._balanced_factors(weight, dims, "'w'")]
     dtype, steps = (torch.float64, depth) if compute == "fp64" else (torch.float32, 4 * depth)
     for j in range(depth - 1):
         left = factors[j + 1].T @ factors[j + 1]
@@ -887,10 +891,10 @@ def test_balanced_factors_are_balanced(monkeypatch, compute, shape, depth, width
 @pytest.mark.parametrize("compute", ["fp64", "fp32"])
 def test_balanced_factors_of_a_low_rank_weight(monkeypatch, compute):
     if compute == "fp32":
-        monkeypatch.setattr(layers_mod, "_FP64_FACTOR_BUDGET", 0)
+        monkeypatch.setattr(layers_preserve, "_FP64_FACTOR_BUDGET", 0)
     torch.manual_seed(27)
     weight = torch.randn(40, 3, dtype=torch.float64) @ torch.randn(3, 57, dtype=torch.float64)
-    factors = layers_mod._balanced_factors(weight.float(), [57, 40, 40, 40], "'w'")
+    factors = layers_preserve._balanced_factors(weight.float(), [57, 40, 40, 40], "'w'")
     assert all(f.isfinite().all() for f in factors)
     product = fastrank.collapsed_weight([f.double() for f in factors])
     dtype = torch.float64 if compute == "fp64" else torch.float32
@@ -955,9 +959,9 @@ def test_init_match_of_a_zero_weight_keeps_gradients():
 def test_path_choices_are_bounded_and_pickles_from_before_load():
     layer = OverparamLinear(4, 4, depth=2)
     with torch.no_grad():
-        for rows in range(1, layers_mod._PATH_CHOICES_KEPT + 20):
+        for rows in range(1, layers_base._PATH_CHOICES_KEPT + 20):
             layer(torch.randn(rows, 4))
-    assert 0 < len(layer._path_choices) <= layers_mod._PATH_CHOICES_KEPT
+    assert 0 < len(layer._path_choices) <= layers_base._PATH_CHOICES_KEPT
     state = layer.__getstate__()
     del state["_path_choices"]  # a layer pickled before the choices were remembered
     restored = OverparamLinear.__new__(OverparamLinear)

@@ -4,7 +4,15 @@ from ._version import __version__
 from .chain import chain_costs, chain_linear, chain_matmul, collapsed_weight
 from .classes import class_metrics
 from .conv import collapse_kernels
-from .layers import OverparamConv2d, OverparamLinear, OverparamReport, collapse, overparameterize
+from .layers import (
+    OverparamConv1D,
+    OverparamConv1d,
+    OverparamConv2d,
+    OverparamLinear,
+    OverparamReport,
+    collapse,
+    overparameterize,
+)
 from .rank import (
     RankEstimate,
     effective_rank,
@@ -20,7 +28,9 @@ from . import sharded  # noqa: F401  (DTensor weights: reached through the rank 
 __all__ = [
     "__version__",
     "OverparamLinear",
+    "OverparamConv1d",
     "OverparamConv2d",
+    "OverparamConv1D",
     "overparameterize",
     "OverparamReport",
     "collapse",

@@ -15,7 +15,8 @@ from torch.nn.utils import parametrize
 
 from ..sharded import collapsed_parameters_of
 from .base import _check_positive_int, _OverparamBase
-from .convolution import OverparamConv2d
+from .convolution import OverparamConv1d, OverparamConv2d
+from .hf import OverparamConv1D, is_hf_conv1d
 from .linear import OverparamLinear
 from .preserve import (
     _check_finite_weight,
@@ -38,17 +39,45 @@ def _matches(name: str, module: nn.Module, patterns: Iterable[object]) -> bool:
     return False
 
 
+# The plain layer types fastrank replaces (and transformers' Conv1D, recognized by name), each
+# with its over-parameterized counterpart.
+_REPLACED = {nn.Linear: OverparamLinear, nn.Conv1d: OverparamConv1d, nn.Conv2d: OverparamConv2d}
+_REPLACED_NAMES = "nn.Linear, nn.Conv1d, nn.Conv2d and transformers' Conv1D"
+
+
+def _base_kind(module: nn.Module) -> type | str | None:
+    """The replaceable layer type ``module`` is or derives from (``"Conv1D"`` for transformers'), or None."""
+    for base in _REPLACED:
+        if isinstance(module, base):
+            return base
+    return "Conv1D" if is_hf_conv1d(module, exact=False) else None
+
+
+def _is_linear_map(module: nn.Module) -> bool:
+    """A layer that is a linear map of its own weight: what a user may expect to see replaced
+    (embeddings, norms and attention blocks are not, and are never reported)."""
+    return (
+        _base_kind(module) is not None
+        or isinstance(module, (nn.modules.conv._ConvNd, nn.Bilinear))
+        or (isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params())
+    )
+
+
 def _replacement_for(layer: nn.Module, depth: int, width: float) -> _OverparamBase:
     weight = layer.weight
     factory = {"device": weight.device, "dtype": weight.dtype}
-    if isinstance(layer, nn.Linear):
+    kind = _base_kind(layer)
+    if kind == "Conv1D":
+        return OverparamConv1D(layer.nf, layer.nx, depth=depth, width=width, **factory)
+    if kind is nn.Linear:
         return OverparamLinear(
             layer.in_features, layer.out_features, depth=depth, width=width,
             bias=layer.bias is not None, **factory,
         )
-    return OverparamConv2d(
+    ones = (1,) * len(layer.kernel_size)
+    return _REPLACED[kind](
         layer.in_channels, layer.out_channels,
-        kernel_sizes=[tuple(layer.kernel_size)] + [(1, 1)] * (depth - 1),
+        kernel_sizes=[tuple(layer.kernel_size)] + [ones] * (depth - 1),
         stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
         bias=layer.bias is not None, padding_mode=layer.padding_mode, width=width, **factory,
     )
@@ -60,9 +89,10 @@ class OverparamReport:
 
     Attributes:
         replaced: ``(name, type name)`` of every replaced layer, in module order.
-        skipped: ``(name, type name, reason)`` of every layer holding a weight matrix or kernel that
-            was left as it is (excluded, a subclass or type fastrank does not replace, a tied or
-            parametrized weight, an uninitialized lazy layer).
+        skipped: ``(name, type name, reason)`` of every linear or convolutional layer left as it
+            is (excluded, not in ``include``, a subclass or type fastrank does not replace, a tied
+            or parametrized weight, an uninitialized lazy layer), each reason saying what to do.
+            Layers that are not linear maps of a weight (embeddings, norms) are not listed.
     """
 
     replaced: list[tuple[str, str]] = field(default_factory=list)
@@ -75,19 +105,15 @@ class OverparamReport:
         return "\n".join(lines)
 
 
-def _has_weight_matrix(module: nn.Module) -> bool:
-    """A layer with a weight matrix or kernel of its own (not a class token or position table)."""
-    return any(
-        p.dim() >= 2 and "weight" in name for name, p in module.named_parameters(recurse=False)
-    ) or (
-        isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params()
-    )
+def _included(module: nn.Module, include: tuple[type, ...], default: bool) -> bool:
+    """``module``'s type is exactly one of ``include`` (by default also transformers' Conv1D)."""
+    return type(module) in include or (default and is_hf_conv1d(module))
 
 
 def _skip_reason(
-    module: nn.Module, include: tuple[type, ...], owners: dict[int, list[str]], name: str
+    module: nn.Module, include: tuple[type, ...], default: bool, owners: dict[int, list[str]], name: str
 ) -> str | None:
-    """Why ``module`` (a layer of an included type, or one holding a weight) is not replaced."""
+    """Why ``module`` (a linear map, :func:`_is_linear_map`) is not replaced, with what to do."""
     kind = type(module).__name__
     if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
         return "uninitialized lazy layer: run one forward pass first (it then becomes a plain layer)"
@@ -96,16 +122,22 @@ def _skip_reason(
             "parametrized weight (torch.nn.utils.parametrize): a replacement would drop the "
             "parametrization; remove it first (parametrize.remove_parametrizations) to replace the layer"
         )
-    if type(module) not in include:
-        if type(module) in (nn.Linear, nn.Conv2d):
+    if not _included(module, include, default):
+        base = _base_kind(module)
+        if type(module) in _REPLACED or is_hf_conv1d(module):
             return "not in include"
-        for base in (nn.Linear, nn.Conv2d):
-            if isinstance(module, base):
-                return (
-                    f"subclass of nn.{base.__name__} (its forward may differ); pass "
-                    f"include=(..., {kind}) to replace it anyway"
-                )
-        return "type not replaced by fastrank (nn.Linear and nn.Conv2d are)"
+        if base is not None:
+            base_name = "transformers' Conv1D" if base == "Conv1D" else f"nn.{base.__name__}"
+            return (
+                f"subclass of {base_name} (its forward may differ); pass "
+                f"include=(..., {kind}) to replace it anyway"
+            )
+        if isinstance(module, nn.modules.conv._ConvTransposeNd):
+            return (
+                "transposed convolution: fastrank composes chains of forward convolutions only; "
+                "exclude it to silence this"
+            )
+        return f"type not replaced by fastrank ({_REPLACED_NAMES} are); exclude it to silence this"
     if "weight" not in module._parameters:
         return (
             "weight computed by a hook (torch.nn.utils.weight_norm or spectral_norm): a replacement "
@@ -117,7 +149,11 @@ def _skip_reason(
             continue
         others = [n for n in owners.get(id(param), []) if n != f"{name}.{attribute}".lstrip(".")]
         if others:
-            return f"{attribute} tied to {', '.join(repr(n) for n in others)}; replacing it would untie them"
+            return (
+                f"{attribute} tied to {', '.join(repr(n) for n in others)}; replacing it would untie "
+                f"them: untie them first to replace it (Hugging Face models: tie_word_embeddings=False "
+                f"in the config), or exclude it to silence this"
+            )
     return None
 
 
@@ -148,7 +184,15 @@ _PROGRESS_ELEMENTS = 2**24
 _INITS = ("paper", "match")
 
 
-_DEFAULT_INCLUDE = (nn.Linear, nn.Conv2d)
+# Every type fastrank replaces; transformers' Conv1D too (matched by name: no import of transformers).
+_DEFAULT_INCLUDE = tuple(_REPLACED)
+
+
+def _replaceable_type(kind: object) -> bool:
+    return isinstance(kind, type) and (
+        issubclass(kind, tuple(_REPLACED))
+        or any(c.__name__ == "Conv1D" and c.__module__.startswith("transformers") for c in kind.__mro__)
+    )
 
 
 def _warn_unmatched(model: nn.Module, exclude: tuple, include: tuple) -> None:
@@ -182,24 +226,29 @@ def overparameterize(
     progress: bool | None = None,
     return_report: bool = False,
 ) -> nn.Module | tuple[nn.Module, OverparamReport]:
-    """Replace the ``nn.Linear`` / ``nn.Conv2d`` layers of ``model`` by over-parameterized ones, in place.
+    """Replace the linear and convolutional layers of ``model`` by over-parameterized ones, in place.
 
-    Only layers whose type is exactly one of ``include`` are replaced. A subclass (timm's
+    ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` and transformers' ``Conv1D`` (GPT-2's projections,
+    weight stored ``(in, out)``) become :class:`OverparamLinear`, :class:`OverparamConv1d`,
+    :class:`OverparamConv2d` and :class:`OverparamConv1D`. Only layers whose type is exactly one
+    of ``include`` are replaced. A subclass (timm's
     ``StdConv2d`` standardizes its weight in ``forward``, ``Conv2dSame`` pads in ``forward``) is a
     different function of its weight, so it is skipped unless named in ``include``. Layers with a
     tied weight (a head sharing an embedding's matrix) or a parametrized one (``weight_norm``,
     ``torch.nn.utils.parametrize``) are skipped too, which keeps the tie or the parametrization,
-    and so are uninitialized lazy layers. Every layer holding a weight that is not replaced is
-    listed with the reason in the report, logged (logger ``fastrank.layers``, INFO) and, unless
-    excluded by the caller, named in one ``UserWarning``.
+    and so are uninitialized lazy layers. Every linear or convolutional layer that is not replaced
+    is listed with the reason (and what to do) in the report, logged (logger ``fastrank.layers``,
+    INFO) and, unless excluded or left out of ``include`` by the caller, named in one
+    ``UserWarning``; embeddings and norms are not linear maps of a weight and are not listed.
 
     Args:
         model: any module; itself replaced (and returned) if it is a matching layer.
         depth: factors per replaced layer. Convolutions keep their kernel on the first factor and
-            get 1x1 factors after it, so the collapsed kernel size is unchanged.
+            get size-1 factors after it, so the collapsed kernel size is unchanged.
         width: hidden size as a multiple of each layer's output size.
-        include: layer types to replace, matched exactly: ``nn.Linear``, ``nn.Conv2d`` or
-            subclasses of them named explicitly (replaced as if plain); one type or a tuple.
+        include: layer types to replace, matched exactly: ``nn.Linear``, ``nn.Conv1d``,
+            ``nn.Conv2d``, transformers' ``Conv1D`` or subclasses of them named explicitly
+            (replaced as if plain); one type or a tuple. Default: the four plain types.
         exclude: qualified module names (``"head"``, ``"features.3"``; a name excludes its
             children too) or module types (matched with ``isinstance``) to leave alone; one name
             or type, or an iterable of them. An entry of ``exclude``, or a type given in
@@ -227,12 +276,12 @@ def overparameterize(
     layers of vgg11's classifier in 38.5 s on a 2-core CPU); a bottleneck takes an fp64 SVD.
     """
     _check_positive_int("depth", depth)
-    include_given = include is not _DEFAULT_INCLUDE
+    default = include is _DEFAULT_INCLUDE
     exclude = (exclude,) if isinstance(exclude, (str, type)) else tuple(exclude)
     include = (include,) if isinstance(include, type) else tuple(include)
     for kind in include:
-        if not (isinstance(kind, type) and issubclass(kind, (nn.Linear, nn.Conv2d))):
-            raise ValueError(f"include may only hold nn.Linear / nn.Conv2d types, got {kind!r}")
+        if not _replaceable_type(kind):
+            raise ValueError(f"include may only hold {_REPLACED_NAMES} types (or subclasses), got {kind!r}")
     for entry in exclude:
         if not isinstance(entry, (str, type)):
             raise TypeError(
@@ -255,12 +304,11 @@ def overparameterize(
         if _matches(name, module, exclude):
             layers = [(f"{name}.{n}".strip("."), m) for n, m in module.named_modules()]
             excluded.extend(
-                (n, type(m).__name__, "excluded") for n, m in layers if _has_weight_matrix(m)
+                (n, type(m).__name__, "excluded") for n, m in layers if _is_linear_map(m)
             )
             return
-        candidate = type(module) in include or isinstance(module, (nn.Linear, nn.Conv2d))
-        if candidate or _has_weight_matrix(module):
-            reason = _skip_reason(module, include, owners, name)
+        if _is_linear_map(module):
+            reason = _skip_reason(module, include, default, owners, name)
             if reason is None:
                 plan.append((name, module))
                 return
@@ -271,7 +319,7 @@ def overparameterize(
             visit(child, f"{name}.{child_name}" if name else child_name)
 
     visit(model, "")
-    _warn_unmatched(model, exclude, include if include_given else ())
+    _warn_unmatched(model, exclude, () if default else include)
     elements = sum(layer.weight.numel() for _, layer in plan)
     show = progress if progress is not None else preserve and elements > _PROGRESS_ELEMENTS
     update, close = _progress_bar(len(plan), bool(show))
@@ -318,7 +366,7 @@ def overparameterize(
         listed = "; ".join(f"{n or '(top level)'} ({k}): {why}" for n, k, why in unexpected[:8])
         more = f"; and {len(unexpected) - 8} more" if len(unexpected) > 8 else ""
         warnings.warn(
-            f"overparameterize left {len(unexpected)} layers with weights as they are: {listed}{more} "
+            f"overparameterize left {len(unexpected)} layers as they are: {listed}{more} "
             f"(return_report=True lists them all)",
             stacklevel=2,
         )
@@ -329,10 +377,15 @@ def _plain_from(layer: _OverparamBase) -> nn.Module:
     with torch.no_grad():
         weight, bias = collapsed_parameters_of(layer)  # gathered when FSDP2 has sharded the layer
     factory = {"device": weight.device, "dtype": weight.dtype}
+    if isinstance(layer, OverparamConv1D):
+        plain = layer.to_plain(weight, bias)
+        plain.train(layer.training)
+        return plain
     if isinstance(layer, OverparamLinear):
         plain = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None, **factory)
     else:
-        plain = nn.Conv2d(
+        conv = nn.Conv1d if isinstance(layer, OverparamConv1d) else nn.Conv2d
+        plain = conv(
             layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
             padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
             bias=bias is not None, padding_mode=layer.padding_mode, **factory,
@@ -346,7 +399,9 @@ def _plain_from(layer: _OverparamBase) -> nn.Module:
 
 
 def collapse(model: nn.Module) -> nn.Module:
-    """Replace every over-parameterized layer of ``model`` by a plain ``nn.Linear`` / ``nn.Conv2d``.
+    """Replace every over-parameterized layer of ``model`` by a plain layer: ``nn.Linear``,
+    ``nn.Conv1d``, ``nn.Conv2d``, or transformers' ``Conv1D`` (same ``(nx, nf)`` layout) for
+    :class:`OverparamConv1D`.
 
     The plain layers compute the same outputs (batch norms folded with their running statistics)
     and hold ordinary ``weight`` / ``bias`` parameters, so the state_dict loads into a model that

@@ -12,6 +12,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from .base import _OverparamBase
+from .hf import OverparamConv1D
+from .linear import OverparamLinear
 
 # Above this many multiply-adds (m^2 n for an m x n weight, m <= n) the factorization of an fp32 /
 # fp16 / bf16 weight runs in fp32: the three layers of vgg11's classifier (4096 x 25088 the
@@ -102,14 +104,15 @@ def _preserve_tolerance(compute: torch.dtype, dtype: torch.dtype, fan_in: int, d
     return 16.0 * unit * math.sqrt(fan_in) + 8.0 * torch.finfo(dtype).eps / 2 * depth
 
 
-def _probe_input(layer: nn.Module, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A fixed random input for ``layer``: ``(3, in_features)`` or an odd-sized ``(2, C, H, W)``."""
+def _probe_input(layer: nn.Module, replacement: _OverparamBase, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A fixed random input for ``layer``: ``(3, in_features)`` for a linear map, or an odd-sized
+    ``(2, C, L)`` / ``(2, C, H, W)`` for a convolution."""
     generator = torch.Generator().manual_seed(0)
-    if isinstance(layer, nn.Linear):
-        shape = (3, layer.in_features)
+    if isinstance(replacement, OverparamLinear):
+        shape = (3, replacement.in_features)
     else:
         span = [d * (k - 1) + 1 for d, k in zip(layer.dilation, layer.kernel_size)]
-        shape = (2, layer.in_channels, span[0] + 2 * layer.stride[0] + 1, span[1] + 3 * layer.stride[1] + 2)
+        shape = (2, layer.in_channels, *(n + (2 + i) * s + 1 + i for i, (n, s) in enumerate(zip(span, layer.stride))))
     return torch.randn(shape, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
 
 
@@ -119,7 +122,7 @@ def _check_same_function(original: nn.Module, replacement: _OverparamBase, where
     if dtype in (torch.float16, torch.bfloat16):  # judge the factorization, not half rounding
         original, replacement = copy.deepcopy(original).float(), copy.deepcopy(replacement).float()
         dtype = torch.float32
-    probe = _probe_input(original, dtype, replacement.factors[0].device)
+    probe = _probe_input(original, replacement, dtype, replacement.factors[0].device)
     kind = type(original).__name__
     with torch.no_grad():
         try:
@@ -134,8 +137,8 @@ def _check_same_function(original: nn.Module, replacement: _OverparamBase, where
     with torch.enable_grad():
         actual = replacement(probe).detach()
     hint = (
-        f"{kind} is not a plain nn.Linear / nn.Conv2d: its forward is not F.linear / F.conv2d of "
-        f"its weight; leave it out of include (or exclude it) to keep it"
+        f"{kind} is not a plain linear or convolutional layer: its forward is not the plain "
+        f"linear map of its weight; leave it out of include (or exclude it) to keep it"
     )
     if not isinstance(expected, Tensor) or expected.shape != actual.shape:
         shape = tuple(expected.shape) if isinstance(expected, Tensor) else type(expected).__name__
@@ -144,7 +147,7 @@ def _check_same_function(original: nn.Module, replacement: _OverparamBase, where
             f"{tuple(probe.shape)} the original gives {shape}, the replacement "
             f"{tuple(actual.shape)}. {hint}"
         )
-    fan_in = original.weight[0].numel()
+    fan_in = replacement.in_features if isinstance(replacement, OverparamLinear) else original.weight[0].numel()
     tol = _preserve_tolerance(dtype, layer_dtype, fan_in, replacement.depth)
     scale = expected.double().norm().clamp_min(torch.finfo(torch.float64).tiny)
     error = float((actual.double() - expected.double()).norm() / scale)
@@ -159,17 +162,17 @@ def _check_same_function(original: nn.Module, replacement: _OverparamBase, where
 
 
 def _copy_preserved(layer: nn.Module, replacement: _OverparamBase, where: str) -> None:
-    weight = layer.weight
+    # (out, in) as nn.Linear stores it; transformers' Conv1D stores (in, out)
+    weight = layer.weight.T if isinstance(replacement, OverparamConv1D) else layer.weight
     with torch.no_grad():
-        if isinstance(layer, nn.Linear):
-            dims = [layer.in_features] + [f.shape[0] for f in replacement.factors]
+        if isinstance(replacement, OverparamLinear):
+            dims = [replacement.in_features] + [f.shape[0] for f in replacement.factors]
             for factor, value in zip(replacement.factors, _balanced_factors(weight, dims, where)):
                 factor.copy_(value)
         else:
             groups = layer.groups
             out_g, in_g = layer.out_channels // groups, weight.shape[1]
-            kh, kw = layer.kernel_size
-            dims = [in_g * kh * kw] + [c // groups for c in replacement.channels[1:]]
+            dims = [in_g * math.prod(layer.kernel_size)] + [c // groups for c in replacement.channels[1:]]
             for g in range(groups):
                 block = weight[g * out_g : (g + 1) * out_g].reshape(out_g, -1)
                 pieces = _balanced_factors(block, dims, f"{where} (group {g})")

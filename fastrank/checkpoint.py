@@ -5,17 +5,30 @@ refused, never executed. A few harmless globals that training scripts save besid
 are allowed (:data:`SAFE_GLOBALS`: ``argparse.Namespace``, numpy scalars and dtypes); anything
 else is named in the error, and a file the user trusts can be loaded fully with
 ``trusted=True`` (``fastrank rank --trust-checkpoint``). ``.safetensors`` files are read with the
-``safetensors`` package (the ``safetensors`` extra). Over-parameterized layers
-(``<prefix>.factors.<j>`` entries) are reported as their collapsed weight.
+``safetensors`` package (the ``safetensors`` extra). A Hugging Face ``save_pretrained`` folder
+is read through its weights file or its sharded index (:data:`MODEL_FOLDER_FILES`).
+
+Over-parameterized layers (``<prefix>.factors.<j>`` entries) are reported as their collapsed
+weight: the ``collapsed_parameters()`` of the ``OverparamLinear`` (or ``OverparamConv1D``, whose
+entries are the same), ``OverparamConv1d`` or ``OverparamConv2d`` rebuilt from the entries, so
+that the eval-mode batch norms of a ``batch_norm=True`` layer (``norms.<j>.*``) and the skips of a
+``residual=True`` layer (its ``residual_interval`` buffer) are folded in. A layer whose entries do
+not say how to collapse it is left out with a warning that says why. Residual layers saved
+before fastrank wrote ``residual_interval`` cannot be told from plain chains and are read as
+plain chains (the product of the factors).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import pickle
+import pickletools
 import re
 import struct
 import warnings
+import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -23,11 +36,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .chain import collapsed_weight
-from .conv import collapse_kernels
+from .layers import RESIDUAL_INTERVAL, OverparamConv1d, OverparamConv2d, OverparamLinear
 from .rank import effective_ranks
 
-__all__ = ["CheckpointError", "SAFE_GLOBALS", "load_weights", "rank_report"]
+__all__ = ["CheckpointError", "MODEL_FOLDER_FILES", "SAFE_GLOBALS", "load_weights", "rank_report"]
 
 
 def _numpy_globals() -> list[object]:
@@ -68,33 +80,127 @@ def _flatten(obj: object, prefix: str = "") -> dict[str, Tensor]:
     return found
 
 
+# A state_dict entry of an over-parameterized layer, relative to the layer.
+_LAYER_ENTRY = re.compile(r"factors\.\d+|norms\.\d+\.\w+|bias|residual_interval")
+
+
+def _layer_entry(name: str, prefixes: set[str]) -> tuple[str, str] | None:
+    """``(prefix, entry)`` when ``name`` is an entry of the layer at one of ``prefixes``."""
+    parts = name.split(".")
+    for count in range(1, min(3, len(parts)) + 1):  # bias, factors.<j>, norms.<j>.<name>
+        prefix, entry = ".".join(parts[:-count]), ".".join(parts[-count:])
+        if prefix in prefixes and _LAYER_ENTRY.fullmatch(entry):
+            return prefix, entry
+    return None
+
+
+def _width_for(hidden: int, out: int) -> float:
+    """A ``width`` with ``int(out * width) == hidden`` (``hidden / out`` alone can round below:
+    ``7 * (61 / 7) < 61``)."""
+    width = hidden / out
+    while int(out * width) < hidden:
+        width = math.nextafter(width, math.inf)
+    return width
+
+
+# The convolution layers by the number of dimensions of their factors.
+_CONVOLUTIONS: dict[int, type[OverparamConv1d] | type[OverparamConv2d]] = {3: OverparamConv1d, 4: OverparamConv2d}
+
+
+def _rebuilt_layer(entries: dict[str, Tensor]) -> OverparamLinear | OverparamConv1d | OverparamConv2d:
+    """The fastrank layer that saved ``entries`` (names relative to the layer), in float64.
+
+    Its configuration comes from the entries: depth and sizes from the factors, ``bias``,
+    ``batch_norm`` from ``norms.<j>.*`` and ``residual`` from the ``residual_interval`` buffer.
+    Built on the meta device and loaded with ``assign=True``: nothing is initialized or copied.
+
+    Raises:
+        ValueError: the entries are not exactly those of such a layer (the message says which).
+    """
+    factors = [entries[f"factors.{j}"] for j in sorted(
+        int(name.rsplit(".", 1)[1]) for name in entries if name.startswith("factors.")
+    )]
+    ndims = {factor.dim() for factor in factors}
+    out = factors[-1].shape[0]
+    config = {
+        "width": _width_for(factors[0].shape[0], out), "bias": "bias" in entries,
+        "device": "meta", "dtype": torch.float64,
+    }
+    if ndims == {2}:
+        layer: OverparamLinear | OverparamConv1d | OverparamConv2d = OverparamLinear(
+            factors[0].shape[1], out, depth=len(factors), residual="residual_interval" in entries,
+            batch_norm=any(name.startswith("norms.") for name in entries), **config,
+        )
+    elif len(ndims) == 1 and min(ndims) in _CONVOLUTIONS:
+        # factors[1] is (n_2, n_1 / groups, ...) and factors[0] is (n_1, n_0 / groups, ...).
+        groups = factors[0].shape[0] // factors[1].shape[1] if len(factors) > 1 else 1
+        layer = _CONVOLUTIONS[min(ndims)](
+            factors[0].shape[1] * groups, out, [tuple(f.shape[2:]) for f in factors],
+            groups=groups, **config,
+        )
+    else:
+        raise ValueError(
+            f"factors of {sorted(ndims)} dimensions, expected all 2-D (OverparamLinear), all 3-D "
+            f"(OverparamConv1d) or all 4-D (OverparamConv2d)"
+        )
+    entries = {name: t.to(torch.float64) if t.is_floating_point() else t for name, t in entries.items()}
+    keys = layer.load_state_dict(entries, strict=False, assign=True)
+    described = f"{type(layer).__name__}({layer.extra_repr()})"
+    if keys.missing_keys:
+        raise ValueError(f"it lacks {', '.join(keys.missing_keys)}, which {described} saves")
+    if keys.unexpected_keys:
+        raise ValueError(f"it has {', '.join(keys.unexpected_keys)}, which {described} does not save")
+    interval = getattr(layer, "residual_interval", None)
+    if interval is not None and int(interval) != RESIDUAL_INTERVAL:
+        raise ValueError(
+            f"its residual skips span residual_interval={int(interval)} factors; this version of "
+            f"fastrank builds skips over {RESIDUAL_INTERVAL}"
+        )
+    return layer
+
+
 def _collapse_factor_groups(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Replace ``<prefix>.factors.<j>`` entries by one collapsed ``<prefix>.weight``, in place of
-    the first factor (the order of the checkpoint is kept)."""
-    groups: dict[str, dict[int, Tensor]] = {}
-    order: list[tuple[str, str]] = []  # ("tensor", name) or ("group", prefix)
-    for name, tensor in tensors.items():
+    """Replace the entries of each over-parameterized layer (``<prefix>.factors.<j>`` with its
+    ``bias``, ``norms.<j>.*`` and ``residual_interval``) by its collapsed ``<prefix>.weight``, in
+    place of its first entry (the order of the checkpoint is kept).
+
+    The weight is the rebuilt layer's ``collapsed_parameters()``: skips and eval-mode batch norms
+    included. A layer whose entries do not say how to collapse it is left out with a warning.
+    """
+    prefixes: set[str] = set()
+    for name in tensors:
         parts = name.rsplit(".", 2)
         if len(parts) >= 2 and parts[-2] == "factors" and parts[-1].isdigit():
-            prefix = parts[0] if len(parts) == 3 else ""
-            if prefix not in groups:
-                order.append(("group", prefix))
-            groups.setdefault(prefix, {})[int(parts[-1])] = tensor
-        else:
+            prefixes.add(parts[0] if len(parts) == 3 else "")
+    groups: dict[str, dict[str, Tensor]] = {}
+    order: list[tuple[str, str]] = []  # ("tensor", name) or ("group", prefix)
+    for name, tensor in tensors.items():
+        found = _layer_entry(name, prefixes)
+        if found is None:
             order.append(("tensor", name))
+            continue
+        prefix, entry = found
+        if prefix not in groups:
+            order.append(("group", prefix))
+        groups.setdefault(prefix, {})[entry] = tensor
     result: dict[str, Tensor] = {}
     for kind, key in order:
         if kind == "tensor":
             result[key] = tensors[key]
             continue
-        factors = [groups[key][j].to(torch.float64) for j in sorted(groups[key])]
         name = f"{key}.weight" if key else "weight"
-        if all(f.dim() == 2 for f in factors):
-            result[name] = collapsed_weight(factors)
-        elif all(f.dim() == 4 for f in factors):
-            # factors[1] is (n_2, n_1 / groups, ...) and factors[0] is (n_1, ...).
-            groups_count = factors[0].shape[0] // factors[1].shape[1] if len(factors) > 1 else 1
-            result[name] = collapse_kernels(factors, groups_count)
+        try:
+            layer = _rebuilt_layer(groups[key])
+        except (ValueError, RuntimeError, TypeError) as error:  # a config or load_state_dict refusal
+            warnings.warn(
+                f"{name} is not reported: the factors of {key or 'the layer'} cannot be collapsed "
+                f"from the checkpoint: {_one_line(error)}",
+                stacklevel=3,
+            )
+            continue
+        with torch.no_grad():  # a convolution's kernel as (out, in / groups * kernel size)
+            weight = layer.collapsed_parameters()[0]
+        result[name] = weight.reshape(weight.shape[0], -1)
     return result
 
 
@@ -150,17 +256,54 @@ def _refusal(path: Path, error: pickle.UnpicklingError) -> CheckpointError:
     )
 
 
-def _load_torch(path: Path, trusted: bool) -> object:
+# torch.save writes a zip archive; the legacy format is a pickle (protocol 2+ starts with 0x80).
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_MAGIC = b"\x80"
+# A legacy torch.save file starts with five pickles (magic number, protocol, system info, the
+# object, the storage keys); the storages' bytes follow.
+_LEGACY_PICKLES = 5
+
+
+def _pickles_end_early(path: Path) -> bool:
+    """Whether the pickles at the start of a legacy ``torch.save`` file stop before their end."""
+    with open(path, "rb") as f:
+        try:
+            for _ in range(_LEGACY_PICKLES):
+                for _ in pickletools.genops(f):
+                    pass
+        except Exception:  # genops: ValueError at the end of the data, others on garbage
+            return True
+    return False
+
+
+def _unreadable(path: Path, head: bytes, error: BaseException) -> CheckpointError:
+    """Why ``torch.load`` failed on ``path``, a file whose ``head`` is a ``torch.save`` file's."""
+    size = f"{path.stat().st_size} bytes"
+    zipped = head.startswith(_ZIP_MAGIC)
+    if zipped and zipfile.is_zipfile(path):
+        return CheckpointError(
+            f"{path} ({size}) is a zip archive that torch.load cannot read: damaged, or not written "
+            f"by torch.save ({_one_line(error)})"
+        )
+    cause = (
+        "has no zip directory at its end, which torch.save writes last" if zipped
+        else f"torch.load fails ({_one_line(error)})"
+    )
+    kind = "zip archive" if zipped else "pickle"
+    return CheckpointError(f"{path} is truncated or damaged ({size}): it starts as a torch.save {kind} but {cause}")
+
+
+def _load_torch(path: Path, head: bytes, trusted: bool) -> object:
     if trusted:
         warnings.warn(
             f"loading {path} with weights_only=False: unpickling runs any code the file holds; "
             f"do this only for files from a source you trust",
-            stacklevel=3,
+            stacklevel=4,
         )
         try:
             return torch.load(path, map_location="cpu", weights_only=False)
         except Exception as error:
-            raise CheckpointError(f"{path} could not be loaded ({_one_line(error)})") from None
+            raise _unreadable(path, head, error) from None
     allow = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
     try:
         if allow is None:
@@ -168,45 +311,101 @@ def _load_torch(path: Path, trusted: bool) -> object:
         with allow(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        # A legacy pickle cut short can end inside a global's name ("GLOBAL to. was not allowed").
+        if head.startswith(_PICKLE_MAGIC) and _pickles_end_early(path):
+            raise _unreadable(path, head, error) from None
         raise _refusal(path, error) from None
-    except Exception as error:  # torch.load raises many types for files that are not checkpoints
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({type(error).__name__})") from None
+    except Exception as error:  # torch.load raises many types for damaged files
+        raise _unreadable(path, head, error) from None
+
+
+def _load_file(path: Path, trusted: bool) -> object:
+    """The object saved in ``path``: a safetensors file or a ``torch.save`` file."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if _is_safetensors(path, head):
+        return _load_safetensors(path)
+    if head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_MAGIC):
+        return _load_torch(path, head, trusted)
+    raise CheckpointError(
+        f"{path} is not a PyTorch checkpoint (neither a zip archive, a pickle nor safetensors)"
+    )
+
+
+# What a Hugging Face ``save_pretrained`` folder holds, in the order transformers prefers them.
+MODEL_FOLDER_FILES = (
+    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
+)
+
+
+def _load_shards(index: Path, trusted: bool) -> dict[str, Tensor]:
+    """The tensors of a sharded checkpoint: every shard named by the index's ``weight_map``."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        shards = list(dict.fromkeys(weight_map.values()))
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+        raise CheckpointError(
+            f"{index} is not a sharded-checkpoint index: expected JSON with a \"weight_map\" of "
+            f"tensor name -> shard file, as save_pretrained writes"
+        ) from None
+    tensors: dict[str, Tensor] = {}
+    for shard in shards:
+        path = index.parent / str(shard)
+        if not path.is_file():
+            raise CheckpointError(f"{index} names the shard {shard}, which is not in {index.parent}")
+        tensors.update(_flatten(_load_file(path, trusted)))
+    return tensors
+
+
+def _load_folder(folder: Path, trusted: bool) -> object:
+    """The weights of a ``save_pretrained`` folder (:data:`MODEL_FOLDER_FILES`, first found)."""
+    for name in MODEL_FOLDER_FILES:
+        path = folder / name
+        if path.is_file():
+            return _load_shards(path, trusted) if name.endswith(".index.json") else _load_file(path, trusted)
+    held = sorted(p.name for p in folder.iterdir())
+    listing = ", ".join(held[:8]) + (f" and {len(held) - 8} more" if len(held) > 8 else "")
+    raise CheckpointError(
+        f"{folder} is a folder without model weights: looked for {', '.join(MODEL_FOLDER_FILES)} "
+        f"(a Hugging Face save_pretrained folder); it holds {listing or 'nothing'}"
+    )
 
 
 def load_weights(path: str | Path, trusted: bool = False) -> list[tuple[str, Tensor]]:
     """The 2-D and 4-D floating-point weights of a checkpoint or state_dict, as ``(name, matrix)``.
 
-    Matrices are ``(out, in)``; conv kernels are flattened to ``(out, in/groups * kh * kw)``.
+    Matrices are ``(out, in)``; conv kernels are flattened to ``(out, in/groups * kh * kw)``
+    (``OverparamConv1d`` kernels too: ``(out, in/groups * k)``; 3-D weights of other modules are
+    not taken, since a 3-D ``weight`` need not be a kernel).
     Entries named ``*weight`` are taken (embeddings and other weight matrices included), and
-    over-parameterized factor chains are collapsed first.
+    over-parameterized layers are collapsed first (see the module docstring); one whose entries
+    do not say how is left out with a ``UserWarning`` naming it and the reason.
 
     Args:
         path: a file written by ``torch.save`` (zip or legacy format: a state_dict, a training
-            checkpoint holding one, or a whole pickled model) or a ``.safetensors`` file.
+            checkpoint holding one, or a whole pickled model), a ``.safetensors`` file, or a
+            folder written by Hugging Face ``save_pretrained`` (its ``model.safetensors``,
+            ``pytorch_model.bin`` or their sharded ``*.index.json``, see
+            :data:`MODEL_FOLDER_FILES`).
         trusted: load a ``torch.save`` file with ``weights_only=False`` (warns): every object
             the pickle holds is constructed, which can run code from the file. Only for files
             from a trusted source; without it, objects beyond tensors, containers and
             :data:`SAFE_GLOBALS` are refused.
 
     Raises:
-        CheckpointError: the file is missing, is not a checkpoint, is refused by the
-            weights-only load (the error names the globals it would have to construct), needs
-            the missing safetensors package, or holds no weights.
+        CheckpointError: the file is missing, is not a checkpoint, is truncated or damaged (the
+            error names the file and its size), is refused by the weights-only load (the error
+            names the globals it would have to construct), needs the missing safetensors
+            package, or holds no weights; a folder holds none of :data:`MODEL_FOLDER_FILES` or
+            lacks a shard its index names.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"no such file: {path}")
-    with open(path, "rb") as f:
-        head = f.read(9)
-    if _is_safetensors(path, head):
-        obj: object = _load_safetensors(path)
-    # torch.save writes a zip archive; the legacy format is a pickle (protocol 2+ starts with 0x80).
-    elif head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
-        obj = _load_torch(path, trusted)
+    if path.is_dir():
+        obj = _load_folder(path, trusted)
+    elif path.is_file():
+        obj = _load_file(path, trusted)
     else:
-        raise CheckpointError(
-            f"{path} is not a PyTorch checkpoint (neither a zip archive, a pickle nor safetensors)"
-        )
+        raise CheckpointError(f"no such file or folder: {path}")
     tensors = _collapse_factor_groups(_flatten(obj))
     weights = []
     for name, tensor in tensors.items():

@@ -1,8 +1,13 @@
 import argparse
+import copy
 import json
+import math
 import os
 import pickle
+import pickletools
 import sys
+import warnings
+import zipfile
 
 import numpy as np
 import pytest
@@ -26,7 +31,7 @@ def _reference(matrix):
     s = torch.linalg.svdvals(matrix.double())
     p = s / s.sum()
     entropy = float(-(p * p.log()).sum())
-    return {"effective_rank": torch.tensor(entropy).exp().item(), "spectral_entropy": entropy,
+    return {"effective_rank": math.exp(entropy), "spectral_entropy": entropy,
             "stable_rank": float((s.square().sum() / s[0].square()))}
 
 
@@ -191,3 +196,243 @@ def test_safetensors_without_the_package(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "safetensors.torch", None)
     with pytest.raises(CheckpointError, match=r"needs the safetensors package \(pip install 'fastrank\[safetensors\]'\)"):
         load_weights(path)
+
+
+# ---- over-parameterized layers with skips and batch norms ---------------------------------------
+
+
+def _trained_norms(layer, steps=3):
+    """Running statistics and affine parameters away from their initial values."""
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for norm in layer.norms:
+            norm.weight.copy_(torch.rand(norm.num_features, generator=gen) + 0.5)
+            norm.bias.copy_(torch.randn(norm.num_features, generator=gen))
+    layer.train()
+    with torch.no_grad():
+        for _ in range(steps):
+            layer(torch.randn(16, layer.in_features, generator=gen) * 3 + 1)
+    return layer.eval()
+
+
+@pytest.mark.parametrize(
+    "config",
+    [dict(residual=True, depth=4), dict(residual=True, depth=3), dict(batch_norm=True, depth=3),
+     dict(residual=True, batch_norm=True, depth=4), dict(depth=3, width=61 / 7)],
+    ids=["residual", "residual-odd-depth", "batch-norm", "residual-batch-norm", "plain-width-61/7"],
+)
+def test_layer_is_reported_as_its_collapsed_parameters(tmp_path, config):
+    torch.manual_seed(0)
+    features = 7 if "width" in config else 12
+    layer = fastrank.OverparamLinear(features, features, **config)
+    if layer.batch_norm:
+        _trained_norms(layer)
+    model = nn.Sequential(nn.Linear(features, features), layer)
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": model.state_dict()}, path)
+    weights = dict(load_weights(path))
+    assert list(weights) == ["model.0.weight", "model.1.weight"]
+    with torch.no_grad():  # the layer's own collapse, in float64
+        expected = copy.deepcopy(layer).double().collapsed_parameters()[0]
+    torch.testing.assert_close(weights["model.1.weight"], expected, rtol=1e-13, atol=0)
+    product = fastrank.collapsed_weight([f.detach().double() for f in layer.factors])
+    if layer.residual or layer.batch_norm:  # what the factors alone give is another matrix
+        assert (product - expected).abs().max() > 0.1
+    row = {r["name"]: r for r in rank_report(list(weights.items()), method="exact")}["model.1.weight"]
+    assert row["effective_rank"] == pytest.approx(_reference(expected)["effective_rank"], rel=1e-10)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: fastrank.OverparamConv2d(4, 6, kernel_sizes=[3, (1, 3), 1], groups=2, width=4 / 3),
+     lambda: fastrank.layers.OverparamConv1d(4, 6, kernel_sizes=[3, 1, 2], groups=2, width=4 / 3),
+     lambda: fastrank.layers.OverparamConv1D(6, 4, depth=3)],
+    ids=["conv2d", "conv1d", "gpt2-conv1D"],
+)
+def test_conv_layer_is_reported_as_its_collapsed_kernel(tmp_path, make):
+    torch.manual_seed(0)
+    layer = make()
+    path = _save_state_dict(tmp_path, layer.state_dict())
+    weights = dict(load_weights(path))
+    with torch.no_grad():
+        expected = copy.deepcopy(layer).double().collapsed_parameters()[0]
+    assert list(weights) == ["weight"]
+    torch.testing.assert_close(weights["weight"], expected.reshape(6, -1), rtol=1e-13, atol=0)
+
+
+def test_residual_checkpoint_without_residual_interval_reads_as_a_plain_chain(tmp_path):
+    # Saved before residual layers wrote the buffer: nothing tells it from a plain chain.
+    torch.manual_seed(0)
+    layer = fastrank.OverparamLinear(8, 8, depth=4, residual=True)
+    state = layer.state_dict()
+    del state["residual_interval"]
+    weights = dict(load_weights(_save_state_dict(tmp_path, state)))
+    expected = fastrank.collapsed_weight([f.detach().double() for f in layer.factors])
+    torch.testing.assert_close(weights["weight"], expected, rtol=1e-13, atol=0)
+
+
+def _bn_state(**changes):
+    torch.manual_seed(0)
+    state = _trained_norms(fastrank.OverparamLinear(6, 6, depth=2, batch_norm=True)).state_dict()
+    return {**{k: v for k, v in state.items() if k not in changes}, **{k: v for k, v in changes.items() if v is not None}}
+
+
+@pytest.mark.parametrize(
+    "state,reason",
+    [(lambda: {f"layer.{k}": v for k, v in _bn_state(**{"norms.1.running_var": None}).items()},
+      r"layer\.weight is not reported: .*lacks norms\.1\.running_var, which OverparamLinear\(.*batch_norm=True\) saves"),
+     (lambda: {"layer.residual_interval": torch.tensor(3), "layer.factors.0": torch.randn(6, 6),
+               "layer.factors.1": torch.randn(6, 6), "layer.factors.2": torch.randn(6, 6)},
+      r"layer\.weight is not reported: .*residual_interval=3 factors; this version of fastrank builds skips over 2"),
+     (lambda: {"layer.factors.0": torch.randn(5, 6), "layer.factors.1": torch.randn(4, 7)},
+      r"layer\.weight is not reported: .*size mismatch for factors\.1"),
+     (lambda: {"layer.factors.0": torch.randn(5, 6), "layer.factors.1": torch.randn(4, 5, 1, 1)},
+      r"layer\.weight is not reported: .*factors of \[2, 4\] dimensions"),
+     (lambda: {"layer.factors.0": torch.randn(6, 6), "layer.factors.2": torch.randn(6, 6)},
+      r"layer\.weight is not reported: .*lacks factors\.1")],
+    ids=["norm-without-running-var", "other-residual-interval", "chain-that-does-not-chain", "mixed-2d-4d", "gap"],
+)
+def test_layer_that_cannot_be_collapsed_is_left_out_saying_why(tmp_path, capsys, state, reason):
+    path = _save_state_dict(tmp_path, {**state(), "head.weight": torch.randn(3, 6)})
+    with pytest.warns(UserWarning, match=reason):
+        weights = load_weights(path)
+    assert [name for name, _ in weights] == ["head.weight"]
+    assert main(["rank", str(path), "--method", "exact"]) == 0
+    captured = capsys.readouterr()
+    assert "head.weight" in captured.out and "layer.weight" not in captured.out
+    assert "fastrank rank: warning: layer.weight is not reported" in captured.err
+
+
+def test_layer_left_out_is_named_when_nothing_else_is_reported(tmp_path, capsys):
+    path = _save_state_dict(tmp_path, _bn_state(**{"norms.0.running_mean": None}))
+    assert main(["rank", str(path)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2, err
+    assert "warning: weight is not reported" in err[0] and "lacks norms.0.running_mean" in err[0]
+    assert "holds no 2-D or 4-D weight tensors" in err[1]
+
+
+# ---- damaged files ------------------------------------------------------------------------------
+
+
+def _legacy_cut_inside_a_global(path):
+    """Length of the legacy torch.save file at ``path`` cut in the middle of its first GLOBAL's name."""
+    with open(path, "rb") as f:
+        for _ in range(3):  # magic number, protocol, system info
+            for _ in pickletools.genops(f):
+                pass
+        for opcode, _, position in pickletools.genops(f):
+            if opcode.name == "GLOBAL":
+                return position + 3
+    raise AssertionError("no GLOBAL opcode in the object's pickle")
+
+
+@pytest.mark.parametrize("trusted", [False, True], ids=["weights-only", "trusted"])
+@pytest.mark.parametrize("cut", ["zip-half", "legacy-half", "legacy-in-a-global"])
+def test_truncated_checkpoint_is_called_truncated(tmp_path, capsys, cut, trusted):
+    full = tmp_path / "full.pt"
+    torch.save(_model().state_dict(), full, _use_new_zipfile_serialization=cut.startswith("zip"))
+    data = full.read_bytes()
+    length = _legacy_cut_inside_a_global(full) if cut == "legacy-in-a-global" else len(data) // 2
+    path = tmp_path / "cut.pt"
+    path.write_bytes(data[:length])
+    kind = "zip archive" if cut.startswith("zip") else "pickle"
+    expected = f"{path} is truncated or damaged ({length} bytes): it starts as a torch.save {kind} but"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the trusted load's warning
+        with pytest.raises(CheckpointError) as caught:
+            load_weights(path, trusted=trusted)
+    assert str(caught.value).startswith(expected), str(caught.value)
+    assert main(["rank", str(path), *(["--trust-checkpoint"] if trusted else [])]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"fastrank rank: {expected}"), err
+
+
+def test_zip_that_is_not_a_torch_archive(tmp_path):
+    path = tmp_path / "other.pt"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("readme.txt", "not a checkpoint")
+    with pytest.raises(CheckpointError, match=rf"{path} \(\d+ bytes\) is a zip archive that torch.load cannot read: damaged, or not written by torch.save"):
+        load_weights(path)
+
+
+# ---- Hugging Face save_pretrained folders ---------------------------------------------------------
+
+
+def _tiny_llama():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=61, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=8, tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config)
+
+
+def _hf_weights(model):
+    return {name: t.reshape(t.shape[0], -1) for name, t in model.state_dict().items()
+            if name.endswith("weight") and t.dim() in (2, 4)}
+
+
+@pytest.mark.parametrize("shards", [False, True], ids=["single-file", "sharded"])
+def test_save_pretrained_folder(tmp_path, capsys, shards):
+    pytest.importorskip("safetensors")
+    model = _tiny_llama()
+    folder = tmp_path / "tiny-llama"
+    model.save_pretrained(folder, **({"max_shard_size": "4KB"} if shards else {}))
+    files = sorted(p.name for p in folder.iterdir())
+    if shards:
+        assert "model.safetensors.index.json" in files and "model.safetensors" not in files, files
+        assert len([f for f in files if f.endswith(".safetensors")]) > 2, files
+    else:
+        assert "model.safetensors" in files, files
+    weights = dict(load_weights(folder))
+    expected = _hf_weights(model)
+    assert sorted(weights) == sorted(expected)
+    for name, matrix in expected.items():
+        assert torch.equal(weights[name], matrix), name
+    assert main(["rank", str(folder), "--method", "exact"]) == 0
+    assert "model.layers.1.mlp.down_proj.weight" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("shards", [False, True], ids=["single-file", "sharded"])
+def test_pytorch_model_bin_folder(tmp_path, shards):
+    model = _tiny_llama()
+    state = model.state_dict()
+    if shards:
+        names = list(state)
+        halves = {"pytorch_model-00001-of-00002.bin": names[: len(names) // 2],
+                  "pytorch_model-00002-of-00002.bin": names[len(names) // 2:]}
+        for shard, keys in halves.items():
+            torch.save({k: state[k] for k in keys}, tmp_path / shard)
+        weight_map = {k: shard for shard, keys in halves.items() for k in keys}
+        (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    else:
+        torch.save(state, tmp_path / "pytorch_model.bin")
+    weights = dict(load_weights(tmp_path))
+    expected = _hf_weights(model)
+    assert sorted(weights) == sorted(expected)
+    for name, matrix in expected.items():
+        assert torch.equal(weights[name], matrix), name
+
+
+def test_folder_without_weights_says_what_was_looked_for(tmp_path, capsys):
+    (tmp_path / "config.json").write_text("{}")
+    assert main(["rank", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"fastrank rank: {tmp_path} is a folder without model weights: looked for model.safetensors, "
+        f"model.safetensors.index.json, pytorch_model.bin, pytorch_model.bin.index.json (a Hugging Face "
+        f"save_pretrained folder); it holds config.json"
+    )
+
+
+def test_sharded_index_naming_a_missing_shard(tmp_path):
+    torch.save({"a.weight": torch.randn(3, 3)}, tmp_path / "part-1.bin")
+    weight_map = {"a.weight": "part-1.bin", "b.weight": "part-2.bin"}
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin\.index\.json names the shard part-2\.bin, which is not in"):
+        load_weights(tmp_path)
+    (tmp_path / "pytorch_model.bin.index.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match=r"is not a sharded-checkpoint index: expected JSON with a \"weight_map\""):
+        load_weights(tmp_path)

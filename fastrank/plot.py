@@ -16,28 +16,76 @@ from typing import Any
 
 from ._extras import pyplot
 
-__all__ = ["MAX_LINES", "load_history", "plot_history"]
+__all__ = ["HISTORY_FORMATS", "MAX_LINES", "load_history", "plot_history"]
 
 # Above this many modules a line plot's legend and colours stop being told apart: heat map.
 MAX_LINES = 12
 
 
-def load_history(path: str | Path) -> list[dict[str, Any]]:
-    """Rows written by ``RankTracker.to_csv`` (``.csv``) or ``RankTracker.to_json`` (anything else)."""
-    path = Path(path)
+# What `fastrank plot` and load_history read, named in every error about a file that is not one.
+HISTORY_FORMATS = (
+    "the CSV written by RankTracker.to_csv (a header row with step and name columns) or the JSON "
+    "list of rows written by RankTracker.to_json"
+)
+
+
+def _number_or_text(value: str) -> float | str:
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of ``path``; ValueError saying how it differs from a history."""
     if path.suffix.lower() == ".csv":
         with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        for row in rows:
-            for key, value in row.items():
-                if key != "name" and value not in ("", None):
-                    row[key] = float(value)
-        return rows
+            reader = csv.DictReader(f)
+            if not {"step", "name"} <= set(reader.fieldnames or ()):
+                raise ValueError(f"its header row is {reader.fieldnames}" if reader.fieldnames else "it is empty")
+            return [
+                {key: value if key == "name" or value in ("", None) else _number_or_text(value)
+                 for key, value in row.items()}
+                for row in reader
+            ]
     with open(path) as f:
         rows = json.load(f)
-    if not isinstance(rows, list) or not all(isinstance(row, Mapping) for row in rows):
-        raise ValueError(f"{path}: expected a JSON list of rows (RankTracker.to_json), got {type(rows).__name__}")
+    if not isinstance(rows, list):
+        raise ValueError(f"the JSON holds a {type(rows).__name__}, not a list of rows")
+    for index, row in enumerate(rows):
+        if not isinstance(row, Mapping):
+            raise ValueError(f"row {index} is {str(row)[:80]}, not an object")
+        missing = [key for key in ("step", "name") if key not in row]
+        if missing:
+            raise ValueError(f"row {index} is {str(row)[:80]}, without {' and '.join(missing)}")
     return rows
+
+
+def load_history(path: str | Path) -> list[dict[str, Any]]:
+    """Rows written by ``RankTracker.to_csv`` (``.csv``) or ``RankTracker.to_json`` (anything else).
+
+    Returns:
+        ``[{"step": float, "name": str, <metric>: float, ...}, ...]``; CSV cells that are not
+        numbers stay strings, empty CSV cells stay ``""``.
+
+    Raises:
+        ValueError: the file is not such a history (not UTF-8 text, not CSV / JSON, or rows
+            without ``step`` and ``name``); the message names the file and :data:`HISTORY_FORMATS`.
+        OSError: the file cannot be read.
+    """
+    path = Path(path)
+    try:
+        return _read_rows(path)
+    except UnicodeDecodeError as error:
+        detail = f"not UTF-8 text: {error.reason} at byte {error.start}"
+    except json.JSONDecodeError as error:
+        detail = (
+            f"not JSON: {error.msg} at line {error.lineno} column {error.colno}; a name not ending "
+            f"in .csv is read as JSON"
+        )
+    except (csv.Error, ValueError) as error:
+        detail = str(error)
+    raise ValueError(f"{path} is not a RankTracker history ({detail}); expected {HISTORY_FORMATS}")
 
 
 def plot_history(rows: Iterable[Mapping[str, Any]], path: str | Path, metric: str = "effective_rank") -> None:

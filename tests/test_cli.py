@@ -1,4 +1,5 @@
-"""fastrank bench / paper command line: parsing, a tiny bench run end to end, result rows, plots."""
+"""fastrank command line: parsing, a tiny bench run end to end, result rows, plots, output paths
+checked before a run, plot and rank errors."""
 
 import builtins
 import json
@@ -6,6 +7,7 @@ import json
 import pytest
 import torch
 
+import fastrank
 from fastrank import bench
 from fastrank.bench import Case, Prepared
 from fastrank.bench.chain import chain_cases
@@ -301,3 +303,126 @@ def test_sketch_kernel_cases_run_end_to_end_at_toy_size():
                 assert row == {}
             else:  # one rounding of Y in the dtype, against fp64
                 assert row["error"] < (1e-2 if case.dtype == "bfloat16" else 1e-5), (case.name, variant, row)
+
+
+# ---- errors before the run ----------------------------------------------------------------------
+
+
+def _unwritable_path(tmp_path, kind):
+    """A path no one can write, root included, and the reason the operating system gives."""
+    if kind == "missing-folder":
+        return tmp_path / "no-such-folder" / "out.json", "No such file or directory"
+    if kind == "under-a-file":
+        (tmp_path / "a-file").write_text("")
+        return tmp_path / "a-file" / "out.json", "Not a directory"
+    return tmp_path, "Is a directory"
+
+
+def _history_csv(tmp_path):
+    path = tmp_path / "history.csv"
+    path.write_text("step,name,effective_rank\n0,fc.weight,3.5\n1,fc.weight,3.25\n")
+    return path
+
+
+def _run_must_not_start(monkeypatch):
+    from fastrank import checkpoint, plot
+    from fastrank.bench import paper
+
+    def started(*args, **kwargs):
+        raise AssertionError("the command ran before its output path was checked")
+
+    monkeypatch.setattr(bench, "suite_cases", started)
+    monkeypatch.setattr(paper, "reproduce", started)
+    monkeypatch.setattr(checkpoint, "load_weights", started)
+    monkeypatch.setattr(plot, "load_history", started)
+
+
+@pytest.mark.parametrize("kind", ["missing-folder", "under-a-file", "a-directory"])
+@pytest.mark.parametrize(
+    "command,option",
+    [(["bench", "--suite", "chain"], "--json"), (["bench", "--suite", "chain"], "--plot"),
+     (["paper", "--quick"], "--json"), (["paper", "--quick"], "--plot"), (["rank", "ckpt.pt"], "--json"),
+     (["plot", "history.csv"], "--output")],
+    ids=["bench-json", "bench-plot", "paper-json", "paper-plot", "rank-json", "plot-output"],
+)
+def test_unwritable_output_is_refused_before_the_run(tmp_path, monkeypatch, capsys, command, option, kind):
+    path, reason = _unwritable_path(tmp_path, kind)
+    _run_must_not_start(monkeypatch)
+    assert main([*command, option, str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"fastrank {command[0]}: cannot write {option} {path}: {reason}\n"
+    assert captured.out == ""
+
+
+def test_output_check_leaves_existing_files_and_creates_none(tmp_path, capsys):
+    from fastrank.bench.cli import _unwritable
+
+    existing = tmp_path / "old.json"
+    existing.write_text("kept")
+    assert _unwritable(str(existing)) is None and existing.read_text() == "kept"
+    assert _unwritable(str(tmp_path / "new.json")) is None and not (tmp_path / "new.json").exists()
+
+
+def test_plot_writes_the_history(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "ranks.png"
+    assert main(["plot", str(_history_csv(tmp_path)), "-o", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+_FORMATS = (
+    "expected the CSV written by RankTracker.to_csv (a header row with step and name columns) or the "
+    "JSON list of rows written by RankTracker.to_json"
+)
+
+
+@pytest.mark.parametrize(
+    "name,content,detail",
+    [("ranks.csv", b"\x89PNG\r\n\x1a\n\x00\x00", "not UTF-8 text: invalid start byte at byte 0"),
+     ("ranks.json", b"\xff\xfe\x00binary", "not UTF-8 text: invalid start byte at byte 0"),
+     ("ranks.csv", b"epoch,loss\n1,0.5\n", "its header row is ['epoch', 'loss']"),
+     ("ranks.csv", b"", "it is empty"),
+     ("ranks.txt", b"step,name\n1,fc\n", "not JSON: Expecting value at line 1 column 1; a name not ending in .csv is read as JSON"),
+     ("ranks.json", b'{"fc": 3}', "the JSON holds a dict, not a list of rows"),
+     ("ranks.json", b'[{"step": 1, "effective_rank": 2.0}]', "row 0 is {'step': 1, 'effective_rank': 2.0}, without name"),
+     ("ranks.json", b"[3]", "row 0 is 3, not an object")],
+    ids=["binary-csv", "binary-json", "other-csv", "empty-csv", "csv-named-txt", "json-dict", "row-without-name",
+         "row-not-an-object"],
+)
+def test_plot_of_a_file_that_is_not_a_history_names_it_and_the_format(tmp_path, capsys, name, content, detail):
+    path = tmp_path / name
+    path.write_bytes(content)
+    assert main(["plot", str(path), "-o", str(tmp_path / "out.png")]) == 2
+    assert capsys.readouterr().err == f"fastrank plot: {path} is not a RankTracker history ({detail}); {_FORMATS}\n"
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_plot_history_keeps_text_cells(tmp_path):
+    from fastrank.plot import load_history
+
+    path = tmp_path / "ranks.csv"
+    path.write_text("step,name,effective_rank,method\n2,fc.weight,3.5,slq\n3,fc.weight,,exact\n")
+    assert load_history(path) == [
+        {"step": 2.0, "name": "fc.weight", "effective_rank": 3.5, "method": "slq"},
+        {"step": 3.0, "name": "fc.weight", "effective_rank": "", "method": "exact"},
+    ]
+
+
+def test_rank_with_slq(tmp_path, capsys):
+    # Every metric of `fastrank rank --method slq` is the library's slq answer for that metric,
+    # and the exact value lies within that answer's bounds.
+    gen = torch.Generator().manual_seed(7)
+    weights = {"a.weight": torch.randn(40, 30, generator=gen, dtype=torch.float64),
+               "b.weight": torch.randn(40, 30, generator=gen, dtype=torch.float64),
+               "c.weight": torch.randn(9, 9, generator=gen, dtype=torch.float64)}
+    path, out = tmp_path / "state.pt", tmp_path / "rows.json"
+    torch.save(weights, path)
+    assert main(["rank", str(path), "--method", "slq", "--json", str(out), "--device", "cpu"]) == 0
+    rows = {row["name"]: row for row in json.loads(out.read_text())}
+    assert sorted(rows) == sorted(weights)
+    for name, matrix in weights.items():
+        for metric in ("effective_rank", "spectral_entropy", "stable_rank"):
+            answer = getattr(fastrank, metric)(matrix, method="slq", return_bounds=True)
+            exact = float(getattr(fastrank, metric)(matrix, method="exact"))
+            assert rows[name][metric] == pytest.approx(float(answer.estimate), rel=1e-10), (name, metric)
+            assert float(answer.lower) <= exact <= float(answer.upper), (name, metric, answer, exact)

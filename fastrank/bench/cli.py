@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -24,6 +25,27 @@ def _device(choice: str, command: str = "bench") -> str:
     if choice == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"fastrank {command}: --device cuda was asked for, but torch sees no CUDA device")
     return choice
+
+
+# The options of each command that name a file it writes, checked before the command runs.
+_OUTPUT_OPTIONS = ("json", "plot", "output")
+
+
+def _unwritable(path: str) -> str | None:
+    """Why ``path`` cannot be written (the operating system's reason), or None.
+
+    Tried by opening it for appending, which leaves an existing file as it is; a file the check
+    creates is removed again. Permission bits alone would not do: root passes every one.
+    """
+    existed = os.path.lexists(path)
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as error:
+        return error.strerror or type(error).__name__
+    if not existed:
+        os.remove(path)
+    return None
 
 
 def _write_json(rows: list[dict], path: str) -> None:
@@ -132,15 +154,18 @@ class _Progress:
 def rank(args: argparse.Namespace) -> int:
     from ..checkpoint import CheckpointError, load_weights, rank_report
 
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+    failure = None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
             weights = load_weights(args.checkpoint, trusted=args.trust_checkpoint)
-    except CheckpointError as error:
-        print(f"fastrank rank: {error}", file=sys.stderr)
-        return 2
-    for warning in caught:
+        except CheckpointError as error:
+            failure = error
+    for warning in caught:  # layers left out, trusted loads: also when nothing could be reported
         print(f"fastrank rank: warning: {warning.message}", file=sys.stderr)
+    if failure is not None:
+        print(f"fastrank rank: {failure}", file=sys.stderr)
+        return 2
     device = _device(args.device, "rank")
     progress = _Progress(len({tuple(m.shape) for _, m in weights}), f"ranking {len(weights)} weights on {device}")
     rows = rank_report(
@@ -213,7 +238,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     paper_parser.set_defaults(handler=paper)
     rank_parser = commands.add_parser("rank", help="rank of every weight of a checkpoint")
     rank_parser.add_argument(
-        "checkpoint", help="a checkpoint, state_dict or model saved with torch.save, or a .safetensors file"
+        "checkpoint",
+        help="a checkpoint, state_dict or model saved with torch.save, a .safetensors file, or a "
+        "Hugging Face save_pretrained folder",
     )
     rank_parser.add_argument(
         "--trust-checkpoint", action="store_true",
@@ -240,6 +267,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     plot_parser.set_defaults(handler=plot)
     args = parser.parse_args(argv)
+    for option in _OUTPUT_OPTIONS:
+        path = getattr(args, option, None)
+        reason = _unwritable(path) if path else None
+        if reason is not None:  # before the run, not after it
+            print(f"fastrank {args.command}: cannot write --{option} {path}: {reason}", file=sys.stderr)
+            return 2
     return args.handler(args)
 
 

@@ -9,6 +9,7 @@ import re
 import pytest
 import torch
 
+import fastrank
 import fastrank.rank.api as rank_module
 from fastrank.rank import exact, slq
 from fastrank.rank import RankEstimate, effective_rank, effective_ranks, spectral_entropy, stable_rank
@@ -639,3 +640,63 @@ def test_small_route_choice():
     assert route(torch.empty(64, 64), False, False) and route(torch.empty(2048, 8), False, False)
     assert not route(torch.empty(72, 72), False, False) and not route(torch.empty(2, 16, 16), False, False)
     assert not route(torch.empty(16, 16), True, False) and not route(torch.empty(16, 16), False, True)
+
+
+# ---- every method gives every metric; entries and symmetric inputs are checked ---------------------
+
+
+_METHODS = ["auto", "exact", "randomized", "slq"]
+
+
+@pytest.mark.parametrize("method", _METHODS)
+@pytest.mark.parametrize("kind", ["data", "gram", "hermitian"])
+def test_rank_metrics_and_all_give_every_metric_with_every_method(method, kind):
+    torch.manual_seed(40)
+    X = torch.randn(300, 40, dtype=torch.float64) * torch.linspace(0.2, 1.0, 40, dtype=torch.float64)
+    A, options = (X.T @ X, dict(hermitian=True)) if kind == "hermitian" else (X, dict(gram=kind == "gram"))
+    exact = fastrank.rank.rank_metrics(A, method="exact", **options)
+    got = fastrank.rank.rank_metrics(A, method=method, seed=0, **options)
+    listed = fastrank.effective_ranks([A, A[:20, :20] if kind == "hermitian" else A[:50]], metric="all", method=method, seed=0, **options)
+    assert set(got) == set(exact) == set(listed[0]) == {"spectral_entropy", "effective_rank", "stable_rank"}
+    for key, value in got.items():
+        assert torch.isfinite(value) and value > 0, (key, value)
+        # slq / randomized are estimates: within a few percent here (the bounds' tests are above)
+        assert float(value) == pytest.approx(float(exact[key]), rel=0.1), (key, float(value), float(exact[key]))
+        assert float(listed[0][key]) == pytest.approx(float(value), rel=1e-12), key
+
+
+@pytest.mark.parametrize("method", ["randomized", "slq"])
+def test_stable_rank_of_a_gram_by_a_sketch_names_the_alternative(method):
+    with pytest.raises(ValueError, match=r"stable_rank: method='(randomized|slq)' has no estimate .*use one of those"):
+        fastrank.rank.stable_rank(torch.randn(30, 8, dtype=torch.float64), gram=True, method=method)
+
+
+@pytest.mark.parametrize(
+    "entry,where",
+    [(torch.randn(5), r"shape \(5,\) at index 1 \(a vector"), (torch.tensor(2.0), r"shape \(\) at index 1"),
+     (torch.randn(0, 4), r"shape \(0, 4\) at index 1")],
+    ids=["vector", "scalar", "empty"],
+)
+def test_effective_ranks_names_an_entry_that_is_not_a_matrix(entry, where):
+    with pytest.raises(ValueError, match=r"effective_ranks: expected each entry to be a non-empty matrix .*" + where):
+        fastrank.effective_ranks([torch.randn(4, 3), entry])
+    with pytest.raises(ValueError, match=r"at key 'b'"):
+        fastrank.effective_ranks({"a": torch.randn(4, 3), "b": entry})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("batched", [False, True], ids=["one", "batch"])
+def test_hermitian_refuses_a_matrix_that_is_not_symmetric(dtype, batched):
+    torch.manual_seed(41)
+    X = torch.randn(64, 7, dtype=dtype)
+    gram = X.T @ X
+    centered = (X - X.mean(0)).T @ (X - X.mean(0))
+    good = torch.stack([gram, centered]) if batched else gram
+    for function in (fastrank.effective_rank, fastrank.spectral_entropy, fastrank.stable_rank):
+        function(good, hermitian=True)  # symmetric to rounding: accepted
+    bad = torch.randn(7, 7, dtype=dtype)
+    bad = torch.stack([gram, bad]) if batched else bad
+    where = r" at batch index \(1,\)" if batched else ""
+    for function in (fastrank.effective_rank, fastrank.spectral_entropy, fastrank.stable_rank, fastrank.rank.rank_metrics):
+        with pytest.raises(ValueError, match=rf"{function.__name__}: hermitian=True needs a symmetric PSD matrix, but the matrix{where} of shape \(7, 7\) is not symmetric"):
+            function(bad, hermitian=True)

@@ -8,11 +8,13 @@ from collections.abc import Mapping
 
 import torch
 
-from .common import _EPS, RankEstimate, _entropy, _entropy_nonzero, _is_dtensor, _num_values, _prepare, _seed, _stable_of
+from .common import (
+    _EPS, RankEstimate, _entropy, _entropy_nonzero, _is_dtensor, _num_values, _prepare, _seed, _stable_bounds, _stable_of
+)
 from .eigensolver import eigvalsh as _eigvalsh
 from .exact import _EXACT_TOL, _exact_values, _gram_eigenvalues, _small_values
-from .randomized import _captured, _default_sketch_size, _randomized_entropy
-from .slq import _slq_entropy
+from .randomized import _captured, _randomized_entropy, _sketch_size
+from .slq import _slq_entropy, _slq_quadrature, _slq_stable_rank
 
 _AUTO_EXACT_MAX = 4096  # largest r for which "auto" runs exact (fp64 eigvalsh of r x r: ~10 s on 2 CPU cores at 4096)
 _AUTO_WIDTH = 0.01  # nats; wider randomized intervals make "auto" switch to slq
@@ -26,7 +28,7 @@ def _entropy_bounds(A, gram, hermitian, method, rank, niter, seed):
             lower, estimate, upper = _randomized_entropy(A, gram, hermitian, rank, niter, seed)
             wide = (upper - lower) > _AUTO_WIDTH
             if bool(wide.any()):
-                slq = _slq_entropy(A[wide], gram, hermitian, None, None, seed)
+                slq = _slq_entropy(_slq_quadrature(A[wide], gram, hermitian, None, None, seed))
                 # slq only where its interval is the narrower one: on decaying spectra (singular
                 # values especially) its interval is wide and the sketch's is the better answer
                 better = (slq[2] - slq[0]) < (upper[wide] - lower[wide])
@@ -39,7 +41,7 @@ def _entropy_bounds(A, gram, hermitian, method, rank, niter, seed):
         return exact, exact, exact
     if method == "randomized":
         return _randomized_entropy(A, gram, hermitian, rank, niter, seed)
-    return _slq_entropy(A, gram, hermitian, rank, niter, seed)
+    return _slq_entropy(_slq_quadrature(A, gram, hermitian, rank, niter, seed))
 
 
 def _sharded(metric, A, **kwargs):
@@ -78,7 +80,7 @@ def spectral_entropy(
     if _is_dtensor(A):  # sharded: reduced Grams, never a gathered weight
         return _sharded("spectral_entropy", A, gram=gram, hermitian=hermitian, method=method, rank=rank, niter=niter,
                         seed=seed, center=center, return_bounds=return_bounds)
-    values = _small_values(A, gram, hermitian, center, method)
+    values = _small_values(A, gram, hermitian, center, method, "spectral_entropy")
     if values is not None:
         lower = estimate = upper = _entropy_nonzero(values)
     else:
@@ -102,7 +104,7 @@ def effective_rank(
     if _is_dtensor(A):  # sharded: reduced Grams, never a gathered weight
         return _sharded("effective_rank", A, gram=gram, hermitian=hermitian, method=method, rank=rank, niter=niter,
                         seed=seed, center=center, return_bounds=return_bounds)
-    values = _small_values(A, gram, hermitian, center, method)
+    values = _small_values(A, gram, hermitian, center, method, "effective_rank")
     if values is not None:
         lower = estimate = upper = _entropy_nonzero(values).exp()
         return RankEstimate(estimate, lower, upper) if return_bounds else estimate
@@ -117,31 +119,15 @@ def effective_rank(
     return estimate
 
 
-def stable_rank(A, *, gram=False, hermitian=False, method="auto", rank=None, niter=None, seed=None, center=False, return_bounds=False):
-    """Stable rank ||M||_F^2 / ||M||_2^2, M = A (or M = X X^T for data X when gram=True).
-
-    A: (..., m, n); result float64 of shape (...). All-zero matrix: 0.
-    method: "exact" (fp64 eigvalsh of the smaller-side Gram), "randomized" (gram=False or
-    hermitian=True only: ||M||_F^2 is exact; the top eigenvalue lambda_1 of the Gram lies in
-    [theta_1, (sigma_1(Q^T A) + sqrt(R))^2] (data) or [theta_1, theta_1 + R] (PSD A), R the unseen
-    mass, so the bounds are certified), "auto" (exact when r <= 4096, else randomized where
-    available). "slq" is not available for the stable rank.
-    """
-    if _is_dtensor(A):  # sharded: reduced Grams, never a gathered weight
-        return _sharded("stable_rank", A, gram=gram, hermitian=hermitian, method=method, rank=rank, niter=niter,
-                        seed=seed, center=center, return_bounds=return_bounds)
-    values = _small_values(A, gram, hermitian, center, method)
-    if values is not None:
-        value = _stable_of(values)
-        return RankEstimate(value, value, value) if return_bounds else value
-    A = _prepare(A, gram, hermitian, center, method, "stable_rank")
+def _stable_rank_bounds(A, gram, hermitian, method, rank, niter, seed):
+    """RankEstimate of the stable rank of a prepared A (``_prepare``) by ``method`` (see stable_rank)."""
     r = _num_values(A, hermitian)
     if method == "auto":
         method = "exact" if (r <= _AUTO_EXACT_MAX or gram) else "randomized"
-    if method == "slq" or (method == "randomized" and gram):
-        raise ValueError(f"stable_rank: method={method!r} is not available with gram={gram}; use 'exact'")
-    k = _default_sketch_size(r) if rank is None else int(rank)
-    if method == "exact" or k >= r:
+    if method == "slq":
+        return _slq_stable_rank(_slq_quadrature(A, gram, hermitian, rank, niter, seed), hermitian)
+    k = _sketch_size(r, rank) if method == "randomized" else r
+    if k >= r:  # exact, or a sketch as large as the spectrum
         if hermitian:
             lam = _eigvalsh(A.to(torch.float64)).abs()
             num, top = lam.square().sum(-1), lam.amax(-1).square()
@@ -152,25 +138,52 @@ def stable_rank(A, *, gram=False, hermitian=False, method="auto", rank=None, nit
             num = torch.linalg.vector_norm(A, dim=(-2, -1), dtype=torch.float64).square()
             top = _gram_eigenvalues(A, fp64_products=True)[..., -1]
         value = torch.where(top > 0, num / top.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(num))
+        return RankEstimate(value, value, value)
+    mu, _, _, lead, frob2 = _captured(A, hermitian, k, 0 if niter is None else int(niter), _seed(seed))
+    # mu: lower bounds on the top-k values, frob2 = ||A||_F^2 with its rounding added
+    return _stable_bounds(mu, lead, frob2 / (1 + 2 * sum(A.shape[-2:]) * _EPS), frob2, hermitian)
+
+
+def stable_rank(A, *, gram=False, hermitian=False, method="auto", rank=None, niter=None, seed=None, center=False, return_bounds=False):
+    """Stable rank ||M||_F^2 / ||M||_2^2, M = A (or M = X X^T for data X when gram=True).
+
+    A: (..., m, n); result float64 of shape (...), or RankEstimate(estimate, lower, upper) with
+    return_bounds=True. All-zero matrix: 0. The bounds are certified (up to fp64 rounding) for
+    every method: with v the values (eigenvalues of A^T A, or |eigenvalues| of a symmetric A),
+    ||M||_F^2 is exact and v_1 lies between a lower bound mu_1 <= v_1 and the budget left by the
+    floors of the others, ||A||_F^2 - sum_{i>=2} mu_i (data) or ||A||_F^2 - sum_{i>=2} mu_i^2 (PSD A).
+    method:
+      "exact": fp64 eigvalsh of the smaller-side Gram (bounds equal to the estimate);
+      "randomized" (gram=False or hermitian=True): mu the Rayleigh-Ritz values of the sketch
+        (``rank`` = sketch size, ``niter`` = power iterations); on flat spectra the estimate is
+        high (a 256-column sketch of a 1600 x 1500 matrix with values in [0.5, 1]: 13%);
+      "slq" (gram=False or hermitian=True): mu the Ritz values of the SLQ Lanczos run (``rank``
+        probes, ``niter`` steps, as for the entropy; the run rank_metrics shares): the largest one
+        converges fastest of all Ritz values (same matrix, 40 steps: 0.014% high). Upper bound
+        tight, lower bound near 1 on flat spectra; hermitian=True assumes A PSD;
+      "auto": exact when r <= 4096 or gram=True, else randomized.
+    gram=True takes "exact" or "auto" only: sum lambda^2 = ||X^T X||_F^2 needs the d x d Gram,
+    which is what the exact method forms (rank_metrics and effective_ranks(metric="all") with
+    "randomized" or "slq" compute this metric by "exact").
+    Raises:
+        ValueError: the errors of spectral_entropy; gram=True with "randomized" or "slq".
+    """
+    if _is_dtensor(A):  # sharded: reduced Grams, never a gathered weight
+        return _sharded("stable_rank", A, gram=gram, hermitian=hermitian, method=method, rank=rank, niter=niter,
+                        seed=seed, center=center, return_bounds=return_bounds)
+    values = _small_values(A, gram, hermitian, center, method, "stable_rank")
+    if values is not None:
+        value = _stable_of(values)
         return RankEstimate(value, value, value) if return_bounds else value
-    mu, total, total_hi, lead, frob2 = _captured(A, hermitian, k, 0 if niter is None else int(niter), _seed(seed))
-    tiny = torch.finfo(torch.float64).tiny
-    # values v (eigenvalues of A^T A for data, |eigenvalues| of a symmetric A): the stable rank is
-    # sum v^2 / v_1^2 resp. sum v / v_1 with the numerator known exactly (||A||_F^2 or ||A||_F^2
-    # of the symmetric A). v_1 >= mu_1, and v_1 <= budget - sum_{i>=2} mu_i (the other values are
-    # at least their floors): power 1 for data (budget ||A||_F^2), power 2 for symmetric A.
-    power = 2 if hermitian else 1
-    budget = frob2
-    numerator = frob2 / (1 + 2 * sum(A.shape[-2:]) * _EPS)
-    floors = mu.pow(power)
-    top_low = floors[..., 0]
-    top_high = (budget - floors[..., 1:].sum(-1)).clamp_min(0)
-    lead_value = lead.abs().pow(power)
-    lower = torch.where(top_high > 0, numerator / top_high.clamp_min(tiny), torch.zeros_like(numerator))
-    upper = torch.where(top_low > 0, budget / top_low.clamp_min(tiny), torch.where(numerator > 0, torch.full_like(numerator, math.inf), torch.zeros_like(numerator)))
-    estimate = torch.where(lead_value > 0, numerator / lead_value.clamp_min(tiny), torch.zeros_like(numerator))
-    estimate = torch.minimum(torch.maximum(estimate, lower), upper)
-    return RankEstimate(estimate, lower, upper) if return_bounds else estimate
+    A = _prepare(A, gram, hermitian, center, method, "stable_rank")
+    if gram and method in ("randomized", "slq"):
+        raise ValueError(
+            f"stable_rank: method={method!r} has no estimate of the stable rank of a Gram (gram=True): its "
+            "numerator ||X^T X||_F^2 needs the d x d Gram, which method='exact' (or 'auto') forms; use one of "
+            "those (rank_metrics and effective_ranks(metric='all') do so for this metric)"
+        )
+    bounds = _stable_rank_bounds(A, gram, hermitian, method, rank, niter, seed)
+    return bounds if return_bounds else bounds.estimate
 
 
 def rank_metrics(
@@ -179,10 +192,16 @@ def rank_metrics(
 ):
     """The three metrics at once: ``{"spectral_entropy", "effective_rank", "stable_rank"}``.
 
-    Same arguments and results as the three functions (float64 tensors of shape (...)). Where the
-    method is exact ("exact", or "auto" with at most 4096 values) all three come from one spectrum
-    s: H from p = s / sum(s), exp(H), and sum(s^2) / max(s)^2; otherwise each function runs its own
-    estimator. ``exact_tolerance``: the relative entropy error the exact method allows the fp64
+    Same arguments and results as the three functions (float64 tensors of shape (...)); every
+    method gives all three. Where the method is exact ("exact", or "auto" with at most 4096
+    values) all three come from one spectrum s: H from p = s / sum(s), exp(H), and
+    sum(s^2) / max(s)^2. Otherwise each metric takes the method that supports it:
+      "slq": H and exp(H) by SLQ; the stable rank from the largest Ritz value of the same Lanczos
+        run (one run for both, see stable_rank); with gram=True the stable rank is exact;
+      "randomized": H and the stable rank each by their randomized estimator; with gram=True the
+        stable rank is exact;
+      "auto" above 4096 values: H as spectral_entropy's "auto", the stable rank as stable_rank's.
+    ``exact_tolerance``: the relative entropy error the exact method allows the fp64
     Gram route before it recomputes a matrix with ``svdvals`` of A itself (gram=False only; the
     functions use 1e-11; ``RankTracker`` passes 1e-6, enough for a training curve and several
     times cheaper on ill-conditioned weights).
@@ -190,7 +209,7 @@ def rank_metrics(
     if _is_dtensor(A):  # sharded: reduced Grams, never a gathered weight
         return _sharded("all", A, gram=gram, hermitian=hermitian, method=method, rank=rank, niter=niter,
                         seed=seed, center=center, exact_tolerance=exact_tolerance)
-    values = _small_values(A, gram, hermitian, center, method)
+    values = _small_values(A, gram, hermitian, center, method, "rank_metrics")
     if values is not None:
         entropy = _entropy_nonzero(values)
         return {"spectral_entropy": entropy, "effective_rank": entropy.exp(), "stable_rank": _stable_of(values)}
@@ -199,13 +218,13 @@ def rank_metrics(
         values = _exact_values(A, gram, hermitian, exact_tolerance)
         entropy = _entropy(values)
         return {"spectral_entropy": entropy, "effective_rank": entropy.exp(), "stable_rank": _stable_of(values)}
-    kwargs = dict(gram=gram, hermitian=hermitian, method=method, rank=rank, niter=niter, seed=seed)
-    entropy = spectral_entropy(A, **kwargs)
-    return {
-        "spectral_entropy": entropy,
-        "effective_rank": entropy.exp(),
-        "stable_rank": stable_rank(A, **kwargs),
-    }
+    if method == "slq" and not gram:  # one Lanczos run: its rules give H, its Ritz values the stable rank
+        quadrature = _slq_quadrature(A, gram, hermitian, rank, niter, seed)
+        entropy, stable = _slq_entropy(quadrature)[1], _slq_stable_rank(quadrature, hermitian).estimate
+    else:
+        entropy = _entropy_bounds(A, gram, hermitian, method, rank, niter, seed)[1]
+        stable = _stable_rank_bounds(A, gram, hermitian, "exact" if gram else method, rank, niter, seed).estimate
+    return {"spectral_entropy": entropy, "effective_rank": entropy.exp(), "stable_rank": stable}
 
 
 _CUDA_CHUNK_BYTES = 2**31  # working set of one batched call on CUDA, at least (see _chunks)
@@ -232,6 +251,21 @@ def _chunks(groups, tensors):
             yield indices[start : start + step]
 
 
+def _check_entries(tensors, labels):
+    """Raise ValueError, naming the entry, for one that is not a non-empty matrix (..., m, n).
+
+    Entries are stacked into batches: a vector or a scalar would become a row of one matrix (or
+    fail inside torch), an empty matrix would be reported with the stacked shape.
+    """
+    for tensor, label in zip(tensors, labels):
+        shape = tuple(tensor.shape) if hasattr(tensor, "shape") else tuple(torch.as_tensor(tensor).shape)
+        if len(shape) < 2 or math.prod(shape) == 0:
+            raise ValueError(
+                f"effective_ranks: expected each entry to be a non-empty matrix or batch of matrices (..., m, n), "
+                f"got shape {shape} at {label}" + (" (a vector: pass it as one row, v[None])" if len(shape) == 1 else "")
+            )
+
+
 def effective_ranks(tensors, *, metric="effective_rank", **kwargs):
     """A rank metric of many matrices of mixed shapes: one batched call per (shape, dtype, device).
 
@@ -245,6 +279,9 @@ def effective_ranks(tensors, *, metric="effective_rank", **kwargs):
     Returns:
         a list in input order (a dict with the same keys for a mapping) of float64 tensors of each
         input's batch shape (of dicts of them for "all"), or of RankEstimate with return_bounds=True.
+    Raises:
+        ValueError: an unknown metric; an entry with fewer than 2 dims or no elements (naming its
+            index, or its key, and its shape); the errors of the metric's function.
     """
     functions = {
         "effective_rank": effective_rank,
@@ -257,8 +294,10 @@ def effective_ranks(tensors, *, metric="effective_rank", **kwargs):
     function = functions[metric]
     if isinstance(tensors, Mapping):
         keys = list(tensors.keys())
+        _check_entries([tensors[key] for key in keys], [f"key {key!r}" for key in keys])
         return dict(zip(keys, effective_ranks([tensors[key] for key in keys], metric=metric, **kwargs)))
     tensors = [t if isinstance(t, torch.Tensor) else torch.as_tensor(t) for t in tensors]
+    _check_entries(tensors, [f"index {index}" for index in range(len(tensors))])
     sharded = [i for i, t in enumerate(tensors) if _is_dtensor(t)]
     if sharded:  # DTensors: one all-reduce per shape group (fastrank.sharded); the rest as usual
         from ..sharded import sharded_effective_ranks

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from .common import _EPS, _REAL_DTYPES
+from .common import _EPS, _REAL_DTYPES, _check_symmetric
 from .eigensolver import eigvalsh as _eigvalsh
 
 _ROW_BLOCK = 16384  # rows per fp32 Gram block summed in fp64 (4 blocks for 65536 rows)
@@ -113,7 +113,7 @@ def _gram_singular_values(lam, m, n, tolerance):
     return s, (error > tolerance * entropy.clamp_min(1)).squeeze(-1)
 
 
-def _small_values(A, gram, hermitian, center, method):
+def _small_values(A, gram, hermitian, center, method, name):
     """``_exact_values`` of one small matrix on the CPU, without ``_prepare``'s bookkeeping, or None.
 
     The fixed cost of a call on a small matrix was that bookkeeping, not the spectrum: on one
@@ -128,7 +128,8 @@ def _small_values(A, gram, hermitian, center, method):
     LAPACK scales internally. Anything else returns None and takes the general path, which raises
     the documented errors, scales, or returns -inf: a batch, another device or method, NaN/Inf, a
     zero matrix (also after centering), ||A||_F outside _SMALL_NORM or overflowing fp64. Every
-    value vector returned has a positive sum (A is not zero).
+    value vector returned has a positive sum (A is not zero). hermitian=True checks symmetry as
+    ``_prepare`` does (``_check_symmetric``; ``name``, the public function, heads its error).
     """
     if not (
         isinstance(A, torch.Tensor)
@@ -152,6 +153,8 @@ def _small_values(A, gram, hermitian, center, method):
     if not _SMALL_NORM[0] <= torch.linalg.vector_norm(X).item() <= _SMALL_NORM[1]:  # also False for NaN
         return None
     if hermitian:
+        low, high = torch.aminmax(X)
+        _check_symmetric(X, max(high.item(), -low.item()), A.dtype, name)
         values = torch.linalg.eigvalsh(X).abs()
     elif gram:
         values = _gram_eigenvalues(X, fp64_products=True)

@@ -175,11 +175,17 @@ def _certified_bounds(mu, total, total_hi, r, power):
     return tuple(torch.where(zero, neg_inf, x) for x in (lower, estimate, upper))
 
 
-def _randomized_entropy(A, gram, hermitian, rank, niter, seed):
-    r = _num_values(A, hermitian)
+def _sketch_size(r, rank):
+    """The sketch size k for r values: ``rank``, or the default (``_default_sketch_size``)."""
     k = _default_sketch_size(r) if rank is None else int(rank)
     if k < 1:
-        raise ValueError(f"rank (sketch size) must be >= 1, got {rank}")
+        raise ValueError(f"randomized: rank (the sketch size) must be >= 1, got {rank}")
+    return k
+
+
+def _randomized_entropy(A, gram, hermitian, rank, niter, seed):
+    r = _num_values(A, hermitian)
+    k = _sketch_size(r, rank)
     if k >= r:
         exact = _entropy(_exact_values(A, gram, hermitian))
         return exact, exact, exact

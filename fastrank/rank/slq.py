@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
+from collections import namedtuple
 
 import torch
 
-from .common import _EPS, _power, _seed
+from .common import _EPS, _power, _seed, _stable_bounds
 from .exact import _ROW_BLOCK
 
 _SLQ_PROBES = 32  # default number of Rademacher probes
@@ -141,7 +142,77 @@ def _probe_bounds(low, high, nodes, weights, values, z):
     return lower, ((low + high) / 2).mean(-1), upper
 
 
-def _slq_entropy(A, gram, hermitian, rank, niter, seed):
+_Quadrature = namedtuple(
+    "_Quadrature",
+    ["gauss", "radau", "gauss_nodes", "radau_nodes", "slack", "delta", "total", "square_sum", "frob2", "r", "power", "ritz", "lead"],
+)
+_Quadrature.__doc__ = """One SLQ run (``_slq_quadrature``): what the entropy and the stable rank read from it."""
+
+
+def _slq_quadrature(A, gram, hermitian, rank, niter, seed):
+    """The probes' Gauss and Gauss-Radau rules of the trace-1 Gram of A (one Lanczos run).
+
+    A: (..., m, n) as ``_prepare`` returns it. Both SLQ metrics read this run: the entropy its
+    rules (``_slq_entropy``), the stable rank its Ritz values (``_slq_stable_rank``). Fields:
+      gauss, radau: (nodes, weights), each (..., probes, k) (k + 1 for radau), nodes in trace-1
+        eigenvalue units; gauss_nodes, radau_nodes: the nodes clamped (and, hermitian, shifted);
+      slack: the per-probe rounding allowance of the rules of x log x; delta: the node rounding,
+        in trace-1 units (singular-value units for data);
+      total: tr G (||A||_F^2 for data, tr A for hermitian); square_sum: ||A||_F^2; frob2: that
+        plus its rounding (an upper bound); each (...);
+      r: the number of values; power: see ``_power``;
+      ritz: (..., k) descending lower bounds on the top k values (eigenvalues of A^T A for data,
+        eigenvalues of a PSD A) in A's units: the i-th largest Ritz value over all probes, less
+        the node rounding; lead: (...) the largest Ritz value, as computed.
+    """
+    m, n = A.shape[-2:]
+    probes = _SLQ_PROBES if rank is None else int(rank)
+    steps = _SLQ_STEPS if niter is None else int(niter)
+    if probes < 2 or steps < 2:
+        raise ValueError(f"slq needs rank (probes) >= 2 and niter (Lanczos steps) >= 2, got {rank}, {niter}")
+    X = A.to(torch.float64)
+    tiny = torch.finfo(torch.float64).tiny
+    power = _power(gram, hermitian)
+    seed = _seed(seed)
+    square_sum = X.square().sum((-2, -1))
+    frob2 = square_sum * (1 + 2 * (m + n) * _EPS)
+    if hermitian:
+        r = n
+        total = torch.diagonal(X, dim1=-2, dim2=-1).sum(-1)
+        steps = min(steps, r)
+        G = X / total.clamp_min(tiny)[..., None, None]
+        gauss, radau, shift = _slq_hermitian_rules(G, r, probes, steps, seed)
+        # Radau bounds int f(x + shift) dmu; f(x) - f(x + shift) <= -shift log shift for x >= 0
+        shift_allowance = r * (-shift * torch.log(shift))
+        gauss_nodes, radau_nodes = gauss[0].clamp_min(0), (radau[0] + shift.unsqueeze(-1)).clamp_min(0)
+    else:
+        X = X if n <= m else X.mT
+        r = X.shape[-1]
+        total = square_sum
+        steps = min(steps, r)
+        X = X / total.clamp_min(tiny).sqrt()[..., None, None]
+        (sigma_g, w_g), (sigma_r, w_r) = _slq_data_rules(X, r, probes, steps, seed)
+        gauss = (sigma_g.square(), w_g)
+        radau = (sigma_r.square(), w_r)
+        shift_allowance = torch.zeros((), dtype=torch.float64, device=X.device)
+        gauss_nodes, radau_nodes = gauss[0], radau[0]
+    # rounding: the nodes (sigma for data, from the QR of X V; lambda for hermitian, from eigh) are
+    # off by at most ~ delta in trace-1 units (8 (k + 1) sqrt(r) eps: generous for a Lanczos basis
+    # orthonormal to ~sqrt(r) eps and the QR / SVD / eigh of (k + 1) x (k + 1) matrices), which
+    # moves x log x by at most delta (1 + |log delta|) and sqrt by delta, per unit of mass (r)
+    delta = 8 * (steps + 1) * math.sqrt(r) * _EPS
+    slack = r * delta * (1 + abs(math.log(delta))) + shift_allowance
+    # Ritz values: the i-th largest Gauss node of any probe is at most the i-th largest eigenvalue
+    # of G (Cauchy interlacing for the probe's orthonormal Krylov basis), so their maximum over the
+    # probes is a lower bound too, once the node rounding is taken off
+    top = gauss[0].sort(-1, descending=True).values.amax(-2)
+    ritz = (top - delta).clamp_min(0) if hermitian else (top.sqrt() - delta).clamp_min(0).square()
+    scale = total.clamp_min(0)
+    ritz, lead = ritz * scale.unsqueeze(-1), top[..., 0] * scale
+    return _Quadrature(gauss, radau, gauss_nodes, radau_nodes, slack, delta, total, square_sum, frob2, r, power, ritz, lead)
+
+
+def _slq_entropy(quadrature):
     """(lower, estimate, upper) of H by stochastic Lanczos quadrature (module docstring).
 
     Scaled to trace 1 (tr G = ||A||_F^2 for data, tr A for hermitian), every eigenvalue lambda of
@@ -157,41 +228,7 @@ def _slq_entropy(A, gram, hermitian, rank, niter, seed):
     (a guarantee, up to rounding). E[Phi_u] = Phi, E[S_u] = S: the probe means of the lower and
     upper rules, each widened by z standard errors, bound Phi (and S); H is bounded over that box.
     """
-    m, n = A.shape[-2:]
-    probes = _SLQ_PROBES if rank is None else int(rank)
-    steps = _SLQ_STEPS if niter is None else int(niter)
-    if probes < 2 or steps < 2:
-        raise ValueError(f"slq needs rank (probes) >= 2 and niter (Lanczos steps) >= 2, got {rank}, {niter}")
-    X = A.to(torch.float64)
-    tiny = torch.finfo(torch.float64).tiny
-    power = _power(gram, hermitian)
-    seed = _seed(seed)
-    if hermitian:
-        r = n
-        total = torch.diagonal(X, dim1=-2, dim2=-1).sum(-1)
-        steps = min(steps, r)
-        G = X / total.clamp_min(tiny)[..., None, None]
-        gauss, radau, shift = _slq_hermitian_rules(G, r, probes, steps, seed)
-        # Radau bounds int f(x + shift) dmu; f(x) - f(x + shift) <= -shift log shift for x >= 0
-        shift_allowance = r * (-shift * torch.log(shift))
-        gauss_nodes, radau_nodes = gauss[0].clamp_min(0), (radau[0] + shift.unsqueeze(-1)).clamp_min(0)
-    else:
-        X = X if n <= m else X.mT
-        r = X.shape[-1]
-        total = X.square().sum((-2, -1))
-        steps = min(steps, r)
-        X = X / total.clamp_min(tiny).sqrt()[..., None, None]
-        (sigma_g, w_g), (sigma_r, w_r) = _slq_data_rules(X, r, probes, steps, seed)
-        gauss = (sigma_g.square(), w_g)
-        radau = (sigma_r.square(), w_r)
-        shift_allowance = torch.zeros((), dtype=torch.float64, device=X.device)
-        gauss_nodes, radau_nodes = gauss[0], radau[0]
-    # rounding: the nodes (sigma for data, from the QR of X V; lambda for hermitian, from eigh) are
-    # off by at most ~ delta in trace-1 units (8 (k + 1) sqrt(r) eps: generous for a Lanczos basis
-    # orthonormal to ~sqrt(r) eps and the QR / SVD / eigh of (k + 1) x (k + 1) matrices), which
-    # moves x log x by at most delta (1 + |log delta|) and sqrt by delta, per unit of mass (r)
-    delta = 8 * (steps + 1) * math.sqrt(r) * _EPS
-    slack = r * delta * (1 + abs(math.log(delta))) + shift_allowance
+    gauss, radau, gauss_nodes, radau_nodes, slack, delta, total, _, _, r, power, _, _ = quadrature
     nodes_g = gauss_nodes.pow(1.0 / power)
     nodes_r = radau_nodes.pow(1.0 / power)
     g_values = torch.special.xlogy(nodes_g, nodes_g)
@@ -225,3 +262,16 @@ def _slq_entropy(A, gram, hermitian, rank, niter, seed):
     zero = total <= 0
     neg_inf = torch.full_like(estimate, -math.inf)
     return tuple(torch.where(zero, neg_inf, x) for x in (lower, estimate, upper))
+
+
+def _slq_stable_rank(quadrature, hermitian):
+    """RankEstimate of the stable rank from the run's Ritz values (``_stable_bounds``).
+
+    The largest Ritz value is at most the top value v_1, so the upper bound is certified (up to
+    rounding) and Lanczos makes it tight: its largest Ritz value converges fastest of all (on a
+    flat spectrum, 1500 x 1600 with values in [0.5, 1], 40 steps: 0.014% above the exact stable
+    rank, where a 256-column sketch was 13% above). The lower bound, from the Ritz floors and the
+    exact ||A||_F^2, is certified too but near 1 on flat spectra (how far v_1 may exceed the
+    largest Ritz value is not bounded without a gap); the estimate is the upper end.
+    """
+    return _stable_bounds(quadrature.ritz, quadrature.lead, quadrature.square_sum, quadrature.frob2, hermitian)

@@ -13,7 +13,8 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Callable, Iterable
+import numbers
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -23,8 +24,10 @@ import torch.nn as nn
 from torch import Tensor
 
 from .classes import ClassStatistics, _check_labels
-from .layers import OverparamConv2d, OverparamLinear
+from .layers import OverparamConv1D, _OverparamBase
+from .layers.hf import is_hf_conv1d
 from .rank import effective_ranks, nystrom_entropy, rank_metrics
+from .rank.common import _METHODS as RANK_METHODS
 from .sharded import check_token_rate, collapsed_weight_of, is_sharded, select_tokens
 
 __all__ = ["RankTracker", "weight_matrix"]
@@ -34,29 +37,97 @@ __all__ = ["RankTracker", "weight_matrix"]
 # on a 2-core CPU), and a training curve needs no more.
 TRACKING_TOLERANCE = 1e-6
 
+# The forwards whose outputs a RankTracker accumulates (its ``forwards`` argument).
+FORWARDS = ("all", "training")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _accepts(check: Callable[[Any], Any], value: object) -> bool:
+    try:
+        check(value)
+    except ValueError:
+        return False
+    return True
+
+
+# RankTracker's arguments other than the model: what each must be, and the test of it.
+_OPTIONS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "embeddings": ("a module name or an iterable of module names (str)",
+                   lambda v: isinstance(v, tuple) and all(isinstance(name, str) for name in v)),
+    "weights": ("a bool", lambda v: isinstance(v, bool)),
+    "every": ("a positive int", lambda v: _is_int(v) and v >= 1),
+    "method": (f"one of {RANK_METHODS}", lambda v: v in RANK_METHODS),
+    "center": ("a bool", lambda v: isinstance(v, bool)),
+    "sketch_threshold": ("a non-negative int", lambda v: _is_int(v) and v >= 0),
+    "sketch_size": ("a positive int", lambda v: _is_int(v) and v >= 1),
+    "seed": ("an int", _is_int),
+    "process_group": ("a torch.distributed process group or None", lambda v: True),
+    "background": ("a bool", lambda v: isinstance(v, bool)),
+    "num_classes": ("a positive int or None", lambda v: v is None or (_is_int(v) and v >= 1)),
+    "token_rate": ("None or a number in (0, 1]", lambda v: _accepts(check_token_rate, v)),
+    "token_dim": ("0 (outputs (T, B, d)) or 1 (outputs (B, T, d))", lambda v: _is_int(v) and v in (0, 1)),
+    "forwards": (f"one of {FORWARDS}", lambda v: v in FORWARDS),
+}
+
+
+def embedding_names(embeddings: Iterable[str] | str) -> tuple[str, ...] | Any:
+    """``RankTracker``'s ``embeddings`` as a tuple (one str is one name); a non-iterable as it is,
+    for :func:`check_options` to refuse."""
+    if isinstance(embeddings, str):
+        return (embeddings,)
+    return tuple(embeddings) if isinstance(embeddings, Iterable) else embeddings
+
+
+def check_options(caller: str, options: Mapping[str, Any]) -> None:
+    """Check ``RankTracker`` arguments other than ``model`` (``embeddings`` through :func:`embedding_names`).
+
+    Raises TypeError for a name that is not an argument and ValueError for a value that is not
+    allowed, each beginning with ``caller`` and naming the argument, the expected and the given value.
+    """
+    for name, value in options.items():
+        if name not in _OPTIONS:
+            raise TypeError(f"{caller}: RankTracker has no argument {name!r}; its arguments are {sorted(_OPTIONS)}")
+        expected, valid = _OPTIONS[name]
+        if not valid(value):
+            raise ValueError(f"{caller}: {name} must be {expected}, got {value!r}")
+
+
+def _what_it_is(model: nn.Module, name: str) -> str:
+    """`` (a parameter of module 'encoder.0')`` when ``name`` is a parameter or buffer of ``model``, else ``""``."""
+    owner = name.rpartition(".")[0]
+    for kind, tensors in (("parameter", model.named_parameters(remove_duplicate=False)),
+                          ("buffer", model.named_buffers(remove_duplicate=False))):
+        if any(name == tensor_name for tensor_name, _ in tensors):
+            return f" ({name!r} is a {kind} of module {owner!r})"
+    return ""
+
+
+def _in_backward() -> bool:
+    """Whether the autograd engine runs on this thread: a forward now is the recompute of a
+    checkpointed region (``torch.utils.checkpoint``, reentrant or not), not a forward of its own."""
+    return torch._C._current_graph_task_id() != -1
+
+
 def weight_matrix(module: nn.Module) -> Tensor | None:
-    """The 2-D weight whose rank is reported: ``(out, in)``; conv kernels as ``(out, in/groups*kh*kw)``.
+    """The 2-D weight whose rank is reported: ``(out, in)``; conv kernels as ``(out, in/groups*k...)``.
 
     Over-parameterized layers report their collapsed weight. Hugging Face's ``Conv1D`` (GPT-2: a
-    linear layer that stores its weight as ``(in, out)``) is read transposed, as ``(out, in)`` like
-    ``nn.Linear``. Other modules: None.
+    linear layer that stores its weight as ``(in, out)``) and :class:`fastrank.OverparamConv1D`
+    are read transposed, as ``(out, in)`` like ``nn.Linear``. Other modules: None.
     """
-    if isinstance(module, (OverparamLinear, OverparamConv2d, nn.Linear, nn.Conv2d)):
-        weight = collapsed_weight_of(module) if isinstance(module, (OverparamLinear, OverparamConv2d)) else module.weight
-        return weight.reshape(weight.shape[0], -1)
-    if _is_hf_conv1d(module):
-        return module.weight.T
-    return None
-
-
-def _is_hf_conv1d(module: nn.Module) -> bool:
-    # Recognized by class name and home, so that fastrank never imports transformers.
-    return (
-        type(module).__name__ == "Conv1D"
-        and type(module).__module__.startswith("transformers")
-        and isinstance(getattr(module, "weight", None), Tensor)
-        and module.weight.dim() == 2
-    )
+    if isinstance(module, _OverparamBase):
+        weight = collapsed_weight_of(module)
+        weight = weight.T if isinstance(module, OverparamConv1D) else weight
+    elif isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+        weight = module.weight
+    elif is_hf_conv1d(module, exact=False):
+        weight = module.weight.T
+    else:
+        return None
+    return weight.reshape(weight.shape[0], -1)
 
 
 def _rows(output: Any) -> Tensor | None:
@@ -165,6 +236,20 @@ class RankTracker:
             positions per measurement step instead of all T (the same positions for every
             sequence and rank, drawn from ``seed`` and the step; :func:`fastrank.sharded.select_tokens`).
         token_dim: the token dim of 3-D outputs: 1 for ``(B, T, d)``, 0 for ``(T, B, d)``.
+        forwards: which forwards of a measurement step are accumulated. ``"all"`` (the default):
+            every forward the user runs, in training or eval mode, with or without grad (a held-out
+            batch under ``torch.no_grad()`` is measured like a training batch). ``"training"``: only
+            forwards while ``model.training`` is True, so that validation and evaluation loops
+            (which call ``model.eval()``) stay out of the measurement; grad mode does not matter
+            (``torch.utils.checkpoint(..., use_reentrant=True)`` runs the training forward under
+            no_grad). The framework callbacks use ``"training"``. Either way, the forward that
+            gradient checkpointing reruns inside backward is not counted: every row counts once.
+
+    Every argument is checked here: an unknown method, a sketch size below 1, a token dim other
+    than 0 or 1, a model that is not an ``nn.Module`` or an embedding name that is not one of its
+    modules raise at construction, naming the argument, the expected and the given value. Outputs
+    or weights that are not finite (NaN or Inf, a diverged run) raise at the measurement, naming
+    the module and the step.
 
     Sharded models (FSDP2, tensor parallel): DTensor weights are measured without gathering them
     (:mod:`fastrank.sharded`), in ``step()`` on the calling thread also with ``background=True``
@@ -198,19 +283,24 @@ class RankTracker:
         num_classes: int | None = None,
         token_rate: float | None = None,
         token_dim: int = 1,
+        forwards: str = "all",
     ) -> None:
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be a positive int, got {every!r}")
-        if isinstance(embeddings, str):
-            embeddings = (embeddings,)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"RankTracker: model must be a torch.nn.Module, got {type(model).__name__}")
+        embeddings = embedding_names(embeddings)
+        check_options("RankTracker", {
+            "embeddings": embeddings, "weights": weights, "every": every, "method": method, "center": center,
+            "sketch_threshold": sketch_threshold, "sketch_size": sketch_size, "seed": seed,
+            "background": background, "num_classes": num_classes, "token_rate": token_rate,
+            "token_dim": token_dim, "forwards": forwards,
+        })
         modules = dict(model.named_modules())
-        missing = [name for name in embeddings if name not in modules]
-        if missing:
-            raise ValueError(
-                f"RankTracker: no module named {missing[0]!r} in the model; "
-                f"known names include {sorted(n for n in modules if n)[:8]}"
-            )
+        for name in embeddings:
+            if name not in modules:
+                raise ValueError(f"RankTracker: embeddings: no module named {name!r} in the model{_what_it_is(model, name)}; "
+                                 f"known names include {sorted(n for n in modules if n)[:8]}")
         self.model = model
+        self.forwards = forwards
         self.weights = weights
         self.every = every
         self.method = method
@@ -221,8 +311,6 @@ class RankTracker:
         self._executor = ThreadPoolExecutor(max_workers=1) if background else None
         self._pending: list[tuple[int, Future]] = []
         self._polled = 0  # rows of _history already handed out by poll()
-        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1):
-            raise ValueError(f"num_classes must be a positive int or None, got {num_classes!r}")
         self.num_classes = num_classes
         self.token_rate, self.token_dim, self.seed = check_token_rate(token_rate), token_dim, seed
         self._labels: Tensor | None = None
@@ -241,9 +329,15 @@ class RankTracker:
         """Whether the current step is a measurement step (hooks accumulate)."""
         return self.step_count % self.every == 0
 
+    def _counts(self) -> bool:
+        """Whether the forward running now is accumulated (see ``forwards``)."""
+        if not self.measuring or _in_backward():
+            return False
+        return self.forwards == "all" or self.model.training
+
     def _hook(self, name: str):
         def hook(module, inputs, output):
-            if not self.measuring:
+            if not self._counts():
                 return
             output = select_tokens(output, self.token_rate, self.seed, self.step_count, self.token_dim)
             rows = _rows(output)
@@ -330,9 +424,14 @@ class RankTracker:
     # ---- measurement ------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _embedding_metrics(self, omega: Tensor | None, totals: tuple[Tensor, ...]) -> dict[str, float]:
-        """Metrics of one embedding from its (reduced) totals; ``omega`` is the sketch matrix, or None."""
+    def _embedding_metrics(self, name: str, step: int, omega: Tensor | None, totals: tuple[Tensor, ...]) -> dict[str, float]:
+        """Metrics of embedding ``name`` from its (reduced) totals; ``omega`` is the sketch matrix, or None."""
         gram, column_sum, square_sum, count = totals
+        if not math.isfinite(float(square_sum)):  # ||X||_F^2 in fp64: NaN or Inf exactly when a row is
+            raise ValueError(
+                f"RankTracker: the outputs of module {name!r} are not finite (NaN or Inf) in the forwards of "
+                f"measurement step {step} ({int(count)} rows accumulated): the model diverged or its input is not finite"
+            )
         if self.center:
             mean = column_sum / count.clamp_min(1)
             right = mean @ omega if omega is not None else mean
@@ -364,16 +463,21 @@ class RankTracker:
             matrix = weight_matrix(module)
             if matrix is None:
                 continue
-            if isinstance(module, (OverparamLinear, OverparamConv2d)):
+            if isinstance(module, _OverparamBase):
                 skip_inside.append(name)
             names.append(name)
             matrices.append(matrix.clone() if copy else matrix)
         return names, matrices
 
     @torch.no_grad()
-    def _weight_metrics(self, names: list[str], matrices: list[Tensor]) -> dict[str, dict[str, float]]:
+    def _weight_metrics(self, step: int, names: list[str], matrices: list[Tensor]) -> dict[str, dict[str, float]]:
         if not matrices:
             return {}
+        for name, matrix in zip(names, matrices):
+            if not is_sharded(matrix) and not bool(torch.isfinite(matrix).all()):
+                raise ValueError(
+                    f"RankTracker: the weight of module {name!r} is not finite (NaN or Inf) at measurement step {step}"
+                )
         measured = effective_ranks(
             matrices, metric="all", method=self.method, exact_tolerance=TRACKING_TOLERANCE
         )
@@ -403,6 +507,7 @@ class RankTracker:
         same order; ``copy`` copies the weights, which the optimizer changes in place afterwards
         (the accumulators are handed over as they are: ``reset`` starts new ones).
         """
+        step = self.step_count
         embeddings = [
             (name, acc.omega, acc.totals(self.process_group))
             for name, acc in self._accumulators.items()
@@ -412,13 +517,13 @@ class RankTracker:
         weights = self._weights(copy) if self.weights else ([], [])
         measured = {}
         if any(is_sharded(matrix) for matrix in weights[1]):  # their collectives run here, in rank order
-            measured, weights = self._weight_metrics(*weights), ([], [])
+            measured, weights = self._weight_metrics(step, *weights), ([], [])
 
         def measure() -> dict[str, dict[str, float]]:
-            results = {name: self._embedding_metrics(omega, totals) for name, omega, totals in embeddings}
+            results = {name: self._embedding_metrics(name, step, omega, totals) for name, omega, totals in embeddings}
             for name, stats in classes.items():
                 results[name].update({k: v for k, v in stats.metrics().items() if k != "samples"})
-            results.update(self._weight_metrics(*weights))
+            results.update(self._weight_metrics(step, *weights))
             results.update(measured)
             return results
 

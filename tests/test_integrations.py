@@ -27,9 +27,9 @@ def _batches():
     return [(x[i : i + 8], y[i : i + 8]) for i in range(0, 40, 8)]  # 5 batches an epoch
 
 
-def _hand_run(net, epochs, every):
+def _hand_run(net, epochs, every, embeddings=("1",)):
     """The same training as the Lightning module below, stepped by hand with a RankTracker."""
-    tracker = RankTracker(net, embeddings=("1",), every=every)
+    tracker = RankTracker(net, embeddings=embeddings, every=every)
     opt = torch.optim.SGD(net.parameters(), lr=0.05)
     for _ in range(epochs):
         for x, y in _batches():
@@ -43,9 +43,13 @@ def _hand_run(net, epochs, every):
 # ---- Lightning -------------------------------------------------------------------------------
 
 
-def test_lightning_fit_logs_what_a_hand_run_tracker_measures(tmp_path):
+def _lightning_fit(tmp_path, net, callback, epochs, checkpoint=None, validate=False):
+    """``Trainer.fit`` of ``net`` on ``_batches()`` with SGD; returns the logger (``logged``: every
+    ``(step, metrics)`` the Trainer sent). ``checkpoint``: run ``net[:3]`` (the embeddings measured
+    and the over-parameterized layer) under ``torch.utils.checkpoint``, "reentrant" or
+    "non-reentrant". ``validate``: a validation set of 15 rows in batches of 5, checked every
+    2 training batches, and a 2-batch sanity check before training."""
     pl = pytest.importorskip("lightning.pytorch")
-    from fastrank.integrations.lightning import RankCallback
 
     class Module(pl.LightningModule):
         def __init__(self, net):
@@ -54,7 +58,15 @@ def test_lightning_fit_logs_what_a_hand_run_tracker_measures(tmp_path):
 
         def training_step(self, batch, batch_idx):
             x, y = batch
-            return nn.functional.mse_loss(self.net(x), y)
+            if checkpoint is None:
+                return nn.functional.mse_loss(self.net(x), y)
+            region = torch.utils.checkpoint.checkpoint(
+                self.net[:3], x.requires_grad_(), use_reentrant=checkpoint == "reentrant")
+            return nn.functional.mse_loss(self.net[3](region), y)
+
+        def validation_step(self, batch, batch_idx):
+            x, y = batch
+            self.log("val_loss", nn.functional.mse_loss(self.net(x), y))
 
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.05)
@@ -73,27 +85,43 @@ def test_lightning_fit_logs_what_a_hand_run_tracker_measures(tmp_path):
         def log_metrics(self, metrics, step=None):
             self.logged.append((step, dict(metrics)))
 
-    net = _net()
-    expected = _hand_run(copy.deepcopy(net), epochs=3, every=4)
     logger = MemoryLogger()
-    callback = RankCallback(embeddings=("net.1",), every=4, background=True)
+    validation = dict(num_sanity_val_steps=2, val_check_interval=2) if validate else dict(limit_val_batches=0)
     trainer = pl.Trainer(
-        max_epochs=3, logger=logger, callbacks=[callback], accelerator="cpu", devices=1,
+        max_epochs=epochs, logger=logger, callbacks=[callback], accelerator="cpu", devices=1,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        default_root_dir=tmp_path,
+        default_root_dir=tmp_path, **validation,
     )
     x = torch.cat([b[0] for b in _batches()])
     y = torch.cat([b[1] for b in _batches()])
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8, shuffle=False)
-    trainer.fit(Module(net), train_dataloaders=loader)
+    gen = torch.Generator().manual_seed(2)
+    held_out = torch.utils.data.TensorDataset(torch.randn(15, 12, generator=gen), torch.randn(15, 3, generator=gen))
+    val_loader = torch.utils.data.DataLoader(held_out, batch_size=5) if validate else None
+    trainer.fit(Module(net), train_dataloaders=loader, val_dataloaders=val_loader)
+    return logger
+
+
+def _assert_same_history(history, expected, prefix):
+    assert [(row["step"], row["name"]) for row in history] == [(row["step"], prefix + row["name"]) for row in expected]
+    for got, want in zip(history, expected):
+        assert got.keys() == want.keys(), got["name"]
+        for key in got.keys() - {"step", "name"}:
+            assert got[key] == pytest.approx(want[key], rel=1e-9), (got["step"], got["name"], key)
+
+
+def test_lightning_fit_logs_what_a_hand_run_tracker_measures(tmp_path):
+    pytest.importorskip("lightning.pytorch")
+    from fastrank.integrations.lightning import RankCallback
+
+    net = _net()
+    expected = _hand_run(copy.deepcopy(net), epochs=3, every=4)
+    callback = RankCallback(embeddings=("net.1",), every=4, background=True)
+    logger = _lightning_fit(tmp_path, net, callback, epochs=3)
     history = callback.tracker.history
     # 15 batches, measured at batches 0, 4, 8, 12: one embedding and four weights each
-    assert [row["step"] for row in history] == [row["step"] for row in expected]
     assert len({row["step"] for row in history}) == 4
-    for got, want in zip(history, expected):
-        assert got["name"] == "net." + want["name"], (got["name"], want["name"])
-        for key in ("effective_rank", "spectral_entropy", "stable_rank"):
-            assert got[key] == pytest.approx(want[key], rel=1e-9), (got["name"], key)
+    _assert_same_history(history, expected, prefix="net.")
     rank_logs = [(step, m) for step, m in logger.logged if any(k.startswith("rank/") for k in m)]
     # logged at trainer.global_step when measured: the optimizer steps taken, batch + 1
     assert [step for step, _ in rank_logs] == [1, 5, 9, 13]
@@ -104,26 +132,90 @@ def test_lightning_fit_logs_what_a_hand_run_tracker_measures(tmp_path):
     assert all(math.isfinite(v) for v in last.values())
 
 
+@pytest.mark.parametrize("checkpoint", [None, "non-reentrant", "reentrant"], ids=["plain", "non-reentrant", "reentrant"])
+def test_lightning_measures_training_batches_only(tmp_path, checkpoint):
+    # The sanity check, the validation runs (every 2 batches, in batches of 5) and the recompute of
+    # the checkpointed region in backward must leave the measurement of the hand run unchanged.
+    pytest.importorskip("lightning.pytorch")
+    from fastrank.integrations.lightning import RankCallback
+
+    net = _net()
+    expected = _hand_run(copy.deepcopy(net), epochs=2, every=3, embeddings=("1", "2"))
+    callback = RankCallback(embeddings=("net.1", "net.2"), every=3, background=False)
+    logger = _lightning_fit(tmp_path, net, callback, epochs=2, checkpoint=checkpoint, validate=True)
+    assert sum("val_loss" in metrics for _, metrics in logger.logged) == 4  # validation ran: 2 a epoch
+    history = callback.tracker.history
+    embeddings = [row for row in history if row["name"] in ("net.1", "net.2")]
+    assert [row["step"] for row in embeddings] == [0, 0, 3, 3, 6, 6, 9, 9]
+    assert all(row["samples"] == 8 for row in embeddings), [row["samples"] for row in embeddings]
+    _assert_same_history(history, expected, prefix="net.")
+
+
+# ---- callback arguments ----------------------------------------------------------------------
+
+_FRAMEWORKS = ["lightning", "transformers"]
+
+
+def _callback_class(framework):
+    pytest.importorskip("lightning.pytorch" if framework == "lightning" else "transformers")
+    return __import__(f"fastrank.integrations.{framework}", fromlist=["RankCallback"]).RankCallback
+
+
+@pytest.mark.parametrize("framework", _FRAMEWORKS)
+@pytest.mark.parametrize("options,error,message", [
+    (dict(method="foo"), ValueError, "RankCallback: method must be one of ('auto', 'exact', 'randomized', 'slq'), got 'foo'"),
+    (dict(sketch_size=0), ValueError, "RankCallback: sketch_size must be a positive int, got 0"),
+    (dict(token_dim=5), ValueError, "RankCallback: token_dim must be 0 (outputs (T, B, d)) or 1 (outputs (B, T, d)), got 5"),
+    (dict(every=0), ValueError, "RankCallback: every must be a positive int, got 0"),
+    (dict(embeddings=[1]), ValueError, "RankCallback: embeddings must be a module name or an iterable of module names (str), got (1,)"),
+    (dict(sketch_thresold=8), TypeError, "RankCallback: RankTracker has no argument 'sketch_thresold'; its arguments are"),
+    (dict(forwards="all"), ValueError, "RankCallback: forwards='all' given; the callback measures training forwards only"),
+    (dict(prefix=""), ValueError, "RankCallback: prefix must be a non-empty str, got ''"),
+], ids=["method", "sketch_size", "token_dim", "every", "embeddings", "unknown", "forwards", "prefix"])
+def test_callback_arguments_are_checked_at_construction(framework, options, error, message):
+    with pytest.raises(error) as raised:
+        _callback_class(framework)(**options)
+    assert str(raised.value).startswith(message), str(raised.value)
+
+
 # ---- Hugging Face ----------------------------------------------------------------------------
 
 
-def test_transformers_trainer_logs_rank_of_a_tiny_gpt2(tmp_path):
+def _gpt2_train(tmp_path, callback_options, evaluate=False, checkpointing=None, **config):
+    """``Trainer.train`` of a tiny GPT-2 (3 steps of 4 sequences of 16 tokens) with a RankCallback
+    attached; returns (trainer, callback, model). ``evaluate``: 6 held-out sequences in batches of 3,
+    evaluated after every step. ``checkpointing``: gradient checkpointing of the blocks,
+    "reentrant" or "non-reentrant"."""
     transformers = pytest.importorskip("transformers")
     from fastrank.integrations.transformers import RankCallback
 
-    config = transformers.GPT2Config(vocab_size=97, n_positions=16, n_embd=32, n_layer=2, n_head=2)
+    config = transformers.GPT2Config(vocab_size=97, n_positions=16, n_embd=32, n_layer=2, n_head=2, **config)
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(config)
+    if checkpointing is not None:
+        options = {"use_reentrant": checkpointing == "reentrant"}
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(options)
+        else:  # transformers before 5.25
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
     gen = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, 97, (12, 16), generator=gen)
+    tokens = torch.randint(0, 97, (18, 16), generator=gen)
     dataset = [{"input_ids": t, "labels": t} for t in tokens]
+    evaluation = dict(eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=3) if evaluate else {}
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-3,
-        logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
+        logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, **evaluation,
     )
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset)
-    callback = RankCallback(embeddings=("transformer.h.1",), every=1, background=False).attach(trainer)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset[:12],
+                                   eval_dataset=dataset[12:] if evaluate else None)
+    callback = RankCallback(**callback_options).attach(trainer)
     trainer.train()
+    return trainer, callback, model
+
+
+def test_transformers_trainer_logs_rank_of_a_tiny_gpt2(tmp_path):
+    options = dict(embeddings=("transformer.h.1",), every=1, background=False)
+    trainer, callback, model = _gpt2_train(tmp_path, options)
     history = callback.tracker.history
     assert sorted({row["step"] for row in history}) == [0, 1, 2]
     names = {row["name"] for row in history}
@@ -134,6 +226,25 @@ def test_transformers_trainer_logs_rank_of_a_tiny_gpt2(tmp_path):
     assert attn["effective_rank"] == pytest.approx(float(fastrank.effective_rank(weight.T)), rel=1e-9)
     logged = [entry for entry in trainer.state.log_history if "rank/transformer.h.1/effective_rank" in entry]
     assert [entry["rank/step"] for entry in logged] == [1.0, 2.0, 3.0]  # global_step after each step
+
+
+@pytest.mark.parametrize("checkpointing", [None, "non-reentrant", "reentrant"], ids=["plain", "non-reentrant", "reentrant"])
+def test_transformers_trainer_measures_training_steps_only(tmp_path, checkpointing):
+    # Evaluation after every step and the recompute of checkpointed blocks in backward (the MLP's
+    # hook runs inside it) must leave the measurement of the plain run unchanged. No dropout, so
+    # that the runs train alike.
+    options = dict(embeddings=("transformer.h.1", "transformer.h.1.mlp"), every=1, background=False)
+    no_dropout = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    _, plain, _ = _gpt2_train(tmp_path / "plain", options, **no_dropout)
+    trainer, callback, model = _gpt2_train(tmp_path / "run", options, evaluate=True, checkpointing=checkpointing,
+                                           **no_dropout)
+    assert sum("eval_loss" in entry for entry in trainer.state.log_history) == 3  # evaluated after each step
+    assert model.transformer.h[1].gradient_checkpointing == (checkpointing is not None)
+    history = callback.tracker.history
+    embeddings = [row for row in history if row["name"] in options["embeddings"]]
+    assert [row["step"] for row in embeddings] == [0, 0, 1, 1, 2, 2]
+    assert all(row["samples"] == 4 * 16 for row in embeddings), [row["samples"] for row in embeddings]
+    _assert_same_history(history, plain.tracker.history, prefix="")
 
 
 # ---- plots ------------------------------------------------------------------------------------

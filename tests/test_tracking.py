@@ -200,6 +200,162 @@ def test_bad_arguments():
         RankTracker(Net(), every=0)
 
 
+BAD_OPTIONS = [
+    (dict(method="foo"), "method must be one of ('auto', 'exact', 'randomized', 'slq'), got 'foo'"),
+    (dict(sketch_size=0), "sketch_size must be a positive int, got 0"),
+    (dict(sketch_size=2.5), "sketch_size must be a positive int, got 2.5"),
+    (dict(sketch_threshold=-1), "sketch_threshold must be a non-negative int, got -1"),
+    (dict(sketch_threshold="64"), "sketch_threshold must be a non-negative int, got '64'"),
+    (dict(token_dim=5), "token_dim must be 0 (outputs (T, B, d)) or 1 (outputs (B, T, d)), got 5"),
+    (dict(token_rate=1.5), "token_rate must be None or a number in (0, 1], got 1.5"),
+    (dict(every=True), "every must be a positive int, got True"),
+    (dict(num_classes=0), "num_classes must be a positive int or None, got 0"),
+    (dict(seed=1.0), "seed must be an int, got 1.0"),
+    (dict(weights="yes"), "weights must be a bool, got 'yes'"),
+    (dict(forwards="eval"), "forwards must be one of ('all', 'training'), got 'eval'"),
+    (dict(embeddings=3), "embeddings must be a module name or an iterable of module names (str), got 3"),
+    (dict(embeddings=[nn.Linear(2, 2)]), "embeddings must be a module name or an iterable of module names (str), got (Linear("),
+]
+
+
+@pytest.mark.parametrize("options,message", BAD_OPTIONS, ids=[next(iter(o)) + "=" + repr(next(iter(o.values()))) for o, _ in BAD_OPTIONS])
+def test_bad_options_raise_at_construction(options, message):
+    with pytest.raises(ValueError) as error:
+        RankTracker(Net(), **options)
+    assert str(error.value).startswith("RankTracker: " + message), str(error.value)
+
+
+def test_bad_model_and_non_module_embeddings_raise_at_construction():
+    with pytest.raises(TypeError, match="^RankTracker: model must be a torch.nn.Module, got NoneType$"):
+        RankTracker(None)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got OrderedDict"):
+        RankTracker(Net().state_dict())
+    with pytest.raises(ValueError, match=r"^RankTracker: embeddings: no module named 'encoder\.0\.weight' in the model "
+                       r"\('encoder\.0\.weight' is a parameter of module 'encoder\.0'\); known names include"):
+        RankTracker(Net(), embeddings=("encoder.0.weight",))
+    net = nn.Sequential(nn.BatchNorm1d(3))
+    with pytest.raises(ValueError, match=r"'0\.running_mean' is a buffer of module '0'"):
+        RankTracker(net, embeddings="0.running_mean")
+    with pytest.raises(TypeError, match="unexpected keyword argument 'sketch_thresold'"):
+        RankTracker(Net(), sketch_thresold=8)
+
+
+# ---- which forwards are measured ------------------------------------------------------------
+
+
+def _reference(rows):
+    """fp64 metrics of the rows: (spectral entropy, stable rank, samples)."""
+    entropy, stable = _entropy_of_gram(torch.cat(rows))
+    return entropy, stable, sum(r.shape[0] for r in rows)
+
+
+def _assert_measures(result, rows):
+    entropy, stable, samples = _reference(rows)
+    assert result["samples"] == samples
+    assert result["spectral_entropy"] == pytest.approx(entropy, rel=1e-10)
+    assert result["stable_rank"] == pytest.approx(stable, rel=1e-10)
+
+
+@pytest.mark.parametrize("forwards", ["all", "training"])
+def test_forwards_all_measures_every_forward_training_only_training_mode(forwards):
+    net = Net()
+    tracker = RankTracker(net, embeddings=("encoder",), weights=False, forwards=forwards)
+    train, held_out, evaluated = (torch.randn(n, 12) for n in (6, 5, 4))
+    net.train()
+    net(train).sum().backward()
+    with torch.no_grad():  # a held-out batch, model in training mode: a forward like any other
+        net(held_out)
+    net.eval()
+    with torch.no_grad():
+        net(evaluated)
+    net.train()
+    result = tracker.compute()["encoder"]
+    tracker.remove()
+    with torch.no_grad():
+        rows = [net.encoder(b) for b in (train, held_out, evaluated)]
+    _assert_measures(result, rows if forwards == "all" else rows[:2])
+
+
+def test_forwards_training_follows_the_model_not_the_watched_module():
+    # A frozen encoder kept in eval mode while the model trains: its forwards are training forwards.
+    net = Net()
+    tracker = RankTracker(net, embeddings=("encoder",), weights=False, forwards="training")
+    net.train()
+    net.encoder.eval()
+    batch = torch.randn(7, 12)
+    net(batch)
+    result = tracker.compute()["encoder"]
+    tracker.remove()
+    with torch.no_grad():
+        _assert_measures(result, [net.encoder(batch)])
+
+
+class CheckpointedNet(Net):
+    """Net with its encoder and the over-parameterized layer in one checkpointed region."""
+
+    def __init__(self, use_reentrant):
+        super().__init__()
+        self.use_reentrant = use_reentrant
+
+    def forward(self, x):
+        region = lambda x: self.over(self.encoder(x))
+        return self.head(torch.utils.checkpoint.checkpoint(region, x, use_reentrant=self.use_reentrant))
+
+
+@pytest.mark.parametrize("forwards", ["all", "training"])
+@pytest.mark.parametrize("early_stop", [True, False], ids=["early-stop", "full-recompute"])
+@pytest.mark.parametrize("use_reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_checkpoint_recompute_is_not_counted(use_reentrant, early_stop, forwards):
+    net = CheckpointedNet(use_reentrant)
+    tracker = RankTracker(net, embeddings=("encoder", "over"), weights=False, forwards=forwards)
+    batches = [torch.randn(n, 12, requires_grad=True) for n in (8, 3)]
+    with torch.utils.checkpoint.set_checkpoint_early_stop(early_stop):
+        for batch in batches:
+            net(batch).square().sum().backward()
+    assert all(batch.grad is not None for batch in batches)  # backward ran through the recompute
+    result = tracker.compute()
+    tracker.remove()
+    with torch.no_grad():
+        _assert_measures(result["encoder"], [net.encoder(b) for b in batches])
+        _assert_measures(result["over"], [net.over(net.encoder(b)) for b in batches])
+
+
+# ---- non-finite values ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("background", [False, True], ids=["sync", "background"])
+@pytest.mark.parametrize("sketch_threshold", [4096, 4], ids=["gram", "sketch"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+def test_non_finite_outputs_name_the_module_and_step(bad, sketch_threshold, background):
+    net = Net()
+    tracker = RankTracker(net, embeddings=("encoder", "over"), weights=False, every=2,
+                          sketch_threshold=sketch_threshold, sketch_size=4, background=background)
+    for _ in range(2):  # measured at step 0, then an unmeasured step
+        net(torch.randn(4, 12))
+        tracker.step()
+    x = torch.randn(4, 12)
+    net(x)
+    with torch.no_grad():
+        net.over.factors[0][0, 0] = bad  # the encoder's outputs stay finite, the layer's are not
+    net(x)
+    message = (r"^RankTracker: the outputs of module 'over' are not finite \(NaN or Inf\) in the forwards of "
+               r"measurement step 2 \(8 rows accumulated\)")
+    with pytest.raises(ValueError, match=message):
+        tracker.step()
+        tracker.flush()
+
+
+def test_non_finite_weight_names_the_module_and_step():
+    net = Net()
+    tracker = RankTracker(net, every=1)
+    tracker.step()
+    with torch.no_grad():
+        net.head.weight[1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"^RankTracker: the weight of module 'head' is not finite \(NaN or Inf\) "
+                       "at measurement step 1$"):
+        tracker.compute()
+
+
 # ---- two processes on gloo equal one process on the concatenated data ------------------------
 
 def _data():
@@ -238,3 +394,39 @@ def test_distributed_equals_single_process(tmp_path, sketch, background):
     assert distributed["samples"] == single["samples"] == 20
     for key, value in single.items():
         assert distributed[key] == pytest.approx(value, rel=1e-9), key
+
+
+def test_weights_of_every_replaced_layer_type_are_measured_as_out_by_in():
+    transformers = pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(50)
+    model = nn.Sequential(nn.Conv1d(3, 5, 3), fastrank.OverparamConv1d(5, 4, kernel_sizes=(3, 1)),
+                          Conv1D(6, 4), fastrank.OverparamConv1D(7, 6))
+    tracker = RankTracker(model, every=1)
+    tracker.step()
+    ranks = {row["name"]: row["effective_rank"] for row in tracker.history}
+    assert set(ranks) == {"0.weight", "1.weight", "2.weight", "3.weight"}
+    expected = {
+        "0.weight": model[0].weight.reshape(5, -1),
+        "1.weight": model[1].collapsed_parameters()[0].reshape(4, -1),
+        "2.weight": model[2].weight.T,
+        "3.weight": model[3].collapsed_parameters()[0],
+    }
+    for name, matrix in expected.items():
+        assert ranks[name] == pytest.approx(float(fastrank.effective_rank(matrix.detach().double())), rel=1e-9), name
+
+
+@pytest.mark.parametrize("method", ["exact", "randomized", "slq"])
+def test_every_method_measures_embeddings_and_weights(method):
+    torch.manual_seed(51)
+    model = nn.Sequential(nn.Linear(12, 10), nn.ReLU(), fastrank.OverparamLinear(10, 8, depth=2))
+    tracker = RankTracker(model, embeddings=("1",), every=1, method=method, seed=0)
+    x = torch.randn(64, 12)
+    model(x)
+    results = tracker.step()
+    assert set(results) == {"1", "0.weight", "2.weight"}
+    reference = fastrank.rank.rank_metrics(model[1](model[0](x)).detach().double().T @ model[1](model[0](x)).detach().double(), hermitian=True, method="exact")
+    for metric in ("effective_rank", "spectral_entropy", "stable_rank"):
+        assert all(math.isfinite(values[metric]) for values in results.values()), (metric, results)
+        assert results["1"][metric] == pytest.approx(float(reference[metric]), rel=0.1), metric

@@ -101,7 +101,7 @@ def _trainer_run(transformers, tmp_path, optim: str | None):
     )
     model = _tiny_llama(transformers)
     trainer = InOrder(model=model, args=args, train_dataset=train, eval_dataset=held_out)
-    callback = RankCallback(every=_EVAL_EVERY, background=False).attach(trainer)
+    callback = RankCallback(embeddings="model.layers.1", every=_EVAL_EVERY, background=False).attach(trainer)
     trainer.train()
     evals = [entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry]
     return trainer, evals, callback.tracker.history
@@ -114,7 +114,7 @@ def _hand_run(transformers):
     train, held_out = _token_sets()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: max(0.0, (_STEPS - step) / _STEPS))
-    tracker = fastrank.RankTracker(model, every=_EVAL_EVERY)
+    tracker = fastrank.RankTracker(model, embeddings="model.layers.1", every=_EVAL_EVERY, forwards="training")
     batch = lambda rows: torch.stack([r["input_ids"] for r in rows])  # noqa: E731
     evals = []
     model.train()
@@ -156,3 +156,10 @@ def test_trainer_with_its_default_fused_adamw_evaluates_and_ranks_the_trained_mo
     for key in fused:
         assert fused[key] == pytest.approx(plain[key], rel=1e-5), key
         assert fused[key] == pytest.approx(hand[key], rel=1e-5), key
+    # the embedding of each measured step: the training batch's rows only, never the eval loop's
+    for history in (fused_history, plain_history, hand_history):
+        rows = [row for row in history if row["name"] == "model.layers.1"]
+        assert [row["step"] for row in rows] == list(range(0, _STEPS, _EVAL_EVERY))
+        assert all(row["samples"] == _BATCH * _LENGTH for row in rows), [row["samples"] for row in rows]
+    for got, want in zip(*([row for row in h if row["name"] == "model.layers.1"] for h in (fused_history, hand_history))):
+        assert got["effective_rank"] == pytest.approx(want["effective_rank"], rel=1e-5)

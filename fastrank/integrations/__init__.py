@@ -15,13 +15,18 @@ import math
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from ..tracking import RankTracker
+from ..tracking import RankTracker, check_options, embedding_names
 
 
 class TrackerCallback:
     """What both framework callbacks share: a ``RankTracker`` built from the callback's arguments,
     stepped once per training step, and its measurements turned into ``<prefix>/<name>/<metric>``
     values with the framework step each was taken at. Mixed in before the framework's base class.
+
+    The tracker accumulates training forwards only (``RankTracker(..., forwards="training")``):
+    the sanity check, validation and evaluation loops run the model in eval mode and stay out of
+    the measurement, and gradient checkpointing's recompute in backward counts no row twice. The
+    arguments are checked here, at construction, with the errors ``RankTracker`` would raise.
     """
 
     def __init__(
@@ -36,11 +41,20 @@ class TrackerCallback:
         **tracker_options: Any,
     ) -> None:
         super().__init__()
+        if "forwards" in tracker_options:
+            raise ValueError(
+                f"RankCallback: forwards={tracker_options['forwards']!r} given; the callback measures training "
+                "forwards only (forwards='training'); use a RankTracker for other forwards"
+            )
+        if not isinstance(prefix, str) or not prefix:
+            raise ValueError(f"RankCallback: prefix must be a non-empty str, got {prefix!r}")
         self.options = {
-            "embeddings": (embeddings,) if isinstance(embeddings, str) else tuple(embeddings),
+            "embeddings": embedding_names(embeddings),
             "weights": weights, "every": every, "method": method, "center": center,
             "background": background, **tracker_options,
         }
+        check_options("RankCallback", self.options)
+        self.options["forwards"] = "training"
         self.prefix = prefix
         self.tracker: RankTracker | None = None
         self._global_steps: dict[int, int] = {}  # tracker step -> framework step when measured

@@ -2,6 +2,7 @@
 
 from ._version import __version__
 from .chain import chain_costs, chain_linear, chain_matmul, collapsed_weight
+from .checkpoint import load_overparameterized
 from .classes import class_metrics
 from .conv import collapse_kernels
 from .layers import (
@@ -34,6 +35,7 @@ __all__ = [
     "overparameterize",
     "OverparamReport",
     "collapse",
+    "load_overparameterized",
     "chain_matmul",
     "chain_linear",
     "chain_costs",

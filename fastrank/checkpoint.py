@@ -36,10 +36,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .layers import RESIDUAL_INTERVAL, OverparamConv1d, OverparamConv2d, OverparamLinear
+from .layers import RESIDUAL_INTERVAL, OverparamConv1D, OverparamConv1d, OverparamConv2d, OverparamLinear, _OverparamBase
+from .layers.hf import is_hf_conv1d
 from .rank import effective_ranks
 
-__all__ = ["CheckpointError", "MODEL_FOLDER_FILES", "SAFE_GLOBALS", "load_weights", "rank_report"]
+__all__ = ["CheckpointError", "MODEL_FOLDER_FILES", "SAFE_GLOBALS", "load_overparameterized", "load_weights", "rank_report"]
 
 
 def _numpy_globals() -> list[object]:
@@ -107,6 +108,13 @@ def _width_for(hidden: int, out: int) -> float:
 _CONVOLUTIONS: dict[int, type[OverparamConv1d] | type[OverparamConv2d]] = {3: OverparamConv1d, 4: OverparamConv2d}
 
 
+def _factors_of(entries: Mapping[str, Tensor]) -> list[Tensor]:
+    """``[W_1, ..., W_L]`` from a layer's entries (``factors.<j>``, names relative to the layer)."""
+    return [entries[f"factors.{j}"] for j in sorted(
+        int(name.rsplit(".", 1)[1]) for name in entries if name.startswith("factors.")
+    )]
+
+
 def _rebuilt_layer(entries: dict[str, Tensor]) -> OverparamLinear | OverparamConv1d | OverparamConv2d:
     """The fastrank layer that saved ``entries`` (names relative to the layer), in float64.
 
@@ -117,9 +125,7 @@ def _rebuilt_layer(entries: dict[str, Tensor]) -> OverparamLinear | OverparamCon
     Raises:
         ValueError: the entries are not exactly those of such a layer (the message says which).
     """
-    factors = [entries[f"factors.{j}"] for j in sorted(
-        int(name.rsplit(".", 1)[1]) for name in entries if name.startswith("factors.")
-    )]
+    factors = _factors_of(entries)
     ndims = {factor.dim() for factor in factors}
     out = factors[-1].shape[0]
     config = {
@@ -446,3 +452,125 @@ def rank_report(
         {"name": name, "shape": list(matrix.shape), **{key: float(v) for key, v in values.items()}}
         for (name, matrix), values in zip(weights, measured)
     ]
+
+
+# ---- loading a fastrank checkpoint into its plain architecture ---------------------------------------
+
+
+def _read_state(source: Mapping[str, Tensor] | str | Path, trusted: bool) -> dict[str, Tensor]:
+    """The flat ``name -> tensor`` state of ``source``: a mapping, a file or a folder (see load_weights)."""
+    if isinstance(source, Mapping):
+        return _flatten(dict(source))
+    path = Path(source)
+    if path.is_dir():
+        return _flatten(_load_folder(path, trusted))
+    if path.is_file():
+        return _flatten(_load_file(path, trusted))
+    raise CheckpointError(f"no such file or folder: {path}")
+
+
+def _replacement_from_entries(layer: torch.nn.Module, where: str, entries: dict[str, Tensor]) -> torch.nn.Module:
+    """The over-parameterized layer whose ``entries`` (names relative to it) a checkpoint holds in
+    place of the plain ``layer``: depth and hidden width from the factors, a conv's kernel sizes
+    from their shapes and its stride / padding / dilation / groups / padding mode from ``layer``,
+    ``residual`` and ``batch_norm`` from their entries; on ``layer``'s device and dtype."""
+    factors = _factors_of(entries)
+    weight = layer.weight
+    factory = {"device": weight.device, "dtype": weight.dtype}
+    common = {"depth": len(factors), "width": _width_for(factors[0].shape[0], factors[-1].shape[0]), **factory}
+    residual = "residual_interval" in entries
+    batch_norm = any(name.startswith("norms.") for name in entries)
+    if is_hf_conv1d(layer):
+        if residual or batch_norm:
+            raise CheckpointError(f"layer {where} (Conv1D): its entries hold skips or norms, which OverparamConv1D has not")
+        return OverparamConv1D(layer.nf, layer.nx, **common)
+    if isinstance(layer, torch.nn.Linear):
+        return OverparamLinear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                               residual=residual, batch_norm=batch_norm, **common)
+    if residual or batch_norm:
+        raise CheckpointError(f"layer {where} ({type(layer).__name__}): its entries hold skips or norms, which convolutions have not")
+    common.pop("depth")
+    convolution = OverparamConv1d if isinstance(layer, torch.nn.Conv1d) else OverparamConv2d
+    return convolution(
+        layer.in_channels, layer.out_channels, [tuple(f.shape[2:]) for f in factors], stride=layer.stride,
+        padding=layer.padding, dilation=layer.dilation, groups=layer.groups, bias=layer.bias is not None,
+        padding_mode=layer.padding_mode, **common,
+    )
+
+
+def load_overparameterized(
+    model: torch.nn.Module, source: Mapping[str, Tensor] | str | Path, strict: bool = True, trusted: bool = False
+) -> torch.nn.Module:
+    """Load a checkpoint of an over-parameterized model into its plain architecture, in place.
+
+    Every ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` / transformers ``Conv1D`` of ``model`` whose
+    name has ``<name>.factors.<j>`` entries in the checkpoint is replaced by the over-parameterized
+    layer those entries imply (the depth and hidden width of its factors, a convolution's kernel
+    sizes from theirs, ``residual`` / ``batch_norm`` from ``residual_interval`` / ``norms.*``
+    entries), on the layer's device and dtype; then the whole state is loaded. What
+    ``overparameterize`` and training wrote this way (a ``Trainer`` checkpoint folder, a
+    ``save_pretrained`` folder, ``torch.save(model.state_dict())``) comes back as it was saved.
+
+    Args:
+        model: the plain architecture, e.g. ``LlamaForCausalLM(config)`` (its own weights are
+            replaced; built on any device and dtype).
+        source: a state_dict (mapping), a ``torch.save`` / ``.safetensors`` file, or a folder
+            holding one of :data:`MODEL_FOLDER_FILES` (``save_pretrained``, a Trainer
+            ``checkpoint-N`` folder).
+        strict: as ``load_state_dict``: every key of the model must be in the checkpoint (a
+            parameter tied to one that is, such as a head tied to the embedding, which
+            safetensors saves once, counts as present) and every key of the checkpoint in the model.
+        trusted: as :func:`load_weights`.
+
+    Returns:
+        ``model``, with its over-parameterized layers and the checkpoint's values.
+
+    Raises:
+        CheckpointError: the source cannot be read; factor entries under a name that is not a
+            replaceable layer of ``model``; with ``strict``, missing or unexpected keys (named).
+    """
+    state = _read_state(source, trusted)
+    found = (re.search(r"(?:^|\.)factors\.\d+$", name) for name in state)
+    prefixes = sorted({match.string[: match.start()] for match in found if match})
+    modules = dict(model.named_modules())
+    for prefix in prefixes:
+        layer = modules.get(prefix)
+        where = repr(prefix) if prefix else "the top-level module"
+        if isinstance(layer, _OverparamBase):
+            continue  # already over-parameterized: loaded as it is
+        if layer is None or not (isinstance(layer, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)) or is_hf_conv1d(layer)):
+            kind = "no module" if layer is None else f"a {type(layer).__name__}"
+            raise CheckpointError(
+                f"the checkpoint holds the factors of an over-parameterized layer {where}, but the model has {kind} "
+                f"there; expected nn.Linear, nn.Conv1d, nn.Conv2d or transformers' Conv1D (the architecture it was trained from)"
+            )
+        head = f"{prefix}." if prefix else ""
+        entries = {name[len(head):]: t for name, t in state.items() if name.startswith(head) and _LAYER_ENTRY.fullmatch(name[len(head):])}
+        replacement = _replacement_from_entries(layer, where, entries)
+        replacement.train(layer.training)
+        if not prefix:
+            model = replacement
+        else:
+            parent, _, child = prefix.rpartition(".")
+            setattr(model.get_submodule(parent), child, replacement)
+    keys = model.load_state_dict(state, strict=False)
+    if strict:
+        # a key missing from the file but tied to one that is there (safetensors stores a tie once)
+        named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+        aliases: dict[int, list[str]] = {}
+        for name, tensor in named:
+            aliases.setdefault(id(tensor), []).append(name)
+        tensor_of = dict(named)
+        missing = [
+            key for key in keys.missing_keys
+            if key not in tensor_of or not any(alias in state for alias in aliases[id(tensor_of[key])])
+        ]
+        if missing or keys.unexpected_keys:
+            raise CheckpointError(
+                "load_overparameterized: the checkpoint does not match the model: "
+                + "; ".join(part for part in (
+                    f"missing {', '.join(missing[:8])}" + (f" and {len(missing) - 8} more" if len(missing) > 8 else "") if missing else "",
+                    f"unexpected {', '.join(keys.unexpected_keys[:8])}" if keys.unexpected_keys else "",
+                ) if part)
+            )
+    return model

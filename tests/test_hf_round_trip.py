@@ -1,0 +1,103 @@
+"""The Hugging Face round trip: overparameterize a model built from its config, train it with the
+Trainer and fastrank's callback, reload the Trainer's checkpoint into the plain architecture with
+``fastrank.load_overparameterized``, collapse, ``save_pretrained``, and load the result in a fresh
+process with plain transformers (no fastrank): the logits stay those of the trained model."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import fastrank
+
+transformers = pytest.importorskip("transformers")
+
+_LENGTH = 8
+
+
+def _gpt2():
+    config = transformers.GPT2Config(vocab_size=61, n_positions=_LENGTH, n_embd=16, n_layer=2, n_head=2,
+                                     bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def _llama():
+    config = transformers.LlamaConfig(vocab_size=61, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=_LENGTH,
+                                      pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return transformers.LlamaForCausalLM(config)
+
+
+def _logits(model, tokens):
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=tokens).logits
+
+
+_FRESH_PROCESS = textwrap.dedent("""
+    import sys, torch, transformers
+    model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
+    assert "fastrank" not in sys.modules
+    with torch.no_grad():
+        torch.save(model(input_ids=torch.load(sys.argv[2])).logits, sys.argv[3])
+""")
+
+
+@pytest.mark.parametrize("build", [_gpt2, _llama], ids=["gpt2", "llama"])
+def test_trainer_checkpoint_reloads_collapses_and_loads_into_plain_transformers(tmp_path, build):
+    from fastrank.integrations.transformers import RankCallback
+
+    torch.manual_seed(0)
+    model = fastrank.overparameterize(build(), depth=2) if build is _llama else None
+    if model is None:
+        with pytest.warns(UserWarning, match="lm_head"):  # GPT-2's head is tied to the embedding: kept
+            model = fastrank.overparameterize(build(), depth=2)
+    gen = torch.Generator().manual_seed(1)
+    train = [{"input_ids": t, "labels": t} for t in torch.randint(3, 61, (8, _LENGTH), generator=gen)]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
+        save_strategy="steps", save_steps=2, report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
+    )
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=train)
+    RankCallback(every=1, background=False).attach(trainer)
+    trainer.train()
+    tokens = torch.randint(3, 61, (3, _LENGTH), generator=gen)
+    trained = _logits(model, tokens)
+
+    torch.manual_seed(2)  # a fresh, differently initialized plain model
+    reloaded = fastrank.load_overparameterized(build(), tmp_path / "run" / "checkpoint-2")
+    assert isinstance(reloaded.get_submodule("lm_head" if build is _llama else "transformer.h.0.attn.c_attn"),
+                      fastrank.OverparamLinear)
+    torch.testing.assert_close(_logits(reloaded, tokens), trained, rtol=0, atol=0)
+
+    fastrank.collapse(reloaded)
+    collapsed = _logits(reloaded, tokens)
+    torch.testing.assert_close(collapsed, trained, rtol=1e-5, atol=1e-5)  # fp32 rounding of the product
+    reloaded.save_pretrained(tmp_path / "plain")
+    torch.save(tokens, tmp_path / "tokens.pt")
+    # cwd away from the checkout, whose kernels/ folder would shadow PyPI's kernels package
+    subprocess.run([sys.executable, "-c", _FRESH_PROCESS, str(tmp_path / "plain"), str(tmp_path / "tokens.pt"),
+                    str(tmp_path / "logits.pt")], check=True, cwd=tmp_path, timeout=120)
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), collapsed, rtol=1e-6, atol=1e-6)
+
+
+def test_load_overparameterized_names_what_does_not_match():
+    torch.manual_seed(3)
+    trained = fastrank.overparameterize(torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3)), depth=3)
+    state = trained.state_dict()
+    fresh = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    x = torch.randn(2, 4)
+    assert torch.equal(fastrank.load_overparameterized(fresh, state)(x), trained(x))
+    assert fresh[0].depth == 3
+    with pytest.raises(ValueError, match=r"factors of an over-parameterized layer '1', but the model has a ReLU there"):
+        fastrank.load_overparameterized(torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.ReLU()), {"1.factors.0": torch.randn(2, 2)})
+    partial = {k: v for k, v in state.items() if k != "2.bias"}
+    with pytest.raises(ValueError, match=r"missing 2.bias"):
+        fastrank.load_overparameterized(torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3)), partial)
+    residual = fastrank.OverparamLinear(6, 6, depth=4, residual=True, batch_norm=True).eval()
+    plain = fastrank.load_overparameterized(torch.nn.Linear(6, 6), residual.state_dict()).eval()
+    assert plain.residual and plain.batch_norm
+    with torch.no_grad():
+        assert torch.equal(plain(torch.ones(2, 6)), residual(torch.ones(2, 6)))

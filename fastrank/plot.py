@@ -24,9 +24,35 @@ MAX_LINES = 12
 
 # What `fastrank plot` and load_history read, named in every error about a file that is not one.
 HISTORY_FORMATS = (
-    "the CSV written by RankTracker.to_csv (a header row with step and name columns) or the JSON "
-    "list of rows written by RankTracker.to_json"
+    "the CSV written by RankTracker.to_csv (a header row with step and name columns), the JSON "
+    "list of rows written by RankTracker.to_json, a Lightning CSVLogger metrics.csv or a Hugging "
+    "Face trainer_state.json holding the rank callbacks' <prefix>/<name>/<metric> values"
 )
+
+
+def _logged_key(key: str) -> tuple[str, str] | None:
+    """``(name, metric)`` of a callback's logged key ``<prefix>/<name>/<metric>``, else None."""
+    parts = key.split("/")
+    if len(parts) < 3:  # also <prefix>/step
+        return None
+    return "/".join(parts[1:-1]), parts[-1]
+
+
+def _from_logged(records: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """History rows from a framework's logged records (Lightning CSV rows, Hugging Face
+    ``log_history``): each ``<prefix>/<name>/<metric>`` value goes to the row of its name at the
+    step it was measured (``<prefix>/step`` where logged, else the record's ``step``)."""
+    rows: dict[tuple[float, str], dict[str, Any]] = {}
+    for record in records:
+        logged = {key: value for key, value in record.items() if _logged_key(key) and value not in ("", None)}
+        if not logged:
+            continue
+        measured = [v for k, v in record.items() if k.endswith("/step") and k.count("/") == 1 and v not in ("", None)]
+        step = float(measured[0] if measured else record["step"])
+        for key, value in logged.items():
+            name, metric = _logged_key(key)
+            rows.setdefault((step, name), {"step": step, "name": name})[metric] = float(value)
+    return sorted(rows.values(), key=lambda row: (row["step"], row["name"]))
 
 
 def _number_or_text(value: str) -> float | str:
@@ -41,7 +67,10 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
     if path.suffix.lower() == ".csv":
         with open(path, newline="") as f:
             reader = csv.DictReader(f)
-            if not {"step", "name"} <= set(reader.fieldnames or ()):
+            fields = set(reader.fieldnames or ())
+            if "step" in fields and "name" not in fields and any(_logged_key(k) for k in fields):
+                return _from_logged(list(reader))  # a Lightning CSVLogger metrics.csv
+            if not {"step", "name"} <= fields:
                 raise ValueError(f"its header row is {reader.fieldnames}" if reader.fieldnames else "it is empty")
             return [
                 {key: value if key == "name" or value in ("", None) else _number_or_text(value)
@@ -50,6 +79,9 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
             ]
     with open(path) as f:
         rows = json.load(f)
+    if isinstance(rows, Mapping) and isinstance(rows.get("log_history"), list):  # trainer_state.json
+        records = [r for r in rows["log_history"] if isinstance(r, Mapping) and "step" in r]
+        return _from_logged(records)
     if not isinstance(rows, list):
         raise ValueError(f"the JSON holds a {type(rows).__name__}, not a list of rows")
     for index, row in enumerate(rows):
@@ -62,7 +94,10 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
 
 
 def load_history(path: str | Path) -> list[dict[str, Any]]:
-    """Rows written by ``RankTracker.to_csv`` (``.csv``) or ``RankTracker.to_json`` (anything else).
+    """Rows written by ``RankTracker.to_csv`` (``.csv``) or ``RankTracker.to_json`` (anything else),
+    or logged by the rank callbacks: a Lightning ``CSVLogger`` ``metrics.csv`` and a Hugging Face
+    ``trainer_state.json`` (``log_history``), whose ``<prefix>/<name>/<metric>`` values become the
+    rows of their step (``<prefix>/step``, the step measured, where logged).
 
     Returns:
         ``[{"step": float, "name": str, <metric>: float, ...}, ...]``; CSV cells that are not

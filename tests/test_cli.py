@@ -371,8 +371,9 @@ def test_plot_writes_the_history(tmp_path, capsys):
 
 
 _FORMATS = (
-    "expected the CSV written by RankTracker.to_csv (a header row with step and name columns) or the "
-    "JSON list of rows written by RankTracker.to_json"
+    "expected the CSV written by RankTracker.to_csv (a header row with step and name columns), the "
+    "JSON list of rows written by RankTracker.to_json, a Lightning CSVLogger metrics.csv or a Hugging "
+    "Face trainer_state.json holding the rank callbacks' <prefix>/<name>/<metric> values"
 )
 
 

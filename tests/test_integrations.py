@@ -2,6 +2,7 @@
 (``RankTracker.plot``, ``fastrank plot``), and fastrank without either framework installed."""
 
 import copy
+import json
 import math
 import subprocess
 import sys
@@ -314,3 +315,61 @@ print("ok")
 def test_fastrank_imports_without_the_frameworks():
     result = subprocess.run([sys.executable, "-c", _BLOCKED], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+# ---- plots of what the frameworks wrote ---------------------------------------------------------
+
+
+def test_load_history_reads_lightning_metrics_csv_and_hf_trainer_state(tmp_path):
+    from fastrank.plot import load_history
+
+    csv_path = tmp_path / "metrics.csv"
+    csv_path.write_text(
+        "epoch,rank/net.1/effective_rank,rank/net.1/samples,rank/net.2.weight/effective_rank,step,train_loss\n"
+        "0,3.5,32.0,2.5,1,\n"
+        "0,,,,1,0.7\n"
+        "0,3.25,32.0,2.0,5,\n"
+    )
+    rows = load_history(csv_path)
+    assert rows == [
+        {"step": 1.0, "name": "net.1", "effective_rank": 3.5, "samples": 32.0},
+        {"step": 1.0, "name": "net.2.weight", "effective_rank": 2.5},
+        {"step": 5.0, "name": "net.1", "effective_rank": 3.25, "samples": 32.0},
+        {"step": 5.0, "name": "net.2.weight", "effective_rank": 2.0},
+    ]
+    state = {"log_history": [
+        {"loss": 2.0, "step": 1},
+        {"rank/h.1/effective_rank": 4.0, "rank/step": 1.0, "step": 2},  # measured at 1, logged at 2
+        {"eval_loss": 1.5, "step": 2},
+    ]}
+    json_path = tmp_path / "trainer_state.json"
+    json_path.write_text(json.dumps(state))
+    assert load_history(json_path) == [{"step": 1.0, "name": "h.1", "effective_rank": 4.0}]
+
+
+def test_plot_reads_a_real_trainer_state(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from fastrank.integrations.transformers import RankCallback
+    from fastrank.plot import load_history
+
+    config = transformers.GPT2Config(vocab_size=37, n_positions=8, n_embd=16, n_layer=1, n_head=2)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config)
+    tokens = torch.randint(0, 37, (8, 8), generator=torch.Generator().manual_seed(0))
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, report_to=[],
+        save_strategy="no", use_cpu=True, disable_tqdm=True,
+    )
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=[{"input_ids": t, "labels": t} for t in tokens])
+    callback = RankCallback(embeddings="transformer.h.0", every=1, background=False).attach(trainer)
+    trainer.train()
+    trainer.state.save_to_json(str(tmp_path / "trainer_state.json"))
+    rows = load_history(tmp_path / "trainer_state.json")
+    tracked = callback.tracker.history
+    assert {row["name"] for row in rows} == {row["name"] for row in tracked}
+    ours = {(row["name"], row["step"]): row["effective_rank"] for row in rows}
+    theirs = sorted(row["effective_rank"] for row in tracked if row["name"] == "transformer.h.0")
+    assert sorted(v for (name, _), v in ours.items() if name == "transformer.h.0") == pytest.approx(theirs, rel=1e-12)
+    pytest.importorskip("matplotlib")
+    assert fastrank.bench.cli.main(["plot", str(tmp_path / "trainer_state.json"), "-o", str(tmp_path / "plot.png")]) == 0
+    assert (tmp_path / "plot.png").stat().st_size > 0

@@ -373,17 +373,23 @@ class RankTracker:
             self._class_stats[name] = ClassStatistics(self.num_classes, rows.shape[1], device=rows.device)
         self._class_stats[name].add(rows, labels)
 
-    def step(self) -> dict[str, dict[str, float]] | None:
+    def step(self, record_as: int | None = None) -> dict[str, dict[str, float]] | None:
         """End the current step: measure and record it if it is a measurement step, then advance.
 
+        Args:
+            record_as: the step number the measurement is recorded under in ``history`` (and
+                ``poll``), e.g. a training framework's global step, so that every output uses the
+                framework's numbering; default: the tracker's own count (0, 1, ...). Which steps
+                are measured depends only on the tracker's count (``every``).
         Returns the measurement, or None (not a measurement step, or ``background=True``).
         """
         result = None
         if self.measuring:
+            label = self.step_count if record_as is None else int(record_as)
             if self._executor is None:
-                result = self.compute()
+                result = self.compute(record_as=label)
             else:
-                self._pending.append((self.step_count, self._executor.submit(self._snapshot(copy=True))))
+                self._pending.append((label, self._executor.submit(self._snapshot(copy=True))))
             for acc in self._accumulators.values():
                 acc.reset()
             self._class_stats = {}
@@ -486,18 +492,19 @@ class RankTracker:
             for name, values in zip(names, measured)
         }
 
-    def compute(self) -> dict[str, dict[str, float]]:
+    def compute(self, record_as: int | None = None) -> dict[str, dict[str, float]]:
         """Measure now: ``{name: {"effective_rank", "spectral_entropy", "stable_rank", ...}}``.
 
         Embedding entries carry ``"samples"`` (rows seen, summed over ranks); embeddings wider than
         ``sketch_threshold`` report ``"effective_rank_lower"`` / ``"effective_rank_upper"`` (bounds
         from the sketch and the exact trace, see :func:`fastrank.rank.nystrom_entropy`) instead of
-        ``"stable_rank"``. Weight entries are named ``"<module>.weight"``. The measurement is appended to ``history`` with its step.
+        ``"stable_rank"``. Weight entries are named ``"<module>.weight"``. The measurement is
+        appended to ``history`` with its step (``record_as``, default the current step count).
         Under ``torch.distributed`` every rank must call it (it all-reduces).
         """
         self.flush()
         results = self._snapshot(copy=False)()
-        self._record(self.step_count, results)
+        self._record(self.step_count if record_as is None else int(record_as), results)
         return results
 
     def _snapshot(self, copy: bool) -> Callable[[], dict[str, dict[str, float]]]:

@@ -103,8 +103,9 @@ def _lightning_fit(tmp_path, net, callback, epochs, checkpoint=None, validate=Fa
     return logger
 
 
-def _assert_same_history(history, expected, prefix):
-    assert [(row["step"], row["name"]) for row in history] == [(row["step"], prefix + row["name"]) for row in expected]
+def _assert_same_history(history, expected, prefix, offset=1):
+    # a callback records each measurement at the framework's global step: a plain tracker's step + 1
+    assert [(row["step"], row["name"]) for row in history] == [(row["step"] + offset, prefix + row["name"]) for row in expected]
     for got, want in zip(history, expected):
         assert got.keys() == want.keys(), got["name"]
         for key in got.keys() - {"step", "name"}:
@@ -147,7 +148,7 @@ def test_lightning_measures_training_batches_only(tmp_path, checkpoint):
     assert sum("val_loss" in metrics for _, metrics in logger.logged) == 4  # validation ran: 2 a epoch
     history = callback.tracker.history
     embeddings = [row for row in history if row["name"] in ("net.1", "net.2")]
-    assert [row["step"] for row in embeddings] == [0, 0, 3, 3, 6, 6, 9, 9]
+    assert [row["step"] for row in embeddings] == [1, 1, 4, 4, 7, 7, 10, 10]  # global steps
     assert all(row["samples"] == 8 for row in embeddings), [row["samples"] for row in embeddings]
     _assert_same_history(history, expected, prefix="net.")
 
@@ -218,7 +219,7 @@ def test_transformers_trainer_logs_rank_of_a_tiny_gpt2(tmp_path):
     options = dict(embeddings=("transformer.h.1",), every=1, background=False)
     trainer, callback, model = _gpt2_train(tmp_path, options)
     history = callback.tracker.history
-    assert sorted({row["step"] for row in history}) == [0, 1, 2]
+    assert sorted({row["step"] for row in history}) == [1, 2, 3]  # global_step, as logged
     names = {row["name"] for row in history}
     # GPT-2's Conv1D weights (stored (in, out)) are measured, as (out, in)
     assert "transformer.h.0.attn.c_attn.weight" in names and "transformer.h.1" in names
@@ -243,9 +244,9 @@ def test_transformers_trainer_measures_training_steps_only(tmp_path, checkpointi
     assert model.transformer.h[1].gradient_checkpointing == (checkpointing is not None)
     history = callback.tracker.history
     embeddings = [row for row in history if row["name"] in options["embeddings"]]
-    assert [row["step"] for row in embeddings] == [0, 0, 1, 1, 2, 2]
+    assert [row["step"] for row in embeddings] == [1, 1, 2, 2, 3, 3]  # global steps
     assert all(row["samples"] == 4 * 16 for row in embeddings), [row["samples"] for row in embeddings]
-    _assert_same_history(history, plain.tracker.history, prefix="")
+    _assert_same_history(history, plain.tracker.history, prefix="", offset=0)
 
 
 # ---- plots ------------------------------------------------------------------------------------
@@ -373,3 +374,27 @@ def test_plot_reads_a_real_trainer_state(tmp_path):
     pytest.importorskip("matplotlib")
     assert fastrank.bench.cli.main(["plot", str(tmp_path / "trainer_state.json"), "-o", str(tmp_path / "plot.png")]) == 0
     assert (tmp_path / "plot.png").stat().st_size > 0
+
+
+def test_transformers_console_shows_a_summary_while_the_log_keeps_every_key(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    from fastrank.integrations.transformers import RankCallback
+
+    config = transformers.GPT2Config(vocab_size=37, n_positions=8, n_embd=16, n_layer=2, n_head=2)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config)
+    tokens = torch.randint(0, 37, (8, 8), generator=torch.Generator().manual_seed(0))
+    args = transformers.TrainingArguments(  # disable_tqdm: the PrinterCallback prints every log
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to=[], logging_steps=1,
+        save_strategy="no", use_cpu=True, disable_tqdm=True,
+    )
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=[{"input_ids": t, "labels": t} for t in tokens])
+    RankCallback(embeddings="transformer.h.1", every=1, background=False).attach(trainer)
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "rank/step" in entry]
+    assert [entry["rank/step"] for entry in logged] == [1.0, 2.0] == [entry["step"] for entry in logged]
+    assert len(logged[0]) > 30  # every metric of every layer (4 embedding, 3 x 9 weight) reaches the log
+    printed = [line for line in capsys.readouterr().out.splitlines() if "rank/step" in line]
+    assert len(printed) == 2, printed
+    assert "rank/transformer.h.1/effective_rank" in printed[0] and "rank/weights/mean_effective_rank" in printed[0]
+    assert "stable_rank" not in printed[0] and printed[0].count("rank/") <= 5, printed[0]

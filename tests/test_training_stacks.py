@@ -125,7 +125,7 @@ def _hand_run(transformers):
         opt.step()
         schedule.step()
         opt.zero_grad()
-        tracker.step()
+        tracker.step(record_as=step + 1)  # numbered as the Trainer's global_step
         if (step + 1) % _EVAL_EVERY == 0:
             model.eval()
             with torch.no_grad():
@@ -152,14 +152,14 @@ def test_trainer_with_its_default_fused_adamw_evaluates_and_ranks_the_trained_mo
     torch.testing.assert_close(torch.tensor(fused_evals), torch.tensor(hand_evals), rtol=2e-5, atol=0)
     fused, plain, hand = (_weight_ranks(h) for h in (fused_history, plain_history, hand_history))
     assert fused.keys() == plain.keys() == hand.keys() and len(fused) >= 2 * 14
-    assert {step for step, _ in fused} == set(range(0, _STEPS, _EVAL_EVERY))
+    assert {step for step, _ in fused} == set(range(1, _STEPS + 1, _EVAL_EVERY))  # global steps 1, 3, 5
     for key in fused:
         assert fused[key] == pytest.approx(plain[key], rel=1e-5), key
         assert fused[key] == pytest.approx(hand[key], rel=1e-5), key
     # the embedding of each measured step: the training batch's rows only, never the eval loop's
     for history in (fused_history, plain_history, hand_history):
         rows = [row for row in history if row["name"] == "model.layers.1"]
-        assert [row["step"] for row in rows] == list(range(0, _STEPS, _EVAL_EVERY))
+        assert [row["step"] for row in rows] == list(range(1, _STEPS + 1, _EVAL_EVERY))
         assert all(row["samples"] == _BATCH * _LENGTH for row in rows), [row["samples"] for row in rows]
     for got, want in zip(*([row for row in h if row["name"] == "model.layers.1"] for h in (fused_history, hand_history))):
         assert got["effective_rank"] == pytest.approx(want["effective_rank"], rel=1e-5)

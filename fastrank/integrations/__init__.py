@@ -57,7 +57,6 @@ class TrackerCallback:
         self.options["forwards"] = "training"
         self.prefix = prefix
         self.tracker: RankTracker | None = None
-        self._global_steps: dict[int, int] = {}  # tracker step -> framework step when measured
 
     def _start(self, model) -> None:
         if self.tracker is None:
@@ -65,9 +64,7 @@ class TrackerCallback:
 
     def _step(self, global_step: int) -> None:
         """End a training step that the framework counts as ``global_step``."""
-        if self.tracker.measuring:
-            self._global_steps[self.tracker.step_count] = global_step
-        self.tracker.step()
+        self.tracker.step(record_as=global_step)  # the history numbers steps as the framework
 
     def _ready(self, global_step: int) -> Iterator[tuple[int, dict[str, float]]]:
         """``(framework step when measured, {"<prefix>/<name>/<metric>": value})`` of every
@@ -79,4 +76,4 @@ class TrackerCallback:
                 for key, value in values.items()
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
             }
-            yield self._global_steps.pop(step, global_step), metrics
+            yield step, metrics

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 try:
     from transformers import TrainerCallback
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 except ImportError:
     raise ImportError(
         "fastrank.integrations.transformers needs Hugging Face transformers, which is not installed: "
@@ -25,8 +26,10 @@ class RankCallback(TrackerCallback, TrainerCallback):
     steps it after every optimizer step (``on_step_end``) and logs each measurement as
     ``rank/<module name>/<metric>`` plus ``rank/step`` (the ``global_step`` it was taken at):
 
-    - attached to the Trainer (``RankCallback(...).attach(trainer)``), through ``Trainer.log``:
-      into ``trainer.state.log_history`` and to every reporting integration (TensorBoard, W&B, ...);
+    - attached to the Trainer (``RankCallback(...).attach(trainer)``), as ``Trainer.log`` does:
+      into ``trainer.state.log_history`` and to every reporting integration (TensorBoard, W&B, ...),
+      while the console (the Trainer's progress bar or printer) gets a short summary of each
+      measurement (:meth:`summary`) instead of every key;
     - passed only as ``Trainer(callbacks=[...])`` (a callback is not given the Trainer), appended
       to ``state.log_history``, which the integrations do not see.
 
@@ -57,10 +60,43 @@ class RankCallback(TrackerCallback, TrainerCallback):
         self._log(state)
         self.tracker.remove()
 
+    def summary(self, metrics: dict[str, float]) -> dict[str, float]:
+        """What the console shows of a measurement: ``<prefix>/step``, each embedding's effective
+        rank, and the mean effective rank of the weights with their count."""
+        prefix = self.prefix
+        shown = {f"{prefix}/step": metrics[f"{prefix}/step"]}
+        weights = []
+        for key, value in metrics.items():
+            if not key.endswith("/effective_rank"):
+                continue
+            name = key[len(prefix) + 1 : -len("/effective_rank")]
+            if name.endswith("weight"):
+                weights.append(value)
+            else:
+                shown[key] = value
+        if weights:
+            shown[f"{prefix}/weights/mean_effective_rank"] = sum(weights) / len(weights)
+            shown[f"{prefix}/weights/count"] = float(len(weights))
+        return shown
+
     def _log(self, state) -> None:
         for measured_at, metrics in self._ready(state.global_step):
             metrics[f"{self.prefix}/step"] = float(measured_at)
-            if self.trainer is not None:
-                self.trainer.log(metrics)
-            else:
+            if self.trainer is None:
                 state.log_history.append({**metrics, "step": state.global_step})
+                continue
+            # Trainer.log, but the console callbacks get the summary: 50 keys a measurement
+            # would bury the training loss
+            trainer = self.trainer
+            if state.epoch is not None:
+                metrics["epoch"] = state.epoch
+            state.log_history.append({**metrics, "step": state.global_step})
+            handler = trainer.callback_handler
+            everyone = handler.callbacks
+            console = [cb for cb in everyone if isinstance(cb, (PrinterCallback, ProgressCallback))]
+            try:
+                for group, logs in (([cb for cb in everyone if cb not in console], metrics), (console, self.summary(metrics))):
+                    handler.callbacks = group
+                    trainer.control = handler.on_log(trainer.args, state, trainer.control, logs)
+            finally:
+                handler.callbacks = everyone

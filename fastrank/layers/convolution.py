@@ -72,8 +72,19 @@ class _OverparamConvNd(_OverparamBase):
     _spatial = 2  # spatial dims of the inputs, kernels and attributes
 
     def __init__(
-        self, in_channels, out_channels, kernel_sizes, stride, padding, dilation, groups, bias,
-        padding_mode, width, device, dtype,
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_sizes: Sequence[int | tuple[int, ...]] | int = (3, 1),
+        stride: int | tuple[int, ...] = 1,
+        padding: int | tuple[int, ...] | str = 0,
+        dilation: int | tuple[int, ...] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        width: float = 1.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         dims = self._spatial
@@ -293,26 +304,6 @@ class OverparamConv2d(_OverparamConvNd):
 
     _spatial = 2
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_sizes: Sequence[int | tuple[int, int]] | int = (3, 1),
-        stride: int | tuple[int, int] = 1,
-        padding: int | tuple[int, int] | str = 0,
-        dilation: int | tuple[int, int] = 1,
-        groups: int = 1,
-        bias: bool = True,
-        padding_mode: str = "zeros",
-        width: float = 1.0,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(
-            in_channels, out_channels, kernel_sizes, stride, padding, dilation, groups, bias,
-            padding_mode, width, device, dtype,
-        )
-
     def forward(self, x: Tensor) -> Tensor:
         if isinstance(x, Tensor) and x.dim() == 4:
             return self._forward_2d(x, x)
@@ -354,26 +345,6 @@ class OverparamConv1d(_OverparamConvNd):
     """
 
     _spatial = 1
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_sizes: Sequence[int | tuple[int]] | int = (3, 1),
-        stride: int | tuple[int] = 1,
-        padding: int | tuple[int] | str = 0,
-        dilation: int | tuple[int] = 1,
-        groups: int = 1,
-        bias: bool = True,
-        padding_mode: str = "zeros",
-        width: float = 1.0,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        super().__init__(
-            in_channels, out_channels, kernel_sizes, stride, padding, dilation, groups, bias,
-            padding_mode, width, device, dtype,
-        )
 
     def forward(self, x: Tensor) -> Tensor:
         if isinstance(x, Tensor) and x.dim() == 3:

@@ -978,3 +978,17 @@ def test_path_choices_are_bounded_and_pickles_from_before_load():
     restored.__setstate__(state)
     x = torch.randn(3, 4)
     assert torch.equal(restored(x), layer(x))
+
+
+def test_residual_layers_save_their_interval_and_load_checkpoints_made_without_it():
+    torch.manual_seed(60)
+    layer = OverparamLinear(5, 5, depth=4, residual=True)
+    state = layer.state_dict()
+    assert int(state["residual_interval"]) == layers_linear.RESIDUAL_INTERVAL
+    older = {k: v for k, v in state.items() if k != "residual_interval"}  # saved before the buffer existed
+    fresh = OverparamLinear(5, 5, depth=4, residual=True)
+    assert fresh.load_state_dict(older).missing_keys == []
+    x = torch.randn(3, 5)
+    assert torch.equal(fresh(x), layer(x))
+    with pytest.raises(RuntimeError, match="residual_interval"):  # a residual checkpoint into a plain chain
+        OverparamLinear(5, 5, depth=4).load_state_dict(state)

@@ -13,6 +13,7 @@ Modules, imported one way: ``base`` (argument checks, the eval cache, the shared
 """
 
 from .base import _OverparamBase  # noqa: F401  (the layers' shared base, for isinstance checks)
+from .base import _CollapseCache  # noqa: F401  (named by layers pickled before the package split)
 from .convert import OverparamReport, collapse, overparameterize
 from .convolution import OverparamConv1d, OverparamConv2d
 from .hf import OverparamConv1D

@@ -267,7 +267,7 @@ class _OverparamBase(nn.Module):
 
     def __getstate__(self):
         state = super().__getstate__().copy()
-        state["_cache"] = _CollapseCache()
+        state.pop("_cache", None)  # made anew on unpickling: a pickle names no cache class
         return state
 
     def __setstate__(self, state: dict) -> None:

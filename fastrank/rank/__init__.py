@@ -3,7 +3,9 @@
 Definitions (DESIGN.md). For a matrix A (m x n) let s be its singular values; with ``gram=True``
 the spectrum is that of the Gram X X^T of data X = A (s_i = sigma_i(A)^2); with
 ``hermitian=True`` A is a symmetric PSD matrix and s are its eigenvalues (their absolute values,
-which are the singular values of any symmetric A). With p = s / sum(s):
+which are the singular values of any symmetric A). hermitian=True checks the symmetry: a matrix
+with max |A - A^T| above sqrt(eps) max |A| (eps of A's dtype; sqrt(eps) = 3.5e-4 for fp32, 1.5e-8
+for fp64) raises ValueError (a Gram symmetric up to rounding passes). With p = s / sum(s):
 
 - ``spectral_entropy`` H = -sum p log p, natural log (the rho of Huh et al., 2103.10427);
 - ``effective_rank`` exp(H) (Roy & Vetterli 2007);
@@ -51,6 +53,17 @@ Methods (``method=``):
   large eigenvalues and, for singular values, sqrt(x) is hard to integrate near 0: intervals of
   10-25% (eigenvalue spectra) and 40-75% (singular values 0.9^i / 0.98^i, n = 512..1024) in exp(H),
   errors up to ~10%. Use "randomized" (or "exact") there.
+- Stable rank: ``||A||_F^2`` is exact; the top value comes from the method: exact, the sketch's
+  Rayleigh-Ritz values ("randomized") or the largest Ritz value of the SLQ Lanczos run ("slq",
+  0.014% high on a flat 1600 x 1500 spectrum where a 256-column sketch is 13% high), with
+  certified bounds for both (the lower one near 1 on flat spectra). For gram=True only "exact"
+  (and "auto") estimate it: sum lambda^2 = ||X^T X||_F^2 needs the d x d Gram; ``stable_rank``
+  refuses "randomized" / "slq" there and names the alternative.
+- Which method each metric of ``rank_metrics`` (and ``effective_ranks(metric="all")``,
+  ``RankTracker``, ``fastrank rank``) uses: every method gives all three. "exact" (and "auto"
+  up to 4096 values): all from one spectrum. "slq": entropy and effective rank by SLQ, the
+  stable rank from the same Lanczos run (gram=True: exact). "randomized": each by its randomized
+  estimator (stable rank with gram=True: exact). "auto" above 4096 values: as the functions.
 - ``"auto"``: exact when r <= 4096 (an fp64 eigvalsh of at most 4096 x 4096); above that
   randomized, and slq for the matrices whose certified randomized interval is wider than 0.01
   nats (1% in effective rank: a spectrum too flat for a sketch of size k) and whose slq interval

@@ -61,7 +61,8 @@ def spectral_entropy(
             any strides, any device.
         gram: A is data X (N x d) and s are the eigenvalues of X X^T (computed from the smaller
             side, never forming N x N).
-        hermitian: A is symmetric PSD (square); s are its eigenvalues (absolute values).
+        hermitian: A is symmetric PSD (square); s are its eigenvalues (absolute values). The
+            symmetry is checked: max |A - A^T| <= sqrt(eps) max |A|, eps of A's dtype.
         method: "auto", "exact", "randomized" or "slq" (module docstring).
         rank: randomized: sketch size k; slq: number of probe vectors (default 32).
         niter: randomized: extra power iterations; slq: Lanczos steps (default 40).
@@ -75,7 +76,8 @@ def spectral_entropy(
     Returns:
         float64 tensor of shape (...) (or a RankEstimate of three). All-zero matrix: -inf.
     Raises:
-        ValueError: NaN/Inf in A; empty or 1-D A; non-square A with hermitian=True.
+        ValueError: NaN/Inf in A; empty or 1-D A; non-square or non-symmetric A with
+            hermitian=True (naming the batch index and by how much); gram and hermitian together.
     """
     if _is_dtensor(A):  # sharded: reduced Grams, never a gathered weight
         return _sharded("spectral_entropy", A, gram=gram, hermitian=hermitian, method=method, rank=rank, niter=niter,

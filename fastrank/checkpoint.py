@@ -16,6 +16,10 @@ that the eval-mode batch norms of a ``batch_norm=True`` layer (``norms.<j>.*``) 
 not say how to collapse it is left out with a warning that says why. Residual layers saved
 before fastrank wrote ``residual_interval`` cannot be told from plain chains and are read as
 plain chains (the product of the factors).
+
+:func:`load_overparameterized` goes the other way: it puts the over-parameterized layers a
+checkpoint holds back into the plain architecture the model was built from and loads the state.
+Both derive a layer's configuration from its entries in one place (``_layer_config``).
 """
 
 from __future__ import annotations
@@ -104,8 +108,10 @@ def _width_for(hidden: int, out: int) -> float:
     return width
 
 
-# The convolution layers by the number of dimensions of their factors.
-_CONVOLUTIONS: dict[int, type[OverparamConv1d] | type[OverparamConv2d]] = {3: OverparamConv1d, 4: OverparamConv2d}
+# The over-parameterized layers by the number of dimensions of their factors.
+_BY_FACTOR_DIMS: dict[int, type[OverparamLinear] | type[OverparamConv1d] | type[OverparamConv2d]] = {
+    2: OverparamLinear, 3: OverparamConv1d, 4: OverparamConv2d,
+}
 
 
 def _factors_of(entries: Mapping[str, Tensor]) -> list[Tensor]:
@@ -115,53 +121,125 @@ def _factors_of(entries: Mapping[str, Tensor]) -> list[Tensor]:
     )]
 
 
-def _rebuilt_layer(entries: dict[str, Tensor]) -> OverparamLinear | OverparamConv1d | OverparamConv2d:
-    """The fastrank layer that saved ``entries`` (names relative to the layer), in float64.
+def _replacement_class(plain: torch.nn.Module) -> type[_OverparamBase] | None:
+    """The over-parameterized layer that ``overparameterize`` puts in place of ``plain``; None
+    for a module it does not replace."""
+    if is_hf_conv1d(plain):
+        return OverparamConv1D
+    for base, replacement in ((torch.nn.Linear, OverparamLinear), (torch.nn.Conv1d, OverparamConv1d),
+                              (torch.nn.Conv2d, OverparamConv2d)):
+        if isinstance(plain, base):
+            return replacement
+    return None
 
-    Its configuration comes from the entries: depth and sizes from the factors, ``bias``,
-    ``batch_norm`` from ``norms.<j>.*`` and ``residual`` from the ``residual_interval`` buffer.
+
+def _layer_config(
+    entries: Mapping[str, Tensor], plain: torch.nn.Module | None = None
+) -> tuple[type[_OverparamBase], dict[str, object]]:
+    """The over-parameterized layer that saved ``entries`` (names relative to the layer), as its
+    class and constructor arguments (without device and dtype).
+
+    From the entries: the depth and hidden width of the factors, a convolution's kernel sizes
+    from their shapes, ``batch_norm`` from ``norms.<j>.*`` and ``residual`` from the
+    ``residual_interval`` buffer. The sizes, ``bias`` and a convolution's groups come from the
+    factors and a ``bias`` entry, or, given ``plain`` (the layer the over-parameterized one
+    replaced), from ``plain``, with its stride, padding, dilation and padding mode; the class is
+    then the one ``overparameterize`` puts in place of ``plain`` (``Conv1D`` -> ``OverparamConv1D``).
+    Whether the entries fit the layer built is :func:`_check_entries`'s question.
+
+    Raises:
+        ValueError: factors of mixed or other dimensions than 2, 3, 4, or not those of ``plain``'s
+            replacement.
+    """
+    factors = _factors_of(entries)
+    ndims = sorted({factor.dim() for factor in factors})
+    if len(ndims) != 1 or ndims[0] not in _BY_FACTOR_DIMS:
+        raise ValueError(
+            f"factors of {ndims} dimensions, expected all 2-D (OverparamLinear), all 3-D "
+            f"(OverparamConv1d) or all 4-D (OverparamConv2d)"
+        )
+    kind = _BY_FACTOR_DIMS[ndims[0]]
+    geometry: dict[str, object] = {}  # a convolution's, beyond its sizes
+    residual = "residual_interval" in entries
+    batch_norm = any(name.startswith("norms.") for name in entries)
+    if plain is None:
+        bias = "bias" in entries
+        out = factors[-1].shape[0]
+        # factors[1] is (n_2, n_1 / groups, ...) and factors[0] is (n_1, n_0 / groups, ...).
+        groups = factors[0].shape[0] // factors[1].shape[1] if kind is not OverparamLinear and len(factors) > 1 else 1
+        sizes = (factors[0].shape[1] * groups, out)
+        geometry["groups"] = groups
+    else:
+        replacement = _replacement_class(plain)
+        expected_dims = {OverparamConv1d: 3, OverparamConv2d: 4}.get(replacement, 2)
+        if ndims[0] != expected_dims:
+            raise ValueError(
+                f"its factors are {ndims[0]}-D (an {kind.__name__}'s); a {type(plain).__name__} becomes "
+                f"{replacement.__name__}, whose factors are {expected_dims}-D"
+            )
+        kind, bias = replacement, plain.bias is not None
+        if kind is OverparamConv1D:
+            sizes = (plain.nx, plain.nf)
+        elif kind is OverparamLinear:
+            sizes = (plain.in_features, plain.out_features)
+        else:
+            sizes = (plain.in_channels, plain.out_channels)
+            geometry = {"stride": plain.stride, "padding": plain.padding, "dilation": plain.dilation,
+                        "groups": plain.groups, "padding_mode": plain.padding_mode}
+        out = sizes[1]
+    width = _width_for(factors[0].shape[0], out)
+    if kind is OverparamConv1D:  # always a bias; no skips or norms (entries for them are unexpected)
+        return kind, {"nf": out, "nx": sizes[0], "depth": len(factors), "width": width}
+    if kind is OverparamLinear:
+        return kind, {"in_features": sizes[0], "out_features": out, "depth": len(factors), "width": width,
+                      "bias": bias, "residual": residual, "batch_norm": batch_norm}
+    # no skips or norms in a convolution: entries for them are unexpected
+    return kind, {"in_channels": sizes[0], "out_channels": out, "kernel_sizes": [tuple(f.shape[2:]) for f in factors],
+                  "width": width, "bias": bias, **geometry}
+
+
+def _check_entries(layer: _OverparamBase, entries: Mapping[str, Tensor], keys: bool = True) -> None:
+    """Raise ValueError unless ``entries`` (names relative to ``layer``) are what ``layer`` saves
+    (``keys``: each of them, no other), in its shapes, with skips over :data:`RESIDUAL_INTERVAL`
+    factors; the message names the entries and the layer."""
+    saved = layer.state_dict(keep_vars=True)
+    described = f"{type(layer).__name__}({layer.extra_repr()})"
+    missing = [name for name in saved if name not in entries]
+    unexpected = [name for name in entries if name not in saved]
+    if keys and missing:
+        raise ValueError(f"it lacks {', '.join(missing)}, which {described} saves")
+    if keys and unexpected:
+        raise ValueError(f"it has {', '.join(unexpected)}, which {described} does not save")
+    wrong = [
+        f"{name} {tuple(entries[name].shape)} where it has {tuple(tensor.shape)}"
+        for name, tensor in saved.items() if name in entries and entries[name].shape != tensor.shape
+    ]
+    if wrong:
+        raise ValueError(f"size mismatch with {described}: {'; '.join(wrong)}")
+    interval = entries.get("residual_interval")
+    if interval is not None and "residual_interval" in saved and int(interval) != RESIDUAL_INTERVAL:
+        raise ValueError(
+            f"its residual skips span residual_interval={int(interval)} factors; this version of "
+            f"fastrank builds skips over {RESIDUAL_INTERVAL}"
+        )
+
+
+def _rebuilt_layer(entries: dict[str, Tensor]) -> OverparamLinear | OverparamConv1d | OverparamConv2d:
+    """The fastrank layer that saved ``entries`` (names relative to the layer), in float64, as
+    :func:`_layer_config` derives it from the entries alone (an ``OverparamConv1D``'s entries give
+    the ``OverparamLinear`` of the same factors).
+
     Built on the meta device and loaded with ``assign=True``: nothing is initialized or copied.
 
     Raises:
         ValueError: the entries are not exactly those of such a layer (the message says which).
     """
-    factors = _factors_of(entries)
-    ndims = {factor.dim() for factor in factors}
-    out = factors[-1].shape[0]
-    config = {
-        "width": _width_for(factors[0].shape[0], out), "bias": "bias" in entries,
-        "device": "meta", "dtype": torch.float64,
-    }
-    if ndims == {2}:
-        layer: OverparamLinear | OverparamConv1d | OverparamConv2d = OverparamLinear(
-            factors[0].shape[1], out, depth=len(factors), residual="residual_interval" in entries,
-            batch_norm=any(name.startswith("norms.") for name in entries), **config,
-        )
-    elif len(ndims) == 1 and min(ndims) in _CONVOLUTIONS:
-        # factors[1] is (n_2, n_1 / groups, ...) and factors[0] is (n_1, n_0 / groups, ...).
-        groups = factors[0].shape[0] // factors[1].shape[1] if len(factors) > 1 else 1
-        layer = _CONVOLUTIONS[min(ndims)](
-            factors[0].shape[1] * groups, out, [tuple(f.shape[2:]) for f in factors],
-            groups=groups, **config,
-        )
-    else:
-        raise ValueError(
-            f"factors of {sorted(ndims)} dimensions, expected all 2-D (OverparamLinear), all 3-D "
-            f"(OverparamConv1d) or all 4-D (OverparamConv2d)"
-        )
-    entries = {name: t.to(torch.float64) if t.is_floating_point() else t for name, t in entries.items()}
-    keys = layer.load_state_dict(entries, strict=False, assign=True)
-    described = f"{type(layer).__name__}({layer.extra_repr()})"
-    if keys.missing_keys:
-        raise ValueError(f"it lacks {', '.join(keys.missing_keys)}, which {described} saves")
-    if keys.unexpected_keys:
-        raise ValueError(f"it has {', '.join(keys.unexpected_keys)}, which {described} does not save")
-    interval = getattr(layer, "residual_interval", None)
-    if interval is not None and int(interval) != RESIDUAL_INTERVAL:
-        raise ValueError(
-            f"its residual skips span residual_interval={int(interval)} factors; this version of "
-            f"fastrank builds skips over {RESIDUAL_INTERVAL}"
-        )
+    kind, config = _layer_config(entries)
+    layer = kind(**config, device="meta", dtype=torch.float64)
+    _check_entries(layer, entries)
+    layer.load_state_dict(
+        {name: t.to(torch.float64) if t.is_floating_point() else t for name, t in entries.items()}, assign=True
+    )
     return layer
 
 
@@ -469,33 +547,17 @@ def _read_state(source: Mapping[str, Tensor] | str | Path, trusted: bool) -> dic
     raise CheckpointError(f"no such file or folder: {path}")
 
 
-def _replacement_from_entries(layer: torch.nn.Module, where: str, entries: dict[str, Tensor]) -> torch.nn.Module:
-    """The over-parameterized layer whose ``entries`` (names relative to it) a checkpoint holds in
-    place of the plain ``layer``: depth and hidden width from the factors, a conv's kernel sizes
-    from their shapes and its stride / padding / dilation / groups / padding mode from ``layer``,
-    ``residual`` and ``batch_norm`` from their entries; on ``layer``'s device and dtype."""
-    factors = _factors_of(entries)
-    weight = layer.weight
-    factory = {"device": weight.device, "dtype": weight.dtype}
-    common = {"depth": len(factors), "width": _width_for(factors[0].shape[0], factors[-1].shape[0]), **factory}
-    residual = "residual_interval" in entries
-    batch_norm = any(name.startswith("norms.") for name in entries)
-    if is_hf_conv1d(layer):
-        if residual or batch_norm:
-            raise CheckpointError(f"layer {where} (Conv1D): its entries hold skips or norms, which OverparamConv1D has not")
-        return OverparamConv1D(layer.nf, layer.nx, **common)
-    if isinstance(layer, torch.nn.Linear):
-        return OverparamLinear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                               residual=residual, batch_norm=batch_norm, **common)
-    if residual or batch_norm:
-        raise CheckpointError(f"layer {where} ({type(layer).__name__}): its entries hold skips or norms, which convolutions have not")
-    common.pop("depth")
-    convolution = OverparamConv1d if isinstance(layer, torch.nn.Conv1d) else OverparamConv2d
-    return convolution(
-        layer.in_channels, layer.out_channels, [tuple(f.shape[2:]) for f in factors], stride=layer.stride,
-        padding=layer.padding, dilation=layer.dilation, groups=layer.groups, bias=layer.bias is not None,
-        padding_mode=layer.padding_mode, **common,
-    )
+def _replace(model: torch.nn.Module, prefix: str, layer: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with its submodule ``prefix`` replaced by ``layer`` (``layer`` itself for ``""``)."""
+    if not prefix:
+        return layer
+    parent, _, child = prefix.rpartition(".")
+    setattr(model.get_submodule(parent), child, layer)
+    return model
+
+
+def _listed(names: list[str], most: int = 8) -> str:
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def load_overparameterized(
@@ -504,30 +566,37 @@ def load_overparameterized(
     """Load a checkpoint of an over-parameterized model into its plain architecture, in place.
 
     Every ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` / transformers ``Conv1D`` of ``model`` whose
-    name has ``<name>.factors.<j>`` entries in the checkpoint is replaced by the over-parameterized
-    layer those entries imply (the depth and hidden width of its factors, a convolution's kernel
-    sizes from theirs, ``residual`` / ``batch_norm`` from ``residual_interval`` / ``norms.*``
-    entries), on the layer's device and dtype; then the whole state is loaded. What
-    ``overparameterize`` and training wrote this way (a ``Trainer`` checkpoint folder, a
-    ``save_pretrained`` folder, ``torch.save(model.state_dict())``) comes back as it was saved.
+    name has ``<name>.factors.<j>`` entries in the checkpoint is replaced by the layer
+    ``overparameterize`` would have put there, as the entries imply: the depth and hidden width
+    of its factors, a convolution's kernel sizes from theirs, ``residual`` / ``batch_norm`` from
+    ``residual_interval`` / ``norms.<j>.*`` entries; its sizes, bias, stride, padding, dilation,
+    groups and padding mode are those of the layer it replaces, and so are its device, dtype (the
+    checkpoint's values are cast to it) and training mode. Then the whole state is loaded. What ``overparameterize`` and training wrote
+    (a ``Trainer`` checkpoint folder, a ``save_pretrained`` folder,
+    ``torch.save(model.state_dict())``) comes back as it was saved; layers already
+    over-parameterized and the other modules are loaded as they are.
 
     Args:
         model: the plain architecture, e.g. ``LlamaForCausalLM(config)`` (its own weights are
             replaced; built on any device and dtype).
-        source: a state_dict (mapping), a ``torch.save`` / ``.safetensors`` file, or a folder
-            holding one of :data:`MODEL_FOLDER_FILES` (``save_pretrained``, a Trainer
-            ``checkpoint-N`` folder).
+        source: a state_dict (mapping of name -> tensor), a ``torch.save`` / ``.safetensors``
+            file, or a folder holding one of :data:`MODEL_FOLDER_FILES` (``save_pretrained``, its
+            sharded form, a Trainer ``checkpoint-N`` folder).
         strict: as ``load_state_dict``: every key of the model must be in the checkpoint (a
             parameter tied to one that is, such as a head tied to the embedding, which
-            safetensors saves once, counts as present) and every key of the checkpoint in the model.
+            safetensors saves once, counts as present) and every key of the checkpoint in the
+            model; each replaced layer must find exactly its entries. Shapes must match either way.
         trusted: as :func:`load_weights`.
 
     Returns:
-        ``model``, with its over-parameterized layers and the checkpoint's values.
+        ``model`` with its over-parameterized layers and the checkpoint's values (the new layer
+        itself when ``model`` is a single layer with factors at the top level, names ``factors.<j>``).
 
     Raises:
         CheckpointError: the source cannot be read; factor entries under a name that is not a
-            replaceable layer of ``model``; with ``strict``, missing or unexpected keys (named).
+            replaceable layer of ``model``, or entries that do not fit the layer they imply there
+            (the message names the layer, its entries and what it expected); keys or shapes that
+            do not match (named; with ``strict``, missing and unexpected keys too).
     """
     state = _read_state(source, trusted)
     found = (re.search(r"(?:^|\.)factors\.\d+$", name) for name in state)
@@ -535,25 +604,33 @@ def load_overparameterized(
     modules = dict(model.named_modules())
     for prefix in prefixes:
         layer = modules.get(prefix)
-        where = repr(prefix) if prefix else "the top-level module"
         if isinstance(layer, _OverparamBase):
             continue  # already over-parameterized: loaded as it is
-        if layer is None or not (isinstance(layer, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)) or is_hf_conv1d(layer)):
+        where = repr(prefix) + ("" if prefix else " (the top-level module)")
+        if layer is None or _replacement_class(layer) is None:
             kind = "no module" if layer is None else f"a {type(layer).__name__}"
             raise CheckpointError(
-                f"the checkpoint holds the factors of an over-parameterized layer {where}, but the model has {kind} "
-                f"there; expected nn.Linear, nn.Conv1d, nn.Conv2d or transformers' Conv1D (the architecture it was trained from)"
+                f"load_overparameterized: the checkpoint holds the factors of an over-parameterized layer {where}, but "
+                f"the model has {kind} there; expected nn.Linear, nn.Conv1d, nn.Conv2d or transformers' Conv1D (the "
+                f"architecture it was trained from)"
             )
         head = f"{prefix}." if prefix else ""
-        entries = {name[len(head):]: t for name, t in state.items() if name.startswith(head) and _LAYER_ENTRY.fullmatch(name[len(head):])}
-        replacement = _replacement_from_entries(layer, where, entries)
-        replacement.train(layer.training)
-        if not prefix:
-            model = replacement
-        else:
-            parent, _, child = prefix.rpartition(".")
-            setattr(model.get_submodule(parent), child, replacement)
-    keys = model.load_state_dict(state, strict=False)
+        entries = {name[len(head):]: t for name, t in state.items()
+                   if name.startswith(head) and _LAYER_ENTRY.fullmatch(name[len(head):])}
+        try:
+            kind, config = _layer_config(entries, plain=layer)
+            replacement = kind(**config, device=layer.weight.device, dtype=layer.weight.dtype)
+            _check_entries(replacement, entries, keys=strict)
+        except ValueError as error:
+            raise CheckpointError(
+                f"load_overparameterized: the checkpoint's entries of layer {where} ({type(layer).__name__}; "
+                f"{_listed([head + name for name in entries])}) do not fit the layer they imply: {_one_line(error)}"
+            ) from None
+        model = _replace(model, prefix, replacement.train(layer.training))
+    try:
+        keys = model.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # shapes that differ, in the layers not replaced
+        raise CheckpointError(f"load_overparameterized: the checkpoint does not match the model: {_one_line(error)}") from None
     if strict:
         # a key missing from the file but tied to one that is there (safetensors stores a tie once)
         named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
@@ -565,12 +642,7 @@ def load_overparameterized(
             key for key in keys.missing_keys
             if key not in tensor_of or not any(alias in state for alias in aliases[id(tensor_of[key])])
         ]
-        if missing or keys.unexpected_keys:
-            raise CheckpointError(
-                "load_overparameterized: the checkpoint does not match the model: "
-                + "; ".join(part for part in (
-                    f"missing {', '.join(missing[:8])}" + (f" and {len(missing) - 8} more" if len(missing) > 8 else "") if missing else "",
-                    f"unexpected {', '.join(keys.unexpected_keys[:8])}" if keys.unexpected_keys else "",
-                ) if part)
-            )
+        problems = [f"{kind} {_listed(names)}" for kind, names in (("missing", missing), ("unexpected", keys.unexpected_keys)) if names]
+        if problems:
+            raise CheckpointError(f"load_overparameterized: the checkpoint does not match the model: {'; '.join(problems)}")
     return model

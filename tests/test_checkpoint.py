@@ -3,8 +3,8 @@ import copy
 import json
 import math
 import os
-import pickle
 import pickletools
+import re
 import sys
 import warnings
 import zipfile
@@ -285,7 +285,7 @@ def _bn_state(**changes):
                "layer.factors.1": torch.randn(6, 6), "layer.factors.2": torch.randn(6, 6)},
       r"layer\.weight is not reported: .*residual_interval=3 factors; this version of fastrank builds skips over 2"),
      (lambda: {"layer.factors.0": torch.randn(5, 6), "layer.factors.1": torch.randn(4, 7)},
-      r"layer\.weight is not reported: .*size mismatch for factors\.1"),
+      r"layer\.weight is not reported: .*size mismatch with OverparamLinear\(in_features=6, out_features=4, .*\): factors\.1 \(4, 7\) where it has \(4, 5\)"),
      (lambda: {"layer.factors.0": torch.randn(5, 6), "layer.factors.1": torch.randn(4, 5, 1, 1)},
       r"layer\.weight is not reported: .*factors of \[2, 4\] dimensions"),
      (lambda: {"layer.factors.0": torch.randn(6, 6), "layer.factors.2": torch.randn(6, 6)},
@@ -436,3 +436,211 @@ def test_sharded_index_naming_a_missing_shard(tmp_path):
     (tmp_path / "pytorch_model.bin.index.json").write_text("[1, 2]")
     with pytest.raises(CheckpointError, match=r"is not a sharded-checkpoint index: expected JSON with a \"weight_map\""):
         load_weights(tmp_path)
+
+
+# ---- load_overparameterized: a checkpoint back into its plain architecture ----------------------
+
+
+class _Plain(nn.Module):
+    """One layer of each replaceable kind, convolutions with every geometry a layer can have."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1d = nn.Conv1d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2, padding_mode="reflect")
+        self.conv2d = nn.Conv2d(6, 6, (3, 2), stride=(1, 2), padding=(1, 0), groups=2, padding_mode="circular", bias=False)
+        self.skip = nn.Linear(8, 8)  # residual=True, batch_norm=True in the trained model
+        self.head = nn.Linear(8, 7)  # hidden int(7 * 4 / 3) = 9
+        self.kept = nn.Linear(7, 3)  # excluded: plain in both
+
+
+def _inputs():
+    gen = torch.Generator().manual_seed(11)
+    return {"conv1d": torch.randn(3, 4, 13, generator=gen), "conv2d": torch.randn(2, 6, 5, 9, generator=gen),
+            "skip": torch.randn(5, 8, generator=gen), "head": torch.randn(5, 8, generator=gen),
+            "kept": torch.randn(5, 7, generator=gen)}
+
+
+def _trained():
+    """``_Plain`` over-parameterized (depth 3, width 4/3), ``skip`` with skips and batch norms,
+    every value moved away from its initialization."""
+    torch.manual_seed(0)
+    model = fastrank.overparameterize(_Plain(), depth=3, width=4 / 3, exclude="kept")
+    model.skip = _trained_norms(fastrank.OverparamLinear(8, 8, depth=4, residual=True, batch_norm=True))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=gen))
+    return model.eval()
+
+
+def _geometry(layer):
+    """What the layer is, without ``width`` (a float equal only up to _width_for's rounding)."""
+    return type(layer).__name__, re.sub(r"width=[0-9.e+-]+", "", layer.extra_repr())
+
+
+def _write(state, tmp_path, form):
+    """``state`` in the form a user would hand load_overparameterized."""
+    from safetensors.torch import save_file
+
+    if form == "state_dict":
+        return state
+    if form in ("torch.save", "pytorch_model.bin"):
+        torch.save(state, tmp_path / f"model.{'pt' if form == 'torch.save' else 'bin'}")
+        return tmp_path / f"model.{'pt' if form == 'torch.save' else 'bin'}"
+    if form == "safetensors":
+        save_file(state, tmp_path / "weights.safetensors")
+        return tmp_path / "weights.safetensors"
+    folder = tmp_path / ("checkpoint-3" if form == "trainer-checkpoint" else "saved")
+    folder.mkdir()
+    if form == "sharded-folder":
+        names = list(state)
+        shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+        for shard, keys in shards.items():
+            save_file({k: state[k] for k in keys}, folder / shard)
+        weight_map = {k: shard for shard, keys in shards.items() for k in keys}
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        return folder
+    save_file(state, folder / "model.safetensors")
+    (folder / "config.json").write_text("{}")
+    if form == "trainer-checkpoint":  # what else a Trainer writes into checkpoint-N
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": 3, "log_history": []}))
+        torch.save({"state": {}, "param_groups": []}, folder / "optimizer.pt")
+    return folder
+
+
+@pytest.mark.parametrize(
+    "form", ["state_dict", "torch.save", "pytorch_model.bin", "safetensors", "save_pretrained-folder",
+             "sharded-folder", "trainer-checkpoint"],
+)
+def test_load_overparameterized_rebuilds_every_layer_from_every_source(tmp_path, form):
+    pytest.importorskip("safetensors")
+    trained = _trained()
+    source = _write(trained.state_dict(), tmp_path, form)
+    fresh = _Plain().eval()
+    geometry = {name: (layer.stride, layer.padding, layer.dilation, layer.groups, layer.padding_mode)
+                for name, layer in fresh.named_children() if isinstance(layer, nn.Conv1d | nn.Conv2d)}
+    loaded = fastrank.load_overparameterized(fresh, source)
+    assert loaded is fresh
+    for name, layer in trained.named_children():
+        assert _geometry(getattr(loaded, name)) == _geometry(layer), name
+    for name, (stride, padding, dilation, groups, mode) in geometry.items():  # the plain layer's, kept
+        layer = getattr(loaded, name)
+        assert (layer.stride, layer.padding, layer.dilation, layer.groups, layer.padding_mode) == (stride, padding, dilation, groups, mode)
+    assert loaded.head.hidden_features == 9 and loaded.skip.residual and loaded.skip.batch_norm
+    assert isinstance(loaded.kept, nn.Linear) and not loaded.training
+    ours, theirs = loaded.state_dict(), trained.state_dict()
+    assert list(ours) == list(theirs)
+    for key in theirs:
+        assert torch.equal(ours[key], theirs[key]), key
+    with torch.no_grad():
+        for name, x in _inputs().items():
+            assert torch.equal(getattr(loaded, name)(x), getattr(trained, name)(x)), name
+
+
+def test_load_overparameterized_keeps_the_layers_dtype_device_and_mode():
+    trained = _trained()
+    fresh = _Plain().double()
+    fresh.conv1d.eval()
+    loaded = fastrank.load_overparameterized(fresh, trained.state_dict())
+    for name, layer in loaded.named_children():
+        assert all(p.dtype == torch.float64 and p.device == torch.device("cpu") for p in layer.parameters()), name
+    assert [layer.training for layer in loaded.children()] == [False, True, True, True, True]
+    ours = loaded.state_dict()
+    for key, value in trained.state_dict().items():
+        assert torch.equal(ours[key], value.double() if value.is_floating_point() else value), key
+    x = _inputs()["head"].double()
+    with torch.no_grad():  # the fp64 layer against the fp64 product of the saved factors
+        expected = x @ fastrank.collapsed_weight([f.double() for f in trained.head.factors]).T + trained.head.bias.double()
+        torch.testing.assert_close(loaded.head.eval()(x), expected, rtol=1e-12, atol=1e-12)
+
+
+class _Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(11, 6)
+        self.body = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 11, bias=False)
+        self.head.weight = self.embed.weight
+
+
+def test_load_overparameterized_takes_a_tied_parameter_saved_once(tmp_path):
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="head"):  # the tied head stays plain
+        trained = fastrank.overparameterize(_Tied(), depth=2)
+    safetensors_torch.save_model(trained, str(tmp_path / "model.safetensors"))  # stores the tie once
+    saved = safetensors_torch.load_file(str(tmp_path / "model.safetensors"))
+    assert len({"embed.weight", "head.weight"} & set(saved)) == 1
+    loaded = fastrank.load_overparameterized(_Tied(), tmp_path)
+    assert loaded.head.weight is loaded.embed.weight and torch.equal(loaded.embed.weight, trained.embed.weight)
+    assert torch.equal(loaded.body.factors[1], trained.body.factors[1])
+    untied = {k: v for k, v in saved.items() if k not in ("embed.weight", "head.weight")}
+    with pytest.raises(CheckpointError, match=r"does not match the model: missing embed\.weight, head\.weight$"):
+        fastrank.load_overparameterized(_Tied(), untied)
+
+
+def _linear_state(**changes):
+    torch.manual_seed(0)
+    state = fastrank.overparameterize(nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3)), depth=3).state_dict()
+    return {**{k: v for k, v in state.items() if k not in changes}, **{k: v for k, v in changes.items() if v is not None}}
+
+
+def _plain_sequential():
+    return nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
+
+
+_LAYER = r"load_overparameterized: the checkpoint's entries of layer '2' \(Linear; (2\.(factors\.\d|bias|residual_interval)(, )?)+\) do not fit the layer they imply: "
+
+
+@pytest.mark.parametrize(
+    "model,state,match",
+    [(lambda: nn.Sequential(nn.Linear(4, 5), nn.ReLU()), lambda: {"1.factors.0": torch.randn(2, 2)},
+      r"factors of an over-parameterized layer '1', but the model has a ReLU there; expected nn\.Linear, nn\.Conv1d, nn\.Conv2d or transformers' Conv1D"),
+     (lambda: nn.Sequential(nn.Linear(4, 5)), lambda: {"0.block.factors.0": torch.randn(2, 2)},
+      r"factors of an over-parameterized layer '0\.block', but the model has no module there"),
+     (_plain_sequential, lambda: {**_linear_state(), "2.factors.0": torch.randn(5, 5, 1, 1)},
+      _LAYER + r"factors of \[2, 4\] dimensions"),
+     (lambda: nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Conv2d(5, 3, 1)), _linear_state,
+      r"layer '2' \(Conv2d; .*: its factors are 2-D \(an OverparamLinear's\); a Conv2d becomes OverparamConv2d, whose factors are 4-D"),
+     (lambda: nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 4)), _linear_state,
+      _LAYER + r"size mismatch with OverparamLinear\(in_features=5, out_features=4, depth=3, width=0\.75, bias=True, residual=False, batch_norm=False\): bias \(3,\) where it has \(4,\); factors\.2 \(3, 3\) where it has \(4, 3\)$"),
+     (_plain_sequential, lambda: _linear_state(**{"2.bias": None}),
+      _LAYER + r"it lacks bias, which OverparamLinear\(in_features=5, out_features=3, depth=3, width=1\.0, bias=True, residual=False, batch_norm=False\) saves"),
+     (lambda: nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3, bias=False)), _linear_state,
+      _LAYER + r"it has bias, which OverparamLinear\(.*bias=False.*\) does not save"),
+     (_plain_sequential, lambda: _linear_state(**{"2.residual_interval": torch.tensor(2)}),
+      _LAYER + r"residual=True: the skip into node 2 needs equal widths, got 5 -> 3"),
+     (lambda: nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3), nn.Linear(3, 2)), _linear_state,
+      r"load_overparameterized: the checkpoint does not match the model: missing 3\.weight, 3\.bias$"),
+     (_plain_sequential, lambda: _linear_state(**{"extra.weight": torch.randn(2, 2)}),
+      r"load_overparameterized: the checkpoint does not match the model: unexpected extra\.weight$"),
+     (lambda: nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3), nn.Linear(3, 2)),
+      lambda: _linear_state(**{"3.weight": torch.randn(2, 4), "3.bias": torch.randn(2)}),
+      r"load_overparameterized: the checkpoint does not match the model: .*size mismatch for 3\.weight: copying a param with shape torch\.Size\(\[2, 4\]\)")],
+    ids=["not-a-linear-map", "no-module", "mixed-dims", "conv-from-linear-factors", "other-sizes", "missing-bias",
+         "extra-bias", "residual-across-widths", "missing-key", "unexpected-key", "other-layer-shape"],
+)
+def test_load_overparameterized_names_what_does_not_match(model, state, match):
+    with pytest.raises(CheckpointError, match=match):
+        fastrank.load_overparameterized(model(), state())
+
+
+def test_load_overparameterized_not_strict_loads_what_matches():
+    fresh = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3), nn.Linear(3, 2))
+    init = fresh[3].weight.detach().clone()
+    state = _linear_state(**{"2.bias": None, "extra.weight": torch.randn(2, 2)})
+    loaded = fastrank.load_overparameterized(fresh, state, strict=False)
+    assert isinstance(loaded[2], fastrank.OverparamLinear) and loaded[2].depth == 3
+    assert torch.equal(loaded[2].factors[0], state["2.factors.0"]) and torch.equal(loaded[3].weight, init)
+    with pytest.raises(CheckpointError, match=r"size mismatch with OverparamLinear\(.*\): factors\.2 \(3, 3\) where it has \(4, 3\)"):  # shapes must match either way
+        fastrank.load_overparameterized(nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 4)), state, strict=False)
+
+
+def test_load_overparameterized_single_layer_at_the_top_level():
+    torch.manual_seed(3)
+    trained = _trained_norms(fastrank.OverparamLinear(6, 6, depth=4, residual=True, batch_norm=True))
+    plain = fastrank.load_overparameterized(nn.Linear(6, 6), trained.state_dict()).eval()
+    assert isinstance(plain, fastrank.OverparamLinear) and plain.residual and plain.batch_norm
+    x = torch.randn(2, 6)
+    with torch.no_grad():
+        assert torch.equal(plain(x), trained(x))

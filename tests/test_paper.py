@@ -3,6 +3,7 @@
 import math
 
 import pytest
+import torch
 
 from fastrank.bench import paper
 
@@ -137,3 +138,54 @@ def test_digits_ncc_depth():
     rows = paper.digits_ncc_depth(depths=(2,), samples=300, steps=300, seeds=(0,))
     assert [r["layer"] for r in rows] == [1, 2]
     assert all(0.5 < r["ncc_accuracy"] <= 1 and r["nc1"] > 0 for r in rows), rows
+
+
+# ---- the practical claim, tuned per depth ---------------------------------------------------------
+
+
+_TOY_CLAIM = {"cases": [("digits", "mlp", 60), ("mnist", "cnn", 60)], "depths": (1, 2), "learning_rates": (1e-3, 1e-2),
+              "steps": 3, "seeds": (0, 1), "validation": 0.25}
+
+
+def test_claim_part_runs_from_the_cli_and_writes_its_rows(tmp_path, monkeypatch):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("mlxtend")
+    import json
+
+    from fastrank.bench.cli import main
+
+    monkeypatch.setattr(paper, "claim_settings", lambda quick: dict(_TOY_CLAIM))  # toy sizes, the same code
+    out = tmp_path / "claim.json"
+    assert main(["paper", "--part", "claim", "--quick", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["claim"]
+    assert [(r["dataset"], r["architecture"], r["depth"]) for r in rows] == [
+        ("digits", "mlp", 1), ("digits", "mlp", 2), ("mnist", "cnn", 1), ("mnist", "cnn", 2)]
+    for row in rows:
+        assert row["learning_rate"] in _TOY_CLAIM["learning_rates"] and row["seeds"] == 2
+        assert 0 <= row["test_accuracy"] <= 1 and row["test_accuracy_ci95"] >= 0
+        assert row["test_samples"] == (1797 if row["dataset"] == "digits" else 5000) - 60
+        assert len(row["weight_effective_ranks"]) == (3 if row["architecture"] == "mlp" else 4)
+        assert row["embedding_effective_rank"] > 0
+    depth1 = [r for r in rows if r["depth"] == 1]
+    assert all(r["difference"] == 0 and r["difference_ci95"] == 0 for r in depth1)
+
+
+def test_claim_interval_and_paired_difference():
+    mean, half = paper._interval([0.5, 0.7, 0.6])
+    assert mean == pytest.approx(0.6) and half == pytest.approx(4.303 * 0.1 / 3 ** 0.5)
+    torch.manual_seed(0)
+    rows = paper.claim([("digits", "mlp", 80)], depths=(1, 3), learning_rates=(1e-2,), steps=20, seeds=(0, 1, 2))
+    plain, deep = rows
+    assert deep["difference"] == pytest.approx(deep["test_accuracy"] - plain["test_accuracy"], abs=1e-12)
+    # the over-parameterized network is collapsed before testing: same capacity as the plain one
+    assert len(deep["weight_effective_ranks"]) == len(plain["weight_effective_ranks"]) == 3
+
+
+def test_paper_help_names_every_part(capsys):
+    from fastrank.bench.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["paper", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    for name, title in paper.PART_TITLES.items():
+        assert f"{name}: {title}" in shown, name

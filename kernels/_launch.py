@@ -1,14 +1,17 @@
 """What every kernel launcher of ``fastrank.kernels`` shares: the interpreter switch, host-side size
-arithmetic, the autotune size buckets, launches through a remembered autotune choice and the device
-guard."""
+arithmetic, the autotune size buckets, launches through a remembered autotune choice, the device
+guard, and launch plans (a launcher call replayed from its first run at about the host cost of a
+cuBLAS call)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import weakref
+from collections.abc import Callable, Sequence
 
 import torch
+import triton
 
 
 def interpreting() -> bool:
@@ -58,10 +61,13 @@ class _Choices:
 _CHOICES: "weakref.WeakKeyDictionary[object, _Choices]" = weakref.WeakKeyDictionary()
 
 
-def launch_tuned(kernel, grid, *args, **kwargs) -> None:
+def launch_tuned(kernel, grid, *args, **kwargs):
     """``kernel[grid](*args, **kwargs)`` for an ``@triton.autotune`` kernel whose tensor arguments'
     dtypes all follow from the first argument's (or, for a tuple, its first entry's): the chain
     kernels, whose other tensors have that dtype or a fixed one.
+
+    Returns what Triton's launch returns (the ``CompiledKernel``; None under the interpreter) and
+    the chosen config's keyword arguments.
 
     The first launch of each autotune key goes through the autotuner (which tunes, or finds its
     choice cached); later launches call the JIT function with the config it chose, skipping the
@@ -79,7 +85,286 @@ def launch_tuned(kernel, grid, *args, **kwargs) -> None:
     key += (first.dtype,)
     config = choices.configs.get(key)
     if config is None:
-        kernel[grid](*args, **kwargs)
-        choices.configs[key] = kernel.best_config.all_kwargs()
+        compiled = kernel[grid](*args, **kwargs)
+        config = choices.configs[key] = kernel.best_config.all_kwargs()
     else:
-        kernel.fn[grid](*args, **kwargs, **config)
+        compiled = kernel.fn[grid](*args, **kwargs, **config)
+    return compiled, config
+
+
+# --------------------------------------------------------------------------------------------
+# launch plans
+# --------------------------------------------------------------------------------------------
+#
+# A launcher call through Triton's JIT costs tens of microseconds of host time before the driver
+# sees it: binding and specializing every argument, the kernel cache lookup, the autotuner, and
+# fastrank's own Python that turns shapes into sizes, strides, grids and allocations
+# (benchmarks/results/triton_launch_cpu.md). All of it depends only on the call's tensor
+# metadata. A plan records, on the first call with some metadata, what that call did: the buffers
+# it allocated, and per launch the compiled kernel, the grid and every argument, each tensor
+# argument as a root (an input or an allocation) plus a byte offset. A later call with the same
+# metadata allocates the same buffers, reads one pointer per root and launches the compiled kernels
+# directly through Triton's launcher (``CompiledKernel.run``, which Triton 3.6 and 3.9 call with the
+# same arguments), passing pointers as integers (so the launcher skips the ``data_ptr()`` call and
+# the driver's pointer query it makes per tensor argument).
+#
+# Why the compiled kernel is the right one: a plan's key holds every input's shape, strides, dtype
+# and device, the launcher's flags, and whether each input pointer is 16-byte aligned. Everything a
+# launch passes is computed from the key (sizes, strides, grids and constexprs) or is a pointer:
+# an input's (alignment in the key), an allocation's (checked 16-byte aligned at every replay), an
+# offset from one of those fixed by the metadata. So Triton's own specialization of the arguments
+# (alignment of pointers, integers equal to 1 or divisible by 16, int32 / int64 range, dtypes)
+# is a function of the key; tests/test_launch_fast_path.py checks this against Triton's binder
+# over many argument sets, with the CUDA driver stubbed. Whatever the key does not determine
+# falls back to Triton's JIT: an input pointer of other alignment is another key, a tensor argument
+# that is neither an input nor an allocation of the call (a packed copy) makes the call
+# unplannable, launch hooks (profilers) or the interpreter take the JIT path every time.
+
+
+def call_key(tensors: Sequence[torch.Tensor], flags: tuple) -> tuple[tuple, list[int]]:
+    """``(key, pointers)`` of a launcher call: the plan key of its input ``tensors`` and launcher
+    ``flags`` (what its launches depend on), and each input's data pointer."""
+    pointers = [t.data_ptr() for t in tensors]
+    metadata = tuple([(t.shape, t.stride(), t.dtype, t.device) for t in tensors])
+    aligned = tuple([not pointer & 15 for pointer in pointers])
+    return (flags, metadata, aligned), pointers
+
+
+class _Slot:
+    """A tensor argument of a recorded launch: ``roots[root]``'s pointer plus ``offset`` bytes."""
+
+    __slots__ = ("root", "offset")
+
+    def __init__(self, root: int, offset: int):
+        self.root, self.offset = root, offset
+
+
+def _compile_arguments(values: list, order: dict[int, int]) -> Callable:
+    """A function of the roots' pointers returning the launch's arguments: ``values`` with each
+    :class:`_Slot` (top level or in a tuple) replaced by its pointer, root ``r`` read from position
+    ``order[r]``. Built once per recorded launch as one expression, so a replay builds the
+    arguments without a Python loop."""
+    constants: list = []
+
+    def expression(value) -> str:
+        if isinstance(value, _Slot):
+            pointer = f"p[{order[value.root]}]"
+            return f"{pointer} + {value.offset}" if value.offset else pointer
+        if isinstance(value, tuple):
+            return "(" + "".join(expression(entry) + ", " for entry in value) + ")"
+        constants.append(value)
+        return f"c[{len(constants) - 1}]"
+
+    body = "".join(expression(value) + ", " for value in values)
+    namespace: dict = {}
+    exec(f"def arguments(p, c):\n    return ({body})\n", namespace)  # noqa: S102  (generated from values only)
+    arguments, bound = namespace["arguments"], tuple(constants)
+    return lambda pointers: arguments(pointers, bound)
+
+
+class _Launch:
+    """One recorded launch: Triton's launcher of the compiled kernel, its function handle and
+    packed metadata, the grid, and the argument builder."""
+
+    __slots__ = ("run", "function", "metadata", "grid", "arguments")
+
+    def __init__(self, compiled, grid: tuple, arguments: Callable):
+        self.run = compiled.run  # initializes the kernel's module and Triton's launcher once
+        self.function = compiled.function
+        self.metadata = compiled.packed_metadata
+        self.grid = grid
+        self.arguments = arguments
+
+
+def _launch_hooks_installed() -> bool:
+    """Whether a launch hook is installed (a profiler such as Proton): Triton 3.6 and 3.9 keep them
+    in a ``HookChain`` (empty by default), and a replay, which passes no launch metadata, then
+    leaves the launch to the JIT."""
+    runtime = triton.knobs.runtime
+    for hook in (runtime.launch_enter_hook, runtime.launch_exit_hook):
+        if hook is not None and getattr(hook, "calls", True):
+            return True
+    return False
+
+
+class LaunchPlan:
+    """What a launcher call does, for replay by a later call with the same :func:`call_key`.
+
+    Roots, in pointer order: the call's inputs, its allocations (``(shape, dtype)`` each, made
+    anew per replay), then its external buffers (``fetch()`` per replay: a buffer that outlives
+    the call, such as the split-K arrival counters of the current stream).
+    """
+
+    __slots__ = ("allocations", "externals", "launches", "outputs", "stream_of")
+
+    def __init__(self, allocations, externals, launches, outputs):
+        self.allocations = allocations
+        self.externals = externals
+        self.launches = launches
+        self.outputs = outputs  # per returned tensor: an allocation's index, or (index, shape, strides, offset)
+        self.stream_of = triton.runtime.driver.active.get_current_stream
+
+    def replay(self, pointers: list[int], device: torch.device) -> list[torch.Tensor] | None:
+        """Run the plan for inputs whose pointers are ``pointers`` (in key order, followed by the
+        per-call scalars) on ``device``;
+        None when it cannot (an allocation not 16-byte aligned, an external buffer unavailable,
+        launch hooks installed), and the caller then takes the JIT path."""
+        if _launch_hooks_installed():
+            return None
+        buffers = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in self.allocations]
+        created = [buffer.data_ptr() for buffer in buffers]
+        for fetch in self.externals:
+            external = fetch()
+            if external is None:
+                return None
+            created.append(external.data_ptr())
+        for pointer in created:  # 16-byte aligned when recorded (an input's alignment is in the key)
+            if pointer & 15:
+                return None
+        pointers = pointers + created
+        index = device.index
+        if device.type == "cuda" and index != torch.cuda.current_device():
+            with torch.cuda.device(index):
+                self._launch(pointers, index)
+        else:
+            self._launch(pointers, index if index is not None else 0)
+        return [
+            buffers[output] if isinstance(output, int) else buffers[output[0]].as_strided(*output[1:])
+            for output in self.outputs
+        ]
+
+    def _launch(self, pointers: list[int], device_index: int) -> None:
+        stream = self.stream_of(device_index)
+        for launch in self.launches:
+            grid_x, grid_y, grid_z = launch.grid
+            launch.run(grid_x, grid_y, grid_z, stream, launch.function, launch.metadata, None, None, None,
+                       *launch.arguments(pointers))
+
+
+class PlanRecorder:
+    """Records a launcher call made through Triton's JIT as a :class:`LaunchPlan`.
+
+    The launcher allocates its buffers with :meth:`empty`, names buffers that outlive the call with
+    :meth:`external` and launches with :meth:`launch`. Every tensor argument of a launch must be
+    one of these, an input of the call, or a view of an input with the input's data pointer that no
+    other input shares; else the call is not plannable and :meth:`plan` returns None.
+    """
+
+    def __init__(self, inputs: Sequence[torch.Tensor], scalars: int = 0):
+        self.roots: list = list(inputs) + [None] * scalars
+        # "input", "scalar" (a per-call integer argument), (shape, dtype) of an allocation, or the
+        # fetch function of an external buffer
+        self.kinds: list = ["input"] * len(inputs) + ["scalar"] * scalars
+        self.launches: list[tuple] = []  # (compiled kernel, grid, argument values with slots)
+        self.plannable = True
+
+    def empty(self, shape, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``torch.empty(shape)`` on ``like``'s device, in its dtype unless ``dtype``, recorded."""
+        buffer = torch.empty(shape, dtype=dtype if dtype is not None else like.dtype, device=like.device)
+        self.roots.append(buffer)
+        self.kinds.append((tuple(buffer.shape), buffer.dtype))
+        return buffer
+
+    def external(self, buffer: torch.Tensor, fetch: Callable[[], torch.Tensor | None]) -> torch.Tensor:
+        """``buffer``, recorded as fetched by ``fetch()`` at every replay."""
+        self.roots.append(buffer)
+        self.kinds.append(fetch)
+        return buffer
+
+    def launch(self, kernel, grid, *args, tuned_choice: bool = True, per_call: dict | None = None, **kwargs) -> None:
+        """Launch ``kernel[grid](*args, **kwargs)`` and record it. An autotuned ``kernel`` goes through
+        :func:`launch_tuned` (its remembered choice) unless ``tuned_choice`` is False. ``per_call``
+        maps argument names to scalar indices: those arguments (``do_not_specialize`` integers) are
+        read at every replay from the values following the input pointers."""
+        if hasattr(kernel, "best_config"):  # a triton.autotune kernel
+            if tuned_choice:
+                compiled, config = launch_tuned(kernel, grid, *args, **kwargs)
+            else:
+                compiled = kernel[grid](*args, **kwargs)
+                config = kernel.best_config.all_kwargs()
+            function = kernel.fn
+        else:
+            compiled, config, function = kernel[grid](*args, **kwargs), {}, kernel
+        if not self.plannable:
+            return
+        if compiled is None or not hasattr(compiled, "packed_metadata"):  # the interpreter
+            self.plannable = False
+            return
+        named = {**dict(zip(function.arg_names, args)), **kwargs, **config}
+        if any(name not in named for name in function.arg_names):  # a default value: not recorded
+            self.plannable = False
+            return
+        first_scalar = self.kinds.index("scalar") if per_call else 0
+        values = [
+            _Slot(first_scalar + per_call[name], 0) if per_call and name in per_call else self._slots(named[name])
+            for name in function.arg_names
+        ]
+        resolved = tuple(grid(named) if callable(grid) else grid)
+        self.launches.append((compiled, resolved + (1,) * (3 - len(resolved)), values))
+
+    def _slots(self, value):
+        if isinstance(value, tuple):
+            return tuple(self._slots(entry) for entry in value)
+        if not isinstance(value, torch.Tensor):
+            return value
+        for root, candidate in enumerate(self.roots):
+            if value is candidate:
+                return _Slot(root, 0)
+        pointer = value.data_ptr()
+        for root, candidate in enumerate(self.roots):
+            if self.kinds[root] == "input":
+                continue
+            storage = candidate.untyped_storage()
+            if storage.data_ptr() <= pointer < storage.data_ptr() + storage.nbytes():
+                return _Slot(root, pointer - candidate.data_ptr())
+        sharing = [root for root, kind in enumerate(self.kinds) if kind == "input" and self.roots[root].data_ptr() == pointer]
+        if len(sharing) == 1:  # a view of one input (a transpose): its pointer
+            return _Slot(sharing[0], 0)
+        self.plannable = False  # a tensor the plan cannot rebuild (a packed copy, an ambiguous view)
+        return value
+
+    def plan(self, outputs: Sequence[torch.Tensor]) -> LaunchPlan | None:
+        """The plan of the recorded call returning ``outputs`` (each an allocation or a view of
+        one), or None when the call is not plannable."""
+        if not self.plannable or not self.launches:
+            return None
+        inputs = [root for root, kind in enumerate(self.kinds) if kind in ("input", "scalar")]
+        allocations = [root for root, kind in enumerate(self.kinds) if isinstance(kind, tuple)]
+        externals = [root for root, kind in enumerate(self.kinds) if callable(kind)]
+        order = {root: position for position, root in enumerate(inputs + allocations + externals)}
+        described = []
+        for output in outputs:
+            for position, root in enumerate(allocations):
+                buffer = self.roots[root]
+                if output is buffer:
+                    described.append(position)
+                    break
+                if output.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr():
+                    described.append((position, tuple(output.shape), output.stride(), output.storage_offset()))
+                    break
+            else:
+                return None  # an input, or a tensor no allocation holds
+        launches = [_Launch(compiled, grid, _compile_arguments(values, order)) for compiled, grid, values in self.launches]
+        return LaunchPlan([self.kinds[root] for root in allocations], [self.kinds[root] for root in externals],
+                          launches, described)
+
+
+class PlanCache:
+    """One launcher's plans by :func:`call_key`; None marks a key that is not plannable."""
+
+    def __init__(self):
+        self.plans: dict[tuple, LaunchPlan | None] = {}
+
+    def replay(self, key: tuple, pointers: list[int], device: torch.device) -> list[torch.Tensor] | None:
+        """The outputs of the plan for ``key`` run on these pointers, or None (no plan, or it could
+        not run: the caller then takes the JIT path with a :class:`PlanRecorder`)."""
+        plan = self.plans.get(key)
+        return plan.replay(pointers, device) if plan is not None else None
+
+    def record(self, key: tuple, recorder: PlanRecorder, outputs: Sequence[torch.Tensor]) -> None:
+        """Keep the plan ``recorder`` made of the call with ``key`` returning ``outputs``."""
+        if key not in self.plans:
+            self.plans[key] = recorder.plan(outputs)
+
+    def clear(self) -> None:
+        self.plans.clear()

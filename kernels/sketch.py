@@ -79,7 +79,7 @@ import triton
 import triton.language as tl
 
 from fastrank._backend import cuda_matmul_allows_tf32
-from fastrank.kernels._launch import cdiv, device_guard, interpreting, size_bucket
+from fastrank.kernels._launch import PlanCache, PlanRecorder, call_key, cdiv, device_guard, interpreting, size_bucket
 from fastrank.sketch import _accumulation_dtype, _check_inputs
 
 BUILT_FOR_INTERPRETER = interpreting()  # tests reload the module when this disagrees with the environment
@@ -179,7 +179,7 @@ def _omega_quads(seed, rows, quads):
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # one compile for every seed; a plan passes it per call
 def _omega_kernel(
     # pointers
     out_ptr,  # (N, K) Omega, any strides, any float dtype (each fp32 entry rounded once to it)
@@ -364,15 +364,17 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "tf32"  # ignored by tl.dot for fp16 / bf16 operands
 
 
-def _launch(a3, b3, out, splits=None, autotune=None):
+def _launch(a3, b3, out, splits=None, autotune=None, recorder=None):
     """out (batch, M, K) = a3 (batch, M, N) @ b3 (batch or 1, N, K) through ``_sketch_kernel``.
 
     a3 and b3 share a dtype, or a3 is fp16 and b3 fp32 (then a3's tiles are converted to fp32 and
     the dot takes TF32, which holds every fp16 value exactly); out is fp32 / fp64 or a3's dtype. ``splits`` cuts the reduction
     into that many chunks (default: ``_reduction_splits``); their fp32 (fp64) partial products
     are then added by torch. ``autotune`` (default: from ``_AUTOTUNE_MIN_FLOPS``) False launches
-    the first config that passes the prune.
+    the first config that passes the prune. ``recorder`` (a ``PlanRecorder``) records the launch.
     """
+    if recorder is None:
+        recorder = PlanRecorder(())
     batch, M, N = a3.shape
     K = out.shape[-1]
     if batch == 0:
@@ -389,9 +391,11 @@ def _launch(a3, b3, out, splits=None, autotune=None):
         splits = cdiv(N, split_size)  # rounding the chunks up can leave fewer
     else:
         split_size = N
-    target = out.unsqueeze(0) if splits == 1 else torch.empty(
-        splits, *out.shape, device=out.device, dtype=_accumulation_dtype(a3.dtype)
-    )
+    if splits == 1:
+        target = out.unsqueeze(0)
+    else:  # torch adds the partials: not a launch a plan replays
+        recorder.plannable = False
+        target = torch.empty(splits, *out.shape, device=out.device, dtype=_accumulation_dtype(a3.dtype))
     b_strides = (0 if b3.shape[0] == 1 else b3.stride(0), b3.stride(1), b3.stride(2))
 
     element = max(a3.element_size(), b3.element_size())  # both tiles sized for the wider, for the prune
@@ -412,11 +416,13 @@ def _launch(a3, b3, out, splits=None, autotune=None):
         return sketch_grid(splits, batch, M, K, meta["BLOCK_M"], block_k)
 
     with device_guard(a3):
-        kernel[grid](
+        recorder.launch(
+            kernel, grid,
             a3, b3, target,
             M, N, K, split_size, batch,
             *a3.stride(), *b_strides, *target.stride(),
             size_bucket(M), size_bucket(N), size_bucket(K),
+            tuned_choice=False,  # the autotuner's key holds both operands' dtypes; launch_tuned's only A's
             **launch_meta,
             **config_meta,
         )
@@ -425,21 +431,34 @@ def _launch(a3, b3, out, splits=None, autotune=None):
     return out
 
 
-def _write_omega(out, seed):
-    """Fill ``out`` (N, K), any strides and float dtype, with Omega for ``seed``."""
+def _write_omega(out, seed, recorder=None):
+    """Fill ``out`` (N, K), any strides and float dtype, with Omega for ``seed``; ``recorder`` (a
+    ``PlanRecorder`` with one per-call scalar, the seed) records the launch."""
     N, K = out.shape
     grid = (cdiv(N, _OMEGA_BLOCK_N), cdiv(K, 4 * _OMEGA_BLOCK_Q))
+    if recorder is None:
+        recorder = PlanRecorder((), scalars=1)
     with device_guard(out):
-        _omega_kernel[grid](out, N, K, seed, *out.stride(), BLOCK_N=_OMEGA_BLOCK_N, BLOCK_Q=_OMEGA_BLOCK_Q)
+        recorder.launch(_omega_kernel, grid, out, N, K, seed, *out.stride(), per_call={"seed": 0},
+                        BLOCK_N=_OMEGA_BLOCK_N, BLOCK_Q=_OMEGA_BLOCK_Q)
     return out
+
+
+def _check_seed(seed):
+    if not 0 <= seed < 2**31:
+        raise ValueError(f"seed must be in [0, 2**31), got {seed}")
 
 
 def gaussian_omega(n, k, seed, device, dtype=torch.float32):
     """The (n, k) Omega of ``seed`` as the sketch kernel reads it: a transposed view of a (k, n)
     contiguous buffer, each fp32 entry rounded once to ``dtype``."""
-    if not 0 <= seed < 2**31:
-        raise ValueError(f"seed must be in [0, 2**31), got {seed}")
+    _check_seed(seed)
     return _write_omega(torch.empty(k, n, device=device, dtype=dtype).T, seed)
+
+
+# Launch plans of gaussian_sketch (fastrank.kernels._launch): a repeated call with the same tensor
+# metadata replays its first call's launches, the seed read per call.
+_SKETCH_PLANS = PlanCache()
 
 
 def gaussian_sketch(A, k, seed, gram=False):
@@ -451,22 +470,35 @@ def gaussian_sketch(A, k, seed, gram=False):
     Gram form rounds Z = A^T Omega to A's dtype (to TF32 in the product for fp16, whose range
     Z can leave). Runs on A's device (a CUDA device guard is taken).
     """
+    if isinstance(A, torch.Tensor) and type(k) is int and type(seed) is int and 0 <= seed < 2**31:
+        key, pointers = call_key((A,), (k, gram, _input_precision(A.dtype)))
+        pointers.append(seed)
+        replayed = _SKETCH_PLANS.replay(key, pointers, A.device)
+        if replayed is not None:
+            return replayed[0]
+    else:
+        key = None
     _check_inputs(A, k, seed)
     if A.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         raise TypeError(f"gaussian_sketch: the kernel takes fp16, bf16, fp32 or fp64 input, got {A.dtype}")
+    recorder = PlanRecorder((A,), scalars=1)
     *batch_shape, m, n = A.shape
     a3 = A.reshape(-1, m, n)  # a view whenever the batch dims can be merged
     acc_dtype = _accumulation_dtype(A.dtype)
-    omega = gaussian_omega(m if gram else n, k, seed, A.device, A.dtype)[None]  # one Omega for the batch
-    y3 = torch.empty(a3.shape[0], m, k, device=A.device, dtype=acc_dtype)
+    omega_buffer = recorder.empty((k, m if gram else n), A)
+    omega = _write_omega(omega_buffer.T, seed, recorder)[None]  # one Omega for the batch
+    y3 = recorder.empty((a3.shape[0], m, k), A, acc_dtype)
     if gram:
         # Z stored (batch, k, n): the second launch reads it with the reduction index contiguous.
         # fp16 keeps Z in fp32: a sum over m rows of A leaves fp16's range (65504) for m = 10**6
         # rows of entries ~ 50; bf16 has fp32's range.
         z_dtype = torch.float32 if A.dtype == torch.float16 else A.dtype
-        z3 = torch.empty(a3.shape[0], k, n, device=A.device, dtype=z_dtype).mT
-        _launch(a3.mT, omega, z3)
-        _launch(a3, z3, y3)
+        z3 = recorder.empty((a3.shape[0], k, n), A, z_dtype).mT
+        _launch(a3.mT, omega, z3, recorder=recorder)
+        _launch(a3, z3, y3, recorder=recorder)
     else:
-        _launch(a3, omega, y3)
-    return y3.reshape(*batch_shape, m, k)
+        _launch(a3, omega, y3, recorder=recorder)
+    result = y3.reshape(*batch_shape, m, k)
+    if key is not None:
+        _SKETCH_PLANS.record(key, recorder, [result])
+    return result

@@ -9,8 +9,8 @@
 * ``torch.compile chain``: ``torch.compile`` of the sequential chain.
 
 :func:`small_layer_cases` (every device, part of :func:`chain_cases`' defaults): the same
-comparison where fixed per-call costs dominate (d = 64 and 256, B = 1 and 64, L = 2, 4, 8 in
-training), and ``OverparamConv2d`` against ``nn.Conv2d`` in eval at small images.
+comparison where fixed per-call costs dominate (d = 64, 128, 256, B = 1, 16, 64, L = 2, 4, in
+training and in eval), and ``OverparamConv2d`` against ``nn.Conv2d`` in eval at small images.
 
 :func:`chain_kernel_cases` (CUDA): the Triton chain kernel (``fastrank.kernels.chain.chain_matmul``)
 against one ``torch.matmul`` per factor and ``torch.compile`` of that loop; the d x d work of a
@@ -281,11 +281,13 @@ def chain_cases(
 
 
 # ----------------------------------------------------------------------------- small layers
-# (d, B, L) of the train-step cases; quick keeps one. Eval runs at L = 4 for every (d, B).
-_SMALL_TRAIN = [(d, b, length) for d in (64, 256) for b in (1, 64) for length in (2, 4, 8)]
+# (d, B, L) of the train-step and of the eval cases, the grid of the targets: d in (64, 128, 256),
+# B in (1, 16, 64), L in (2, 4); quick keeps one of each.
+_SMALL_GRID = [(d, b, length) for d in (64, 128, 256) for b in (1, 16, 64) for length in (2, 4)]
+_SMALL_TRAIN = _SMALL_GRID
 _SMALL_TRAIN_QUICK = [(64, 1, 4)]
-_SMALL_EVAL = [(d, b) for d in (64, 256) for b in (1, 64)]
-_SMALL_EVAL_QUICK = [(64, 1)]
+_SMALL_EVAL = _SMALL_GRID
+_SMALL_EVAL_QUICK = [(64, 1, 4)]
 # (channels, image side, batch) of the conv eval cases, kernel sizes (3, 1), padding 1.
 _SMALL_CONV = [(32, 8, 1), (64, 16, 8)]
 _SMALL_CONV_QUICK = [(32, 8, 1)]
@@ -403,11 +405,13 @@ def _small_conv_case(channels: int, side: int, batch: int, device, dtype, repeat
 def small_layer_cases(quick: bool = False, device: str = "cpu", dtype: torch.dtype = torch.float32) -> list[Case]:
     """Cases where a layer's fixed per-call cost shows: small widths and batches (ViT-tiny, RL MLPs).
 
-    Train steps of ``OverparamLinear(d, d, depth=L)`` for d in (64, 256), B in (1, 64), L in (2, 4,
-    8); eval calls at L = 4 for the same (d, B); ``OverparamConv2d(C, C, (3, 1), padding=1)`` in
-    eval against ``nn.Conv2d`` at C=32 on 8x8 (B=1) and C=64 on 16x16 (B=8). With ``quick``: one
-    case of each kind (d=64, B=1). The targets (in each case's note): train steps within 1.1x of
-    the cheaper naive form, eval calls within 1.1x of the plain layer.
+    Train steps and eval calls of ``OverparamLinear(d, d, depth=L)`` (bias included) for d in (64,
+    128, 256), B in (1, 16, 64), L in (2, 4): 18 of each; ``OverparamConv2d(C, C, (3, 1),
+    padding=1)`` in eval against ``nn.Conv2d`` at C=32 on 8x8 (B=1) and C=64 on 16x16 (B=8). With
+    ``quick``: one case of each kind (d=64, B=1, L=4). The targets (in each case's note), measured
+    with one thread (``fastrank bench --threads 1``) in fp32: train steps within 1.1x of the
+    cheaper naive form (sequential chain, collapsed autograd), eval calls within 1.1x of the plain
+    layer.
     """
     repeats = _SMALL_REPEATS_QUICK if quick else _SMALL_REPEATS
     cases = [
@@ -415,8 +419,8 @@ def small_layer_cases(quick: bool = False, device: str = "cpu", dtype: torch.dty
         for d, b, length in (_SMALL_TRAIN_QUICK if quick else _SMALL_TRAIN)
     ]
     cases += [
-        _small_linear_case("eval", d, b, 4, device, dtype, repeats)
-        for d, b in (_SMALL_EVAL_QUICK if quick else _SMALL_EVAL)
+        _small_linear_case("eval", d, b, length, device, dtype, repeats)
+        for d, b, length in (_SMALL_EVAL_QUICK if quick else _SMALL_EVAL)
     ]
     cases += [
         _small_conv_case(c, side, b, device, dtype, repeats)

@@ -71,7 +71,16 @@ import triton.language as tl
 from torch import Tensor
 
 from fastrank._backend import cuda_matmul_allows_tf32
-from fastrank.kernels._launch import PlanCache, PlanRecorder, call_key, cdiv, device_guard, interpreting, size_bucket
+from fastrank.kernels._launch import (
+    PlanCache,
+    PlanRecorder,
+    call_key,
+    cdiv,
+    device_guard,
+    interpreting,
+    size_bucket,
+    unused_buffer,
+)
 
 # The torch twins (the specification of these kernels, and the CPU path) live in the op file.
 from fastrank.chain import (  # noqa: F401  (re-exported for the kernel tests)
@@ -667,7 +676,7 @@ def chain_matmul(x: Tensor, factors: Sequence[Tensor], return_all: bool = True) 
     if not _on_chip(x, factors, precision):
         return chain_matmul_ref(x, factors, return_all)
 
-    recorder = PlanRecorder((x, *factors))
+    recorder = _CHAIN_PLANS.recorder(key, (x, *factors))
     outputs: list[Tensor] = []
     with device_guard(x):
         block = x
@@ -995,8 +1004,8 @@ def _launch_factor_grads(
         regions = sum(cdiv(g.shape[1] * i.shape[1], 16) * 16 for g, i in pairs)
         partials = recorder.empty(splits * regions, grads[0], torch.float32)
     else:  # never read; live fp32 and int32 pointers keep the launch's signature
-        partials = recorder.empty(1, grads[0], torch.float32)
-        counters = recorder.empty(1, grads[0], torch.int32)
+        partials = recorder.external(unused_buffer(device, torch.float32), lambda: unused_buffer(device, torch.float32))
+        counters = recorder.external(unused_buffer(device, torch.int32), lambda: unused_buffer(device, torch.int32))
 
     def grid(meta):
         return (tile_count(meta["BLOCK_P"], meta["BLOCK_Q"]) * splits,)
@@ -1057,7 +1066,7 @@ def chain_factor_grads(
     if dtype not in _KERNEL_DTYPES or max(widths) > MAX_GROUPED_WIDTH or min(widths) == 0 or M == 0:
         return chain_factor_grads_ref(grads, inputs)
 
-    recorder = PlanRecorder((*grads, *inputs))
+    recorder = _FACTOR_GRAD_PLANS.recorder(key, (*grads, *inputs))
     outputs = [recorder.empty((g.shape[1], i.shape[1]), g) for g, i in zip(grads, inputs)]
     with device_guard(grads[0]):
         for start in range(0, len(grads), FACTORS_PER_LAUNCH):
@@ -1272,7 +1281,7 @@ def chain_matmul_backward(
     if counters is None:  # not a narrow chain, or a CUDA graph capture without counters yet
         return compose_chain_backward(x, factors, grad_output, needs_x, chain_matmul, chain_factor_grads)
 
-    recorder = PlanRecorder((x, *factors, grad_output))
+    recorder = _BACKWARD_PLANS.recorder(key, (x, *factors, grad_output))
     device = x.device
     recorder.external(counters, lambda: _split_counters(device, 1))
     k, widths = len(factors), [x.shape[1]] + [f.shape[0] for f in factors]
@@ -1299,9 +1308,12 @@ def _launch_backward(
     M, k = x.shape[0], len(factors)
     widths = [x.shape[1]] + [f.shape[0] for f in factors]
     block_n = _resident_block(widths)
-    scratch = recorder.empty((M, (k - 1) * block_n), x) if k > 1 else x  # never read with one factor
     most_programs = min(cdiv(M, _SMALLEST_BACKWARD_BLOCK_M), MAX_BACKWARD_PROGRAMS)
-    partials = recorder.empty(most_programs * k * block_n * block_n, x, torch.float32)
+    partials_shape = (most_programs * k * block_n * block_n,)
+    if k > 1:
+        scratch, partials = recorder.workspace([((M, (k - 1) * block_n), x.dtype), (partials_shape, torch.float32)], x)
+    else:  # the scratch is never read with one factor
+        scratch, (partials,) = x, recorder.workspace([(partials_shape, torch.float32)], x)
 
     def grid(meta):
         return (min(cdiv(M, meta["BLOCK_M"]), MAX_BACKWARD_PROGRAMS),)

@@ -374,7 +374,7 @@ def _launch(a3, b3, out, splits=None, autotune=None, recorder=None):
     the first config that passes the prune. ``recorder`` (a ``PlanRecorder``) records the launch.
     """
     if recorder is None:
-        recorder = PlanRecorder(())
+        recorder = PlanRecorder((), active=False)
     batch, M, N = a3.shape
     K = out.shape[-1]
     if batch == 0:
@@ -437,7 +437,7 @@ def _write_omega(out, seed, recorder=None):
     N, K = out.shape
     grid = (cdiv(N, _OMEGA_BLOCK_N), cdiv(K, 4 * _OMEGA_BLOCK_Q))
     if recorder is None:
-        recorder = PlanRecorder((), scalars=1)
+        recorder = PlanRecorder((), active=False)
     with device_guard(out):
         recorder.launch(_omega_kernel, grid, out, N, K, seed, *out.stride(), per_call={"seed": 0},
                         BLOCK_N=_OMEGA_BLOCK_N, BLOCK_Q=_OMEGA_BLOCK_Q)
@@ -481,7 +481,7 @@ def gaussian_sketch(A, k, seed, gram=False):
     _check_inputs(A, k, seed)
     if A.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         raise TypeError(f"gaussian_sketch: the kernel takes fp16, bf16, fp32 or fp64 input, got {A.dtype}")
-    recorder = PlanRecorder((A,), scalars=1)
+    recorder = _SKETCH_PLANS.recorder(key, (A,), scalars=1) if key is not None else PlanRecorder((), 1, False)
     *batch_shape, m, n = A.shape
     a3 = A.reshape(-1, m, n)  # a view whenever the batch dims can be merged
     acc_dtype = _accumulation_dtype(A.dtype)

@@ -1,0 +1,172 @@
+"""Host time of fastrank's kernel launchers without a GPU: Triton's real CUDA launcher on a stubbed
+driver (benchmarks/stubbed_cuda.py), each public launcher through the JIT path and through its
+launch plan's replay, interleaved in one run.
+
+    python benchmarks/host_cost.py [--json benchmarks/results/host_cost_cpu.json] [--rounds 40]
+
+Rows ``{"call", "triton", "path", "us", ...}``: path "jit" is Triton's JIT launch (binding,
+specialization, kernel cache, the remembered autotune choice, and fastrank's launcher Python),
+"fast" the plan replay. The JSON keeps the rows of other Triton versions (run the script once per
+Triton install to fill both) and the markdown table beside it (same name, .md) is rewritten from
+all rows. What a GPU adds is not included: the driver's launch call and the CUDA caching
+allocator's ``torch.empty`` (here the CPU allocator's); on the JIT path also one driver pointer
+query per tensor argument, which a replay skips (it passes pointers as integers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+import stubbed_cuda  # noqa: E402
+
+GOAL_US = 10.0
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cases():
+    import torch
+
+    from fastrank.kernels import chain, sketch
+
+    generator = torch.Generator().manual_seed(0)
+
+    def randn(*shape, dtype=torch.bfloat16):
+        return torch.randn(*shape, generator=generator).to(dtype)
+
+    d = 256
+    chain_x, chain_factors = randn(d, d), [randn(d, d) for _ in range(3)]
+    grads, inputs = [randn(d, d) for _ in range(4)], [randn(d, d) for _ in range(4)]
+    narrow = 64
+    back_x, back_factors, back_grad = randn(narrow, narrow), [randn(narrow, narrow) for _ in range(4)], randn(narrow, narrow)
+    sketch_a = randn(4096, 256, dtype=torch.float32)
+    return [
+        ("chain_matmul, d = 256, 3 factors (bf16)", chain._CHAIN_PLANS,
+         lambda: chain.chain_matmul(chain_x, chain_factors), 1),
+        ("chain_factor_grads, d = 256, 4 pairs (bf16)", chain._FACTOR_GRAD_PLANS,
+         lambda: chain.chain_factor_grads(grads, inputs), 1),
+        ("chain_matmul_backward, d = 64, 4 factors (bf16, fused)", chain._BACKWARD_PLANS,
+         lambda: chain.chain_matmul_backward(back_x, back_factors, back_grad), 1),
+        ("gaussian_sketch, 4096 x 256, k = 64 (fp32)", sketch._SKETCH_PLANS,
+         lambda: sketch.gaussian_sketch(sketch_a, 64, 7), 2),
+    ]
+
+
+def measure(rounds: int, calls: int) -> list[dict]:
+    """Median microseconds per call of every case on both paths, interleaved round by round."""
+    stubbed_cuda.activate(compile=True, record=False)
+    import torch
+    import triton
+
+    torch.set_num_threads(1)
+    cases = _cases()
+    samples = {(name, path): [] for name, *_ in cases for path in ("jit", "fast")}
+
+    def jit_only(key, pointers, device):
+        return None
+
+    for name, plans, call, launches in cases:  # compile, tune and record once
+        call()
+        before = stubbed_cuda.launch_count()
+        call()
+        if stubbed_cuda.launch_count() - before != launches:
+            raise RuntimeError(f"{name}: expected {launches} launches a call")
+        if not any(plan is not None for plan in plans.plans.values()):
+            raise RuntimeError(f"{name}: no launch plan was recorded")
+    for _ in range(rounds):
+        for name, plans, call, _launches in cases:
+            for path in ("jit", "fast"):
+                if path == "jit":
+                    plans.replay = jit_only  # the instance attribute hides PlanCache.replay
+                else:
+                    plans.__dict__.pop("replay", None)
+                start = time.perf_counter()
+                for _ in range(calls):
+                    call()
+                samples[(name, path)].append((time.perf_counter() - start) / calls * 1e6)
+                plans.__dict__.pop("replay", None)
+    date = datetime.date.today().isoformat()
+    rows = []
+    for (name, path), values in samples.items():
+        quartiles = statistics.quantiles(values, n=4)
+        rows.append({
+            "call": name, "triton": triton.__version__, "path": path, "us": round(statistics.median(values), 2),
+            "q1_us": round(quartiles[0], 2), "q3_us": round(quartiles[2], 2), "rounds": rounds, "calls": calls,
+            "torch": torch.__version__, "python": platform.python_version(), "cpu": _cpu_name(), "date": date,
+            "device": "stubbed CUDA driver (no GPU), CPU tensors",
+        })
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    versions = sorted({row["triton"] for row in rows})
+    calls = list(dict.fromkeys(row["call"] for row in rows))
+    by = {(row["call"], row["triton"], row["path"]): row for row in rows}
+    header = "| call | " + " | ".join(f"jit, Triton {v} | fast, Triton {v}" for v in versions) + " |"
+    lines = [header, "|---|" + "---:|" * (2 * len(versions))]
+    for call in calls:
+        cells = []
+        for version in versions:
+            for path in ("jit", "fast"):
+                row = by.get((call, version, path))
+                cells.append(f"{row['us']:.1f}" if row else "-")
+        lines.append(f"| {call} | " + " | ".join(cells) + " |")
+    machines = sorted({f"{row['cpu']}, torch {row['torch']}, Python {row['python']}, {row['date']}" for row in rows})
+    misses = [f"{row['call']} (Triton {row['triton']}: {row['us']:.1f} us)" for row in rows
+              if row["path"] == "fast" and row["us"] > GOAL_US]
+    return "\n".join([
+        "# Host cost of fastrank's launchers, measured without a GPU",
+        "",
+        "Written by `python benchmarks/host_cost.py` (rows: host_cost_cpu.json). Triton's real CUDA launcher",
+        "on a stubbed driver (benchmarks/stubbed_cuda.py), CPU tensors, one thread; microseconds per public",
+        "call, median of interleaved rounds. jit: the launch through Triton's JIT (binding and",
+        "specialization, kernel cache, the remembered autotune choice) with fastrank's launcher Python;",
+        "fast: the launch plan's replay (fastrank.kernels._launch). Not included: the driver's launch call",
+        "and the CUDA caching allocator; the JIT path's driver pointer query per tensor argument, which the",
+        "replay skips.",
+        "",
+        "Machines: " + "; ".join(machines) + ".",
+        "",
+        *lines,
+        "",
+        f"Goal: every fast row <= {GOAL_US:.0f} us. " + ("Met." if not misses else "Missed: " + "; ".join(misses) + "."),
+        "",
+    ])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", default=str(Path(__file__).parent / "results" / "host_cost_cpu.json"))
+    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--calls", type=int, default=200)
+    options = parser.parse_args()
+    rows = measure(options.rounds, options.calls)
+    path = Path(options.json)
+    version = rows[0]["triton"]
+    kept = [row for row in json.loads(path.read_text()) if row["triton"] != version] if path.exists() else []
+    rows = kept + rows
+    path.write_text(json.dumps(rows, indent=1) + "\n")
+    path.with_suffix(".md").write_text(markdown(rows))
+    for row in rows:
+        print(f"{row['triton']:6s} {row['path']:5s} {row['us']:8.1f} us  {row['call']}")
+
+
+if __name__ == "__main__":
+    main()

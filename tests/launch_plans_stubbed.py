@@ -1,0 +1,304 @@
+"""Launch plans against Triton's own binder and launcher, with the CUDA driver stubbed
+(benchmarks/stubbed_cuda.py). Run in a process of its own by tests/test_launch_fast_path.py:
+
+    python tests/launch_plans_stubbed.py keys [--mutation NAME] [--draws N]
+    python tests/launch_plans_stubbed.py replay
+
+``keys``: draws many argument sets for each planned launcher (chain_matmul, chain_factor_grads,
+chain_matmul_backward, gaussian_sketch): sizes 1 / 15 / 16 / 17 / 33 and a 2**31 row count or
+stride, fp16 / bf16 / fp32, contiguous, transposed and sliced operands, views at element offsets
+that leave a pointer misaligned. For each call it records the plan keys the launchers computed and
+what Triton's binder computed for every launch (specialization of each argument, options,
+constexprs, grid, every integer argument). Two calls with equal keys must have equal bindings: a
+replay of one's plan for the other would otherwise run a kernel specialized for other arguments.
+``--mutation`` drops one component from every key (alignment, strides, shapes, dtypes, flags), as
+a check that the collision search can see each. Prints JSON: draws, distinct keys, distinct
+bindings, collisions.
+
+``replay``: real compiles for sm_90; each launcher called on a set of shapes and layouts twice
+with the same inputs, the first call through the JIT (recording its plan), the second replayed.
+Every argument Triton's launcher received is compared, pointers by what they point into (input i,
+output j, or the call's n-th temporary, with the byte offset). Prints JSON: cases, mismatches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import stubbed_cuda  # noqa: E402
+
+MUTATIONS = ("alignment", "strides", "shapes", "dtypes", "flags")
+# Integer arguments a replay reads per call (do_not_specialize: their specialization is compared,
+# their values are not): the Omega seed.
+PER_CALL = ("seed",)
+
+
+def _mutated(call_key, mutation):
+    """``call_key`` with one component of its key dropped."""
+    def mutated_call_key(tensors, flags):
+        (key_flags, metadata, aligned), pointers = call_key(tensors, flags)
+        if mutation == "alignment":
+            aligned = ()
+        elif mutation == "flags":
+            key_flags = ()
+        else:
+            drop = {"shapes": 0, "strides": 1, "dtypes": 2}[mutation]
+            metadata = tuple(tuple(part for index, part in enumerate(entry) if index != drop) for entry in metadata)
+        return (key_flags, metadata, aligned), pointers
+    return mutated_call_key
+
+
+def _operand(torch, rows, cols, dtype, layout, generator):
+    """A (rows, cols) operand in ``layout``: contiguous, transposed (column-major view), sliced
+    (row stride past cols), offset1 / offset8 (a view starting 1 or 8 elements into its storage),
+    or stride31 (one row with a row stride of 2**31)."""
+    def fresh(*shape):
+        return torch.randn(*shape, generator=generator).to(dtype)
+
+    if layout == "contiguous":
+        return fresh(rows, cols)
+    if layout == "transposed":
+        return fresh(cols, rows).T
+    if layout == "sliced":
+        return fresh(rows, cols + 16)[:, 3 : 3 + cols]
+    if layout in ("offset1", "offset8"):
+        skip = int(layout[6:])
+        return fresh(rows * cols + skip)[skip:].view(rows, cols)
+    if layout == "stride31":
+        return fresh(cols).as_strided((1, cols), (2**31, 1))
+    raise ValueError(layout)
+
+
+LAYOUTS = ("contiguous", "transposed", "sliced", "offset1", "offset8")
+SIZES = (1, 15, 16, 17, 33)
+
+
+def _draw(torch, rng, generator):
+    """One launcher call: (name, function of no arguments)."""
+    from fastrank.kernels import chain, sketch
+
+    dtype = rng.choice((torch.float16, torch.bfloat16, torch.float32))
+    kind = rng.choice(("chain", "factor_grads", "backward", "sketch"))
+    layout = lambda: rng.choice(LAYOUTS)  # noqa: E731
+    if kind == "chain":
+        k = rng.choice((1, 2, 3, 9))
+        widths = [rng.choice(SIZES) for _ in range(k + 1)]
+        rows = rng.choice(SIZES)
+        x_layout = rng.choice(LAYOUTS + ("stride31",)) if rows == 1 else layout()
+        x = _operand(torch, rows, widths[0], dtype, x_layout, generator)
+        factor_layout = layout()
+        factors = [_operand(torch, widths[j + 1], widths[j], dtype, factor_layout, generator) for j in range(k)]
+        return_all = rng.random() < 0.5
+        return kind, lambda: chain.chain_matmul(x, factors, return_all)
+    if kind == "factor_grads":
+        pairs = rng.choice((1, 2, 4))
+        huge = rng.random() < 0.15
+        rows = 2**31 if huge else rng.choice(SIZES + (600,))
+        def pair_operand(cols):
+            if huge:  # 2**31 rows of one repeated row: no storage behind them
+                return torch.randn(1, cols, generator=generator).to(dtype).expand(rows, cols)
+            return _operand(torch, rows, cols, dtype, layout(), generator)
+        grads = [pair_operand(rng.choice(SIZES)) for _ in range(pairs)]
+        inputs = [pair_operand(rng.choice(SIZES)) for _ in range(pairs)]
+        split_k = rng.choice((None, None, 2))
+        return kind, lambda: chain.chain_factor_grads(grads, inputs, split_k)
+    if kind == "backward":
+        k = rng.choice((1, 2, 4))
+        widths = [rng.choice((1, 15, 16, 17, 33, 64)) for _ in range(k + 1)]
+        rows = rng.choice(SIZES)
+        x = _operand(torch, rows, widths[0], dtype, layout(), generator)
+        factors = [_operand(torch, widths[j + 1], widths[j], dtype, "contiguous", generator) for j in range(k)]
+        grad = _operand(torch, rows, widths[-1], dtype, layout(), generator)
+        needs_x = rng.random() < 0.5
+        return kind, lambda: chain.chain_matmul_backward(x, factors, grad, needs_x)
+    rows, cols = rng.choice((15, 16, 17, 33, 100)), rng.choice((15, 16, 17, 33, 100))
+    a = _operand(torch, rows, cols, dtype, layout(), generator)
+    if rng.random() < 0.3:
+        a = torch.stack([a, a.clone()])  # a batch of two
+    k = rng.choice((1, 15, 16, 17))
+    seed = rng.choice((0, 1, 16, 12345))
+    gram = rng.random() < 0.5
+    return kind, lambda: sketch.gaussian_sketch(a, k, seed, gram)
+
+
+def keys(mutation: str | None, draws: int) -> dict:
+    stubbed_cuda.activate(compile=False)
+    import torch
+
+    from fastrank.kernels import _launch, chain, sketch
+
+    if mutation is not None:
+        for module in (chain, sketch):
+            module.call_key = _mutated(_launch.call_key, mutation)
+    seen_keys: list = []
+    original_recorder = _launch.PlanCache.recorder
+
+    def recorder(self, key, inputs, scalars=0):
+        seen_keys.append((id(self), key))
+        return original_recorder(self, key, inputs, scalars)
+
+    _launch.PlanCache.recorder = recorder
+    rng, generator = random.Random(0), torch.Generator().manual_seed(0)
+    bindings_by_key: dict = {}
+    collisions, distinct_bindings = [], set()
+    for draw in range(draws):
+        kind, call = _draw(torch, rng, generator)
+        seen_keys.clear()
+        stubbed_cuda.BINDINGS.clear()
+        call()
+        if not stubbed_cuda.BINDINGS:
+            continue  # a torch path (a width beyond the kernels, a single row of fp32 ...)
+        key = (kind, tuple(seen_keys))
+        binding = tuple(
+            (b["kernel"], b["specialization"], b["options"], b["grid"],
+             tuple(sorted((name, value) for name, value in b["values"].items()
+                          if not _is_pointer(value) and name not in PER_CALL)))
+            for b in stubbed_cuda.BINDINGS
+        )
+        distinct_bindings.add(binding)
+        previous = bindings_by_key.setdefault(key, (draw, binding))
+        if previous[1] != binding:
+            collisions.append({"kind": kind, "draws": [previous[0], draw]})
+    return {"mutation": mutation, "draws": draws, "keys": len(bindings_by_key),
+            "bindings": len(distinct_bindings), "collisions": collisions[:20], "collision_count": len(collisions),
+            "triton": stubbed_cuda._ACTIVE["triton"]}
+
+
+def _is_pointer(value) -> bool:
+    if isinstance(value, tuple) and value and value[0] == "ptr":
+        return True
+    return isinstance(value, tuple) and any(_is_pointer(entry) for entry in value)
+
+
+def replay() -> dict:
+    stubbed_cuda.activate(compile=True)
+    import torch
+
+    from fastrank.kernels import _launch, chain, sketch
+
+    replays = [0]
+    original_replay = _launch.LaunchPlan.replay
+
+    def counted_replay(self, pointers, device):
+        outputs = original_replay(self, pointers, device)
+        replays[0] += outputs is not None
+        return outputs
+
+    _launch.LaunchPlan.replay = counted_replay
+    generator = torch.Generator().manual_seed(0)
+    cases = []
+    for dtype in (torch.bfloat16, torch.float32):
+        for layout in ("contiguous", "transposed", "offset1"):
+            x = _operand(torch, 17, 32, dtype, layout, generator)
+            factors = [_operand(torch, 16, 32, dtype, layout, generator), _operand(torch, 33, 16, dtype, layout, generator)]
+            cases.append((f"chain_matmul {dtype} {layout}", (x, *factors), lambda x=x, f=factors: chain.chain_matmul(x, f)))
+            cases.append((f"chain_matmul last {dtype} {layout}", (x, *factors),
+                          lambda x=x, f=factors: chain.chain_matmul(x, f, return_all=False)))
+            grads = [_operand(torch, 600, 16, dtype, layout, generator), _operand(torch, 600, 33, dtype, layout, generator)]
+            inputs = [_operand(torch, 600, 32, dtype, layout, generator), _operand(torch, 600, 16, dtype, layout, generator)]
+            cases.append((f"chain_factor_grads {dtype} {layout}", (*grads, *inputs),
+                          lambda g=grads, i=inputs: chain.chain_factor_grads(g, i)))
+            cases.append((f"chain_factor_grads split {dtype} {layout}", (*grads, *inputs),
+                          lambda g=grads, i=inputs: chain.chain_factor_grads(g, i, split_k=3)))
+            if layout == "contiguous":  # the fused backward packs its operands
+                grad = _operand(torch, 17, 16, dtype, "contiguous", generator)
+                narrow = [_operand(torch, 16, 16, dtype, "contiguous", generator) for _ in range(3)]
+                xb = _operand(torch, 17, 16, dtype, "contiguous", generator)
+                for needs_x in (True, False):
+                    cases.append((f"chain_matmul_backward {dtype} needs_x={needs_x}", (xb, *narrow, grad),
+                                  lambda x=xb, f=narrow, g=grad, n=needs_x: chain.chain_matmul_backward(x, f, g, n)))
+            a = _operand(torch, 33, 100, dtype, layout, generator)
+            cases.append((f"gaussian_sketch {dtype} {layout}", (a,), lambda a=a: sketch.gaussian_sketch(a, 17, 5)))
+            cases.append((f"gaussian_sketch gram {dtype} {layout}", (a,), lambda a=a: sketch.gaussian_sketch(a, 17, 6, gram=True)))
+    mismatches, replayed = [], 0
+    for name, inputs, call in cases:
+        runs = []
+        for _ in range(2):
+            stubbed_cuda.LAUNCHES.clear()
+            before = stubbed_cuda.launch_count()
+            outputs = call()
+            if stubbed_cuda.launch_count() - before != len(stubbed_cuda.LAUNCHES):
+                mismatches.append({"case": name, "problem": "the stub counted other launches than the launcher made"})
+            runs.append((list(stubbed_cuda.LAUNCHES), outputs))
+        (first, first_outputs), (second, second_outputs) = runs
+        if not first:
+            continue  # a torch path
+        kinds = [_kinds(launch["arguments"]) for launch in first]
+        if replays[0] != 1 or any(_has_int_pointer(launch, kind) for launch, kind in zip(first, kinds)):
+            mismatches.append({"case": name, "problem": f"{replays[0]} replays of two calls (expected the second)"})
+            replays[0] = 0
+            continue
+        replays[0] = 0
+        replayed += 1
+        if len(first) != len(second):
+            mismatches.append({"case": name, "problem": f"{len(first)} launches, then {len(second)}"})
+            continue
+        for index, (a, b, kind) in enumerate(zip(first, second, kinds)):
+            left = _named(a, kind, inputs, first_outputs)
+            right = _named(b, kind, inputs, second_outputs)
+            if left != right:
+                mismatches.append({"case": name, "launch": index, "jit": repr(left)[:400], "replay": repr(right)[:400]})
+    return {"cases": len(cases), "replayed": replayed, "mismatches": mismatches, "triton": stubbed_cuda._ACTIVE["triton"]}
+
+
+def _kinds(value):
+    """Which launcher arguments are pointers (the JIT passes tensors there)."""
+    if isinstance(value, tuple) and len(value) == 2 and value[0] in ("ptr", "int") and isinstance(value[1], int):
+        return value[0] == "ptr"
+    if isinstance(value, tuple):
+        return tuple(_kinds(entry) for entry in value)
+    return False
+
+
+def _has_int_pointer(launch, kind) -> bool:
+    def walk(value, pointer):
+        if pointer is True:
+            return value[0] == "int"
+        if isinstance(pointer, tuple):
+            return any(walk(v, p) for v, p in zip(value, pointer))
+        return False
+    return walk(launch["arguments"], kind)
+
+
+def _named(launch, kind, inputs, outputs):
+    temporaries: dict = {}
+
+    def name(pointer):
+        for index, tensor in enumerate(inputs):
+            start = tensor.untyped_storage().data_ptr()
+            if start <= pointer < start + max(tensor.untyped_storage().nbytes(), 1):
+                return ("input", index, pointer - tensor.data_ptr())
+        for index, tensor in enumerate(outputs):
+            start = tensor.untyped_storage().data_ptr()
+            if start <= pointer < start + tensor.untyped_storage().nbytes():
+                return ("output", index, pointer - tensor.data_ptr())
+        return ("temporary", temporaries.setdefault(pointer, len(temporaries)))
+
+    def walk(value, pointer):
+        if pointer is True:
+            return name(value[1])
+        if isinstance(pointer, tuple):
+            return tuple(walk(v, p) for v, p in zip(value, pointer))
+        return value
+
+    return (launch["grid"], launch["stream"], launch["function"], launch["flags"], launch["scratch"],
+            launch["metadata"], walk(launch["arguments"], kind))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("mode", choices=("keys", "replay"))
+    parser.add_argument("--mutation", choices=MUTATIONS)
+    parser.add_argument("--draws", type=int, default=1500)
+    options = parser.parse_args()
+    result = keys(options.mutation, options.draws) if options.mode == "keys" else replay()
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Launch plans (fastrank.kernels._launch): a replay runs the kernel Triton's JIT would run, with
+the arguments it would pass.
+
+On the CPU the checks run in a child process with Triton's CUDA backend on a stubbed driver
+(benchmarks/stubbed_cuda.py, tests/launch_plans_stubbed.py), once per Triton install: this one,
+and the one whose Python ``FASTRANK_TRITON36_PYTHON`` names (CI sets it to a Triton 3.6
+environment, the GPU machine's version):
+
+- over 1,500 drawn argument sets of the four planned launchers, equal plan keys imply equal
+  bindings by Triton's own binder (every argument's specialization: 16-byte alignment, integers
+  equal to 1 or divisible by 16, int32 / int64; dtypes; options, constexprs, grid, every integer);
+- the search sees each component of the key: with one dropped, it finds two argument sets that
+  share a key but not a binding;
+- a replay hands Triton's C launch function what the JIT's launch handed it (grid, stream,
+  function, flags, scratch, metadata, every argument; pointers by what they point into).
+
+With a GPU, replays compute what the JIT path computes, bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tests" / "launch_plans_stubbed.py"
+MUTATIONS = ("alignment", "strides", "shapes", "dtypes", "flags")
+
+
+def _pythons():
+    pythons = [pytest.param(sys.executable, id="this-triton")]
+    other = os.environ.get("FASTRANK_TRITON36_PYTHON")
+    if other:
+        pythons.append(pytest.param(other, id="triton-3.6"))
+    return pythons
+
+
+def _backend_available(python: str) -> bool:
+    probe = "import triton.backends.nvidia.driver, triton.runtime.jit"
+    return subprocess.run([python, "-c", probe], capture_output=True).returncode == 0
+
+
+def _stubbed(python: str, *args: str) -> dict:
+    if shutil.which("gcc") is None:
+        pytest.skip("the stubbed CUDA driver is built with gcc")
+    if not _backend_available(python):
+        pytest.skip(f"{python} has no Triton with its CUDA backend")
+    environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), environment.get("PYTHONPATH")]))
+    done = subprocess.run([python, str(SCRIPT), *args], capture_output=True, text=True, cwd=ROOT,
+                          env=environment, timeout=900)
+    assert done.returncode == 0, f"{SCRIPT.name} {' '.join(args)} failed:\n{done.stderr[-4000:]}"
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("python", _pythons())
+def test_equal_keys_have_equal_triton_bindings(python):
+    result = _stubbed(python, "keys")
+    assert result["collisions"] == [], f"Triton {result['triton']}: keys shared by other bindings: {result}"
+    # The draws reach many specializations, so the search means something.
+    assert result["bindings"] > 1000, result
+
+
+@pytest.mark.parametrize("mutation", MUTATIONS)
+@pytest.mark.parametrize("python", _pythons())
+def test_a_key_without_one_component_is_caught(python, mutation):
+    result = _stubbed(python, "keys", "--mutation", mutation)
+    assert result["collision_count"] > 0, (
+        f"Triton {result['triton']}: with the key's {mutation} dropped, no two argument sets shared a key "
+        f"but not a binding: the search cannot see that component"
+    )
+
+
+@pytest.mark.parametrize("python", _pythons())
+def test_a_replay_launches_what_the_jit_launches(python):
+    result = _stubbed(python, "replay")
+    assert result["mismatches"] == [], f"Triton {result['triton']}: {result['mismatches']}"
+    assert result["replayed"] == result["cases"] > 30, result
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_replays_compute_what_the_jit_path_computes():
+    from fastrank.kernels import chain, sketch
+
+    generator = torch.Generator(device="cuda").manual_seed(0)
+
+    def randn(*shape, dtype=torch.bfloat16):
+        return torch.randn(*shape, generator=generator, device="cuda").to(dtype)
+
+    for dtype in (torch.bfloat16, torch.float32):
+        x, factors = randn(37, 48, dtype=dtype), [randn(33, 48, dtype=dtype), randn(64, 33, dtype=dtype)]
+        grads, inputs = [randn(700, 33, dtype=dtype)], [randn(700, 48, dtype=dtype)]
+        narrow_x, narrow = randn(21, 16, dtype=dtype), [randn(16, 16, dtype=dtype) for _ in range(3)]
+        narrow_grad = randn(21, 16, dtype=dtype)
+        a = randn(300, 130, dtype=dtype)
+        calls = {
+            "chain_matmul": lambda: chain.chain_matmul(x, factors),
+            "chain_matmul last": lambda: chain.chain_matmul(x.T.contiguous().T, factors, return_all=False),
+            "chain_factor_grads": lambda: chain.chain_factor_grads(grads, inputs),
+            "chain_factor_grads split": lambda: chain.chain_factor_grads(grads, inputs, split_k=3),
+            "chain_matmul_backward": lambda: chain.chain_matmul_backward(narrow_x, narrow, narrow_grad),
+            "gaussian_sketch": lambda: [sketch.gaussian_sketch(a, 17, 3)],
+            "gaussian_sketch gram": lambda: [sketch.gaussian_sketch(a, 17, 4, gram=True)],
+        }
+        for name, call in calls.items():
+            first = [t.clone() for t in call()]
+            for _ in range(2):
+                again = call()
+                torch.cuda.synchronize()
+                assert len(again) == len(first)
+                for index, (expected, got) in enumerate(zip(first, again)):
+                    assert torch.equal(expected, got), f"{name} ({dtype}): output {index} differs on a replay"
+    # The second and third calls were replays.
+    for plans in (chain._CHAIN_PLANS, chain._FACTOR_GRAD_PLANS, chain._BACKWARD_PLANS, sketch._SKETCH_PLANS):
+        assert any(plan is not None for plan in plans.plans.values())

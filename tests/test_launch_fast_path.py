@@ -53,7 +53,6 @@ def _stubbed(python: str, *args: str) -> dict:
     if not _backend_available(python):
         pytest.skip(f"{python} has no Triton with its CUDA backend")
     environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), environment.get("PYTHONPATH")]))
     done = subprocess.run([python, str(SCRIPT), *args], capture_output=True, text=True, cwd=ROOT,
                           env=environment, timeout=900)
     assert done.returncode == 0, f"{SCRIPT.name} {' '.join(args)} failed:\n{done.stderr[-4000:]}"

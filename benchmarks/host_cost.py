@@ -29,6 +29,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 import stubbed_cuda  # noqa: E402
 
 GOAL_US = 10.0
+# jit: Triton's JIT launch; fast: the plan's replay; torch: the torch matmuls the call replaces, on
+# 1 x 1 operands (their host cost, i.e. what cuBLAS through torch costs the host, less the driver).
+PATHS = ("jit", "fast", "torch")
 
 
 def _cpu_name() -> str:
@@ -57,15 +60,22 @@ def _cases():
     narrow = 64
     back_x, back_factors, back_grad = randn(narrow, narrow), [randn(narrow, narrow) for _ in range(4)], randn(narrow, narrow)
     sketch_a = randn(4096, 256, dtype=torch.float32)
+    one = randn(1, 1)
+
+    def torch_ops(count):  # the host cost of `count` torch matmuls (1 x 1: no work behind them)
+        return lambda: [torch.mm(one, one) for _ in range(count)]
+
+    # (name, plans, call, launches per call, the torch ops it replaces: one matmul per step of
+    # the chain / per factor gradient; the kept-intermediates backward's 4 + 3; Omega and A Omega)
     return [
         ("chain_matmul, d = 256, 3 factors (bf16)", chain._CHAIN_PLANS,
-         lambda: chain.chain_matmul(chain_x, chain_factors), 1),
+         lambda: chain.chain_matmul(chain_x, chain_factors), 1, torch_ops(3)),
         ("chain_factor_grads, d = 256, 4 pairs (bf16)", chain._FACTOR_GRAD_PLANS,
-         lambda: chain.chain_factor_grads(grads, inputs), 1),
+         lambda: chain.chain_factor_grads(grads, inputs), 1, torch_ops(4)),
         ("chain_matmul_backward, d = 64, 4 factors (bf16, fused)", chain._BACKWARD_PLANS,
-         lambda: chain.chain_matmul_backward(back_x, back_factors, back_grad), 1),
+         lambda: chain.chain_matmul_backward(back_x, back_factors, back_grad), 1, torch_ops(7)),
         ("gaussian_sketch, 4096 x 256, k = 64 (fp32)", sketch._SKETCH_PLANS,
-         lambda: sketch.gaussian_sketch(sketch_a, 64, 7), 2),
+         lambda: sketch.gaussian_sketch(sketch_a, 64, 7), 2, torch_ops(2)),
     ]
 
 
@@ -77,12 +87,12 @@ def measure(rounds: int, calls: int) -> list[dict]:
 
     torch.set_num_threads(1)
     cases = _cases()
-    samples = {(name, path): [] for name, *_ in cases for path in ("jit", "fast")}
+    samples = {(name, path): [] for name, *_ in cases for path in PATHS}
 
     def jit_only(key, pointers, device):
         return None
 
-    for name, plans, call, launches in cases:  # compile, tune and record once
+    for name, plans, call, launches, _torch in cases:  # compile, tune and record once
         call()
         before = stubbed_cuda.launch_count()
         call()
@@ -91,15 +101,16 @@ def measure(rounds: int, calls: int) -> list[dict]:
         if not any(plan is not None for plan in plans.plans.values()):
             raise RuntimeError(f"{name}: no launch plan was recorded")
     for _ in range(rounds):
-        for name, plans, call, _launches in cases:
-            for path in ("jit", "fast"):
+        for name, plans, call, _launches, torch_call in cases:
+            for path in PATHS:
                 if path == "jit":
                     plans.replay = jit_only  # the instance attribute hides PlanCache.replay
                 else:
                     plans.__dict__.pop("replay", None)
+                timed = torch_call if path == "torch" else call
                 start = time.perf_counter()
                 for _ in range(calls):
-                    call()
+                    timed()
                 samples[(name, path)].append((time.perf_counter() - start) / calls * 1e6)
                 plans.__dict__.pop("replay", None)
     date = datetime.date.today().isoformat()
@@ -119,12 +130,12 @@ def markdown(rows: list[dict]) -> str:
     versions = sorted({row["triton"] for row in rows})
     calls = list(dict.fromkeys(row["call"] for row in rows))
     by = {(row["call"], row["triton"], row["path"]): row for row in rows}
-    header = "| call | " + " | ".join(f"jit, Triton {v} | fast, Triton {v}" for v in versions) + " |"
-    lines = [header, "|---|" + "---:|" * (2 * len(versions))]
+    header = "| call | " + " | ".join(f"jit, {v} | fast, {v} | torch ops, {v}" for v in versions) + " |"
+    lines = [header, "|---|" + "---:|" * (len(PATHS) * len(versions))]
     for call in calls:
         cells = []
         for version in versions:
-            for path in ("jit", "fast"):
+            for path in PATHS:
                 row = by.get((call, version, path))
                 cells.append(f"{row['us']:.1f}" if row else "-")
         lines.append(f"| {call} | " + " | ".join(cells) + " |")
@@ -138,9 +149,11 @@ def markdown(rows: list[dict]) -> str:
         "on a stubbed driver (benchmarks/stubbed_cuda.py), CPU tensors, one thread; microseconds per public",
         "call, median of interleaved rounds. jit: the launch through Triton's JIT (binding and",
         "specialization, kernel cache, the remembered autotune choice) with fastrank's launcher Python;",
-        "fast: the launch plan's replay (fastrank.kernels._launch). Not included: the driver's launch call",
-        "and the CUDA caching allocator; the JIT path's driver pointer query per tensor argument, which the",
-        "replay skips.",
+        "fast: the launch plan's replay (fastrank.kernels._launch); torch ops: the torch matmuls the call",
+        "replaces (one per chain step or factor gradient, 4 + 3 for the kept-intermediates backward, Omega",
+        "and A Omega for the sketch) on 1 x 1 operands, i.e. their host cost. Columns by Triton version. Not",
+        "included: the driver's launch call and the CUDA caching allocator; the JIT path's driver pointer",
+        "query per tensor argument, which the replay skips.",
         "",
         "Machines: " + "; ".join(machines) + ".",
         "",

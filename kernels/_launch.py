@@ -6,7 +6,9 @@ cuBLAS call)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+import operator
 import os
 import weakref
 from collections.abc import Callable, Sequence
@@ -245,39 +247,47 @@ class LaunchPlan:
     the call, such as the split-K arrival counters of the current stream).
     """
 
-    __slots__ = ("allocations", "externals", "launches", "outputs", "stream_of")
+    __slots__ = ("allocations", "externals", "launches", "outputs", "whole", "stream_of")
 
     def __init__(self, allocations, externals, launches, outputs):
         self.allocations = allocations
         self.externals = externals
         self.launches = launches
         self.outputs = outputs  # per returned tensor: an allocation's index, or (index, shape, strides, offset)
+        # The outputs are the allocations themselves, in order (most launchers): returned as made.
+        self.whole = outputs == list(range(len(allocations)))
         self.stream_of = triton.runtime.driver.active.get_current_stream
 
     def replay(self, pointers: list[int], device: torch.device) -> list[torch.Tensor] | None:
         """Run the plan for inputs whose pointers are ``pointers`` (in key order, followed by the
-        per-call scalars) on ``device``;
-        None when it cannot (an allocation not 16-byte aligned, an external buffer unavailable,
-        launch hooks installed), and the caller then takes the JIT path."""
+        per-call scalars) on ``device``; None when it cannot (an allocation not 16-byte aligned,
+        an external buffer unavailable, launch hooks installed), and the caller then takes the JIT
+        path."""
         if _launch_hooks_installed():
             return None
-        buffers = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in self.allocations]
+        empty = torch.empty
+        buffers = [empty(shape, dtype=dtype, device=device) for shape, dtype in self.allocations]
         created = [buffer.data_ptr() for buffer in buffers]
         for fetch in self.externals:
             external = fetch()
             if external is None:
                 return None
             created.append(external.data_ptr())
-        for pointer in created:  # 16-byte aligned when recorded (an input's alignment is in the key)
-            if pointer & 15:
-                return None
-        pointers = pointers + created
+        # 16-byte aligned when recorded (an input's alignment is in the key)
+        if functools.reduce(operator.or_, created, 0) & 15:
+            return None
+        pointers += created
         index = device.index
-        if device.type == "cuda" and index != torch.cuda.current_device():
+        if index is None:  # the CPU tensors of a stubbed driver
+            index = 0
+        elif index != torch.cuda.current_device():
             with torch.cuda.device(index):
                 self._launch(pointers, index)
-        else:
-            self._launch(pointers, index if index is not None else 0)
+            return self._outputs(buffers)
+        self._launch(pointers, index)
+        return buffers if self.whole else self._outputs(buffers)
+
+    def _outputs(self, buffers: list[torch.Tensor]) -> list[torch.Tensor]:
         return [
             buffers[output] if isinstance(output, int) else buffers[output[0]].as_strided(*output[1:])
             for output in self.outputs

@@ -14,6 +14,10 @@
 #   bench-sketch.json
 #   profile.json             kernel launches and device time per kernel of one OverparamLinear train
 #                            step (benchmarks/gpu/profile_step.py)
+#   train-grid.json          train steps of fastrank, the sequential chain, collapsed autograd and
+#                            nn.Linear over d, B, L, bf16 / fp32, eager and CUDA-graphed, with the
+#                            goals checked per shape (benchmarks/gpu/train_grid.py)
+#   tracker-cost.json        RankTracker's cost in a 268 M-parameter bf16 training loop
 #   summary.json             device, versions, date, and per step: passed / failed / skipped / errors,
 #                            exit status, whether it ran into its time limit
 #
@@ -45,14 +49,17 @@ python="${PYTHON:-python3}"
 # Seconds per step. The GPU machine's lease gives a command at most 10 minutes; these add up to
 # 480 s, plus up to 10 s per step between SIGINT and SIGKILL and about 20 s of setup and summary.
 # On an H100 the CUDA test files took about 130 s on 12 workers, the chain suites 20-30 s each,
-# the rank suite's quick cases 25 s and its model-scale CUDA cases the rest of its 150 s.
+# the rank suite's quick cases 25 s and its model-scale CUDA cases most of 150 s (now 100: the
+# train-step grid took the rest; its own budget stops the grid 40 s before its limit, leaving the
+# tracker loop that time). NOT MEASURED on a GPU for the grid and the tracker loop.
 # FASTRANK_GPU_LIMITS="TESTS CHAIN_KERNEL CHAIN RANK SKETCH" overrides them for a shorter lease,
 # FASTRANK_GPU_STEPS (e.g. "tests bench-rank") runs only the steps it names and FASTRANK_GPU_TESTS
 # only the test files it names.
-read -r tests_limit chain_kernel_limit chain_limit rank_limit sketch_limit <<< "${FASTRANK_GPU_LIMITS:-150 60 40 150 40}"
-steps="${FASTRANK_GPU_STEPS:-tests bench-chain-kernel bench-chain bench-rank bench-sketch profile}"
-profile_limit=40
-all_steps="tests bench-chain-kernel bench-chain bench-rank bench-sketch profile"
+read -r tests_limit chain_kernel_limit chain_limit rank_limit sketch_limit <<< "${FASTRANK_GPU_LIMITS:-140 50 35 100 35}"
+steps="${FASTRANK_GPU_STEPS:-tests bench-chain-kernel bench-chain bench-rank bench-sketch profile train-grid}"
+profile_limit=30
+train_grid_limit=90
+all_steps="tests bench-chain-kernel bench-chain bench-rank bench-sketch profile train-grid"
 for name in $steps; do
     if [[ " $all_steps " != *" $name "* ]]; then
         echo "run.sh: FASTRANK_GPU_STEPS names an unknown step $name (expected one of: $all_steps)" >&2
@@ -189,6 +196,23 @@ if selected profile; then
     echo "== profile: exit $status, $((SECONDS - start)) s"
 fi
 
+# Train-step grid and the tracker's cost (not a pytest step; --dry-run: its CPU plumbing).
+if selected train-grid; then
+    echo
+    echo "== train-grid (limit ${train_grid_limit} s): benchmarks/gpu/train_grid.py"
+    start=$SECONDS
+    grid_options=(--json "$outdir/train-grid.json" --tracker-json "$outdir/tracker-cost.json"
+                  --budget-s $((train_grid_limit - 40)))
+    [ "$dry_run" -eq 1 ] && grid_options+=(--dry-run)
+    timeout -s INT -k 10 "$train_grid_limit" "$python" benchmarks/gpu/train_grid.py "${grid_options[@]}" \
+        2>&1 | tee "$scratch/train-grid.out"
+    status=${PIPESTATUS[0]}
+    timed_out=false
+    [ $((SECONDS - start)) -ge "$train_grid_limit" ] && timed_out=true
+    echo "$status $timed_out $((SECONDS - start))" > "$scratch/train-grid.status"
+    echo "== train-grid: exit $status, $((SECONDS - start)) s"
+fi
+
 # ---------------------------------------------------------------------------------------- summary
 "$python" - "$scratch" "$outdir" "$dry_run" <<'EOF'
 import datetime, json, os, platform, re, sys
@@ -197,7 +221,7 @@ import torch
 
 scratch, outdir, dry_run = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
 steps = {}
-for name in ("tests", "bench-chain-kernel", "bench-chain", "bench-rank", "bench-sketch", "profile"):
+for name in ("tests", "bench-chain-kernel", "bench-chain", "bench-rank", "bench-sketch", "profile", "train-grid"):
     status_path = os.path.join(scratch, f"{name}.status")
     if not os.path.exists(status_path):
         steps[name] = {"ran": False}
@@ -256,6 +280,10 @@ if dry_run:
         if step.get("ran") and (step["skipped"] == 0 or step["skipped"] != step["tests"]):
             problems.append(f"{name}: {step['tests'] - step['skipped']} of {step['tests']} cases not skipped "
                             "without CUDA (every one should be)")
+    if "train-grid" in selected:
+        for output in ("train-grid.json", "tracker-cost.json"):
+            if not os.path.exists(os.path.join(outdir, output)):
+                problems.append(f"train-grid: wrote no {output}")
     if problems:
         sys.exit("dry run: " + "; ".join(problems))
 EOF

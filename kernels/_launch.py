@@ -425,10 +425,13 @@ class PlanRecorder:
 
 
 class PlanCache:
-    """One launcher's plans by :func:`call_key`; None marks a key that is not plannable."""
+    """One launcher's plans by :func:`call_key`; None marks a key that is not plannable. At most
+    ``limit`` keys are kept, the oldest dropped first (a workload whose shapes keep changing, such
+    as variable sequence lengths, would otherwise grow it without end)."""
 
-    def __init__(self):
+    def __init__(self, limit: int = 4096):
         self.plans: dict[tuple, LaunchPlan | None] = {}
+        self.limit = limit
 
     def replay(self, key: tuple, pointers: list[int], device: torch.device) -> list[torch.Tensor] | None:
         """The outputs of the plan for ``key`` run on these pointers, or None (no plan, or it could
@@ -444,6 +447,8 @@ class PlanCache:
     def record(self, key: tuple, recorder: PlanRecorder, outputs: Sequence[torch.Tensor]) -> None:
         """Keep the plan ``recorder`` made of the call with ``key`` returning ``outputs``."""
         if key not in self.plans:
+            if len(self.plans) >= self.limit:
+                del self.plans[next(iter(self.plans))]
             self.plans[key] = recorder.plan(outputs)
 
     def clear(self) -> None:

@@ -119,3 +119,14 @@ def test_replays_compute_what_the_jit_path_computes():
     # The second and third calls were replays.
     for plans in (chain._CHAIN_PLANS, chain._FACTOR_GRAD_PLANS, chain._BACKWARD_PLANS, sketch._SKETCH_PLANS):
         assert any(plan is not None for plan in plans.plans.values())
+
+
+def test_plan_cache_keeps_at_most_its_limit_dropping_the_oldest():
+    from fastrank.kernels._launch import PlanCache, PlanRecorder
+
+    cache = PlanCache(limit=3)
+    for key in range(5):
+        cache.record(key, PlanRecorder((), active=False), [])
+    assert list(cache.plans) == [2, 3, 4]
+    assert cache.recorder(4, ()).plannable is False  # a known key records nothing more
+    assert cache.recorder(9, ()).plannable is True

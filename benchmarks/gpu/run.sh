@@ -182,35 +182,34 @@ for suite in chain-kernel:"$chain_kernel_limit":test_chain_kernel_bench.py \
         --benchmark-json="$outdir/bench-$name.json"
 done
 
-# Kernel launches and device time per kernel of one OverparamLinear train step (not a pytest step).
-if selected profile; then
+# script NAME LIMIT_S ARGS...: a Python script (not a pytest step) under its time limit, recording
+# its exit status as step() does.
+script() {
+    local name="$1" limit="$2"
+    shift 2
     echo
-    echo "== profile (limit ${profile_limit} s): benchmarks/gpu/profile_step.py"
-    start=$SECONDS
-    timeout -s INT -k 10 "$profile_limit" "$python" benchmarks/gpu/profile_step.py --json "$outdir/profile.json" \
-        2>&1 | tee "$scratch/profile.out"
-    status=${PIPESTATUS[0]}
-    timed_out=false
-    [ $((SECONDS - start)) -ge "$profile_limit" ] && timed_out=true
-    echo "$status $timed_out $((SECONDS - start))" > "$scratch/profile.status"
-    echo "== profile: exit $status, $((SECONDS - start)) s"
+    echo "== $name (limit ${limit} s): $*"
+    local start=$SECONDS
+    timeout -s INT -k 10 "$limit" "$python" "$@" 2>&1 | tee "$scratch/$name.out"
+    local status=${PIPESTATUS[0]}
+    local timed_out=false
+    [ $((SECONDS - start)) -ge "$limit" ] && timed_out=true
+    echo "$status $timed_out $((SECONDS - start))" > "$scratch/$name.status"
+    echo "== $name: exit $status, $((SECONDS - start)) s"
+}
+
+# Kernel launches and device time per kernel of one OverparamLinear train step.
+if selected profile; then
+    script profile "$profile_limit" benchmarks/gpu/profile_step.py --json "$outdir/profile.json"
 fi
 
-# Train-step grid and the tracker's cost (not a pytest step; --dry-run: its CPU plumbing).
+# Train-step grid and the tracker's cost (--dry-run: its CPU plumbing). The grid stops 40 s before
+# the limit, leaving the tracker loop that time.
 if selected train-grid; then
-    echo
-    echo "== train-grid (limit ${train_grid_limit} s): benchmarks/gpu/train_grid.py"
-    start=$SECONDS
     grid_options=(--json "$outdir/train-grid.json" --tracker-json "$outdir/tracker-cost.json"
                   --budget-s $((train_grid_limit - 40)))
     [ "$dry_run" -eq 1 ] && grid_options+=(--dry-run)
-    timeout -s INT -k 10 "$train_grid_limit" "$python" benchmarks/gpu/train_grid.py "${grid_options[@]}" \
-        2>&1 | tee "$scratch/train-grid.out"
-    status=${PIPESTATUS[0]}
-    timed_out=false
-    [ $((SECONDS - start)) -ge "$train_grid_limit" ] && timed_out=true
-    echo "$status $timed_out $((SECONDS - start))" > "$scratch/train-grid.status"
-    echo "== train-grid: exit $status, $((SECONDS - start)) s"
+    script train-grid "$train_grid_limit" benchmarks/gpu/train_grid.py "${grid_options[@]}"
 fi
 
 # ---------------------------------------------------------------------------------------- summary

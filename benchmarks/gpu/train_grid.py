@@ -44,7 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fastrank
-from fastrank.bench.chain import _CollapsedAutograd, _SequentialChain
+from fastrank.bench.chain import _CollapsedAutograd, _graphed, _SequentialChain
 
 WIDTHS, BATCHES, DEPTHS = (64, 256, 1024), (1, 64, 1024, 8192), (2, 4, 8)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -94,22 +94,14 @@ def _profiled(step, device: str) -> tuple[int | None, float | None]:
     return len(kernels), sum(event.time_range.elapsed_us() for event in kernels)
 
 
-def _graphed(step, repeats: int) -> float:
-    """Median ms per replay of a CUDA graph of the whole step (captured after a side-stream warm-up,
-    as torch.cuda.graphs documents)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+def _graph_ms(step, repeats: int) -> float:
+    """Median ms per replay of a CUDA graph of the whole step (fastrank.bench.chain._graphed:
+    captured after three side-stream calls, as torch.cuda.graphs documents)."""
+    replay = _graphed(step)
     for _ in range(3):
-        graph.replay()
+        replay()
     torch.cuda.synchronize()
-    return _wall_ms(graph.replay, "cuda", repeats)
+    return _wall_ms(replay, "cuda", repeats)
 
 
 def measure_shape(dtype_name: str, d: int, batch: int, depth: int, device: str, graphs: bool,
@@ -130,7 +122,7 @@ def measure_shape(dtype_name: str, d: int, batch: int, depth: int, device: str, 
                 step()
             row["eager_ms"] = _wall_ms(step, device, repeats)
             row["launches"], row["device_us"] = _profiled(step, device)
-            row["graph_ms"] = _graphed(step, repeats) if graphs else None
+            row["graph_ms"] = _graph_ms(step, repeats) if graphs else None
         except Exception as error:  # a variant that fails is a row, not the end of the grid
             row["error"] = f"{type(error).__name__}: {error}"[:300]
         rows.append(row)

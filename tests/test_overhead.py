@@ -371,6 +371,49 @@ def test_fast_eval_path_reports_bad_inputs_like_the_checked_path():
         served(conv, torch.randn(1, 2, 5, 5))
 
 
+def test_fast_train_path_reports_bad_inputs_like_the_checked_path():
+    layer = OverparamLinear(6, 4, depth=2)
+    layer(torch.randn(3, 6, requires_grad=True))  # the path choice is remembered
+    with pytest.raises(ValueError, match="in_features=6"):
+        layer(torch.randn(3, 5, requires_grad=True))
+    with pytest.raises(ValueError, match="in_features=6"):
+        layer(torch.randn(2, 3, 4))  # 24 elements: a reshape to (4, 6) would hide the wrong width
+    with pytest.raises(ValueError, match="in_features=6"):
+        layer(torch.tensor(1.0))
+    with pytest.raises(TypeError, match="dtype"):
+        layer(torch.randn(3, 6, dtype=torch.float64))
+    with pytest.raises(TypeError, match="floating-point"):
+        layer(torch.ones(3, 6, dtype=torch.long))
+
+
+@pytest.mark.parametrize("shape", [(6,), (2, 3, 6), (1, 6)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("frozen", [False, True], ids=["trained", "frozen"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_fast_train_path_matches_the_naive_chain_in_every_mode(shape, frozen, mode):
+    # Frozen parameters in eval mode with x requiring grad take the cached weight (the general path).
+    torch.manual_seed(9)
+    layer = OverparamLinear(6, 6, depth=3, dtype=torch.float64).train(mode == "train")
+    layer.requires_grad_(not frozen)
+    reference = copy.deepcopy(layer)
+    for batch in (shape, (500, 6)):  # the activation chain and the collapsed product
+        x = torch.randn(*batch, dtype=torch.float64, requires_grad=True)
+        xr = x.detach().clone().requires_grad_(True)
+        out, expected = layer(x), naive(reference, xr)
+        assert out.shape == expected.shape
+        assert (out - expected).norm() <= 1e-12 * expected.norm()
+        out.square().sum().backward()
+        expected.square().sum().backward()
+        pairs = [(x.grad, xr.grad, "x")]
+        if not frozen:
+            pairs += [(layer.bias.grad, reference.bias.grad, "bias")]
+            pairs += [(f.grad, r.grad, f"factor {j}") for j, (f, r) in enumerate(zip(layer.factors, reference.factors))]
+        for got, want, what in pairs:
+            err = ((got - want).norm() / want.norm()).item()
+            assert err <= 1e-10, f"grad {what} at x {tuple(batch)}: relative error {err:.2e}"
+        layer.zero_grad(set_to_none=True)
+        reference.zero_grad(set_to_none=True)
+
+
 # ---- the eager plain path: the naive chain's gradients, the custom op under compile ---------------
 
 

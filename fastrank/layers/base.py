@@ -115,18 +115,18 @@ class _CollapseCache:
     under the same object: ``p.data = ...``, ``swap_tensors``, ``vector_to_parameters``). The cache
     keeps the storages it was made of alive (``pins``), so an address can only match the storage it
     was made of, never a new allocation at a freed address. Each check goes through one C-level
-    map: 1.8-1.9 us for four factors on a 2-core Xeon. Identity needs the cached tensors alive,
+    map: 0.9 us for four factors on a 2-core Xeon with everything in cache, about 1.7 us inside a
+    layer call between other work (it reads each factor's tensor, version counter and storage). Identity needs the cached tensors alive,
     so the cache holds them (``torch.utils.swap_tensors`` refuses tensors with weak references).
     The one write no check sees is an in-place write through ``tensor.data`` within an eval
     window (``p.data.add_(...)`` outside an optimizer): call ``clear_cache()`` (or ``eval()``) after it.
     """
 
-    __slots__ = ("tensors", "versions", "addresses", "pins", "steps", "value")
+    __slots__ = ("tensors", "state", "pins", "steps", "value")
 
     def __init__(self) -> None:
-        self.tensors: tuple[Tensor, ...] = ()
-        self.versions: tuple[int, ...] = ()
-        self.addresses: tuple[int, ...] = ()
+        self.tensors: tuple[Tensor, ...] = ()  # empty until filled: no layer has fewer than one factor
+        self.state: tuple[int, ...] = ()  # the version counters of ``tensors``, then their addresses
         self.pins: tuple[Tensor, ...] = ()
         self.steps = -1
         self.value: tuple[Tensor, Tensor | None] | None = None
@@ -134,19 +134,18 @@ class _CollapseCache:
     def fresh(self, tensors: Collection[Tensor]) -> bool:
         """Whether ``value`` was made of exactly ``tensors``, unchanged since."""
         cached = self.tensors
+        # Versions and addresses in one tuple: one comparison instead of two (0.04 us of the
+        # check's 0.9 us at four factors, 2-core Xeon).
         return (
             self.steps == _optimizer_steps
-            and self.value is not None
             and len(tensors) == len(cached)
             and all(map(_IS, tensors, cached))
-            and tuple(map(_VERSION, cached)) == self.versions
-            and tuple(map(_DATA_PTR, cached)) == self.addresses
+            and (*map(_VERSION, cached), *map(_DATA_PTR, cached)) == self.state
         )
 
     def store(self, tensors: Collection[Tensor], value: tuple[Tensor, Tensor | None]) -> None:
         self.tensors = tuple(tensors)
-        self.versions = tuple(map(_VERSION, self.tensors))
-        self.addresses = tuple(map(_DATA_PTR, self.tensors))
+        self.state = (*map(_VERSION, self.tensors), *map(_DATA_PTR, self.tensors))
         self.pins = tuple(t.detach() for t in self.tensors)
         self.steps = _optimizer_steps
         self.value = value

@@ -288,7 +288,10 @@ class OverparamLinear(_OverparamBase):
         if not torch.is_grad_enabled():
             if self._inference_collapses and not self.training and not torch.compiler.is_compiling():
                 cache = self._cache
-                if cache.fresh(self._collapse_inputs()):
+                # self._collapse_inputs() inline (a method call less: 0.1 us of a 5 us call)
+                if cache.fresh(
+                    self._modules["factors"]._parameters.values() if self._bias_is_own else self._state_tensors()
+                ):
                     # Inference with a valid cache: one F.linear. The input is checked only when
                     # F.linear rejects it (the check cost 1.6 us a call, nn.Linear's whole call 7 us).
                     weight, bias = cache.value

@@ -1,61 +1,155 @@
-"""benchmarks/gpu/train_grid.py: its CPU plumbing (the dry run run.sh and CI take) and its goals."""
+"""benchmarks/gpu/train_grid.py and tracker_cost.py: their CPU plumbing (the dry runs run.sh and CI
+take), the goal arithmetic and the kernel attribution of the grid, the tracker loop's sizing."""
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu" / "train_grid.py"
+SCRIPTS = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu"
+ENVIRONMENT = ("device_name", "torch", "triton", "python", "fastrank", "date", "dry_run")
 
 
-@pytest.fixture(scope="module")
-def train_grid():
-    spec = importlib.util.spec_from_file_location("train_grid", SCRIPT)
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def test_dry_run_writes_rows_and_the_tracker_cost(train_grid, tmp_path):
-    grid_path, tracker_path = tmp_path / "grid.json", tmp_path / "tracker.json"
-    assert train_grid.main(["--json", str(grid_path), "--tracker-json", str(tracker_path), "--dry-run"]) == 0
-    grid = json.loads(grid_path.read_text())
-    assert grid["dry_run"] is True and grid["not_run"] == []
-    assert [row["variant"] for row in grid["rows"]] == list(train_grid.VARIANTS)
+@pytest.fixture(scope="module")
+def train_grid():
+    return _load("train_grid")
+
+
+@pytest.fixture(scope="module")
+def tracker_cost():
+    return _load("tracker_cost")
+
+
+def _positive(value):
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_grid_dry_run_writes_a_row_per_variant(train_grid, tmp_path):
+    path = tmp_path / "train-grid.json"
+    assert train_grid.main(["--json", str(path), "--dry-run"]) == 0
+    grid = json.loads(path.read_text())
+    assert grid["dry_run"] is True and grid["complete"] is True and grid["not_run"] == []
+    assert grid["modes"] == [train_grid.EAGER]
+    assert [(row["variant"], row["mode"]) for row in grid["rows"]] == [(v, train_grid.EAGER) for v in train_grid.VARIANTS]
+    (dtype, d, batch, depth), = train_grid.DRY_SHAPES
     for row in grid["rows"]:
         assert "error" not in row, row
-        assert row["eager_ms"] > 0 and row["graph_ms"] is None and row["launches"] is None
-    assert grid["goals"][0]["eager_ratio"] > 0
-    tracker = json.loads(tracker_path.read_text())
-    assert tracker["step_s_off"] > 0 and tracker["step_s_tracked"] > 0
-    assert tracker["measurements_per_loop"] == tracker["steps"] // tracker["every"]
-    assert tracker["parameters"] == tracker["blocks"] * (tracker["width"] ** 2 + tracker["width"])
+        for field in ENVIRONMENT:
+            assert field in row, (field, row)
+        assert (row["dtype"], row["d"], row["B"], row["L"]) == (dtype, d, batch, depth)
+        assert row["dry_run"] is True and row["repeats"] >= train_grid.MIN_REPEATS
+        assert _positive(row["wall_ms"]), row
+        low, high = row["wall_ms_quartiles"]
+        assert 0 < low <= row["wall_ms"] <= high, row
+        # No CUDA: no events, no profiler, no graphs.
+        assert row["span_us"] is None and row["device_us"] is None and row["launches"] is None, row
+    fastrank_row = grid["rows"][0]
+    assert set(fastrank_row["goals"]) == {"eager", "launches"}
+    (entry,) = grid["goals"]
+    assert _positive(entry["eager"]["value"]) and entry["eager"]["met"] in (True, False)
+    assert entry["launches"]["met"] is None and entry["graph"]["met"] is None
+    assert sum(grid["goal_counts"]["eager"].values()) == 1
 
 
-def test_the_grid_covers_every_shape_once(train_grid):
+def test_grid_order_covers_every_shape_once_most_important_first(train_grid):
     shapes = train_grid.grid_order()
-    assert len(shapes) == len(set(shapes)) == 2 * 3 * 4 * 3
-    assert shapes[0][0] == "bf16"
+    everything = {(dt, d, b, depth) for dt in train_grid.DTYPES for d in train_grid.WIDTHS
+                  for b in train_grid.BATCHES for depth in train_grid.DEPTHS}
+    assert len(shapes) == len(set(shapes)) == len(everything) == 72 and set(shapes) == everything
+    assert [s[0] for s in shapes[:36]] == ["bf16"] * 36 and shapes[0][3] == 4
 
 
-def _rows(times, graphs, launches, d=256, batch=64, depth=4):
-    return [
-        {"d": d, "B": batch, "L": depth, "variant": variant, "eager_ms": t, "graph_ms": g, "launches": n}
-        for variant, t, g, n in zip(("fastrank", "sequential chain", "collapsed autograd", "nn.Linear"),
-                                    times, graphs, launches)
-    ]
+def test_grid_stops_at_its_budget_and_lists_the_rest(train_grid, tmp_path, monkeypatch):
+    path = tmp_path / "train-grid.json"
+    shapes = [("fp32", 8, 2, 2), ("fp32", 8, 3, 2), ("fp32", 8, 4, 3)]
+    monkeypatch.setattr(train_grid, "DRY_SHAPES", shapes)
+    result = train_grid.run_grid(path, "cpu", budget_s=0.0, dry_run=True)
+    written = json.loads(path.read_text())
+    assert written["complete"] is False and len(written["goals"]) == 1  # the first shape always runs
+    assert [(s["d"], s["B"], s["L"]) for s in written["not_run"]] == [(8, 3, 2), (8, 4, 3)]
+    assert written["not_run"][0]["why"].startswith("time budget")
+    assert result["not_run"] == written["not_run"]
+
+
+def _rows(train_grid, wall, span, launches, d=256, batch=8192, depth=4):
+    rows = []
+    for variant, t, s, n in zip(train_grid.VARIANTS, wall, span, launches):
+        rows.append({"d": d, "B": batch, "L": depth, "variant": variant, "mode": train_grid.EAGER,
+                     "wall_ms": t, "span_us": None, "launches": n})
+        rows.append({"d": d, "B": batch, "L": depth, "variant": variant, "mode": train_grid.GRAPH,
+                     "wall_ms": s / 1e3 + 0.01, "span_us": s, "launches": n})
+    return rows
 
 
 def test_goals(train_grid):
-    # eager 1.05x the better naive path; collapsed cheaper under graphs, fastrank 4x nn.Linear
-    # against a bound of 1.1 (1 + 3 * 256 / 64) = 14.3; 7 launches against nn.Linear's 4 + 2.
-    met = train_grid.goals(_rows((1.05, 1.0, 2.0, 0.5), (0.4, 0.5, 0.3, 0.1), (7, 9, 8, 4)))
-    assert met["eager_ratio"] == pytest.approx(1.05) and met["eager_met"]
-    assert met["graph_bound"] == pytest.approx(1.1 * 13) and met["graph_met"]
-    assert met["graph_ratio_to_linear"] == pytest.approx(4.0)
-    assert met["launches_met"] is False
-    missed = train_grid.goals(_rows((1.2, 1.0, 2.0, 0.5), (2.0, 0.5, 0.3, 0.1), (6, 9, 8, 4), batch=8192))
-    assert not missed["eager_met"] and not missed["graph_met"] and missed["launches_met"]
-    # The graph goal applies only where the collapsed form is the cheaper naive one.
-    assert "graph_met" not in train_grid.goals(_rows((1, 1, 2, 1), (1, 0.5, 0.9, 0.1), (1, 1, 1, 1)))
+    # Variants in order: fastrank, sequential chain, collapsed autograd, nn.Linear. At d=256,
+    # B=8192, L=4 the collapsed form is the cheaper one: bound 1.1 (1 + 3 * 256 / 8192) = 1.2031.
+    met = train_grid.goals(_rows(train_grid, (1.05, 2.0, 1.0, 0.5), (60, 200, 80, 50), (6, 12, 9, 4)))
+    assert met["eager"] == {"value": pytest.approx(1.05), "target": 1.1, "met": True}
+    assert met["graph"]["floor"] == pytest.approx(1 + 3 * 256 / 8192)
+    assert met["graph"]["target"] == pytest.approx(1.1 * (1 + 3 * 256 / 8192))
+    assert met["graph"]["value"] == pytest.approx(60 / 50) and met["graph"]["met"] is True
+    assert met["graph"]["timer"] == "span_us"
+    assert met["launches"] == {"value": 6, "target": 6, "met": True}
+    missed = train_grid.goals(_rows(train_grid, (1.2, 2.0, 1.0, 0.5), (70, 200, 80, 50), (7, 12, 9, 4)))
+    assert [missed[name]["met"] for name in ("eager", "graph", "launches")] == [False, False, False]
+    # Where the activation chain is the cheaper form (B=1), the graph goal does not apply.
+    narrow = train_grid.goals(_rows(train_grid, (1, 1, 2, 1), (10, 10, 20, 5), (1, 1, 1, 1), batch=1))
+    assert narrow["graph"]["met"] is None and "activation chain" in narrow["graph"]["reason"]
+    # A missing figure is "not measured", never met.
+    rows = _rows(train_grid, (1, 1, 2, 1), (10, 10, 20, 5), (None, 1, 1, 1))
+    assert train_grid.goals(rows)["launches"]["met"] is None
+    counts = train_grid.goal_counts([met, missed, narrow])
+    assert counts["graph"] == {"met": 1, "missed": 1, "not checked": 1}
+
+
+def test_kernels_go_to_the_window_they_start_in(train_grid):
+    windows = [(0.0, 100.0), (110.0, 200.0)]
+    kernels = [(5.0, 10.0), (99.0, 3.0), (110.0, 2.0), (150.0, 4.0), (105.0, 1.0), (300.0, 1.0)]
+    totals, outside = train_grid.attribute_kernels(windows, kernels)
+    assert totals == [(2, 13.0), (2, 6.0)] and outside == 2
+
+
+def test_tracker_dry_run_writes_both_loops(tracker_cost, tmp_path):
+    path = tmp_path / "tracker-cost.json"
+    assert tracker_cost.main(["--json", str(path), "--dry-run"]) == 0
+    cost = json.loads(path.read_text())
+    for field in ENVIRONMENT:
+        assert field in cost, field
+    assert cost["dry_run"] is True and cost["complete"] is True
+    assert (cost["steps"], cost["rounds"]) == tracker_cost.DRY_PLAN
+    assert [entry["tracked"] for entry in cost["loops"]] == [False, True]
+    for entry in cost["loops"]:
+        assert _positive(entry["seconds"]) and _positive(entry["step_ms"]), entry
+    tracked = cost["loops"][1]
+    assert tracked["measurements"] == -(-cost["steps"] // cost["every"])  # steps 0, every, ...
+    assert _positive(tracked["embedding_effective_rank"])
+    assert _positive(cost["step_ms_untracked"]) and _positive(cost["step_ms_tracked"])
+    assert cost["overhead"] == pytest.approx(cost["step_ms_tracked"] / cost["step_ms_untracked"] - 1)
+    assert cost["met"] == (cost["overhead"] <= 0.02) and cost["goal"] == 0.02
+    assert _positive(cost["parameters"]) and cost["measured"]["weights"] == 4 * cost["blocks"] + 1
+
+
+def test_tracker_model_has_a_few_hundred_million_parameters(tracker_cost):
+    import torch
+
+    with torch.device("meta"):
+        model = tracker_cost.Transformer(tracker_cost.FULL)
+    assert 2e8 < sum(p.numel() for p in model.parameters()) < 5e8
+    assert tracker_cost.FULL.every == 100 and tracker_cost.FULL.dtype == "bfloat16"
+
+
+def test_tracker_loop_fits_its_budget(tracker_cost):
+    # 10 ms steps, 0.5 s per measurement: two rounds of 300 steps take 2 * (6 + 1.5) = 15 s.
+    assert tracker_cost.plan(0.010, 0.5, 100, budget_s=33) == (300, 2)
+    assert tracker_cost.plan(0.030, 0.5, 100, budget_s=33) == (300, 1)
+    assert tracker_cost.plan(0.050, 2.0, 100, budget_s=33) == (200, 1)  # the smallest, fitting or not

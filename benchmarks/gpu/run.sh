@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One command for a GPU machine: every test (CUDA cases run natively there), the CUDA benchmark
-# suites (chain kernel, chain layers, rank) and a kernel profile of one layer's train step, from a
-# plain checkout with nothing installed.
+# suites (chain kernel, chain layers, rank, sketch), a kernel profile of one layer's train step,
+# the train-step grid against its goals and RankTracker's cost in a training loop, from a plain
+# checkout with nothing installed.
 #
 #   bash benchmarks/gpu/run.sh [OUTDIR] [--dry-run]
 #
@@ -15,11 +16,16 @@
 #   profile.json             kernel launches and device time per kernel of one OverparamLinear train
 #                            step (benchmarks/gpu/profile_step.py)
 #   train-grid.json          train steps of fastrank, the sequential chain, collapsed autograd and
-#                            nn.Linear over d, B, L, bf16 / fp32, eager and CUDA-graphed, with the
-#                            goals checked per shape (benchmarks/gpu/train_grid.py)
-#   tracker-cost.json        RankTracker's cost in a 268 M-parameter bf16 training loop
+#                            nn.Linear at d 64/256/1024, B 1/64/1024/8192, L 2/4/8, bf16 / fp32, eager
+#                            and replayed from CUDA graphs: wall and device time, kernel launches, the
+#                            three goals met or missed per shape, the shapes its budget left out
+#                            (benchmarks/gpu/train_grid.py)
+#   tracker-cost.json        RankTracker's overhead (weights and one embedding every 100 steps,
+#                            background=True) on a 336 M-parameter bf16 transformer trained with
+#                            AdamW, against the goal <= 2% (benchmarks/gpu/tracker_cost.py)
 #   summary.json             device, versions, date, and per step: passed / failed / skipped / errors,
-#                            exit status, whether it ran into its time limit
+#                            exit status, whether it ran into its time limit; the grid's goal counts
+#                            and the tracker's overhead
 #
 # Needs python3 with torch, triton, pytest and pytest-benchmark; fastrank runs from this checkout
 # (a temporary package folder links fastrank/ and kernels/ as fastrank.kernels; PYTHONSAFEPATH
@@ -27,8 +33,10 @@
 # limit, together under 8 minutes; at its limit a step is interrupted (SIGINT: pytest still writes
 # its reports) and the next one starts.
 #
-# --dry-run: the same steps on the CPU (CUDA hidden), tests collected only and benchmark suites
-# run with every CUDA case skipped; exits 0 when everything collected and nothing failed. CI runs it.
+# --dry-run: the same steps on the CPU (CUDA hidden), tests collected only, benchmark suites run
+# with every CUDA case skipped, the grid and the tracker loop at toy sizes (their JSON flagged
+# dry_run); exits 0 when everything collected, nothing failed and both JSON files were written.
+# CI runs it.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -49,17 +57,23 @@ python="${PYTHON:-python3}"
 # Seconds per step. The GPU machine's lease gives a command at most 10 minutes; these add up to
 # 480 s, plus up to 10 s per step between SIGINT and SIGKILL and about 20 s of setup and summary.
 # On an H100 the CUDA test files took about 130 s on 12 workers, the chain suites 20-30 s each,
-# the rank suite's quick cases 25 s and its model-scale CUDA cases most of 150 s (now 100: the
-# train-step grid took the rest; its own budget stops the grid 40 s before its limit, leaving the
-# tracker loop that time). NOT MEASURED on a GPU for the grid and the tracker loop.
-# FASTRANK_GPU_LIMITS="TESTS CHAIN_KERNEL CHAIN RANK SKETCH" overrides them for a shorter lease,
-# FASTRANK_GPU_STEPS (e.g. "tests bench-rank") runs only the steps it names and FASTRANK_GPU_TESTS
-# only the test files it names.
-read -r tests_limit chain_kernel_limit chain_limit rank_limit sketch_limit <<< "${FASTRANK_GPU_LIMITS:-140 50 35 100 35}"
-steps="${FASTRANK_GPU_STEPS:-tests bench-chain-kernel bench-chain bench-rank bench-sketch profile train-grid}"
-profile_limit=30
-train_grid_limit=90
-all_steps="tests bench-chain-kernel bench-chain bench-rank bench-sketch profile train-grid"
+# the rank suite's quick cases 25 s and its model-scale CUDA cases most of 150 s; the rank limit
+# is now 80 s (its model-scale cases are the first to go) so that the train-step grid (85 s) and
+# the tracker loop (45 s) fit. Those two size themselves to their limits (--budget-s, 12 s under
+# the limit for starting Python and CUDA) and write their JSON as they go; their times on a GPU
+# are not measured yet. FASTRANK_GPU_LIMITS="TESTS CHAIN_KERNEL CHAIN RANK SKETCH [PROFILE
+# TRAIN_GRID TRACKER_COST]" overrides them for a shorter lease (missing trailing ones keep their
+# defaults), FASTRANK_GPU_STEPS (e.g. "tests bench-rank") runs only the steps it names and
+# FASTRANK_GPU_TESTS only the test files it names.
+read -r -a limits <<< "${FASTRANK_GPU_LIMITS:-}"
+default_limits=(140 45 30 80 30 25 85 45)
+for index in "${!default_limits[@]}"; do
+    limits[index]="${limits[index]:-${default_limits[index]}}"
+done
+read -r tests_limit chain_kernel_limit chain_limit rank_limit sketch_limit profile_limit train_grid_limit \
+    tracker_cost_limit <<< "${limits[*]}"
+steps="${FASTRANK_GPU_STEPS:-tests bench-chain-kernel bench-chain bench-rank bench-sketch profile train-grid tracker-cost}"
+all_steps="tests bench-chain-kernel bench-chain bench-rank bench-sketch profile train-grid tracker-cost"
 for name in $steps; do
     if [[ " $all_steps " != *" $name "* ]]; then
         echo "run.sh: FASTRANK_GPU_STEPS names an unknown step $name (expected one of: $all_steps)" >&2
@@ -203,13 +217,18 @@ if selected profile; then
     script profile "$profile_limit" benchmarks/gpu/profile_step.py --json "$outdir/profile.json"
 fi
 
-# Train-step grid and the tracker's cost (--dry-run: its CPU plumbing). The grid stops 40 s before
-# the limit, leaving the tracker loop that time.
+# The train-step grid and the tracker's cost (--dry-run: their CPU plumbing at toy sizes). Each
+# stops starting work 12 s before its limit (Python and CUDA start-up) and lists what it left out.
+dry_option=()
+[ "$dry_run" -eq 1 ] && dry_option=(--dry-run)
+rm -f "$outdir/train-grid.json" "$outdir/tracker-cost.json"  # the summary reads only this run's
 if selected train-grid; then
-    grid_options=(--json "$outdir/train-grid.json" --tracker-json "$outdir/tracker-cost.json"
-                  --budget-s $((train_grid_limit - 40)))
-    [ "$dry_run" -eq 1 ] && grid_options+=(--dry-run)
-    script train-grid "$train_grid_limit" benchmarks/gpu/train_grid.py "${grid_options[@]}"
+    script train-grid "$train_grid_limit" benchmarks/gpu/train_grid.py --json "$outdir/train-grid.json" \
+        --budget-s $((train_grid_limit - 12)) "${dry_option[@]}"
+fi
+if selected tracker-cost; then
+    script tracker-cost "$tracker_cost_limit" benchmarks/gpu/tracker_cost.py --json "$outdir/tracker-cost.json" \
+        --budget-s $((tracker_cost_limit - 12)) "${dry_option[@]}"
 fi
 
 # ---------------------------------------------------------------------------------------- summary
@@ -220,7 +239,8 @@ import torch
 
 scratch, outdir, dry_run = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
 steps = {}
-for name in ("tests", "bench-chain-kernel", "bench-chain", "bench-rank", "bench-sketch", "profile", "train-grid"):
+for name in ("tests", "bench-chain-kernel", "bench-chain", "bench-rank", "bench-sketch", "profile", "train-grid",
+             "tracker-cost"):
     status_path = os.path.join(scratch, f"{name}.status")
     if not os.path.exists(status_path):
         steps[name] = {"ran": False}
@@ -243,6 +263,25 @@ try:
     triton_version = triton.__version__
 except ImportError:
     triton_version = None
+# What the grid and the tracker loop found (their JSON files, as far as they got).
+def read_json(name):
+    try:
+        with open(os.path.join(outdir, name)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+results = {}
+grid = read_json("train-grid.json")
+if grid is not None:
+    results["train-grid"] = {"dry_run": grid.get("dry_run"), "shapes_run": len(grid.get("goals", [])),
+                             "shapes_not_run": len(grid.get("not_run", [])), "rows": len(grid.get("rows", [])),
+                             "goal_counts": grid.get("goal_counts")}
+tracker = read_json("tracker-cost.json")
+if tracker is not None:
+    results["tracker-cost"] = {key: tracker.get(key) for key in (
+        "dry_run", "parameters", "steps", "rounds", "step_ms_untracked", "step_ms_tracked", "overhead", "goal",
+        "met", "complete")}
 cuda = torch.cuda.is_available()
 summary = {
     "dry_run": dry_run,
@@ -256,6 +295,7 @@ summary = {
     "triton": triton_version,
     "fastrank": __import__("fastrank").__version__,
     "steps": steps,
+    "results": results,
 }
 with open(os.path.join(outdir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=1)
@@ -268,6 +308,12 @@ for name, step in steps.items():
     print(f"{name:20s} exit {step['exit_status']}  {step['seconds']:4d} s  {collected}"
           f"passed {step['passed']}  failed {step['failed']}  errors {step['errors']}  skipped {step['skipped']}"
           + ("  TIME LIMIT" if step["time_limit_reached"] else ""))
+if "train-grid" in results:
+    print(f"train-grid: {results['train-grid']['shapes_run']} shapes run, {results['train-grid']['shapes_not_run']} not; "
+          f"goals {results['train-grid']['goal_counts']}")
+if "tracker-cost" in results and results["tracker-cost"]["overhead"] is not None:
+    print(f"tracker-cost: overhead {results['tracker-cost']['overhead']:.2%} (goal <= 2%)"
+          + ("  (dry run: toy sizes on the CPU)" if dry_run else ""))
 if dry_run:
     # The dry run checks the plumbing: tests collected, and no benchmark case ran on the CPU.
     selected = os.environ.get("FASTRANK_GPU_STEPS", " ".join(steps)).split()
@@ -279,17 +325,24 @@ if dry_run:
         if step.get("ran") and (step["skipped"] == 0 or step["skipped"] != step["tests"]):
             problems.append(f"{name}: {step['tests'] - step['skipped']} of {step['tests']} cases not skipped "
                             "without CUDA (every one should be)")
-    if "train-grid" in selected:
-        for output in ("train-grid.json", "tracker-cost.json"):
-            if not os.path.exists(os.path.join(outdir, output)):
-                problems.append(f"train-grid: wrote no {output}")
+    # The grid and the tracker loop ran their plumbing and wrote their rows.
+    for name, result in (("train-grid", grid), ("tracker-cost", tracker)):
+        if name not in selected:
+            continue
+        if result is None:
+            problems.append(f"{name}: wrote no {name}.json")
+        elif result.get("dry_run") is not True or not result.get("complete"):
+            problems.append(f"{name}: {name}.json is not a complete dry run")
+        elif not result.get("rows" if name == "train-grid" else "loops"):
+            problems.append(f"{name}: {name}.json holds no measurements")
     if problems:
         sys.exit("dry run: " + "; ".join(problems))
 EOF
 summary_status=$?
 
 # Exit status: 0 when every step ran to its end without failures (and, in a dry run, the summary's
-# checks held: tests collected, every benchmark case skipped without CUDA).
+# checks held: tests collected, every benchmark case skipped without CUDA, the grid's and the
+# tracker's JSON written).
 overall=$summary_status
 for name in $steps; do
     read -r status timed_out _ < "$scratch/$name.status" || status=1

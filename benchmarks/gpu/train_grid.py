@@ -1,264 +1,331 @@
-"""Train-step grid of OverparamLinear on a GPU, and RankTracker's cost in a training loop.
+"""Train steps of OverparamLinear against the naive forms and nn.Linear, eager and from CUDA graphs.
 
-    python benchmarks/gpu/train_grid.py --json train-grid.json [--tracker-json tracker-cost.json]
-                                        [--budget-s 100] [--dry-run]
+    python benchmarks/gpu/train_grid.py --json train-grid.json [--budget-s 70] [--dry-run]
 
 Grid: d in (64, 256, 1024), B in (1, 64, 1024, 8192), L in (2, 4, 8), bf16 and fp32. Each shape
-runs four variants of one train step (zero the grads, forward, a scalar loss, backward):
-fastrank (``OverparamLinear(d, d, depth=L)`` as users train it), the sequential chain (one
-``F.linear`` per factor, then the bias), collapsed autograd (``W_L @ ... @ W_1``, then
-``F.linear``) and ``nn.Linear(d, d)``. Each is timed eager and replayed from a CUDA graph of the
-whole step. Per row: the median wall time per step (host-timed, synchronized), the device time
-and the kernel launches of one eager step (torch.profiler). The rows are in the order the shapes
-matter most, most important first; at the time budget the grid stops and the rows it did not run
-are listed.
+runs four variants of one train step (zero the grads, forward, a mean-square loss, backward; x
+requires grad, as inside a network): fastrank (``OverparamLinear(d, d, depth=L)`` in training mode,
+as users train it), the sequential chain (one ``F.linear`` per factor, then the bias), collapsed
+autograd (``W_L @ ... @ W_1``, then ``F.linear``) and ``nn.Linear(d, d)``; the naive forms share the
+layer's factors (``fastrank.bench.chain``). Each variant runs eager and replayed from a CUDA graph
+of the whole step (backward included; captured after three calls on a side stream, as
+``torch.cuda.graphs`` documents).
 
-Goals, checked per shape in the JSON:
-- eager: fastrank <= 1.1x the better of the sequential chain and collapsed autograd;
-- CUDA graphs: where collapsed autograd is cheaper than the sequential chain, fastrank <= 1.1x
-  (1 + (L - 1) d / B) x nn.Linear;
-- launches per step: fastrank <= nn.Linear's + 2.
+One row per (shape, variant, mode):
 
-Tracker: a residual MLP of 64 blocks of width 2048 (268 M parameters) in bf16, AdamW, B = 512.
-The loop is timed with a ``RankTracker`` measuring every weight and one embedding (block 32's
-output) every 100 steps with ``background=True``, and without one, interleaved. The overhead
-fraction is reported against the goal <= 2%.
+- ``wall_ms``: median host time per step, synchronized after each step, with its quartiles;
+- ``span_us``: CUDA events around back-to-back steps, per step (the stream's time, gaps included);
+- ``device_us``: the sum of the step's CUDA kernel times, and ``launches``: the number of CUDA
+  kernels one step runs, memory copies and sets not counted (torch.profiler: one profiled step of
+  every variant and mode per shape, each kernel given to the step whose window it starts in).
 
---dry-run: on the CPU, one tiny shape without CUDA graphs, and a tiny tracker loop: the plumbing
-only, rows flagged ``dry_run``. Run by benchmarks/gpu/run.sh (and its dry run in CI).
+Goals, per shape (``goals``) and marked on the fastrank rows:
+
+- ``eager``: fastrank's wall time <= 1.1x the better of the sequential chain and collapsed autograd;
+- ``graph``: where the collapsed form is the cheaper one (``fastrank.chain_costs``), fastrank's
+  replay (``span_us``) <= 1.1 (1 + (L - 1) d / B) x nn.Linear's;
+- ``launches``: fastrank's eager launches <= nn.Linear's + 2.
+
+Shapes run most important first (bf16, then fp32; depth 4, 2, 8); a shape starts only when the time
+it is expected to take (the slowest so far) fits in ``--budget-s`` (the first always runs), and the
+shapes not run are listed in ``not_run``. The JSON is rewritten after every shape, and on SIGINT
+(run.sh's time limit) before exiting.
+
+--dry-run: on the CPU, one tiny shape, eager only (no CUDA events, profiler or graphs: those
+fields are None), rows flagged ``dry_run``. Run by benchmarks/gpu/run.sh (its dry run in CI).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-import fastrank
-from fastrank.bench.chain import _CollapsedAutograd, _graphed, _SequentialChain
+from fastrank import chain_costs
+from fastrank.bench.chain import _CollapsedAutograd, _graphed, _layer_calls, _SequentialChain
+from fastrank.bench.runner import _quantile, environment
 
 WIDTHS, BATCHES, DEPTHS = (64, 256, 1024), (1, 64, 1024, 8192), (2, 4, 8)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 VARIANTS = ("fastrank", "sequential chain", "collapsed autograd", "nn.Linear")
+EAGER, GRAPH = "eager", "cuda graph"
+DRY_SHAPES = [("fp32", 16, 4, 2)]
+# Timed steps per measurement: enough for ~50 ms of steps, within these bounds.
+MIN_REPEATS, MAX_REPEATS, TIMED_SECONDS = 5, 25, 0.05
+# Goal thresholds.
+EAGER_TARGET, GRAPH_FACTOR, EXTRA_LAUNCHES = 1.1, 1.1, 2
+# Host pause between the profiled steps, so that each kernel falls in its step's window.
+PROFILE_GAP_S = 0.002
 
 
 def grid_order() -> list[tuple[str, int, int, int]]:
-    """(dtype, d, B, L) with the most important first: bf16 before fp32, depth 4 first, then the
-    layers' usual widths and batches."""
-    shapes = [(dtype, d, b, depth) for dtype in DTYPES for depth in (4, 2, 8) for d in (256, 1024, 64)
-              for b in (64, 8192, 1, 1024)]
-    return shapes
+    """Every (dtype, d, B, L) once, most important first: bf16 before fp32, depth 4, 2, then 8,
+    the usual widths (256, 1024, then 64) and batches (64, 8192, 1, then 1024)."""
+    return [(dtype, d, batch, depth) for dtype in DTYPES for depth in (4, 2, 8) for d in (256, 1024, 64)
+            for batch in (64, 8192, 1, 1024)]
 
 
-def _step(module: nn.Module, x: torch.Tensor):
+def _train_step(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    """One train step of ``module`` on ``x``: grads set to None, forward, mean-square loss, backward."""
     params = list(module.parameters())
 
     def step():
         for p in params:
             p.grad = None
+        x.grad = None
         module(x).float().square().mean().backward()
 
     return step
 
 
-def _wall_ms(step, device: str, repeats: int) -> float:
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _repeats(step: Callable[[], None], device: str) -> int:
+    """Timed steps for ``step`` (already warm): ~TIMED_SECONDS of them, within the bounds."""
+    start = time.perf_counter()
+    step()
+    _sync(device)
+    seconds = time.perf_counter() - start
+    return max(MIN_REPEATS, min(MAX_REPEATS, int(TIMED_SECONDS / max(seconds, 1e-6))))
+
+
+def _timings(step: Callable[[], None], device: str, repeats: int) -> dict:
+    """Median and quartiles of the synchronized host time per step; on CUDA also the events' span
+    of ``repeats`` back-to-back steps, per step."""
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         step()
-        if device == "cuda":
-            torch.cuda.synchronize()
+        _sync(device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
-def _profiled(step, device: str) -> tuple[int | None, float | None]:
-    """(kernel launches, device microseconds) of one step; (None, None) on the CPU."""
-    if device != "cuda":
-        return None, None
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize()
-    kernels = [event for event in prof.events() if event.device_type.name == "CUDA"]
-    return len(kernels), sum(event.time_range.elapsed_us() for event in kernels)
-
-
-def _graph_ms(step, repeats: int) -> float:
-    """Median ms per replay of a CUDA graph of the whole step (fastrank.bench.chain._graphed:
-    captured after three side-stream calls, as torch.cuda.graphs documents)."""
-    replay = _graphed(step)
-    for _ in range(3):
-        replay()
-    torch.cuda.synchronize()
-    return _wall_ms(replay, "cuda", repeats)
-
-
-def measure_shape(dtype_name: str, d: int, batch: int, depth: int, device: str, graphs: bool,
-                  repeats: int) -> list[dict]:
-    dtype = DTYPES[dtype_name]
-    torch.manual_seed(0)
-    layer = fastrank.OverparamLinear(d, d, depth=depth).to(device, dtype)
-    linear = nn.Linear(d, d).to(device, dtype)
-    modules = {"fastrank": layer, "sequential chain": _SequentialChain(layer),
-               "collapsed autograd": _CollapsedAutograd(layer), "nn.Linear": linear}
-    x = torch.randn(batch, d, device=device, dtype=dtype)
-    rows = []
-    for variant, module in modules.items():
-        row = {"dtype": dtype_name, "d": d, "B": batch, "L": depth, "variant": variant}
-        try:
-            step = _step(module, x)
-            for _ in range(3):
-                step()
-            row["eager_ms"] = _wall_ms(step, device, repeats)
-            row["launches"], row["device_us"] = _profiled(step, device)
-            row["graph_ms"] = _graph_ms(step, repeats) if graphs else None
-        except Exception as error:  # a variant that fails is a row, not the end of the grid
-            row["error"] = f"{type(error).__name__}: {error}"[:300]
-        rows.append(row)
-    return rows
-
-
-def goals(rows: list[dict]) -> dict:
-    """The issue's three goals for one shape's rows (None where a time is missing)."""
-    by = {row["variant"]: row for row in rows}
-    d, batch, depth = rows[0]["d"], rows[0]["B"], rows[0]["L"]
-
-    def get(variant, field):
-        return by.get(variant, {}).get(field)
-
-    result = {}
-    fast, seq, col = get("fastrank", "eager_ms"), get("sequential chain", "eager_ms"), get("collapsed autograd", "eager_ms")
-    if None not in (fast, seq, col):
-        result["eager_ratio"] = fast / min(seq, col)
-        result["eager_met"] = result["eager_ratio"] <= 1.1
-    seq_g, col_g, fast_g, lin_g = (get(v, "graph_ms") for v in ("sequential chain", "collapsed autograd", "fastrank", "nn.Linear"))
-    if None not in (seq_g, col_g, fast_g, lin_g) and col_g < seq_g:
-        bound = 1.1 * (1 + (depth - 1) * d / batch)
-        result["graph_ratio_to_linear"] = fast_g / lin_g
-        result["graph_bound"] = bound
-        result["graph_met"] = fast_g / lin_g <= bound
-    fast_l, lin_l = get("fastrank", "launches"), get("nn.Linear", "launches")
-    if None not in (fast_l, lin_l):
-        result["launches_met"] = fast_l <= lin_l + 2
+    result = {
+        "repeats": repeats,
+        "wall_ms": statistics.median(times) * 1e3,
+        "wall_ms_quartiles": [_quantile(times, 0.25) * 1e3, _quantile(times, 0.75) * 1e3],
+        "span_us": None,
+    }
+    if device == "cuda":
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        for _ in range(repeats):
+            step()
+        end.record()
+        end.synchronize()
+        result["span_us"] = begin.elapsed_time(end) * 1e3 / repeats
     return result
 
 
-def run_grid(device: str, budget_s: float, dry_run: bool) -> dict:
-    shapes = [("fp32", 16, 4, 2)] if dry_run else grid_order()
-    graphs, repeats = device == "cuda", 3 if dry_run else 20
-    start, rows, shape_goals, not_run = time.perf_counter(), [], [], []
-    for index, (dtype_name, d, batch, depth) in enumerate(shapes):
-        if time.perf_counter() - start > budget_s:
-            not_run = [f"{dt} d={dd} B={bb} L={ll}" for dt, dd, bb, ll in shapes[index:]]
-            break
-        shape_rows = measure_shape(dtype_name, d, batch, depth, device, graphs, repeats)
-        rows += shape_rows
-        shape_goals.append({"dtype": dtype_name, "d": d, "B": batch, "L": depth, **goals(shape_rows)})
-    return {"rows": rows, "goals": shape_goals, "not_run": not_run, "seconds": time.perf_counter() - start}
+def attribute_kernels(windows: Sequence[tuple[float, float]],
+                      kernels: Sequence[tuple[float, float]]) -> tuple[list[tuple[int, float]], int]:
+    """Kernels per window: ``windows`` are (start_us, end_us) of the profiled steps (a step's
+    kernels start after its first launch and end before its closing synchronize), ``kernels`` are
+    (start_us, duration_us). Returns ([(count, total duration_us)] per window, kernels outside
+    every window)."""
+    totals = [(0, 0.0)] * len(windows)
+    outside = 0
+    for start, duration in kernels:
+        for index, (low, high) in enumerate(windows):
+            if low <= start <= high:
+                count, total = totals[index]
+                totals[index] = (count + 1, total + duration)
+                break
+        else:
+            outside += 1
+    return totals, outside
 
 
-class _Block(nn.Module):
-    def __init__(self, width: int):
-        super().__init__()
-        self.linear = nn.Linear(width, width)
+def _profile(steps: dict[tuple[str, str], Callable[[], None]]) -> tuple[dict, int]:
+    """One profiled step of each (variant, mode), in one torch.profiler session: {key: (launches,
+    device_us)} and the number of kernels that fell in no step's window."""
+    from torch.profiler import ProfilerActivity, profile, record_function
 
-    def forward(self, x):
-        return x + F.gelu(self.linear(x))
-
-
-def tracker_cost(device: str, dry_run: bool) -> dict:
-    """Seconds per training step with a RankTracker (every weight and block 32's output every 100
-    steps, background=True) and without one, interleaved twice."""
-    from fastrank import RankTracker
-
-    width, blocks, batch, steps, every = (32, 4, 8, 6, 2) if dry_run else (2048, 64, 512, 300, 100)
-    dtype = torch.float32 if dry_run else torch.bfloat16
-    torch.manual_seed(0)
-    model = nn.Sequential(*[_Block(width) for _ in range(blocks)]).to(device, dtype)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.randn(batch, width, device=device, dtype=dtype)
-    embedding = str(blocks // 2)
-
-    def loop(tracker) -> float:
-        if device == "cuda":
-            torch.cuda.synchronize()
-        begin = time.perf_counter()
-        for _ in range(steps):
-            optimizer.zero_grad(set_to_none=True)
-            model(x).float().square().mean().backward()
-            optimizer.step()
-            if tracker is not None:
-                tracker.step()
-        if tracker is not None:
-            tracker.flush()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return (time.perf_counter() - begin) / steps
-
-    loop(None)  # warm-up
-    off, on, measurements = [], [], 0
-    for _ in range(2):
-        off.append(loop(None))
-        tracker = RankTracker(model, embeddings=(embedding,), every=every, background=True)
-        on.append(loop(tracker))
-        measurements = len({row["step"] for row in tracker.history})
-        tracker.remove()
-    off_s, on_s = min(off), min(on)
-    return {
-        "parameters": sum(p.numel() for p in model.parameters()), "width": width, "blocks": blocks,
-        "batch": batch, "steps": steps, "every": every, "dtype": str(dtype).replace("torch.", ""),
-        "step_s_off": off_s, "step_s_tracked": on_s, "measurements_per_loop": measurements,
-        "overhead": on_s / off_s - 1, "goal": 0.02, "met": on_s / off_s - 1 <= 0.02,
-    }
+    labels = {key: f"train_grid::{index}" for index, key in enumerate(steps)}
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for key, step in steps.items():
+            with record_function(labels[key]):
+                step()
+                torch.cuda.synchronize()
+            time.sleep(PROFILE_GAP_S)
+    events = prof.events()
+    # The host-side ranges of the steps; the device side has annotations of the same names, and
+    # memory copies and sets, which are not kernels.
+    ranges = {event.name: event.time_range for event in events
+              if event.name in labels.values() and event.device_type.name == "CPU"}
+    kernels = [(event.time_range.start, event.time_range.elapsed_us()) for event in events
+               if event.device_type.name == "CUDA" and event.name not in labels.values()
+               and not event.name.startswith(("Memcpy", "Memset"))]
+    keys = [key for key in steps if labels[key] in ranges]
+    windows = [(ranges[labels[key]].start, ranges[labels[key]].end) for key in keys]
+    totals, outside = attribute_kernels(windows, kernels)
+    return dict(zip(keys, totals)), outside
 
 
-def _environment(device: str, dry_run: bool) -> dict:
+def goals(rows: Sequence[dict]) -> dict:
+    """The three goals for one shape's rows: per goal ``{"value", "target", "met"}``, ``met`` None
+    with a ``reason`` where a figure is missing or the goal does not apply."""
+    by = {(row["variant"], row["mode"]): row for row in rows}
+    d, batch, depth = rows[0]["d"], rows[0]["B"], rows[0]["L"]
+
+    def get(variant, mode, field):
+        value = by.get((variant, mode), {}).get(field)
+        return value if isinstance(value, (int, float)) and value > 0 else None
+
+    def check(value, target, reason="not measured"):
+        if value is None or target is None:
+            return {"value": value, "target": target, "met": None, "reason": reason}
+        return {"value": value, "target": target, "met": value <= target}
+
+    result = {}
+    fast, seq, col = (get(v, EAGER, "wall_ms") for v in ("fastrank", "sequential chain", "collapsed autograd"))
+    naive = min(seq, col) if None not in (seq, col) else None
+    result["eager"] = check(fast / naive if None not in (fast, naive) else None, EAGER_TARGET)
+    activation, collapsed = chain_costs(batch, [d] * (depth + 1))
+    floor = 1 + (depth - 1) * d / batch
+    if collapsed < activation:
+        # The events' span where both replays have one, else both wall times: one timer for both.
+        timer = "span_us" if None not in (get("fastrank", GRAPH, "span_us"), get("nn.Linear", GRAPH, "span_us")) else "wall_ms"
+        fast_g, linear_g = get("fastrank", GRAPH, timer), get("nn.Linear", GRAPH, timer)
+        ratio = fast_g / linear_g if None not in (fast_g, linear_g) else None
+        result["graph"] = {**check(ratio, GRAPH_FACTOR * floor), "floor": floor, "timer": timer}
+    else:
+        result["graph"] = {"value": None, "target": None, "met": None, "floor": floor,
+                           "reason": "the activation chain is the cheaper form (chain_costs)"}
+    fast_l, linear_l = get("fastrank", EAGER, "launches"), get("nn.Linear", EAGER, "launches")
+    result["launches"] = check(fast_l, linear_l + EXTRA_LAUNCHES if linear_l is not None else None)
+    return result
+
+
+def measure_shape(dtype_name: str, d: int, batch: int, depth: int, device: str, context: dict) -> dict:
+    """The rows of one shape (eager, and on CUDA graph-replayed, for every variant) and its goals."""
+    dtype = DTYPES[dtype_name]
+    layer, linear, x, _ = _layer_calls(d, depth, batch, "train", device, dtype)
+    modules = {"fastrank": layer, "sequential chain": _SequentialChain(layer),
+               "collapsed autograd": _CollapsedAutograd(layer), "nn.Linear": linear}
+    modes = (EAGER, GRAPH) if device == "cuda" else (EAGER,)
+    shape = {"dtype": dtype_name, "d": d, "B": batch, "L": depth, "shape": f"B={batch} d={d} L={depth}"}
+    rows, steps = [], {}
+    for variant, module in modules.items():
+        for mode in modes:
+            row = {**context, **shape, "variant": variant, "mode": mode,
+                   "wall_ms": None, "span_us": None, "device_us": None, "launches": None}
+            rows.append(row)
+            try:
+                step = _train_step(module, x)
+                if mode == GRAPH:
+                    step = _graphed(step)  # captured at its first call, replayed after
+                for _ in range(3):
+                    step()
+                _sync(device)
+                row.update(_timings(step, device, _repeats(step, device)))
+                steps[(variant, mode)] = step
+            except Exception as error:  # a variant that fails is a row, not the end of the grid
+                row["error"] = f"{type(error).__name__}: {error}"[:400]
+    unattributed = None
+    if device == "cuda" and steps:
+        try:
+            profiled, unattributed = _profile(steps)
+            for row in rows:
+                launches, device_us = profiled.get((row["variant"], row["mode"]), (0, 0.0))
+                if launches:  # a replay the profiler saw no kernels of stays None
+                    row["launches"], row["device_us"] = launches, device_us
+        except Exception as error:
+            shape["profile_error"] = f"{type(error).__name__}: {error}"[:400]
+    shape_goals = goals(rows)
+    for row in rows:
+        if row["variant"] == "fastrank":
+            row["goals"] = {name: shape_goals[name]["met"] for name in
+                            (("eager", "launches") if row["mode"] == EAGER else ("graph",))}
+    return {"rows": rows, "goals": {**shape, **shape_goals, "unattributed_kernels": unattributed}}
+
+
+def goal_counts(shape_goals: Sequence[dict]) -> dict:
+    """Per goal: shapes met, missed, and not checked (a figure missing or the goal not applying)."""
+    counts = {}
+    for name in ("eager", "graph", "launches"):
+        marks = [entry[name]["met"] for entry in shape_goals]
+        counts[name] = {"met": marks.count(True), "missed": marks.count(False), "not checked": marks.count(None)}
+    return counts
+
+
+def run_grid(path: Path, device: str, budget_s: float, dry_run: bool) -> dict:
+    """Measure the grid in order within ``budget_s``, rewriting ``path`` after each shape."""
+    shapes = DRY_SHAPES if dry_run else grid_order()
+    context = {**environment(device), "dry_run": dry_run}
+    result = {**context, "budget_s": budget_s, "modes": [EAGER] if device != "cuda" else [EAGER, GRAPH],
+              "rows": [], "goals": [], "goal_counts": {}, "not_run": [], "complete": False, "seconds": 0.0}
+    start = time.perf_counter()
+    slowest = 0.0
+
+    def write(done: int, why: str | None) -> None:
+        result["goal_counts"] = goal_counts(result["goals"])
+        result["not_run"] = [{"dtype": s[0], "d": s[1], "B": s[2], "L": s[3], "why": why} for s in shapes[done:]]
+        result["complete"] = done == len(shapes)
+        result["seconds"] = time.perf_counter() - start
+        path.write_text(json.dumps(result, indent=1) + "\n")
+
+    done = 0
     try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return {
-        "dry_run": dry_run,
-        "device_name": torch.cuda.get_device_name() if device == "cuda" else f"CPU: {platform.processor() or platform.machine()}",
-        "torch": torch.__version__, "triton": triton_version, "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
+        for dtype_name, d, batch, depth in shapes:
+            elapsed = time.perf_counter() - start
+            if done and elapsed + slowest > budget_s:  # the first shape always runs
+                write(done, f"time budget: {elapsed:.0f} s of {budget_s:.0f} s spent, a shape takes up to {slowest:.1f} s")
+                return result
+            began = time.perf_counter()
+            measured = measure_shape(dtype_name, d, batch, depth, device, context)
+            slowest = max(slowest, time.perf_counter() - began)
+            result["rows"] += measured["rows"]
+            result["goals"].append(measured["goals"])
+            done += 1
+            write(done, None)
+            if device == "cuda":
+                torch.cuda.empty_cache()  # the graphs' pools of this shape are gone
+    except KeyboardInterrupt:  # run.sh's time limit
+        write(done, "interrupted at the time limit")
+        raise
+    write(done, None)
+    return result
 
 
-def main(argv=None) -> int:
+def _print(result: dict) -> None:
+    print(f"{result['device_name']}, torch {result['torch']}, triton {result['triton']}")
+    for entry in result["goals"]:
+        marks = "  ".join(
+            f"{name} {entry[name]['value']:.3g}/{entry[name]['target']:.3g} {'met' if entry[name]['met'] else 'MISSED'}"
+            if entry[name]["met"] is not None else f"{name} -" for name in ("eager", "graph", "launches"))
+        print(f"{entry['dtype']:4s} {entry['shape']:22s} {marks}")
+    for name, counts in result["goal_counts"].items():
+        print(f"goal {name}: {counts}")
+    if result["not_run"]:
+        print(f"not run: {len(result['not_run'])} shapes ({result['not_run'][0]['why']})")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--json", required=True, help="train-grid rows")
-    parser.add_argument("--tracker-json", help="tracker cost (skipped without it)")
-    parser.add_argument("--budget-s", type=float, default=100.0, help="stop the grid after this many seconds")
-    parser.add_argument("--dry-run", action="store_true", help="CPU plumbing: one tiny shape, a tiny loop")
+    parser.add_argument("--json", required=True, help="where the rows go (rewritten after every shape)")
+    parser.add_argument("--budget-s", type=float, default=70.0, help="start no shape that would end after this")
+    parser.add_argument("--dry-run", action="store_true", help="CPU plumbing: one tiny shape, eager only")
     options = parser.parse_args(argv)
     device = "cpu" if options.dry_run else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         print("train_grid.py: needs a CUDA device (or --dry-run)", file=sys.stderr)
         return 2
-    environment = _environment(device, options.dry_run)
-    grid = run_grid(device, options.budget_s, options.dry_run)
-    Path(options.json).write_text(json.dumps({**environment, **grid}, indent=1) + "\n")
-    for goal in grid["goals"]:
-        print(goal)
-    if grid["not_run"]:
-        print(f"not run (time budget): {len(grid['not_run'])} shapes")
-    if options.tracker_json:
-        cost = tracker_cost(device, options.dry_run)
-        Path(options.tracker_json).write_text(json.dumps({**environment, **cost}, indent=1) + "\n")
-        print(f"tracker overhead {cost['overhead']:.2%} (goal <= 2%)")
+    try:
+        result = run_grid(Path(options.json), device, options.budget_s, options.dry_run)
+    except KeyboardInterrupt:
+        print(f"train_grid.py: interrupted; the rows so far are in {options.json}", file=sys.stderr)
+        return 130
+    _print(result)
     return 0
 
 

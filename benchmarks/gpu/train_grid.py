@@ -17,7 +17,8 @@ One row per (shape, variant, mode):
 - ``span_us``: CUDA events around back-to-back steps, per step (the stream's time, gaps included);
 - ``device_us``: the sum of the step's CUDA kernel times, and ``launches``: the number of CUDA
   kernels one step runs, memory copies and sets not counted (torch.profiler: one profiled step of
-  every variant and mode per shape, each kernel given to the step whose window it starts in).
+  every variant and mode per shape, each kernel given to the step whose window it starts in; a
+  session per step where a kernel falls outside every window).
 
 Goals, per shape (``goals``) and marked on the fastrank rows:
 
@@ -144,6 +145,14 @@ def attribute_kernels(windows: Sequence[tuple[float, float]],
     return totals, outside
 
 
+def _kernels(events, labels=()) -> list[tuple[float, float]]:
+    """(start_us, duration_us) of the CUDA kernels among profiler ``events``: not the device-side
+    annotations of the ``labels`` ranges, not memory copies and sets."""
+    return [(event.time_range.start, event.time_range.elapsed_us()) for event in events
+            if event.device_type.name == "CUDA" and event.name not in labels
+            and not event.name.startswith(("Memcpy", "Memset"))]
+
+
 def _profile(steps: dict[tuple[str, str], Callable[[], None]]) -> tuple[dict, int]:
     """One profiled step of each (variant, mode), in one torch.profiler session: {key: (launches,
     device_us)} and the number of kernels that fell in no step's window."""
@@ -158,17 +167,24 @@ def _profile(steps: dict[tuple[str, str], Callable[[], None]]) -> tuple[dict, in
                 torch.cuda.synchronize()
             time.sleep(PROFILE_GAP_S)
     events = prof.events()
-    # The host-side ranges of the steps; the device side has annotations of the same names, and
-    # memory copies and sets, which are not kernels.
     ranges = {event.name: event.time_range for event in events
               if event.name in labels.values() and event.device_type.name == "CPU"}
-    kernels = [(event.time_range.start, event.time_range.elapsed_us()) for event in events
-               if event.device_type.name == "CUDA" and event.name not in labels.values()
-               and not event.name.startswith(("Memcpy", "Memset"))]
     keys = [key for key in steps if labels[key] in ranges]
     windows = [(ranges[labels[key]].start, ranges[labels[key]].end) for key in keys]
-    totals, outside = attribute_kernels(windows, kernels)
+    totals, outside = attribute_kernels(windows, _kernels(events, set(labels.values())))
     return dict(zip(keys, totals)), outside
+
+
+def _profile_alone(step: Callable[[], None]) -> tuple[int, float]:
+    """(launches, device_us) of one step in a torch.profiler session of its own."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    kernels = _kernels(prof.events())
+    return len(kernels), sum(duration for _, duration in kernels)
 
 
 def goals(rows: Sequence[dict]) -> dict:
@@ -235,6 +251,10 @@ def measure_shape(dtype_name: str, d: int, batch: int, depth: int, device: str, 
     if device == "cuda" and steps:
         try:
             profiled, unattributed = _profile(steps)
+            shape["profile"] = "one session, kernels by window"
+            if unattributed:  # host and device clocks disagree, or a window is missing
+                profiled = {key: _profile_alone(step) for key, step in steps.items()}
+                shape["profile"] = f"one session per step ({unattributed} kernels outside the windows)"
             for row in rows:
                 launches, device_us = profiled.get((row["variant"], row["mode"]), (0, 0.0))
                 if launches:  # a replay the profiler saw no kernels of stays None

@@ -964,13 +964,13 @@ def _split_counters(device: torch.device, count: int) -> Tensor | None:
     None while that stream is capturing a CUDA graph and has none yet (allocating one there would
     tie it to the graph's memory pool)."""
     if device.type == "cuda":
-        key = (device.index, torch.cuda.current_stream(device).cuda_stream)
-        capturing = torch.cuda.is_current_stream_capturing()
+        # the raw stream handle: torch.cuda.current_stream builds a Stream object per call
+        key = (device.index, torch._C._cuda_getCurrentRawStream(device.index))
     else:
-        key, capturing = (str(device), 0), False
+        key = (device, 0)
     counters = _SPLIT_COUNTERS.get(key)
     if counters is None or counters.numel() < count:
-        if capturing:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return None
         counters = torch.zeros(max(count, 1024), dtype=torch.int32, device=device)
         _SPLIT_COUNTERS[key] = counters
@@ -1004,8 +1004,8 @@ def _launch_factor_grads(
         regions = sum(cdiv(g.shape[1] * i.shape[1], 16) * 16 for g, i in pairs)
         partials = recorder.empty(splits * regions, grads[0], torch.float32)
     else:  # never read; live fp32 and int32 pointers keep the launch's signature
-        partials = recorder.external(unused_buffer(device, torch.float32), lambda: unused_buffer(device, torch.float32))
-        counters = recorder.external(unused_buffer(device, torch.int32), lambda: unused_buffer(device, torch.int32))
+        partials = recorder.constant(unused_buffer(device, torch.float32))
+        counters = recorder.constant(unused_buffer(device, torch.int32))
 
     def grid(meta):
         return (tile_count(meta["BLOCK_P"], meta["BLOCK_Q"]) * splits,)
@@ -1104,8 +1104,8 @@ def _chain_backward_kernel(
     factors,  # 8 pointers, slot j: F_{j+1}, contiguous (n_{j+1}, n_j); slots j >= NUM_FACTORS are
     #   never read
     grad_x_ptr,  # dX_0: contiguous (M, n_0), written with NEEDS_X only
-    grad_factors_ptr,  # dF_{j+1}: contiguous (n_{j+1}, n_j) at offset sum_{i<j} r_i of one flat
-    #   buffer, r_i = n_{i+1} n_i rounded up to a multiple of 16
+    grad_factors,  # 8 pointers, slot j: dF_{j+1}, contiguous (n_{j+1}, n_j); slots j >= NUM_FACTORS
+    #   are never written
     scratch_ptr,  # X_1 .. X_{k-1} recomputed: (M, (NUM_FACTORS - 1) BLOCK_N), X_j in columns
     #   [(j - 1) BLOCK_N, j BLOCK_N); each program writes and reads its own rows only
     partial_ptr,  # fp32 (programs, NUM_FACTORS, BLOCK_N, BLOCK_N): program p's sum of
@@ -1202,7 +1202,6 @@ def _chain_backward_kernel(
     arrived = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
     if arrived == programs - 1:  # the same value in every thread: the whole program enters
         tl.debug_barrier()  # the acquire above was one thread's: order every thread's loads after it
-        offset = tl.full([], 0, tl.int64)
         for j in range(NUM_FACTORS):
             n_in = _select_int(j, widths)
             n_out = _select_int(j + 1, widths)
@@ -1210,9 +1209,8 @@ def _chain_backward_kernel(
             for p in range(programs):
                 total += tl.load(partial_ptr + (p * NUM_FACTORS + j).to(tl.int64) * (BLOCK_N * BLOCK_N) + tile,
                                  cache_modifier=".cg")  # written by other SMs: read through L2
-            tl.store(grad_factors_ptr + tl.multiple_of(offset, 16) + tile_rows[:, None] * n_in + cols[None, :],
+            tl.store(_select(j, grad_factors) + tile_rows[:, None] * n_in + cols[None, :],
                      total.to(dtype), mask=(tile_rows[:, None] < n_out) & (cols[None, :] < n_in))
-            offset += tl.cdiv(n_out * n_in, 16) * 16
         tl.atomic_xchg(counter_ptr, 0, sem="relaxed", scope="gpu")  # ready for the next launch
 
 
@@ -1284,27 +1282,21 @@ def chain_matmul_backward(
     recorder = _BACKWARD_PLANS.recorder(key, (x, *factors, grad_output))
     device = x.device
     recorder.external(counters, lambda: _split_counters(device, 1))
-    k, widths = len(factors), [x.shape[1]] + [f.shape[0] for f in factors]
-    regions = [cdiv(widths[j + 1] * widths[j], 16) * 16 for j in range(k)]
-    grad_factors = recorder.empty(sum(regions), x)
+    grad_factors = [recorder.empty(f.shape, x) for f in factors]
     grad_x = recorder.empty(x.shape, x) if needs_x else None
     with device_guard(x):
         _launch_backward(x.contiguous(), [f.contiguous() for f in factors], grad_output.contiguous(),
                          grad_x, grad_factors, counters, precision, recorder)
-    outputs, offset = [], 0
-    for j in range(k):
-        outputs.append(grad_factors[offset : offset + widths[j + 1] * widths[j]].view(widths[j + 1], widths[j]))
-        offset += regions[j]
-    outputs += [grad_x] if needs_x else []
+    outputs = grad_factors + ([grad_x] if needs_x else [])
     _BACKWARD_PLANS.record(key, recorder, outputs)
     return outputs
 
 
 def _launch_backward(
-    x: Tensor, factors: list[Tensor], grad_output: Tensor, grad_x: Tensor | None, grad_factors: Tensor,
+    x: Tensor, factors: list[Tensor], grad_output: Tensor, grad_x: Tensor | None, grad_factors: list[Tensor],
     counters: Tensor, precision: str, recorder: PlanRecorder,
 ) -> None:
-    """One fused backward launch; contiguous operands, ``grad_factors`` the flat output buffer."""
+    """One fused backward launch; contiguous operands and outputs."""
     M, k = x.shape[0], len(factors)
     widths = [x.shape[1]] + [f.shape[0] for f in factors]
     block_n = _resident_block(widths)
@@ -1324,8 +1316,8 @@ def _launch_backward(
         x,
         grad_output,
         _padded(factors),
-        grad_x if grad_x is not None else grad_factors,  # never written without NEEDS_X
-        grad_factors,
+        grad_x if grad_x is not None else grad_factors[0],  # never written without NEEDS_X
+        _padded(grad_factors),
         scratch,
         partials,
         counters,

@@ -180,7 +180,7 @@ KERNELS: dict[str, KernelSpec] = {
         # The fused backward of a narrow chain: contiguous operands (the launcher packs), eight
         # factor slots, widths and M multiples of 16 (a layer of d = 16 .. 64).
         args={"x_ptr": "*{dtype}:16", "grad_ptr": "*{dtype}:16", "factors": ("*{dtype}:16",) * 8,
-              "grad_x_ptr": "*{dtype}:16", "grad_factors_ptr": "*{dtype}:16", "scratch_ptr": "*{dtype}:16",
+              "grad_x_ptr": "*{dtype}:16", "grad_factors": ("*{dtype}:16",) * 8, "scratch_ptr": "*{dtype}:16",
               "partial_ptr": "*fp32:16", "counter_ptr": "*i32:16",
               "M": "i32:16", "widths": ("i32:16",) * 9,
               "M_BUCKET": "i32:16", "NUM_FACTORS": "i32"},

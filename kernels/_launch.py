@@ -466,7 +466,14 @@ class PlanCache:
         """The outputs of the plan for ``key`` run on these pointers, or None (no plan, or it could
         not run: the caller then takes the JIT path with a :class:`PlanRecorder`)."""
         plan = self.plans.get(key)
-        return plan.replay(pointers, device) if plan is not None else None
+        if plan is None or _launch_hooks_installed():
+            return None
+        index = device.index  # LaunchPlan.replay's steps, inline on the common paths
+        if index is None:  # the CPU tensors of a stubbed driver
+            return plan.run(pointers, 0)
+        if index != torch.cuda.current_device():
+            return plan.replay(pointers, device)
+        return plan.run(pointers, index)
 
     def recorder(self, key: tuple, inputs: Sequence[torch.Tensor], scalars: int = 0) -> PlanRecorder:
         """A :class:`PlanRecorder` for a call with ``key`` that the JIT runs: recording when the key

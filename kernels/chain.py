@@ -63,7 +63,7 @@ Device
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import triton
@@ -964,8 +964,9 @@ def _split_counters(device: torch.device, count: int) -> Tensor | None:
     None while that stream is capturing a CUDA graph and has none yet (allocating one there would
     tie it to the graph's memory pool)."""
     if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
         # the raw stream handle: torch.cuda.current_stream builds a Stream object per call
-        key = (device.index, torch._C._cuda_getCurrentRawStream(device.index))
+        key = (index, torch._C._cuda_getCurrentRawStream(index))
     else:
         key = (device, 0)
     counters = _SPLIT_COUNTERS.get(key)
@@ -975,6 +976,26 @@ def _split_counters(device: torch.device, count: int) -> Tensor | None:
         counters = torch.zeros(max(count, 1024), dtype=torch.int32, device=device)
         _SPLIT_COUNTERS[key] = counters
     return counters
+
+
+def _split_counter_fetch(device: torch.device, count: int) -> Callable[[], Tensor | None]:
+    """``_split_counters(device, count)`` as a launch plan's fetch of an external buffer: the
+    current stream's counters looked up directly, the full function on a miss."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        raw_stream = torch._C._cuda_getCurrentRawStream
+
+        def fetch():
+            counters = _SPLIT_COUNTERS.get((index, raw_stream(index)))
+            return counters if counters is not None and counters.numel() >= count else _split_counters(device, count)
+    else:
+        key = (device, 0)
+
+        def fetch():
+            counters = _SPLIT_COUNTERS.get(key)
+            return counters if counters is not None and counters.numel() >= count else _split_counters(device, count)
+
+    return fetch
 
 
 def _launch_factor_grads(
@@ -1000,7 +1021,7 @@ def _launch_factor_grads(
     if counters is None:
         splits, split_rows = 1, M
     if splits > 1:
-        recorder.external(counters, lambda: _split_counters(device, counter_count))
+        recorder.external(counters, _split_counter_fetch(device, counter_count))
         regions = sum(cdiv(g.shape[1] * i.shape[1], 16) * 16 for g, i in pairs)
         partials = recorder.empty(splits * regions, grads[0], torch.float32)
     else:  # never read; live fp32 and int32 pointers keep the launch's signature
@@ -1281,7 +1302,7 @@ def chain_matmul_backward(
 
     recorder = _BACKWARD_PLANS.recorder(key, (x, *factors, grad_output))
     device = x.device
-    recorder.external(counters, lambda: _split_counters(device, 1))
+    recorder.external(counters, _split_counter_fetch(device, 1))
     grad_factors = [recorder.empty(f.shape, x) for f in factors]
     grad_x = recorder.empty(x.shape, x) if needs_x else None
     with device_guard(x):

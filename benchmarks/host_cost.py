@@ -3,6 +3,7 @@ driver (benchmarks/stubbed_cuda.py), each public launcher through the JIT path a
 launch plan's replay, interleaved in one run.
 
     python benchmarks/host_cost.py [--json benchmarks/results/host_cost_cpu.json] [--rounds 40]
+    python benchmarks/host_cost.py --device cuda --json OUT.json   # on a GPU: the real driver
 
 Rows ``{"call", "triton", "path", "us", ...}``: path "jit" is Triton's JIT launch (binding,
 specialization, kernel cache, the remembered autotune choice, and fastrank's launcher Python),
@@ -11,6 +12,11 @@ Triton install to fill both) and the markdown table beside it (same name, .md) i
 all rows. What a GPU adds is not included: the driver's launch call and the CUDA caching
 allocator's ``torch.empty`` (here the CPU allocator's); on the JIT path also one driver pointer
 query per tensor argument, which a replay skips (it passes pointers as integers).
+
+``--device cuda`` measures the same calls on a GPU with its real driver and the CUDA caching
+allocator (what a user's process pays): host time of back-to-back calls, the stream synchronized
+before and after each timed batch (every kernel here runs in less device time than its launch
+takes on the host, so the queue never fills and the figure is the host's).
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _cases():
+def _cases(device: str = "cpu"):
     import torch
 
     from fastrank.kernels import chain, sketch
@@ -51,7 +57,7 @@ def _cases():
     generator = torch.Generator().manual_seed(0)
 
     def randn(*shape, dtype=torch.bfloat16):
-        return torch.randn(*shape, generator=generator).to(dtype)
+        return torch.randn(*shape, generator=generator).to(device, dtype)
 
     d = 256
     chain_x, chain_factors = randn(d, d), [randn(d, d) for _ in range(3)]
@@ -78,25 +84,48 @@ def _cases():
     ]
 
 
-def measure(rounds: int, calls: int) -> list[dict]:
-    """Median microseconds per call of every case on both paths, interleaved round by round."""
-    stubbed_cuda.activate(compile=True, record=False)
+def _cuda_launches(call) -> int:
+    """CUDA kernels one ``call()`` runs (torch.profiler)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        call()
+        torch.cuda.synchronize()
+    return sum(1 for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA
+               and not event.name.startswith(("Memcpy", "Memset")))
+
+
+def measure(rounds: int, calls: int, device: str = "stub") -> list[dict]:
+    """Median microseconds per call of every case on both paths, interleaved round by round;
+    ``device`` "stub" (the stubbed driver, CPU tensors) or "cuda" (a GPU)."""
+    cuda = device == "cuda"
+    if not cuda:
+        stubbed_cuda.activate(compile=True, record=False)
     import torch
     import triton
 
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("host_cost.py --device cuda: torch sees no CUDA device")
     torch.set_num_threads(1)
-    cases = _cases()
+    cases = _cases("cuda" if cuda else "cpu")
     samples = {(name, path): [] for name, *_ in cases for path in PATHS}
+    synchronize = torch.cuda.synchronize if cuda else (lambda: None)
 
     def jit_only(key, pointers, device):
         return None
 
     for name, plans, call, launches, _torch in cases:  # compile, tune and record once
         call()
-        before = stubbed_cuda.launch_count()
-        call()
-        if stubbed_cuda.launch_count() - before != launches:
-            raise RuntimeError(f"{name}: expected {launches} launches a call")
+        if cuda:
+            counted = _cuda_launches(call)
+        else:
+            before = stubbed_cuda.launch_count()
+            call()
+            counted = stubbed_cuda.launch_count() - before
+        if counted != launches:
+            raise RuntimeError(f"{name}: expected {launches} launches a call, counted {counted}")
         if not any(plan is not None for plan in plans.plans.values()):
             raise RuntimeError(f"{name}: no launch plan was recorded")
     for _ in range(rounds):
@@ -107,10 +136,12 @@ def measure(rounds: int, calls: int) -> list[dict]:
                 else:
                     plans.__dict__.pop("replay", None)
                 timed = torch_call if path == "torch" else call
+                synchronize()
                 start = time.perf_counter()
                 for _ in range(calls):
                     timed()
                 samples[(name, path)].append((time.perf_counter() - start) / calls * 1e6)
+                synchronize()
                 plans.__dict__.pop("replay", None)
     date = datetime.date.today().isoformat()
     rows = []
@@ -120,12 +151,24 @@ def measure(rounds: int, calls: int) -> list[dict]:
             "call": name, "triton": triton.__version__, "path": path, "us": round(statistics.median(values), 2),
             "q1_us": round(quartiles[0], 2), "q3_us": round(quartiles[2], 2), "rounds": rounds, "calls": calls,
             "torch": torch.__version__, "python": platform.python_version(), "cpu": _cpu_name(), "date": date,
-            "device": "stubbed CUDA driver (no GPU), CPU tensors",
+            "device": torch.cuda.get_device_name() if cuda else "stubbed CUDA driver (no GPU), CPU tensors",
         })
     return rows
 
 
-def markdown(rows: list[dict]) -> str:
+def markdown(rows: list[dict], json_name: str = "host_cost_cpu.json") -> str:
+    if any(row["device"].startswith("stubbed") for row in rows):
+        title, setting = "measured without a GPU", (
+            "Triton's real CUDA launcher\n"
+            "on a stubbed driver (benchmarks/stubbed_cuda.py), CPU tensors, one thread")
+        left_out = ("Not\nincluded: the driver's launch call and the CUDA caching allocator; the JIT path's driver "
+                    "pointer\nquery per tensor argument, which the replay skips.")
+    else:
+        devices = ", ".join(sorted({row["device"] for row in rows}))
+        title, setting = f"on {devices}", (
+            f"{devices}, its real driver and\nthe CUDA caching allocator, one CPU thread, the stream "
+            "synchronized around each timed batch")
+        left_out = "Included: the driver's launch call and the CUDA caching allocator."
     versions = sorted({row["triton"] for row in rows})
     calls = list(dict.fromkeys(row["call"] for row in rows))
     by = {(row["call"], row["triton"], row["path"]): row for row in rows}
@@ -142,17 +185,15 @@ def markdown(rows: list[dict]) -> str:
     misses = [f"{row['call']} (Triton {row['triton']}: {row['us']:.1f} us)" for row in rows
               if row["path"] == "fast" and row["us"] > GOAL_US]
     return "\n".join([
-        "# Host cost of fastrank's launchers, measured without a GPU",
+        f"# Host cost of fastrank's launchers, {title}",
         "",
-        "Written by `python benchmarks/host_cost.py` (rows: host_cost_cpu.json). Triton's real CUDA launcher",
-        "on a stubbed driver (benchmarks/stubbed_cuda.py), CPU tensors, one thread; microseconds per public",
+        f"Written by `python benchmarks/host_cost.py` (rows: {json_name}). {setting}; microseconds per public",
         "call, median of interleaved rounds. jit: the launch through Triton's JIT (binding and",
         "specialization, kernel cache, the remembered autotune choice) with fastrank's launcher Python;",
         "fast: the launch plan's replay (fastrank.kernels._launch); torch ops: the torch matmuls the call",
         "replaces (one per chain step or factor gradient, 4 + 3 for the kept-intermediates backward, Omega",
-        "and A Omega for the sketch) on 1 x 1 operands, i.e. their host cost. Columns by Triton version. Not",
-        "included: the driver's launch call and the CUDA caching allocator; the JIT path's driver pointer",
-        "query per tensor argument, which the replay skips.",
+        "and A Omega for the sketch) on 1 x 1 operands, i.e. their host cost. Columns by Triton version. "
+        + left_out,
         "",
         "Machines: " + "; ".join(machines) + ".",
         "",
@@ -168,14 +209,16 @@ def main() -> None:
     parser.add_argument("--json", default=str(Path(__file__).parent / "results" / "host_cost_cpu.json"))
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--device", choices=("stub", "cuda"), default="stub",
+                        help="stub: Triton's launcher on a stubbed driver (no GPU); cuda: a GPU")
     options = parser.parse_args()
-    rows = measure(options.rounds, options.calls)
+    rows = measure(options.rounds, options.calls, options.device)
     path = Path(options.json)
     version = rows[0]["triton"]
     kept = [row for row in json.loads(path.read_text()) if row["triton"] != version] if path.exists() else []
     rows = kept + rows
     path.write_text(json.dumps(rows, indent=1) + "\n")
-    path.with_suffix(".md").write_text(markdown(rows))
+    path.with_suffix(".md").write_text(markdown(rows, path.name))
     for row in rows:
         print(f"{row['triton']:6s} {row['path']:5s} {row['us']:8.1f} us  {row['call']}")
 

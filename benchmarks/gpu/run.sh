@@ -23,6 +23,9 @@
 #   tracker-cost.json        RankTracker's overhead (weights and one embedding every 100 steps,
 #                            background=True) on a 336 M-parameter bf16 transformer trained with
 #                            AdamW, against the goal <= 2% (benchmarks/gpu/tracker_cost.py)
+#   host-cost.json, .md      host time per call of each public launcher through Triton's JIT and
+#                            through its launch plan, and of the torch matmuls it replaces, with the
+#                            real driver (benchmarks/host_cost.py --device cuda)
 #   summary.json             device, versions, date, and per step: passed / failed / skipped / errors,
 #                            exit status, whether it ran into its time limit; the grid's goal counts
 #                            and the tracker's overhead
@@ -55,25 +58,25 @@ outdir="$(cd "$outdir" && pwd)"
 python="${PYTHON:-python3}"
 
 # Seconds per step. The GPU machine's lease gives a command at most 10 minutes; these add up to
-# 480 s, plus up to 10 s per step between SIGINT and SIGKILL and about 20 s of setup and summary.
+# 510 s, plus up to 10 s per step between SIGINT and SIGKILL and about 20 s of setup and summary.
 # On an H100 the CUDA test files took about 130 s on 12 workers, the chain suites 20-30 s each,
 # the rank suite's quick cases 25 s and its model-scale CUDA cases most of 150 s; the rank limit
-# is now 80 s (its model-scale cases are the first to go) so that the train-step grid (85 s) and
-# the tracker loop (45 s) fit. Those two size themselves to their limits (--budget-s, 12 s under
-# the limit for starting Python and CUDA) and write their JSON as they go; their times on a GPU
-# are not measured yet. FASTRANK_GPU_LIMITS="TESTS CHAIN_KERNEL CHAIN RANK SKETCH [PROFILE
-# TRAIN_GRID TRACKER_COST]" overrides them for a shorter lease (missing trailing ones keep their
+# is now 50 s (its model-scale cases are the first to go) so that the train-step grid (115 s), the
+# tracker loop (45 s) and the launchers' host cost (30 s) fit. The grid and the tracker size
+# themselves to their limits (--budget-s, 12 s under the limit for starting Python and CUDA) and
+# write their JSON as they go. FASTRANK_GPU_LIMITS="TESTS CHAIN_KERNEL CHAIN RANK SKETCH [PROFILE
+# TRAIN_GRID TRACKER_COST HOST_COST]" overrides them for a shorter lease (missing trailing ones keep their
 # defaults), FASTRANK_GPU_STEPS (e.g. "tests bench-rank") runs only the steps it names and
 # FASTRANK_GPU_TESTS only the test files it names.
 read -r -a limits <<< "${FASTRANK_GPU_LIMITS:-}"
-default_limits=(140 45 30 80 30 25 85 45)
+default_limits=(140 45 30 50 30 25 115 45 30)
 for index in "${!default_limits[@]}"; do
     limits[index]="${limits[index]:-${default_limits[index]}}"
 done
 read -r tests_limit chain_kernel_limit chain_limit rank_limit sketch_limit profile_limit train_grid_limit \
-    tracker_cost_limit <<< "${limits[*]}"
-steps="${FASTRANK_GPU_STEPS:-tests bench-chain-kernel bench-chain bench-rank bench-sketch profile train-grid tracker-cost}"
-all_steps="tests bench-chain-kernel bench-chain bench-rank bench-sketch profile train-grid tracker-cost"
+    tracker_cost_limit host_cost_limit <<< "${limits[*]}"
+all_steps="tests bench-chain-kernel bench-chain bench-rank bench-sketch profile train-grid tracker-cost host-cost"
+steps="${FASTRANK_GPU_STEPS:-$all_steps}"
 for name in $steps; do
     if [[ " $all_steps " != *" $name "* ]]; then
         echo "run.sh: FASTRANK_GPU_STEPS names an unknown step $name (expected one of: $all_steps)" >&2
@@ -221,7 +224,7 @@ fi
 # stops starting work 12 s before its limit (Python and CUDA start-up) and lists what it left out.
 dry_option=()
 [ "$dry_run" -eq 1 ] && dry_option=(--dry-run)
-rm -f "$outdir/train-grid.json" "$outdir/tracker-cost.json"  # the summary reads only this run's
+rm -f "$outdir/train-grid.json" "$outdir/tracker-cost.json" "$outdir/host-cost.json"  # the summary reads only this run's
 if selected train-grid; then
     script train-grid "$train_grid_limit" benchmarks/gpu/train_grid.py --json "$outdir/train-grid.json" \
         --budget-s $((train_grid_limit - 12)) "${dry_option[@]}"
@@ -229,6 +232,16 @@ fi
 if selected tracker-cost; then
     script tracker-cost "$tracker_cost_limit" benchmarks/gpu/tracker_cost.py --json "$outdir/tracker-cost.json" \
         --budget-s $((tracker_cost_limit - 12)) "${dry_option[@]}"
+fi
+
+# Host time of each public launcher, JIT path against launch plan, with the real driver (--dry-run:
+# the stubbed driver, CPU tensors, a few rounds).
+if selected host-cost; then
+    if [ "$dry_run" -eq 1 ]; then
+        script host-cost "$host_cost_limit" benchmarks/host_cost.py --json "$outdir/host-cost.json" --rounds 2 --calls 5
+    else
+        script host-cost "$host_cost_limit" benchmarks/host_cost.py --device cuda --json "$outdir/host-cost.json"
+    fi
 fi
 
 # ---------------------------------------------------------------------------------------- summary
@@ -240,7 +253,7 @@ import torch
 scratch, outdir, dry_run = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
 steps = {}
 for name in ("tests", "bench-chain-kernel", "bench-chain", "bench-rank", "bench-sketch", "profile", "train-grid",
-             "tracker-cost"):
+             "tracker-cost", "host-cost"):
     status_path = os.path.join(scratch, f"{name}.status")
     if not os.path.exists(status_path):
         steps[name] = {"ran": False}
@@ -282,6 +295,9 @@ if tracker is not None:
     results["tracker-cost"] = {key: tracker.get(key) for key in (
         "dry_run", "parameters", "steps", "rounds", "step_ms_untracked", "step_ms_tracked", "overhead", "goal",
         "met", "complete")}
+host = read_json("host-cost.json")
+if host is not None:
+    results["host-cost"] = {f"{row['path']}: {row['call']}": row["us"] for row in host}
 cuda = torch.cuda.is_available()
 summary = {
     "dry_run": dry_run,
@@ -314,6 +330,8 @@ if "train-grid" in results:
 if "tracker-cost" in results and results["tracker-cost"]["overhead"] is not None:
     print(f"tracker-cost: overhead {results['tracker-cost']['overhead']:.2%} (goal <= 2%)"
           + ("  (dry run: toy sizes on the CPU)" if dry_run else ""))
+for name, us in results.get("host-cost", {}).items():
+    print(f"host-cost: {us:7.1f} us  {name}")
 if dry_run:
     # The dry run checks the plumbing: tests collected, and no benchmark case ran on the CPU.
     selected = os.environ.get("FASTRANK_GPU_STEPS", " ".join(steps)).split()

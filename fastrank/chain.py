@@ -71,16 +71,43 @@ def _check_chain(x: Tensor, factors: Sequence[Tensor]) -> None:
 _MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")  # torch.mm(..., out_dtype=), CUDA only
 
 
-def _matmul_rounded_once(a: Tensor, b: Tensor) -> Tensor:
-    """``a @ b`` accumulated in fp32 (fp64 for fp64) and rounded once to the inputs' dtype.
+def _mm_fp32(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` of fp16 / bf16 matrices accumulated and returned in fp32: on CUDA
+    ``torch.mm(..., out_dtype=torch.float32)`` (no upcast copies; cuBLAS's own half-precision GEMM
+    may reduce split-K partial sums in half precision), elsewhere on upcast copies."""
+    if a.is_cuda and _MM_OUT_DTYPE:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
 
-    On CUDA, fp16 / bf16 go through ``torch.mm(..., out_dtype=torch.float32)`` (no upcast copies):
-    cuBLAS's own half-precision GEMM may reduce split-K partial sums in half precision.
-    """
+
+class _MatmulRoundedOnce(torch.autograd.Function):
+    """``a @ b`` of fp16 / bf16 matrices rounded once, with the upcast chain's gradients
+    (``dA = dY B^T``, ``dB = A^T dY``, each accumulated in fp32 and rounded once). torch has no
+    derivative for the ``out_dtype`` overload of ``mm`` (on CUDA its backward raised "derivative for
+    aten::mm is not implemented"); the backward runs through :func:`_matmul_rounded_once` itself, so
+    it is differentiable again under ``create_graph``."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor) -> Tensor:
+        ctx.save_for_backward(a, b)
+        return _mm_fp32(a, b).to(a.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        a, b = ctx.saved_tensors
+        grad = grad.to(a.dtype)
+        grad_a = _matmul_rounded_once(grad, b.T) if ctx.needs_input_grad[0] else None
+        grad_b = _matmul_rounded_once(a.T, grad) if ctx.needs_input_grad[1] else None
+        return grad_a, grad_b
+
+
+def _matmul_rounded_once(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` accumulated in fp32 (fp64 for fp64) and rounded once to the inputs' dtype;
+    differentiable (fp16 / bf16 under autograd through :class:`_MatmulRoundedOnce`)."""
     if a.dtype in _HALF_DTYPES:
-        if a.is_cuda and _MM_OUT_DTYPE:
-            return torch.mm(a, b, out_dtype=torch.float32).to(a.dtype)
-        return (a.float() @ b.float()).to(a.dtype)
+        if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+            return _MatmulRoundedOnce.apply(a, b)
+        return _mm_fp32(a, b).to(a.dtype)
     return a @ b
 
 

@@ -201,6 +201,45 @@ def test_chain_linear_grads_equal_naive_chain(monkeypatch, path, shape):
         assert_close(a, b, torch.float64, 129, what=f"grad {j} ({path})")
 
 
+HALF_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", HALF_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_chain_under_autograd_has_the_upcast_chains_gradients(device, dtype):
+    # A half-precision chain that autograd differentiates step by step (on CUDA: widths above the
+    # kernels' MAX_ONCHIP_WIDTH, the torch twin through torch.mm(..., out_dtype=torch.float32), an
+    # overload torch has no derivative for): each step's gradients are those of the upcast step
+    # (a.float() @ b.float()).to(dtype), and a second backward (create_graph) runs.
+    generator = torch.Generator().manual_seed(3)
+    dims = [300, 257, 301] if device == "cuda" else [33, 17, 40]
+    x = torch.randn(5, dims[0], generator=generator).to(device, dtype).requires_grad_(True)
+    factors = [(torch.randn(n, m, generator=generator) / m**0.5).to(device, dtype).requires_grad_(True)
+               for m, n in zip(dims, dims[1:])]
+    weights = [torch.randn(5, n, generator=generator).to(device) for n in dims[1:]]
+
+    def loss(outs):
+        return sum((o.float() * w).sum() for o, w in zip(outs, weights))
+
+    outs = chain_matmul(x, factors)
+    assert all(o.dtype == dtype for o in outs)
+    ours = torch.autograd.grad(loss(outs), [x, *factors], create_graph=True)
+    hs, h = [], x
+    for f in factors:
+        h = (h.float() @ f.T.float()).to(dtype)
+        hs.append(h)
+    ref = torch.autograd.grad(loss(hs), [x, *factors])
+    for j, (a, b) in enumerate(zip(ours, ref)):
+        assert a.dtype == dtype
+        if device == "cpu":  # the same fp32 products in the same order
+            assert torch.equal(a, b), f"grad {j}: max difference {float((a - b).abs().max())}"
+        else:  # cuBLAS's fp32-output half GEMM against its fp32 GEMM on upcast copies
+            assert_close(a, b, dtype, max(dims), steps=2, what=f"grad {j}")
+    # Second order: the gradient of sum(dL/dx) reaches the factors.
+    second = torch.autograd.grad(ours[0].float().sum(), factors)
+    assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in second)
+
+
 def test_collapsed_weight_is_product():
     _, factors = make_chain(1, [6, 4, 5, 3], torch.float64)
     expected = factors[2] @ factors[1] @ factors[0]

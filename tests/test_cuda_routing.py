@@ -76,6 +76,26 @@ def test_layers_launch_the_kernels(launches, dtype, batch):
         assert_close(p.grad, pr.grad, dtype, batch, steps=2 * steps, what=f"grad {name}")
 
 
+@pytest.mark.parametrize("batch", [5, 4096], ids=["activation-chain", "collapsed"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_wide_half_layers_train(dtype, batch):
+    # Widths above the chain kernel's MAX_ONCHIP_WIDTH: the torch twin under autograd, whose
+    # torch.mm(..., out_dtype=torch.float32) has no derivative of its own in torch (an
+    # OverparamLinear(1024, 1024) bf16 backward raised "derivative for aten::mm is not implemented").
+    torch.manual_seed(0)
+    layer = fastrank.OverparamLinear(300, 257, depth=3).to("cuda", dtype)
+    reference = copy.deepcopy(layer).double()
+    x = torch.randn(batch, 300, device="cuda", dtype=dtype, requires_grad=True)
+    xr = x.detach().double().requires_grad_(True)
+    out = layer(x)
+    out.float().square().sum().backward()
+    reference(xr).square().sum().backward()
+    assert_close(out, reference(xr), dtype, 300, steps=3, what="output")
+    assert_close(x.grad, xr.grad, dtype, 300, steps=6, what="grad x")
+    for (name, p), pr in zip(layer.named_parameters(), reference.parameters()):
+        assert_close(p.grad, pr.grad, dtype, batch, steps=6, what=f"grad {name}")
+
+
 def test_compile_fullgraph_launches_the_kernels(launches):
     model = _model()
     eager = copy.deepcopy(model)

@@ -611,8 +611,9 @@ def _chain_linear_as(
     rows = x if flat else x.reshape(-1, factors[0].shape[1])
     if _eager_plain(rows):
         # The naive chain itself, its last step carrying the bias (one addmm, not a matmul and an
-        # add): the torch twin up to W_{L-1}, under autograd.
-        hidden = _chain_matmul_body(rows, list(factors[:-1]), False)[-1] if len(factors) > 1 else rows
+        # add): the torch twin up to W_{L-1}, under autograd, on every device (on CUDA the op's
+        # body is a Triton kernel, which autograd cannot differentiate).
+        hidden = chain_matmul_ref(rows, list(factors[:-1]), False)[-1] if len(factors) > 1 else rows
         out = F.linear(hidden, factors[-1], bias)
     else:
         # A backward that recomputes the intermediates (the fused kernel) needs only x kept.

@@ -240,6 +240,29 @@ def test_half_chain_under_autograd_has_the_upcast_chains_gradients(device, dtype
     assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in second)
 
 
+@pytest.mark.parametrize("shape", [(5, 7), (2, 3, 7)], ids=["2d", "3d"])
+def test_plain_chain_linear_never_takes_the_device_body(monkeypatch, shape):
+    # The eager fp32 activation chain is the naive chain under autograd. It must not run through
+    # the op's device body: on CUDA that is a Triton kernel without autograd, and the factors'
+    # gradients would be lost. Here the body is replaced by one that autograd cannot see.
+    def detached_body(x, factors, return_all):
+        return [out.detach() for out in chain_mod.chain_matmul_ref(x, factors, return_all)]
+
+    monkeypatch.setattr(chain_mod, "_chain_matmul_body", detached_body)
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(*shape, generator=generator, requires_grad=True)
+    factors = [torch.randn(n, m, generator=generator, requires_grad=True) for m, n in ((7, 6), (6, 5), (5, 3))]
+    bias = torch.randn(3, generator=generator, requires_grad=True)
+    out = chain_mod._chain_linear_as(x, factors, bias, False, True)
+    ours = torch.autograd.grad(out.square().sum(), [x, *factors, bias])
+    h = x
+    for f in factors[:-1]:
+        h = h @ f.T
+    ref = torch.autograd.grad((h @ factors[-1].T + bias).square().sum(), [x, *factors, bias])
+    for j, (a, b) in enumerate(zip(ours, ref)):
+        assert_close(a, b, torch.float32, 7, steps=4, what=f"grad {j}")
+
+
 def test_collapsed_weight_is_product():
     _, factors = make_chain(1, [6, 4, 5, 3], torch.float64)
     expected = factors[2] @ factors[1] @ factors[0]

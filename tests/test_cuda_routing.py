@@ -96,6 +96,27 @@ def test_wide_half_layers_train(dtype, batch):
         assert_close(p.grad, pr.grad, dtype, batch, steps=6, what=f"grad {name}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_chain_linear_grads_on_cuda(dtype):
+    # fastrank.chain_linear's activation chain at widths the chain kernel takes (fp32: the naive
+    # chain under autograd, never the kernel body, which autograd cannot differentiate).
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(5, 48, device="cuda", generator=gen).to(dtype).requires_grad_(True)
+    factors = [(torch.randn(n, m, device="cuda", generator=gen) / m**0.5).to(dtype).requires_grad_(True)
+               for m, n in ((48, 64), (64, 40), (40, 24))]
+    bias = torch.randn(24, device="cuda", generator=gen).to(dtype).requires_grad_(True)
+    out = fastrank.chain_linear(x, factors, bias)
+    grads = torch.autograd.grad(out.float().square().sum(), [x, *factors, bias])
+    leaves = [t.detach().double().requires_grad_(True) for t in (x, *factors, bias)]
+    h = leaves[0]
+    for f in leaves[1:-1]:
+        h = h @ f.T
+    ref = torch.autograd.grad((h + leaves[-1]).square().sum(), leaves)
+    for j, (a, b) in enumerate(zip(grads, ref)):
+        assert a is not None, f"grad {j} is None"
+        assert_close(a, b, dtype, 64, steps=6, what=f"grad {j}")
+
+
 def test_compile_fullgraph_launches_the_kernels(launches):
     model = _model()
     eager = copy.deepcopy(model)

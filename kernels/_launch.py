@@ -453,14 +453,27 @@ class PlanRecorder:
         return LaunchPlan(run, keep, source.text)
 
 
+_CACHES: list[PlanCache] = []  # every PlanCache made (one per launcher), for jit_calls()
+
+
+def jit_calls() -> int:
+    """How many launcher calls took the JIT path (no plan for their key, a plan that could not run,
+    or a key that is not plannable) since the process started, over every launcher: a steady
+    training loop adds none once each shape's first call has recorded its plan."""
+    return sum(cache.jit_calls for cache in _CACHES)
+
+
 class PlanCache:
     """One launcher's plans by :func:`call_key`; None marks a key that is not plannable. At most
     ``limit`` keys are kept, the oldest dropped first (a workload whose shapes keep changing, such
-    as variable sequence lengths, would otherwise grow it without end)."""
+    as variable sequence lengths, would otherwise grow it without end). ``jit_calls`` counts the
+    calls that took the JIT path (each made a :meth:`recorder`)."""
 
     def __init__(self, limit: int = 4096):
         self.plans: dict[tuple, LaunchPlan | None] = {}
         self.limit = limit
+        self.jit_calls = 0
+        _CACHES.append(self)
 
     def replay(self, key: tuple, pointers: list[int], device: torch.device) -> list[torch.Tensor] | None:
         """The outputs of the plan for ``key`` run on these pointers, or None (no plan, or it could
@@ -478,6 +491,7 @@ class PlanCache:
     def recorder(self, key: tuple, inputs: Sequence[torch.Tensor], scalars: int = 0) -> PlanRecorder:
         """A :class:`PlanRecorder` for a call with ``key`` that the JIT runs: recording when the key
         has no plan yet, else launching only (a plan that could not run, or a key not plannable)."""
+        self.jit_calls += 1
         return PlanRecorder(inputs, scalars, active=key not in self.plans)
 
     def record(self, key: tuple, recorder: PlanRecorder, outputs: Sequence[torch.Tensor]) -> None:

@@ -217,11 +217,13 @@ def replay() -> dict:
             cases.append((f"gaussian_sketch gram {dtype} {layout}", (a,), lambda a=a: sketch.gaussian_sketch(a, 17, 6, gram=True)))
     mismatches, replayed = [], 0
     for name, inputs, call in cases:
-        runs = []
+        runs, jit = [], []
         for _ in range(2):
             stubbed_cuda.LAUNCHES.clear()
             before = stubbed_cuda.launch_count()
+            jit_before = _launch.jit_calls()
             outputs = call()
+            jit.append(_launch.jit_calls() - jit_before)
             if stubbed_cuda.launch_count() - before != len(stubbed_cuda.LAUNCHES):
                 mismatches.append({"case": name, "problem": "the stub counted other launches than the launcher made"})
             runs.append((list(stubbed_cuda.LAUNCHES), outputs))
@@ -235,6 +237,8 @@ def replay() -> dict:
             continue
         replays[0] = 0
         replayed += 1
+        if jit != [1, 0]:
+            mismatches.append({"case": name, "problem": f"jit_calls counted {jit} for a JIT call, then a replay"})
         if len(first) != len(second):
             mismatches.append({"case": name, "problem": f"{len(first)} launches, then {len(second)}"})
             continue

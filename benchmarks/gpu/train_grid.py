@@ -18,7 +18,10 @@ One row per (shape, variant, mode):
 - ``device_us``: the sum of the step's CUDA kernel times, and ``launches``: the number of CUDA
   kernels one step runs, memory copies and sets not counted (torch.profiler: one profiled step of
   every variant and mode per shape, each kernel given to the step whose window it starts in; a
-  session per step where a kernel falls outside every window).
+  session per step where a kernel falls outside every window);
+- ``jit_calls_per_step``: fastrank launcher calls per timed step that took Triton's JIT path
+  instead of a launch plan (``fastrank.kernels._launch.jit_calls``; 0 in a steady loop, present
+  where the kernels import).
 
 Goals, per shape (``goals``) and marked on the fastrank rows:
 
@@ -222,6 +225,16 @@ def goals(rows: Sequence[dict]) -> dict:
     return result
 
 
+def _jit_calls() -> int | None:
+    """Launcher calls that took Triton's JIT path so far (fastrank.kernels._launch.jit_calls), None
+    without the kernels (no Triton)."""
+    try:
+        from fastrank.kernels._launch import jit_calls
+    except ImportError:
+        return None
+    return jit_calls()
+
+
 def measure_shape(dtype_name: str, d: int, batch: int, depth: int, device: str, context: dict) -> dict:
     """The rows of one shape (eager, and on CUDA graph-replayed, for every variant) and its goals."""
     dtype = DTYPES[dtype_name]
@@ -243,7 +256,11 @@ def measure_shape(dtype_name: str, d: int, batch: int, depth: int, device: str, 
                 for _ in range(3):
                     step()
                 _sync(device)
+                before = _jit_calls()
                 row.update(_timings(step, device, _repeats(step, device)))
+                if before is not None:  # _timings ran 2 x repeats steps on CUDA (wall, then span)
+                    timed = row["repeats"] * (2 if device == "cuda" else 1)
+                    row["jit_calls_per_step"] = (_jit_calls() - before) / timed
                 steps[(variant, mode)] = step
             except Exception as error:  # a variant that fails is a row, not the end of the grid
                 row["error"] = f"{type(error).__name__}: {error}"[:400]
@@ -323,7 +340,10 @@ def _print(result: dict) -> None:
         marks = "  ".join(
             f"{name} {entry[name]['value']:.3g}/{entry[name]['target']:.3g} {'met' if entry[name]['met'] else 'MISSED'}"
             if entry[name]["met"] is not None else f"{name} -" for name in ("eager", "graph", "launches"))
-        print(f"{entry['dtype']:4s} {entry['shape']:22s} {marks}")
+        jit = next((row.get("jit_calls_per_step") for row in result["rows"]
+                    if (row["dtype"], row["shape"], row["variant"], row["mode"]) == (entry["dtype"], entry["shape"], "fastrank", EAGER)), None)
+        jit = f"  JIT launcher calls/step {jit:.2g}" if jit is not None else ""
+        print(f"{entry['dtype']:4s} {entry['shape']:22s} {marks}{jit}")
     for name, counts in result["goal_counts"].items():
         print(f"goal {name}: {counts}")
     if result["not_run"]:

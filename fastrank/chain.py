@@ -380,6 +380,27 @@ def _eager_plain(x: Tensor) -> bool:
     return x.dtype in _PLAIN_DTYPES and not _autocast_enabled(x) and not _traced(x)
 
 
+def _plain_half_on_cuda(x: Tensor, depth: int) -> bool:
+    """Whether a layer's eager fp16 / bf16 chain of ``depth`` factors on x runs as plain torch ops
+    under autograd (the naive chain, or the collapsed weight, as the cost model picks) instead of
+    the kernels: at depth 2 on CUDA. Measured on an NVIDIA H200 (2026-12-04, torch 2.11, Triton 3.6,
+    benchmarks/results/h200/README.md): bf16 train steps of OverparamLinear(d, d, depth=2) through
+    the kernels took 1.26-1.63x the better of the sequential chain and collapsed autograd at 6 of 8
+    shapes (d 64 / 256, B 1 / 64 / 1024 / 8192; every step host-bound, about 1 ms), where at depth 4
+    and 8 they met 1.1x at 7 of 10 (0.66-0.93x at five). The plain ops are cuBLAS GEMMs in the
+    half dtype: fp32 accumulation, one rounding per product, as the kernels round."""
+    return depth == 2 and x.is_cuda and x.dtype in _HALF_DTYPES and not _autocast_enabled(x) and not _traced(x)
+
+
+def _plain_product(factors: Sequence[Tensor]) -> Tensor:
+    """``W_L ... W_1`` as plain matmuls, which autograd differentiates (and whose prefix products
+    it keeps)."""
+    weight = factors[0]
+    for factor in factors[1:]:
+        weight = torch.mm(factor, weight)
+    return weight
+
+
 def _chain_matmul_body(x: Tensor, factors: list[Tensor], return_all: bool) -> list[Tensor]:
     """The op's body for x's device: the Triton kernel on CUDA, the torch twin elsewhere."""
     if x.is_cuda and _CUDA_KERNELS is not None:
@@ -529,11 +550,7 @@ def collapsed_weight(factors: Sequence[Tensor]) -> Tensor:
     if len(factors) == 1:
         return factors[0]
     if _eager_plain(factors[0]):
-        # The prefix products W_j ... W_1 as plain matmuls, which autograd differentiates (and keeps).
-        weight = factors[0]
-        for factor in factors[1:]:
-            weight = torch.mm(factor, weight)
-        return weight
+        return _plain_product(factors)
     # Under autograd the prefix products are kept for the backward instead of recomputed.
     keep = torch.is_grad_enabled() and any(f.requires_grad for f in factors)
     return chain_matmul(factors[0].T, factors[1:], return_all=keep)[-1].T

@@ -96,6 +96,29 @@ def test_wide_half_layers_train(dtype, batch):
         assert_close(p.grad, pr.grad, dtype, batch, steps=6, what=f"grad {name}")
 
 
+@pytest.mark.parametrize("batch", [5, 4096], ids=["activation-chain", "collapsed"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_depth_two_layers_train_through_plain_ops(launches, dtype, batch):
+    # fastrank.chain._plain_half_on_cuda: an eager half-precision depth-2 train step runs cuBLAS
+    # through autograd (on an H200 the kernels cost more host time there); depth 3 keeps the kernels.
+    torch.manual_seed(0)
+    layer = fastrank.OverparamLinear(48, 40, depth=2).to("cuda", dtype)
+    reference = copy.deepcopy(layer).double()
+    x = torch.randn(batch, 48, device="cuda", dtype=dtype, requires_grad=True)
+    xr = x.detach().double().requires_grad_(True)
+    out = layer(x)
+    out.float().square().sum().backward()
+    assert sum(launches.values()) == 0, f"Triton launches at depth 2: {dict(launches)}"
+    reference(xr).square().sum().backward()
+    assert_close(out, reference(xr), dtype, 48, steps=2, what="output")
+    assert_close(x.grad, xr.grad, dtype, 48, steps=4, what="grad x")
+    for (name, p), pr in zip(layer.named_parameters(), reference.parameters()):
+        assert_close(p.grad, pr.grad, dtype, batch, steps=4, what=f"grad {name}")
+    deeper = fastrank.OverparamLinear(48, 40, depth=3).to("cuda", dtype)
+    deeper(x).float().square().sum().backward()
+    assert launches["_launch_chain"] >= 1, f"no chain kernel at depth 3: {dict(launches)}"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_chain_linear_grads_on_cuda(dtype):
     # fastrank.chain_linear's activation chain at widths the chain kernel takes (fp32: the naive

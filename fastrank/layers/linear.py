@@ -11,7 +11,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..chain import _chain_linear_as, _eager_plain, chain_costs, chain_matmul, collapsed_weight
+from ..chain import (
+    _chain_linear_as,
+    _eager_plain,
+    _plain_half_on_cuda,
+    _plain_product,
+    chain_costs,
+    chain_matmul,
+    collapsed_weight,
+)
 from .base import (
     _check_dtype,
     _check_input,
@@ -248,8 +256,9 @@ class OverparamLinear(_OverparamBase):
 
     def _plain_forward(self, x: Tensor) -> Tensor | None:
         """An eager fp32 / fp64 call under autograd of a chain without skips or norms (a training
-        step): the naive chain as plain ``F.linear`` calls, the bias on the last step, or one
-        ``F.linear`` with the collapsed weight, as the cost model picks. What the general path
+        step), or an fp16 / bf16 one where :func:`fastrank.chain._plain_half_on_cuda` routes it:
+        the naive chain as plain ``F.linear`` calls, the bias on the last step, or one ``F.linear``
+        with the collapsed weight (plain matmuls), as the cost model picks. What the general path
         below computes, with its bookkeeping cut to what this case needs: the general path cost
         about 5 us a call more (OverparamLinear(64, 64, depth=2), B=1, 2-core Xeon: 14 us
         against 8 us for the two F.linear calls alone). None where the general path must run (a
@@ -272,7 +281,7 @@ class OverparamLinear(_OverparamBase):
         try:
             h = x if flat else x.reshape(rows, self.in_features)
             if use_collapsed:
-                out = F.linear(h, collapsed_weight(factors), bias)
+                out = F.linear(h, _plain_product(factors), bias)
             else:
                 for factor in factors[:-1]:
                     h = F.linear(h, factor)
@@ -302,7 +311,7 @@ class OverparamLinear(_OverparamBase):
                     _check_input(x, self.in_features, -1, "in_features", self)  # a clearer message
                     raise failure
                 # Otherwise the path below fills the cache.
-        elif self._bias_is_own and type(x) is Tensor and _eager_plain(x):
+        elif self._bias_is_own and type(x) is Tensor and (_eager_plain(x) or _plain_half_on_cuda(x, self.depth)):
             out = self._plain_forward(x)
             if out is not None:
                 return out

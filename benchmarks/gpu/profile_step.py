@@ -85,11 +85,18 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("profile_step.py: needs a CUDA device")
         return 0
-    rows = []
+    rows, failed = [], 0
     for d, batch, depth in SHAPES:
-        rows += profile(d, batch, depth)
+        try:
+            rows += profile(d, batch, depth)
+        except Exception as error:  # a shape that fails is a row, not the end of the profile
+            failed += 1
+            rows.append({"shape": f"d={d} B={batch} L={depth}", "error": f"{type(error).__name__}: {error}"[:400]})
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16 train steps")
     for row in rows:
+        if "error" in row:
+            print(f"\n{row['shape']:22s} FAILED: {row['error']}")
+            continue
         print(f"\n{row['shape']:22s} {row['module']:28s} launches {row['launches']:3d}  "
               f"step {row['median_step_ms']:.3f} ms (wall)  device {row['device_us']:.0f} us")
         for kernel in row["kernels"][:12]:
@@ -97,7 +104,7 @@ def main() -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -196,3 +196,33 @@ def test_cli_rank_on_cuda_equals_cpu(tmp_path, capsys):
     for cpu_row, cuda_row in zip(rows["cpu"], rows["cuda"]):
         assert cpu_row["name"] == cuda_row["name"]
         assert cuda_row["effective_rank"] == pytest.approx(cpu_row["effective_rank"], rel=1e-10)
+
+
+@cuda
+def test_background_tracker_on_cuda_measures_on_its_own_stream_and_equals_the_foreground():
+    # RankTracker(background=True) on a CUDA model: the worker measures on a stream of its own
+    # (after the snapshot's copies on the loop's stream) and records what a foreground tracker does,
+    # while the loop's stream keeps training (the weights change in place after each snapshot).
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.ReLU(), fastrank.OverparamLinear(40, 16, depth=3)).cuda()
+    twin = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.ReLU(), fastrank.OverparamLinear(40, 16, depth=3)).cuda()
+    twin.load_state_dict(net.state_dict())
+    trackers = [fastrank.RankTracker(model, embeddings=("1",), every=2, background=background)
+                for model, background in ((net, True), (twin, False))]
+    optimizers = [torch.optim.SGD(model.parameters(), lr=0.05) for model in (net, twin)]
+    generator = torch.Generator(device="cuda").manual_seed(1)
+    for _ in range(6):
+        x = torch.randn(64, 24, device="cuda", generator=generator)
+        for model, tracker, optimizer in zip((net, twin), trackers, optimizers):
+            optimizer.zero_grad()
+            model(x).square().mean().backward()
+            tracker.step()
+            optimizer.step()
+    background, foreground = (tracker.history for tracker in trackers)
+    assert trackers[0]._streams and not trackers[1]._streams
+    assert [(r["step"], r["name"]) for r in background] == [(r["step"], r["name"]) for r in foreground]
+    assert {r["step"] for r in background} == {0, 2, 4}
+    for row, want in zip(background, foreground):
+        for key in row:
+            if key not in ("step", "name"):
+                assert row[key] == pytest.approx(want[key], rel=1e-6), (row["step"], row["name"], key)

@@ -668,7 +668,7 @@ def chain_matmul(x: Tensor, factors: Sequence[Tensor], return_all: bool = True) 
     """
     precision = _input_precision(x.dtype)  # one read of torch's TF32 setting per call
     key, pointers = call_key((x, *factors), (return_all, precision))
-    replayed = _CHAIN_PLANS.replay(key, pointers, x.device)
+    replayed = _CHAIN_PLANS.replay(key, pointers, x.get_device())
     if replayed is not None:
         return replayed
     _check_chain(x, factors)
@@ -1077,7 +1077,7 @@ def chain_factor_grads(
         _check_factor_grads(grads, inputs)
         return []
     key, pointers = call_key((*grads, *inputs), (split_k,))
-    replayed = _FACTOR_GRAD_PLANS.replay(key, pointers, grads[0].device)
+    replayed = _FACTOR_GRAD_PLANS.replay(key, pointers, grads[0].get_device())
     if replayed is not None:
         return replayed
     _check_factor_grads(grads, inputs)
@@ -1292,7 +1292,7 @@ def chain_matmul_backward(
     """
     precision = _input_precision(x.dtype)  # one read of torch's TF32 setting per call
     key, pointers = call_key((x, *factors, grad_output), (needs_x, precision))
-    replayed = _BACKWARD_PLANS.replay(key, pointers, x.device)
+    replayed = _BACKWARD_PLANS.replay(key, pointers, x.get_device())
     if replayed is not None:
         return replayed
     _check_backward(x, factors, grad_output)

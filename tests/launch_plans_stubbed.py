@@ -3,6 +3,7 @@
 
     python tests/launch_plans_stubbed.py keys [--mutation NAME] [--draws N]
     python tests/launch_plans_stubbed.py replay
+    python tests/launch_plans_stubbed.py layers
 
 ``keys``: draws many argument sets for each planned launcher (chain_matmul, chain_factor_grads,
 chain_matmul_backward, gaussian_sketch): sizes 1 / 15 / 16 / 17 / 33 and a 2**31 row count or
@@ -19,6 +20,9 @@ bindings, collisions.
 with the same inputs, the first call through the JIT (recording its plan), the second replayed.
 Every argument Triton's launcher received is compared, pointers by what they point into (input i,
 output j, or the call's n-th temporary, with the byte offset). Prints JSON: cases, mismatches.
+
+``layers``: bf16 OverparamLinear train steps routed through the kernels as on CUDA; after two
+warm-up steps, the JIT calls and the kernel launches per step. Prints JSON: rows.
 """
 
 from __future__ import annotations
@@ -294,13 +298,63 @@ def _named(launch, kind, inputs, outputs):
             launch["metadata"], walk(launch["arguments"], kind))
 
 
+# (d, B, L) of the layers' train steps: an activation chain with the fused recomputing backward
+# (widths <= 64), one that keeps its intermediates (the reverse chain and the grouped factor
+# gradients), the collapsed product, and a chain of more factors than one launch takes.
+LAYER_SHAPES = ((64, 33, 4), (256, 64, 4), (128, 1024, 4), (64, 16, 10))
+
+
+def layers() -> dict:
+    """bf16 ``OverparamLinear(d, d, depth=L)`` train steps routed as on CUDA (every chain op's body
+    the Triton launcher, whatever the tensors' device) on the stubbed driver: after two warm-up
+    steps, the launcher calls per step that took the JIT path (none: every call's plan was
+    recorded) and the kernel launches per step (some: the steps ran through the kernels)."""
+    stubbed_cuda.activate(compile=True, record=False)
+    import torch
+
+    import fastrank
+    from fastrank import chain as chain_ops
+    from fastrank.kernels import _launch, chain
+
+    chain_ops._CUDA_KERNELS = chain
+    chain_ops._chain_matmul_body = lambda x, factors, return_all: chain.chain_matmul(x, factors, return_all)
+    chain_ops._chain_matmul_backward_body = (
+        lambda x, factors, grad_output, needs_x: chain.chain_matmul_backward(x, factors, grad_output, needs_x))
+    chain_ops._chain_factor_grads_body = lambda grads, inputs: chain.chain_factor_grads(grads, inputs)
+    chain_ops._runs_kernels = chain.runs_on_chip
+    chain_ops._recomputes_backward = chain.recomputes_backward
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    rows = []
+    for d, batch, depth in LAYER_SHAPES:
+        layer = fastrank.OverparamLinear(d, d, depth=depth).to(torch.bfloat16)
+        x = torch.randn(batch, d).to(torch.bfloat16).requires_grad_(True)
+        params = list(layer.parameters())
+
+        def step():
+            for p in params:
+                p.grad = None
+            x.grad = None
+            layer(x).float().square().mean().backward()
+
+        for _ in range(2):
+            step()
+        jit, launches = _launch.jit_calls(), stubbed_cuda.launch_count()
+        for _ in range(3):
+            step()
+        rows.append({"shape": f"d={d} B={batch} L={depth}", "collapsed": list(layer._path_choices.values()),
+                     "jit_calls_per_step": (_launch.jit_calls() - jit) / 3,
+                     "launches_per_step": (stubbed_cuda.launch_count() - launches) / 3})
+    return {"rows": rows, "triton": stubbed_cuda._ACTIVE["triton"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=("keys", "replay"))
+    parser.add_argument("mode", choices=("keys", "replay", "layers"))
     parser.add_argument("--mutation", choices=MUTATIONS)
     parser.add_argument("--draws", type=int, default=1500)
     options = parser.parse_args()
-    result = keys(options.mutation, options.draws) if options.mode == "keys" else replay()
+    result = keys(options.mutation, options.draws) if options.mode == "keys" else replay() if options.mode == "replay" else layers()
     print(json.dumps(result))
 
 

@@ -84,6 +84,18 @@ def test_a_replay_launches_what_the_jit_launches(python):
     assert result["replayed"] == result["cases"] > 30, result
 
 
+@pytest.mark.parametrize("python", _pythons())
+def test_layer_train_steps_replay_every_launch(python):
+    # A steady training loop never takes Triton's JIT path: every launcher call of a layer's train
+    # step (forward chain, fused or composed backward, grouped factor gradients, the collapsed
+    # product) replays the plan its first call recorded.
+    result = _stubbed(python, "layers")
+    for row in result["rows"]:
+        assert row["launches_per_step"] >= 1, f"Triton {result['triton']}: {row}: no kernel ran"
+        assert row["jit_calls_per_step"] == 0, f"Triton {result['triton']}: {row}: JIT calls in a steady loop"
+    assert [row["collapsed"] for row in result["rows"]] == [[False], [False], [True], [False]], result
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_replays_compute_what_the_jit_path_computes():
     from fastrank.kernels import chain, sketch

@@ -172,8 +172,8 @@ if [ -n "${FASTRANK_GPU_TESTS:-}" ]; then
     read -r -a test_selection <<< "$FASTRANK_GPU_TESTS"
 else
     test_selection=(tests/test_cuda_routing.py tests/test_compile.py tests/test_rank_cuda.py
-                    tests/test_launch_fast_path.py tests/test_chain.py tests/test_cli.py
-                    tests/test_sketch_kernel.py tests/test_chain_kernel.py)
+                    tests/test_launch_fast_path.py::test_replays_compute_what_the_jit_path_computes
+                    tests/test_chain.py tests/test_sketch_kernel.py tests/test_chain_kernel.py)
 fi
 if ! selected tests; then
     echo "== tests: not selected (FASTRANK_GPU_STEPS)"

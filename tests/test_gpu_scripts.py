@@ -65,7 +65,7 @@ def test_grid_order_covers_every_shape_once_most_important_first(train_grid):
     everything = {(dt, d, b, depth) for dt in train_grid.DTYPES for d in train_grid.WIDTHS
                   for b in train_grid.BATCHES for depth in train_grid.DEPTHS}
     assert len(shapes) == len(set(shapes)) == len(everything) == 72 and set(shapes) == everything
-    assert [s[0] for s in shapes[:36]] == ["bf16"] * 36 and shapes[0][3] == 4
+    assert [s[3] for s in shapes[:24]] == [4] * 24 and [s[0] for s in shapes[:24]] == ["bf16"] * 12 + ["fp32"] * 12
 
 
 def test_grid_stops_at_its_budget_and_lists_the_rest(train_grid, tmp_path, monkeypatch):

@@ -30,9 +30,9 @@ Goals, per shape (``goals``) and marked on the fastrank rows:
   replay (``span_us``) <= 1.1 (1 + (L - 1) d / B) x nn.Linear's;
 - ``launches``: fastrank's eager launches <= nn.Linear's + 2.
 
-Shapes run most important first (depth 4, 2, 8; each in bf16, then fp32); a shape starts only when the time
-it is expected to take (the slowest so far) fits in ``--budget-s`` (the first always runs), and the
-shapes not run are listed in ``not_run``. The JSON is rewritten after every shape, and on SIGINT
+Shapes run most important first (depth 4, 2, 8; each in bf16, then fp32); a shape starts only
+when the time it is expected to take (the slowest so far) fits in ``--budget-s`` (the first always
+runs), and the shapes not run are listed in ``not_run``. The JSON is rewritten after every shape, and on SIGINT
 (run.sh's time limit) before exiting.
 
 --dry-run: on the CPU, one tiny shape, eager only (no CUDA events, profiler or graphs: those

@@ -32,6 +32,8 @@ from .sharded import check_token_rate, collapsed_weight_of, is_sharded, select_t
 
 __all__ = ["RankTracker", "weight_matrix"]
 
+Measurement = dict[str, dict[str, float]]  # one measurement step's metrics, by measured name
+
 # Relative entropy accuracy asked of exact weight spectra during training: the fp64 Gram route meets
 # it without an SVD of ill-conditioned weights (a 512 x 512 product of two factors: 51 ms -> 5 ms
 # on a 2-core CPU), and a training curve needs no more.
@@ -392,7 +394,8 @@ class RankTracker:
             if self._executor is None:
                 result = self.compute(record_as=label)
             else:
-                self._pending.append((label, self._executor.submit(self._on_own_stream(self._snapshot(copy=True)))))
+                measure = self._on_own_stream(self._snapshot(copy=True))
+                self._pending.append((label, self._executor.submit(measure)))
             for acc in self._accumulators.values():
                 acc.reset()
             self._class_stats = {}
@@ -539,7 +542,7 @@ class RankTracker:
 
         return measure
 
-    def _on_own_stream(self, measure: Callable[[], dict[str, dict[str, float]]]) -> Callable[[], dict[str, dict[str, float]]]:
+    def _on_own_stream(self, measure: Callable[[], Measurement]) -> Callable[[], Measurement]:
         """``measure`` for the worker thread. For a model on one CUDA device it runs on a stream of
         its own, after what the calling thread's stream has queued so far (the snapshot's copies
         and reductions), and synchronizes that stream before returning, so that the snapshot's
@@ -555,7 +558,7 @@ class RankTracker:
             stream = self._streams[device] = torch.cuda.Stream(device)
         ready = torch.cuda.current_stream(device).record_event()
 
-        def run() -> dict[str, dict[str, float]]:
+        def run() -> Measurement:
             with torch.cuda.device(device), torch.cuda.stream(stream):
                 stream.wait_event(ready)
                 try:

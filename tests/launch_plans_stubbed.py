@@ -354,7 +354,8 @@ def main() -> None:
     parser.add_argument("--mutation", choices=MUTATIONS)
     parser.add_argument("--draws", type=int, default=1500)
     options = parser.parse_args()
-    result = keys(options.mutation, options.draws) if options.mode == "keys" else replay() if options.mode == "replay" else layers()
+    modes = {"keys": lambda: keys(options.mutation, options.draws), "replay": replay, "layers": layers}
+    result = modes[options.mode]()
     print(json.dumps(result))
 
 

@@ -204,8 +204,10 @@ def test_background_tracker_on_cuda_measures_on_its_own_stream_and_equals_the_fo
     # (after the snapshot's copies on the loop's stream) and records what a foreground tracker does,
     # while the loop's stream keeps training (the weights change in place after each snapshot).
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.ReLU(), fastrank.OverparamLinear(40, 16, depth=3)).cuda()
-    twin = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.ReLU(), fastrank.OverparamLinear(40, 16, depth=3)).cuda()
+    def model():
+        return torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.ReLU(), fastrank.OverparamLinear(40, 16, depth=3)).cuda()
+
+    net, twin = model(), model()
     twin.load_state_dict(net.state_dict())
     trackers = [fastrank.RankTracker(model, embeddings=("1",), every=2, background=background)
                 for model, background in ((net, True), (twin, False))]

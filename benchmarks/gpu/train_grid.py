@@ -341,8 +341,9 @@ def _print(result: dict) -> None:
         marks = "  ".join(
             f"{name} {entry[name]['value']:.3g}/{entry[name]['target']:.3g} {'met' if entry[name]['met'] else 'MISSED'}"
             if entry[name]["met"] is not None else f"{name} -" for name in ("eager", "graph", "launches"))
+        wanted = (entry["dtype"], entry["shape"], "fastrank", EAGER)
         jit = next((row.get("jit_calls_per_step") for row in result["rows"]
-                    if (row["dtype"], row["shape"], row["variant"], row["mode"]) == (entry["dtype"], entry["shape"], "fastrank", EAGER)), None)
+                    if (row["dtype"], row["shape"], row["variant"], row["mode"]) == wanted), None)
         jit = f"  JIT launcher calls/step {jit:.2g}" if jit is not None else ""
         print(f"{entry['dtype']:4s} {entry['shape']:22s} {marks}{jit}")
     for name, counts in result["goal_counts"].items():

@@ -76,6 +76,25 @@ def test_layers_launch_the_kernels(launches, dtype, batch):
         assert_close(p.grad, pr.grad, dtype, batch, steps=2 * steps, what=f"grad {name}")
 
 
+def _assert_trains_as_fp64(layer, batch, dtype, steps):
+    """One train step of ``layer`` (a summed square loss) against its fp64 copy on the same input:
+    output, input gradient and every parameter's gradient within the tolerance of ``steps``
+    roundings forward (twice that backward). Returns the input."""
+    width = layer.in_features
+    reference = copy.deepcopy(layer).double()
+    x = torch.randn(batch, width, device="cuda", dtype=dtype, requires_grad=True)
+    xr = x.detach().double().requires_grad_(True)
+    out = layer(x)
+    out.float().square().sum().backward()
+    expected = reference(xr)
+    expected.square().sum().backward()
+    assert_close(out, expected, dtype, width, steps=steps, what="output")
+    assert_close(x.grad, xr.grad, dtype, width, steps=2 * steps, what="grad x")
+    for (name, p), pr in zip(layer.named_parameters(), reference.parameters()):
+        assert_close(p.grad, pr.grad, dtype, batch, steps=2 * steps, what=f"grad {name}")
+    return x
+
+
 @pytest.mark.parametrize("batch", [5, 4096], ids=["activation-chain", "collapsed"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_wide_half_layers_train(dtype, batch):
@@ -83,17 +102,7 @@ def test_wide_half_layers_train(dtype, batch):
     # torch.mm(..., out_dtype=torch.float32) has no derivative of its own in torch (an
     # OverparamLinear(1024, 1024) bf16 backward raised "derivative for aten::mm is not implemented").
     torch.manual_seed(0)
-    layer = fastrank.OverparamLinear(300, 257, depth=3).to("cuda", dtype)
-    reference = copy.deepcopy(layer).double()
-    x = torch.randn(batch, 300, device="cuda", dtype=dtype, requires_grad=True)
-    xr = x.detach().double().requires_grad_(True)
-    out = layer(x)
-    out.float().square().sum().backward()
-    reference(xr).square().sum().backward()
-    assert_close(out, reference(xr), dtype, 300, steps=3, what="output")
-    assert_close(x.grad, xr.grad, dtype, 300, steps=6, what="grad x")
-    for (name, p), pr in zip(layer.named_parameters(), reference.parameters()):
-        assert_close(p.grad, pr.grad, dtype, batch, steps=6, what=f"grad {name}")
+    _assert_trains_as_fp64(fastrank.OverparamLinear(300, 257, depth=3).to("cuda", dtype), batch, dtype, steps=3)
 
 
 @pytest.mark.parametrize("batch", [5, 4096], ids=["activation-chain", "collapsed"])
@@ -102,18 +111,8 @@ def test_half_depth_two_layers_train_through_plain_ops(launches, dtype, batch):
     # fastrank.chain._plain_half_on_cuda: an eager half-precision depth-2 train step runs cuBLAS
     # through autograd (on an H200 the kernels cost more host time there); depth 3 keeps the kernels.
     torch.manual_seed(0)
-    layer = fastrank.OverparamLinear(48, 40, depth=2).to("cuda", dtype)
-    reference = copy.deepcopy(layer).double()
-    x = torch.randn(batch, 48, device="cuda", dtype=dtype, requires_grad=True)
-    xr = x.detach().double().requires_grad_(True)
-    out = layer(x)
-    out.float().square().sum().backward()
+    x = _assert_trains_as_fp64(fastrank.OverparamLinear(48, 40, depth=2).to("cuda", dtype), batch, dtype, steps=2)
     assert sum(launches.values()) == 0, f"Triton launches at depth 2: {dict(launches)}"
-    reference(xr).square().sum().backward()
-    assert_close(out, reference(xr), dtype, 48, steps=2, what="output")
-    assert_close(x.grad, xr.grad, dtype, 48, steps=4, what="grad x")
-    for (name, p), pr in zip(layer.named_parameters(), reference.parameters()):
-        assert_close(p.grad, pr.grad, dtype, batch, steps=4, what=f"grad {name}")
     deeper = fastrank.OverparamLinear(48, 40, depth=3).to("cuda", dtype)
     deeper(x).float().square().sum().backward()
     assert launches["_launch_chain"] >= 1, f"no chain kernel at depth 3: {dict(launches)}"

@@ -87,10 +87,15 @@ class _MatmulRoundedOnce(torch.autograd.Function):
     aten::mm is not implemented"); the backward runs through :func:`_matmul_rounded_once` itself, so
     it is differentiable again under ``create_graph``."""
 
+    generate_vmap_rule = True  # torch.func transforms: forward and setup_context kept apart
+
     @staticmethod
-    def forward(ctx, a: Tensor, b: Tensor) -> Tensor:
-        ctx.save_for_backward(a, b)
+    def forward(a: Tensor, b: Tensor) -> Tensor:
         return _mm_fp32(a, b).to(a.dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*inputs)
 
     @staticmethod
     def backward(ctx, grad: Tensor):

@@ -240,6 +240,22 @@ def test_half_chain_under_autograd_has_the_upcast_chains_gradients(device, dtype
     assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in second)
 
 
+def test_half_chain_under_torch_func_grad_equals_autograd():
+    # The rounded-once step is an autograd.Function that torch.func transforms can run.
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(5, 7, generator=generator).bfloat16()
+    factors = [torch.randn(6, 7, generator=generator).bfloat16(), torch.randn(3, 6, generator=generator).bfloat16()]
+
+    def loss(*fs):
+        return sum(out.float().square().sum() for out in chain_matmul(x, list(fs)))
+
+    transformed = torch.func.grad(loss, argnums=(0, 1))(*factors)
+    leaves = [f.clone().requires_grad_(True) for f in factors]
+    loss(*leaves).backward()
+    for j, (a, leaf) in enumerate(zip(transformed, leaves)):
+        assert torch.equal(a, leaf.grad), f"grad {j}"
+
+
 @pytest.mark.parametrize("shape", [(5, 7), (2, 3, 7)], ids=["2d", "3d"])
 def test_plain_chain_linear_never_takes_the_device_body(monkeypatch, shape):
     # The eager fp32 activation chain is the naive chain under autograd. It must not run through

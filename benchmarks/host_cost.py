@@ -84,19 +84,6 @@ def _cases(device: str = "cpu"):
     ]
 
 
-def _cuda_launches(call) -> int:
-    """CUDA kernels one ``call()`` runs (torch.profiler)."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        call()
-        torch.cuda.synchronize()
-    return sum(1 for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA
-               and not event.name.startswith(("Memcpy", "Memset")))
-
-
 def measure(rounds: int, calls: int, device: str = "stub") -> list[dict]:
     """Median microseconds per call of every case on both paths, interleaved round by round;
     ``device`` "stub" (the stubbed driver, CPU tensors) or "cuda" (a GPU)."""
@@ -118,8 +105,11 @@ def measure(rounds: int, calls: int, device: str = "stub") -> list[dict]:
 
     for name, plans, call, launches, _torch in cases:  # compile, tune and record once
         call()
-        if cuda:
-            counted = _cuda_launches(call)
+        if cuda:  # the train grid's count: the CUDA kernels of one call, copies and sets not counted
+            sys.path.insert(0, str(Path(__file__).parent / "gpu"))
+            from train_grid import _profile_alone
+
+            counted, _ = _profile_alone(call)
         else:
             before = stubbed_cuda.launch_count()
             call()

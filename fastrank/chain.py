@@ -385,16 +385,32 @@ def _eager_plain(x: Tensor) -> bool:
     return x.dtype in _PLAIN_DTYPES and not _autocast_enabled(x) and not _traced(x)
 
 
-def _plain_half_on_cuda(x: Tensor, depth: int) -> bool:
-    """Whether a layer's eager fp16 / bf16 chain of ``depth`` factors on x runs as plain torch ops
-    under autograd (the naive chain, or the collapsed weight, as the cost model picks) instead of
-    the kernels: at depth 2 on CUDA. Measured on an NVIDIA H200 (2026-12-04, torch 2.11, Triton 3.6,
-    benchmarks/results/h200/README.md): bf16 train steps of OverparamLinear(d, d, depth=2) through
-    the kernels took 1.26-1.63x the better of the sequential chain and collapsed autograd at 6 of 8
-    shapes (d 64 / 256, B 1 / 64 / 1024 / 8192; every step host-bound, about 1 ms), where at depth 4
-    and 8 they met 1.1x at 7 of 10 (0.66-0.93x at five). The plain ops are cuBLAS GEMMs in the
-    half dtype: fp32 accumulation, one rounding per product, as the kernels round."""
-    return depth == 2 and x.is_cuda and x.dtype in _HALF_DTYPES and not _autocast_enabled(x) and not _traced(x)
+def _plain_half_on_cuda(x: Tensor, depth: int, widest: int) -> bool:
+    """Whether a layer's eager fp16 / bf16 train step on x, a chain of ``depth`` factors whose
+    widest dimension is ``widest``, runs as plain torch ops under autograd (the naive chain, or the
+    collapsed weight, as the cost model picks) instead of the kernels, on CUDA.
+
+    Measured on an NVIDIA H200 (2026-12-04, torch 2.11, Triton 3.6, bf16, OverparamLinear(d, d,
+    depth=L) at B 1 / 64 / 1024 / 8192, benchmarks/results/h200/README.md), against the better of
+    the sequential chain and collapsed autograd:
+
+    - Eager, where every step was host-bound (about 1 ms): at depth 2 the kernels took 1.26-1.63x
+      at 6 of 8 shapes (d 64 / 256), at depth 4 and 8 they met 1.1x at 7 of 10 (0.66-0.93x at
+      five). Depth 2 takes the plain ops.
+    - While the stream captures a CUDA graph (host cost paid once, device time decides): at d = 256
+      the kernels' replay took 1.15-1.33x at every shape (L 2 / 4 / 8), at d = 64 0.80-1.02x (L 2
+      and 4). Chains wider than the kernels' register-resident width
+      (``fastrank.kernels.chain.MAX_RESIDENT_WIDTH``, 64; wider ones stream through memory) take
+      the plain ops, narrower ones keep the kernels at every depth.
+
+    The plain ops are cuBLAS GEMMs in the half dtype: fp32 accumulation, one rounding per product,
+    as the kernels round.
+    """
+    if not x.is_cuda or x.dtype not in _HALF_DTYPES or _autocast_enabled(x) or _traced(x):
+        return False
+    if _CUDA_KERNELS is not None and torch._C._cuda_isCurrentStreamCapturing():
+        return widest > _CUDA_KERNELS.MAX_RESIDENT_WIDTH
+    return depth == 2
 
 
 def _plain_product(factors: Sequence[Tensor]) -> Tensor:

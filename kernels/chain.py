@@ -959,10 +959,18 @@ def _num_sms(device: torch.device) -> int:
     return _SM_COUNTS[index]
 
 
-def _split_counters(device: torch.device, count: int) -> Tensor | None:
-    """A zeroed int32 buffer of at least ``count`` counters for this device's current stream, or
-    None while that stream is capturing a CUDA graph and has none yet (allocating one there would
-    tie it to the graph's memory pool)."""
+def _split_counters(device: torch.device, count: int) -> Tensor:
+    """A zeroed int32 buffer of at least ``count`` counters for this device's current stream.
+
+    Eager launches on one stream share one buffer, allocated at the stream's first split launch.
+    While the stream captures a CUDA graph and has no buffer yet, each call gets a buffer of its
+    own, zeroed inside the graph (a memset node) and never shared: registering it would tie the
+    stream's eager launches, and every later graph captured on it, to this graph's memory pool,
+    whose zeros exist only once the graph has replayed. A capture thus takes the launches its
+    warm-up took on another stream (``torch.cuda.graph`` captures on a stream of its own): on an
+    H200 a fused backward that fell back to the composed kernels there, launching a config never
+    compiled or tuned in the warm-up, invalidated the capture of a depth-4, d = 64, B = 1 train
+    step (benchmarks/results/h200/README.md)."""
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         # the raw stream handle: torch.cuda.current_stream builds a Stream object per call
@@ -971,14 +979,18 @@ def _split_counters(device: torch.device, count: int) -> Tensor | None:
         key = (device, 0)
     counters = _SPLIT_COUNTERS.get(key)
     if counters is None or counters.numel() < count:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
         counters = torch.zeros(max(count, 1024), dtype=torch.int32, device=device)
-        _SPLIT_COUNTERS[key] = counters
+        if not _capturing(device):
+            _SPLIT_COUNTERS[key] = counters
     return counters
 
 
-def _split_counter_fetch(device: torch.device, count: int) -> Callable[[], Tensor | None]:
+def _capturing(device: torch.device) -> bool:
+    """Whether ``device``'s current stream is capturing a CUDA graph."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _split_counter_fetch(device: torch.device, count: int) -> Callable[[], Tensor]:
     """``_split_counters(device, count)`` as a launch plan's fetch of an external buffer: the
     current stream's counters looked up directly, the full function on a miss."""
     if device.type == "cuda":
@@ -1017,11 +1029,8 @@ def _launch_factor_grads(
     reference_tiles = tile_count(_SPLIT_REFERENCE_TILE, _SPLIT_REFERENCE_TILE)
     splits, split_rows = split_plan(M, reference_tiles, _num_sms(device), split_k)
     counter_count = tile_count(32, 32)  # 32: the smallest tile
-    counters = _split_counters(device, counter_count) if splits > 1 else None
-    if counters is None:
-        splits, split_rows = 1, M
     if splits > 1:
-        recorder.external(counters, _split_counter_fetch(device, counter_count))
+        counters = recorder.external(_split_counters(device, counter_count), _split_counter_fetch(device, counter_count))
         regions = sum(cdiv(g.shape[1] * i.shape[1], 16) * 16 for g, i in pairs)
         partials = recorder.empty(splits * regions, grads[0], torch.float32)
     else:  # never read; live fp32 and int32 pointers keep the launch's signature
@@ -1296,13 +1305,12 @@ def chain_matmul_backward(
     if replayed is not None:
         return replayed
     _check_backward(x, factors, grad_output)
-    counters = _split_counters(x.device, 1) if _fuses_backward(x, factors, precision) else None
-    if counters is None:  # not a narrow chain, or a CUDA graph capture without counters yet
+    if not _fuses_backward(x, factors, precision):
         return compose_chain_backward(x, factors, grad_output, needs_x, chain_matmul, chain_factor_grads)
 
     recorder = _BACKWARD_PLANS.recorder(key, (x, *factors, grad_output))
     device = x.device
-    recorder.external(counters, _split_counter_fetch(device, 1))
+    counters = recorder.external(_split_counters(device, 1), _split_counter_fetch(device, 1))
     grad_factors = [recorder.empty(f.shape, x) for f in factors]
     grad_x = recorder.empty(x.shape, x) if needs_x else None
     with device_guard(x):

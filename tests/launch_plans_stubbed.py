@@ -22,7 +22,8 @@ Every argument Triton's launcher received is compared, pointers by what they poi
 output j, or the call's n-th temporary, with the byte offset). Prints JSON: cases, mismatches.
 
 ``layers``: bf16 OverparamLinear train steps routed through the kernels as on CUDA; after two
-warm-up steps, the JIT calls and the kernel launches per step. Prints JSON: rows.
+warm-up steps, the JIT calls and the kernel launches per step, then of one step as a CUDA graph's
+capture sees it (a stream without split counters, capturing). Prints JSON: rows.
 """
 
 from __future__ import annotations
@@ -301,7 +302,7 @@ def _named(launch, kind, inputs, outputs):
 # (d, B, L) of the layers' train steps: an activation chain with the fused recomputing backward
 # (widths <= 64), one that keeps its intermediates (the reverse chain and the grouped factor
 # gradients), the collapsed product, and a chain of more factors than one launch takes.
-LAYER_SHAPES = ((64, 33, 4), (256, 64, 4), (128, 1024, 4), (64, 16, 10))
+LAYER_SHAPES = ((64, 33, 4), (64, 1, 4), (256, 64, 4), (128, 1024, 4), (64, 16, 10))
 
 
 def layers() -> dict:
@@ -323,6 +324,7 @@ def layers() -> dict:
     chain_ops._chain_factor_grads_body = lambda grads, inputs: chain.chain_factor_grads(grads, inputs)
     chain_ops._runs_kernels = chain.runs_on_chip
     chain_ops._recomputes_backward = chain.recomputes_backward
+    capturing = chain._capturing
     torch.set_num_threads(1)
     torch.manual_seed(0)
     rows = []
@@ -342,9 +344,20 @@ def layers() -> dict:
         jit, launches = _launch.jit_calls(), stubbed_cuda.launch_count()
         for _ in range(3):
             step()
+        steady_jit, steady_launches = _launch.jit_calls() - jit, stubbed_cuda.launch_count() - launches
+        # A CUDA graph's capture after that warm-up: torch.cuda.graph captures on a stream of its
+        # own, which has no split counters yet.
+        chain._SPLIT_COUNTERS.clear()
+        chain._capturing = lambda device: True
+        jit, launches = _launch.jit_calls(), stubbed_cuda.launch_count()
+        try:
+            step()
+        finally:
+            chain._capturing = capturing
         rows.append({"shape": f"d={d} B={batch} L={depth}", "collapsed": list(layer._path_choices.values()),
-                     "jit_calls_per_step": (_launch.jit_calls() - jit) / 3,
-                     "launches_per_step": (stubbed_cuda.launch_count() - launches) / 3})
+                     "jit_calls_per_step": steady_jit / 3, "launches_per_step": steady_launches / 3,
+                     "jit_calls_in_capture": _launch.jit_calls() - jit,
+                     "launches_in_capture": stubbed_cuda.launch_count() - launches})
     return {"rows": rows, "triton": stubbed_cuda._ACTIVE["triton"]}
 
 

@@ -436,6 +436,32 @@ def test_chain_matmul_backward_several_blocks_per_program(monkeypatch):
     assert_counters_reset()
 
 
+def test_split_launches_while_capturing_take_their_own_counters(monkeypatch):
+    # A CUDA graph's capture stream has no counters yet (torch.cuda.graph captures on a stream of
+    # its own): the split and fused launches still run as in the warm-up, each with a fresh zeroed
+    # buffer that no eager launch or other graph shares; the stream's shared buffer comes back after.
+    x, factors, grad = make_backward(33, [17, 40, 5, 33], torch.float16)
+    grads, inputs = make_grad_pairs(301, [17, 40, 5, 33], torch.float16, "contiguous")
+    eager_backward = chain_matmul_backward(x, factors, grad)
+    eager_grads = chain_factor_grads(grads, inputs, split_k=3)
+    monkeypatch.setattr(chain_kernels, "_SPLIT_COUNTERS", {})
+    monkeypatch.setattr(chain_kernels, "_capturing", lambda device: True)
+    composed = []
+    monkeypatch.setattr(chain_kernels, "compose_chain_backward", lambda *args: composed.append(args))
+    captured = [chain_kernels._split_counters(x.device, 8) for _ in range(2)]
+    assert captured[0].data_ptr() != captured[1].data_ptr() and not chain_kernels._SPLIT_COUNTERS
+    assert all(int(c.abs().sum()) == 0 for c in captured)
+    for again, before in ((chain_matmul_backward(x, factors, grad), eager_backward),
+                          (chain_factor_grads(grads, inputs, split_k=3), eager_grads)):
+        for j, (a, b) in enumerate(zip(again, before)):
+            assert torch.equal(a, b), f"result {j} differs while capturing"
+    assert not composed, "the fused backward fell back to the composed kernels while capturing"
+    assert not chain_kernels._SPLIT_COUNTERS, "a capture registered its counters for the stream"
+    monkeypatch.setattr(chain_kernels, "_capturing", lambda device: False)
+    shared = chain_kernels._split_counters(x.device, 8)
+    assert chain_kernels._split_counters(x.device, 8) is shared
+
+
 def test_chain_matmul_backward_fp32_ieee_fuses_narrow_chains_only(monkeypatch):
     # TF32 off: FMA tiles in registers, fused up to MAX_BACKWARD_WIDTH_IEEE, composed above.
     monkeypatch.setattr(chain_kernels, "cuda_matmul_allows_tf32", lambda: False)

@@ -118,6 +118,81 @@ def test_half_depth_two_layers_train_through_plain_ops(launches, dtype, batch):
     assert launches["_launch_chain"] >= 1, f"no chain kernel at depth 3: {dict(launches)}"
 
 
+def _train_step_from_a_cuda_graph(layer, x):
+    """One train step of ``layer`` on ``x`` (a summed square loss) captured in a CUDA graph after
+    three warm-up steps on a side stream (as torch.cuda.graphs documents) and replayed once.
+    Returns the gradients of x and of every parameter, and the calls of the chain launchers
+    (``fastrank.kernels.chain``) and of Triton's JIT path during the capture."""
+    from fastrank.kernels import _launch
+    from fastrank.kernels import chain as chain_kernels
+
+    params = list(layer.parameters())
+
+    def step():
+        for p in params:
+            p.grad = None
+        x.grad = None
+        layer(x).float().square().sum().backward()
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    calls = Counter()
+    originals = {name: getattr(chain_kernels, name)
+                 for name in ("chain_matmul", "chain_factor_grads", "chain_matmul_backward")}
+
+    def counted(name):
+        def launcher(*args, **kwargs):
+            calls[name] += 1
+            return originals[name](*args, **kwargs)
+        return launcher
+
+    graph = torch.cuda.CUDAGraph()
+    jit = _launch.jit_calls()
+    try:
+        for name in originals:
+            setattr(chain_kernels, name, counted(name))
+        with torch.cuda.graph(graph):
+            step()
+    finally:
+        for name, original in originals.items():
+            setattr(chain_kernels, name, original)
+    calls["jit"] = _launch.jit_calls() - jit
+    graph.replay()
+    torch.cuda.synchronize()
+    return [x.grad.clone()] + [p.grad.clone() for p in params], calls
+
+
+@pytest.mark.parametrize(
+    ("d", "batch", "depth"),
+    [(64, 1, 4), (64, 1024, 4), (48, 5, 2), (256, 64, 4), (256, 1024, 8)],
+    ids=["d64-B1-L4-fused-backward", "d64-B1024-L4-collapsed", "d48-B5-L2", "d256-B64-L4", "d256-B1024-L8"],
+)
+def test_half_layers_train_from_cuda_graphs(d, batch, depth):
+    # A capture takes the launches its warm-up took (split counters of its own: on an H200 the
+    # d=64, B=1, L=4 capture was invalidated), and fastrank.chain._plain_half_on_cuda routes it by
+    # device time: the kernels up to their register-resident width (64), cuBLAS through autograd
+    # above. The replayed gradients equal the fp64 chain's within bf16 rounding.
+    dtype = torch.bfloat16
+    torch.manual_seed(0)
+    layer = fastrank.OverparamLinear(d, d, depth=depth).to("cuda", dtype)
+    reference = copy.deepcopy(layer).double()
+    x = torch.randn(batch, d, device="cuda", dtype=dtype, requires_grad=True)
+    grads, calls = _train_step_from_a_cuda_graph(layer, x)
+    kernels = calls["chain_matmul"] + calls["chain_factor_grads"] + calls["chain_matmul_backward"]
+    assert calls["jit"] == 0, f"JIT launches inside the capture: {dict(calls)}"
+    assert (kernels > 0) == (d <= 64), f"chain launchers called in the capture: {dict(calls)}"
+    xr = x.detach().double().requires_grad_(True)
+    reference(xr).square().sum().backward()
+    expected = [xr.grad] + [p.grad for p in reference.parameters()]
+    names = ["x"] + [name for name, _ in layer.named_parameters()]
+    for name, got, want in zip(names, grads, expected):
+        assert_close(got, want, dtype, max(d, batch), steps=2 * depth + 2, what=f"grad {name} replayed")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_chain_linear_grads_on_cuda(dtype):
     # fastrank.chain_linear's activation chain at widths the chain kernel takes (fp32: the naive

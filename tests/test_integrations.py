@@ -28,12 +28,14 @@ def _batches():
     return [(x[i : i + 8], y[i : i + 8]) for i in range(0, 40, 8)]  # 5 batches an epoch
 
 
-def _hand_run(net, epochs, every, embeddings=("1",)):
+def _hand_run(net, epochs, every, embeddings=("1",), device="cpu"):
     """The same training as the Lightning module below, stepped by hand with a RankTracker."""
+    net = net.to(device)
     tracker = RankTracker(net, embeddings=embeddings, every=every)
     opt = torch.optim.SGD(net.parameters(), lr=0.05)
     for _ in range(epochs):
         for x, y in _batches():
+            x, y = x.to(device), y.to(device)
             opt.zero_grad()
             nn.functional.mse_loss(net(x), y).backward()
             opt.step()
@@ -44,7 +46,7 @@ def _hand_run(net, epochs, every, embeddings=("1",)):
 # ---- Lightning -------------------------------------------------------------------------------
 
 
-def _lightning_fit(tmp_path, net, callback, epochs, checkpoint=None, validate=False):
+def _lightning_fit(tmp_path, net, callback, epochs, checkpoint=None, validate=False, accelerator="cpu"):
     """``Trainer.fit`` of ``net`` on ``_batches()`` with SGD; returns the logger (``logged``: every
     ``(step, metrics)`` the Trainer sent). ``checkpoint``: run ``net[:3]`` (the embeddings measured
     and the over-parameterized layer) under ``torch.utils.checkpoint``, "reentrant" or
@@ -89,7 +91,7 @@ def _lightning_fit(tmp_path, net, callback, epochs, checkpoint=None, validate=Fa
     logger = MemoryLogger()
     validation = dict(num_sanity_val_steps=2, val_check_interval=2) if validate else dict(limit_val_batches=0)
     trainer = pl.Trainer(
-        max_epochs=epochs, logger=logger, callbacks=[callback], accelerator="cpu", devices=1,
+        max_epochs=epochs, logger=logger, callbacks=[callback], accelerator=accelerator, devices=1,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         default_root_dir=tmp_path, **validation,
     )
@@ -112,14 +114,20 @@ def _assert_same_history(history, expected, prefix, offset=1):
             assert got[key] == pytest.approx(want[key], rel=1e-9), (got["step"], got["name"], key)
 
 
-def test_lightning_fit_logs_what_a_hand_run_tracker_measures(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_lightning_fit_logs_what_a_hand_run_tracker_measures(tmp_path, device):
+    # With validation every 2 batches; on CUDA the background tracker measures on a stream of its
+    # own, the hand run's in the loop's stream.
     pytest.importorskip("lightning.pytorch")
     from fastrank.integrations.lightning import RankCallback
 
     net = _net()
-    expected = _hand_run(copy.deepcopy(net), epochs=3, every=4)
+    expected = _hand_run(copy.deepcopy(net), epochs=3, every=4, device=device)
     callback = RankCallback(embeddings=("net.1",), every=4, background=True)
-    logger = _lightning_fit(tmp_path, net, callback, epochs=3)
+    logger = _lightning_fit(tmp_path, net, callback, epochs=3, validate=True,
+                            accelerator="gpu" if device == "cuda" else "cpu")
+    assert sum("val_loss" in metrics for _, metrics in logger.logged) == 3 * 2  # validation ran: 2 an epoch
     history = callback.tracker.history
     # 15 batches, measured at batches 0, 4, 8, 12: one embedding and four weights each
     assert len({row["step"] for row in history}) == 4

@@ -163,3 +163,46 @@ def test_trainer_with_its_default_fused_adamw_evaluates_and_ranks_the_trained_mo
         assert all(row["samples"] == _BATCH * _LENGTH for row in rows), [row["samples"] for row in rows]
     for got, want in zip(*([row for row in h if row["name"] == "model.layers.1"] for h in (fused_history, hand_history))):
         assert got["effective_rank"] == pytest.approx(want["effective_rank"], rel=1e-5)
+
+
+# ---- CUDA: half-precision layers under CUDA's fused AdamW ------------------------------------
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fused_adamw_on_cuda_trains_and_evaluates_half_layers():
+    # bf16 layers of depth 2 (cuBLAS under autograd: fastrank.chain._plain_half_on_cuda) and of
+    # depth 3 (the kernels), trained by CUDA's fused AdamW (which bumps no version counter) with an
+    # evaluation after every step: each step's gradients are the fp64 chain's at the same
+    # parameters, and each evaluation, the second served from the collapse cache, is that of the
+    # updated weights.
+    from tolerance import assert_close
+
+    dtype = torch.bfloat16
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        fastrank.OverparamLinear(48, 64, depth=2), nn.Tanh(), fastrank.OverparamLinear(64, 40, depth=3)
+    ).to("cuda", dtype)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05, fused=True)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    held_out = torch.randn(7, 48, device="cuda", generator=gen).to(dtype)
+    for step in range(4):
+        x = torch.randn(33, 48, device="cuda", generator=gen).to(dtype)
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        reference = copy.deepcopy(model).double()
+        model(x).float().square().mean().backward()
+        reference(x.double()).square().mean().backward()
+        for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+            assert_close(p.grad, q.grad, dtype, 64, steps=8, what=f"step {step}: grad {name}")
+        opt.step()
+        model.eval()
+        with torch.no_grad():
+            served = [model(held_out) for _ in range(2)]
+            fresh = held_out
+            for module in model:
+                if isinstance(module, fastrank.OverparamLinear):
+                    fresh = torch.nn.functional.linear(fresh, *module.collapsed_parameters())
+                else:
+                    fresh = module(fresh)
+        for got in served:
+            assert torch.equal(got, fresh), f"step {step}: evaluation off by {(got - fresh).abs().max():.3e}"

@@ -7,7 +7,7 @@ The cases are fastrank.bench.chain.chain_kernel_cases(), the ones `fastrank benc
 runs beside the chain suite: for every width d, batch B, chain length L and dtype, the Triton chain
 kernel (every intermediate, or only the last) against one torch.matmul per factor (the baseline)
 and torch.compile of that loop; then a collapsed train step's d x d work in bf16, each against one
-torch.matmul per factor: the weight chain W_1^T through L - 1 factors with every prefix product
+torch.matmul per factor: the weight chain W_L through L - 1 transposed factors with every partial product
 (d = 256 L = 4, d = 256 L = 8, d = 1024 L = 4), the grouped factor gradients (d = 256 and 1024,
 M = d, L = 4), each also replayed from a CUDA graph (device time without launch costs); and the narrow activation chain's train step (x W_1^T ... W_L^T and every gradient;
 d = 64 B = 64 L = 4, d = 64 B = 1024 L = 4, d = 32 B = 256 L = 8, d = 256 B = 1024 L = 4) with its

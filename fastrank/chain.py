@@ -8,8 +8,8 @@ Everything an over-parameterized layer computes is built on one primitive, the *
 returning the intermediates ``[X_1, ..., X_k]``. It serves three purposes:
 
 * the activation chain of a layer ``W = W_L ... W_1``: ``x`` through ``W_1 .. W_L``;
-* the collapsed weight: ``W_1^T`` through ``W_2 .. W_L`` gives ``P^T``, and its intermediates are the
-  (transposed) prefix products ``(W_j ... W_1)^T`` that the backward of the collapsed form needs;
+* the collapsed weight: ``W_L`` through ``W_{L-1}^T .. W_1^T`` gives ``P = W_L ... W_1``, and its
+  intermediates are the partial products ``W_L ... W_j`` that the backward of the collapsed form needs;
 * the backward itself: the gradient runs the reverse chain through ``W_L^T .. W_1^T``, and the factor
   gradients are the group of products ``dF_j = G_j^T X_{j-1}`` (:func:`chain_factor_grads`).
 
@@ -321,11 +321,24 @@ def _chain_backward(saved, k, return_all, grad_outputs, needs_x, needs_factor):
     grad_factors = None
     if any(needs_factor):
         pairs = [(j, grads_x[j + 1]) for j in range(k) if needs_factor[j] and grads_x[j + 1] is not None]
-        products = chain_factor_grads([g for _, g in pairs], [inputs[j] for j, _ in pairs])
+        # dF_j = dX_j^T X_{j-1}; for a factor that is a transposed view (column-major) the grouped
+        # launch forms dF_j^T = X_{j-1}^T dX_j instead and returns its transpose, so that the
+        # gradient has the factor's layout, as torch's mm backward gives it (AccumulateGrad copies
+        # a gradient whose strides differ from its parameter's).
+        flipped = [_column_major(factors[j]) for j, _ in pairs]
+        products = chain_factor_grads(
+            [inputs[j] if flip else g for (j, g), flip in zip(pairs, flipped)],
+            [g if flip else inputs[j] for (j, g), flip in zip(pairs, flipped)],
+        )
         grad_factors = [None] * k
-        for (j, _), product in zip(pairs, products):
-            grad_factors[j] = product
+        for (j, _), flip, product in zip(pairs, flipped, products):
+            grad_factors[j] = product.T if flip else product
     return grad_x, grad_factors
+
+
+def _column_major(t: Tensor) -> bool:
+    """Whether the 2-D ``t`` is a transposed view of a contiguous matrix (and not contiguous itself)."""
+    return t.stride(0) == 1 and t.stride(1) == t.shape[0] and not t.is_contiguous()
 
 
 _chain_matmul_op.register_autograd(_chain_matmul_backward, setup_context=_chain_matmul_setup_context)
@@ -572,9 +585,14 @@ def collapsed_weight(factors: Sequence[Tensor]) -> Tensor:
         return factors[0]
     if _eager_plain(factors[0]):
         return _plain_product(factors)
-    # Under autograd the prefix products are kept for the backward instead of recomputed.
+    # The chain starts at the output side, X_0 = W_L, and takes W_{L-1} .. W_1 as transposed views
+    # (X_j = X_{j-1} W_{L-j}): its last output is the product itself, W_L's gradient comes back as
+    # dX_0 in W_L's layout and the others as transposed products in theirs (_chain_backward), so
+    # autograd copies none of them. Started at W_1^T, W_1's gradient came back transposed and
+    # AccumulateGrad copied it: one more launch in every collapsed train step. Under autograd the
+    # partial products are kept for the backward instead of recomputed.
     keep = torch.is_grad_enabled() and any(f.requires_grad for f in factors)
-    return chain_matmul(factors[0].T, factors[1:], return_all=keep)[-1].T
+    return chain_matmul(factors[-1], [f.T for f in reversed(factors[:-1])], return_all=keep)[-1]
 
 
 def chain_costs(

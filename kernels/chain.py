@@ -44,7 +44,7 @@ Memory layouts (what makes the global loads vectorized)
     factor-gradient kernel, pipelines the loads with ``cp.async``. Each tile is loaded in the
     orientation that is contiguous in memory and transposed in registers (``tl.trans``) where the
     dot wants the other one. The layers only pass row-major tensors and their transposed views
-    (``W_1^T``, the reverse chain's ``F^T``, ``dP^T``), so the launchers pack only the rare operand
+    (the weight chain's ``W_j^T``, the reverse chain's ``F^T``), so the launchers pack only the rare operand
     with neither stride equal to 1 (``.contiguous()``, one copy, cheaper than compiling every config
     once more for general strides). Chain: one flag for x, one for all factors of a launch (a launch
     mixing layouts packs its minority layout); factor gradients: two bits per member, and the

@@ -141,8 +141,8 @@ KERNELS: dict[str, KernelSpec] = {
             # _resident_block(widths): size_bucket(widest) up to MAX_RESIDENT_WIDTH, else 0 (streamed,
             # up to MAX_ONCHIP_WIDTH; fp32 "ieee" stops at MAX_ONCHIP_WIDTH_IEEE = 64)
             "BLOCK_N": (16, 32, 64, 0),
-            # x row-major / a transposed view (the weight chain's W_1^T, the backward's dP^T);
-            # factors row-major / transposed views (the backward's reverse chain)
+            # x row-major / a transposed view (a caller's); factors row-major / transposed views
+            # (the weight chain's W_j^T, the activation chain's reverse chain)
             "X_ROWS_CONTIGUOUS": (False, True),
             "FACTORS_TRANSPOSED": (False, True),
             "RETURN_ALL": (True, False),
@@ -165,9 +165,9 @@ KERNELS: dict[str, KernelSpec] = {
               "layouts": "i32", "NUM_GROUPS": "i32"},
         dtypes=("fp32", "fp16", "bf16"),
         constexprs={
-            # 1: every member row-major (the activation chain's backward); 7: row-major members plus
-            # X_0 = W_1^T and G_k = dP^T as transposed views (the weight chain's backward): three
-            # tile loops in one kernel. Other combinations compile the same loops.
+            # 1: every member row-major (the layers' backward); 7: row-major members plus
+            # transposed views (a caller's): three tile loops in one kernel. Other combinations
+            # compile the same loops.
             "LAYOUTS": (1, 7),
             "SPLIT_K": (False, True),
             "ELEMENT_SIZE": {"fp32": (4,), "fp16": (2,), "bf16": (2,)},

@@ -22,8 +22,9 @@ Every argument Triton's launcher received is compared, pointers by what they poi
 output j, or the call's n-th temporary, with the byte offset). Prints JSON: cases, mismatches.
 
 ``layers``: bf16 OverparamLinear train steps routed through the kernels as on CUDA; after two
-warm-up steps, the JIT calls and the kernel launches per step, then of one step as a CUDA graph's
-capture sees it (a stream without split counters, capturing). Prints JSON: rows.
+warm-up steps, the JIT calls, kernel launches and gradient copies per step, then the JIT calls and
+launches of one step as a CUDA graph's capture sees it (a stream without split counters,
+capturing). Prints JSON: rows.
 """
 
 from __future__ import annotations
@@ -305,6 +306,16 @@ def _named(launch, kind, inputs, outputs):
 LAYER_SHAPES = ((64, 33, 4), (64, 1, 4), (256, 64, 4), (128, 1024, 4), (64, 16, 10))
 
 
+def _within_accumulate_grad(event) -> bool:
+    """Whether a profiler event ran inside autograd's AccumulateGrad."""
+    parent = event.cpu_parent
+    while parent is not None:
+        if "AccumulateGrad" in parent.name:
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
 def layers() -> dict:
     """bf16 ``OverparamLinear(d, d, depth=L)`` train steps routed as on CUDA (every chain op's body
     the Triton launcher, whatever the tensors' device) on the stubbed driver: after two warm-up
@@ -345,6 +356,11 @@ def layers() -> dict:
         for _ in range(3):
             step()
         steady_jit, steady_launches = _launch.jit_calls() - jit, stubbed_cuda.launch_count() - launches
+        # Gradients AccumulateGrad copies in a step (on CUDA a launch each): those whose strides
+        # differ from their parameter's.
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiled:
+            step()
+        copies = sum(event.name == "aten::copy_" and _within_accumulate_grad(event) for event in profiled.events())
         # A CUDA graph's capture after that warm-up: torch.cuda.graph captures on a stream of its
         # own, which has no split counters yet.
         chain._SPLIT_COUNTERS.clear()
@@ -356,7 +372,7 @@ def layers() -> dict:
             chain._capturing = capturing
         rows.append({"shape": f"d={d} B={batch} L={depth}", "collapsed": list(layer._path_choices.values()),
                      "jit_calls_per_step": steady_jit / 3, "launches_per_step": steady_launches / 3,
-                     "jit_calls_in_capture": _launch.jit_calls() - jit,
+                     "copies_per_step": copies, "jit_calls_in_capture": _launch.jit_calls() - jit,
                      "launches_in_capture": stubbed_cuda.launch_count() - launches})
     return {"rows": rows, "triton": stubbed_cuda._ACTIVE["triton"]}
 

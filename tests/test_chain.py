@@ -286,6 +286,31 @@ def test_collapsed_weight_is_product():
     assert collapsed_weight(factors[:1]) is factors[0]
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16], ids=["fp64", "fp16"])
+def test_collapsed_weight_gradients_arrive_in_each_factor_layout(monkeypatch, dtype):
+    # collapsed_weight's chain through the op's autograd formula, as on CUDA where its body is the
+    # kernel: X_0 = W_L, then W_{L-1}^T .. W_1^T as views. Each factor's gradient reaches it in the
+    # factor's own layout (AccumulateGrad copies any other, a launch on CUDA) and equals the naive
+    # product's.
+    monkeypatch.setattr(chain_mod, "_runs_kernels", lambda x, factors: True)
+    monkeypatch.setattr(chain_mod, "_eager_plain", lambda x: False)
+    _, factors = make_chain(1, [6, 4, 5, 3], dtype, seed=3)
+    leaves = [f.requires_grad_(True) for f in factors]
+    arriving = {}
+    for j, leaf in enumerate(leaves):
+        leaf.register_hook(lambda grad, j=j: arriving.__setitem__(j, grad.stride()))
+    grad = torch.randn(3, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    weight = collapsed_weight(leaves)
+    assert weight.shape == (3, 6) and weight.is_contiguous()
+    weight.backward(grad.to(dtype))
+    wide = [f.detach().double().requires_grad_(True) for f in factors]
+    (wide[2] @ wide[1] @ wide[0]).backward(grad)
+    assert_close(weight, (wide[2] @ wide[1] @ wide[0]).detach(), dtype, 5, steps=2, what="product")
+    for j, (leaf, reference) in enumerate(zip(leaves, wide)):
+        assert arriving[j] == leaf.stride(), f"W_{j + 1}: gradient strides {arriving[j]}, parameter {leaf.stride()}"
+        assert_close(leaf.grad, reference.grad, dtype, 5, steps=4, what=f"grad W_{j + 1}")
+
+
 def test_import_and_use_without_triton():
     # Triton is optional: with it missing, fastrank imports and runs its torch paths.
     import subprocess

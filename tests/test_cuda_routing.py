@@ -295,11 +295,15 @@ def _device_activities_of_one_train_step(module: nn.Module, x: torch.Tensor) -> 
     return sum(1 for event in prof.events() if event.device_type.name == "CUDA")
 
 
-def test_train_step_launches_at_most_three_more_than_nn_linear():
-    # On an H100 (2026-11-26, bf16): 14 device activities against nn.Linear's 12 (the chain kernel
-    # forward and backward, the grouped factor gradients); 26 before the streamed chain kernel.
+@pytest.mark.parametrize("batch", [64, 4096], ids=["activation-chain", "collapsed"])
+def test_train_step_launches_at_most_three_more_than_nn_linear(batch):
+    # On an H100 (2026-11-26, bf16, B = 64): 14 device activities against nn.Linear's 12 (the chain
+    # kernel forward and backward, the grouped factor gradients); 26 before the streamed chain
+    # kernel. The collapsed form: the weight chain, its reverse chain and the grouped factor
+    # gradients (on an H200, 2026-12-04, 16 kernels against 12 at B = 1024, one of them
+    # AccumulateGrad's copy of W_1's transposed gradient, since removed).
     torch.manual_seed(0)
-    x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(batch, 256, device="cuda", dtype=torch.bfloat16)
     plain = _device_activities_of_one_train_step(nn.Linear(256, 256).to("cuda", torch.bfloat16), x)
     layer = fastrank.OverparamLinear(256, 256, depth=4).to("cuda", torch.bfloat16)
     chain = _device_activities_of_one_train_step(layer, x)

@@ -93,6 +93,8 @@ def test_layer_train_steps_replay_every_launch(python):
     for row in result["rows"]:
         assert row["launches_per_step"] >= 1, f"Triton {result['triton']}: {row}: no kernel ran"
         assert row["jit_calls_per_step"] == 0, f"Triton {result['triton']}: {row}: JIT calls in a steady loop"
+        # Every gradient comes in its parameter's layout: AccumulateGrad copies none (a launch each).
+        assert row["copies_per_step"] == 0, f"Triton {result['triton']}: {row}: copies in a step"
         # A graph captures what its warm-up ran: a JIT call there could compile or autotune (which
         # synchronizes) inside the capture.
         assert row["jit_calls_in_capture"] == 0, f"Triton {result['triton']}: {row}: JIT calls in a capture"

@@ -14,7 +14,7 @@ training and in eval), and ``OverparamConv2d`` against ``nn.Conv2d`` in eval at 
 
 :func:`chain_kernel_cases` (CUDA): the Triton chain kernel (``fastrank.kernels.chain.chain_matmul``)
 against one ``torch.matmul`` per factor and ``torch.compile`` of that loop; the d x d work of a
-collapsed train step (the weight chain with its prefix products, the grouped factor gradients)
+collapsed train step (the weight chain with its partial products, the grouped factor gradients)
 against one ``torch.matmul`` per factor, each also replayed from a CUDA graph (the device's time
 without the host's launch costs); the narrow activation chain's train step (forward and
 backward) with its intermediates kept or recomputed (the fused backward kernel) against autograd
@@ -465,8 +465,8 @@ def chain_kernel_cases(
     length 4, bf16 and fp32.
 
     With bf16 among ``dtypes`` it adds a collapsed train step's d x d work, each against one
-    ``torch.matmul`` per factor: the weight chain with all prefix products (``chain_matmul`` of
-    ``W_1^T`` through L - 1 factors; d, L in (256, 4), (256, 8), (1024, 4)) and the grouped factor
+    ``torch.matmul`` per factor: the weight chain with all partial products (``chain_matmul`` of
+    ``W_L`` through L - 1 transposed factors; d, L in (256, 4), (256, 8), (1024, 4)) and the grouped factor
     gradients (L = 4 products of (d, d) operands, M = d; d in 256, 1024). ``quick`` keeps d = 256, L = 4.
     """
     widths = widths or ((256, 1024) if quick else (256, 1024, 4096))
@@ -611,15 +611,15 @@ def _with_graphs(variants: dict) -> dict:
 
 
 def _weight_chain_case(d: int, length: int, repeats: int) -> Case:
-    """The forward of a collapsed OverparamLinear(d, d, depth=L): ``W_1^T`` (a transposed view, as
-    ``collapsed_weight`` passes it) through ``W_2 .. W_L``, keeping every prefix product."""
+    """The forward of a collapsed OverparamLinear(d, d, depth=L) as ``collapsed_weight`` runs it:
+    ``W_L`` through ``W_{L-1} .. W_1`` as transposed views, keeping every partial product."""
     flops = 2.0 * d * d * d * (length - 1)
 
     def setup() -> Prepared:
         from ..kernels.chain import chain_matmul
 
-        first, *rest = _square_factors(d, length, seed=0)
-        x = first.T
+        *first, last = _square_factors(d, length, seed=0)
+        x, rest = last, [f.T for f in reversed(first)]
 
         def reference():
             return _sequential_matmuls(x.double(), [f.double() for f in rest])
@@ -636,7 +636,7 @@ def _weight_chain_case(d: int, length: int, repeats: int) -> Case:
     path = "one launch" if d <= _onchip_width() else "one matmul per step (wider than the kernel's limit)"
     return _kernel_case(
         f"weight chain bf16 d={d} L={length}",
-        f"x=W_1^T ({d}, {d}), {length - 1} factors {d}x{d}, all prefix products",
+        f"x=W_L ({d}, {d}), {length - 1} transposed factors {d}x{d}, all partial products",
         WEIGHT_CHAIN_VARIANTS, setup, flops, repeats,
         f"chain_matmul path: {path}; against {length - 1} cuBLAS calls",
     )

@@ -300,10 +300,12 @@ def _named(launch, kind, inputs, outputs):
             launch["metadata"], walk(launch["arguments"], kind))
 
 
-# (d, B, L) of the layers' train steps: an activation chain with the fused recomputing backward
-# (widths <= 64), one that keeps its intermediates (the reverse chain and the grouped factor
-# gradients), the collapsed product, and a chain of more factors than one launch takes.
-LAYER_SHAPES = ((64, 33, 4), (64, 1, 4), (256, 64, 4), (128, 1024, 4), (64, 16, 10))
+# (d, B, L) of the layers' train steps: activation chains with the fused recomputing backward
+# (widths <= 64; B = 1 the H200 capture that failed), one that keeps its intermediates (the
+# reverse chain and the grouped factor gradients), collapsed products (the register-resident and
+# the streamed weight chain, at depth 4 and 8), and a chain of more factors than
+# one launch takes.
+LAYER_SHAPES = ((64, 33, 4), (64, 1, 4), (256, 64, 4), (128, 1024, 4), (64, 8192, 4), (256, 8192, 8), (64, 16, 10))
 
 
 def _within_accumulate_grad(event) -> bool:

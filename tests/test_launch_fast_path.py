@@ -99,7 +99,7 @@ def test_layer_train_steps_replay_every_launch(python):
         # synchronizes) inside the capture.
         assert row["jit_calls_in_capture"] == 0, f"Triton {result['triton']}: {row}: JIT calls in a capture"
         assert row["launches_in_capture"] == row["launches_per_step"], f"Triton {result['triton']}: {row}"
-    assert [row["collapsed"] for row in result["rows"]] == [[False], [False], [False], [True], [False]], result
+    assert [row["collapsed"] for row in result["rows"]] == [[False]] * 3 + [[True]] * 3 + [[False]], result
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

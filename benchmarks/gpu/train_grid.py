@@ -13,7 +13,8 @@ of the whole step (backward included; captured after three calls on a side strea
 
 One row per (shape, variant, mode):
 
-- ``wall_ms``: median host time per step, synchronized after each step, with its quartiles;
+- ``wall_ms``: median host time per step, synchronized after each step, with its quartiles, from
+  rounds of one step of every variant and mode (the order rotated each round);
 - ``span_us``: CUDA events around back-to-back steps, per step (the stream's time, gaps included);
 - ``device_us``: the sum of the step's CUDA kernel times, and ``launches``: the number of CUDA
   kernels one step runs, memory copies and sets not counted (torch.profiler: one profiled step of
@@ -104,30 +105,42 @@ def _repeats(step: Callable[[], None], device: str) -> int:
     return max(MIN_REPEATS, min(MAX_REPEATS, int(TIMED_SECONDS / max(seconds, 1e-6))))
 
 
-def _timings(step: Callable[[], None], device: str, repeats: int) -> dict:
-    """Median and quartiles of the synchronized host time per step; on CUDA also the events' span
-    of ``repeats`` back-to-back steps, per step."""
-    times = []
+def _interleaved_wall(steps: dict, device: str, repeats: int) -> dict:
+    """Synchronized host times of ``repeats`` rounds of one step of every entry of ``steps`` (key
+    -> warm step), each round starting one entry later than the one before, so that the host's
+    drift over the shape (on an H200 a training loop's step time moved by 12% between two loops)
+    falls on every variant alike. Returns key -> {"repeats", "wall_ms", "wall_ms_quartiles"}, and
+    ``jit_calls_per_step`` where the launchers count their JIT calls."""
+    keys = list(steps)
+    times = {key: [] for key in keys}
+    jit = {key: 0 for key in keys}
+    for index in range(repeats):
+        for key in keys[index % len(keys):] + keys[: index % len(keys)]:
+            before = _jit_calls()
+            start = time.perf_counter()
+            steps[key]()
+            _sync(device)
+            times[key].append(time.perf_counter() - start)
+            if before is not None:
+                jit[key] += _jit_calls() - before
+    results = {}
+    for key, seconds in times.items():
+        results[key] = {"repeats": repeats, "wall_ms": statistics.median(seconds) * 1e3,
+                        "wall_ms_quartiles": [_quantile(seconds, 0.25) * 1e3, _quantile(seconds, 0.75) * 1e3]}
+        if _jit_calls() is not None:
+            results[key]["jit_calls_per_step"] = jit[key] / repeats
+    return results
+
+
+def _span_us(step: Callable[[], None], repeats: int) -> float:
+    """CUDA events around ``repeats`` back-to-back steps, per step (microseconds)."""
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
     for _ in range(repeats):
-        start = time.perf_counter()
         step()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    result = {
-        "repeats": repeats,
-        "wall_ms": statistics.median(times) * 1e3,
-        "wall_ms_quartiles": [_quantile(times, 0.25) * 1e3, _quantile(times, 0.75) * 1e3],
-        "span_us": None,
-    }
-    if device == "cuda":
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        for _ in range(repeats):
-            step()
-        end.record()
-        end.synchronize()
-        result["span_us"] = begin.elapsed_time(end) * 1e3 / repeats
-    return result
+    end.record()
+    end.synchronize()
+    return begin.elapsed_time(end) * 1e3 / repeats
 
 
 def attribute_kernels(windows: Sequence[tuple[float, float]],
@@ -244,7 +257,7 @@ def measure_shape(dtype_name: str, d: int, batch: int, depth: int, device: str, 
                "collapsed autograd": _CollapsedAutograd(layer), "nn.Linear": linear}
     modes = (EAGER, GRAPH) if device == "cuda" else (EAGER,)
     shape = {"dtype": dtype_name, "d": d, "B": batch, "L": depth, "shape": f"B={batch} d={d} L={depth}"}
-    rows, steps = [], {}
+    rows, steps, by_key = [], {}, {}
     for variant, module in modules.items():
         for mode in modes:
             row = {**context, **shape, "variant": variant, "mode": mode,
@@ -257,14 +270,17 @@ def measure_shape(dtype_name: str, d: int, batch: int, depth: int, device: str, 
                 for _ in range(3):
                     step()
                 _sync(device)
-                before = _jit_calls()
-                row.update(_timings(step, device, _repeats(step, device)))
-                if before is not None:  # _timings ran 2 x repeats steps on CUDA (wall, then span)
-                    timed = row["repeats"] * (2 if device == "cuda" else 1)
-                    row["jit_calls_per_step"] = (_jit_calls() - before) / timed
-                steps[(variant, mode)] = step
+                steps[(variant, mode)], by_key[(variant, mode)] = step, row
             except Exception as error:  # a variant that fails is a row, not the end of the grid
                 row["error"] = f"{type(error).__name__}: {error}"[:400]
+    if steps:
+        # As many rounds as the slowest step allows within its ~TIMED_SECONDS.
+        repeats = min(_repeats(step, device) for step in steps.values())
+        for key, timing in _interleaved_wall(steps, device, repeats).items():
+            by_key[key].update(timing)
+        if device == "cuda":
+            for key, step in steps.items():
+                by_key[key]["span_us"] = _span_us(step, repeats)
     unattributed = None
     if device == "cuda" and steps:
         try:

@@ -398,32 +398,27 @@ def _eager_plain(x: Tensor) -> bool:
     return x.dtype in _PLAIN_DTYPES and not _autocast_enabled(x) and not _traced(x)
 
 
-def _plain_half_on_cuda(x: Tensor, depth: int, widest: int) -> bool:
-    """Whether a layer's eager fp16 / bf16 train step on x, a chain of ``depth`` factors whose
-    widest dimension is ``widest``, runs as plain torch ops under autograd (the naive chain, or the
-    collapsed weight, as the cost model picks) instead of the kernels, on CUDA.
+def _plain_half_on_cuda(x: Tensor, depth: int) -> bool:
+    """Whether a layer's eager fp16 / bf16 train step on x, a chain of ``depth`` factors, runs as
+    plain torch ops under autograd (the naive chain, or the collapsed weight, as the cost model
+    picks) instead of the kernels, on CUDA: at depth 2.
 
     Measured on an NVIDIA H200 (2026-12-04, torch 2.11, Triton 3.6, bf16, OverparamLinear(d, d,
-    depth=L) at B 1 / 64 / 1024 / 8192, benchmarks/results/h200/README.md), against the better of
-    the sequential chain and collapsed autograd:
+    depth=L) at d 64 / 256, B 1 / 64 / 1024 / 8192, benchmarks/results/h200/README.md), against the
+    better of the sequential chain and collapsed autograd, every step host-bound (about 1 ms): at
+    depth 2 the kernels took 1.26-1.63x at 6 of 8 shapes, at depth 4 and 8 they met 1.1x at 7 of
+    10 (0.66-0.93x at five).
 
-    - Eager, where every step was host-bound (about 1 ms): at depth 2 the kernels took 1.26-1.63x
-      at 6 of 8 shapes (d 64 / 256), at depth 4 and 8 they met 1.1x at 7 of 10 (0.66-0.93x at
-      five). Depth 2 takes the plain ops.
-    - While the stream captures a CUDA graph (host cost paid once, device time decides): at d = 256
-      the kernels' replay took 1.15-1.33x at every shape (L 2 / 4 / 8), at d = 64 0.80-1.02x (L 2
-      and 4). Chains wider than the kernels' register-resident width
-      (``fastrank.kernels.chain.MAX_RESIDENT_WIDTH``, 64; wider ones stream through memory) take
-      the plain ops, narrower ones keep the kernels at every depth.
+    The rule is the same while a stream captures a CUDA graph, although device time decides
+    there (the kernels' replays took 1.15-1.33x the naive forms' at d = 256, 0.80-1.02x at
+    d = 64): a capture must launch only what its eager warm-up launched. A Triton kernel's first
+    launch compiles and autotunes, which synchronizes; cuBLAS's first call creates its handle,
+    which fails inside a capture (pytorch/pytorch#99397); either invalidates the capture.
 
     The plain ops are cuBLAS GEMMs in the half dtype: fp32 accumulation, one rounding per product,
     as the kernels round.
     """
-    if not x.is_cuda or x.dtype not in _HALF_DTYPES or _autocast_enabled(x) or _traced(x):
-        return False
-    if _CUDA_KERNELS is not None and torch._C._cuda_isCurrentStreamCapturing():
-        return widest > _CUDA_KERNELS.MAX_RESIDENT_WIDTH
-    return depth == 2
+    return depth == 2 and x.is_cuda and x.dtype in _HALF_DTYPES and not _autocast_enabled(x) and not _traced(x)
 
 
 def _plain_product(factors: Sequence[Tensor]) -> Tensor:

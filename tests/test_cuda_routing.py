@@ -172,10 +172,10 @@ def _train_step_from_a_cuda_graph(layer, x):
     ids=["d64-B1-L4-fused-backward", "d64-B1024-L4-collapsed", "d48-B5-L2", "d256-B64-L4", "d256-B1024-L8"],
 )
 def test_half_layers_train_from_cuda_graphs(d, batch, depth):
-    # A capture takes the launches its warm-up took (split counters of its own: on an H200 the
-    # d=64, B=1, L=4 capture was invalidated), and fastrank.chain._plain_half_on_cuda routes it by
-    # device time: the kernels up to their register-resident width (64), cuBLAS through autograd
-    # above. The replayed gradients equal the fp64 chain's within bf16 rounding.
+    # A capture takes the launches its warm-up took: the kernels at depth 3 and more, cuBLAS
+    # through autograd at depth 2 (fastrank.chain._plain_half_on_cuda), and the same plans (split
+    # counters of its own: on an H200 the d=64, B=1, L=4 capture was invalidated). The replayed
+    # gradients equal the fp64 chain's within bf16 rounding.
     dtype = torch.bfloat16
     torch.manual_seed(0)
     layer = fastrank.OverparamLinear(d, d, depth=depth).to("cuda", dtype)
@@ -184,7 +184,7 @@ def test_half_layers_train_from_cuda_graphs(d, batch, depth):
     grads, calls = _train_step_from_a_cuda_graph(layer, x)
     kernels = calls["chain_matmul"] + calls["chain_factor_grads"] + calls["chain_matmul_backward"]
     assert calls["jit"] == 0, f"JIT launches inside the capture: {dict(calls)}"
-    assert (kernels > 0) == (d <= 64), f"chain launchers called in the capture: {dict(calls)}"
+    assert (kernels > 0) == (depth > 2), f"chain launchers called in the capture: {dict(calls)}"
     xr = x.detach().double().requires_grad_(True)
     reference(xr).square().sum().backward()
     expected = [xr.grad] + [p.grad for p in reference.parameters()]

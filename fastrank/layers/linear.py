@@ -311,10 +311,7 @@ class OverparamLinear(_OverparamBase):
                     _check_input(x, self.in_features, -1, "in_features", self)  # a clearer message
                     raise failure
                 # Otherwise the path below fills the cache.
-        elif self._bias_is_own and type(x) is Tensor and (
-            _eager_plain(x)
-            or _plain_half_on_cuda(x, self.depth, max(self.in_features, self.hidden_features, self.out_features))
-        ):
+        elif self._bias_is_own and type(x) is Tensor and (_eager_plain(x) or _plain_half_on_cuda(x, self.depth)):
             out = self._plain_forward(x)
             if out is not None:
                 return out

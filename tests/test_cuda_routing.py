@@ -194,6 +194,42 @@ def test_half_layers_train_from_cuda_graphs(d, batch, depth):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_eval_graph_replays_read_the_updated_parameters(dtype):
+    # An eval-mode forward captured in a CUDA graph after an eager warm-up (which fills the collapse
+    # cache), replayed after in-place optimizer steps: the replay is the updated layer's output.
+    # The graph computes the collapse from the parameters' memory; a cached weight in it would
+    # stay the warm-up's.
+    torch.manual_seed(0)
+    layer = fastrank.OverparamLinear(48, 40, depth=3).to("cuda", dtype)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    x = torch.randn(5, 48, device="cuda", dtype=dtype)
+    layer.eval()
+    with torch.no_grad():
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                layer(x)
+        torch.cuda.current_stream().wait_stream(stream)
+        warm = layer._cache.value
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = layer(x)
+    assert layer._cache.value is warm, "the capture stored its collapse in the cache"
+    for step in range(2):
+        layer.train()
+        opt.zero_grad()
+        layer(torch.randn(7, 48, device="cuda", dtype=dtype)).float().square().sum().backward()
+        opt.step()
+        layer.eval()
+        graph.replay()
+        with torch.no_grad():
+            expected = torch.nn.functional.linear(x, *layer.collapsed_parameters())
+        torch.cuda.synchronize()
+        assert torch.equal(out, expected), f"step {step}: replay off by {(out - expected).abs().max():.3e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_chain_linear_grads_on_cuda(dtype):
     # fastrank.chain_linear's activation chain at widths the chain kernel takes (fp32: the naive
     # chain under autograd, never the kernel body, which autograd cannot differentiate).

@@ -317,6 +317,29 @@ def test_eval_cache_sees_every_change_within_an_eval_window(make, edit):
     assert torch.equal(after, expected), f"stale by {(after - expected).abs().max():.3e}"
 
 
+@pytest.mark.parametrize("make", [_make_linear, _make_conv], ids=["linear", "conv"])
+def test_eval_cache_does_not_serve_while_a_cuda_graph_is_captured(make, monkeypatch):
+    # A graph must read the parameters' memory, which an optimizer updates in place between
+    # replays, not a cached collapse: while capturing, a CUDA cache is not fresh (simulated here:
+    # a cache marked as a CUDA one, the stream marked as capturing; tests/test_cuda_routing.py
+    # captures a real one).
+    from fastrank.layers import base
+
+    torch.manual_seed(13)
+    layer = make().eval()
+    x = _input_for(layer)
+    served(layer, x)
+    cache = layer._cache
+    inputs = list(layer._collapse_inputs())
+    assert cache.value is not None and cache.fresh(inputs) and not cache.on_cuda
+    monkeypatch.setattr(base, "_capturing", lambda: True)
+    assert cache.fresh(inputs), "a CPU cache does not depend on CUDA captures"
+    cache.on_cuda = True
+    assert not cache.fresh(inputs), "a CUDA cache served while capturing"
+    monkeypatch.setattr(base, "_capturing", lambda: False)
+    assert cache.fresh(inputs)
+
+
 def test_train_and_eval_calls_drop_the_cache():
     # Writes through .data bypass every counter; a cache never outlives the eval window it was
     # made in, so the next evaluation sees them.

@@ -118,8 +118,10 @@ class _CollapseCache:
     map: 0.9 us for four factors on a 2-core Xeon with everything in cache, about 1.7 us inside a
     layer call between other work (it reads each factor's tensor, version counter and storage). Identity needs the cached tensors alive,
     so the cache holds them (``torch.utils.swap_tensors`` refuses tensors with weak references).
-    The one write no check sees is an in-place write through ``tensor.data`` within an eval
-    window (``p.data.add_(...)`` outside an optimizer): call ``clear_cache()`` (or ``eval()``) after it.
+    The writes no check sees are an in-place write through ``tensor.data`` within an eval window
+    (``p.data.add_(...)`` outside an optimizer) and the replay of a CUDA graph that updates the
+    parameters (a captured optimizer step runs no hook and bumps no counter): call
+    ``clear_cache()`` (or ``eval()``) after them.
 
     While the current stream captures a CUDA graph the cache neither serves nor stores: the graph
     computes the collapsed parameters from the parameters' memory at every replay, as a graph of

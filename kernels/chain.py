@@ -967,10 +967,11 @@ def _split_counters(device: torch.device, count: int) -> Tensor:
     own, zeroed inside the graph (a memset node) and never shared: registering it would tie the
     stream's eager launches, and every later graph captured on it, to this graph's memory pool,
     whose zeros exist only once the graph has replayed. A capture thus takes the launches its
-    warm-up took on another stream (``torch.cuda.graph`` captures on a stream of its own): on an
-    H200 a fused backward that fell back to the composed kernels there, launching a config never
-    compiled or tuned in the warm-up, invalidated the capture of a depth-4, d = 64, B = 1 train
-    step (benchmarks/results/h200/README.md)."""
+    warm-up took on another stream (``torch.cuda.graph`` captures on a stream of its own). Without
+    counters there, the fused backward fell back to the composed kernels (with the driver stubbed:
+    3 JIT calls, configs the warm-up never ran, whose first launch compiles and autotunes); on an
+    H200 the capture of a depth-4, d = 64, B = 1 train step, whose backward is the fused kernel,
+    was invalidated (benchmarks/results/h200/README.md)."""
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         # the raw stream handle: torch.cuda.current_stream builds a Stream object per call

@@ -191,15 +191,36 @@ def compose_chain_backward(
     """The recomputing backward of ``chain_matmul(x, factors, return_all=False)`` from two chain
     primitives: ``chain`` (a chain matmul) recomputes ``X_1 .. X_{k-1}`` and runs the reverse chain
     ``dX_{j-1} = dX_j F_j`` (each step rounded once), ``factor_grads`` forms every
-    ``dF_j = dX_j^T X_{j-1}`` (fp32 accumulation, one rounding). Returns ``[dF_1, ..., dF_k]``,
-    then ``dX_0`` when ``needs_x``."""
+    ``dF_j = dX_j^T X_{j-1}`` (fp32 accumulation, one rounding). Returns ``[dF_1, ..., dF_k]``
+    (each in its factor's layout: :func:`factor_grads_in_layout`), then ``dX_0`` when ``needs_x``."""
     k = len(factors)
     inputs = [x, *chain(x, factors[:-1])] if k > 1 else [x]  # X_0 .. X_{k-1}
     stop = 0 if needs_x else 1  # without dX_0 the reverse chain ends at dX_1
     reverse = [f.T for f in reversed(factors[stop:])]  # F_k^T .. F_{stop+1}^T
     backs = chain(grad_output, reverse) if reverse else []  # dX_{k-1} .. dX_stop
     grads = [grad_output, *backs][:k][::-1]  # dX_1 .. dX_k
-    return factor_grads(grads, inputs) + (backs[-1:] if needs_x else [])
+    return factor_grads_in_layout(factor_grads, factors, grads, inputs) + (backs[-1:] if needs_x else [])
+
+
+def factor_grads_in_layout(factor_grads, factors: Sequence[Tensor], grads: Sequence[Tensor],
+                           inputs: Sequence[Tensor]) -> list[Tensor]:
+    """``dF_j = grads[j]^T inputs[j]`` for each factor ``F_j`` through one ``factor_grads`` call (a
+    grouped product: :func:`chain_factor_grads` or its twin), each in ``F_j``'s layout: for a
+    factor that is a transposed view of a contiguous matrix (column-major, such as the weight
+    chain's ``W_j^T``) the call forms ``dF_j^T = inputs[j]^T grads[j]`` and this returns its
+    transpose, as torch's mm backward lays out a gradient (AccumulateGrad copies one whose strides
+    differ from its parameter's: a launch on CUDA); contiguous for any other factor."""
+    flipped = [_column_major(f) for f in factors]
+    products = factor_grads(
+        [i if flip else g for g, i, flip in zip(grads, inputs, flipped)],
+        [g if flip else i for g, i, flip in zip(grads, inputs, flipped)],
+    )
+    return [product.T if flip else product for product, flip in zip(products, flipped)]
+
+
+def _column_major(t: Tensor) -> bool:
+    """Whether the 2-D ``t`` is a transposed view of a contiguous matrix (and not contiguous itself)."""
+    return t.stride(0) == 1 and t.stride(1) == t.shape[0] and not t.is_contiguous()
 
 
 def chain_matmul_backward_ref(
@@ -251,7 +272,8 @@ def _chain_matmul_backward_op(
 @_chain_matmul_backward_op.register_fake
 def _(x, factors, grad_output, needs_x):
     _check_backward(x, factors, grad_output)
-    return [f.new_empty(f.shape) for f in factors] + ([x.new_empty(x.shape)] if needs_x else [])
+    grads = [f.new_empty(f.shape[::-1]).T if _column_major(f) else f.new_empty(f.shape) for f in factors]
+    return grads + ([x.new_empty(x.shape)] if needs_x else [])
 
 
 def _chain_matmul_setup_context(ctx, inputs, output):
@@ -321,24 +343,13 @@ def _chain_backward(saved, k, return_all, grad_outputs, needs_x, needs_factor):
     grad_factors = None
     if any(needs_factor):
         pairs = [(j, grads_x[j + 1]) for j in range(k) if needs_factor[j] and grads_x[j + 1] is not None]
-        # dF_j = dX_j^T X_{j-1}; for a factor that is a transposed view (column-major) the grouped
-        # launch forms dF_j^T = X_{j-1}^T dX_j instead and returns its transpose, so that the
-        # gradient has the factor's layout, as torch's mm backward gives it (AccumulateGrad copies
-        # a gradient whose strides differ from its parameter's).
-        flipped = [_column_major(factors[j]) for j, _ in pairs]
-        products = chain_factor_grads(
-            [inputs[j] if flip else g for (j, g), flip in zip(pairs, flipped)],
-            [g if flip else inputs[j] for (j, g), flip in zip(pairs, flipped)],
+        products = factor_grads_in_layout(
+            chain_factor_grads, [factors[j] for j, _ in pairs], [g for _, g in pairs], [inputs[j] for j, _ in pairs]
         )
         grad_factors = [None] * k
-        for (j, _), flip, product in zip(pairs, flipped, products):
-            grad_factors[j] = product.T if flip else product
+        for (j, _), product in zip(pairs, products):
+            grad_factors[j] = product
     return grad_x, grad_factors
-
-
-def _column_major(t: Tensor) -> bool:
-    """Whether the 2-D ``t`` is a transposed view of a contiguous matrix (and not contiguous itself)."""
-    return t.stride(0) == 1 and t.stride(1) == t.shape[0] and not t.is_contiguous()
 
 
 _chain_matmul_op.register_autograd(_chain_matmul_backward, setup_context=_chain_matmul_setup_context)
@@ -585,9 +596,12 @@ def collapsed_weight(factors: Sequence[Tensor]) -> Tensor:
     # dX_0 in W_L's layout and the others as transposed products in theirs (_chain_backward), so
     # autograd copies none of them. Started at W_1^T, W_1's gradient came back transposed and
     # AccumulateGrad copied it: one more launch in every collapsed train step. Under autograd the
-    # partial products are kept for the backward instead of recomputed.
-    keep = torch.is_grad_enabled() and any(f.requires_grad for f in factors)
-    return chain_matmul(factors[-1], [f.T for f in reversed(factors[:-1])], return_all=keep)[-1]
+    # partial products are kept for the backward, unless it recomputes them at about the cost of
+    # reading them (narrow chains on CUDA: one fused launch instead of the reverse chain and the
+    # grouped factor gradients).
+    x, rest = factors[-1], [f.T for f in reversed(factors[:-1])]
+    keep = torch.is_grad_enabled() and any(f.requires_grad for f in factors) and not _recomputes_backward(x, rest)
+    return chain_matmul(x, rest, return_all=keep)[-1]
 
 
 def chain_costs(

@@ -85,6 +85,7 @@ from fastrank.kernels._launch import (
 # The torch twins (the specification of these kernels, and the CPU path) live in the op file.
 from fastrank.chain import (  # noqa: F401  (re-exported for the kernel tests)
     _check_backward,
+    _column_major as _transposed_view,
     _check_chain,
     _check_factor_grads,
     chain_factor_grads_ref,
@@ -1124,7 +1125,7 @@ def _prune_backward_configs(configs, named_args, **kwargs):
 
 @triton.autotune(
     configs=_cuda_configs("chain_backward"),
-    key=["M_BUCKET", "BLOCK_N", "NUM_FACTORS", "NEEDS_X", "INPUT_PRECISION"],
+    key=["M_BUCKET", "BLOCK_N", "NUM_FACTORS", "NEEDS_X", "FACTORS_TRANSPOSED", "INPUT_PRECISION"],
     prune_configs_by={"early_config_prune": _prune_backward_configs},
 )
 @triton.jit
@@ -1132,11 +1133,11 @@ def _chain_backward_kernel(
     # pointers
     x_ptr,  # X_0: contiguous (M, n_0); its element type is that of every factor and gradient
     grad_ptr,  # dX_k: contiguous (M, n_k)
-    factors,  # 8 pointers, slot j: F_{j+1}, contiguous (n_{j+1}, n_j); slots j >= NUM_FACTORS are
-    #   never read
+    factors,  # 8 pointers, slot j: F_{j+1} (n_{j+1}, n_j), contiguous, or with FACTORS_TRANSPOSED
+    #   the transposed view of a contiguous (n_j, n_{j+1}); slots j >= NUM_FACTORS are never read
     grad_x_ptr,  # dX_0: contiguous (M, n_0), written with NEEDS_X only
-    grad_factors,  # 8 pointers, slot j: dF_{j+1}, contiguous (n_{j+1}, n_j); slots j >= NUM_FACTORS
-    #   are never written
+    grad_factors,  # 8 pointers, slot j: dF_{j+1} (n_{j+1}, n_j) in the factors' layout; slots
+    #   j >= NUM_FACTORS are never written
     scratch_ptr,  # X_1 .. X_{k-1} recomputed: (M, (NUM_FACTORS - 1) BLOCK_N), X_j in columns
     #   [(j - 1) BLOCK_N, j BLOCK_N); each program writes and reads its own rows only
     partial_ptr,  # fp32 (programs, NUM_FACTORS, BLOCK_N, BLOCK_N): program p's sum of
@@ -1151,6 +1152,8 @@ def _chain_backward_kernel(
     BLOCK_M: tl.constexpr,  # rows per step of a program
     BLOCK_N: tl.constexpr,  # power of two >= every width n_0 .. n_k (16 .. MAX_RESIDENT_WIDTH)
     NEEDS_X: tl.constexpr,  # also compute dX_0
+    FACTORS_TRANSPOSED: tl.constexpr,  # every factor (and its gradient) column-major: the weight
+    #   chain's W_j^T views
     INPUT_PRECISION: tl.constexpr,
 ):
     """Every gradient of a narrow chain ``X_k = x F_1^T ... F_k^T`` from x, the factors and dX_k, in
@@ -1193,7 +1196,10 @@ def _chain_backward_kernel(
             factor_ptr = _select(j, factors)
             n_in = _select_int(j, widths)
             n_out = _select_int(j + 1, widths)
-            factor_t = _load_factor_t(factor_ptr, n_in, cols, cols < n_in, cols, cols < n_out, False)
+            if FACTORS_TRANSPOSED:
+                factor_t = _load_factor_t(factor_ptr, n_out, cols, cols < n_in, cols, cols < n_out, True)
+            else:
+                factor_t = _load_factor_t(factor_ptr, n_in, cols, cols < n_in, cols, cols < n_out, False)
             block = tl.dot(block, factor_t, input_precision=INPUT_PRECISION).to(dtype)
             tl.store(scratch_ptr + rows64[:, None] * scratch_stride + j * BLOCK_N + cols[None, :], block,
                      mask=row_mask[:, None])
@@ -1220,7 +1226,10 @@ def _chain_backward_kernel(
             tl.store(partial, acc)
             if j > 0 or NEEDS_X:
                 # The reverse step's factor is F^T, a transposed view of F: its tile [a, b] = F[a, b].
-                factor = _load_factor_t(factor_ptr, n_in, cols, cols < n_out, cols, cols < n_in, True)
+                if FACTORS_TRANSPOSED:
+                    factor = _load_factor_t(factor_ptr, n_out, cols, cols < n_out, cols, cols < n_in, False)
+                else:
+                    factor = _load_factor_t(factor_ptr, n_in, cols, cols < n_out, cols, cols < n_in, True)
                 grad = tl.dot(grad, factor, input_precision=INPUT_PRECISION).to(dtype)
         if NEEDS_X:
             tl.store(grad_x_ptr + rows64[:, None] * n0 + cols[None, :], grad,
@@ -1240,8 +1249,12 @@ def _chain_backward_kernel(
             for p in range(programs):
                 total += tl.load(partial_ptr + (p * NUM_FACTORS + j).to(tl.int64) * (BLOCK_N * BLOCK_N) + tile,
                                  cache_modifier=".cg")  # written by other SMs: read through L2
-            tl.store(_select(j, grad_factors) + tile_rows[:, None] * n_in + cols[None, :],
-                     total.to(dtype), mask=(tile_rows[:, None] < n_out) & (cols[None, :] < n_in))
+            if FACTORS_TRANSPOSED:  # dF[r, c] at r + c n_out
+                offsets = tile_rows[:, None] + cols[None, :] * n_out
+            else:
+                offsets = tile_rows[:, None] * n_in + cols[None, :]
+            tl.store(_select(j, grad_factors) + offsets, total.to(dtype),
+                     mask=(tile_rows[:, None] < n_out) & (cols[None, :] < n_in))
         tl.atomic_xchg(counter_ptr, 0, sem="relaxed", scope="gpu")  # ready for the next launch
 
 
@@ -1251,8 +1264,8 @@ def _chain_backward_kernel(
 
 # Programs of one fused backward launch at most: each keeps fp32 partials of every dF_j
 # (4 k BLOCK_N^2 bytes, 64 kB at k = 4, BLOCK_N = 64) that the last one sums alone. The layers
-# route chains here when B is below about d (the cost model's activation chain), i.e. a few row
-# blocks. NOT MEASURED on a GPU.
+# route chains here when B is below about d (the cost model's activation chain) and the collapsed
+# product's weight chain (M = d rows), i.e. a few row blocks. NOT MEASURED on a GPU.
 MAX_BACKWARD_PROGRAMS = 16
 _SMALLEST_BACKWARD_BLOCK_M = 16  # of _cuda_configs("chain_backward"): sizes the partials
 # Widest layer the fused backward takes in fp32 with TF32 off (FMA units, every tile in registers):
@@ -1297,8 +1310,9 @@ def chain_matmul_backward(
         needs_x: also return ``dX_0``.
 
     Returns:
-        ``[dF_1, ..., dF_k]``, then ``dX_0`` when ``needs_x``: contiguous, x's dtype; rounding as
-        ``chain_matmul_backward_ref``.
+        ``[dF_1, ..., dF_k]``, each in its factor's layout (``fastrank.chain.factor_grads_in_layout``:
+        a transposed view for a transposed factor, else contiguous), then ``dX_0`` when ``needs_x``
+        (contiguous); x's dtype; rounding as ``chain_matmul_backward_ref``.
     """
     precision = _input_precision(x.dtype)  # one read of torch's TF32 setting per call
     key, pointers = call_key((x, *factors, grad_output), (needs_x, precision))
@@ -1306,27 +1320,39 @@ def chain_matmul_backward(
     if replayed is not None:
         return replayed
     _check_backward(x, factors, grad_output)
-    if not _fuses_backward(x, factors, precision):
+    # Transposed views of contiguous factors (the weight chain's W_j^T) are read as they are and
+    # their gradients written in their layout (fastrank.chain.factor_grads_in_layout); other
+    # factors are packed row-major. A chain mixing the two takes the composed kernels.
+    views = [_transposed_view(f) for f in factors]
+    transposed = all(views)
+    if not _fuses_backward(x, factors, precision) or (any(views) and not transposed):
         return compose_chain_backward(x, factors, grad_output, needs_x, chain_matmul, chain_factor_grads)
 
     recorder = _BACKWARD_PLANS.recorder(key, (x, *factors, grad_output))
     device = x.device
     counters = recorder.external(_split_counters(device, 1), _split_counter_fetch(device, 1))
-    grad_factors = [recorder.empty(f.shape, x) for f in factors]
+    if transposed:
+        stored = [recorder.empty(f.shape[::-1], x) for f in factors]  # dF_j^T, contiguous
+        grad_factors = [g.T for g in stored]
+    else:
+        stored = grad_factors = [recorder.empty(f.shape, x) for f in factors]
     grad_x = recorder.empty(x.shape, x) if needs_x else None
     with device_guard(x):
-        _launch_backward(x.contiguous(), [f.contiguous() for f in factors], grad_output.contiguous(),
-                         grad_x, grad_factors, counters, precision, recorder)
+        _launch_backward(x.contiguous(), list(factors) if transposed else [f.contiguous() for f in factors],
+                         grad_output.contiguous(), grad_x, stored, counters, precision, transposed, recorder)
     outputs = grad_factors + ([grad_x] if needs_x else [])
     _BACKWARD_PLANS.record(key, recorder, outputs)
     return outputs
 
 
+
 def _launch_backward(
     x: Tensor, factors: list[Tensor], grad_output: Tensor, grad_x: Tensor | None, grad_factors: list[Tensor],
-    counters: Tensor, precision: str, recorder: PlanRecorder,
+    counters: Tensor, precision: str, transposed: bool, recorder: PlanRecorder,
 ) -> None:
-    """One fused backward launch; contiguous operands and outputs."""
+    """One fused backward launch; contiguous operands and outputs, except with ``transposed``: the
+    factors transposed views of contiguous matrices, ``grad_factors`` the contiguous (n_j, n_{j+1})
+    buffers of their gradients' transposes."""
     M, k = x.shape[0], len(factors)
     widths = [x.shape[1]] + [f.shape[0] for f in factors]
     block_n = _resident_block(widths)
@@ -1357,5 +1383,6 @@ def _launch_backward(
         NUM_FACTORS=k,
         BLOCK_N=block_n,
         NEEDS_X=grad_x is not None,
+        FACTORS_TRANSPOSED=transposed,
         INPUT_PRECISION=precision,
     )

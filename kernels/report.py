@@ -177,7 +177,7 @@ KERNELS: dict[str, KernelSpec] = {
     "chain_backward": KernelSpec(
         module="fastrank.kernels.chain",
         kernel="_chain_backward_kernel",
-        # The fused backward of a narrow chain: contiguous operands (the launcher packs), eight
+        # The fused backward of a narrow chain: contiguous operands or transposed factors, eight
         # factor slots, widths and M multiples of 16 (a layer of d = 16 .. 64).
         args={"x_ptr": "*{dtype}:16", "grad_ptr": "*{dtype}:16", "factors": ("*{dtype}:16",) * 8,
               "grad_x_ptr": "*{dtype}:16", "grad_factors": ("*{dtype}:16",) * 8, "scratch_ptr": "*{dtype}:16",
@@ -189,6 +189,8 @@ KERNELS: dict[str, KernelSpec] = {
             # _resident_block(widths): size_bucket(widest), at most MAX_RESIDENT_WIDTH
             "BLOCK_N": (16, 32, 64),
             "NEEDS_X": (True, False),
+            # contiguous factors (activation chains) / transposed views (the weight chain's W_j^T)
+            "FACTORS_TRANSPOSED": (False, True),
             "INPUT_PRECISION": _CHAIN_PRECISION,
         },
         # fp32 "ieee" is fused up to MAX_BACKWARD_WIDTH_IEEE = 16 only

@@ -110,6 +110,12 @@ def test_opcheck_chain_matmul_backward():
     grad = torch.randn(7, 4, dtype=torch.float64)
     for needs_x in (True, False):
         opcheck(torch.ops.fastrank.chain_matmul_backward.default, (x, factors, grad, needs_x))
+    # Transposed factors (the weight chain's layout): their gradients come in their layout, the
+    # fake's strides the same.
+    transposed = [f.T.contiguous().T for f in factors]
+    opcheck(torch.ops.fastrank.chain_matmul_backward.default, (x, transposed, grad, True))
+    results = chain_matmul_backward(x, transposed, grad)
+    assert all(g.T.is_contiguous() and not g.is_contiguous() for g in results[:2]), [g.stride() for g in results]
 
 
 @pytest.mark.parametrize("needs_x", [True, False], ids=["x-grad", "no-x-grad"])

@@ -372,10 +372,12 @@ def check_backward(results, x, factors, grad, needs_x, dtype, what):
     # Every result is k roundings deep (reverse steps, forward steps, its own), each reducing over
     # at most the widest layer or M rows.
     reduction = max([x.shape[0], x.shape[1]] + [f.shape[0] for f in factors])
-    for name, out, ref in zip(names, results, expected):
+    # dF_j in F_j's layout: the transposed view of a contiguous buffer for a transposed factor
+    layouts = [chain_kernels._transposed_view(f) for f in factors] + ([False] if needs_x else [])
+    for name, out, ref, transposed in zip(names, results, expected, layouts):
         assert out.dtype == dtype, f"{what} {name}: dtype {out.dtype}, expected {dtype}"
         assert out.shape == ref.shape, f"{what} {name}: shape {tuple(out.shape)}, expected {tuple(ref.shape)}"
-        assert out.is_contiguous(), f"{what} {name}: not contiguous"
+        assert (out.T if transposed else out).is_contiguous(), f"{what} {name}: strides {out.stride()}"
         assert_close(out, ref, dtype, reduction, steps=len(factors), what=f"{what} {name}")
 
 
@@ -421,6 +423,29 @@ def test_chain_matmul_backward_ref_meets_the_same_tolerance(dtype):
         x, factors, grad = make_backward(33, dims, dtype, seed=5)
         x, factors, grad = x.cpu(), [f.cpu() for f in factors], grad.cpu()
         check_backward(chain_matmul_backward_ref(x, factors, grad, True), x, factors, grad, True, dtype, "twin")
+
+
+@pytest.mark.parametrize("needs_x", [True, False], ids=["dx", "no-dx"])
+@pytest.mark.parametrize("dims", [[40, 17, 32, 5], [33, 33, 33, 33, 33], [5, 17]], ids=lambda d: "x".join(map(str, d)))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_chain_matmul_backward_of_transposed_factors_is_one_launch(fused_fp32, monkeypatch, dtype, dims, needs_x):
+    # The weight chain's layout (x = W_L row-major, the factors W_j^T as transposed views): the
+    # fused kernel reads the factors as they are and writes their gradients in their layout, so
+    # nothing is packed and autograd copies nothing.
+    x, factors, grad = make_backward(7, dims, dtype)
+    factors = [f.T.contiguous().T for f in factors]  # the same values as transposed views
+    assert all(chain_kernels._transposed_view(f) for f in factors)
+    monkeypatch.setattr(chain_kernels, "compose_chain_backward", lambda *args: pytest.fail("composed"))
+    results = chain_matmul_backward(x, factors, grad, needs_x)
+    check_backward(results, x, factors, grad, needs_x, dtype, "transposed factors")
+    assert_counters_reset()
+
+
+def test_chain_matmul_backward_mixing_layouts_takes_the_composed_kernels():
+    x, factors, grad = make_backward(9, [17, 40, 5, 33], torch.float16)
+    factors[1] = factors[1].T.contiguous().T  # one transposed view among row-major factors
+    results = chain_matmul_backward(x, factors, grad)
+    check_backward(results, x, factors, grad, True, torch.float16, "mixed layouts")
 
 
 def test_chain_matmul_backward_several_blocks_per_program(monkeypatch):

@@ -100,6 +100,10 @@ def test_layer_train_steps_replay_every_launch(python):
         assert row["jit_calls_in_capture"] == 0, f"Triton {result['triton']}: {row}: JIT calls in a capture"
         assert row["launches_in_capture"] == row["launches_per_step"], f"Triton {result['triton']}: {row}"
     assert [row["collapsed"] for row in result["rows"]] == [[False]] * 3 + [[True]] * 3 + [[False]], result
+    # Triton launches per step: the chain and the fused backward where every width is at most 64
+    # (the activation chain, and the collapsed product's weight chain at d = 64); the chain, the
+    # reverse chain and the grouped factor gradients above; two of each past 8 factors.
+    assert [row["launches_per_step"] for row in result["rows"]] == [2, 2, 3, 3, 2, 3, 6], result
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -192,17 +192,17 @@ def compose_chain_backward(
     primitives: ``chain`` (a chain matmul) recomputes ``X_1 .. X_{k-1}`` and runs the reverse chain
     ``dX_{j-1} = dX_j F_j`` (each step rounded once), ``factor_grads`` forms every
     ``dF_j = dX_j^T X_{j-1}`` (fp32 accumulation, one rounding). Returns ``[dF_1, ..., dF_k]``
-    (each in its factor's layout: :func:`factor_grads_in_layout`), then ``dX_0`` when ``needs_x``."""
+    (each in its factor's layout: :func:`_factor_grads_in_layout`), then ``dX_0`` when ``needs_x``."""
     k = len(factors)
     inputs = [x, *chain(x, factors[:-1])] if k > 1 else [x]  # X_0 .. X_{k-1}
     stop = 0 if needs_x else 1  # without dX_0 the reverse chain ends at dX_1
     reverse = [f.T for f in reversed(factors[stop:])]  # F_k^T .. F_{stop+1}^T
     backs = chain(grad_output, reverse) if reverse else []  # dX_{k-1} .. dX_stop
     grads = [grad_output, *backs][:k][::-1]  # dX_1 .. dX_k
-    return factor_grads_in_layout(factor_grads, factors, grads, inputs) + (backs[-1:] if needs_x else [])
+    return _factor_grads_in_layout(factor_grads, factors, grads, inputs) + (backs[-1:] if needs_x else [])
 
 
-def factor_grads_in_layout(factor_grads, factors: Sequence[Tensor], grads: Sequence[Tensor],
+def _factor_grads_in_layout(factor_grads, factors: Sequence[Tensor], grads: Sequence[Tensor],
                            inputs: Sequence[Tensor]) -> list[Tensor]:
     """``dF_j = grads[j]^T inputs[j]`` for each factor ``F_j`` through one ``factor_grads`` call (a
     grouped product: :func:`chain_factor_grads` or its twin), each in ``F_j``'s layout: for a
@@ -343,7 +343,7 @@ def _chain_backward(saved, k, return_all, grad_outputs, needs_x, needs_factor):
     grad_factors = None
     if any(needs_factor):
         pairs = [(j, grads_x[j + 1]) for j in range(k) if needs_factor[j] and grads_x[j + 1] is not None]
-        products = factor_grads_in_layout(
+        products = _factor_grads_in_layout(
             chain_factor_grads, [factors[j] for j, _ in pairs], [g for _, g in pairs], [inputs[j] for j, _ in pairs]
         )
         grad_factors = [None] * k

@@ -1310,7 +1310,7 @@ def chain_matmul_backward(
         needs_x: also return ``dX_0``.
 
     Returns:
-        ``[dF_1, ..., dF_k]``, each in its factor's layout (``fastrank.chain.factor_grads_in_layout``:
+        ``[dF_1, ..., dF_k]``, each in its factor's layout (``fastrank.chain._factor_grads_in_layout``:
         a transposed view for a transposed factor, else contiguous), then ``dX_0`` when ``needs_x``
         (contiguous); x's dtype; rounding as ``chain_matmul_backward_ref``.
     """
@@ -1321,7 +1321,7 @@ def chain_matmul_backward(
         return replayed
     _check_backward(x, factors, grad_output)
     # Transposed views of contiguous factors (the weight chain's W_j^T) are read as they are and
-    # their gradients written in their layout (fastrank.chain.factor_grads_in_layout); other
+    # their gradients written in their layout (fastrank.chain._factor_grads_in_layout); other
     # factors are packed row-major. A chain mixing the two takes the composed kernels.
     views = [_transposed_view(f) for f in factors]
     transposed = all(views)

@@ -210,7 +210,7 @@ def _factor_grads_in_layout(factor_grads, factors: Sequence[Tensor], grads: Sequ
     chain's ``W_j^T``) the call forms ``dF_j^T = inputs[j]^T grads[j]`` and this returns its
     transpose, as torch's mm backward lays out a gradient (AccumulateGrad copies one whose strides
     differ from its parameter's: a launch on CUDA); contiguous for any other factor."""
-    flipped = [_column_major(f) for f in factors]
+    flipped = [_transposed_view(f) for f in factors]
     products = factor_grads(
         [i if flip else g for g, i, flip in zip(grads, inputs, flipped)],
         [g if flip else i for g, i, flip in zip(grads, inputs, flipped)],
@@ -218,7 +218,7 @@ def _factor_grads_in_layout(factor_grads, factors: Sequence[Tensor], grads: Sequ
     return [product.T if flip else product for product, flip in zip(products, flipped)]
 
 
-def _column_major(t: Tensor) -> bool:
+def _transposed_view(t: Tensor) -> bool:
     """Whether the 2-D ``t`` is a transposed view of a contiguous matrix (and not contiguous itself)."""
     return t.stride(0) == 1 and t.stride(1) == t.shape[0] and not t.is_contiguous()
 
@@ -272,7 +272,7 @@ def _chain_matmul_backward_op(
 @_chain_matmul_backward_op.register_fake
 def _(x, factors, grad_output, needs_x):
     _check_backward(x, factors, grad_output)
-    grads = [f.new_empty(f.shape[::-1]).T if _column_major(f) else f.new_empty(f.shape) for f in factors]
+    grads = [f.new_empty(f.shape[::-1]).T if _transposed_view(f) else f.new_empty(f.shape) for f in factors]
     return grads + ([x.new_empty(x.shape)] if needs_x else [])
 
 

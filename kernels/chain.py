@@ -85,9 +85,9 @@ from fastrank.kernels._launch import (
 # The torch twins (the specification of these kernels, and the CPU path) live in the op file.
 from fastrank.chain import (  # noqa: F401  (re-exported for the kernel tests)
     _check_backward,
-    _column_major as _transposed_view,
     _check_chain,
     _check_factor_grads,
+    _transposed_view,
     chain_factor_grads_ref,
     chain_matmul_backward_ref,
     chain_matmul_ref,
@@ -1343,7 +1343,6 @@ def chain_matmul_backward(
     outputs = grad_factors + ([grad_x] if needs_x else [])
     _BACKWARD_PLANS.record(key, recorder, outputs)
     return outputs
-
 
 
 def _launch_backward(

@@ -114,20 +114,21 @@ def _interleaved_wall(steps: dict, device: str, repeats: int) -> dict:
     keys = list(steps)
     times = {key: [] for key in keys}
     jit = {key: 0 for key in keys}
+    counting = _jit_calls() is not None
     for index in range(repeats):
         for key in keys[index % len(keys):] + keys[: index % len(keys)]:
-            before = _jit_calls()
+            before = _jit_calls() if counting else 0
             start = time.perf_counter()
             steps[key]()
             _sync(device)
             times[key].append(time.perf_counter() - start)
-            if before is not None:
+            if counting:
                 jit[key] += _jit_calls() - before
     results = {}
     for key, seconds in times.items():
         results[key] = {"repeats": repeats, "wall_ms": statistics.median(seconds) * 1e3,
                         "wall_ms_quartiles": [_quantile(seconds, 0.25) * 1e3, _quantile(seconds, 0.75) * 1e3]}
-        if _jit_calls() is not None:
+        if counting:
             results[key]["jit_calls_per_step"] = jit[key] / repeats
     return results
 

@@ -64,6 +64,9 @@ def _cases(device: str = "cpu"):
     grads, inputs = [randn(d, d) for _ in range(4)], [randn(d, d) for _ in range(4)]
     narrow = 64
     back_x, back_factors, back_grad = randn(narrow, narrow), [randn(narrow, narrow) for _ in range(4)], randn(narrow, narrow)
+    # a collapsed depth-4 layer's weight chain: W_4 as the chain's input, then W_3, W_2, W_1 as
+    # transposed views (whose gradients the backward returns in their layout)
+    weight_factors = [randn(narrow, narrow).T for _ in range(3)]
     sketch_a = randn(4096, 256, dtype=torch.float32)
     one = randn(1, 1)
 
@@ -71,7 +74,8 @@ def _cases(device: str = "cpu"):
         return lambda: [torch.mm(one, one) for _ in range(count)]
 
     # (name, plans, call, launches per call, the torch ops it replaces: one matmul per step of
-    # the chain / per factor gradient; the kept-intermediates backward's 4 + 3; Omega and A Omega)
+    # the chain / per factor gradient; the kept-intermediates backward's 4 + 3, the weight chain's
+    # 3 + 3; Omega and A Omega)
     return [
         ("chain_matmul, d = 256, 3 factors (bf16)", chain._CHAIN_PLANS,
          lambda: chain.chain_matmul(chain_x, chain_factors), 1, torch_ops(3)),
@@ -79,6 +83,8 @@ def _cases(device: str = "cpu"):
          lambda: chain.chain_factor_grads(grads, inputs), 1, torch_ops(4)),
         ("chain_matmul_backward, d = 64, 4 factors (bf16, fused)", chain._BACKWARD_PLANS,
          lambda: chain.chain_matmul_backward(back_x, back_factors, back_grad), 1, torch_ops(7)),
+        ("chain_matmul_backward, d = 64, a weight chain: 3 transposed factors (bf16, fused)", chain._BACKWARD_PLANS,
+         lambda: chain.chain_matmul_backward(back_x, weight_factors, back_grad), 1, torch_ops(6)),
         ("gaussian_sketch, 4096 x 256, k = 64 (fp32)", sketch._SKETCH_PLANS,
          lambda: sketch.gaussian_sketch(sketch_a, 64, 7), 2, torch_ops(2)),
     ]
@@ -181,9 +187,9 @@ def markdown(rows: list[dict], json_name: str = "host_cost_cpu.json") -> str:
         "call, median of interleaved rounds. jit: the launch through Triton's JIT (binding and",
         "specialization, kernel cache, the remembered autotune choice) with fastrank's launcher Python;",
         "fast: the launch plan's replay (fastrank.kernels._launch); torch ops: the torch matmuls the call",
-        "replaces (one per chain step or factor gradient, 4 + 3 for the kept-intermediates backward, Omega",
-        "and A Omega for the sketch) on 1 x 1 operands, i.e. their host cost. Columns by Triton version. "
-        + left_out,
+        "replaces (one per chain step or factor gradient, 4 + 3 for the kept-intermediates backward, 3 + 3",
+        "for the weight chain's, Omega and A Omega for the sketch) on 1 x 1 operands, i.e. their host",
+        "cost. Columns by Triton version. " + left_out,
         "",
         "Machines: " + "; ".join(machines) + ".",
         "",

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 import triton
+from triton.knobs import HookChain
 from triton.runtime.autotuner import Autotuner
 
 
@@ -137,20 +138,43 @@ def launch_tuned(kernel, grid, *args, **kwargs):
 # unplannable, launch hooks (profilers) or the interpreter take the JIT path every time.
 
 
-def call_key(tensors: Sequence[torch.Tensor], flags: tuple) -> tuple[tuple, list[int]]:
-    """``(key, pointers)`` of a launcher call: the plan key of its input ``tensors`` and launcher
-    ``flags`` (what its launches depend on), and each input's data pointer."""
-    pointers = [t.data_ptr() for t in tensors]
+def _keyer(count: int) -> Callable[[Sequence[torch.Tensor], tuple], tuple[tuple, list[int]]]:
+    """:func:`call_key` for ``count`` tensors, generated with every attribute read written out: the
+    comprehensions it replaces cost 0.9 us more for 8 tensors (2-core EPYC, torch 2.13)."""
+    names = [f"t{i}" for i in range(count)]
+    pointers = [f"p{i}" for i in range(count)]
     # The device as its index (get_device(): -1 on the CPU), which hashes and compares as an int: a
     # torch.device in every entry cost 0.5 us more per 8-tensor key, built and looked up (2-core EPYC).
-    metadata = tuple([(t.shape, t.stride(), t.dtype, t.get_device()) for t in tensors])
+    metadata = "".join(f"({t}.shape, {t}.stride(), {t}.dtype, {t}.get_device()), " for t in names)
     # True when every pointer is 16-byte aligned (one OR instead of a tuple in the common case),
     # else the alignment of each
-    bits = 0
-    for pointer in pointers:
-        bits |= pointer
-    aligned = tuple([not pointer & 15 for pointer in pointers]) if bits & 15 else True
-    return (flags, metadata, aligned), pointers
+    each = "".join(f"not {p} & 15, " for p in pointers)
+    lines = [
+        "def key(tensors, flags):",
+        f"    {''.join(t + ', ' for t in names)}= tensors",
+        *(f"    {p} = {t}.data_ptr()" for p, t in zip(pointers, names)),
+        f"    aligned = True if not ({' | '.join(pointers) or '0'}) & 15 else ({each})",
+        f"    return (flags, ({metadata}), aligned), [{', '.join(pointers)}]",
+    ]
+    namespace: dict = {}
+    exec("\n".join(lines), namespace)  # noqa: S102  (generated from the count alone)
+    return namespace["key"]
+
+
+_KEYERS: dict[int, Callable] = {}
+
+
+def call_key(tensors: Sequence[torch.Tensor], flags: tuple) -> tuple[tuple, list[int]]:
+    """``(key, pointers)`` of a launcher call: the plan key of its input ``tensors`` and launcher
+    ``flags`` (what its launches depend on), and each input's data pointer.
+
+    The key is ``(flags, metadata, aligned)``: per tensor ``(shape, stride(), dtype,
+    get_device())``, and True when every pointer is 16-byte aligned, else a tuple of each one's
+    alignment."""
+    keyer = _KEYERS.get(len(tensors))
+    if keyer is None:
+        keyer = _KEYERS[len(tensors)] = _keyer(len(tensors))
+    return keyer(tensors, flags)
 
 
 class _Slot:
@@ -198,12 +222,18 @@ def _launch_call(compiled) -> tuple[Callable, tuple, bool]:
 def _launch_hooks_installed() -> bool:
     """Whether a launch hook is installed (a profiler such as Proton): Triton 3.6 and 3.9 keep them
     in a ``HookChain`` (empty by default), and a replay, which passes no launch metadata, then
-    leaves the launch to the JIT."""
+    leaves the launch to the JIT. A hook set as a plain function counts as installed."""
     runtime = triton.knobs.runtime
-    for hook in (runtime.launch_enter_hook, runtime.launch_exit_hook):
-        if hook is not None and getattr(hook, "calls", True):
-            return True
-    return False
+    enter, exit_ = runtime.launch_enter_hook, runtime.launch_exit_hook
+    if type(enter) is HookChain and type(exit_) is HookChain:  # the common case: 0.07 against 0.21 us
+        return bool(enter.calls or exit_.calls)
+    return any(hook is not None and getattr(hook, "calls", True) for hook in (enter, exit_))
+
+
+def _current_cuda_device() -> int:
+    """The current CUDA device's index, for a call whose inputs are CUDA tensors (so CUDA is
+    initialized): torch's raw query, without ``torch.cuda.current_device``'s initialization check."""
+    return torch._C._cuda_getDevice()
 
 
 class _Source:
@@ -233,12 +263,13 @@ class LaunchPlan:
     ``run(pointers, device_index)`` is generated from the recorded call as one Python function: it
     makes the call's allocations (``torch.empty_like`` of a one-element template expanded to the
     shape, 0.6 us against 1.2 us for ``torch.empty(shape, dtype=, device=)``, torch 2.13, 2-core
-    Xeon), reads one pointer per allocation and per external buffer (``fetch()`` each time: a buffer
-    that outlives the call, such as the split-K arrival counters of the current stream), checks
-    those pointers 16-byte aligned, launches every recorded kernel with its arguments written out
-    (sizes, strides and constexprs as constants, each tensor argument as a pointer plus an offset)
-    and returns the outputs; None where an allocation is not aligned or an external buffer is
-    unavailable.
+    Xeon; ``torch.empty_strided`` for an output returned as a transposed matrix, such as a
+    column-major factor's gradient), reads one pointer per allocation and per external buffer
+    (``fetch()`` each time: a buffer that outlives the call, such as the split-K arrival counters
+    of the current stream), checks those pointers 16-byte aligned, launches every recorded kernel
+    with its arguments written out (sizes, strides and constexprs as constants, each tensor
+    argument as a pointer plus an offset) and returns the outputs; None where an allocation is not
+    aligned or an external buffer is unavailable.
     """
 
     __slots__ = ("run", "keep", "source")
@@ -257,7 +288,7 @@ class LaunchPlan:
             return None
         if index < 0:  # the CPU tensors of a stubbed driver
             return self.run(pointers, 0)
-        if index != torch.cuda.current_device():
+        if index != _current_cuda_device():
             with torch.cuda.device(index):
                 return self.run(pointers, index)
         return self.run(pointers, index)
@@ -391,11 +422,19 @@ class PlanRecorder:
             if root is None:
                 return None  # an input, or a tensor no allocation holds
             returned.append((root, output))
+        strides: dict[int, tuple] = {}  # root -> the strides it is made with (else contiguous)
         for position, (root, view) in enumerate(returned):
-            # An allocation returned once, as a contiguous view of all of it: made in the view's shape.
-            if (view is not None and view.is_contiguous() and view.storage_offset() == 0
-                    and view.numel() == self.roots[root].numel() and [r for r, _ in returned].count(root) == 1):
+            # An allocation returned once, as a view of all of it that is contiguous or a transposed
+            # matrix (a gradient in a column-major factor's layout): made as the view, not made and
+            # then viewed (0.9 + 1.2 us for empty_like and as_strided, 1.2 us for empty_strided).
+            if (view is None or view.storage_offset() != 0 or view.numel() != self.roots[root].numel()
+                    or [r for r, _ in returned].count(root) != 1):
+                continue
+            if view.is_contiguous():
                 shapes[root] = tuple(view.shape)
+                returned[position] = (root, None)
+            elif view.dim() == 2 and view.T.is_contiguous():
+                shapes[root], strides[root] = tuple(view.shape), tuple(view.stride())
                 returned[position] = (root, None)
         pointer_of: dict[int, str] = {}  # root -> the expression of its pointer
         allocated: dict[int, str] = {}  # root -> the name of its buffer
@@ -409,7 +448,10 @@ class PlanRecorder:
                 device = self.roots[root].device
                 template = unused_buffer(device, dtype)[:1].expand(shape)
                 made = torch.empty_like(template)
-                if made.stride() == torch.empty(shape, dtype=dtype, device=device).stride():
+                if root in strides:
+                    lines.append(f"{buffer} = empty_strided({shape!r}, {strides[root]!r}, "
+                                 f"dtype={source.name(dtype, 'd')}, device={source.name(device, 'v')})")
+                elif made.stride() == torch.empty(shape, dtype=dtype, device=device).stride():
                     lines.append(f"{buffer} = empty_like({source.name(template, 't')})")
                 else:  # a zero-size shape: empty_like gives other strides
                     lines.append(f"{buffer} = empty({shape!r}, dtype={source.name(dtype, 'd')}, "
@@ -449,7 +491,7 @@ class PlanRecorder:
             for root, view in returned
         ]
         lines.append(f"return [{', '.join(results)}]")
-        source.namespace.update(empty_like=torch.empty_like, empty=torch.empty,
+        source.namespace.update(empty_like=torch.empty_like, empty=torch.empty, empty_strided=torch.empty_strided,
                                 stream_of=triton.runtime.driver.active.get_current_stream)
         run = source.function("run", "p, index")
         return LaunchPlan(run, keep, source.text)
@@ -487,7 +529,7 @@ class PlanCache:
         # LaunchPlan.replay's steps, inline on the common paths
         if index < 0:  # the CPU tensors of a stubbed driver
             return plan.run(pointers, 0)
-        if index != torch.cuda.current_device():
+        if index != _current_cuda_device():
             return plan.replay(pointers, index)
         return plan.run(pointers, index)
 

@@ -215,9 +215,14 @@ def replay() -> dict:
                 grad = _operand(torch, 17, 16, dtype, "contiguous", generator)
                 narrow = [_operand(torch, 16, 16, dtype, "contiguous", generator) for _ in range(3)]
                 xb = _operand(torch, 17, 16, dtype, "contiguous", generator)
+                # the weight chain's factors: transposed views of contiguous ones, read as they are,
+                # their gradients returned in their layout
+                flipped = [_operand(torch, 16, 16, dtype, "transposed", generator) for _ in range(3)]
                 for needs_x in (True, False):
                     cases.append((f"chain_matmul_backward {dtype} needs_x={needs_x}", (xb, *narrow, grad),
                                   lambda x=xb, f=narrow, g=grad, n=needs_x: chain.chain_matmul_backward(x, f, g, n)))
+                    cases.append((f"chain_matmul_backward transposed {dtype} needs_x={needs_x}", (xb, *flipped, grad),
+                                  lambda x=xb, f=flipped, g=grad, n=needs_x: chain.chain_matmul_backward(x, f, g, n)))
             a = _operand(torch, 33, 100, dtype, layout, generator)
             cases.append((f"gaussian_sketch {dtype} {layout}", (a,), lambda a=a: sketch.gaussian_sketch(a, 17, 5)))
             cases.append((f"gaussian_sketch gram {dtype} {layout}", (a,), lambda a=a: sketch.gaussian_sketch(a, 17, 6, gram=True)))
@@ -248,6 +253,9 @@ def replay() -> dict:
         if len(first) != len(second):
             mismatches.append({"case": name, "problem": f"{len(first)} launches, then {len(second)}"})
             continue
+        layouts = [[(tuple(o.shape), o.stride(), o.dtype, o.device) for o in outputs] for outputs in (first_outputs, second_outputs)]
+        if layouts[0] != layouts[1]:
+            mismatches.append({"case": name, "problem": f"outputs {layouts[0]} from the JIT, {layouts[1]} replayed"})
         for index, (a, b, kind) in enumerate(zip(first, second, kinds)):
             left = _named(a, kind, inputs, first_outputs)
             right = _named(b, kind, inputs, second_outputs)

@@ -151,7 +151,7 @@ def _keyer(count: int) -> Callable[[Sequence[torch.Tensor], tuple], tuple[tuple,
     each = "".join(f"not {p} & 15, " for p in pointers)
     lines = [
         "def key(tensors, flags):",
-        f"    {''.join(t + ', ' for t in names)}= tensors",
+        f"    {''.join(t + ', ' for t in names) or '()'} = tensors",
         *(f"    {p} = {t}.data_ptr()" for p, t in zip(pointers, names)),
         f"    aligned = True if not ({' | '.join(pointers) or '0'}) & 15 else ({each})",
         f"    return (flags, ({metadata}), aligned), [{', '.join(pointers)}]",

@@ -152,3 +152,27 @@ def test_plan_cache_keeps_at_most_its_limit_dropping_the_oldest():
     assert list(cache.plans) == [2, 3, 4]
     assert cache.recorder(4, ()).plannable is False  # a known key records nothing more
     assert cache.recorder(9, ()).plannable is True
+
+
+@pytest.mark.parametrize("count", [0, 1, 2, 9])
+def test_call_key_reads_every_tensor(count):
+    """The generated key of ``count`` tensors equals a plain reading of each one: shape, strides,
+    dtype and device index, and the pointers' 16-byte alignment (True when all are aligned)."""
+    from fastrank.kernels._launch import call_key
+
+    generator = torch.Generator().manual_seed(count)
+    dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    tensors = []
+    for index in range(count):
+        base = torch.randn(7 + index, 20, generator=generator).to(dtypes[index % 3])
+        tensors.append((base.T, base[:, 1:], base[1:3])[index % 3])  # transposed, misaligned, sliced
+    flags = ("flag", count)
+    key, pointers = call_key(tuple(tensors), flags)
+    assert pointers == [t.data_ptr() for t in tensors]
+    metadata = tuple((t.shape, t.stride(), t.dtype, t.get_device()) for t in tensors)
+    alignment = tuple(t.data_ptr() % 16 == 0 for t in tensors)
+    assert key == (flags, metadata, True if all(alignment) else alignment)
+    if count > 1:  # the slice one column in is misaligned (fp32: 4 bytes, half: 2)
+        assert key[2] == alignment and not all(alignment)
+    aligned = [torch.randn(4, 4, generator=generator) for _ in range(count)]
+    assert call_key(tuple(aligned), flags)[0][2] is True

@@ -106,7 +106,7 @@ def measure(rounds: int, calls: int, device: str = "stub") -> list[dict]:
     samples = {(name, path): [] for name, *_ in cases for path in PATHS}
     synchronize = torch.cuda.synchronize if cuda else (lambda: None)
 
-    def jit_only(key, pointers, device):
+    def jit_only(key, pointers, device, tensors):
         return None
 
     for name, plans, call, launches, _torch in cases:  # compile, tune and record once

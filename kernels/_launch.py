@@ -134,8 +134,12 @@ def launch_tuned(kernel, grid, *args, **kwargs):
 # is a function of the key; tests/test_launch_fast_path.py checks this against Triton's binder
 # over many argument sets, with the CUDA driver stubbed. Whatever the key does not determine
 # falls back to Triton's JIT: an input pointer of other alignment is another key, a tensor argument
-# that is neither an input nor an allocation of the call (a packed copy) makes the call
-# unplannable, launch hooks (profilers) or the interpreter take the JIT path every time.
+# that is neither an input, a packed copy of one, nor an allocation of the call makes the call
+# unplannable, launch hooks (profilers) or the interpreter take the JIT path every time. A packed
+# copy (``.contiguous()`` of an input with other strides, such as the stride-0 gradient of a
+# ``.sum()``) is made again at every replay from the call's input, whose strides are in the key. A
+# call passing one tensor at two positions is not recorded (a replay reads each position's own
+# pointer, and which position a launch argument came from is unknown), and a later call records.
 
 
 def _keyer(count: int) -> Callable[[Sequence[torch.Tensor], tuple], tuple[tuple, list[int]]]:
@@ -175,6 +179,15 @@ def call_key(tensors: Sequence[torch.Tensor], flags: tuple) -> tuple[tuple, list
     if keyer is None:
         keyer = _KEYERS[len(tensors)] = _keyer(len(tensors))
     return keyer(tensors, flags)
+
+
+class _Packed:
+    """The kind of a recorded packed copy: ``inputs[input].contiguous()``."""
+
+    __slots__ = ("input",)
+
+    def __init__(self, input: int):
+        self.input = input
 
 
 class _Slot:
@@ -260,8 +273,9 @@ class _Source:
 class LaunchPlan:
     """What a launcher call does, for replay by a later call with the same :func:`call_key`.
 
-    ``run(pointers, device_index)`` is generated from the recorded call as one Python function: it
-    makes the call's allocations (``torch.empty_like`` of a one-element template expanded to the
+    ``run(pointers, device_index, tensors)`` is generated from the recorded call as one Python
+    function: it packs the inputs the call packed (``tensors[i].contiguous()``), makes the call's
+    allocations (``torch.empty_like`` of a one-element template expanded to the
     shape, 0.6 us against 1.2 us for ``torch.empty(shape, dtype=, device=)``, torch 2.13, 2-core
     Xeon; ``torch.empty_strided`` for an output returned as a transposed matrix, such as a
     column-major factor's gradient), reads one pointer per allocation and per external buffer
@@ -279,36 +293,39 @@ class LaunchPlan:
         self.keep = keep  # buffers whose pointers the launches name as constants
         self.source = source  # run's source
 
-    def replay(self, pointers: list[int], index: int) -> list[torch.Tensor] | None:
-        """Run the plan for inputs whose pointers are ``pointers`` (in key order, followed by the
-        per-call scalars) on the device ``index`` (``Tensor.get_device()``); None when it cannot (an
-        allocation not 16-byte aligned, an external buffer unavailable, launch hooks installed),
-        and the caller then takes the JIT path."""
+    def replay(self, pointers: list[int], index: int, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor] | None:
+        """Run the plan for the input ``tensors`` whose pointers are ``pointers`` (in key order,
+        followed by the per-call scalars) on the device ``index`` (``Tensor.get_device()``); None
+        when it cannot (an allocation not 16-byte aligned, an external buffer unavailable, launch
+        hooks installed), and the caller then takes the JIT path."""
         if _launch_hooks_installed():
             return None
         if index < 0:  # the CPU tensors of a stubbed driver
-            return self.run(pointers, 0)
+            return self.run(pointers, 0, tensors)
         if index != _current_cuda_device():
             with torch.cuda.device(index):
-                return self.run(pointers, index)
-        return self.run(pointers, index)
+                return self.run(pointers, index, tensors)
+        return self.run(pointers, index, tensors)
 
 
 class PlanRecorder:
     """Records a launcher call made through Triton's JIT as a :class:`LaunchPlan`.
 
-    The launcher allocates its buffers with :meth:`empty`, names buffers that outlive the call with
-    :meth:`external` and launches with :meth:`launch`. Every tensor argument of a launch must be
-    one of these, an input of the call, or a view of an input with the input's data pointer that no
-    other input shares; else the call is not plannable and :meth:`plan` returns None.
+    The launcher allocates its buffers with :meth:`empty`, packs inputs with :meth:`contiguous`,
+    names buffers that outlive the call with :meth:`external` and launches with :meth:`launch`.
+    Every tensor argument of a launch must be one of these, an input of the call, or a view of an
+    input with the input's data pointer that no other input shares; else the call is not
+    plannable and :meth:`plan` returns None. ``retry``: the call was not plannable for a reason of
+    its own (one tensor at two positions), so its key is left to a later call to record.
     """
 
     def __init__(self, inputs: Sequence[torch.Tensor], scalars: int = 0, active: bool = True):
         self.plannable = active  # inactive: launch and allocate only (the call's plan is known)
+        self.retry = False
         self.roots: list = list(inputs) + [None] * scalars
-        # "input", "scalar" (a per-call integer argument), (shape, dtype) of an allocation, the
-        # fetch function of an external buffer, or "constant" (a buffer that lives as long as the
-        # plan)
+        # "input", "scalar" (a per-call integer argument), (shape, dtype) of an allocation, a
+        # _Packed copy of an input, the fetch function of an external buffer, or "constant" (a
+        # buffer that lives as long as the plan)
         self.kinds: list = ["input"] * len(inputs) + ["scalar"] * scalars
         self.launches: list[tuple] = []  # (compiled kernel, grid, argument values with slots)
 
@@ -319,6 +336,28 @@ class PlanRecorder:
             self.roots.append(buffer)
             self.kinds.append((tuple(buffer.shape), buffer.dtype))
         return buffer
+
+    def contiguous(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor.contiguous()``, recorded when it packs an input of the call: a replay packs the
+        input at that position of its own call (its strides, in the key, are these)."""
+        packed = tensor.contiguous()
+        if packed is tensor or not self.plannable:
+            return packed
+        positions = self._positions(tensor)
+        if len(positions) == 1:
+            self.roots.append(packed)
+            self.kinds.append(_Packed(positions[0]))
+        else:  # not an input (a view of one: unplannable), or one at several positions
+            self.plannable = False
+        return packed
+
+    def _positions(self, tensor: torch.Tensor) -> list[int]:
+        """The input positions holding ``tensor`` itself; at more than one, the call is left to a
+        later one to record (``retry``)."""
+        positions = [root for root, kind in enumerate(self.kinds) if kind == "input" and self.roots[root] is tensor]
+        if len(positions) > 1:
+            self.retry = True
+        return positions
 
     def workspace(self, parts: Sequence[tuple], like: torch.Tensor) -> list[torch.Tensor]:
         """Temporary buffers ``(shape, dtype)`` on ``like``'s device carved from one recorded
@@ -386,6 +425,10 @@ class PlanRecorder:
             return tuple(self._slots(entry) for entry in value)
         if not isinstance(value, torch.Tensor):
             return value
+        positions = self._positions(value)
+        if len(positions) > 1:  # which position this argument came from is unknown
+            self.plannable = False
+            return value
         for root, candidate in enumerate(self.roots):
             if value is candidate:
                 return _Slot(root, 0)
@@ -399,7 +442,10 @@ class PlanRecorder:
         sharing = [root for root, kind in enumerate(self.kinds) if kind == "input" and self.roots[root].data_ptr() == pointer]
         if len(sharing) == 1:  # a view of one input (a transpose): its pointer
             return _Slot(sharing[0], 0)
-        self.plannable = False  # a tensor the plan cannot rebuild (a packed copy, an ambiguous view)
+        # A tensor the plan cannot rebuild: a copy it did not record, or a view whose pointer
+        # several inputs share (then a later call, whose inputs may not, records).
+        self.plannable = False
+        self.retry = self.retry or len(sharing) > 1
         return value
 
     def plan(self, outputs: Sequence[torch.Tensor]) -> LaunchPlan | None:
@@ -458,6 +504,10 @@ class PlanRecorder:
                                  f"device={source.name(device, 'v')})")
                 lines.append(f"q{root} = {buffer}.data_ptr()")
                 pointer_of[root] = f"q{root}"
+            elif isinstance(kind, _Packed):
+                lines.append(f"c{root} = tensors[{kind.input}].contiguous()")
+                lines.append(f"q{root} = c{root}.data_ptr()")
+                pointer_of[root] = f"q{root}"
             elif kind == "constant":
                 keep.append(self.roots[root])
                 pointer_of[root] = repr(self.roots[root].data_ptr())
@@ -466,7 +516,8 @@ class PlanRecorder:
                 lines.append(f"if e{root} is None: return None")
                 lines.append(f"q{root} = e{root}.data_ptr()")
                 pointer_of[root] = f"q{root}"
-        checked = [pointer_of[root] for root, kind in enumerate(self.kinds) if isinstance(kind, tuple) or callable(kind)]
+        checked = [pointer_of[root] for root, kind in enumerate(self.kinds)
+                   if isinstance(kind, (tuple, _Packed)) or callable(kind)]
         if checked:  # 16-byte aligned when recorded (an input's alignment is in the key)
             lines.append(f"if ({' | '.join(checked)}) & 15: return None")
         lines.append("stream = stream_of(index)")
@@ -493,7 +544,7 @@ class PlanRecorder:
         lines.append(f"return [{', '.join(results)}]")
         source.namespace.update(empty_like=torch.empty_like, empty=torch.empty, empty_strided=torch.empty_strided,
                                 stream_of=triton.runtime.driver.active.get_current_stream)
-        run = source.function("run", "p, index")
+        run = source.function("run", "p, index, tensors")
         return LaunchPlan(run, keep, source.text)
 
 
@@ -519,19 +570,20 @@ class PlanCache:
         self.jit_calls = 0
         _CACHES.append(self)
 
-    def replay(self, key: tuple, pointers: list[int], index: int) -> list[torch.Tensor] | None:
-        """The outputs of the plan for ``key`` run on these pointers on the device ``index`` (the
-        inputs' ``get_device()``), or None (no plan, or it could not run: the caller then takes the
-        JIT path with a :class:`PlanRecorder`)."""
+    def replay(self, key: tuple, pointers: list[int], index: int,
+               tensors: Sequence[torch.Tensor]) -> list[torch.Tensor] | None:
+        """The outputs of the plan for ``key`` run on the input ``tensors`` (whose pointers are
+        ``pointers``) on the device ``index`` (the inputs' ``get_device()``), or None (no plan, or
+        it could not run: the caller then takes the JIT path with a :class:`PlanRecorder`)."""
         plan = self.plans.get(key)
         if plan is None or _launch_hooks_installed():
             return None
         # LaunchPlan.replay's steps, inline on the common paths
         if index < 0:  # the CPU tensors of a stubbed driver
-            return plan.run(pointers, 0)
+            return plan.run(pointers, 0, tensors)
         if index != _current_cuda_device():
-            return plan.replay(pointers, index)
-        return plan.run(pointers, index)
+            return plan.replay(pointers, index, tensors)
+        return plan.run(pointers, index, tensors)
 
     def recorder(self, key: tuple, inputs: Sequence[torch.Tensor], scalars: int = 0) -> PlanRecorder:
         """A :class:`PlanRecorder` for a call with ``key`` that the JIT runs: recording when the key
@@ -540,8 +592,9 @@ class PlanCache:
         return PlanRecorder(inputs, scalars, active=key not in self.plans)
 
     def record(self, key: tuple, recorder: PlanRecorder, outputs: Sequence[torch.Tensor]) -> None:
-        """Keep the plan ``recorder`` made of the call with ``key`` returning ``outputs``."""
-        if key not in self.plans:
+        """Keep the plan ``recorder`` made of the call with ``key`` returning ``outputs`` (None: the
+        key is not plannable), unless the call left its key to a later one (``recorder.retry``)."""
+        if key not in self.plans and not recorder.retry:
             if len(self.plans) >= self.limit:
                 del self.plans[next(iter(self.plans))]
             self.plans[key] = recorder.plan(outputs)

@@ -43,12 +43,13 @@ Memory layouts (what makes the global loads vectorized)
     other stride and the sizes are multiples of 16, which Triton specializes on) and, in the
     factor-gradient kernel, pipelines the loads with ``cp.async``. Each tile is loaded in the
     orientation that is contiguous in memory and transposed in registers (``tl.trans``) where the
-    dot wants the other one. The layers only pass row-major tensors and their transposed views
-    (the weight chain's ``W_j^T``, the reverse chain's ``F^T``), so the launchers pack only the rare operand
-    with neither stride equal to 1 (``.contiguous()``, one copy, cheaper than compiling every config
-    once more for general strides). Chain: one flag for x, one for all factors of a launch (a launch
-    mixing layouts packs its minority layout); factor gradients: two bits per member, and the
-    kernel compiles one tile loop per layout combination present in the launch.
+    dot wants the other one. The layers pass row-major tensors, their transposed views (the weight
+    chain's ``W_j^T``, the reverse chain's ``F^T``) and, below a loss such as ``.sum()``, stride-0
+    gradients; the launchers pack an operand with neither stride equal to 1 (``.contiguous()``, one
+    copy, which a launch plan records and makes again at each replay), cheaper than compiling every
+    config once more for general strides. Chain: one flag for x, one for all factors of a launch (a
+    launch mixing layouts packs its minority layout); factor gradients: two bits per member, and
+    the kernel compiles one tile loop per layout combination present in the launch.
 
 Fallbacks
     Widths above :data:`MAX_ONCHIP_WIDTH` (chain; :data:`MAX_ONCHIP_WIDTH_IEEE` for fp32 with TF32
@@ -370,15 +371,15 @@ def _column_major(t: Tensor) -> bool:
     return t.stride(0) == 1 or t.shape[0] == 1
 
 
-def _layout(t: Tensor) -> tuple[Tensor, bool, int]:
+def _layout(t: Tensor, recorder: PlanRecorder) -> tuple[Tensor, bool, int]:
     """``(t or a packed copy, whether dim 0 has unit stride, the other stride)``: row-major views
     keep dim 1 as the unit stride, column-major views (transposes) dim 0; anything else is packed
-    row-major (one copy)."""
+    row-major (one copy, recorded in the call's launch plan)."""
     if _row_major(t):
         return t, False, t.stride(0)
     if _column_major(t):
         return t, True, t.stride(1)
-    t = t.contiguous()
+    t = recorder.contiguous(t)
     return t, False, t.stride(0)
 
 
@@ -613,12 +614,12 @@ def _launch_chain(
     k = len(factors)
     M = x.shape[0]
     widths = [x.shape[1]] + [f.shape[0] for f in factors]
-    x, x_rows_contiguous, stride_x = _layout(x)
+    x, x_rows_contiguous, stride_x = _layout(x, recorder)
     # One layout for all factors: transposed views when every factor is one (the reverse chain),
     # else row-major, packing any factor that is not (a launch mixing the two is not one the layers
     # make).
     transposed = all(_column_major(f) for f in factors) and not all(_row_major(f) for f in factors)
-    factors = [f if (_column_major(f) if transposed else _row_major(f)) else f.contiguous() for f in factors]
+    factors = [f if (_column_major(f) if transposed else _row_major(f)) else recorder.contiguous(f) for f in factors]
     strides = [f.stride(1) if transposed else f.stride(0) for f in factors]
     filler = next(d for d in reversed(dests) if d is not None)  # never written: its slot stores nothing
 
@@ -668,8 +669,9 @@ def chain_matmul(x: Tensor, factors: Sequence[Tensor], return_all: bool = True) 
         with TF32 off) run one matmul per step instead.
     """
     precision = _input_precision(x.dtype)  # one read of torch's TF32 setting per call
-    key, pointers = call_key((x, *factors), (return_all, precision))
-    replayed = _CHAIN_PLANS.replay(key, pointers, x.get_device())
+    tensors = (x, *factors)
+    key, pointers = call_key(tensors, (return_all, precision))
+    replayed = _CHAIN_PLANS.replay(key, pointers, x.get_device(), tensors)
     if replayed is not None:
         return replayed
     _check_chain(x, factors)
@@ -677,7 +679,7 @@ def chain_matmul(x: Tensor, factors: Sequence[Tensor], return_all: bool = True) 
     if not _on_chip(x, factors, precision):
         return chain_matmul_ref(x, factors, return_all)
 
-    recorder = _CHAIN_PLANS.recorder(key, (x, *factors))
+    recorder = _CHAIN_PLANS.recorder(key, tensors)
     outputs: list[Tensor] = []
     with device_guard(x):
         block = x
@@ -1020,8 +1022,8 @@ def _launch_factor_grads(
     M = grads[0].shape[0]
     device = grads[0].device
     widths = [g.shape[1] for g in grads] + [i.shape[1] for i in inputs]
-    grads, grad_rows, grad_strides = zip(*(_layout(g) for g in grads))
-    inputs, input_rows, input_strides = zip(*(_layout(i) for i in inputs))
+    grads, grad_rows, grad_strides = zip(*(_layout(g, recorder) for g in grads))
+    inputs, input_rows, input_strides = zip(*(_layout(i, recorder) for i in inputs))
     codes = [int(g) | int(i) << 1 for g, i in zip(grad_rows, input_rows)]
     pairs = list(zip(grads, inputs))
 
@@ -1087,8 +1089,9 @@ def chain_factor_grads(
     if not grads or len(grads) != len(inputs):
         _check_factor_grads(grads, inputs)
         return []
-    key, pointers = call_key((*grads, *inputs), (split_k,))
-    replayed = _FACTOR_GRAD_PLANS.replay(key, pointers, grads[0].get_device())
+    tensors = (*grads, *inputs)
+    key, pointers = call_key(tensors, (split_k,))
+    replayed = _FACTOR_GRAD_PLANS.replay(key, pointers, grads[0].get_device(), tensors)
     if replayed is not None:
         return replayed
     _check_factor_grads(grads, inputs)
@@ -1098,7 +1101,7 @@ def chain_factor_grads(
     if dtype not in _KERNEL_DTYPES or max(widths) > MAX_GROUPED_WIDTH or min(widths) == 0 or M == 0:
         return chain_factor_grads_ref(grads, inputs)
 
-    recorder = _FACTOR_GRAD_PLANS.recorder(key, (*grads, *inputs))
+    recorder = _FACTOR_GRAD_PLANS.recorder(key, tensors)
     outputs = [recorder.empty((g.shape[1], i.shape[1]), g) for g, i in zip(grads, inputs)]
     with device_guard(grads[0]):
         for start in range(0, len(grads), FACTORS_PER_LAUNCH):
@@ -1315,8 +1318,9 @@ def chain_matmul_backward(
         (contiguous); x's dtype; rounding as ``chain_matmul_backward_ref``.
     """
     precision = _input_precision(x.dtype)  # one read of torch's TF32 setting per call
-    key, pointers = call_key((x, *factors, grad_output), (needs_x, precision))
-    replayed = _BACKWARD_PLANS.replay(key, pointers, x.get_device())
+    tensors = (x, *factors, grad_output)
+    key, pointers = call_key(tensors, (needs_x, precision))
+    replayed = _BACKWARD_PLANS.replay(key, pointers, x.get_device(), tensors)
     if replayed is not None:
         return replayed
     _check_backward(x, factors, grad_output)
@@ -1328,7 +1332,7 @@ def chain_matmul_backward(
     if not _fuses_backward(x, factors, precision) or (any(views) and not transposed):
         return compose_chain_backward(x, factors, grad_output, needs_x, chain_matmul, chain_factor_grads)
 
-    recorder = _BACKWARD_PLANS.recorder(key, (x, *factors, grad_output))
+    recorder = _BACKWARD_PLANS.recorder(key, tensors)
     device = x.device
     counters = recorder.external(_split_counters(device, 1), _split_counter_fetch(device, 1))
     if transposed:
@@ -1338,8 +1342,8 @@ def chain_matmul_backward(
         stored = grad_factors = [recorder.empty(f.shape, x) for f in factors]
     grad_x = recorder.empty(x.shape, x) if needs_x else None
     with device_guard(x):
-        _launch_backward(x.contiguous(), list(factors) if transposed else [f.contiguous() for f in factors],
-                         grad_output.contiguous(), grad_x, stored, counters, precision, transposed, recorder)
+        _launch_backward(recorder.contiguous(x), list(factors) if transposed else [recorder.contiguous(f) for f in factors],
+                         recorder.contiguous(grad_output), grad_x, stored, counters, precision, transposed, recorder)
     outputs = grad_factors + ([grad_x] if needs_x else [])
     _BACKWARD_PLANS.record(key, recorder, outputs)
     return outputs

@@ -471,9 +471,10 @@ def gaussian_sketch(A, k, seed, gram=False):
     Z can leave). Runs on A's device (a CUDA device guard is taken).
     """
     if isinstance(A, torch.Tensor) and type(k) is int and type(seed) is int and 0 <= seed < 2**31:
-        key, pointers = call_key((A,), (k, gram, _input_precision(A.dtype)))
+        tensors = (A,)
+        key, pointers = call_key(tensors, (k, gram, _input_precision(A.dtype)))
         pointers.append(seed)
-        replayed = _SKETCH_PLANS.replay(key, pointers, A.get_device())
+        replayed = _SKETCH_PLANS.replay(key, pointers, A.get_device(), tensors)
         if replayed is not None:
             return replayed[0]
     else:

@@ -8,7 +8,8 @@
 ``keys``: draws many argument sets for each planned launcher (chain_matmul, chain_factor_grads,
 chain_matmul_backward, gaussian_sketch): sizes 1 / 15 / 16 / 17 / 33 and a 2**31 row count or
 stride, fp16 / bf16 / fp32, contiguous, transposed and sliced operands, views at element offsets
-that leave a pointer misaligned. For each call it records the plan keys the launchers computed and
+that leave a pointer misaligned, and operands the launchers pack (strided in both dimensions, or
+broadcast with stride 0, as below a ``.sum()``). For each call it records the plan keys the launchers computed and
 what Triton's binder computed for every launch (specialization of each argument, options,
 constexprs, grid, every integer argument). Two calls with equal keys must have equal bindings: a
 replay of one's plan for the other would otherwise run a kernel specialized for other arguments.
@@ -19,12 +20,16 @@ bindings, collisions.
 ``replay``: real compiles for sm_90; each launcher called on a set of shapes and layouts twice
 with the same inputs, the first call through the JIT (recording its plan), the second replayed.
 Every argument Triton's launcher received is compared, pointers by what they point into (input i,
-output j, or the call's n-th temporary, with the byte offset). Prints JSON: cases, mismatches.
+output j, or the call's n-th temporary, with the byte offset), and so are the outputs' layouts.
+Operands the launchers pack are packed again by the replay. A call passing one tensor at two
+positions is not recorded: a later call with other tensors there replays nothing of it. Prints
+JSON: cases, mismatches.
 
 ``layers``: bf16 OverparamLinear train steps routed through the kernels as on CUDA; after two
 warm-up steps, the JIT calls, kernel launches and gradient copies per step, then the JIT calls and
 launches of one step as a CUDA graph's capture sees it (a stream without split counters,
-capturing). Prints JSON: rows.
+capturing); and the JIT calls per step of steps whose loss is ``.sum()`` (a stride-0 gradient).
+Prints JSON: rows.
 """
 
 from __future__ import annotations
@@ -62,6 +67,7 @@ def _mutated(call_key, mutation):
 def _operand(torch, rows, cols, dtype, layout, generator):
     """A (rows, cols) operand in ``layout``: contiguous, transposed (column-major view), sliced
     (row stride past cols), offset1 / offset8 (a view starting 1 or 8 elements into its storage),
+    strided (every other row and column: no unit stride), broadcast (one value, both strides 0),
     or stride31 (one row with a row stride of 2**31)."""
     def fresh(*shape):
         return torch.randn(*shape, generator=generator).to(dtype)
@@ -75,12 +81,16 @@ def _operand(torch, rows, cols, dtype, layout, generator):
     if layout in ("offset1", "offset8"):
         skip = int(layout[6:])
         return fresh(rows * cols + skip)[skip:].view(rows, cols)
+    if layout == "strided":
+        return fresh(rows * 2, cols * 2)[::2, ::2]
+    if layout == "broadcast":
+        return fresh(1)[0].expand(rows, cols)
     if layout == "stride31":
         return fresh(cols).as_strided((1, cols), (2**31, 1))
     raise ValueError(layout)
 
 
-LAYOUTS = ("contiguous", "transposed", "sliced", "offset1", "offset8")
+LAYOUTS = ("contiguous", "transposed", "sliced", "offset1", "offset8", "strided", "broadcast")
 SIZES = (1, 15, 16, 17, 33)
 
 
@@ -190,8 +200,8 @@ def replay() -> dict:
     replays = [0]
     original_replay = _launch.PlanCache.replay
 
-    def counted_replay(self, key, pointers, device):
-        outputs = original_replay(self, key, pointers, device)
+    def counted_replay(self, key, pointers, device, tensors):
+        outputs = original_replay(self, key, pointers, device, tensors)
         replays[0] += outputs is not None
         return outputs
 
@@ -199,7 +209,7 @@ def replay() -> dict:
     generator = torch.Generator().manual_seed(0)
     cases = []
     for dtype in (torch.bfloat16, torch.float32):
-        for layout in ("contiguous", "transposed", "offset1"):
+        for layout in ("contiguous", "transposed", "offset1", "strided", "broadcast"):
             x = _operand(torch, 17, 32, dtype, layout, generator)
             factors = [_operand(torch, 16, 32, dtype, layout, generator), _operand(torch, 33, 16, dtype, layout, generator)]
             cases.append((f"chain_matmul {dtype} {layout}", (x, *factors), lambda x=x, f=factors: chain.chain_matmul(x, f)))
@@ -211,7 +221,12 @@ def replay() -> dict:
                           lambda g=grads, i=inputs: chain.chain_factor_grads(g, i)))
             cases.append((f"chain_factor_grads split {dtype} {layout}", (*grads, *inputs),
                           lambda g=grads, i=inputs: chain.chain_factor_grads(g, i, split_k=3)))
-            if layout == "contiguous":  # the fused backward packs its operands
+            if layout in ("strided", "broadcast"):  # the fused backward packs x and the gradient
+                xb, grad = _operand(torch, 17, 16, dtype, layout, generator), _operand(torch, 17, 16, dtype, layout, generator)
+                narrow = [_operand(torch, 16, 16, dtype, "contiguous", generator) for _ in range(3)]
+                cases.append((f"chain_matmul_backward {dtype} {layout}", (xb, *narrow, grad),
+                              lambda x=xb, f=narrow, g=grad: chain.chain_matmul_backward(x, f, g)))
+            if layout == "contiguous":
                 grad = _operand(torch, 17, 16, dtype, "contiguous", generator)
                 narrow = [_operand(torch, 16, 16, dtype, "contiguous", generator) for _ in range(3)]
                 xb = _operand(torch, 17, 16, dtype, "contiguous", generator)
@@ -261,7 +276,48 @@ def replay() -> dict:
             right = _named(b, kind, inputs, second_outputs)
             if left != right:
                 mismatches.append({"case": name, "launch": index, "jit": repr(left)[:400], "replay": repr(right)[:400]})
+    mismatches += _aliased_calls(torch, chain, generator, replays)
     return {"cases": len(cases), "replayed": replayed, "mismatches": mismatches, "triton": stubbed_cuda._ACTIVE["triton"]}
+
+
+def _aliased_calls(torch, chain, generator, replays) -> list[dict]:
+    """Calls passing one tensor at two positions, then calls with the same metadata passing two:
+    the first is not recorded (its launch names one input for both, which a replay could not
+    tell apart), so the second runs the JIT and records, the third replays what the second
+    launched, and a fourth, aliased again, replays reading its one tensor at both positions."""
+    def operand(rows, cols, layout="contiguous"):
+        return _operand(torch, rows, cols, torch.bfloat16, layout, generator)
+
+    x, w, a, b = operand(17, 32), operand(32, 32), operand(32, 32), operand(32, 32)
+    t, u, v = operand(17, 16, "strided"), operand(17, 16, "strided"), operand(17, 16, "strided")
+    narrow = [operand(16, 16) for _ in range(2)]
+    scenarios = {  # name: (aliased call, its inputs, the same call on distinct tensors, their inputs)
+        "chain_matmul(x, [w, w])": (lambda: chain.chain_matmul(x, [w, w]), (x, w, w),
+                                    lambda: chain.chain_matmul(x, [a, b]), (x, a, b)),
+        "chain_matmul_backward(t, factors, t), t packed": (
+            lambda: chain.chain_matmul_backward(t, narrow, t), (t, *narrow, t),
+            lambda: chain.chain_matmul_backward(u, narrow, v), (u, *narrow, v)),
+    }
+    problems = []
+    for name, (aliased, aliased_inputs, distinct, distinct_inputs) in scenarios.items():
+        runs = []
+        for call, inputs in ((aliased, aliased_inputs), (distinct, distinct_inputs),
+                             (distinct, distinct_inputs), (aliased, aliased_inputs)):
+            stubbed_cuda.LAUNCHES.clear()
+            replays[0] = 0
+            outputs = call()
+            runs.append((replays[0], list(stubbed_cuda.LAUNCHES), inputs, outputs))
+        # which arguments are pointers: from a JIT launch (a replay passes them as integers)
+        kinds = [_kinds(launch["arguments"]) for launch in runs[1][1]]
+        runs = [(count, [_named(launch, kind, inputs, outputs) for launch, kind in zip(launches, kinds)])
+                for count, launches, inputs, outputs in runs]
+        counts = [count for count, _ in runs]
+        if counts != [0, 0, 1, 1]:
+            problems.append({"case": name, "problem": f"replays per call {counts}, expected [0, 0, 1, 1]"})
+        if runs[2][1] != runs[1][1] or runs[3][1] != runs[0][1]:
+            problems.append({"case": name, "problem": "a replay launched other arguments than the JIT call",
+                             "jit": repr(runs[1][1])[:400], "replay": repr(runs[2][1])[:400]})
+    return problems
 
 
 def _kinds(value):
@@ -380,10 +436,24 @@ def layers() -> dict:
             step()
         finally:
             chain._capturing = capturing
+        in_capture = {"jit_calls_in_capture": _launch.jit_calls() - jit,
+                      "launches_in_capture": stubbed_cuda.launch_count() - launches}
+
+        # A .sum() loss: the gradient arrives broadcast (stride 0), and the launchers pack it.
+        def summed_step():
+            for p in params:
+                p.grad = None
+            x.grad = None
+            layer(x).sum().backward()
+
+        summed_step()
+        jit = _launch.jit_calls()
+        for _ in range(2):
+            summed_step()
         rows.append({"shape": f"d={d} B={batch} L={depth}", "collapsed": list(layer._path_choices.values()),
                      "jit_calls_per_step": steady_jit / 3, "launches_per_step": steady_launches / 3,
-                     "copies_per_step": copies, "jit_calls_in_capture": _launch.jit_calls() - jit,
-                     "launches_in_capture": stubbed_cuda.launch_count() - launches})
+                     "copies_per_step": copies, **in_capture,
+                     "jit_calls_per_summed_step": (_launch.jit_calls() - jit) / 2})
     return {"rows": rows, "triton": stubbed_cuda._ACTIVE["triton"]}
 
 

@@ -98,6 +98,7 @@ def test_layer_train_steps_replay_every_launch(python):
         # A graph captures what its warm-up ran: a JIT call there could compile or autotune (which
         # synchronizes) inside the capture.
         assert row["jit_calls_in_capture"] == 0, f"Triton {result['triton']}: {row}: JIT calls in a capture"
+        assert row["jit_calls_per_summed_step"] == 0, f"Triton {result['triton']}: {row}: a .sum() loss left the plans"
         assert row["launches_in_capture"] == row["launches_per_step"], f"Triton {result['triton']}: {row}"
     assert [row["collapsed"] for row in result["rows"]] == [[False]] * 3 + [[True]] * 3 + [[False]], result
     # Triton launches per step: the chain and the fused backward where every width is at most 64
@@ -121,7 +122,12 @@ def test_replays_compute_what_the_jit_path_computes():
         narrow_x, narrow = randn(21, 16, dtype=dtype), [randn(16, 16, dtype=dtype) for _ in range(3)]
         narrow_grad = randn(21, 16, dtype=dtype)
         a = randn(300, 130, dtype=dtype)
+        strided_x, broadcast_grad = randn(74, 96, dtype=dtype)[::2, ::2], randn(1, dtype=dtype)[0].expand(21, 16)
         calls = {
+            # operands the launchers pack (no unit stride; a .sum()'s stride-0 gradient): replays pack them again
+            "chain_matmul packed": lambda: chain.chain_matmul(strided_x, factors),
+            "chain_factor_grads packed": lambda: chain.chain_factor_grads([broadcast_grad], [narrow_x]),
+            "chain_matmul_backward packed": lambda: chain.chain_matmul_backward(narrow_x, narrow, broadcast_grad),
             "chain_matmul": lambda: chain.chain_matmul(x, factors),
             "chain_matmul last": lambda: chain.chain_matmul(x.T.contiguous().T, factors, return_all=False),
             "chain_factor_grads": lambda: chain.chain_factor_grads(grads, inputs),
@@ -138,6 +144,13 @@ def test_replays_compute_what_the_jit_path_computes():
                 assert len(again) == len(first)
                 for index, (expected, got) in enumerate(zip(first, again)):
                     assert torch.equal(expected, got), f"{name} ({dtype}): output {index} differs on a replay"
+        # One tensor at two positions is not recorded: the call after it, on two tensors, reads both.
+        w, b = randn(48, 48, dtype=dtype), randn(48, 48, dtype=dtype)
+        chain.chain_matmul(x, [w, w])
+        for _ in range(2):
+            got = chain.chain_matmul(x, [w, b], return_all=False)[0]
+            expected = chain.chain_matmul_ref(x, [w, b], return_all=False)[0]
+            torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
     # The second and third calls were replays.
     for plans in (chain._CHAIN_PLANS, chain._FACTOR_GRAD_PLANS, chain._BACKWARD_PLANS, sketch._SKETCH_PLANS):
         assert any(plan is not None for plan in plans.plans.values())

@@ -1016,7 +1016,7 @@ def _split_counter_fetch(device: torch.device, count: int) -> Callable[[], Tenso
 
 def _launch_factor_grads(
     grads: Sequence[Tensor], inputs: Sequence[Tensor], outputs: list[Tensor], split_k: int | None,
-    recorder: PlanRecorder,
+    precision: str, recorder: PlanRecorder,
 ) -> None:
     """One grouped launch for at most FACTORS_PER_LAUNCH pairs."""
     M = grads[0].shape[0]
@@ -1066,7 +1066,7 @@ def _launch_factor_grads(
         LAYOUTS=sum(1 << code for code in set(codes)),
         SPLIT_K=splits > 1,
         ELEMENT_SIZE=grads[0].element_size(),
-        INPUT_PRECISION=_input_precision(grads[0].dtype),
+        INPUT_PRECISION=precision,
     )
 
 
@@ -1090,7 +1090,8 @@ def chain_factor_grads(
         _check_factor_grads(grads, inputs)
         return []
     tensors = (*grads, *inputs)
-    key, pointers = call_key(tensors, (split_k,))
+    precision = _input_precision(grads[0].dtype)  # one read of torch's TF32 setting per call
+    key, pointers = call_key(tensors, (split_k, precision))
     replayed = _FACTOR_GRAD_PLANS.replay(key, pointers, grads[0].get_device(), tensors)
     if replayed is not None:
         return replayed
@@ -1106,7 +1107,7 @@ def chain_factor_grads(
     with device_guard(grads[0]):
         for start in range(0, len(grads), FACTORS_PER_LAUNCH):
             stop = start + FACTORS_PER_LAUNCH
-            _launch_factor_grads(grads[start:stop], inputs[start:stop], outputs[start:stop], split_k, recorder)
+            _launch_factor_grads(grads[start:stop], inputs[start:stop], outputs[start:stop], split_k, precision, recorder)
     _FACTOR_GRAD_PLANS.record(key, recorder, outputs)
     return outputs
 

@@ -8,8 +8,9 @@
 ``keys``: draws many argument sets for each planned launcher (chain_matmul, chain_factor_grads,
 chain_matmul_backward, gaussian_sketch): sizes 1 / 15 / 16 / 17 / 33 and a 2**31 row count or
 stride, fp16 / bf16 / fp32, contiguous, transposed and sliced operands, views at element offsets
-that leave a pointer misaligned, and operands the launchers pack (strided in both dimensions, or
-broadcast with stride 0, as below a ``.sum()``). For each call it records the plan keys the launchers computed and
+that leave a pointer misaligned, operands the launchers pack (strided in both dimensions, or
+broadcast with stride 0, as below a ``.sum()``), and torch's fp32 matmul precision (TF32 or IEEE,
+which the kernels follow; a third of the calls are made under both). For each call it records the plan keys the launchers computed and
 what Triton's binder computed for every launch (specialization of each argument, options,
 constexprs, grid, every integer argument). Two calls with equal keys must have equal bindings: a
 replay of one's plan for the other would otherwise run a kernel specialized for other arguments.
@@ -44,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import stubbed_cuda  # noqa: E402
 
 MUTATIONS = ("alignment", "strides", "shapes", "dtypes", "flags")
+PRECISIONS = ("tf32", "ieee")  # torch's fp32 CUDA matmul precision, which the kernels follow
 # Integer arguments a replay reads per call (do_not_specialize: their specialization is compared,
 # their values are not): the Omega seed.
 PER_CALL = ("seed",)
@@ -92,6 +94,18 @@ def _operand(torch, rows, cols, dtype, layout, generator):
 
 LAYOUTS = ("contiguous", "transposed", "sliced", "offset1", "offset8", "strided", "broadcast")
 SIZES = (1, 15, 16, 17, 33)
+
+
+def _under_precision(torch, precision: str, call):
+    """``call()`` with torch's fp32 CUDA matmul precision set to ``precision`` ("tf32" or "ieee",
+    which the kernels follow)."""
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    matmul.fp32_precision = precision
+    try:
+        return call()
+    finally:
+        matmul.fp32_precision = before
 
 
 def _draw(torch, rng, generator):
@@ -164,22 +178,27 @@ def keys(mutation: str | None, draws: int) -> dict:
     collisions, distinct_bindings = [], set()
     for draw in range(draws):
         kind, call = _draw(torch, rng, generator)
-        seen_keys.clear()
-        stubbed_cuda.BINDINGS.clear()
-        call()
-        if not stubbed_cuda.BINDINGS:
-            continue  # a torch path (a width beyond the kernels, a single row of fp32 ...)
-        key = (kind, tuple(seen_keys))
-        binding = tuple(
-            (b["kernel"], b["specialization"], b["options"], b["grid"],
-             tuple(sorted((name, value) for name, value in b["values"].items()
-                          if not _is_pointer(value) and name not in PER_CALL)))
-            for b in stubbed_cuda.BINDINGS
-        )
-        distinct_bindings.add(binding)
-        previous = bindings_by_key.setdefault(key, (draw, binding))
-        if previous[1] != binding:
-            collisions.append({"kind": kind, "draws": [previous[0], draw]})
+        # torch's fp32 matmul precision, drawn; a third of the calls run again under the other one
+        precisions = [rng.choice(PRECISIONS)]
+        if rng.random() < 1 / 3:
+            precisions.append(next(p for p in PRECISIONS if p != precisions[0]))
+        for precision in precisions:
+            seen_keys.clear()
+            stubbed_cuda.BINDINGS.clear()
+            _under_precision(torch, precision, call)
+            if not stubbed_cuda.BINDINGS:
+                break  # a torch path (a width beyond the kernels, a single row of fp32 ...)
+            key = (kind, tuple(seen_keys))
+            binding = tuple(
+                (b["kernel"], b["specialization"], b["options"], b["grid"],
+                 tuple(sorted((name, value) for name, value in b["values"].items()
+                              if not _is_pointer(value) and name not in PER_CALL)))
+                for b in stubbed_cuda.BINDINGS
+            )
+            distinct_bindings.add(binding)
+            previous = bindings_by_key.setdefault(key, ((draw, precision), binding))
+            if previous[1] != binding:
+                collisions.append({"kind": kind, "draws": [previous[0], (draw, precision)]})
     return {"mutation": mutation, "draws": draws, "keys": len(bindings_by_key),
             "bindings": len(distinct_bindings), "collisions": collisions[:20], "collision_count": len(collisions),
             "triton": stubbed_cuda._ACTIVE["triton"]}

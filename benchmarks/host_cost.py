@@ -3,7 +3,7 @@ driver (benchmarks/stubbed_cuda.py), each public launcher through the JIT path a
 launch plan's replay, interleaved in one run.
 
     python benchmarks/host_cost.py [--json benchmarks/results/host_cost_cpu.json] [--rounds 40]
-    python benchmarks/host_cost.py --device cuda --json OUT.json   # on a GPU: the real driver
+    python benchmarks/host_cost.py --device cuda --json OUT.json [--budget-s 18]   # on a GPU: the real driver
 
 Rows ``{"call", "triton", "path", "us", ...}``: path "jit" is Triton's JIT launch (binding,
 specialization, kernel cache, the remembered autotune choice, and fastrank's launcher Python),
@@ -90,9 +90,12 @@ def _cases(device: str = "cpu"):
     ]
 
 
-def measure(rounds: int, calls: int, device: str = "stub") -> list[dict]:
+def measure(rounds: int, calls: int, device: str = "stub", budget_s: float | None = None) -> list[dict]:
     """Median microseconds per call of every case on both paths, interleaved round by round;
-    ``device`` "stub" (the stubbed driver, CPU tensors) or "cuda" (a GPU)."""
+    ``device`` "stub" (the stubbed driver, CPU tensors) or "cuda" (a GPU). With ``budget_s``, the
+    rounds stop (after two at least) where the next would end past that many seconds from the
+    start, compiles and autotuning included."""
+    started = time.perf_counter()
     cuda = device == "cuda"
     if not cuda:
         stubbed_cuda.activate(compile=True, record=False)
@@ -124,7 +127,9 @@ def measure(rounds: int, calls: int, device: str = "stub") -> list[dict]:
             raise RuntimeError(f"{name}: expected {launches} launches a call, counted {counted}")
         if not any(plan is not None for plan in plans.plans.values()):
             raise RuntimeError(f"{name}: no launch plan was recorded")
+    done = 0
     for _ in range(rounds):
+        round_started = time.perf_counter()
         for name, plans, call, _launches, torch_call in cases:
             for path in PATHS:
                 if path == "jit":
@@ -139,13 +144,17 @@ def measure(rounds: int, calls: int, device: str = "stub") -> list[dict]:
                 samples[(name, path)].append((time.perf_counter() - start) / calls * 1e6)
                 synchronize()
                 plans.__dict__.pop("replay", None)
+        done += 1
+        now = time.perf_counter()
+        if budget_s is not None and done >= 2 and now + (now - round_started) - started > budget_s:
+            break
     date = datetime.date.today().isoformat()
     rows = []
     for (name, path), values in samples.items():
         quartiles = statistics.quantiles(values, n=4)
         rows.append({
             "call": name, "triton": triton.__version__, "path": path, "us": round(statistics.median(values), 2),
-            "q1_us": round(quartiles[0], 2), "q3_us": round(quartiles[2], 2), "rounds": rounds, "calls": calls,
+            "q1_us": round(quartiles[0], 2), "q3_us": round(quartiles[2], 2), "rounds": done, "calls": calls,
             "torch": torch.__version__, "python": platform.python_version(), "cpu": _cpu_name(), "date": date,
             "device": torch.cuda.get_device_name() if cuda else "stubbed CUDA driver (no GPU), CPU tensors",
         })
@@ -207,8 +216,10 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--device", choices=("stub", "cuda"), default="stub",
                         help="stub: Triton's launcher on a stubbed driver (no GPU); cuda: a GPU")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="stop the rounds (after two at least) before this many seconds from the start")
     options = parser.parse_args()
-    rows = measure(options.rounds, options.calls, options.device)
+    rows = measure(options.rounds, options.calls, options.device, options.budget_s)
     path = Path(options.json)
     version = rows[0]["triton"]
     kept = [row for row in json.loads(path.read_text()) if row["triton"] != version] if path.exists() else []

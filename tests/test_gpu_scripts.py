@@ -1,5 +1,6 @@
 """benchmarks/gpu/train_grid.py and tracker_cost.py: their CPU plumbing (the dry runs run.sh and CI
-take), the goal arithmetic and the kernel attribution of the grid, the tracker loop's sizing."""
+take), the goal arithmetic and the kernel attribution of the grid, the tracker loop's sizing; and
+benchmarks/host_cost.py's budget (run.sh's host-cost step)."""
 
 import importlib.util
 import json
@@ -159,3 +160,29 @@ def test_tracker_loop_fits_its_budget(tracker_cost):
     assert tracker_cost.plan(0.043, 0.6, 100, budget_s=53) == (100, 5)
     assert tracker_cost.plan(0.043, 0.6, 100, budget_s=9) == (100, 1)  # one round, fitting or not
     assert tracker_cost.plan(0.001, 0.1, 100, budget_s=53) == (100, tracker_cost.MAX_ROUNDS)
+
+
+def test_host_cost_stops_its_rounds_at_its_budget(tmp_path):
+    """benchmarks/host_cost.py --budget-s (run.sh's GPU step): two rounds at least, then only as many
+    as end within the budget; every row says how many ran. On the stubbed driver (gcc builds it)."""
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("gcc") is None:
+        pytest.skip("the stubbed CUDA driver is built with gcc")
+    script = SCRIPTS.parent / "host_cost.py"
+    path = tmp_path / "host-cost.json"
+
+    def rounds(*budget):
+        done = subprocess.run([sys.executable, str(script), "--json", str(path), "--rounds", "400", "--calls", "50", *budget],
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        rows = json.loads(path.read_text())
+        assert {row["path"] for row in rows} == {"jit", "fast", "torch"} and all(_positive(row["us"]) for row in rows)
+        path.unlink()
+        return {row["rounds"] for row in rows}
+
+    assert rounds("--budget-s", "0") == {2}
+    budgeted = rounds("--budget-s", "3")
+    assert len(budgeted) == 1 and 2 < budgeted.pop() < 400

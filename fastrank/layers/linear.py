@@ -177,7 +177,7 @@ class OverparamLinear(_OverparamBase):
         if self.norms is None:
             return self._factor_list(), [None] * self.depth
         factors, shifts = [], []
-        for factor, norm in zip(self.factors, self.norms):
+        for factor, norm in zip(self._factor_list(), self.norms):
             scale = torch.rsqrt(norm.running_var + norm.eps)
             shift = -norm.running_mean * scale
             if norm.affine:

@@ -1,6 +1,6 @@
 """What every kernel launcher of ``fastrank.kernels`` shares: the interpreter switch, host-side size
 arithmetic, the autotune size buckets, launches through a remembered autotune choice, the device
-guard, and launch plans (a launcher call replayed from its first run at about the host cost of a
+guard, and launch plans (a launcher call replayed from an earlier run at about the host cost of a
 cuBLAS call)."""
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ def launch_tuned(kernel, grid, *args, **kwargs):
 # sees it: binding and specializing every argument, the kernel cache lookup, the autotuner, and
 # fastrank's own Python that turns shapes into sizes, strides, grids and allocations
 # (benchmarks/results/triton_launch_cpu.md). All of it depends only on the call's tensor
-# metadata. A plan records, on the first call with some metadata, what that call did: the buffers
+# metadata. A plan records, on the second call with some metadata, what that call did: the buffers
 # it allocated, and per launch the compiled kernel, the grid and every argument, each tensor
 # argument as a root (an input or an allocation) plus a byte offset. A later call with the same
 # metadata allocates the same buffers, reads one pointer per root and launches the compiled kernels
@@ -315,8 +315,9 @@ class PlanRecorder:
     names buffers that outlive the call with :meth:`external` and launches with :meth:`launch`.
     Every tensor argument of a launch must be one of these, an input of the call, or a view of an
     input with the input's data pointer that no other input shares; else the call is not
-    plannable and :meth:`plan` returns None. ``retry``: the call was not plannable for a reason of
-    its own (one tensor at two positions), so its key is left to a later call to record.
+    plannable and :meth:`plan` returns None. ``retry``: the call's key is left to a later call to
+    record (the key's first call, or a call not plannable for a reason of its own: one tensor at
+    two positions).
     """
 
     def __init__(self, inputs: Sequence[torch.Tensor], scalars: int = 0, active: bool = True):
@@ -554,18 +555,22 @@ _CACHES: list[PlanCache] = []  # every PlanCache made (one per launcher), for ji
 def jit_calls() -> int:
     """How many launcher calls took the JIT path (no plan for their key, a plan that could not run,
     or a key that is not plannable) since the process started, over every launcher: a steady
-    training loop adds none once each shape's first call has recorded its plan."""
+    training loop adds none once each shape's second call has recorded its plan."""
     return sum(cache.jit_calls for cache in _CACHES)
 
 
 class PlanCache:
-    """One launcher's plans by :func:`call_key`; None marks a key that is not plannable. At most
-    ``limit`` keys are kept, the oldest dropped first (a workload whose shapes keep changing, such
-    as variable sequence lengths, would otherwise grow it without end). ``jit_calls`` counts the
-    calls that took the JIT path (each made a :meth:`recorder`)."""
+    """One launcher's plans by :func:`call_key`; None marks a key that is not plannable. A key is
+    recorded at its second call: its first only enters ``seen``. Recording costs about 0.35 ms (the
+    plan's Python, generated and compiled: chain_matmul took 87 us at a key's first call, 428 us
+    at its second, 12.8 us replayed; driver stubbed, 2-core EPYC), which a key met once, such as
+    one prompt length of a varying workload, would pay for nothing. At most ``limit`` keys are kept in each, the oldest dropped
+    first (a workload whose shapes keep changing would otherwise grow them without end).
+    ``jit_calls`` counts the calls that took the JIT path (each made a :meth:`recorder`)."""
 
     def __init__(self, limit: int = 4096):
         self.plans: dict[tuple, LaunchPlan | None] = {}
+        self.seen: dict[tuple, None] = {}  # keys met once, in order
         self.limit = limit
         self.jit_calls = 0
         _CACHES.append(self)
@@ -586,18 +591,30 @@ class PlanCache:
         return plan.run(pointers, index, tensors)
 
     def recorder(self, key: tuple, inputs: Sequence[torch.Tensor], scalars: int = 0) -> PlanRecorder:
-        """A :class:`PlanRecorder` for a call with ``key`` that the JIT runs: recording when the key
-        has no plan yet, else launching only (a plan that could not run, or a key not plannable)."""
+        """A :class:`PlanRecorder` for a call with ``key`` that the JIT runs: recording at the key's
+        second call, else launching only (its first call, a plan that could not run, or a key not
+        plannable)."""
         self.jit_calls += 1
-        return PlanRecorder(inputs, scalars, active=key not in self.plans)
+        if key in self.plans:
+            return PlanRecorder(inputs, scalars, active=False)
+        if key not in self.seen:
+            if len(self.seen) >= self.limit:
+                del self.seen[next(iter(self.seen))]
+            self.seen[key] = None
+            first = PlanRecorder(inputs, scalars, active=False)
+            first.retry = True  # the key's next call records
+            return first
+        return PlanRecorder(inputs, scalars)
 
     def record(self, key: tuple, recorder: PlanRecorder, outputs: Sequence[torch.Tensor]) -> None:
         """Keep the plan ``recorder`` made of the call with ``key`` returning ``outputs`` (None: the
         key is not plannable), unless the call left its key to a later one (``recorder.retry``)."""
         if key not in self.plans and not recorder.retry:
+            self.seen.pop(key, None)
             if len(self.plans) >= self.limit:
                 del self.plans[next(iter(self.plans))]
             self.plans[key] = recorder.plan(outputs)
 
     def clear(self) -> None:
         self.plans.clear()
+        self.seen.clear()

@@ -18,8 +18,9 @@ replay of one's plan for the other would otherwise run a kernel specialized for 
 a check that the collision search can see each. Prints JSON: draws, distinct keys, distinct
 bindings, collisions.
 
-``replay``: real compiles for sm_90; each launcher called on a set of shapes and layouts twice
-with the same inputs, the first call through the JIT (recording its plan), the second replayed.
+``replay``: real compiles for sm_90; each launcher called on a set of shapes and layouts three
+times with the same inputs, the first two through the JIT (the second recording the key's plan),
+the third replayed.
 Every argument Triton's launcher received is compared, pointers by what they point into (input i,
 output j, or the call's n-th temporary, with the byte offset), and so are the outputs' layouts.
 Operands the launchers pack are packed again by the replay. A call passing one tensor at two
@@ -263,7 +264,7 @@ def replay() -> dict:
     mismatches, replayed = [], 0
     for name, inputs, call in cases:
         runs, jit = [], []
-        for _ in range(2):
+        for _ in range(3):  # the JIT; the JIT, recording; the replay
             stubbed_cuda.LAUNCHES.clear()
             before = stubbed_cuda.launch_count()
             jit_before = _launch.jit_calls()
@@ -272,18 +273,18 @@ def replay() -> dict:
             if stubbed_cuda.launch_count() - before != len(stubbed_cuda.LAUNCHES):
                 mismatches.append({"case": name, "problem": "the stub counted other launches than the launcher made"})
             runs.append((list(stubbed_cuda.LAUNCHES), outputs))
-        (first, first_outputs), (second, second_outputs) = runs
+        (_, _), (first, first_outputs), (second, second_outputs) = runs
         if not first:
             continue  # a torch path
         kinds = [_kinds(launch["arguments"]) for launch in first]
         if replays[0] != 1 or any(_has_int_pointer(launch, kind) for launch, kind in zip(first, kinds)):
-            mismatches.append({"case": name, "problem": f"{replays[0]} replays of two calls (expected the second)"})
+            mismatches.append({"case": name, "problem": f"{replays[0]} replays of three calls (expected the third)"})
             replays[0] = 0
             continue
         replays[0] = 0
         replayed += 1
-        if jit != [1, 0]:
-            mismatches.append({"case": name, "problem": f"jit_calls counted {jit} for a JIT call, then a replay"})
+        if jit != [1, 1, 0]:
+            mismatches.append({"case": name, "problem": f"jit_calls counted {jit} for two JIT calls, then a replay"})
         if len(first) != len(second):
             mismatches.append({"case": name, "problem": f"{len(first)} launches, then {len(second)}"})
             continue
@@ -301,9 +302,10 @@ def replay() -> dict:
 
 def _aliased_calls(torch, chain, generator, replays) -> list[dict]:
     """Calls passing one tensor at two positions, then calls with the same metadata passing two:
-    the first is not recorded (its launch names one input for both, which a replay could not
-    tell apart), so the second runs the JIT and records, the third replays what the second
-    launched, and a fourth, aliased again, replays reading its one tensor at both positions."""
+    the second aliased call, the key's recording one, is not recorded (its launch names one input
+    for both, which a replay could not tell apart), so the first distinct call runs the JIT and
+    records, the next replays what it launched, and a last, aliased again, replays reading its
+    one tensor at both positions."""
     def operand(rows, cols, layout="contiguous"):
         return _operand(torch, rows, cols, torch.bfloat16, layout, generator)
 
@@ -320,22 +322,22 @@ def _aliased_calls(torch, chain, generator, replays) -> list[dict]:
     problems = []
     for name, (aliased, aliased_inputs, distinct, distinct_inputs) in scenarios.items():
         runs = []
-        for call, inputs in ((aliased, aliased_inputs), (distinct, distinct_inputs),
+        for call, inputs in ((aliased, aliased_inputs), (aliased, aliased_inputs), (distinct, distinct_inputs),
                              (distinct, distinct_inputs), (aliased, aliased_inputs)):
             stubbed_cuda.LAUNCHES.clear()
             replays[0] = 0
             outputs = call()
             runs.append((replays[0], list(stubbed_cuda.LAUNCHES), inputs, outputs))
         # which arguments are pointers: from a JIT launch (a replay passes them as integers)
-        kinds = [_kinds(launch["arguments"]) for launch in runs[1][1]]
+        kinds = [_kinds(launch["arguments"]) for launch in runs[2][1]]
         runs = [(count, [_named(launch, kind, inputs, outputs) for launch, kind in zip(launches, kinds)])
                 for count, launches, inputs, outputs in runs]
         counts = [count for count, _ in runs]
-        if counts != [0, 0, 1, 1]:
-            problems.append({"case": name, "problem": f"replays per call {counts}, expected [0, 0, 1, 1]"})
-        if runs[2][1] != runs[1][1] or runs[3][1] != runs[0][1]:
+        if counts != [0, 0, 0, 1, 1]:
+            problems.append({"case": name, "problem": f"replays per call {counts}, expected [0, 0, 0, 1, 1]"})
+        if runs[3][1] != runs[2][1] or runs[4][1] != runs[1][1]:
             problems.append({"case": name, "problem": "a replay launched other arguments than the JIT call",
-                             "jit": repr(runs[1][1])[:400], "replay": repr(runs[2][1])[:400]})
+                             "jit": repr(runs[2][1])[:400], "replay": repr(runs[3][1])[:400]})
     return problems
 
 
@@ -465,7 +467,8 @@ def layers() -> dict:
             x.grad = None
             layer(x).sum().backward()
 
-        summed_step()
+        for _ in range(2):  # the JIT, then the JIT recording, for the keys the broadcast gradient makes
+            summed_step()
         jit = _launch.jit_calls()
         for _ in range(2):
             summed_step()

@@ -146,12 +146,13 @@ def test_replays_compute_what_the_jit_path_computes():
                     assert torch.equal(expected, got), f"{name} ({dtype}): output {index} differs on a replay"
         # One tensor at two positions is not recorded: the call after it, on two tensors, reads both.
         w, b = randn(48, 48, dtype=dtype), randn(48, 48, dtype=dtype)
-        chain.chain_matmul(x, [w, w], return_all=False)  # the key of the calls below
+        for _ in range(2):  # the key of the calls below, met twice: its recording call is this aliased one
+            chain.chain_matmul(x, [w, w], return_all=False)
         for _ in range(2):
             got = chain.chain_matmul(x, [w, b], return_all=False)[0]
             expected = chain.chain_matmul_ref(x, [w, b], return_all=False)[0]
             torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
-    # The second and third calls were replays.
+    # The third calls were replays (a key's second call records its plan).
     for plans in (chain._CHAIN_PLANS, chain._FACTOR_GRAD_PLANS, chain._BACKWARD_PLANS, sketch._SKETCH_PLANS):
         assert any(plan is not None for plan in plans.plans.values())
 
@@ -164,7 +165,19 @@ def test_plan_cache_keeps_at_most_its_limit_dropping_the_oldest():
         cache.record(key, PlanRecorder((), active=False), [])
     assert list(cache.plans) == [2, 3, 4]
     assert cache.recorder(4, ()).plannable is False  # a known key records nothing more
-    assert cache.recorder(9, ()).plannable is True
+    # A new key records at its second call: its first only enters `seen`, which keeps at most
+    # `limit` keys too, and recording it leaves `seen`.
+    first = cache.recorder(9, ())
+    assert first.plannable is False and first.retry is True
+    cache.record(9, first, [])
+    assert 9 not in cache.plans and list(cache.seen) == [9]
+    second = cache.recorder(9, ())
+    assert second.plannable is True and second.retry is False
+    cache.record(9, second, [])
+    assert list(cache.plans) == [3, 4, 9] and list(cache.seen) == []
+    for key in range(10, 15):
+        cache.recorder(key, ())
+    assert list(cache.seen) == [12, 13, 14]
 
 
 @pytest.mark.parametrize("count", [0, 1, 2, 9])

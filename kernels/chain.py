@@ -649,7 +649,7 @@ def _launch_chain(
 
 
 # Launch plans of the three launchers (fastrank.kernels._launch): a repeated call with the same
-# tensor metadata replays its first call's launches.
+# tensor metadata replays the launches recorded at the second call with that metadata.
 _CHAIN_PLANS = PlanCache()
 _FACTOR_GRAD_PLANS = PlanCache()
 _BACKWARD_PLANS = PlanCache()

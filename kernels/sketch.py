@@ -457,7 +457,7 @@ def gaussian_omega(n, k, seed, device, dtype=torch.float32):
 
 
 # Launch plans of gaussian_sketch (fastrank.kernels._launch): a repeated call with the same tensor
-# metadata replays its first call's launches, the seed read per call.
+# metadata replays the launches recorded at the second call with that metadata, the seed read per call.
 _SKETCH_PLANS = PlanCache()
 
 

@@ -88,7 +88,7 @@ def test_a_replay_launches_what_the_jit_launches(python):
 def test_layer_train_steps_replay_every_launch(python):
     # A steady training loop never takes Triton's JIT path: every launcher call of a layer's train
     # step (forward chain, fused or composed backward, grouped factor gradients, the collapsed
-    # product) replays the plan its first call recorded.
+    # product) replays the plan its second call recorded.
     result = _stubbed(python, "layers")
     for row in result["rows"]:
         assert row["launches_per_step"] >= 1, f"Triton {result['triton']}: {row}: no kernel ran"

@@ -484,7 +484,10 @@ def gaussian_sketch(A, k, seed, gram=False):
         raise TypeError(f"gaussian_sketch: the kernel takes fp16, bf16, fp32 or fp64 input, got {A.dtype}")
     recorder = _SKETCH_PLANS.recorder(key, (A,), scalars=1) if key is not None else PlanRecorder((), 1, False)
     *batch_shape, m, n = A.shape
-    a3 = A.reshape(-1, m, n)  # a view whenever the batch dims can be merged
+    # a view whenever the batch dims can be merged; else a packed copy, which a replay makes again
+    a3 = A.reshape(-1, m, n)
+    if a3.data_ptr() != A.data_ptr():
+        a3 = recorder.contiguous(A).view(-1, m, n)
     acc_dtype = _accumulation_dtype(A.dtype)
     omega_buffer = recorder.empty((k, m if gram else n), A)
     omega = _write_omega(omega_buffer.T, seed, recorder)[None]  # one Omega for the batch

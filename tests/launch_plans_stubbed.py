@@ -261,6 +261,9 @@ def replay() -> dict:
             a = _operand(torch, 33, 100, dtype, layout, generator)
             cases.append((f"gaussian_sketch {dtype} {layout}", (a,), lambda a=a: sketch.gaussian_sketch(a, 17, 5)))
             cases.append((f"gaussian_sketch gram {dtype} {layout}", (a,), lambda a=a: sketch.gaussian_sketch(a, 17, 6, gram=True)))
+            # a batch whose two batch dimensions cannot be merged: reshape packs it
+            batch = _operand(torch, 33 * 6, 100, dtype, layout, generator).reshape(2, 3, 33, 100).transpose(0, 1)
+            cases.append((f"gaussian_sketch batch {dtype} {layout}", (batch,), lambda b=batch: sketch.gaussian_sketch(b, 17, 7)))
     mismatches, replayed = [], 0
     for name, inputs, call in cases:
         runs, jit = [], []

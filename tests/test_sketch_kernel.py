@@ -257,6 +257,20 @@ def test_batch_shares_omega():
     assert torch.equal(batched[0], batched[2])
 
 
+def test_batch_dims_that_do_not_merge_are_packed():
+    # (3, 2, m, n) whose two batch dims cannot be merged into one stride: packed (reshape's copy,
+    # which a launch plan records), with the batch's order kept.
+    generator = torch.Generator().manual_seed(5)
+    A = torch.randn(2, 3, 9, 21, generator=generator).to(DEVICE).transpose(0, 1)
+    assert A.reshape(-1, 9, 21).data_ptr() != A.data_ptr()  # the case: reshape copies
+    Y = kernels.gaussian_sketch(A, 6, seed=4)
+    assert Y.shape == (3, 2, 9, 6)
+    assert torch.equal(Y, kernels.gaussian_sketch(A.contiguous(), 6, seed=4))
+    for gram in (False, True):
+        expected = kernels.gaussian_sketch(A.contiguous(), 6, seed=4, gram=gram)
+        assert torch.equal(kernels.gaussian_sketch(A, 6, seed=4, gram=gram), expected)
+
+
 def test_grid_fits_cuda_limits():
     # CUDA grids stop at 2**31 - 1 programs on axis 0 and 65535 on axes 1 and 2: the batch must
     # not sit on axis 1 or 2 (70,000 small matrices are a normal batch).

@@ -275,10 +275,10 @@ class LaunchPlan:
 
     ``run(pointers, device_index, tensors)`` is generated from the recorded call as one Python
     function: it packs the inputs the call packed (``tensors[i].contiguous()``), makes the call's
-    allocations (``torch.empty_like`` of a one-element template expanded to the
-    shape, 0.6 us against 1.2 us for ``torch.empty(shape, dtype=, device=)``, torch 2.13, 2-core
-    Xeon; ``torch.empty_strided`` for an output returned as a transposed matrix, such as a
-    column-major factor's gradient), reads one pointer per allocation and per external buffer
+    allocations (``torch.empty_like`` of a one-element template expanded to the shape, 0.6 us
+    against 1.2 us for ``torch.empty(shape, dtype=, device=)``, torch 2.13, 2-core Xeon;
+    ``torch.empty_strided`` for an output returned as a transposed matrix, such as a column-major
+    factor's gradient), reads one pointer per allocation and per external buffer
     (``fetch()`` each time: a buffer that outlives the call, such as the split-K arrival counters
     of the current stream), checks those pointers 16-byte aligned, launches every recorded kernel
     with its arguments written out (sizes, strides and constexprs as constants, each tensor

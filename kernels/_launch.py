@@ -494,11 +494,10 @@ class PlanRecorder:
                 buffer = allocated[root] = f"a{root}"
                 device = self.roots[root].device
                 template = unused_buffer(device, dtype)[:1].expand(shape)
-                made = torch.empty_like(template)
                 if root in strides:
                     lines.append(f"{buffer} = empty_strided({shape!r}, {strides[root]!r}, "
                                  f"dtype={source.name(dtype, 'd')}, device={source.name(device, 'v')})")
-                elif made.stride() == torch.empty(shape, dtype=dtype, device=device).stride():
+                elif torch.empty_like(template).stride() == torch.empty(shape, dtype=dtype, device=device).stride():
                     lines.append(f"{buffer} = empty_like({source.name(template, 't')})")
                 else:  # a zero-size shape: empty_like gives other strides
                     lines.append(f"{buffer} = empty({shape!r}, dtype={source.name(dtype, 'd')}, "
@@ -564,9 +563,10 @@ class PlanCache:
     recorded at its second call: its first only enters ``seen``. Recording costs about 0.35 ms (the
     plan's Python, generated and compiled: chain_matmul took 87 us at a key's first call, 428 us
     at its second, 12.8 us replayed; driver stubbed, 2-core EPYC), which a key met once, such as
-    one prompt length of a varying workload, would pay for nothing. At most ``limit`` keys are kept in each, the oldest dropped
-    first (a workload whose shapes keep changing would otherwise grow them without end).
-    ``jit_calls`` counts the calls that took the JIT path (each made a :meth:`recorder`)."""
+    one prompt length of a varying workload, would pay for nothing. At most ``limit`` keys are kept
+    in each, the oldest dropped first (a workload whose shapes keep changing would otherwise grow
+    them without end). ``jit_calls`` counts the calls that took the JIT path (each made a
+    :meth:`recorder`)."""
 
     def __init__(self, limit: int = 4096):
         self.plans: dict[tuple, LaunchPlan | None] = {}

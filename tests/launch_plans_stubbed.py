@@ -434,11 +434,13 @@ def layers() -> dict:
         x = torch.randn(batch, d).to(torch.bfloat16).requires_grad_(True)
         params = list(layer.parameters())
 
-        def step():
+        def step(summed: bool = False):
             for p in params:
                 p.grad = None
             x.grad = None
-            layer(x).float().square().mean().backward()
+            y = layer(x)
+            # a .sum() loss sends the gradient back broadcast (stride 0): the launchers pack it
+            (y.sum() if summed else y.float().square().mean()).backward()
 
         for _ in range(2):
             step()
@@ -462,19 +464,11 @@ def layers() -> dict:
             chain._capturing = capturing
         in_capture = {"jit_calls_in_capture": _launch.jit_calls() - jit,
                       "launches_in_capture": stubbed_cuda.launch_count() - launches}
-
-        # A .sum() loss: the gradient arrives broadcast (stride 0), and the launchers pack it.
-        def summed_step():
-            for p in params:
-                p.grad = None
-            x.grad = None
-            layer(x).sum().backward()
-
         for _ in range(2):  # the JIT, then the JIT recording, for the keys the broadcast gradient makes
-            summed_step()
+            step(summed=True)
         jit = _launch.jit_calls()
         for _ in range(2):
-            summed_step()
+            step(summed=True)
         rows.append({"shape": f"d={d} B={batch} L={depth}", "collapsed": list(layer._path_choices.values()),
                      "jit_calls_per_step": steady_jit / 3, "launches_per_step": steady_launches / 3,
                      "copies_per_step": copies, **in_capture,

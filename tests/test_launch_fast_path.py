@@ -144,6 +144,7 @@ def test_replays_compute_what_the_jit_path_computes():
                 assert len(again) == len(first)
                 for index, (expected, got) in enumerate(zip(first, again)):
                     assert torch.equal(expected, got), f"{name} ({dtype}): output {index} differs on a replay"
+                    assert (got.device, got.stride()) == (expected.device, expected.stride()), (name, index)
         # One tensor at two positions is not recorded: the call after it, on two tensors, reads both.
         w, b = randn(48, 48, dtype=dtype), randn(48, 48, dtype=dtype)
         for _ in range(2):  # the key of the calls below, met twice: its recording call is this aliased one
@@ -202,3 +203,52 @@ def test_call_key_reads_every_tensor(count):
         assert key[2] == alignment and not all(alignment)
     aligned = [torch.randn(4, 4, generator=generator) for _ in range(count)]
     assert call_key(tuple(aligned), flags)[0][2] is True
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_plan_allocator_allocates_on_the_current_cuda_device():
+    from fastrank.kernels._launch import _allocator
+
+    for index in range(torch.cuda.device_count()):
+        device = torch.device("cuda", index)
+        with torch.cuda.device(index):  # a replay makes its inputs' device current
+            made = _allocator(device)((33, 17), (1, 33), torch.bfloat16)
+        assert (made.device, made.shape, made.stride(), made.dtype) == (device, (33, 17), (1, 33), torch.bfloat16)
+        made.copy_(torch.arange(33 * 17, device=device).view(33, 17))
+        assert torch.equal(made.cpu(), torch.arange(33 * 17).view(33, 17).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("shape", [(), (0,), (5,), (3, 0, 2), (1, 7, 3), (64, 64), (2, 1, 1)])
+def test_plan_strides_are_the_strides_torch_empty_gives(shape):
+    from fastrank.kernels._launch import _contiguous_strides
+
+    assert _contiguous_strides(shape) == torch.empty(shape).stride()
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["inductor allocator", "empty_strided"])
+def test_plan_allocator_makes_what_empty_strided_makes(fast, monkeypatch):
+    """A replay's allocations (``_allocator``): torch's dispatcher-free allocator where torch has
+    one for the device type, else ``torch.empty_strided``; either gives the tensor
+    ``torch.empty_strided`` gives (shape, strides, dtype, device, no grad, inference mode)."""
+    from fastrank.kernels._launch import _allocator
+
+    guards = torch._C._dynamo.guards
+    assert hasattr(guards, "_empty_strided_cpu")  # what the CPU host-cost figures measure
+    if not fast:
+        monkeypatch.delattr(guards, "_empty_strided_cpu")
+    allocate = _allocator(torch.device("cpu"))
+    assert (allocate is getattr(guards, "_empty_strided_cpu", None)) is fast
+    generator = torch.Generator().manual_seed(1)
+    cases = [((5, 7), (7, 1)), ((5, 7), (1, 5)), ((0, 3), (3, 1)), ((), ()), ((2, 3, 4), (12, 4, 1))]
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.uint8):
+        for shape, stride in cases:
+            for inference in (False, True):
+                values = torch.randint(0, 100, shape, generator=generator).to(dtype)
+                with torch.inference_mode(inference):
+                    made = allocate(shape, stride, dtype)
+                    reference = torch.empty_strided(shape, stride, dtype=dtype)
+                    made.copy_(values)
+                assert (made.shape, made.stride(), made.dtype, made.device) == (torch.Size(shape), stride, dtype,
+                                                                                  torch.device("cpu"))
+                assert not made.requires_grad and made.is_inference() == reference.is_inference() == inference
+                assert torch.equal(made, values)

@@ -300,7 +300,9 @@ def replay() -> dict:
             if left != right:
                 mismatches.append({"case": name, "launch": index, "jit": repr(left)[:400], "replay": repr(right)[:400]})
     mismatches += _aliased_calls(torch, chain, generator, replays)
-    return {"cases": len(cases), "replayed": replayed, "mismatches": mismatches, "triton": stubbed_cuda._ACTIVE["triton"]}
+    allocator = _launch._allocator(torch.device("cpu")).__name__  # what the plans allocated with
+    return {"cases": len(cases), "replayed": replayed, "mismatches": mismatches, "allocator": allocator,
+            "triton": stubbed_cuda._ACTIVE["triton"]}
 
 
 def _aliased_calls(torch, chain, generator, replays) -> list[dict]:
@@ -481,7 +483,14 @@ def main() -> None:
     parser.add_argument("mode", choices=("keys", "replay", "layers"))
     parser.add_argument("--mutation", choices=MUTATIONS)
     parser.add_argument("--draws", type=int, default=1500)
+    parser.add_argument("--allocator", choices=("fast", "empty_strided"), default="fast",
+                        help="empty_strided: replays allocate as where torch has no dispatcher-free "
+                             "allocator for the device type (fastrank.kernels._launch._allocator)")
     options = parser.parse_args()
+    if options.allocator == "empty_strided":
+        import torch
+
+        del torch._C._dynamo.guards._empty_strided_cpu
     modes = {"keys": lambda: keys(options.mutation, options.draws), "replay": replay, "layers": layers}
     result = modes[options.mode]()
     print(json.dumps(result))

@@ -77,9 +77,13 @@ def test_a_key_without_one_component_is_caught(python, mutation):
     )
 
 
+@pytest.mark.parametrize("allocator", ["fast", "empty_strided"])
 @pytest.mark.parametrize("python", _pythons())
-def test_a_replay_launches_what_the_jit_launches(python):
-    result = _stubbed(python, "replay")
+def test_a_replay_launches_what_the_jit_launches(python, allocator):
+    # Replays allocate through torch's dispatcher-free allocator, or torch.empty_strided where
+    # torch has none for the device type: either way they launch what the JIT launches.
+    result = _stubbed(python, "replay", "--allocator", allocator)
+    assert result["allocator"] == ("_empty_strided_cpu" if allocator == "fast" else "allocate"), result
     assert result["mismatches"] == [], f"Triton {result['triton']}: {result['mismatches']}"
     assert result["replayed"] == result["cases"] > 30, result
 

@@ -309,12 +309,12 @@ class LaunchPlan:
     ``run(pointers, device_index, tensors)`` is generated from the recorded call as one Python
     function: it packs the inputs the call packed (``tensors[i].contiguous()``), makes the call's
     allocations (:func:`_allocator`'s, contiguous or, for an output returned as a transposed
-    matrix such as a column-major factor's gradient, with that view's strides), reads one pointer per allocation and per external buffer
-    (``fetch()`` each time: a buffer that outlives the call, such as the split-K arrival counters
-    of the current stream), checks those pointers 16-byte aligned, launches every recorded kernel
-    with its arguments written out (sizes, strides and constexprs as constants, each tensor
-    argument as a pointer plus an offset) and returns the outputs; None where an allocation is not
-    aligned or an external buffer is unavailable.
+    matrix such as a column-major factor's gradient, with that view's strides), reads one pointer
+    per allocation and per external buffer (``fetch()`` each time: a buffer that outlives the
+    call, such as the split-K arrival counters of the current stream), checks those pointers
+    16-byte aligned, launches every recorded kernel with its arguments written out (sizes, strides
+    and constexprs as constants, each tensor argument as a pointer plus an offset) and returns the
+    outputs; None where an allocation is not aligned or an external buffer is unavailable.
     """
 
     __slots__ = ("run", "keep", "source")

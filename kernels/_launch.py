@@ -488,7 +488,8 @@ class PlanRecorder:
         source, keep = _Source(), []
         lines = source.lines
         allocations = [root for root, kind in enumerate(self.kinds) if isinstance(kind, tuple)]
-        shapes = {root: self.kinds[root][0] for root in allocations}
+        # root -> (shape, strides) it is made with: its recorded shape, contiguous, unless returned as below
+        layouts = {root: (self.kinds[root][0], _contiguous_strides(self.kinds[root][0])) for root in allocations}
         returned: list[tuple[int, torch.Tensor | None]] = []  # per output: its allocation, and the view
         for output in outputs:  # of it that the output is (None: the allocation itself)
             storage = output.untyped_storage().data_ptr()
@@ -500,19 +501,14 @@ class PlanRecorder:
             if root is None:
                 return None  # an input, or a tensor no allocation holds
             returned.append((root, output))
-        strides: dict[int, tuple] = {}  # root -> the strides it is made with (else contiguous)
         for position, (root, view) in enumerate(returned):
             # An allocation returned once, as a view of all of it that is contiguous or a transposed
-            # matrix (a gradient in a column-major factor's layout): made with the view's strides, not
-            # made and then viewed (as_strided costs 1.0 us, 2-core EPYC).
-            if (view is None or view.storage_offset() != 0 or view.numel() != self.roots[root].numel()
-                    or [r for r, _ in returned].count(root) != 1):
-                continue
-            if view.is_contiguous():
-                shapes[root] = tuple(view.shape)
-                returned[position] = (root, None)
-            elif view.dim() == 2 and view.T.is_contiguous():
-                shapes[root], strides[root] = tuple(view.shape), tuple(view.stride())
+            # matrix (a gradient in a column-major factor's layout): made as the view (its shape and
+            # strides), not made and then viewed (as_strided costs 1.0 us, 2-core EPYC).
+            if (view is not None and view.storage_offset() == 0 and view.numel() == self.roots[root].numel()
+                    and [r for r, _ in returned].count(root) == 1
+                    and (view.is_contiguous() or (view.dim() == 2 and view.T.is_contiguous()))):
+                layouts[root] = (tuple(view.shape), tuple(view.stride()))
                 returned[position] = (root, None)
         pointer_of: dict[int, str] = {}  # root -> the expression of its pointer
         allocated: dict[int, str] = {}  # root -> the name of its buffer
@@ -521,9 +517,8 @@ class PlanRecorder:
                 pointer_of[root] = f"p[{len(pointer_of)}]"
         for root, kind in enumerate(self.kinds):
             if isinstance(kind, tuple):
-                shape, dtype = shapes[root], kind[1]
+                (shape, stride), dtype = layouts[root], kind[1]
                 buffer = allocated[root] = f"a{root}"
-                stride = strides.get(root) or _contiguous_strides(shape)
                 allocate = source.name(_allocator(self.roots[root].device), "m")
                 lines.append(f"{buffer} = {allocate}({shape!r}, {stride!r}, {source.name(dtype, 'd')})")
                 lines.append(f"q{root} = {buffer}.data_ptr()")

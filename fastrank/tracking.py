@@ -10,6 +10,7 @@ result on the concatenated data.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -28,6 +29,7 @@ from .layers import OverparamConv1D, _OverparamBase
 from .layers.hf import is_hf_conv1d
 from .rank import effective_ranks, nystrom_entropy, rank_metrics
 from .rank.common import _METHODS as RANK_METHODS
+from .rank.eigensolver import on_host
 from .sharded import check_token_rate, collapsed_weight_of, is_sharded, select_tokens
 
 __all__ = ["RankTracker", "weight_matrix"]
@@ -72,6 +74,7 @@ _OPTIONS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "token_rate": ("None or a number in (0, 1]", lambda v: _accepts(check_token_rate, v)),
     "token_dim": ("0 (outputs (T, B, d)) or 1 (outputs (B, T, d))", lambda v: _is_int(v) and v in (0, 1)),
     "forwards": (f"one of {FORWARDS}", lambda v: v in FORWARDS),
+    "host_threads": ("a positive int or None", lambda v: v is None or (_is_int(v) and v >= 1)),
 }
 
 
@@ -248,6 +251,15 @@ class RankTracker:
             (``torch.utils.checkpoint(..., use_reentrant=True)`` runs the training forward under
             no_grad). The framework callbacks use ``"training"``. Either way, the forward that
             gradient checkpointing reruns inside backward is not counted: every row counts once.
+        host_threads: solve the measurement's eigenvalue problems (the exact spectra of the weights'
+            and embeddings' fp64 Grams) on this many host CPU threads, one matrix per thread and
+            one LAPACK thread each (:func:`fastrank.rank.eigensolver.on_host`), instead of on the
+            device the matrices are on. For a model on a GPU the Grams are still formed there (one
+            fp64 product each), then copied to pinned host memory, and the GPU's share of a
+            measurement is those products and copies: the eigensolvers, which take most of its GPU
+            time, run on the host, beside the loop's work rather than between its kernels. Leave
+            the training loop's own threads a core each. Default None: the device's solver
+            (cuSOLVER's batched one on CUDA). The results agree to fp64 rounding.
 
     Every argument is checked here: an unknown method, a sketch size below 1, a token dim other
     than 0 or 1, a model that is not an ``nn.Module`` or an embedding name that is not one of its
@@ -288,6 +300,7 @@ class RankTracker:
         token_rate: float | None = None,
         token_dim: int = 1,
         forwards: str = "all",
+        host_threads: int | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"RankTracker: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -296,7 +309,7 @@ class RankTracker:
             "embeddings": embeddings, "weights": weights, "every": every, "method": method, "center": center,
             "sketch_threshold": sketch_threshold, "sketch_size": sketch_size, "seed": seed,
             "background": background, "num_classes": num_classes, "token_rate": token_rate,
-            "token_dim": token_dim, "forwards": forwards,
+            "token_dim": token_dim, "forwards": forwards, "host_threads": host_threads,
         })
         modules = dict(model.named_modules())
         for name in embeddings:
@@ -310,6 +323,7 @@ class RankTracker:
         self.method = method
         self.center = center
         self.process_group = process_group
+        self.host_threads = host_threads
         self.step_count = 0
         self._history: list[dict[str, Any]] = []
         self._executor = ThreadPoolExecutor(max_workers=1) if background else None
@@ -530,17 +544,24 @@ class RankTracker:
         weights = self._weights(copy) if self.weights else ([], [])
         measured = {}
         if any(is_sharded(matrix) for matrix in weights[1]):  # their collectives run here, in rank order
-            measured, weights = self._weight_metrics(step, *weights), ([], [])
+            with self._solver():
+                measured, weights = self._weight_metrics(step, *weights), ([], [])
 
         def measure() -> dict[str, dict[str, float]]:
-            results = {name: self._embedding_metrics(name, step, omega, totals) for name, omega, totals in embeddings}
-            for name, stats in classes.items():
-                results[name].update({k: v for k, v in stats.metrics().items() if k != "samples"})
-            results.update(self._weight_metrics(step, *weights))
+            with self._solver():
+                results = {name: self._embedding_metrics(name, step, omega, totals) for name, omega, totals in embeddings}
+                for name, stats in classes.items():
+                    results[name].update({k: v for k, v in stats.metrics().items() if k != "samples"})
+                results.update(self._weight_metrics(step, *weights))
             results.update(measured)
             return results
 
         return measure
+
+    def _solver(self) -> contextlib.AbstractContextManager:
+        """Where the spectra of a measurement are solved: on ``host_threads`` host threads, or on
+        the matrices' device."""
+        return contextlib.nullcontext() if self.host_threads is None else on_host(self.host_threads)
 
     def _on_own_stream(self, measure: Callable[[], Measurement]) -> Callable[[], Measurement]:
         """``measure`` for the worker thread. For a model on one CUDA device it runs on a stream of

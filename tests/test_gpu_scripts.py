@@ -120,30 +120,52 @@ def test_kernels_go_to_the_window_they_start_in(train_grid):
     assert totals == [(2, 13.0), (2, 6.0)] and outside == 2
 
 
-def test_tracker_dry_run_writes_both_loops(tracker_cost, tmp_path):
+def test_tracker_dry_run_writes_every_kind_of_loop(tracker_cost, tmp_path):
     path = tmp_path / "tracker-cost.json"
-    assert tracker_cost.main(["--json", str(path), "--dry-run"]) == 0
+    assert tracker_cost.main(["--json", str(path), "--dry-run", "--host-threads", "2"]) == 0
     cost = json.loads(path.read_text())
     for field in ENVIRONMENT:
         assert field in cost, field
-    assert cost["dry_run"] is True and cost["complete"] is True
+    assert cost["dry_run"] is True and cost["complete"] is True and cost["host_threads"] == 2
     assert (cost["steps"], cost["rounds"]) == tracker_cost.DRY_PLAN
-    # rounds in alternating order: untracked first, then tracked first
-    assert [entry["tracked"] for entry in cost["loops"]] == [False, True, True, False]
-    assert [entry["round"] for entry in cost["loops"]] == [0, 0, 1, 1]
+    # each round: untracked and tracked with each solver, the order rotated by the round
+    assert [entry["solver"] for entry in cost["loops"]] == [None, "device", "host", "device", "host", None]
+    assert [entry["round"] for entry in cost["loops"]] == [0, 0, 0, 1, 1, 1]
+    assert [entry["tracked"] for entry in cost["loops"]] == [entry["solver"] is not None for entry in cost["loops"]]
     for entry in cost["loops"]:
         assert _positive(entry["seconds"]) and _positive(entry["step_ms"]), entry
         assert entry["steps"] == cost["every"]
-    for tracked in (cost["loops"][1], cost["loops"][2]):
-        assert tracked["measurements"] == 1  # at the loop's first step
-        assert _positive(tracked["embedding_effective_rank"])
-    assert _positive(cost["step_ms_untracked"]) and _positive(cost["step_ms_tracked"])
-    by_round = [cost["loops"][1]["step_ms"] / cost["loops"][0]["step_ms"] - 1,
-                cost["loops"][2]["step_ms"] / cost["loops"][3]["step_ms"] - 1]
-    assert cost["overhead_by_round"] == pytest.approx(by_round)
-    assert cost["overhead"] == pytest.approx(sum(by_round) / 2)  # the median of two
-    assert cost["met"] == (cost["overhead"] <= 0.02) and cost["goal"] == 0.02
+    ranks = []
+    for entry in cost["loops"]:
+        if entry["tracked"]:
+            assert entry["measurements"] == 1  # at the loop's first step
+            ranks.append(entry["embedding_effective_rank"])
+    assert all(_positive(rank) for rank in ranks)
+    untracked = {entry["round"]: entry["step_ms"] for entry in cost["loops"] if not entry["tracked"]}
+    assert cost["step_ms_untracked"] == pytest.approx(sum(untracked.values()) / 2)
+    assert sorted(cost["solvers"]) == ["device", "host"]
+    for solver, result in cost["solvers"].items():
+        loops = [entry for entry in cost["loops"] if entry["solver"] == solver]
+        by_round = [entry["step_ms"] / untracked[entry["round"]] - 1 for entry in loops]
+        assert result["overhead_by_round"] == pytest.approx(by_round)
+        assert result["overhead"] == pytest.approx(sum(by_round) / 2)  # the median of two
+        assert result["step_ms_tracked"] == pytest.approx(sum(entry["step_ms"] for entry in loops) / 2)
+        assert result["met"] == (result["overhead"] <= 0.02)
+    assert cost["goal"] == 0.02 and set(cost["warmup"]["measurement_s"]) == {"device", "host"}
     assert _positive(cost["parameters"]) and cost["measured"]["weights"] == 4 * cost["blocks"] + 1
+
+
+def test_tracker_rounds_rotate_their_order(tracker_cost):
+    orders = [tracker_cost.round_order(index) for index in range(4)]
+    assert orders == [(None, "device", "host"), ("device", "host", None), ("host", None, "device"),
+                      (None, "device", "host")]
+
+
+def test_tracker_default_host_threads_leave_half_the_cpus(tracker_cost, monkeypatch):
+    monkeypatch.setattr(tracker_cost.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert tracker_cost.default_host_threads() == 8
+    monkeypatch.setattr(tracker_cost.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert tracker_cost.default_host_threads() == 1
 
 
 def test_tracker_model_has_a_few_hundred_million_parameters(tracker_cost):
@@ -156,8 +178,9 @@ def test_tracker_model_has_a_few_hundred_million_parameters(tracker_cost):
 
 
 def test_tracker_loop_fits_its_budget(tracker_cost):
-    # Loops of `every` steps; 43 ms steps and 0.6 s per measurement (an H200): 9.2 s a round.
-    assert tracker_cost.plan(0.043, 0.6, 100, budget_s=53) == (100, 5)
+    # Loops of `every` steps; 43 ms steps and 0.6 s per measurement (an H200): 14.1 s a round of an
+    # untracked loop and one tracked loop per solver.
+    assert tracker_cost.plan(0.043, 0.6, 100, budget_s=53) == (100, 3)
     assert tracker_cost.plan(0.043, 0.6, 100, budget_s=9) == (100, 1)  # one round, fitting or not
     assert tracker_cost.plan(0.001, 0.1, 100, budget_s=53) == (100, tracker_cost.MAX_ROUNDS)
 

@@ -823,3 +823,122 @@ def test_hermitian_accepts_a_gram_symmetric_up_to_rounding():
         for batch in (A, torch.stack([A, A])):
             got = rank_module.rank_metrics(batch, hermitian=True)["spectral_entropy"]
             assert_close_rel(got, expected.expand(got.shape), rtol, what, floor=1)
+
+
+# ---- the host solver (fastrank.rank.eigensolver.host_eigvalsh / on_host) ---------------------------
+
+from fastrank.rank import eigensolver  # noqa: E402
+
+
+def _symmetric_in_one_triangle(shape, n, dtype, upper, seed):
+    """Symmetric matrices in the named triangle, unrelated values in the other; and their fp64 form."""
+    generator = torch.Generator().manual_seed(seed)
+    A = torch.randn(*shape, n, n, dtype=torch.float64, generator=generator)
+    S = A @ A.mT / n + torch.randn(*shape, n, n, dtype=torch.float64, generator=generator).triu()
+    S = S.triu() + S.triu(1).mT  # symmetric, indefinite
+    garbage = torch.randn(*shape, n, n, dtype=torch.float64, generator=generator)
+    G = torch.where(torch.ones(n, n, dtype=torch.bool).triu() if upper else torch.ones(n, n, dtype=torch.bool).tril(),
+                    S, garbage)
+    return G.to(dtype), S
+
+
+@pytest.mark.parametrize("threads", [1, 2, 5])
+@pytest.mark.parametrize("shape,n", [((), 17), ((7,), 17), ((2, 3), 9), ((4,), 1), ((3,), 64)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("upper", [True, False], ids=["upper", "lower"])
+def test_host_eigvalsh_matches_fp64(threads, shape, n, dtype, upper):
+    G, S = _symmetric_in_one_triangle(shape, n, dtype, upper, seed=n + len(shape))
+    values = eigensolver.host_eigvalsh(G, threads, upper=upper)
+    assert values.shape == (*shape, n) and values.dtype == dtype and values.device == G.device
+    reference = torch.linalg.eigvalsh(S)  # fp64, of the symmetric matrix the named triangle holds
+    scale = reference.abs().amax(-1, keepdim=True)
+    tolerance = 1e-12 if dtype == torch.float64 else 2e-5
+    assert ((values.double() - reference).abs() <= tolerance * scale).all()
+    assert (values.diff(dim=-1) >= 0).all()  # ascending
+
+
+@pytest.mark.parametrize("shape", [(0, 5, 5), (3, 0, 0), (0, 0)])
+def test_host_eigvalsh_of_empty_input_is_what_torch_returns(shape):
+    G = torch.randn(shape, dtype=torch.float64)
+    values = eigensolver.host_eigvalsh(G, 2)
+    assert values.shape == torch.linalg.eigvalsh(G).shape == (*shape[:-1],) and values.dtype == torch.float64
+
+
+def test_host_eigvalsh_of_a_non_contiguous_batch():
+    G, S = _symmetric_in_one_triangle((6,), 33, torch.float64, True, seed=1)
+    strided = G.mT.contiguous().mT[::2]  # column-major storage, every other matrix
+    assert not strided.is_contiguous()
+    values = eigensolver.host_eigvalsh(strided, 2, upper=True)
+    assert torch.allclose(values, torch.linalg.eigvalsh(S[::2]), rtol=0, atol=1e-12 * float(S.abs().max()))
+
+
+def test_host_eigvalsh_workers_run_one_thread_and_leave_the_callers_count():
+    import threading
+
+    before = torch.get_num_threads()
+    eigensolver.host_eigvalsh(torch.eye(3).expand(4, 3, 3), 3)
+    pool = eigensolver._pool(3)
+    counts = [pool.submit(torch.get_num_threads).result() for _ in range(9)]
+    assert counts == [1] * 9
+    assert torch.get_num_threads() == before
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    assert seen == [before]  # threads started later take the count they took before the pool
+
+
+def test_on_host_routes_this_threads_eigvalsh_only(monkeypatch):
+    import threading
+
+    calls = []
+    solve = eigensolver.host_eigvalsh
+
+    def spy(G, threads, upper=False):
+        calls.append((threading.current_thread().name, threads, upper))
+        return solve(G, threads, upper=upper)
+
+    monkeypatch.setattr(eigensolver, "host_eigvalsh", spy)
+    G, S = _symmetric_in_one_triangle((3,), 20, torch.float64, True, seed=2)
+    eigensolver.eigvalsh(G, upper=True)
+    assert calls == []
+    with eigensolver.on_host(2):
+        inside = eigensolver.eigvalsh(G, upper=True)
+        with eigensolver.on_host(4):
+            eigensolver.eigvalsh(G)
+        eigensolver.eigvalsh(G, upper=True)
+        other = threading.Thread(target=lambda: eigensolver.eigvalsh(G), name="other")
+        other.start()
+        other.join()
+    eigensolver.eigvalsh(G)
+    main = threading.current_thread().name
+    assert calls == [(main, 2, True), (main, 4, False), (main, 2, True)]
+    assert torch.allclose(inside, torch.linalg.eigvalsh(S), rtol=0, atol=1e-12 * float(S.abs().max()))
+
+
+def test_effective_ranks_on_host_equal_the_default():
+    generator = torch.Generator().manual_seed(4)
+    weights = [torch.randn(80, 72, generator=generator) for _ in range(5)] + [
+        torch.randn(72, 90, dtype=torch.float64, generator=generator) for _ in range(3)]
+    default = effective_ranks(weights, metric="all")
+    with eigensolver.on_host(2):
+        hosted = effective_ranks(weights, metric="all")
+    for got, want in zip(hosted, default):
+        for key in want:
+            assert float(got[key]) == pytest.approx(float(want[key]), rel=1e-12, abs=0), key
+
+
+@pytest.mark.parametrize("threads", [0, -1, True, 2.5, "2", None])
+def test_host_solver_refuses_a_thread_count_that_is_not_a_positive_int(threads):
+    with pytest.raises(ValueError, match=rf"^host_eigvalsh: threads must be a positive int, got {re.escape(repr(threads))}$"):
+        eigensolver.host_eigvalsh(torch.eye(2), threads)
+    with pytest.raises(ValueError, match=rf"^on_host: threads must be a positive int, got {re.escape(repr(threads))}$"):
+        with eigensolver.on_host(threads):
+            pass
+
+
+def test_host_eigvalsh_refuses_non_square_input():
+    with pytest.raises(ValueError, match=r"expected square matrices \(\.\.\., n, n\), got shape \(3, 4\)"):
+        eigensolver.host_eigvalsh(torch.randn(3, 4), 2)
+    with pytest.raises(ValueError, match=r"got shape \(5,\)"):
+        eigensolver.host_eigvalsh(torch.randn(5), 2)

@@ -228,3 +228,57 @@ def test_background_tracker_on_cuda_measures_on_its_own_stream_and_equals_the_fo
         for key in row:
             if key not in ("step", "name"):
                 assert row[key] == pytest.approx(want[key], rel=1e-6), (row["step"], row["name"], key)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("upper", [True, False], ids=["upper", "lower"])
+def test_host_eigvalsh_of_a_cuda_batch_comes_back_to_its_device(dtype, upper):
+    # The batch is copied to pinned host memory on the current stream, solved by LAPACK threads and
+    # returned to the device: a stream other than the default one must have finished writing it.
+    G_cpu, S = _symmetric_with_garbage((6,), 48, dtype, upper, seed=7)
+    source = G_cpu.cuda()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        G = torch.zeros_like(source)
+        torch.cuda._sleep(50_000_000)  # the copy below lands well after the host asks for G
+        G.copy_(source)
+        values = _cusolver.host_eigvalsh(G, 3, upper=upper)
+    assert values.device == G.device and values.dtype == dtype and values.shape == (6, 48)
+    want = torch.linalg.eigvalsh(S)
+    tolerance = 1e-12 if dtype == torch.float64 else 2e-5
+    assert ((values.cpu().double() - want).abs() <= tolerance * want.abs().amax(-1, keepdim=True)).all()
+
+
+@cuda
+def test_tracker_with_host_threads_on_cuda_solves_on_the_host_and_equals_the_device_solver(monkeypatch):
+    calls = []
+    solve = _cusolver.host_eigvalsh
+
+    def spy(G, threads, upper=False):
+        calls.append((G.device.type, tuple(G.shape), threads))
+        return solve(G, threads, upper=upper)
+
+    monkeypatch.setattr(_cusolver, "host_eigvalsh", spy)
+    histories = {}
+    for host_threads in (None, 2):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.ReLU(), torch.nn.Linear(40, 40),
+                                  fastrank.OverparamLinear(40, 40, depth=3)).cuda()
+        tracker = fastrank.RankTracker(net, embeddings=("1",), every=2, background=True, host_threads=host_threads)
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.05)
+        generator = torch.Generator(device="cuda").manual_seed(1)
+        for _ in range(4):
+            optimizer.zero_grad()
+            net(torch.randn(64, 24, device="cuda", generator=generator)).square().mean().backward()
+            tracker.step()
+            optimizer.step()
+        histories[host_threads] = tracker.history
+        assert bool(calls) == (host_threads is not None)
+    assert {device for device, _, _ in calls} == {"cuda"} and {threads for _, _, threads in calls} == {2}
+    for row, want in zip(histories[2], histories[None]):
+        assert (row["step"], row["name"]) == (want["step"], want["name"])
+        for key in row:
+            if key not in ("step", "name"):
+                assert row[key] == pytest.approx(want[key], rel=1e-9), (row["step"], row["name"], key)

@@ -172,6 +172,50 @@ def test_background_measurements_equal_synchronous_ones(sketch_threshold):
     assert background._executor is None
 
 
+def _train_wide(host_threads, background):
+    """A model whose spectra take the batched eigensolver: 70 x 70 weights (three of them, one the
+    collapsed weight of a chain) and a 70-feature embedding, beyond the small-matrix path."""
+    torch.manual_seed(5)
+    net = nn.Sequential(nn.Linear(30, 70), nn.Tanh(), nn.Linear(70, 70), nn.Tanh(), nn.Linear(70, 70),
+                        fastrank.OverparamLinear(70, 70, depth=2))
+    tracker = RankTracker(net, embeddings=("1",), every=2, center=True, background=background,
+                          host_threads=host_threads)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    generator = torch.Generator().manual_seed(6)
+    for _ in range(3):
+        loss = net(torch.randn(90, 30, generator=generator)).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        tracker.step()
+    return tracker.history
+
+
+@pytest.mark.parametrize("background", [False, True], ids=["sync", "background"])
+def test_host_threads_solve_on_the_host_and_equal_the_device_solver(background, monkeypatch):
+    from fastrank.rank import eigensolver
+
+    calls = []
+    solve = eigensolver.host_eigvalsh
+
+    def spy(G, threads, upper=False):
+        calls.append((tuple(G.shape), threads))
+        return solve(G, threads, upper=upper)
+
+    monkeypatch.setattr(eigensolver, "host_eigvalsh", spy)
+    expected = _train_wide(None, background)
+    assert calls == []
+    rows = _train_wide(3, background)
+    # per measurement (steps 0 and 2): the embedding's Gram, then the three 70 x 70 weights at once
+    assert calls == [((70, 70), 3), ((3, 70, 70), 3)] * 2
+    assert [(r["step"], r["name"]) for r in rows] == [(r["step"], r["name"]) for r in expected]
+    assert len(rows) == 2 * 5  # the 70 x 30 weight, small, takes fp64 svdvals
+    for row, want in zip(rows, expected):
+        for key in row:
+            if key not in ("step", "name"):
+                assert row[key] == pytest.approx(want[key], rel=1e-11, abs=0), (row["name"], key)
+
+
 def test_background_error_is_raised_at_flush(monkeypatch):
     net = Net()
     tracker = RankTracker(net, every=1, background=True)
@@ -213,6 +257,8 @@ BAD_OPTIONS = [
     (dict(seed=1.0), "seed must be an int, got 1.0"),
     (dict(weights="yes"), "weights must be a bool, got 'yes'"),
     (dict(forwards="eval"), "forwards must be one of ('all', 'training'), got 'eval'"),
+    (dict(host_threads=0), "host_threads must be a positive int or None, got 0"),
+    (dict(host_threads=2.0), "host_threads must be a positive int or None, got 2.0"),
     (dict(embeddings=3), "embeddings must be a module name or an iterable of module names (str), got 3"),
     (dict(embeddings=[nn.Linear(2, 2)]), "embeddings must be a module name or an iterable of module names (str), got (Linear("),
 ]

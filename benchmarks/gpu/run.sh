@@ -22,13 +22,14 @@
 #                            (benchmarks/gpu/train_grid.py)
 #   tracker-cost.json        RankTracker's overhead (weights and one embedding every 100 steps,
 #                            background=True) on a 336 M-parameter bf16 transformer trained with
-#                            AdamW, against the goal <= 2% (benchmarks/gpu/tracker_cost.py)
+#                            AdamW, with the device's eigensolver and with the host's (host_threads),
+#                            against the goal <= 2% (benchmarks/gpu/tracker_cost.py)
 #   host-cost.json, .md      host time per call of each public launcher through Triton's JIT and
 #                            through its launch plan, and of the torch matmuls it replaces, with the
 #                            real driver (benchmarks/host_cost.py --device cuda)
 #   summary.json             device, versions, date, and per step: passed / failed / skipped / errors,
 #                            exit status, whether it ran into its time limit; the grid's goal counts
-#                            and the tracker's overhead
+#                            and the tracker's overhead per eigensolver
 #
 # Needs python3 with torch, triton, pytest and pytest-benchmark; fastrank runs from this checkout
 # (a temporary package folder links fastrank/ and kernels/ as fastrank.kernels; PYTHONSAFEPATH
@@ -62,8 +63,8 @@ python="${PYTHON:-python3}"
 # On an H100 the CUDA test files took about 130 s on 12 workers, the chain suites 20-30 s each,
 # the rank suite's quick cases 25 s and its model-scale CUDA cases most of 150 s; the rank limit
 # is now 30 s (its model-scale cases are the first to go; on an H200 two cases ran in 50 s) so
-# that the train-step grid (115 s), the tracker loop (65 s: five rounds of two 100-step loops of
-# a 43 ms step on an H200) and the launchers' host cost (30 s: 27 s for four calls' 40 rounds on an
+# that the train-step grid (115 s), the tracker loop (65 s: three rounds of three 100-step loops,
+# untracked and tracked with each eigensolver, of a 43 ms step on an H200) and the launchers' host cost (30 s: 27 s for four calls' 40 rounds on an
 # H200, now five calls) fit. The grid, the tracker and the host cost size themselves to their limits
 # (--budget-s, 12 s under the limit for starting Python and CUDA); the grid and the tracker write
 # their JSON as they go. FASTRANK_GPU_LIMITS="TESTS CHAIN_KERNEL CHAIN RANK SKETCH [PROFILE
@@ -301,8 +302,8 @@ if grid is not None:
 tracker = read_json("tracker-cost.json")
 if tracker is not None:
     results["tracker-cost"] = {key: tracker.get(key) for key in (
-        "dry_run", "parameters", "steps", "rounds", "step_ms_untracked", "step_ms_tracked", "overhead",
-        "overhead_by_round", "goal", "met", "complete")}
+        "dry_run", "parameters", "host_threads", "steps", "rounds", "step_ms_untracked", "solvers", "goal",
+        "complete")}
 host = read_json("host-cost.json")
 if host is not None:
     results["host-cost"] = {f"{row['path']}: {row['call']}": row["us"] for row in host}
@@ -335,9 +336,10 @@ for name, step in steps.items():
 if "train-grid" in results:
     print(f"train-grid: {results['train-grid']['shapes_run']} shapes run, {results['train-grid']['shapes_not_run']} not; "
           f"goals {results['train-grid']['goal_counts']}")
-if "tracker-cost" in results and results["tracker-cost"]["overhead"] is not None:
-    print(f"tracker-cost: overhead {results['tracker-cost']['overhead']:.2%} (goal <= 2%)"
-          + ("  (dry run: toy sizes on the CPU)" if dry_run else ""))
+for solver, cost in ((results.get("tracker-cost") or {}).get("solvers") or {}).items():
+    if cost["overhead"] is not None:
+        print(f"tracker-cost: {solver} solver: overhead {cost['overhead']:.2%} (goal <= 2%)"
+              + ("  (dry run: toy sizes on the CPU)" if dry_run else ""))
 for name, us in results.get("host-cost", {}).items():
     print(f"host-cost: {us:7.1f} us  {name}")
 if dry_run:

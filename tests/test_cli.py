@@ -104,6 +104,7 @@ def test_rank_rows_report_accuracy(tiny, tmp_path):
     rows = {(row["case"], row["variant"]): row for row in json.loads(json_path.read_text())}
     assert rows[("gram", "fastrank exact")]["error"] < 1e-9
     assert rows[("weights", "fastrank batched")]["error"] < 1e-9
+    assert rows[("weights", "fastrank batched, host solver")]["error"] < 1e-9
     randomized = rows[("gram", "fastrank randomized")]
     assert randomized["bound_width"] is not None and randomized["bounds_contain_reference"] is True
     # every variant but the floors (eigenvalues, not ranks) is checked against the reference, and

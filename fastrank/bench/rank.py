@@ -9,8 +9,9 @@ variants that return bounds:
   eigvalsh of the d x d side) vs the snippet and ``torch.linalg.svdvals`` of X;
 * ``gram``: a PSD Gram G (n x n, rank r): fastrank exact / randomized (certified bounds) / slq vs the
   snippet, ``torch.linalg.svdvals`` and ``torch.svd_lowrank`` (top-k only: the tail is lost);
-* ``weights``: a batch of b square weights: fastrank batched (one call) vs the snippet in a Python
-  loop (as per-layer tools do) and batched ``torch.linalg.svdvals``;
+* ``weights``: a batch of b square weights: fastrank batched (one call, and with the host solver,
+  ``on_host``: one matrix per thread) vs the snippet in a Python loop (as per-layer tools do) and
+  batched ``torch.linalg.svdvals``;
 * ``decay``: A (n x n) with singular values 0.98^i: fastrank randomized / slq / exact vs the
   snippet, ``torch.linalg.svdvals`` and ``torch.svd_lowrank``;
 * ``small n``: one fp64 n x n matrix (n = 8, 16, 64, 256): fastrank exact vs the direct formula
@@ -25,7 +26,8 @@ On CUDA three more cases measure model scale (:func:`cuda_rank_cases`, the same 
 without ``quick``):
 
 * ``weights 1024``: 64 fp32 weights 1024 x 1024: fastrank batched (cuSOLVER's batched eigensolver,
-  and with ``FASTRANK_EIGENSOLVER=torch``) vs ``torch.linalg.svdvals`` per weight (the baseline),
+  with ``FASTRANK_EIGENSOLVER=torch``, and with the Grams' eigenvalues solved on half the host's
+  CPUs, ``on_host``) vs ``torch.linalg.svdvals`` per weight (the baseline),
   with the eigensolvers alone on the 64 fp64 Grams (the floor of the exact method);
 * ``model weights 4096``: 16 fp32 weights 4096 x 4096 (the shape of a 7B model's attention
   weights), exact with both eigensolvers and randomized, vs ``torch.linalg.svdvals`` per weight;
@@ -47,7 +49,7 @@ from dataclasses import dataclass
 import torch
 
 from ..rank import RankEstimate, effective_rank, effective_ranks
-from ..rank.eigensolver import eigvalsh
+from ..rank.eigensolver import eigvalsh, on_host
 from ..rank.exact import _smaller_gram
 from .cases import Case, Prepared
 
@@ -57,6 +59,16 @@ SNIPPET = "paper snippet (full SVD)"
 DIRECT = "fp64 svdvals formula"
 FLOOR = "fp64 eigvalsh of A^T A (floor)"
 BATCHED_FLOOR = "fp64 eigvalsh of A^T A, batched (floor)"
+HOST_SOLVER = "fastrank batched, host solver"
+
+
+def host_threads(device: str) -> int:
+    """The host solver's threads in the cases: torch's intra-op threads for CPU tensors; for a GPU's,
+    half the CPUs this process may use (the rest stay with the process that feeds the GPU)."""
+    if device == "cpu":
+        return torch.get_num_threads()
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    return max(1, cpus // 2)
 
 
 def paper_snippet_erank(A: torch.Tensor) -> torch.Tensor:
@@ -221,6 +233,7 @@ def rank_cases(quick: bool = False, device: str = "cpu", sizes: RankSizes | None
             {
                 SNIPPET + " loop": lambda: torch.stack([paper_snippet_erank(w) for w in W]),
                 "fastrank batched": lambda: effective_rank(W, method="exact"),
+                HOST_SOLVER: lambda: _on_host(device, lambda: effective_rank(W, method="exact")),
                 "torch.linalg.svdvals batched": lambda: _erank_of(torch.linalg.svdvals(W)),
                 GRAM_FLOOR: _gram_floor(W),
             },
@@ -287,7 +300,8 @@ def rank_cases(quick: bool = False, device: str = "cpu", sizes: RankSizes | None
         _case("gram", f"G {gram_size} x {gram_size}, rank {gram_rank}, k={gram_sketch}",
               square_variants + (f"torch.svd_lowrank(q={gram_sketch})", GRAM_FLOOR), gram, repeats),
         _case("weights", f"{batch} x ({weight_size} x {weight_size})",
-              (SNIPPET + " loop", "fastrank batched", "torch.linalg.svdvals batched", GRAM_FLOOR), weights, repeats),
+              (SNIPPET + " loop", "fastrank batched", HOST_SOLVER, "torch.linalg.svdvals batched", GRAM_FLOOR),
+              weights, repeats),
         _case("decay", f"A {decay_size} x {decay_size}, s_i=0.98^i, k={decay_sketch}",
               square_variants + (f"torch.svd_lowrank(q={decay_sketch})", GRAM_FLOOR), decay, repeats),
     ] + [
@@ -315,6 +329,12 @@ def _with_eigensolver(name: str, call):
             os.environ["FASTRANK_EIGENSOLVER"] = previous
 
 
+def _on_host(device: str, call):
+    """``call()`` with every eigvalsh on the host solver (``host_threads(device)`` threads)."""
+    with on_host(host_threads(device)):
+        return call()
+
+
 def cuda_rank_cases(device: str = "cuda", toy: bool = False) -> list[Case]:
     """The model-scale CUDA cases (module docstring). ``toy``: the same cases at sizes a few
     hundred times smaller, so that a test can run them end to end on any ``device``."""
@@ -335,6 +355,7 @@ def cuda_rank_cases(device: str = "cuda", toy: bool = False) -> list[Case]:
                 "fastrank batched": lambda: effective_rank(W, method="exact"),
                 f"fastrank batched ({torch_solver})": lambda: _with_eigensolver(
                     "torch", lambda: effective_rank(W, method="exact")),
+                HOST_SOLVER: lambda: _on_host(device, lambda: effective_rank(W, method="exact")),
                 "eigvalsh of the fp64 Grams: cuSOLVER batched": lambda: _with_eigensolver(
                     "cusolver", lambda: eigvalsh(G, upper=True)),
                 "eigvalsh of the fp64 Grams: torch": lambda: torch.linalg.eigvalsh(G),
@@ -406,7 +427,7 @@ def cuda_rank_cases(device: str = "cuda", toy: bool = False) -> list[Case]:
               ("torch.linalg.svdvals loop", "fastrank exact", f"fastrank exact ({torch_solver})",
                "fastrank randomized", "fastrank slq", GRAM_FLOOR), model_weights, repeats=2),
         _case("weights 1024", shape(weights_1024_shape),
-              ("torch.linalg.svdvals loop", "fastrank batched", f"fastrank batched ({torch_solver})",
+              ("torch.linalg.svdvals loop", "fastrank batched", f"fastrank batched ({torch_solver})", HOST_SOLVER,
                "eigvalsh of the fp64 Grams: cuSOLVER batched", "eigvalsh of the fp64 Grams: torch"),
               weights_1024, repeats=2,
               floor="eigvalsh of the fp64 Grams: cuSOLVER batched"),

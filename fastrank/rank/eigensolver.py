@@ -11,9 +11,9 @@ whether it can be called.
 
 Under :func:`on_host` the calling thread's batches, CUDA ones included, are solved by LAPACK on the
 host instead: a pool of threads, each solving whole matrices with one LAPACK thread. A batch is
-embarrassingly parallel where one ``syevd`` is not: on 2 CPU cores, 6 fp64 1024 x 1024 matrices
-took 0.054 s a matrix on two such threads, 0.097 s through ``torch.linalg.eigvalsh`` on two
-LAPACK threads and 0.108 s on one. ``RankTracker(host_threads=...)`` measures this way, so that a
+embarrassingly parallel where one ``syevd`` is not: on 2 CPU cores (AMD EPYC), 6 fp64 1024 x 1024
+matrices took 54 ms a matrix on two such threads, 70 ms through ``torch.linalg.eigvalsh`` on two
+LAPACK threads and 108 ms on one. ``RankTracker(host_threads=...)`` measures this way, so that a
 model on a GPU keeps the GPU for training.
 """
 

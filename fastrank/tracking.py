@@ -257,9 +257,10 @@ class RankTracker:
             device the matrices are on. For a model on a GPU the Grams are still formed there (one
             fp64 product each), then copied to pinned host memory, and the GPU's share of a
             measurement is those products and copies: the eigensolvers, which take most of its GPU
-            time, run on the host, beside the loop's work rather than between its kernels. Leave
-            the training loop's own threads a core each. Default None: the device's solver
-            (cuSOLVER's batched one on CUDA). The results agree to fp64 rounding.
+            time, run on the host, beside the loop's work rather than between its kernels.
+            ``fastrank.rank.eigensolver.default_host_threads()`` (half the CPUs this process may
+            use) leaves the other half to the loop and its data loading. Default None: the
+            device's solver (cuSOLVER's batched one on CUDA). The results agree to fp64 rounding.
 
     Every argument is checked here: an unknown method, a sketch size below 1, a token dim other
     than 0 or 1, a model that is not an ``nn.Module`` or an embedding name that is not one of its

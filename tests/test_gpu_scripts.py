@@ -161,13 +161,6 @@ def test_tracker_rounds_rotate_their_order(tracker_cost):
                       (None, "device", "host")]
 
 
-def test_tracker_default_host_threads_leave_half_the_cpus(tracker_cost, monkeypatch):
-    monkeypatch.setattr(tracker_cost.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
-    assert tracker_cost.default_host_threads() == 8
-    monkeypatch.setattr(tracker_cost.os, "sched_getaffinity", lambda pid: {0}, raising=False)
-    assert tracker_cost.default_host_threads() == 1
-
-
 def test_tracker_model_has_a_few_hundred_million_parameters(tracker_cost):
     import torch
 

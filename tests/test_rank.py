@@ -942,3 +942,10 @@ def test_host_eigvalsh_refuses_non_square_input():
         eigensolver.host_eigvalsh(torch.randn(3, 4), 2)
     with pytest.raises(ValueError, match=r"got shape \(5,\)"):
         eigensolver.host_eigvalsh(torch.randn(5), 2)
+
+
+def test_default_host_threads_leave_half_the_cpus(monkeypatch):
+    monkeypatch.setattr(eigensolver.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert eigensolver.default_host_threads() == 8
+    monkeypatch.setattr(eigensolver.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert eigensolver.default_host_threads() == 1

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -49,6 +48,7 @@ import torch.nn.functional as F
 
 from fastrank import RankTracker
 from fastrank.bench.runner import environment
+from fastrank.rank.eigensolver import default_host_threads
 
 GOAL = 0.02
 WARMUP_STEPS = 10
@@ -72,11 +72,6 @@ DRY_PLAN = (2, 2)  # (steps, rounds) of the dry run: DRY.every steps a loop
 SOLVERS = ("device", "host")  # the tracked loops' eigensolvers (RankTracker's host_threads None, or set)
 KINDS = (None, *SOLVERS)  # the loops of a round: untracked, then tracked with each solver (rotated by round)
 
-
-def default_host_threads() -> int:
-    """Half the CPUs this process may run on (at least 1): the rest stay with the training loop."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
-    return max(1, cpus // 2)
 
 
 class Block(nn.Module):

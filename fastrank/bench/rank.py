@@ -49,7 +49,7 @@ from dataclasses import dataclass
 import torch
 
 from ..rank import RankEstimate, effective_rank, effective_ranks
-from ..rank.eigensolver import eigvalsh, on_host
+from ..rank.eigensolver import default_host_threads, eigvalsh, on_host
 from ..rank.exact import _smaller_gram
 from .cases import Case, Prepared
 
@@ -64,11 +64,8 @@ HOST_SOLVER = "fastrank batched, host solver"
 
 def host_threads(device: str) -> int:
     """The host solver's threads in the cases: torch's intra-op threads for CPU tensors; for a GPU's,
-    half the CPUs this process may use (the rest stay with the process that feeds the GPU)."""
-    if device == "cpu":
-        return torch.get_num_threads()
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
-    return max(1, cpus // 2)
+    ``default_host_threads()`` (half the CPUs: the rest stay with the process that feeds the GPU)."""
+    return torch.get_num_threads() if device == "cpu" else default_host_threads()
 
 
 def paper_snippet_erank(A: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,10 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import Tensor
 
-__all__ = ["EIGENSOLVERS", "available", "chunk_size", "cusolver_eigvalsh", "eigvalsh", "host_eigvalsh", "on_host"]
+__all__ = [
+    "EIGENSOLVERS", "available", "chunk_size", "cusolver_eigvalsh", "default_host_threads", "eigvalsh", "host_eigvalsh",
+    "on_host",
+]
 
 _INT32_MAX = 2**31 - 1
 _CUDA_R_32F, _CUDA_R_64F = 0, 1  # cudaDataType
@@ -265,6 +268,13 @@ def eigvalsh(G: Tensor, upper: bool = False) -> Tensor:
 _host = threading.local()  # .threads: the calling thread's on_host() setting, or absent
 _pools: dict[int, ThreadPoolExecutor] = {}  # threads -> pool of single-LAPACK-thread workers
 _pools_lock = threading.Lock()
+
+
+def default_host_threads() -> int:
+    """Half the CPUs this process may run on, at least 1: host solver threads that leave the other
+    half to the process's own work (a training loop feeding a GPU, its data loading)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    return max(1, cpus // 2)
 
 
 def _check_threads(threads: object, caller: str) -> int:

@@ -213,7 +213,7 @@ def test_cuda_rank_cases_run_end_to_end_at_toy_sizes():
     from fastrank.bench.rank import cuda_rank_cases
 
     cases = cuda_rank_cases(device="cpu", toy=True)
-    assert [case.name for case in cases] == ["embeddings 1M", "7B weights randomized", "model weights 4096", "weights 1024"]
+    assert [case.name for case in cases] == ["weights 1024", "model weights 4096", "embeddings 1M", "7B weights randomized"]
     for case in cases:
         prepared = case.setup()
         assert tuple(prepared.variants) == case.variants, case.name

@@ -413,19 +413,20 @@ def cuda_rank_cases(device: str = "cuda", toy: bool = False) -> list[Case]:
     def shape(dims):
         return f"{dims[0]} x ({dims[1]} x {dims[2]})"
 
-    # Never measured before first (a run cut short by its time limit has done them); the 1024 case
-    # ran on an H100 before (benchmarks/results/h100/).
+    # What a run has not measured yet first (a run cut short by its time limit has done it): the
+    # 1024 case's host solver; the 4096 case ran on an H100, the 1M embeddings on an H200, and the 7B
+    # case, last, did not finish within 50 s there (benchmarks/results/h100/, h200/).
     return [
-        _case("embeddings 1M", f"X {embeddings_shape[0]} x {embeddings_shape[1]}", ("X^T X, one fp32 matmul (floor)", "fastrank exact (gram=True)"),
-              embeddings_1m, repeats=2, note="spectrum of the Gram X X^T (never formed)"),
-        _case("7B weights randomized", shape((count_7b, *model_shape[1:])), ("fastrank randomized", "fastrank slq", "one pass over the weights (floor)"), weights_7b, repeats=2,
-              note="bounds only: their width is the accuracy"),
-        _case("model weights 4096", shape(model_shape),
-              ("torch.linalg.svdvals loop", "fastrank exact", f"fastrank exact ({torch_solver})",
-               "fastrank randomized", "fastrank slq", GRAM_FLOOR), model_weights, repeats=2),
         _case("weights 1024", shape(weights_1024_shape),
               ("torch.linalg.svdvals loop", "fastrank batched", f"fastrank batched ({torch_solver})", HOST_SOLVER,
                "eigvalsh of the fp64 Grams: cuSOLVER batched", "eigvalsh of the fp64 Grams: torch"),
               weights_1024, repeats=2,
               floor="eigvalsh of the fp64 Grams: cuSOLVER batched"),
+        _case("model weights 4096", shape(model_shape),
+              ("torch.linalg.svdvals loop", "fastrank exact", f"fastrank exact ({torch_solver})",
+               "fastrank randomized", "fastrank slq", GRAM_FLOOR), model_weights, repeats=2),
+        _case("embeddings 1M", f"X {embeddings_shape[0]} x {embeddings_shape[1]}", ("X^T X, one fp32 matmul (floor)", "fastrank exact (gram=True)"),
+              embeddings_1m, repeats=2, note="spectrum of the Gram X X^T (never formed)"),
+        _case("7B weights randomized", shape((count_7b, *model_shape[1:])), ("fastrank randomized", "fastrank slq", "one pass over the weights (floor)"), weights_7b, repeats=2,
+              note="bounds only: their width is the accuracy"),
     ]

@@ -1,6 +1,7 @@
 """RankTracker overhead: a CPU training loop of a small MLP, with and without the tracker measuring
 every 100 steps (target: <= 5% more time), the measurements run inline or on the tracker's
-background thread.
+background thread, there also with the host solver on one thread (``host_threads=1``: each
+eigenvalue problem on one LAPACK thread, leaving the other core to the loop).
 
 `pytest benchmarks/test_tracking_bench.py --benchmark-only` (the variants share a benchmark group,
 compare their medians) or, steadier on a shared machine, `python benchmarks/test_tracking_bench.py`
@@ -17,11 +18,16 @@ import fastrank
 
 STEPS = 300
 EVERY = 100
-VARIANTS = {"untracked": None, "tracked-every-100": False, "tracked-every-100-background": True}
+VARIANTS = {  # the tracker's (background, host_threads), or None: no tracker
+    "untracked": None,
+    "tracked-every-100": (False, None),
+    "tracked-every-100-background": (True, None),
+    "tracked-every-100-background-host-1": (True, 1),
+}
 
 
-def make_loop(background: bool | None):
-    """The training loop; ``background`` None: no tracker, else the tracker's ``background``."""
+def make_loop(tracking: tuple[bool, int | None] | None):
+    """The training loop; ``tracking`` None: no tracker, else the tracker's ``(background, host_threads)``."""
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Linear(256, 512), nn.ReLU(), fastrank.OverparamLinear(512, 512, depth=2), nn.ReLU(),
@@ -30,8 +36,10 @@ def make_loop(background: bool | None):
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     data = torch.randn(8, 256, 256)
     tracker = None
-    if background is not None:
-        tracker = fastrank.RankTracker(model, embeddings=("3",), every=EVERY, background=background)
+    if tracking is not None:
+        background, host_threads = tracking
+        tracker = fastrank.RankTracker(model, embeddings=("3",), every=EVERY, background=background,
+                                       host_threads=host_threads)
 
     def loop():
         for step in range(STEPS):
@@ -58,7 +66,7 @@ def test_tracker_overhead(benchmark, variant):
 def interleaved_overhead(rounds: int = 7) -> dict[str, tuple[float, list[float]]]:
     """Per tracked variant: the median over ``rounds`` of (its time / the untracked time), all loops
     run back to back in each round so that drifts of a shared machine hit them alike."""
-    loops = {name: make_loop(background) for name, background in VARIANTS.items()}
+    loops = {name: make_loop(tracking) for name, tracking in VARIANTS.items()}
     for loop in loops.values():
         loop()  # warm-up
     ratios: dict[str, list[float]] = {name: [] for name in loops if name != "untracked"}

@@ -949,3 +949,24 @@ def test_default_host_threads_leave_half_the_cpus(monkeypatch):
     assert eigensolver.default_host_threads() == 8
     monkeypatch.setattr(eigensolver.os, "sched_getaffinity", lambda pid: {0}, raising=False)
     assert eigensolver.default_host_threads() == 1
+
+
+def test_host_eigvalsh_in_a_forked_child_starts_workers_of_its_own():
+    # A forked child has none of the parent's worker threads: it must not queue work for them.
+    import multiprocessing
+
+    eigensolver.host_eigvalsh(torch.eye(4).expand(2, 4, 4), 2)  # the parent's pool exists
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_solve_in_child, args=(queue,))
+    child.start()
+    child.join(timeout=30)
+    alive = child.is_alive()
+    if alive:
+        child.kill()
+    assert not alive, "the forked child hung on the parent's pool"
+    assert child.exitcode == 0 and queue.get(timeout=5) == [1.0, 1.0, 1.0, 1.0] * 2
+
+
+def _solve_in_child(queue):
+    queue.put(eigensolver.host_eigvalsh(torch.eye(4, dtype=torch.float64).expand(2, 4, 4), 2).flatten().tolist())

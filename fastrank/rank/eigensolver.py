@@ -270,6 +270,17 @@ _pools: dict[int, ThreadPoolExecutor] = {}  # threads -> pool of single-LAPACK-t
 _pools_lock = threading.Lock()
 
 
+def _forget_pools() -> None:
+    """In a forked child: the parent's workers do not exist there, a pool is started anew."""
+    global _pools_lock
+    _pools.clear()
+    _pools_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pools)
+
+
 def default_host_threads() -> int:
     """Half the CPUs this process may run on, at least 1: host solver threads that leave the other
     half to the process's own work (a training loop feeding a GPU, its data loading)."""

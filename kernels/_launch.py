@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 import triton
+import triton.testing
 from triton.knobs import HookChain
 from triton.runtime.autotuner import Autotuner
 
@@ -64,6 +65,24 @@ def device_guard(tensor: torch.Tensor):
     if tensor.is_cuda:
         return torch.cuda.device(tensor.device)
     return contextlib.nullcontext()
+
+
+# Autotuning times each config with ``triton.testing.do_bench`` for AUTOTUNE_WARMUP_MS of warm-up
+# and AUTOTUNE_REP_MS of timed runs (the L2 flushed before each), where Triton's autotuner defaults
+# to 25 and 100 ms. The kernels take 5-500 us, so 20 ms is still 40-4000 timed runs for the median,
+# and a new autotune key (a new size bucket, a new layout) waits about a fifth as long for its
+# configs' timing before its first launch returns (the compiles are not changed). Every shape of
+# the train-step grid (benchmarks/gpu/train_grid.py) meets new keys: on an H200 it took 3.4 s a
+# shape (26 of 72 shapes in its budget), where its timed steps take about 0.3-0.5 s (arithmetic from
+# its step times and repeats). NOT MEASURED on a GPU.
+AUTOTUNE_WARMUP_MS, AUTOTUNE_REP_MS = 5, 20
+
+
+def autotune_bench(kernel_call: Callable[[], None], quantiles: Sequence[float]) -> list[float]:
+    """The benchmark of every fastrank ``@triton.autotune`` (its ``do_bench``): ``kernel_call``
+    timed by ``triton.testing.do_bench`` for AUTOTUNE_WARMUP_MS + AUTOTUNE_REP_MS; returns the
+    ``quantiles`` of its run time, in ms."""
+    return triton.testing.do_bench(kernel_call, warmup=AUTOTUNE_WARMUP_MS, rep=AUTOTUNE_REP_MS, quantiles=quantiles)
 
 
 class _Choices:

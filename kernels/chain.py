@@ -75,6 +75,7 @@ from fastrank._backend import cuda_matmul_allows_tf32
 from fastrank.kernels._launch import (
     PlanCache,
     PlanRecorder,
+    autotune_bench,
     call_key,
     cdiv,
     device_guard,
@@ -486,6 +487,7 @@ def _chain_step_streamed(
     key=["M_BUCKET", "WIDTH_BUCKET", "BLOCK_N", "NUM_FACTORS", "X_ROWS_CONTIGUOUS", "FACTORS_TRANSPOSED",
          "INPUT_PRECISION"],
     prune_configs_by={"early_config_prune": _prune_chain_configs},
+    do_bench=autotune_bench,
 )
 @triton.jit
 def _chain_matmul_kernel(
@@ -782,6 +784,7 @@ def _factor_grad_tile(
     # tuples' entries.
     key=["M_BUCKET", "WIDTH_BUCKET", "NUM_GROUPS", "num_splits", "LAYOUTS", "ELEMENT_SIZE", "INPUT_PRECISION"],
     prune_configs_by={"early_config_prune": _prune_factor_grads_configs},
+    do_bench=autotune_bench,
 )
 @triton.jit
 def _factor_grads_kernel(
@@ -1131,6 +1134,7 @@ def _prune_backward_configs(configs, named_args, **kwargs):
     configs=_cuda_configs("chain_backward"),
     key=["M_BUCKET", "BLOCK_N", "NUM_FACTORS", "NEEDS_X", "FACTORS_TRANSPOSED", "INPUT_PRECISION"],
     prune_configs_by={"early_config_prune": _prune_backward_configs},
+    do_bench=autotune_bench,
 )
 @triton.jit
 def _chain_backward_kernel(

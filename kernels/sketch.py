@@ -79,7 +79,9 @@ import triton
 import triton.language as tl
 
 from fastrank._backend import cuda_matmul_allows_tf32
-from fastrank.kernels._launch import PlanCache, PlanRecorder, call_key, cdiv, device_guard, interpreting, size_bucket
+from fastrank.kernels._launch import (
+    PlanCache, PlanRecorder, autotune_bench, call_key, cdiv, device_guard, interpreting, size_bucket,
+)
 from fastrank.sketch import _accumulation_dtype, _check_inputs
 
 BUILT_FOR_INTERPRETER = interpreting()  # tests reload the module when this disagrees with the environment
@@ -215,6 +217,7 @@ def _omega_kernel(
     # BLOCK_K (k = 129 and k = 256 share a bucket) could spill, so they are part of the key
     key=["M_BUCKET", "N_BUCKET", "K_BUCKET", "BLOCK_K", "INPUT_PRECISION"],
     prune_configs_by={"early_config_prune": _prune_sketch_configs},
+    do_bench=autotune_bench,
 )
 @triton.jit
 def _sketch_kernel(

@@ -688,6 +688,47 @@ def test_launches_reuse_the_autotuners_choice(monkeypatch):
     assert len(runs) == 3, "a new size bucket must go through the autotuner"
 
 
+def test_every_autotuner_times_its_configs_with_the_short_budget(monkeypatch):
+    # Each @triton.autotune of the kernels benchmarks through fastrank.kernels._launch.autotune_bench,
+    # which asks triton.testing.do_bench for AUTOTUNE_WARMUP_MS + AUTOTUNE_REP_MS (not Triton's 25 + 100).
+    import triton.testing
+    from triton.runtime.autotuner import Autotuner
+
+    sketch_kernels = load_kernels("sketch")
+    autotuners = {name: value for module in (chain_kernels, sketch_kernels)
+                  for name, value in vars(module).items() if isinstance(value, Autotuner)}
+    assert sorted(autotuners) == ["_chain_backward_kernel", "_chain_matmul_kernel", "_factor_grads_kernel", "_sketch_kernel"]
+    bench = chain_kernels.autotune_bench
+    assert bench is sketch_kernels.autotune_bench
+    for name, kernel in autotuners.items():
+        assert kernel.do_bench is bench, name
+    calls = []
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kwargs: calls.append(kwargs) or [fn(), 2.0, 3.0])
+    assert bench(lambda: 1.0, quantiles=(0.5, 0.2, 0.8)) == [1.0, 2.0, 3.0]
+    from fastrank.kernels import _launch
+
+    assert (_launch.AUTOTUNE_WARMUP_MS, _launch.AUTOTUNE_REP_MS) == (5, 20)
+    assert calls == [{"warmup": 5, "rep": 20, "quantiles": (0.5, 0.2, 0.8)}]
+
+
+@requires_cuda
+def test_a_new_autotune_key_benchmarks_every_config_with_the_short_budget(monkeypatch):
+    import triton.testing
+
+    from fastrank.kernels import _launch
+
+    kernel = chain_kernels._chain_matmul_kernel
+    monkeypatch.setattr(kernel, "cache", {})  # the autotuner's choices: none, so this key is tuned
+    _launch._CHOICES.pop(kernel, None)
+    calls = []
+    do_bench = triton.testing.do_bench
+    monkeypatch.setattr(triton.testing, "do_bench",
+                        lambda fn, **kwargs: calls.append((kwargs["warmup"], kwargs["rep"])) or do_bench(fn, **kwargs))
+    x, factors = make_chain(3001, [48, 80, 48], torch.float16)
+    check_chain(chain_matmul(x, factors), x, factors, torch.float16, "a freshly tuned key")
+    assert len(calls) >= 2 and set(calls) == {(5, 20)}, calls
+
+
 def test_factor_grads_launches_key_on_the_dtype_of_their_tuples(monkeypatch):
     # The factor-gradient kernel takes every tensor in tuples, whose entries' dtypes the autotuner
     # does not key on: its key names the element size and precision, and launch_tuned the dtype.

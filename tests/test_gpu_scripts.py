@@ -56,6 +56,7 @@ def test_grid_dry_run_writes_a_row_per_variant(train_grid, tmp_path):
     fastrank_row = grid["rows"][0]
     assert set(fastrank_row["goals"]) == {"eager", "launches"}
     (entry,) = grid["goals"]
+    assert _positive(entry["warmup_s"]) and entry["warmup_s"] < entry["seconds"] <= grid["seconds"]
     assert _positive(entry["eager"]["value"]) and entry["eager"]["met"] in (True, False)
     assert entry["launches"]["met"] is None and entry["graph"]["met"] is None
     assert sum(grid["goal_counts"]["eager"].values()) == 1

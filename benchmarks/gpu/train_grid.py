@@ -20,6 +20,8 @@ One row per (shape, variant, mode):
   kernels one step runs, memory copies and sets not counted (torch.profiler: one profiled step of
   every variant and mode per shape, each kernel given to the step whose window it starts in; a
   session per step where a kernel falls outside every window);
+- per shape (in ``goals``): ``seconds``, the shape's time in the grid, and ``warmup_s``, the part
+  of it the first three calls of every variant and mode took (compiles, autotuning, captures);
 - ``jit_calls_per_step``: fastrank launcher calls per timed step that took Triton's JIT path
   instead of a launch plan (``fastrank.kernels._launch.jit_calls``; 0 in a steady loop, present
   where the kernels import).
@@ -259,6 +261,7 @@ def measure_shape(dtype_name: str, d: int, batch: int, depth: int, device: str, 
     modes = (EAGER, GRAPH) if device == "cuda" else (EAGER,)
     shape = {"dtype": dtype_name, "d": d, "B": batch, "L": depth, "shape": f"B={batch} d={d} L={depth}"}
     rows, steps, by_key = [], {}, {}
+    began = time.perf_counter()
     for variant, module in modules.items():
         for mode in modes:
             row = {**context, **shape, "variant": variant, "mode": mode,
@@ -274,6 +277,7 @@ def measure_shape(dtype_name: str, d: int, batch: int, depth: int, device: str, 
                 steps[(variant, mode)], by_key[(variant, mode)] = step, row
             except Exception as error:  # a variant that fails is a row, not the end of the grid
                 row["error"] = f"{type(error).__name__}: {error}"[:400]
+    shape["warmup_s"] = time.perf_counter() - began  # first calls: compiles, autotuning, captures
     if steps:
         # As many rounds as the slowest step allows within its ~TIMED_SECONDS.
         repeats = min(_repeats(step, device) for step in steps.values())
@@ -338,7 +342,8 @@ def run_grid(path: Path, device: str, budget_s: float, dry_run: bool) -> dict:
                 return result
             began = time.perf_counter()
             measured = measure_shape(dtype_name, d, batch, depth, device, context)
-            slowest = max(slowest, time.perf_counter() - began)
+            measured["goals"]["seconds"] = time.perf_counter() - began
+            slowest = max(slowest, measured["goals"]["seconds"])
             result["rows"] += measured["rows"]
             result["goals"].append(measured["goals"])
             done += 1
@@ -362,7 +367,8 @@ def _print(result: dict) -> None:
         jit = next((row.get("jit_calls_per_step") for row in result["rows"]
                     if (row["dtype"], row["shape"], row["variant"], row["mode"]) == wanted), None)
         jit = f"  JIT launcher calls/step {jit:.2g}" if jit is not None else ""
-        print(f"{entry['dtype']:4s} {entry['shape']:22s} {marks}{jit}")
+        print(f"{entry['dtype']:4s} {entry['shape']:22s} {marks}{jit}  "
+              f"({entry['seconds']:.1f} s, {entry['warmup_s']:.1f} s of it first calls)")
     for name, counts in result["goal_counts"].items():
         print(f"goal {name}: {counts}")
     if result["not_run"]:

@@ -970,3 +970,23 @@ def test_host_eigvalsh_in_a_forked_child_starts_workers_of_its_own():
 
 def _solve_in_child(queue):
     queue.put(eigensolver.host_eigvalsh(torch.eye(4, dtype=torch.float64).expand(2, 4, 4), 2).flatten().tolist())
+
+
+def test_host_eigvalsh_is_differentiable_and_keeps_no_grad_and_inference_mode():
+    G, _ = _symmetric_in_one_triangle((4,), 12, torch.float64, False, seed=8)
+    G.requires_grad_(True)
+    weights = torch.randn(4, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    (eigensolver.host_eigvalsh(G, 3) * weights).sum().backward()
+    hosted, G.grad = G.grad, None
+    (torch.linalg.eigvalsh(G) * weights).sum().backward()
+    assert torch.allclose(hosted, G.grad, rtol=0, atol=1e-12)
+    with torch.no_grad():
+        assert not eigensolver.host_eigvalsh(G, 3).requires_grad
+    with torch.inference_mode():
+        assert eigensolver.host_eigvalsh(G.detach(), 3).is_inference()
+    W = torch.randn(3, 40, 30, dtype=torch.float64, generator=torch.Generator().manual_seed(10), requires_grad=True)
+    spectral_entropy(W).sum().backward()
+    default, W.grad = W.grad, None
+    with eigensolver.on_host(2):
+        spectral_entropy(W).sum().backward()
+    assert torch.allclose(W.grad, default, rtol=1e-10, atol=1e-12)

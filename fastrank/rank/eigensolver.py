@@ -332,7 +332,9 @@ def host_eigvalsh(G: Tensor, threads: int, upper: bool = False) -> Tensor:
     The batch is split into ``threads`` contiguous parts, each solved by ``torch.linalg.eigvalsh``
     on a worker thread with one LAPACK thread (the workers are started once per ``threads`` and
     kept). A CUDA ``G`` is copied to pinned host memory on the current stream first (the calling
-    thread waits for the copy), and the eigenvalues come back to its device.
+    thread waits for the copy), and the eigenvalues come back to its device. Differentiable as
+    ``torch.linalg.eigvalsh`` is (the workers' grad mode is on; under the caller's ``no_grad`` the
+    parts they receive do not require grad).
 
     Args:
         G: ``(..., n, n)`` float32 or float64 tensor on any device; the triangle named by ``upper``

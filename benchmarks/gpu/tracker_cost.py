@@ -27,7 +27,7 @@ the overhead fraction (median over rounds of tracked / untracked - 1, each round
 ``overhead_by_round``) against the goal <= 2%; and every loop's time. The JSON is rewritten after
 every loop and on SIGINT (run.sh's time limit).
 
---dry-run: on the CPU, a tiny model (fp32, 4 steps, measuring every 2), one round; rows flagged
+--dry-run: on the CPU, a tiny model (fp32, loops of 2 steps, measuring every 2), two rounds; rows flagged
 ``dry_run``. Run by benchmarks/gpu/run.sh (its dry run in CI).
 """
 
@@ -71,7 +71,6 @@ MAX_ROUNDS = 8
 DRY_PLAN = (2, 2)  # (steps, rounds) of the dry run: DRY.every steps a loop
 SOLVERS = ("device", "host")  # the tracked loops' eigensolvers (RankTracker's host_threads None, or set)
 KINDS = (None, *SOLVERS)  # the loops of a round: untracked, then tracked with each solver (rotated by round)
-
 
 
 class Block(nn.Module):

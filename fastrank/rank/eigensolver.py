@@ -310,7 +310,7 @@ def _pool(threads: int) -> ThreadPoolExecutor:
         pool = _pools.get(threads)
         if pool is None:
             inherited = torch.get_num_threads()
-            started = threading.Barrier(threads + 1)
+            started = threading.Barrier(threads + 1, timeout=60)  # a worker that cannot start raises
 
             def single_threaded() -> None:
                 torch.get_num_threads()

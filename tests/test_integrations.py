@@ -181,7 +181,8 @@ def _callback_class(framework):
     (dict(sketch_thresold=8), TypeError, "RankCallback: RankTracker has no argument 'sketch_thresold'; its arguments are"),
     (dict(forwards="all"), ValueError, "RankCallback: forwards='all' given; the callback measures training forwards only"),
     (dict(prefix=""), ValueError, "RankCallback: prefix must be a non-empty str, got ''"),
-], ids=["method", "sketch_size", "token_dim", "every", "embeddings", "unknown", "forwards", "prefix"])
+    (dict(host_threads=0), ValueError, "RankCallback: host_threads must be a positive int or None, got 0"),
+], ids=["method", "sketch_size", "token_dim", "every", "embeddings", "unknown", "forwards", "prefix", "host_threads"])
 def test_callback_arguments_are_checked_at_construction(framework, options, error, message):
     with pytest.raises(error) as raised:
         _callback_class(framework)(**options)
@@ -236,6 +237,28 @@ def test_transformers_trainer_logs_rank_of_a_tiny_gpt2(tmp_path):
     assert attn["effective_rank"] == pytest.approx(float(fastrank.effective_rank(weight.T)), rel=1e-9)
     logged = [entry for entry in trainer.state.log_history if "rank/transformer.h.1/effective_rank" in entry]
     assert [entry["rank/step"] for entry in logged] == [1.0, 2.0, 3.0]  # global_step after each step
+
+
+def test_transformers_trainer_with_the_host_solver_logs_what_the_default_does(tmp_path, monkeypatch):
+    # RankCallback(host_threads=2, background=True): the spectra on two host threads, on the
+    # tracker's worker; the same history as the default solver inline.
+    from fastrank.rank import eigensolver
+
+    calls = []
+    solve = eigensolver.host_eigvalsh
+
+    def spy(G, threads, upper=False):
+        calls.append(threads)
+        return solve(G, threads, upper=upper)
+
+    monkeypatch.setattr(eigensolver, "host_eigvalsh", spy)
+    options = dict(embeddings=("transformer.h.1",), every=1)
+    _, default, _ = _gpt2_train(tmp_path / "default", dict(options, background=False))
+    assert calls == []
+    _, hosted, _ = _gpt2_train(tmp_path / "host", dict(options, background=True, host_threads=2))
+    assert calls and set(calls) == {2}  # the blocks' same-shape weights: batched eigenvalue problems
+    assert hosted.tracker.host_threads == 2
+    _assert_same_history(hosted.tracker.history, default.tracker.history, prefix="", offset=0)
 
 
 @pytest.mark.parametrize("checkpointing", [None, "non-reentrant", "reentrant"], ids=["plain", "non-reentrant", "reentrant"])

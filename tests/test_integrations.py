@@ -242,21 +242,14 @@ def test_transformers_trainer_logs_rank_of_a_tiny_gpt2(tmp_path):
 def test_transformers_trainer_with_the_host_solver_logs_what_the_default_does(tmp_path, monkeypatch):
     # RankCallback(host_threads=2, background=True): the spectra on two host threads, on the
     # tracker's worker; the same history as the default solver inline.
-    from fastrank.rank import eigensolver
+    from eigensolver_cases import record_host_solves
 
-    calls = []
-    solve = eigensolver.host_eigvalsh
-
-    def spy(G, threads, upper=False):
-        calls.append(threads)
-        return solve(G, threads, upper=upper)
-
-    monkeypatch.setattr(eigensolver, "host_eigvalsh", spy)
+    calls = record_host_solves(monkeypatch)
     options = dict(embeddings=("transformer.h.1",), every=1)
     _, default, _ = _gpt2_train(tmp_path / "default", dict(options, background=False))
     assert calls == []
     _, hosted, _ = _gpt2_train(tmp_path / "host", dict(options, background=True, host_threads=2))
-    assert calls and set(calls) == {2}  # the blocks' same-shape weights: batched eigenvalue problems
+    assert calls and {call.threads for call in calls} == {2}  # the blocks' same-shape weights: batched eigenvalue problems
     assert hosted.tracker.host_threads == 2
     _assert_same_history(hosted.tracker.history, default.tracker.history, prefix="", offset=0)
 

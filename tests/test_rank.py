@@ -827,19 +827,9 @@ def test_hermitian_accepts_a_gram_symmetric_up_to_rounding():
 
 # ---- the host solver (fastrank.rank.eigensolver.host_eigvalsh / on_host) ---------------------------
 
+from eigensolver_cases import record_host_solves, symmetric_with_garbage  # noqa: E402
+
 from fastrank.rank import eigensolver  # noqa: E402
-
-
-def _symmetric_in_one_triangle(shape, n, dtype, upper, seed):
-    """Symmetric matrices in the named triangle, unrelated values in the other; and their fp64 form."""
-    generator = torch.Generator().manual_seed(seed)
-    A = torch.randn(*shape, n, n, dtype=torch.float64, generator=generator)
-    S = A @ A.mT / n + torch.randn(*shape, n, n, dtype=torch.float64, generator=generator).triu()
-    S = S.triu() + S.triu(1).mT  # symmetric, indefinite
-    garbage = torch.randn(*shape, n, n, dtype=torch.float64, generator=generator)
-    G = torch.where(torch.ones(n, n, dtype=torch.bool).triu() if upper else torch.ones(n, n, dtype=torch.bool).tril(),
-                    S, garbage)
-    return G.to(dtype), S
 
 
 @pytest.mark.parametrize("threads", [1, 2, 5])
@@ -847,7 +837,7 @@ def _symmetric_in_one_triangle(shape, n, dtype, upper, seed):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("upper", [True, False], ids=["upper", "lower"])
 def test_host_eigvalsh_matches_fp64(threads, shape, n, dtype, upper):
-    G, S = _symmetric_in_one_triangle(shape, n, dtype, upper, seed=n + len(shape))
+    G, S = symmetric_with_garbage(shape, n, dtype, upper, seed=n + len(shape))
     values = eigensolver.host_eigvalsh(G, threads, upper=upper)
     assert values.shape == (*shape, n) and values.dtype == dtype and values.device == G.device
     reference = torch.linalg.eigvalsh(S)  # fp64, of the symmetric matrix the named triangle holds
@@ -865,7 +855,7 @@ def test_host_eigvalsh_of_empty_input_is_what_torch_returns(shape):
 
 
 def test_host_eigvalsh_of_a_non_contiguous_batch():
-    G, S = _symmetric_in_one_triangle((6,), 33, torch.float64, True, seed=1)
+    G, S = symmetric_with_garbage((6,), 33, torch.float64, True, seed=1)
     strided = G.mT.contiguous().mT[::2]  # column-major storage, every other matrix
     assert not strided.is_contiguous()
     values = eigensolver.host_eigvalsh(strided, 2, upper=True)
@@ -891,15 +881,8 @@ def test_host_eigvalsh_workers_run_one_thread_and_leave_the_callers_count():
 def test_on_host_routes_this_threads_eigvalsh_only(monkeypatch):
     import threading
 
-    calls = []
-    solve = eigensolver.host_eigvalsh
-
-    def spy(G, threads, upper=False):
-        calls.append((threading.current_thread().name, threads, upper))
-        return solve(G, threads, upper=upper)
-
-    monkeypatch.setattr(eigensolver, "host_eigvalsh", spy)
-    G, S = _symmetric_in_one_triangle((3,), 20, torch.float64, True, seed=2)
+    calls = record_host_solves(monkeypatch)
+    G, S = symmetric_with_garbage((3,), 20, torch.float64, True, seed=2)
     eigensolver.eigvalsh(G, upper=True)
     assert calls == []
     with eigensolver.on_host(2):
@@ -912,7 +895,7 @@ def test_on_host_routes_this_threads_eigvalsh_only(monkeypatch):
         other.join()
     eigensolver.eigvalsh(G)
     main = threading.current_thread().name
-    assert calls == [(main, 2, True), (main, 4, False), (main, 2, True)]
+    assert [(call.thread, call.threads, call.upper) for call in calls] == [(main, 2, True), (main, 4, False), (main, 2, True)]
     assert torch.allclose(inside, torch.linalg.eigvalsh(S), rtol=0, atol=1e-12 * float(S.abs().max()))
 
 
@@ -973,7 +956,7 @@ def _solve_in_child(queue):
 
 
 def test_host_eigvalsh_is_differentiable_and_keeps_no_grad_and_inference_mode():
-    G, _ = _symmetric_in_one_triangle((4,), 12, torch.float64, False, seed=8)
+    G, _ = symmetric_with_garbage((4,), 12, torch.float64, False, seed=8)
     G.requires_grad_(True)
     weights = torch.randn(4, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
     (eigensolver.host_eigvalsh(G, 3) * weights).sum().backward()

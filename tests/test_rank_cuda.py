@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from eigensolver_cases import record_host_solves, symmetric_with_garbage
 
 import fastrank
 from fastrank.rank import api as rank_module
@@ -35,22 +36,12 @@ def test_cusolver_unavailable_without_cuda():
         _cusolver.cusolver_eigvalsh(torch.eye(3))
 
 
-def _symmetric_with_garbage(batch, n, dtype, upper, seed):
-    """Symmetric matrices in the named triangle; the other triangle holds unrelated values."""
-    generator = torch.Generator().manual_seed(seed)
-    X = torch.randn(*batch, n, 2 * n, generator=generator, dtype=torch.float64)
-    S = X @ X.mT / n - 0.5 * torch.eye(n, dtype=torch.float64)  # indefinite too
-    garbage = torch.randn(*batch, n, n, generator=generator, dtype=torch.float64)
-    keep = torch.ones(n, n, dtype=torch.bool).triu() if upper else torch.ones(n, n, dtype=torch.bool).tril()
-    return torch.where(keep, S, garbage).to(dtype), S
-
-
 @needs_cusolver
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("upper", [True, False], ids=["upper", "lower"])
 @pytest.mark.parametrize("batch,n", [((7,), 33), ((2, 3), 64), ((5,), 1), ((3,), 257)])
 def test_cusolver_eigvalsh_matches_fp64(batch, n, dtype, upper):
-    G, S = _symmetric_with_garbage(batch, n, dtype, upper, seed=n)
+    G, S = symmetric_with_garbage(batch, n, dtype, upper, seed=n)
     values = _cusolver.cusolver_eigvalsh(G.cuda(), upper=upper)
     assert values.shape == (*batch, n) and values.dtype == dtype and values.is_cuda
     reference = torch.linalg.eigvalsh(S)
@@ -63,7 +54,7 @@ def test_cusolver_eigvalsh_matches_fp64(batch, n, dtype, upper):
 
 @needs_cusolver
 def test_cusolver_eigvalsh_in_several_calls_equals_one(monkeypatch):
-    G, _ = _symmetric_with_garbage((7,), 33, torch.float64, True, seed=1)
+    G, _ = symmetric_with_garbage((7,), 33, torch.float64, True, seed=1)
     whole = _cusolver.cusolver_eigvalsh(G.cuda())
     monkeypatch.setattr(_cusolver, "_INT32_MAX", 3 * 33 * 33)  # 3 matrices a call: 3 + 3 + 1
     assert _cusolver.chunk_size(33, 7) == 3
@@ -236,7 +227,7 @@ def test_background_tracker_on_cuda_measures_on_its_own_stream_and_equals_the_fo
 def test_host_eigvalsh_of_a_cuda_batch_comes_back_to_its_device(dtype, upper):
     # The batch is copied to pinned host memory on the current stream, solved by LAPACK threads and
     # returned to the device: a stream other than the default one must have finished writing it.
-    G_cpu, S = _symmetric_with_garbage((6,), 48, dtype, upper, seed=7)
+    G_cpu, S = symmetric_with_garbage((6,), 48, dtype, upper, seed=7)
     source = G_cpu.cuda()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -253,14 +244,7 @@ def test_host_eigvalsh_of_a_cuda_batch_comes_back_to_its_device(dtype, upper):
 
 @cuda
 def test_tracker_with_host_threads_on_cuda_solves_on_the_host_and_equals_the_device_solver(monkeypatch):
-    calls = []
-    solve = _cusolver.host_eigvalsh
-
-    def spy(G, threads, upper=False):
-        calls.append((G.device.type, tuple(G.shape), threads))
-        return solve(G, threads, upper=upper)
-
-    monkeypatch.setattr(_cusolver, "host_eigvalsh", spy)
+    calls = record_host_solves(monkeypatch)
     histories = {}
     for host_threads in (None, 2):
         torch.manual_seed(0)
@@ -276,7 +260,7 @@ def test_tracker_with_host_threads_on_cuda_solves_on_the_host_and_equals_the_dev
             optimizer.step()
         histories[host_threads] = tracker.history
         assert bool(calls) == (host_threads is not None)
-    assert {device for device, _, _ in calls} == {"cuda"} and {threads for _, _, threads in calls} == {2}
+    assert {call.device for call in calls} == {"cuda"} and {call.threads for call in calls} == {2}
     for row, want in zip(histories[2], histories[None]):
         assert (row["step"], row["name"]) == (want["step"], want["name"])
         for key in row:

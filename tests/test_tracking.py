@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from eigensolver_cases import record_host_solves
 from multiprocess import run_processes
 
 import fastrank
@@ -193,21 +194,12 @@ def _train_wide(host_threads, background):
 
 @pytest.mark.parametrize("background", [False, True], ids=["sync", "background"])
 def test_host_threads_solve_on_the_host_and_equal_the_device_solver(background, monkeypatch):
-    from fastrank.rank import eigensolver
-
-    calls = []
-    solve = eigensolver.host_eigvalsh
-
-    def spy(G, threads, upper=False):
-        calls.append((tuple(G.shape), threads))
-        return solve(G, threads, upper=upper)
-
-    monkeypatch.setattr(eigensolver, "host_eigvalsh", spy)
+    calls = record_host_solves(monkeypatch)
     expected = _train_wide(None, background)
     assert calls == []
     rows = _train_wide(3, background)
     # per measurement (steps 0 and 2): the embedding's Gram, then the three 70 x 70 weights at once
-    assert calls == [((70, 70), 3), ((3, 70, 70), 3)] * 2
+    assert [(call.shape, call.threads) for call in calls] == [((70, 70), 3), ((3, 70, 70), 3)] * 2
     assert [(r["step"], r["name"]) for r in rows] == [(r["step"], r["name"]) for r in expected]
     assert len(rows) == 2 * 5  # the 70 x 30 weight, small, takes fp64 svdvals
     for row, want in zip(rows, expected):

@@ -534,11 +534,15 @@ class PlanRecorder:
         for root, kind in enumerate(self.kinds):
             if kind in ("input", "scalar"):
                 pointer_of[root] = f"p[{len(pointer_of)}]"
+        allocators: dict[torch.device, Callable] = {}  # one per device, so that each is named once
         for root, kind in enumerate(self.kinds):
             if isinstance(kind, tuple):
                 (shape, stride), dtype = layouts[root], kind[1]
                 buffer = allocated[root] = f"a{root}"
-                allocate = source.name(_allocator(self.roots[root].device), "m")
+                device = self.roots[root].device
+                if device not in allocators:
+                    allocators[device] = _allocator(device)
+                allocate = source.name(allocators[device], "m")
                 lines.append(f"{buffer} = {allocate}({shape!r}, {stride!r}, {source.name(dtype, 'd')})")
                 lines.append(f"q{root} = {buffer}.data_ptr()")
                 pointer_of[root] = f"q{root}"

@@ -167,6 +167,12 @@ BUILT_FOR_INTERPRETER = interpreting()
 # --------------------------------------------------------------------------------------------
 
 
+# The streamed chain's tiles on CUDA, (BLOCK_M, BLOCK_NC), with a STREAMED_BLOCK_K reduction step
+# (the configs: _cuda_configs); tests run each through the interpreter.
+STREAMED_TILES = tuple((block_m, block_nc) for block_m in (16, 32, 64) for block_nc in (64, 128, 256))
+STREAMED_BLOCK_K = 64
+
+
 def _cuda_configs(kernel: str) -> list[triton.Config]:
     """Autotune configs of the CUDA backend for ``kernel`` ("chain" or "factor_grads").
 
@@ -187,11 +193,17 @@ def _cuda_configs(kernel: str) -> list[triton.Config]:
         ]
         # Streamed blocks (two stages: the K-loop over the input width prefetches its next tiles).
         # 16- and 32-row blocks give M / 16 programs, the most a weight chain of M = d rows can fill.
+        # A program's steps run one after another, each a K-loop per output chunk: at d = 256 a
+        # 64-column chunk makes 16 dependent tile products a step, a 256-column one (the whole
+        # width, pruned below it) 4. The weight chain of d = 256, L = 4 (16 programs of 16 rows)
+        # took 25.4 us replayed from a CUDA graph against 12.3 us for three cuBLAS calls (H200,
+        # bf16, 2026-12-04, with the 64- and 128-column chunks only). The 256-column chunks take
+        # 8 warps: with 4, every one spilled (4-2148 B; compile gate, sm_90, Triton 3.9).
         streamed = [
-            triton.Config({"BLOCK_M": block_m, "BLOCK_NC": block_nc, "BLOCK_K": 64}, num_warps=warps, num_stages=2)
-            for block_m in (16, 32, 64)
-            for block_nc in (64, 128)
-            for warps in (4, 8)
+            triton.Config({"BLOCK_M": block_m, "BLOCK_NC": block_nc, "BLOCK_K": STREAMED_BLOCK_K}, num_warps=warps,
+                          num_stages=2)
+            for block_m, block_nc in STREAMED_TILES
+            for warps in ((4, 8) if block_nc < 256 else (8,))
         ]
         return resident + streamed
     if kernel == "factor_grads":
@@ -228,10 +240,12 @@ def _cuda_configs(kernel: str) -> list[triton.Config]:
 
 # Streamed chain configs that spill in at least one of the four layouts (compile gate, sm_90,
 # Triton 3.9: 4-512 bytes; (2, 16, 128, 8): 12 bytes with Triton 3.6), as (bytes per element,
-# BLOCK_M, BLOCK_NC, num_warps). fp32 (TF32) tiles need twice the registers of 16-bit ones.
+# BLOCK_M, BLOCK_NC, num_warps). fp32 (TF32) tiles need twice the registers of 16-bit ones: its
+# 256-column chunks spilled 76-324 B at 32 and 64 rows (Triton 3.9), 24 B at 16 (Triton 3.6).
 _STREAMED_SPILLS = {
     (2, 16, 64, 8), (2, 32, 64, 4), (2, 16, 128, 8),
     (4, 16, 64, 4), (4, 16, 128, 4), (4, 32, 64, 4), (4, 32, 64, 8), (4, 32, 128, 4), (4, 64, 128, 4),
+    (4, 16, 256, 8), (4, 32, 256, 8), (4, 64, 256, 8),
 }
 
 
@@ -242,7 +256,9 @@ def _prune_chain_configs(configs, named_args, **kwargs):
     8 warps at BLOCK_N=64 (12-28 B in 16-bit) and at BLOCK_N=16 (two elements a thread: no vector
     load in 16-bit, and 4 warps hold the tile as well), and with 4 warps at BLOCK_N=64 for a
     transposed x in 16-bit (4 B since the slots became tuple arguments); 64-row blocks with 4 warps
-    at BLOCK_N=64 in fp32 "ieee" (9 KB). Streamed (BLOCK_N == 0): the multi-stage configs, less _STREAMED_SPILLS.
+    at BLOCK_N=64 in fp32 "ieee" (9 KB). Streamed (BLOCK_N == 0): the multi-stage configs, less
+    _STREAMED_SPILLS and output chunks wider than the widest layer's bucket (WIDTH_BUCKET: a
+    256-column chunk at d = 128 would compute half its columns masked).
     Under the interpreter the single config serves both modes."""
     meta = {**named_args, **kwargs}
     block_n, ieee = meta["BLOCK_N"], meta["INPUT_PRECISION"] == "ieee"
@@ -263,7 +279,11 @@ def _prune_chain_configs(configs, named_args, **kwargs):
                 continue
             if ieee and block_n >= 64 and block_m == 64 and warps == 4:
                 continue
-        elif not BUILT_FOR_INTERPRETER and (stages == 1 or (element_size, block_m, block_nc, warps) in _STREAMED_SPILLS):
+        elif not BUILT_FOR_INTERPRETER and (
+            stages == 1
+            or (element_size, block_m, block_nc, warps) in _STREAMED_SPILLS
+            or block_nc > meta["WIDTH_BUCKET"]
+        ):
             continue
         key = (block_m, block_nc, block_k, warps, stages)
         if key not in seen:

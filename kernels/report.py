@@ -149,6 +149,8 @@ KERNELS: dict[str, KernelSpec] = {
             "ELEMENT_SIZE": {"fp32": (4,), "fp16": (2,), "bf16": (2,)},
             "INPUT_PRECISION": _CHAIN_PRECISION,
         },
+        # The prune reads the widest layer's bucket: streamed output chunks wider than it go.
+        sizes={"WIDTH_BUCKET": (16, 32, 64, 128, 256, 512, 1024)},
         skip=lambda dtype, variant: variant["INPUT_PRECISION"] == "ieee" and variant["BLOCK_N"] == 0,
     ),
     "chain_factor_grads": KernelSpec(

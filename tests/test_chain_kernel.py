@@ -194,6 +194,32 @@ def test_chain_matmul_wide_matches_fp64(monkeypatch, dtype, batch, dims, layout)
     )
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "weight chain"])
+@pytest.mark.parametrize("tile", chain_kernels.STREAMED_TILES, ids=lambda t: f"{t[0]}x{t[1]}")
+def test_every_streamed_tile_matches_fp64(monkeypatch, tile, layout):
+    # Each (BLOCK_M, BLOCK_NC) the CUDA autotuner may choose, alone: output chunks narrower than,
+    # as wide as and wider than the layers (256 is one chunk at the 256-wide step, partial at the
+    # others), row blocks wider than M = 33's tail.
+    import triton
+
+    from fastrank.kernels import _launch
+
+    monkeypatch.setattr(chain_kernels, "chain_matmul_ref", None)
+    kernel = chain_kernels._chain_matmul_kernel
+    block_m, block_nc = tile
+    config = triton.Config({"BLOCK_M": block_m, "BLOCK_NC": block_nc, "BLOCK_K": chain_kernels.STREAMED_BLOCK_K},
+                           num_warps=4, num_stages=2)
+    monkeypatch.setattr(kernel, "configs", [config])
+    monkeypatch.setattr(kernel, "cache", {})
+    monkeypatch.setitem(_launch._CHOICES, kernel, _launch._Choices(kernel))
+    monkeypatch.setattr(chain_kernels, "_CHAIN_PLANS", chain_kernels.PlanCache())
+    x, factors = make_chain(33, [129, 256, 200, 75], torch.float16)
+    x, factors = _wide_layout(x, factors, layout)
+    outputs = chain_matmul(x, factors, return_all=True)
+    check_chain(outputs, x, factors, torch.float16, f"streamed {block_m} x {block_nc}, {layout}")
+    assert kernel.best_config is config, f"{kernel.best_config} ran, expected {config}"
+
+
 def test_chain_matmul_wide_longer_than_one_launch(monkeypatch):
     # 10 streamed steps: a launch of 8 through alternating scratch buffers, then one of 2.
     monkeypatch.setattr(chain_kernels, "chain_matmul_ref", None)

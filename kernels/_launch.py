@@ -85,6 +85,51 @@ def autotune_bench(kernel_call: Callable[[], None], quantiles: Sequence[float]) 
     return triton.testing.do_bench(kernel_call, warmup=AUTOTUNE_WARMUP_MS, rep=AUTOTUNE_REP_MS, quantiles=quantiles)
 
 
+# What every autotuning of a new key measured, in order: the GPU scripts write it beside their
+# figures (benchmarks/gpu/train_grid.py), so that which configs win at which sizes, by how much, and
+# what tuning cost is read from a run instead of guessed.
+_AUTOTUNINGS: list[dict] = []
+
+
+def _config_entry(config) -> dict:
+    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
+def _autotuned(kernel, grid, args: tuple, kwargs: dict):
+    """``kernel[grid](*args, **kwargs)`` through the autotuner, recording in :func:`autotunings`
+    what it timed if this call made it time its configs (a key it had not tuned, more than one
+    config left by its prune function)."""
+    timings = getattr(kernel, "configs_timings", None)
+    compiled = kernel[grid](*args, **kwargs)
+    new = getattr(kernel, "configs_timings", None)
+    if new is not None and new is not timings:
+        count = len(args)
+        key = {}
+        for name in kernel.keys:
+            index = kernel.arg_names.index(name)
+            value = args[index] if index < count else kwargs.get(name)
+            if type(value) in (int, bool, str):
+                key[name] = value
+        first = args[0][0] if isinstance(args[0], tuple) else args[0]
+        _AUTOTUNINGS.append({
+            "kernel": kernel.base_fn.__name__,
+            "key": key,
+            "dtype": str(getattr(first, "dtype", None)),
+            "chosen": _config_entry(kernel.best_config),
+            "bench_s": getattr(kernel, "bench_time", None),  # compiles included: each config's first call
+            "timings_ms": [{**_config_entry(config), "ms": float(timing[0] if isinstance(timing, (list, tuple)) else timing)}
+                           for config, timing in new.items()],
+        })
+    return compiled
+
+
+def autotunings() -> list[dict]:
+    """Every autotuning of a new key since the process started, in order: the kernel's name, its
+    key arguments, the chosen config, the seconds the tuning took (the configs' compiles
+    included) and each config's median time in ms. Empty under the interpreter (one config)."""
+    return list(_AUTOTUNINGS)
+
+
 class _Choices:
     """One autotuned kernel's remembered choices: where its key arguments sit, and per key the
     meta-parameters of the config its autotuner chose."""
@@ -121,7 +166,7 @@ def launch_tuned(kernel, grid, *args, **kwargs):
     key += (first.dtype,)
     config = choices.configs.get(key)
     if config is None:
-        compiled = kernel[grid](*args, **kwargs)
+        compiled = _autotuned(kernel, grid, args, kwargs)
         config = choices.configs[key] = kernel.best_config.all_kwargs()
     else:
         compiled = kernel.fn[grid](*args, **kwargs, **config)
@@ -449,7 +494,7 @@ class PlanRecorder:
             if tuned_choice:
                 compiled, config = launch_tuned(kernel, grid, *args, **kwargs)
             else:
-                compiled = kernel[grid](*args, **kwargs)
+                compiled = _autotuned(kernel, grid, args, kwargs)
                 config = kernel.best_config.all_kwargs()
             function = kernel.fn
         else:

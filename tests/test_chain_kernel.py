@@ -737,6 +737,46 @@ def test_every_autotuner_times_its_configs_with_the_short_budget(monkeypatch):
     assert calls == [{"warmup": 5, "rep": 20, "quantiles": (0.5, 0.2, 0.8)}]
 
 
+def test_autotunings_record_what_each_new_key_timed(monkeypatch):
+    # fastrank.kernels._launch.autotunings(): per newly tuned key, the kernel, its key arguments,
+    # the dtype, each config's median and the chosen one (the fastest), for the GPU scripts' JSON.
+    import triton
+
+    from fastrank.kernels import _launch
+
+    kernel = chain_kernels._chain_matmul_kernel
+    slow = triton.Config({"BLOCK_M": 32, "BLOCK_NC": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)
+    fast = triton.Config({"BLOCK_M": 16, "BLOCK_NC": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)
+    monkeypatch.setattr(kernel, "configs", [slow, fast])
+    monkeypatch.setattr(kernel, "cache", {})
+    monkeypatch.setattr(kernel, "early_config_prune", None)  # both kept (on CUDA the prune drops 1-stage streamed ones)
+    monkeypatch.setitem(_launch._CHOICES, kernel, _launch._Choices(kernel))
+    monkeypatch.setattr(chain_kernels, "_CHAIN_PLANS", chain_kernels.PlanCache())
+    monkeypatch.setattr(_launch, "_AUTOTUNINGS", [])
+    medians = iter([0.75, 0.25, 0.5, 0.125])  # slow, fast for the first key; the same for the second
+
+    def fake_bench(kernel_call, quantiles):
+        kernel_call()  # compiles and runs the config, as do_bench would
+        median = next(medians)
+        return [median, median, median]
+
+    monkeypatch.setattr(kernel, "do_bench", fake_bench)
+    x, factors = make_chain(7, [5, 17, 5], torch.float32)
+    check_chain(chain_matmul(x, factors), x, factors, torch.float32, "tuned between two configs")
+    check_chain(chain_matmul(x, factors), x, factors, torch.float32, "the remembered choice")
+    assert len(_launch.autotunings()) == 1, "a known key is not tuned again"
+    wide_x, wide_factors = make_chain(33, [5, 17, 5], torch.float32)
+    chain_matmul(wide_x, wide_factors)
+    first, second = _launch.autotunings()
+    assert first["kernel"] == "_chain_matmul_kernel" and first["dtype"] == "torch.float32", first
+    assert first["key"]["M_BUCKET"] == 16 and second["key"]["M_BUCKET"] == 64, (first["key"], second["key"])
+    assert first["key"]["NUM_FACTORS"] == 2 and first["key"]["BLOCK_N"] == 32, first["key"]
+    assert [t["ms"] for t in first["timings_ms"]] == [0.75, 0.25], first["timings_ms"]
+    assert [t["BLOCK_M"] for t in first["timings_ms"]] == [32, 16], first["timings_ms"]
+    assert first["chosen"] == {"BLOCK_M": 16, "BLOCK_NC": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 1}
+    assert second["chosen"]["BLOCK_M"] == 16 and first["bench_s"] >= 0, second
+
+
 @requires_cuda
 def test_a_new_autotune_key_benchmarks_every_config_with_the_short_budget(monkeypatch):
     import triton.testing

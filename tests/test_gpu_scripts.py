@@ -60,6 +60,20 @@ def test_grid_dry_run_writes_a_row_per_variant(train_grid, tmp_path):
     assert _positive(entry["eager"]["value"]) and entry["eager"]["met"] in (True, False)
     assert entry["launches"]["met"] is None and entry["graph"]["met"] is None
     assert sum(grid["goal_counts"]["eager"].values()) == 1
+    assert grid["autotunings"] == [] and grid["autotuned"] == {}  # the CPU layers take no kernel
+
+
+def test_grid_sums_up_what_the_autotuners_chose(train_grid):
+    def tuning(kernel, block_m, seconds):
+        return {"kernel": kernel, "key": {"M_BUCKET": 16}, "dtype": "torch.bfloat16", "bench_s": seconds,
+                "chosen": {"BLOCK_M": block_m, "num_warps": 8}, "timings_ms": [{"BLOCK_M": block_m, "ms": 0.1}]}
+
+    summary = train_grid.autotune_summary([tuning("chain", 16, 1.5), tuning("chain", 64, 0.25),
+                                           tuning("chain", 16, None), tuning("grads", 32, 2.0)])
+    assert summary == {
+        "chain": {"keys": 3, "seconds": 1.75, "chosen": {"BLOCK_M=16 num_warps=8": 2, "BLOCK_M=64 num_warps=8": 1}},
+        "grads": {"keys": 1, "seconds": 2.0, "chosen": {"BLOCK_M=32 num_warps=8": 1}},
+    }
 
 
 def test_grid_order_covers_every_shape_once_most_important_first(train_grid):

@@ -299,6 +299,7 @@ if grid is not None:
     results["train-grid"] = {"dry_run": grid.get("dry_run"), "shapes_run": len(grid.get("goals", [])),
                              "shapes_not_run": len(grid.get("not_run", [])), "rows": len(grid.get("rows", [])),
                              "goal_counts": grid.get("goal_counts")}
+    results["train-grid"]["autotuned"] = grid.get("autotuned", {})
 tracker = read_json("tracker-cost.json")
 if tracker is not None:
     results["tracker-cost"] = {key: tracker.get(key) for key in (
@@ -336,6 +337,9 @@ for name, step in steps.items():
 if "train-grid" in results:
     print(f"train-grid: {results['train-grid']['shapes_run']} shapes run, {results['train-grid']['shapes_not_run']} not; "
           f"goals {results['train-grid']['goal_counts']}")
+    for kernel, tuned in results["train-grid"]["autotuned"].items():
+        print(f"train-grid: {kernel} tuned {tuned['keys']} keys in {tuned['seconds']:.1f} s; chosen "
+              + ", ".join(f"{count}x {config}" for config, count in sorted(tuned["chosen"].items(), key=lambda c: -c[1])))
 for solver, cost in ((results.get("tracker-cost") or {}).get("solvers") or {}).items():
     if cost["overhead"] is not None:
         print(f"tracker-cost: {solver} solver: overhead {cost['overhead']:.2%} (goal <= 2%)"

@@ -26,6 +26,11 @@ One row per (shape, variant, mode):
   instead of a launch plan (``fastrank.kernels._launch.jit_calls``; 0 in a steady loop, present
   where the kernels import).
 
+And ``autotunings``: every autotuning of a new key the grid's steps caused, in order
+(``fastrank.kernels._launch.autotunings``: kernel, key arguments, dtype, each config's median ms,
+the chosen config, the tuning's seconds with its compiles), empty on the CPU; ``autotuned``
+sums them up per kernel (keys, seconds, how often each config was chosen).
+
 Goals, per shape (``goals``) and marked on the fastrank rows:
 
 - ``eager``: fastrank's wall time <= 1.1x the better of the sequential chain and collapsed autograd;
@@ -252,6 +257,29 @@ def _jit_calls() -> int | None:
     return jit_calls()
 
 
+def _autotunings() -> list[dict]:
+    """What the kernels' autotuners timed so far (fastrank.kernels._launch.autotunings), [] without
+    the kernels."""
+    try:
+        from fastrank.kernels._launch import autotunings
+    except ImportError:
+        return []
+    return autotunings()
+
+
+def autotune_summary(autotunings: Sequence[dict]) -> dict:
+    """Per kernel: the keys tuned, the tuning's seconds (compiles included) and how often each
+    config was chosen (as ``"NAME=value ..."``)."""
+    summary: dict[str, dict] = {}
+    for entry in autotunings:
+        kernel = summary.setdefault(entry["kernel"], {"keys": 0, "seconds": 0.0, "chosen": {}})
+        kernel["keys"] += 1
+        kernel["seconds"] += entry["bench_s"] or 0.0
+        chosen = " ".join(f"{name}={value}" for name, value in entry["chosen"].items())
+        kernel["chosen"][chosen] = kernel["chosen"].get(chosen, 0) + 1
+    return summary
+
+
 def measure_shape(dtype_name: str, d: int, batch: int, depth: int, device: str, context: dict) -> dict:
     """The rows of one shape (eager, and on CUDA graph-replayed, for every variant) and its goals."""
     dtype = DTYPES[dtype_name]
@@ -331,6 +359,8 @@ def run_grid(path: Path, device: str, budget_s: float, dry_run: bool) -> dict:
         result["not_run"] = [{"dtype": s[0], "d": s[1], "B": s[2], "L": s[3], "why": why} for s in shapes[done:]]
         result["complete"] = done == len(shapes)
         result["seconds"] = time.perf_counter() - start
+        result["autotunings"] = _autotunings()
+        result["autotuned"] = autotune_summary(result["autotunings"])
         path.write_text(json.dumps(result, indent=1) + "\n")
 
     done = 0

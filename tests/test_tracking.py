@@ -401,33 +401,58 @@ def _data():
     return torch.randn(2, 10, 12, generator=gen)  # two ranks' worth of rows
 
 
-def _tracker_worker(rank, world, out_path, sketch, background):
-    net = Net()
+class _WideEncoder(nn.Module):
+    """An embedding of 70 features: its 70 x 70 Gram is past the small-matrix path (which solves
+    one CPU matrix of at most 64^3 work directly), so its spectrum goes to the eigensolver."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.encoder = nn.Sequential(nn.Linear(12, 70), nn.Tanh())
+
+    def forward(self, x):
+        return self.encoder(x)
+
+
+def _tracked_net(host_threads):
+    return Net() if host_threads is None else _WideEncoder()
+
+
+def _tracker_worker(rank, world, out_path, sketch, background, host_threads):
+    calls = record_host_solves(pytest.MonkeyPatch())  # this process's own
+    net = _tracked_net(host_threads)
     kwargs = dict(sketch_threshold=4, sketch_size=6) if sketch else {}
     tracker = RankTracker(net, embeddings=("encoder",), weights=False, center=True,
-                          background=background, **kwargs)
+                          background=background, host_threads=host_threads, **kwargs)
     net(_data()[rank])
     if background:  # all-reduced at step(), measured on the worker thread
         tracker.step()
+        tracker.flush()
         result = {row["name"]: {k: v for k, v in row.items() if k not in ("step", "name")}
                   for row in tracker.history}
     else:
         result = tracker.compute()
+    result["host solves"] = [(call.shape, call.threads) for call in calls]
     if rank == 0:
         torch.save(result, out_path)
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-@pytest.mark.parametrize("sketch,background", [(False, False), (True, False), (False, True)],
-                         ids=["gram", "sketch", "gram-background"])
-def test_distributed_equals_single_process(tmp_path, sketch, background):
+@pytest.mark.parametrize("sketch,background,host_threads",
+                         [(False, False, None), (True, False, None), (False, True, None), (False, True, 2)],
+                         ids=["gram", "sketch", "gram-background", "gram-background-host-solver"])
+def test_distributed_equals_single_process(tmp_path, sketch, background, host_threads):
     out_path = str(tmp_path / "result.pt")
-    run_processes(_tracker_worker, 2, tmp_path, out_path, sketch, background)
-    distributed = torch.load(out_path, weights_only=True)["encoder"]
-    net = Net()
+    run_processes(_tracker_worker, 2, tmp_path, out_path, sketch, background, host_threads)
+    measured = torch.load(out_path, weights_only=True)
+    # The all-reduced Gram's spectrum solved on the host threads where they are asked for.
+    assert measured["host solves"] == ([((70, 70), host_threads)] if host_threads else []), measured["host solves"]
+    distributed = measured["encoder"]
+    net = _tracked_net(host_threads)
     kwargs = dict(sketch_threshold=4, sketch_size=6) if sketch else {}
     tracker = RankTracker(net, embeddings=("encoder",), weights=False, center=True, **kwargs)
-    net(_data().reshape(20, 12))
+    for rows in _data():  # the ranks' rows, each computed as its rank computed it (an fp32 forward
+        net(rows)         # of 20 rows may round otherwise than two of 10: 2e-9 at 70 features)
     single = tracker.compute()["encoder"]
     assert distributed["samples"] == single["samples"] == 20
     for key, value in single.items():

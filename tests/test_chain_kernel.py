@@ -220,6 +220,26 @@ def test_every_streamed_tile_matches_fp64(monkeypatch, tile, layout):
     assert kernel.best_config is config, f"{kernel.best_config} ran, expected {config}"
 
 
+@pytest.mark.parametrize("element_size", [2, 4], ids=["16-bit", "fp32"])
+def test_streamed_configs_on_cuda_fit_the_width(monkeypatch, element_size):
+    # What the CUDA autotuner may choose for a streamed launch (the compile gate compiles exactly
+    # these): output chunks no wider than the widest layer's bucket, 256-column chunks in 16-bit
+    # with 8 warps only, nothing the gate saw spill.
+    monkeypatch.setattr(chain_kernels, "BUILT_FOR_INTERPRETER", False)
+    configs = chain_kernels._cuda_configs("chain")
+    meta = dict(BLOCK_N=0, INPUT_PRECISION="tf32", ELEMENT_SIZE=element_size, X_ROWS_CONTIGUOUS=False)
+    chosen = {}
+    for bucket in (128, 256, 512):
+        pruned = chain_kernels._prune_chain_configs(configs, {"WIDTH_BUCKET": bucket}, **meta)
+        chosen[bucket] = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_NC"], c.num_warps) for c in pruned}
+        assert all(c.num_stages == 2 and c.kwargs["BLOCK_K"] == chain_kernels.STREAMED_BLOCK_K for c in pruned)
+        assert not {(element_size, *tile) for tile in chosen[bucket]} & chain_kernels._STREAMED_SPILLS, bucket
+        assert max(block_nc for _, block_nc, _ in chosen[bucket]) <= bucket, chosen[bucket]
+    wide = {tile for tile in chosen[256] if tile[1] == 256}
+    assert wide == ({(16, 256, 8), (32, 256, 8), (64, 256, 8)} if element_size == 2 else set()), wide
+    assert chosen[128] == chosen[256] - wide and chosen[512] == chosen[256], chosen
+
+
 def test_chain_matmul_wide_longer_than_one_launch(monkeypatch):
     # 10 streamed steps: a launch of 8 through alternating scratch buffers, then one of 2.
     monkeypatch.setattr(chain_kernels, "chain_matmul_ref", None)

@@ -196,7 +196,8 @@ def test_chain_matmul_wide_matches_fp64(monkeypatch, dtype, batch, dims, layout)
 
 @pytest.mark.parametrize("layout", ["contiguous", "weight chain"])
 @pytest.mark.parametrize("tile", chain_kernels.STREAMED_TILES, ids=lambda t: f"{t[0]}x{t[1]}")
-def test_every_streamed_tile_matches_fp64(monkeypatch, tile, layout):
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+def test_every_streamed_tile_matches_fp64(monkeypatch, dtype, tile, layout):
     # Each (BLOCK_M, BLOCK_NC) the CUDA autotuner may choose, alone: output chunks narrower than,
     # as wide as and wider than the layers (256 is one chunk at the 256-wide step, partial at the
     # others), row blocks wider than M = 33's tail.
@@ -213,10 +214,10 @@ def test_every_streamed_tile_matches_fp64(monkeypatch, tile, layout):
     monkeypatch.setattr(kernel, "cache", {})
     monkeypatch.setitem(_launch._CHOICES, kernel, _launch._Choices(kernel))
     monkeypatch.setattr(chain_kernels, "_CHAIN_PLANS", chain_kernels.PlanCache())
-    x, factors = make_chain(33, [129, 256, 200, 75], torch.float16)
+    x, factors = make_chain(33, [129, 256, 200, 75], dtype)
     x, factors = _wide_layout(x, factors, layout)
     outputs = chain_matmul(x, factors, return_all=True)
-    check_chain(outputs, x, factors, torch.float16, f"streamed {block_m} x {block_nc}, {layout}")
+    check_chain(outputs, x, factors, dtype, f"streamed {block_m} x {block_nc}, {layout}")
     assert kernel.best_config is config, f"{kernel.best_config} ran, expected {config}"
 
 

@@ -13,7 +13,8 @@ M = d, L = 4), each also replayed from a CUDA graph (device time without launch 
 d = 64 B = 64 L = 4, d = 64 B = 1024 L = 4, d = 32 B = 256 L = 8, d = 256 B = 1024 L = 4) with its
 intermediates kept or recomputed (the fused backward), against autograd through one torch.matmul
 per factor. `fastrank bench` adds the ratio to the baseline measured in the same
-run, TFLOP/s and the error against fp64.
+run, TFLOP/s and the error against fp64; extra_info also holds the autotunings the case's first
+calls made (fastrank.kernels._launch.autotunings).
 """
 
 import pytest
@@ -34,5 +35,11 @@ else:
 
 @pytest.mark.parametrize("case,variant", PARAMS, ids=IDS)
 def test_chain_kernel(benchmark, case, variant):
+    from fastrank.kernels._launch import autotunings
+
     benchmark.extra_info.update(note=case.note, device_name=torch.cuda.get_device_name(), torch=torch.__version__)
+    tuned = len(autotunings())
     pytest_run(benchmark, case, variant, _prepared(case.name).variants[variant], "cuda")
+    # What the autotuners timed at this case's first calls (keys no earlier case tuned): which
+    # config the figure is of, and by how much it won.
+    benchmark.extra_info["autotunings"] = autotunings()[tuned:]

@@ -103,18 +103,12 @@ def _autotuned(kernel, grid, args: tuple, kwargs: dict):
     compiled = kernel[grid](*args, **kwargs)
     new = getattr(kernel, "configs_timings", None)
     if new is not None and new is not timings:
-        count = len(args)
-        key = {}
-        for name in kernel.keys:
-            index = kernel.arg_names.index(name) if name in kernel.arg_names else count
-            value = args[index] if index < count else kwargs.get(name)
-            if type(value) in (int, bool, str):
-                key[name] = value
-        first = args[0][0] if isinstance(args[0], tuple) else args[0]
+        positions = _choices(kernel).positions
+        values = _key_arguments(positions, args, kwargs)
         _AUTOTUNINGS.append({
             "kernel": kernel.base_fn.__name__,
-            "key": key,
-            "dtype": str(getattr(first, "dtype", None)),
+            "key": {name: value for (name, _), value in zip(positions, values) if type(value) in (int, bool, str)},
+            "dtype": str(getattr(_first_tensor(args), "dtype", None)),
             "chosen": _config_entry(kernel.best_config),
             "bench_s": getattr(kernel, "bench_time", None),  # compiles included: each config's first call
             "timings_ms": [{**_config_entry(config), "ms": float(timing[0] if isinstance(timing, (list, tuple)) else timing)}
@@ -142,6 +136,24 @@ class _Choices:
 _CHOICES: "weakref.WeakKeyDictionary[object, _Choices]" = weakref.WeakKeyDictionary()
 
 
+def _choices(kernel) -> _Choices:
+    choices = _CHOICES.get(kernel)
+    if choices is None:
+        choices = _CHOICES[kernel] = _Choices(kernel)
+    return choices
+
+
+def _key_arguments(positions: Sequence[tuple[str, int]], args: tuple, kwargs: dict) -> tuple:
+    """The values of an autotuner's key arguments (``_Choices.positions``) in a launch's arguments."""
+    count = len(args)
+    return tuple(args[index] if index < count else kwargs[name] for name, index in positions)
+
+
+def _first_tensor(args: tuple):
+    """A launch's first argument, or the first entry of it when it is a tuple of tensors."""
+    return args[0][0] if isinstance(args[0], tuple) else args[0]
+
+
 def launch_tuned(kernel, grid, *args, **kwargs):
     """``kernel[grid](*args, **kwargs)`` for an ``@triton.autotune`` kernel whose tensor arguments'
     dtypes all follow from the first argument's (or, for a tuple, its first entry's): the chain
@@ -157,13 +169,8 @@ def launch_tuned(kernel, grid, *args, **kwargs):
     launch (Triton 3.6 and 3.9, 2-core Xeon, CUDA driver stubbed). The key is the autotuner's own:
     the values of its key arguments, and the dtype (which it adds for every tensor argument).
     """
-    choices = _CHOICES.get(kernel)
-    if choices is None:
-        choices = _CHOICES[kernel] = _Choices(kernel)
-    count = len(args)
-    key = tuple(args[index] if index < count else kwargs[name] for name, index in choices.positions)
-    first = args[0][0] if isinstance(args[0], tuple) else args[0]
-    key += (first.dtype,)
+    choices = _choices(kernel)
+    key = _key_arguments(choices.positions, args, kwargs) + (_first_tensor(args).dtype,)
     config = choices.configs.get(key)
     if config is None:
         compiled = _autotuned(kernel, grid, args, kwargs)

@@ -427,7 +427,6 @@ def _tracker_worker(rank, world, out_path, sketch, background, host_threads):
     net(_data()[rank])
     if background:  # all-reduced at step(), measured on the worker thread
         tracker.step()
-        tracker.flush()
         result = {row["name"]: {k: v for k, v in row.items() if k not in ("step", "name")}
                   for row in tracker.history}
     else:

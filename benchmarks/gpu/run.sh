@@ -298,8 +298,7 @@ grid = read_json("train-grid.json")
 if grid is not None:
     results["train-grid"] = {"dry_run": grid.get("dry_run"), "shapes_run": len(grid.get("goals", [])),
                              "shapes_not_run": len(grid.get("not_run", [])), "rows": len(grid.get("rows", [])),
-                             "goal_counts": grid.get("goal_counts")}
-    results["train-grid"]["autotuned"] = grid.get("autotuned", {})
+                             "goal_counts": grid.get("goal_counts"), "autotuned": grid.get("autotuned", {})}
 tracker = read_json("tracker-cost.json")
 if tracker is not None:
     results["tracker-cost"] = {key: tracker.get(key) for key in (

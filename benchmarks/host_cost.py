@@ -102,6 +102,8 @@ def measure(rounds: int, calls: int, device: str = "stub", budget_s: float | Non
     import torch
     import triton
 
+    from fastrank.kernels import _launch
+
     if cuda and not torch.cuda.is_available():
         raise SystemExit("host_cost.py --device cuda: torch sees no CUDA device")
     torch.set_num_threads(1)
@@ -109,8 +111,8 @@ def measure(rounds: int, calls: int, device: str = "stub", budget_s: float | Non
     samples = {(name, path): [] for name, *_ in cases for path in PATHS}
     synchronize = torch.cuda.synchronize if cuda else (lambda: None)
 
-    def jit_only(key, pointers, device, tensors):
-        return None
+    def jit_only(tensors, flags, index, scalars=()):  # what PlanCache.replay returns without a plan
+        return None, _launch.call_key(tensors, flags)[0]
 
     for name, plans, call, launches, _torch in cases:  # compile, tune and record once
         call()

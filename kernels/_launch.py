@@ -211,32 +211,56 @@ def launch_tuned(kernel, grid, *args, **kwargs):
 # ``.sum()``) is made again at every replay from the call's input, whose strides are in the key. A
 # call passing one tensor at two positions is not recorded (a replay reads each position's own
 # pointer, and which position a launch argument came from is unknown), and a later call records.
+#
+# Building the key costs about 0.5 us per tensor (its shape, strides, dtype and device read from
+# Python, then hashed and compared). A key's first replay therefore also keeps its plan under a
+# guard of its tensors: torch's C-level TensorGuards, which Dynamo uses for the same purpose, and
+# which compares a later call's tensors' Python type, dispatch keys, dtype, device index,
+# requires_grad, shape and strides with these in one call. Later calls whose flags and pointer
+# alignment are the key's and whose tensors pass the guard have that key (the guard compares
+# more than the key holds, never less), so they run the plan without building it;
+# tests/test_launch_fast_path.py draws argument sets to check that a guard hit means an equal key.
+
+
+def _pointer_lines(count: int) -> tuple[list[str], list[str]]:
+    """The generated lines that unpack ``count`` tensors into ``t0 ..`` and read their pointers
+    into ``p0 ..`` and ``aligned`` (True when every pointer is 16-byte aligned: one OR instead of a
+    tuple in the common case; else the alignment of each), and the pointers' names."""
+    names = [f"t{i}" for i in range(count)]
+    pointers = [f"p{i}" for i in range(count)]
+    each = "".join(f"not {p} & 15, " for p in pointers)
+    return [
+        f"    {''.join(t + ', ' for t in names) or '()'} = tensors",
+        *(f"    {p} = {t}.data_ptr()" for p, t in zip(pointers, names)),
+        f"    aligned = True if not ({' | '.join(pointers) or '0'}) & 15 else ({each})",
+    ], pointers
+
+
+def _generated(name: str, parameters: str, lines: list[str]) -> Callable:
+    namespace: dict = {}
+    exec("\n".join([f"def {name}({parameters}):", *lines]), namespace)  # noqa: S102  (from a count alone)
+    return namespace[name]
 
 
 def _keyer(count: int) -> Callable[[Sequence[torch.Tensor], tuple], tuple[tuple, list[int]]]:
     """:func:`call_key` for ``count`` tensors, generated with every attribute read written out: the
     comprehensions it replaces cost 0.9 us more for 8 tensors (2-core EPYC, torch 2.13)."""
-    names = [f"t{i}" for i in range(count)]
-    pointers = [f"p{i}" for i in range(count)]
     # The device as its index (get_device(): -1 on the CPU), which hashes and compares as an int: a
     # torch.device in every entry cost 0.5 us more per 8-tensor key, built and looked up (2-core EPYC).
-    metadata = "".join(f"({t}.shape, {t}.stride(), {t}.dtype, {t}.get_device()), " for t in names)
-    # True when every pointer is 16-byte aligned (one OR instead of a tuple in the common case),
-    # else the alignment of each
-    each = "".join(f"not {p} & 15, " for p in pointers)
-    lines = [
-        "def key(tensors, flags):",
-        f"    {''.join(t + ', ' for t in names) or '()'} = tensors",
-        *(f"    {p} = {t}.data_ptr()" for p, t in zip(pointers, names)),
-        f"    aligned = True if not ({' | '.join(pointers) or '0'}) & 15 else ({each})",
-        f"    return (flags, ({metadata}), aligned), [{', '.join(pointers)}]",
-    ]
-    namespace: dict = {}
-    exec("\n".join(lines), namespace)  # noqa: S102  (generated from the count alone)
-    return namespace["key"]
+    metadata = "".join(f"(t{i}.shape, t{i}.stride(), t{i}.dtype, t{i}.get_device()), " for i in range(count))
+    lines, pointers = _pointer_lines(count)
+    return _generated("key", "tensors, flags", [
+        *lines, f"    return (flags, ({metadata}), aligned), [{', '.join(pointers)}]"])
+
+
+def _pointer_reader(count: int) -> Callable[[Sequence[torch.Tensor]], tuple[object, list[int]]]:
+    """``(aligned, pointers)`` of ``count`` tensors, as :func:`call_key` computes them."""
+    lines, pointers = _pointer_lines(count)
+    return _generated("read", "tensors", [*lines, f"    return aligned, [{', '.join(pointers)}]"])
 
 
 _KEYERS: dict[int, Callable] = {}
+_READERS: dict[int, Callable] = {}
 
 
 def call_key(tensors: Sequence[torch.Tensor], flags: tuple) -> tuple[tuple, list[int]]:
@@ -250,6 +274,36 @@ def call_key(tensors: Sequence[torch.Tensor], flags: tuple) -> tuple[tuple, list
     if keyer is None:
         keyer = _KEYERS[len(tensors)] = _keyer(len(tensors))
     return keyer(tensors, flags)
+
+
+def read_pointers(tensors: Sequence[torch.Tensor]) -> tuple[object, list[int]]:
+    """``(aligned, pointers)``: the last component of :func:`call_key`'s key, and its pointers."""
+    reader = _READERS.get(len(tensors))
+    if reader is None:
+        reader = _READERS[len(tensors)] = _pointer_reader(len(tensors))
+    return reader(tensors)
+
+
+# Dynamo's C-level tensor check (torch._C._dynamo.guards.TensorGuards): whether tensors have the
+# Python type, dispatch keys (device type among them), dtype, device index, requires_grad, shape
+# and strides of the tensors it was made from. 0.9 us for 8 tensors where their key costs 5.3 us
+# to build and look up (2-core EPYC, torch 2.13). None where torch has none.
+_TENSOR_GUARDS = getattr(getattr(getattr(torch._C, "_dynamo", None), "guards", None), "TensorGuards", None)
+
+
+def tensor_guard(tensors: Sequence[torch.Tensor]):
+    """A check ``guard.check(*others)`` that passes only for tensors whose :func:`call_key`
+    metadata (shape, strides, dtype, device) equals that of ``tensors`` (it also compares their
+    Python type, requires_grad and dispatch keys, so it may fail where the keys are equal, never
+    pass where they differ); None where torch's ``TensorGuards`` is missing or takes other
+    arguments."""
+    if _TENSOR_GUARDS is None:
+        return None
+    try:
+        return _TENSOR_GUARDS(*tensors, dynamic_dims_sizes=[list(t.shape) for t in tensors],
+                              dynamic_dims_strides=[list(t.stride()) for t in tensors])
+    except (TypeError, RuntimeError):
+        return None
 
 
 class _Packed:
@@ -651,6 +705,15 @@ def jit_calls() -> int:
     return sum(cache.jit_calls for cache in _CACHES)
 
 
+# Guarded entries a PlanCache keeps per bucket (flags, tensor count, the first tensor's shape and
+# dtype, the last one's shape): a call checks them in order (a failing check costs about 0.5 us,
+# where alignment does not already tell them apart), the key path serves the rest.
+GUARDS_PER_BUCKET = 8
+# Calls of fewer tensors build their key: a single tensor's key costs what the bucket and a check
+# do (gaussian_sketch replayed in 8.9 us by its key, 9.7 us by a guard; driver stubbed, 2-core EPYC).
+GUARDED_FROM = 2
+
+
 class PlanCache:
     """One launcher's plans by :func:`call_key`; None marks a key that is not plannable. A key is
     recorded at its second call: its first only enters ``seen``. Recording costs about 0.35 ms (the
@@ -659,22 +722,60 @@ class PlanCache:
     one prompt length of a varying workload, would pay for nothing. At most ``limit`` keys are kept
     in each, the oldest dropped first (a workload whose shapes keep changing would otherwise grow
     them without end). ``jit_calls`` counts the calls that took the JIT path (each made a
-    :meth:`recorder`)."""
+    :meth:`recorder`).
+
+    A call finds its plan without building its key where it can: a key's first replay also
+    keeps the plan under a :func:`tensor_guard` of its tensors with its flags and pointer
+    alignment (``guarded``), and later calls whose tensors pass that guard, with equal flags and
+    alignment, have the key (the guard compares everything the key holds) and run the plan."""
 
     def __init__(self, limit: int = 4096):
         self.plans: dict[tuple, LaunchPlan | None] = {}
         self.seen: dict[tuple, None] = {}  # keys met once, in order
+        # bucket (see GUARDS_PER_BUCKET) -> [(guard, alignment, plan, key)]
+        self.guarded: dict[tuple, list[tuple]] = {}
         self.limit = limit
         self.jit_calls = 0
         _CACHES.append(self)
 
-    def replay(self, key: tuple, pointers: list[int], index: int,
-               tensors: Sequence[torch.Tensor]) -> list[torch.Tensor] | None:
-        """The outputs of the plan for ``key`` run on the input ``tensors`` (whose pointers are
-        ``pointers``) on the device ``index`` (the inputs' ``get_device()``), or None (no plan, or
-        it could not run: the caller then takes the JIT path with a :class:`PlanRecorder`)."""
+    def replay(self, tensors: Sequence[torch.Tensor], flags: tuple, index: int,
+               scalars: Sequence[int] = ()) -> tuple[list[torch.Tensor] | None, tuple | None]:
+        """``(outputs, key)`` of a launcher call on the input ``tensors`` with launcher ``flags``
+        (what its launches depend on, as :func:`call_key` takes them) on the device ``index`` (the
+        inputs' ``get_device()``), ``scalars`` the per-call integers its plan reads after the
+        pointers: the outputs of the plan for the call's key, or None (no plan, or it could not
+        run: the caller then takes the JIT path with a :meth:`recorder` for ``key``). ``key`` is
+        None when a guard found the plan (the key was not built)."""
+        bucket = None
+        if len(tensors) >= GUARDED_FROM:
+            first = tensors[0]
+            bucket = (flags, len(tensors), first.shape, first.dtype, tensors[-1].shape)
+            entries = self.guarded.get(bucket)
+            if entries:
+                aligned, pointers = read_pointers(tensors)
+                for guard, alignment, plan, _key in entries:
+                    if alignment == aligned and guard.check(*tensors):
+                        if scalars:
+                            pointers.extend(scalars)
+                        outputs = self._run(plan, pointers, index, tensors)
+                        if outputs is not None:
+                            return outputs, None
+                        break
+        key, pointers = call_key(tensors, flags)
         plan = self.plans.get(key)
-        if plan is None or _launch_hooks_installed():
+        if plan is None:
+            return None, key
+        if scalars:
+            pointers.extend(scalars)
+        outputs = self._run(plan, pointers, index, tensors)
+        if outputs is not None and bucket is not None:
+            self._guard(bucket, key, plan, tensors)
+        return outputs, key
+
+    @staticmethod
+    def _run(plan: LaunchPlan, pointers: list[int], index: int,
+             tensors: Sequence[torch.Tensor]) -> list[torch.Tensor] | None:
+        if _launch_hooks_installed():
             return None
         # LaunchPlan.replay's steps, inline on the common paths
         if index < 0:  # the CPU tensors of a stubbed driver
@@ -682,6 +783,25 @@ class PlanCache:
         if index != _current_cuda_device():
             return plan.replay(pointers, index, tensors)
         return plan.run(pointers, index, tensors)
+
+    def _guard(self, bucket: tuple, key: tuple, plan: LaunchPlan, tensors: Sequence[torch.Tensor]) -> None:
+        """Keep ``plan`` under a guard of ``tensors`` (whose key is ``key``) in ``bucket``, unless
+        it is full or torch has no guards."""
+        entries = self.guarded.get(bucket, ())
+        if len(entries) < GUARDS_PER_BUCKET:
+            guard = tensor_guard(tensors)
+            if guard is not None:
+                self.guarded.setdefault(bucket, []).append((guard, key[2], plan, key))
+
+    def _forget(self, key: tuple) -> None:
+        """Drop the guarded entries of ``key`` (its plan left the cache)."""
+        for bucket, entries in list(self.guarded.items()):
+            kept = [entry for entry in entries if entry[3] != key]
+            if len(kept) != len(entries):
+                if kept:
+                    self.guarded[bucket] = kept
+                else:
+                    del self.guarded[bucket]
 
     def recorder(self, key: tuple, inputs: Sequence[torch.Tensor], scalars: int = 0) -> PlanRecorder:
         """A :class:`PlanRecorder` for a call with ``key`` that the JIT runs: recording at the key's
@@ -705,9 +825,12 @@ class PlanCache:
         if key not in self.plans and not recorder.retry:
             self.seen.pop(key, None)
             if len(self.plans) >= self.limit:
-                del self.plans[next(iter(self.plans))]
+                oldest = next(iter(self.plans))
+                del self.plans[oldest]
+                self._forget(oldest)
             self.plans[key] = recorder.plan(outputs)
 
     def clear(self) -> None:
         self.plans.clear()
         self.seen.clear()
+        self.guarded.clear()

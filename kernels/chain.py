@@ -76,7 +76,6 @@ from fastrank.kernels._launch import (
     PlanCache,
     PlanRecorder,
     autotune_bench,
-    call_key,
     cdiv,
     device_guard,
     interpreting,
@@ -692,8 +691,7 @@ def chain_matmul(x: Tensor, factors: Sequence[Tensor], return_all: bool = True) 
     """
     precision = _input_precision(x.dtype)  # one read of torch's TF32 setting per call
     tensors = (x, *factors)
-    key, pointers = call_key(tensors, (return_all, precision))
-    replayed = _CHAIN_PLANS.replay(key, pointers, x.get_device(), tensors)
+    replayed, key = _CHAIN_PLANS.replay(tensors, (return_all, precision), x.get_device())
     if replayed is not None:
         return replayed
     _check_chain(x, factors)
@@ -1114,8 +1112,7 @@ def chain_factor_grads(
         return []
     tensors = (*grads, *inputs)
     precision = _input_precision(grads[0].dtype)  # one read of torch's TF32 setting per call
-    key, pointers = call_key(tensors, (split_k, precision))
-    replayed = _FACTOR_GRAD_PLANS.replay(key, pointers, grads[0].get_device(), tensors)
+    replayed, key = _FACTOR_GRAD_PLANS.replay(tensors, (split_k, precision), grads[0].get_device())
     if replayed is not None:
         return replayed
     _check_factor_grads(grads, inputs)
@@ -1344,8 +1341,7 @@ def chain_matmul_backward(
     """
     precision = _input_precision(x.dtype)  # one read of torch's TF32 setting per call
     tensors = (x, *factors, grad_output)
-    key, pointers = call_key(tensors, (needs_x, precision))
-    replayed = _BACKWARD_PLANS.replay(key, pointers, x.get_device(), tensors)
+    replayed, key = _BACKWARD_PLANS.replay(tensors, (needs_x, precision), x.get_device())
     if replayed is not None:
         return replayed
     _check_backward(x, factors, grad_output)

@@ -80,7 +80,7 @@ import triton.language as tl
 
 from fastrank._backend import cuda_matmul_allows_tf32
 from fastrank.kernels._launch import (
-    PlanCache, PlanRecorder, autotune_bench, call_key, cdiv, device_guard, interpreting, size_bucket,
+    PlanCache, PlanRecorder, autotune_bench, cdiv, device_guard, interpreting, size_bucket,
 )
 from fastrank.sketch import _accumulation_dtype, _check_inputs
 
@@ -475,9 +475,7 @@ def gaussian_sketch(A, k, seed, gram=False):
     """
     if isinstance(A, torch.Tensor) and type(k) is int and type(seed) is int and 0 <= seed < 2**31:
         tensors = (A,)
-        key, pointers = call_key(tensors, (k, gram, _input_precision(A.dtype)))
-        pointers.append(seed)
-        replayed = _SKETCH_PLANS.replay(key, pointers, A.get_device(), tensors)
+        replayed, key = _SKETCH_PLANS.replay(tensors, (k, gram, _input_precision(A.dtype)), A.get_device(), (seed,))
         if replayed is not None:
             return replayed[0]
     else:

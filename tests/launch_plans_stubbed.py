@@ -18,10 +18,10 @@ replay of one's plan for the other would otherwise run a kernel specialized for 
 a check that the collision search can see each. Prints JSON: draws, distinct keys, distinct
 bindings, collisions.
 
-``replay``: real compiles for sm_90; each launcher called on a set of shapes and layouts three
+``replay``: real compiles for sm_90; each launcher called on a set of shapes and layouts four
 times with the same inputs, the first two through the JIT (the second recording the key's plan),
-the third replayed.
-Every argument Triton's launcher received is compared, pointers by what they point into (input i,
+the third replayed by its key (keeping the plan under a guard of its tensors), the fourth found by
+that guard (a call of one tensor by its key again). Every argument Triton's launcher received is compared, pointers by what they point into (input i,
 output j, or the call's n-th temporary, with the byte offset), and so are the outputs' layouts.
 Operands the launchers pack are packed again by the replay. A call passing one tensor at two
 positions is not recorded: a later call with other tensors there replays nothing of it. Prints
@@ -163,9 +163,8 @@ def keys(mutation: str | None, draws: int) -> dict:
 
     from fastrank.kernels import _launch, chain, sketch
 
-    if mutation is not None:
-        for module in (chain, sketch):
-            module.call_key = _mutated(_launch.call_key, mutation)
+    if mutation is not None:  # the launchers' keys come from PlanCache.replay, which reads this name
+        _launch.call_key = _mutated(_launch.call_key, mutation)
     seen_keys: list = []
     original_recorder = _launch.PlanCache.recorder
 
@@ -218,12 +217,14 @@ def replay() -> dict:
     from fastrank.kernels import _launch, chain, sketch
 
     replays = [0]
+    guarded = [0]  # replays a guard found (their key was not built)
     original_replay = _launch.PlanCache.replay
 
-    def counted_replay(self, key, pointers, device, tensors):
-        outputs = original_replay(self, key, pointers, device, tensors)
+    def counted_replay(self, tensors, flags, index, scalars=()):
+        outputs, key = original_replay(self, tensors, flags, index, scalars)
         replays[0] += outputs is not None
-        return outputs
+        guarded[0] += outputs is not None and key is None
+        return outputs, key
 
     _launch.PlanCache.replay = counted_replay
     generator = torch.Generator().manual_seed(0)
@@ -267,7 +268,8 @@ def replay() -> dict:
     mismatches, replayed = [], 0
     for name, inputs, call in cases:
         runs, jit = [], []
-        for _ in range(3):  # the JIT; the JIT, recording; the replay
+        guarded[0] = 0
+        for _ in range(4):  # the JIT; the JIT, recording; the replay by key, keeping a guard; by the guard
             stubbed_cuda.LAUNCHES.clear()
             before = stubbed_cuda.launch_count()
             jit_before = _launch.jit_calls()
@@ -276,29 +278,34 @@ def replay() -> dict:
             if stubbed_cuda.launch_count() - before != len(stubbed_cuda.LAUNCHES):
                 mismatches.append({"case": name, "problem": "the stub counted other launches than the launcher made"})
             runs.append((list(stubbed_cuda.LAUNCHES), outputs))
-        (_, _), (first, first_outputs), (second, second_outputs) = runs
+        (_, _), (first, first_outputs), *replays_run = runs
         if not first:
             continue  # a torch path
         kinds = [_kinds(launch["arguments"]) for launch in first]
-        if replays[0] != 1 or any(_has_int_pointer(launch, kind) for launch, kind in zip(first, kinds)):
-            mismatches.append({"case": name, "problem": f"{replays[0]} replays of three calls (expected the third)"})
-            replays[0] = 0
-            continue
+        counts = (replays[0], guarded[0])
         replays[0] = 0
-        replayed += 1
-        if jit != [1, 1, 0]:
-            mismatches.append({"case": name, "problem": f"jit_calls counted {jit} for two JIT calls, then a replay"})
-        if len(first) != len(second):
-            mismatches.append({"case": name, "problem": f"{len(first)} launches, then {len(second)}"})
+        # the third by its key, the fourth by a guard (a call of one tensor: by its key again)
+        expected = (2, int(len(inputs) >= _launch.GUARDED_FROM))
+        if counts != expected or any(_has_int_pointer(launch, kind) for launch, kind in zip(first, kinds)):
+            mismatches.append({"case": name, "problem": f"(replays, by a guard) of four calls {counts}, expected {expected}"})
             continue
-        layouts = [[(tuple(o.shape), o.stride(), o.dtype, o.device) for o in outputs] for outputs in (first_outputs, second_outputs)]
-        if layouts[0] != layouts[1]:
-            mismatches.append({"case": name, "problem": f"outputs {layouts[0]} from the JIT, {layouts[1]} replayed"})
-        for index, (a, b, kind) in enumerate(zip(first, second, kinds)):
-            left = _named(a, kind, inputs, first_outputs)
-            right = _named(b, kind, inputs, second_outputs)
-            if left != right:
-                mismatches.append({"case": name, "launch": index, "jit": repr(left)[:400], "replay": repr(right)[:400]})
+        replayed += 1
+        if jit != [1, 1, 0, 0]:
+            mismatches.append({"case": name, "problem": f"jit_calls counted {jit} for two JIT calls, then two replays"})
+        for by, (second, second_outputs) in zip(("key", "guard"), replays_run):
+            if len(first) != len(second):
+                mismatches.append({"case": name, "by": by, "problem": f"{len(first)} launches, then {len(second)}"})
+                continue
+            layouts = [[(tuple(o.shape), o.stride(), o.dtype, o.device) for o in outputs]
+                       for outputs in (first_outputs, second_outputs)]
+            if layouts[0] != layouts[1]:
+                mismatches.append({"case": name, "by": by, "problem": f"outputs {layouts[0]} from the JIT, {layouts[1]} replayed"})
+            for index, (a, b, kind) in enumerate(zip(first, second, kinds)):
+                left = _named(a, kind, inputs, first_outputs)
+                right = _named(b, kind, inputs, second_outputs)
+                if left != right:
+                    mismatches.append({"case": name, "by": by, "launch": index, "jit": repr(left)[:400],
+                                       "replay": repr(right)[:400]})
     mismatches += _aliased_calls(torch, chain, generator, replays)
     allocator = _launch._allocator(torch.device("cpu")).__name__  # what the plans allocated with
     return {"cases": len(cases), "replayed": replayed, "mismatches": mismatches, "allocator": allocator,

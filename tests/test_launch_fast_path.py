@@ -12,7 +12,11 @@ environment, the GPU machine's version):
 - the search sees each component of the key: with one dropped, it finds two argument sets that
   share a key but not a binding;
 - a replay hands Triton's C launch function what the JIT's launch handed it (grid, stream,
-  function, flags, scratch, metadata, every argument; pointers by what they point into).
+  function, flags, scratch, metadata, every argument; pointers by what they point into), by its
+  key and by the guard its first replay keeps.
+
+In this process: a plan's guard passes exactly the calls of its key (over drawn pairs of argument
+sets), and a guard without shapes, strides or the alignment comparison is caught.
 
 With a GPU, replays compute what the JIT path computes, bit for bit.
 """
@@ -207,6 +211,153 @@ def test_call_key_reads_every_tensor(count):
         assert key[2] == alignment and not all(alignment)
     aligned = [torch.randn(4, 4, generator=generator) for _ in range(count)]
     assert call_key(tuple(aligned), flags)[0][2] is True
+
+
+GUARD_LAYOUTS = ("contiguous", "transposed", "sliced", "offset1", "offset8", "strided", "broadcast")
+
+
+def _guard_operand(recipe, generator):
+    """A fresh tensor (new storage) made by ``recipe`` = (rows, cols, dtype, layout)."""
+    rows, cols, dtype, layout = recipe
+    if layout == "contiguous":
+        return torch.randn(rows, cols, generator=generator).to(dtype)
+    if layout == "transposed":
+        return torch.randn(cols, rows, generator=generator).to(dtype).T
+    if layout == "sliced":
+        return torch.randn(rows, cols + 16, generator=generator).to(dtype)[:, 3 : 3 + cols]
+    if layout in ("offset1", "offset8"):
+        skip = int(layout[6:])
+        return torch.randn(rows * cols + skip, generator=generator).to(dtype)[skip:].view(rows, cols)
+    if layout == "strided":
+        return torch.randn(rows * 2, cols * 2, generator=generator).to(dtype)[::2, ::2]
+    return torch.randn(1, generator=generator).to(dtype)[0].expand(rows, cols)  # broadcast
+
+
+def _guard_search(draws: int = 1200) -> dict:
+    """Draw pairs of argument sets (the second made afresh by the first's recipes, or with one
+    tensor's size, layout, dtype, requires_grad or type changed, or made one element into a storage
+    with the same strides), keep a plan under
+    a guard of the first through ``PlanCache.replay`` (a key hit), drop the key's plan so that
+    only the guard can serve, and replay the second: ``wrong`` counts guard hits on a second set
+    whose key differs, ``missed`` guard misses where the keys are equal and nothing but metadata in
+    the key changed."""
+    import random
+
+    from fastrank.kernels._launch import LaunchPlan, PlanCache, call_key
+
+    rng, generator = random.Random(0), torch.Generator().manual_seed(0)
+    dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    counts = {"wrong": 0, "missed": 0, "hits": 0, "misses": 0}
+    for _ in range(draws):
+        count = rng.choice((2, 3, 5, 9))  # calls of one tensor build their key (GUARDED_FROM)
+        recipes = [(rng.choice((1, 15, 16, 17, 33)), rng.choice((1, 15, 16, 17, 33)), rng.choice(dtypes),
+                    rng.choice(GUARD_LAYOUTS)) for _ in range(count)]
+        second = list(recipes)
+        change = rng.choice(("none", "none", "size", "layout", "offset", "dtype", "grad", "type"))
+        position = rng.randrange(count)
+        rows, cols, dtype, layout = second[position]
+        if change == "size":
+            second[position] = (rows, cols + 1, dtype, layout) if rng.random() < 0.5 else (rows + 1, cols, dtype, layout)
+        elif change == "layout":
+            second[position] = (rows, cols, dtype, rng.choice(GUARD_LAYOUTS))
+        elif change == "dtype":
+            second[position] = (rows, cols, rng.choice(dtypes), layout)
+        first_tensors = tuple(_guard_operand(recipe, generator) for recipe in recipes)
+        second_tensors = [_guard_operand(recipe, generator) for recipe in second]
+        if change == "offset":  # the same shape and strides one element into a storage
+            made = second_tensors[position]
+            span = 1 + sum((size - 1) * step for size, step in zip(made.shape, made.stride()))
+            base = torch.randn(span + 1, generator=generator).to(made.dtype)[1:]
+            second_tensors[position] = base.as_strided(made.shape, made.stride())
+        elif change == "grad":
+            second_tensors[position].requires_grad_()
+        elif change == "type":
+            second_tensors[position] = torch.nn.Parameter(second_tensors[position].contiguous(), requires_grad=False)
+        second_tensors = tuple(second_tensors)
+        flags = ("flag", count)
+        cache, marker = PlanCache(), object()
+        key = call_key(first_tensors, flags)[0]
+        cache.plans[key] = LaunchPlan(lambda p, index, tensors: [marker], [], "")
+        assert cache.replay(first_tensors, flags, -1) == ([marker], key)  # by the key: guarded now
+        del cache.plans[key]
+        outputs, replayed_key = cache.replay(second_tensors, flags, -1)
+        hit = outputs == [marker] and replayed_key is None
+        same = call_key(second_tensors, flags)[0] == key
+        counts["hits" if hit else "misses"] += 1
+        counts["wrong"] += hit and not same
+        counts["missed"] += same and not hit and change not in ("grad", "type")
+    return counts
+
+
+def test_a_guard_finds_exactly_the_calls_of_its_key():
+    counts = _guard_search()
+    assert counts["wrong"] == 0, counts
+    assert counts["missed"] == 0, counts
+    # both sides were reached many times, so the search means something
+    assert counts["hits"] > 300 and counts["misses"] > 300, counts
+
+
+@pytest.mark.parametrize("mutation", ["shapes", "strides", "alignment"])
+def test_a_guard_without_one_component_is_caught(mutation, monkeypatch):
+    """With the guard's shapes or strides left free, or the pointers' alignment not compared, the
+    search finds guard hits for calls of another key."""
+    from fastrank.kernels import _launch
+
+    guards = _launch._TENSOR_GUARDS
+    if mutation == "alignment":
+        real = _launch.read_pointers
+        monkeypatch.setattr(_launch, "read_pointers", lambda tensors: (True, real(tensors)[1]))
+    else:
+        def loose(tensors):
+            free = lambda t: [None] * t.dim()  # noqa: E731
+            exact = lambda t, values: list(values)  # noqa: E731
+            sizes = [free(t) if mutation == "shapes" else exact(t, t.shape) for t in tensors]
+            strides = [free(t) if mutation == "strides" else exact(t, t.stride()) for t in tensors]
+            return guards(*tensors, dynamic_dims_sizes=sizes, dynamic_dims_strides=strides)
+
+        monkeypatch.setattr(_launch, "tensor_guard", loose)
+    assert _guard_search(400)["wrong"] > 0
+
+
+def test_a_plan_leaving_the_cache_takes_its_guards():
+    """A plan dropped for the cache's limit is found neither by its key nor by a guard; one bucket
+    keeps at most GUARDS_PER_BUCKET guards, and calls beyond them replay by their keys."""
+    from fastrank.kernels._launch import GUARDS_PER_BUCKET, LaunchPlan, PlanCache, PlanRecorder, call_key
+
+    cache = PlanCache(limit=GUARDS_PER_BUCKET + 2)
+    x = torch.randn(4, 6)
+    calls = [(x, torch.randn(6, 3 + width)[:, :3]) for width in range(GUARDS_PER_BUCKET + 2)]  # one bucket
+    keys = []
+    for index, tensors in enumerate(calls):
+        key = call_key(tensors, ("flag",))[0]
+        keys.append(key)
+        cache.plans[key] = LaunchPlan(lambda p, device, t, index=index: [index], [], "")
+        assert cache.replay(tensors, ("flag",), -1) == ([index], key)  # by the key
+    bucket, = cache.guarded
+    assert len(cache.guarded[bucket]) == GUARDS_PER_BUCKET
+    for index, tensors in enumerate(calls):
+        guarded = index < GUARDS_PER_BUCKET
+        assert cache.replay(tensors, ("flag",), -1) == ([index], None if guarded else keys[index])
+    cache.record(("another",), PlanRecorder((), active=True), [])  # the oldest key leaves
+    assert keys[0] not in cache.plans
+    assert [entry[3] for entry in cache.guarded[bucket]] == keys[1:GUARDS_PER_BUCKET]
+    assert cache.replay(calls[0], ("flag",), -1) == (None, keys[0])
+    cache.clear()
+    assert cache.guarded == {} and cache.replay(calls[1], ("flag",), -1) == (None, keys[1])
+
+
+def test_plan_cache_without_guards_replays_by_key(monkeypatch):
+    """Where torch has no TensorGuards, every replay builds its key and still finds its plan."""
+    from fastrank.kernels import _launch
+
+    monkeypatch.setattr(_launch, "_TENSOR_GUARDS", None)
+    cache, marker = _launch.PlanCache(), object()
+    tensors = (torch.randn(3, 5), torch.randn(5, 2).T)
+    key = _launch.call_key(tensors, ("flag",))[0]
+    cache.plans[key] = _launch.LaunchPlan(lambda p, index, t: [marker], [], "")
+    for _ in range(3):
+        assert cache.replay(tensors, ("flag",), -1) == ([marker], key)
+    assert cache.guarded == {}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

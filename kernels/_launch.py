@@ -732,7 +732,7 @@ class PlanCache:
     def __init__(self, limit: int = 4096):
         self.plans: dict[tuple, LaunchPlan | None] = {}
         self.seen: dict[tuple, None] = {}  # keys met once, in order
-        # bucket (see GUARDS_PER_BUCKET) -> [(guard, alignment, plan, key)]
+        # bucket (see GUARDS_PER_BUCKET) -> [(guard, plan, key)]
         self.guarded: dict[tuple, list[tuple]] = {}
         self.limit = limit
         self.jit_calls = 0
@@ -753,14 +753,13 @@ class PlanCache:
             entries = self.guarded.get(bucket)
             if entries:
                 aligned, pointers = read_pointers(tensors)
-                for guard, alignment, plan, _key in entries:
-                    if alignment == aligned and guard.check(*tensors):
+                for guard, plan, key in entries:
+                    if key[2] == aligned and guard.check(*tensors):
                         if scalars:
                             pointers.extend(scalars)
                         outputs = self._run(plan, pointers, index, tensors)
-                        if outputs is not None:
-                            return outputs, None
-                        break
+                        # the key's plan, which could not run: the JIT path, as the key path would take
+                        return (outputs, None) if outputs is not None else (None, key)
         key, pointers = call_key(tensors, flags)
         plan = self.plans.get(key)
         if plan is None:
@@ -791,12 +790,12 @@ class PlanCache:
         if len(entries) < GUARDS_PER_BUCKET:
             guard = tensor_guard(tensors)
             if guard is not None:
-                self.guarded.setdefault(bucket, []).append((guard, key[2], plan, key))
+                self.guarded.setdefault(bucket, []).append((guard, plan, key))
 
     def _forget(self, key: tuple) -> None:
         """Drop the guarded entries of ``key`` (its plan left the cache)."""
         for bucket, entries in list(self.guarded.items()):
-            kept = [entry for entry in entries if entry[3] != key]
+            kept = [entry for entry in entries if entry[2] != key]
             if len(kept) != len(entries):
                 if kept:
                     self.guarded[bucket] = kept

@@ -340,7 +340,7 @@ def test_a_plan_leaving_the_cache_takes_its_guards():
         assert cache.replay(tensors, ("flag",), -1) == ([index], None if guarded else keys[index])
     cache.record(("another",), PlanRecorder((), active=True), [])  # the oldest key leaves
     assert keys[0] not in cache.plans
-    assert [entry[3] for entry in cache.guarded[bucket]] == keys[1:GUARDS_PER_BUCKET]
+    assert [entry[2] for entry in cache.guarded[bucket]] == keys[1:GUARDS_PER_BUCKET]
     assert cache.replay(calls[0], ("flag",), -1) == (None, keys[0])
     cache.clear()
     assert cache.guarded == {} and cache.replay(calls[1], ("flag",), -1) == (None, keys[1])

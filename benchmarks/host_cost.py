@@ -94,7 +94,8 @@ def measure(rounds: int, calls: int, device: str = "stub", budget_s: float | Non
     """Median microseconds per call of every case on both paths, interleaved round by round;
     ``device`` "stub" (the stubbed driver, CPU tensors) or "cuda" (a GPU). With ``budget_s``, the
     rounds stop (after two at least) where the next would end past that many seconds from the
-    start, compiles and autotuning included."""
+    start, compiles and autotuning included. Every row also says how many rounds ran, and the
+    seconds before them (imports, compiles, tuning: ``setup_s``) and in them (``rounds_s``)."""
     started = time.perf_counter()
     cuda = device == "cuda"
     if not cuda:
@@ -129,6 +130,7 @@ def measure(rounds: int, calls: int, device: str = "stub", budget_s: float | Non
             raise RuntimeError(f"{name}: expected {launches} launches a call, counted {counted}")
         if not any(plan is not None for plan in plans.plans.values()):
             raise RuntimeError(f"{name}: no launch plan was recorded")
+    rounds_started = time.perf_counter()
     done = 0
     for _ in range(rounds):
         round_started = time.perf_counter()
@@ -150,6 +152,7 @@ def measure(rounds: int, calls: int, device: str = "stub", budget_s: float | Non
         now = time.perf_counter()
         if budget_s is not None and done >= 2 and now + (now - round_started) - started > budget_s:
             break
+    setup_s, rounds_s = rounds_started - started, time.perf_counter() - rounds_started
     date = datetime.date.today().isoformat()
     rows = []
     for (name, path), values in samples.items():
@@ -157,6 +160,7 @@ def measure(rounds: int, calls: int, device: str = "stub", budget_s: float | Non
         rows.append({
             "call": name, "triton": triton.__version__, "path": path, "us": round(statistics.median(values), 2),
             "q1_us": round(quartiles[0], 2), "q3_us": round(quartiles[2], 2), "rounds": done, "calls": calls,
+            "setup_s": round(setup_s, 3), "rounds_s": round(rounds_s, 3),
             "torch": torch.__version__, "python": platform.python_version(), "cpu": _cpu_name(), "date": date,
             "device": torch.cuda.get_device_name() if cuda else "stubbed CUDA driver (no GPU), CPU tensors",
         })

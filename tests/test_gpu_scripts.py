@@ -195,7 +195,9 @@ def test_tracker_loop_fits_its_budget(tracker_cost):
 
 def test_host_cost_stops_its_rounds_at_its_budget(tmp_path):
     """benchmarks/host_cost.py --budget-s (run.sh's GPU step): two rounds at least, then only as many
-    as end within the budget; every row says how many ran. On the stubbed driver (gcc builds it)."""
+    as end within the budget; every row says how many ran and the seconds before and in them. The
+    budget is set from a first run's setup time, so that a slow or loaded machine still leaves it
+    rounds to stop. On the stubbed driver (gcc builds it)."""
     import shutil
     import subprocess
     import sys
@@ -205,15 +207,21 @@ def test_host_cost_stops_its_rounds_at_its_budget(tmp_path):
     script = SCRIPTS.parent / "host_cost.py"
     path = tmp_path / "host-cost.json"
 
-    def rounds(*budget):
-        done = subprocess.run([sys.executable, str(script), "--json", str(path), "--rounds", "400", "--calls", "50", *budget],
-                              capture_output=True, text=True, timeout=600)
+    def run(budget):
+        done = subprocess.run([sys.executable, str(script), "--json", str(path), "--rounds", "400", "--calls", "50",
+                               "--budget-s", str(budget)], capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-2000:]
         rows = json.loads(path.read_text())
         assert {row["path"] for row in rows} == {"jit", "fast", "torch"} and all(_positive(row["us"]) for row in rows)
         path.unlink()
-        return {row["rounds"] for row in rows}
+        (ran,), (setup_s,), (rounds_s,) = ({row[key] for row in rows} for key in ("rounds", "setup_s", "rounds_s"))
+        assert setup_s > 0 and rounds_s > 0
+        return ran, setup_s, rounds_s
 
-    assert rounds("--budget-s", "0") == {2}
-    budgeted = rounds("--budget-s", "3")
-    assert len(budgeted) == 1 and 2 < budgeted.pop() < 400
+    ran, setup_s, rounds_s = run(0)
+    assert ran == 2
+    budget = 1.5 * setup_s + 10 * rounds_s / 2 + 1.0  # about ten rounds past a setup as long again
+    ran, setup_s, rounds_s = run(budget)
+    assert 2 <= ran < 400
+    assert ran > 2 or setup_s + 1.5 * rounds_s > budget  # two only where a third would have ended past it
+    assert setup_s + rounds_s <= budget + 2 * rounds_s / ran + 1.0  # no round started that was due to end past it

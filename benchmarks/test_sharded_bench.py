@@ -39,7 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from multiprocess import run_processes  # noqa: E402
 
 import fastrank  # noqa: E402
-from fastrank.rank import _eigvalsh, _entropy, _smaller_gram  # noqa: E402
+from fastrank.rank.common import _entropy  # noqa: E402
+from fastrank.rank.eigensolver import eigvalsh as _eigvalsh  # noqa: E402
+from fastrank.rank.exact import _smaller_gram  # noqa: E402
 from fastrank.sharded import _reduced_gram  # noqa: E402
 
 WORLD = 4

@@ -409,16 +409,23 @@ def _eager_plain(x: Tensor) -> bool:
     return x.dtype in _PLAIN_DTYPES and not _autocast_enabled(x) and not _traced(x)
 
 
-def _plain_half_on_cuda(x: Tensor, depth: int) -> bool:
-    """Whether a layer's eager fp16 / bf16 train step on x, a chain of ``depth`` factors, runs as
-    plain torch ops under autograd (the naive chain, or the collapsed weight, as the cost model
-    picks) instead of the kernels, on CUDA: at depth 2.
+def _plain_half_on_cuda(x: Tensor, depth: int, widest: int) -> bool:
+    """Whether a layer's eager fp16 / bf16 train step on x, a chain of ``depth`` factors whose widest
+    layer (max over n_0 .. n_L) is ``widest``, runs as plain torch ops under autograd (the naive
+    chain, or the collapsed weight, as the cost model picks) instead of the chain ops, on CUDA: at
+    depth 2, and wherever the chain kernel would not run (:func:`_kernels_take_width`).
 
-    Measured on an NVIDIA H200 (2026-12-04, torch 2.11, Triton 3.6, bf16, OverparamLinear(d, d,
-    depth=L) at d 64 / 256, B 1 / 64 / 1024 / 8192, benchmarks/results/h200/README.md), against the
-    better of the sequential chain and collapsed autograd, every step host-bound (about 1 ms): at
-    depth 2 the kernels took 1.26-1.63x at 6 of 8 shapes, at depth 4 and 8 they met 1.1x at 7 of
-    10 (0.66-0.93x at five).
+    Depth 2, measured on an NVIDIA H200 (2026-12-04, torch 2.11, Triton 3.6, bf16,
+    OverparamLinear(d, d, depth=L) at d 64 / 256, B 1 / 64 / 1024 / 8192,
+    benchmarks/results/h200/README.md), against the better of the sequential chain and collapsed
+    autograd, every step host-bound (about 1 ms): at depth 2 the kernels took 1.26-1.63x at 6 of 8
+    shapes, at depth 4 and 8 they met 1.1x at 7 of 10 (0.66-0.93x at five).
+
+    Wider chains: the chain ops' torch twin, which serves them, runs each step as an fp32-output
+    matmul and a cast (two launches where cuBLAS takes one, and four or more in the backward where
+    autograd's mm backward takes two) through a Python autograd Function; on the same H200 its
+    forward of an 8192-row bf16 chain at d = 1024, L = 4 took 196.7 us of device time against
+    107.8 us for one bf16 torch.matmul per step (benchmarks/results/h200/chain-kernel-2026-12-04.json).
 
     The rule is the same while a stream captures a CUDA graph, although device time decides
     there (the kernels' replays took 1.15-1.33x the naive forms' at d = 256, 0.80-1.02x at
@@ -429,7 +436,16 @@ def _plain_half_on_cuda(x: Tensor, depth: int) -> bool:
     The plain ops are cuBLAS GEMMs in the half dtype: fp32 accumulation, one rounding per product,
     as the kernels round.
     """
-    return depth == 2 and x.is_cuda and x.dtype in _HALF_DTYPES and not _autocast_enabled(x) and not _traced(x)
+    return (
+        x.is_cuda and x.dtype in _HALF_DTYPES and (depth == 2 or not _kernels_take_width(widest))
+        and not _autocast_enabled(x) and not _traced(x)
+    )
+
+
+def _kernels_take_width(widest: int) -> bool:
+    """Whether the Triton chain kernel is registered and takes fp16 / bf16 chains whose widest layer
+    is ``widest`` (``fastrank.kernels.chain.MAX_ONCHIP_WIDTH``, read at each call)."""
+    return _CUDA_KERNELS is not None and widest <= _CUDA_KERNELS.MAX_ONCHIP_WIDTH
 
 
 def _plain_product(factors: Sequence[Tensor]) -> Tensor:
@@ -658,27 +674,34 @@ def chain_linear(x: Tensor, factors: Sequence[Tensor], bias: Tensor | None = Non
     rows = x.numel() // max(in_features, 1)
     dims = [in_features] + [f.shape[0] for f in factors]
     activation, collapsed = chain_costs(rows, dims, grad_input=grad_input, grad_factors=grad_factors)
-    return _chain_linear_as(x, factors, bias, collapsed <= activation, grad_input or grad_factors)
+    backward = grad_input or grad_factors
+    plain = backward and _plain_half_on_cuda(x, len(factors), max(dims))
+    return _chain_linear_as(x, factors, bias, collapsed <= activation, backward, plain)
 
 
 def _chain_linear_as(
-    x: Tensor, factors: Sequence[Tensor], bias: Tensor | None, collapse: bool, backward: bool
+    x: Tensor, factors: Sequence[Tensor], bias: Tensor | None, collapse: bool, backward: bool, plain: bool = False
 ) -> Tensor:
     """:func:`chain_linear` with the association already chosen (layers remember their choice).
 
     ``collapse``: one ``F.linear`` with the collapsed weight, else the activation chain;
     ``backward``: some gradient (of x or of a factor) will be asked for, so the activation chain
-    keeps its intermediates.
+    keeps its intermediates; ``plain``: plain torch matmuls under autograd, as for fp32 / fp64
+    (an fp16 / bf16 train step that :func:`_plain_half_on_cuda` routes).
     """
     if collapse:
-        return F.linear(x, collapsed_weight(factors), bias)
+        return F.linear(x, _plain_product(factors) if plain else collapsed_weight(factors), bias)
     flat = x.dim() == 2
     rows = x if flat else x.reshape(-1, factors[0].shape[1])
-    if _eager_plain(rows):
+    if plain or _eager_plain(rows):
         # The naive chain itself, its last step carrying the bias (one addmm, not a matmul and an
-        # add): the torch twin up to W_{L-1}, under autograd, on every device (on CUDA the op's
-        # body is a Triton kernel, which autograd cannot differentiate).
-        hidden = chain_matmul_ref(rows, list(factors[:-1]), False)[-1] if len(factors) > 1 else rows
+        # add), under autograd, on every device (on CUDA the op's body is a Triton kernel, which
+        # autograd cannot differentiate). F.linear records one transpose and one matmul per step.
+        hidden = rows
+        if len(factors) > 1:
+            _check_chain(rows, factors[:-1])
+        for factor in factors[:-1]:
+            hidden = F.linear(hidden, factor)
         out = F.linear(hidden, factors[-1], bias)
     else:
         # A backward that recomputes the intermediates (the fused kernel) needs only x kept.

@@ -1,3 +1,5 @@
+import types
+
 import pytest
 import torch
 from torch.library import opcheck
@@ -332,3 +334,85 @@ def test_import_and_use_without_triton():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "True"
+
+
+def test_kernels_take_widths_up_to_the_chain_kernels_limit(monkeypatch):
+    # fastrank.chain._kernels_take_width: wider fp16 / bf16 train steps on CUDA take plain ops
+    # (_plain_half_on_cuda) instead of the chain ops' torch twin.
+    monkeypatch.setattr(chain_mod, "_CUDA_KERNELS", types.SimpleNamespace(MAX_ONCHIP_WIDTH=256))
+    assert chain_mod._kernels_take_width(256) and not chain_mod._kernels_take_width(257)
+    chain_mod._CUDA_KERNELS.MAX_ONCHIP_WIDTH = 1024  # read at each call (CUDA tests raise it)
+    assert chain_mod._kernels_take_width(1024) and not chain_mod._kernels_take_width(1025)
+    monkeypatch.setattr(chain_mod, "_CUDA_KERNELS", None)  # no Triton: the twin would serve every width
+    assert not chain_mod._kernels_take_width(1)
+
+
+def _routed_plain(monkeypatch, module):
+    """Make ``module._plain_half_on_cuda`` route every call (as on CUDA at depth 2 or at widths
+    the chain kernel does not take); returns the list its ``(depth, widest)`` arguments go to."""
+    calls = []
+
+    def route(x, depth, widest):
+        calls.append((depth, widest))
+        return True
+
+    monkeypatch.setattr(module, "_plain_half_on_cuda", route)
+    return calls
+
+
+def _naive_linear(x, factors, bias, collapse):
+    """The naive chain as plain ops: F.linear per factor, the bias on the last; or one F.linear
+    with the product W_L ... W_1 of plain matmuls."""
+    if collapse:
+        weight = factors[0]
+        for factor in factors[1:]:
+            weight = torch.mm(factor, weight)
+        return torch.nn.functional.linear(x, weight, bias)
+    for factor in factors[:-1]:
+        x = torch.nn.functional.linear(x, factor)
+    return torch.nn.functional.linear(x, factors[-1], bias)
+
+
+@pytest.mark.parametrize("batch", [3, 300], ids=["activation-chain", "collapsed"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_chain_linear_routed_to_plain_ops_is_the_naive_chain(monkeypatch, dtype, batch):
+    # Where _plain_half_on_cuda routes a half-precision train step, chain_linear runs the naive
+    # chain's own plain ops under autograd: its output and every gradient equal theirs bit for bit.
+    calls = _routed_plain(monkeypatch, chain_mod)
+    dims = [13, 29, 6, 11]
+    x, factors = make_chain(batch, dims, dtype, seed=5)
+    bias = torch.randn(dims[-1], generator=torch.Generator().manual_seed(6)).to(dtype)
+    leaves = [t.requires_grad_(True) for t in (x, *factors, bias)]
+    out = chain_linear(leaves[0], leaves[1:-1], leaves[-1])
+    activation, collapsed = chain_costs(batch, dims)
+    assert calls == [(3, 29)]
+    twins = [t.detach().clone().requires_grad_(True) for t in leaves]
+    expected = _naive_linear(twins[0], twins[1:-1], twins[-1], collapsed <= activation)
+    assert torch.equal(out, expected)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(dtype)
+    ours = torch.autograd.grad(out, leaves, grad)
+    for j, (a, b) in enumerate(zip(ours, torch.autograd.grad(expected, twins, grad))):
+        assert torch.equal(a, b), f"grad {j} differs from the naive chain's"
+
+
+@pytest.mark.parametrize("batch", [3, 300], ids=["activation-chain", "collapsed"])
+def test_layer_routed_to_plain_ops_is_the_naive_chain(monkeypatch, batch):
+    # OverparamLinear passes its depth and widest layer (in, hidden or out) to the route, and a
+    # routed bf16 train step is the naive chain's plain ops, bit for bit.
+    import fastrank
+    from fastrank.layers import linear as linear_mod
+
+    calls = _routed_plain(monkeypatch, linear_mod)
+    torch.manual_seed(8)
+    layer = fastrank.OverparamLinear(12, 7, depth=3, width=3).to(torch.bfloat16)  # hidden 21
+    x = torch.randn(batch, 12).to(torch.bfloat16).requires_grad_(True)
+    out = layer(x)
+    assert calls == [(3, 21)]
+    twins = [t.detach().clone().requires_grad_(True) for t in (x, *layer.factors, layer.bias)]
+    activation, collapsed = chain_costs(batch, [12, 21, 21, 7])
+    expected = _naive_linear(twins[0], twins[1:-1], twins[-1], collapsed <= activation)
+    assert torch.equal(out, expected)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(9)).to(torch.bfloat16)
+    ours = torch.autograd.grad(out, [x, *layer.factors, layer.bias], grad)
+    for j, (a, b) in enumerate(zip(ours, torch.autograd.grad(expected, twins, grad))):
+        assert torch.equal(a, b), f"grad {j} differs from the naive chain's"

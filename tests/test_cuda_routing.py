@@ -37,7 +37,10 @@ def launches(monkeypatch):
 
     # Every call through the JIT path, which these launcher functions are part of (a launch plan's
     # replay skips them; tests/test_launch_fast_path.py covers replays).
-    monkeypatch.setattr(launch_module.PlanCache, "replay", lambda self, key, pointers, device: None)
+    def no_plan(self, tensors, flags, index, scalars=()):  # what PlanCache.replay returns without a plan
+        return None, launch_module.call_key(tensors, flags)[0]
+
+    monkeypatch.setattr(launch_module.PlanCache, "replay", no_plan)
     counting(chain_kernels, "_launch_chain")
     counting(chain_kernels, "_launch_factor_grads")
     counting(chain_kernels, "_launch_backward")
@@ -96,12 +99,22 @@ def _assert_trains_as_fp64(layer, batch, dtype, steps):
 
 @pytest.mark.parametrize("batch", [5, 4096], ids=["activation-chain", "collapsed"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_wide_half_layers_train(dtype, batch):
-    # Widths above the chain kernel's MAX_ONCHIP_WIDTH: the torch twin under autograd, whose
-    # torch.mm(..., out_dtype=torch.float32) has no derivative of its own in torch (an
-    # OverparamLinear(1024, 1024) bf16 backward raised "derivative for aten::mm is not implemented").
+def test_wide_half_layers_train_through_plain_ops(launches, dtype, batch):
+    # Widths above the chain kernel's MAX_ONCHIP_WIDTH (fastrank.chain._plain_half_on_cuda): the
+    # layer and chain_linear run plain cuBLAS matmuls under autograd, not the chain ops' torch twin
+    # (an fp32-output matmul and a cast per step, which tests/test_chain.py checks on CUDA through
+    # fastrank.chain_matmul); at widths the kernel takes they launch it.
     torch.manual_seed(0)
     _assert_trains_as_fp64(fastrank.OverparamLinear(300, 257, depth=3).to("cuda", dtype), batch, dtype, steps=3)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(batch, 300, device="cuda", generator=gen).to(dtype).requires_grad_(True)
+    factors = [(torch.randn(n, m, device="cuda", generator=gen) / m**0.5).to(dtype).requires_grad_(True)
+               for m, n in ((300, 257), (257, 257), (257, 40))]
+    fastrank.chain_linear(x, factors).float().square().sum().backward()
+    assert sum(launches.values()) == 0, f"Triton launches at width 300: {dict(launches)}"
+    narrow = fastrank.OverparamLinear(256, 256, depth=3).to("cuda", dtype)
+    narrow(torch.randn(batch, 256, device="cuda", dtype=dtype)).float().square().sum().backward()
+    assert launches["_launch_chain"] >= 1, f"no chain kernel at width 256: {dict(launches)}"
 
 
 @pytest.mark.parametrize("batch", [5, 4096], ids=["activation-chain", "collapsed"])

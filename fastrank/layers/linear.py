@@ -124,6 +124,7 @@ class OverparamLinear(_OverparamBase):
         self._inference_collapses = self.in_features * self.out_features <= chain
         # The collapsed bias is the module's own bias (collapsed_parameters) without skips or norms.
         self._bias_is_own = not self.skips and self.norms is None
+        self._widest = max(dims)  # which routes a half-precision chain on CUDA (_plain_half_on_cuda)
 
     @staticmethod
     def _skip_targets(dims: Sequence[int]) -> tuple[int, ...]:
@@ -311,7 +312,7 @@ class OverparamLinear(_OverparamBase):
                     _check_input(x, self.in_features, -1, "in_features", self)  # a clearer message
                     raise failure
                 # Otherwise the path below fills the cache.
-        elif self._bias_is_own and type(x) is Tensor and (_eager_plain(x) or _plain_half_on_cuda(x, self.depth)):
+        elif self._bias_is_own and type(x) is Tensor and (_eager_plain(x) or _plain_half_on_cuda(x, self.depth, self._widest)):
             out = self._plain_forward(x)
             if out is not None:
                 return out

@@ -473,16 +473,21 @@ def test_chain_matmul_backward_ref_meets_the_same_tolerance(dtype):
 
 
 @pytest.mark.parametrize("needs_x", [True, False], ids=["dx", "no-dx"])
-@pytest.mark.parametrize("dims", [[40, 17, 32, 5], [33, 33, 33, 33, 33], [5, 17]], ids=lambda d: "x".join(map(str, d)))
+@pytest.mark.parametrize("dims", [[40, 17, 32, 5], [33, 33, 33, 33, 33], [5, 17], [13, 16, 5]],
+                         ids=lambda d: "x".join(map(str, d)))
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_chain_matmul_backward_of_transposed_factors_is_one_launch(fused_fp32, monkeypatch, dtype, dims, needs_x):
     # The weight chain's layout (x = W_L row-major, the factors W_j^T as transposed views): the
     # fused kernel reads the factors as they are and writes their gradients in their layout, so
-    # nothing is packed and autograd copies nothing.
+    # nothing is packed and autograd copies nothing. On CUDA, fp32 with TF32 off fuses up to
+    # MAX_BACKWARD_WIDTH_IEEE (13 x 16 x 5) and composes the wider chains, in the same layouts.
     x, factors, grad = make_backward(7, dims, dtype)
     factors = [f.T.contiguous().T for f in factors]  # the same values as transposed views
     assert all(chain_kernels._transposed_view(f) for f in factors)
-    monkeypatch.setattr(chain_kernels, "compose_chain_backward", lambda *args: pytest.fail("composed"))
+    if INTERPRET or dtype != torch.float32 or max(dims) <= chain_kernels.MAX_BACKWARD_WIDTH_IEEE:
+        assert chain_kernels.fuses_backward(x, factors)
+    if chain_kernels.fuses_backward(x, factors):
+        monkeypatch.setattr(chain_kernels, "compose_chain_backward", lambda *args: pytest.fail("composed"))
     results = chain_matmul_backward(x, factors, grad, needs_x)
     check_backward(results, x, factors, grad, needs_x, dtype, "transposed factors")
     assert_counters_reset()

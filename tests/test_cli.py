@@ -244,7 +244,8 @@ class _FakeEvent:
         return other.at - self.at
 
 
-@pytest.mark.parametrize("call_ms,do_bench_calls", [(250.0, 0), (2.0, 1)], ids=["long-call", "short-call"])
+@pytest.mark.parametrize("call_ms,do_bench_calls", [(2500.0, 0), (250.0, 0), (2.0, 1)],
+                         ids=["second-long-call", "long-call", "short-call"])
 def test_cuda_times_leaves_long_calls_to_events_alone(monkeypatch, call_ms, do_bench_calls):
     from fastrank.bench import runner
 
@@ -265,6 +266,8 @@ def test_cuda_times_leaves_long_calls_to_events_alone(monkeypatch, call_ms, do_b
     assert len(bench_calls) == do_bench_calls
     if do_bench_calls:
         assert bench_calls == [call_ms * 3] and len(calls) == 1  # the estimate, then do_bench's own calls
+    elif call_ms >= runner.ONE_SHOT_MS:
+        assert len(calls) == 1 and times == [call_ms / 1e3], "a call of a second or more is timed once"
     else:
         assert len(calls) == 3, "a long call is timed `repeats` times, the estimate among them"
         assert times == [call_ms / 1e3] * 3

@@ -267,16 +267,24 @@ def test_chain_linear_grads_on_cuda(dtype):
         assert_close(a, b, dtype, 64, steps=6, what=f"grad {j}")
 
 
-def test_compile_fullgraph_launches_the_kernels(launches):
-    model = _model()
-    eager = copy.deepcopy(model)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_compile_fullgraph_launches_the_kernels(launches, dtype):
+    # Compiled layers take the chain ops (their CUDA bodies). The backward at widths (48, 64, 24):
+    # in bf16 the fused recomputing kernel; in fp32 with TF32 off (torch's default) the widths are
+    # above MAX_BACKWARD_WIDTH_IEEE, so the chain kernel recomputes and the grouped factor
+    # gradients follow.
+    from fastrank.kernels import chain as chain_kernels
+
+    model = _model(dtype)
+    reference = copy.deepcopy(model).double()
     compiled = torch.compile(model, fullgraph=True, dynamic=False)
-    x = torch.randn(5, 48, device="cuda", requires_grad=True)
+    x = torch.randn(5, 48, device="cuda", dtype=dtype, requires_grad=True)
     out = compiled(x)
-    out.square().sum().backward()
-    assert launches["_launch_chain"] >= 1 and launches["_launch_backward"] >= 1, dict(launches)
-    ref = eager(x.detach())
-    assert_close(out, ref, torch.float32, 64, steps=5, what="compiled output")
+    out.float().square().sum().backward()
+    fused = dtype != torch.float32 or chain_kernels.cuda_matmul_allows_tf32()
+    backward = "_launch_backward" if fused else "_launch_factor_grads"
+    assert launches["_launch_chain"] >= 1 and launches[backward] >= 1, dict(launches)
+    assert_close(out, reference(x.detach().double()), dtype, 64, steps=5, what="compiled output")
 
 
 def test_reduce_overhead_cuda_graphs(launches):
@@ -303,6 +311,7 @@ def test_reduce_overhead_cuda_graphs(launches):
 
 def test_opcheck_on_cuda(launches):
     from fastrank.chain import _chain_factor_grads_op, _chain_matmul_backward_op, _chain_matmul_op
+    from fastrank.kernels import chain as chain_kernels
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(9, 17, device="cuda", generator=gen, requires_grad=True)
@@ -311,10 +320,16 @@ def test_opcheck_on_cuda(launches):
     torch.library.opcheck(_chain_matmul_op, (x, factors, False))
     grads = [torch.randn(9, 33, device="cuda", generator=gen), torch.randn(9, 5, device="cuda", generator=gen)]
     torch.library.opcheck(_chain_factor_grads_op, (grads, [x.detach(), grads[0]]))
-    # Widths 17, 33, 5: the fused kernel; a width of 80: the composed path (chain kernel, grouped grads).
+    # Widths 17, 33, 5 in fp32 with TF32 off (torch's default): above MAX_BACKWARD_WIDTH_IEEE, the
+    # composed path (chain kernel, grouped grads), as a width of 80 is in any precision; widths of
+    # at most 16: the fused kernel.
     torch.library.opcheck(_chain_matmul_backward_op, (x.detach(), [f.detach() for f in factors], grads[1], True))
     wide = [torch.randn(80, 17, device="cuda", generator=gen), torch.randn(5, 80, device="cuda", generator=gen)]
     torch.library.opcheck(_chain_matmul_backward_op, (x.detach(), wide, grads[1], False))
+    narrow_x = torch.randn(9, 13, device="cuda", generator=gen)
+    narrow = [torch.randn(n, m, device="cuda", generator=gen) for m, n in ((13, 16), (16, 5))]
+    assert chain_kernels.fuses_backward(narrow_x, narrow)
+    torch.library.opcheck(_chain_matmul_backward_op, (narrow_x, narrow, torch.randn(9, 5, device="cuda", generator=gen), True))
     A = torch.randn(3, 20, 12, device="cuda", generator=gen)
     torch.library.opcheck(torch.ops.fastrank.gaussian_sketch.default, (A, 5, 3, False))
     assert launches["_launch_chain"] >= 1 and launches["_launch_factor_grads"] >= 1 and launches["_launch"] >= 1

@@ -1,6 +1,7 @@
 """benchmarks/gpu/train_grid.py and tracker_cost.py: their CPU plumbing (the dry runs run.sh and CI
-take), the goal arithmetic and the kernel attribution of the grid, the tracker loop's sizing; and
-benchmarks/host_cost.py's budget (run.sh's host-cost step)."""
+take), the goal arithmetic and the kernel attribution of the grid, the tracker loop's sizing;
+profile_step.py's budget and interruption; and benchmarks/host_cost.py's budget (run.sh's
+host-cost step)."""
 
 import importlib.util
 import json
@@ -28,6 +29,11 @@ def train_grid():
 @pytest.fixture(scope="module")
 def tracker_cost():
     return _load("tracker_cost")
+
+
+@pytest.fixture(scope="module")
+def profile_step():
+    return _load("profile_step")
 
 
 def _positive(value):
@@ -94,6 +100,49 @@ def test_grid_stops_at_its_budget_and_lists_the_rest(train_grid, tmp_path, monke
     assert [(s["d"], s["B"], s["L"]) for s in written["not_run"]] == [(8, 3, 2), (8, 4, 3)]
     assert written["not_run"][0]["why"].startswith("time budget")
     assert result["not_run"] == written["not_run"]
+
+
+def _fake_profile(profile_step, monkeypatch, interrupt_at=None):
+    """profile_step.profile replaced by one returning a row per module (the shapes' order kept in
+    ``calls``), raising KeyboardInterrupt (run.sh's SIGINT) at call ``interrupt_at``; CUDA faked."""
+    calls = []
+
+    def profile(d, batch, depth):
+        calls.append((d, batch, depth))
+        if len(calls) == interrupt_at:
+            raise KeyboardInterrupt
+        return [{"shape": f"d={d} B={batch} L={depth}", "module": module, "launches": 12, "median_step_ms": 1.0,
+                 "device_us": 20.0, "kernels": [{"name": "k", "count": 12, "us": 20.0}]}
+                for module in ("nn.Linear", f"OverparamLinear depth={depth}")]
+
+    monkeypatch.setattr(profile_step, "profile", profile)
+    monkeypatch.setattr(profile_step.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(profile_step.torch.cuda, "get_device_name", lambda *a: "fake GPU")
+    return calls
+
+
+def test_profile_stops_at_its_budget_and_lists_the_rest(profile_step, tmp_path, monkeypatch):
+    calls = _fake_profile(profile_step, monkeypatch)
+    path = tmp_path / "profile.json"
+    assert profile_step.main(["--json", str(path), "--budget-s", "0"]) == 0
+    written = json.loads(path.read_text())
+    shapes = [f"d={d} B={b} L={L}" for d, b, L in profile_step.SHAPES]
+    assert calls == profile_step.SHAPES[:1]  # the first shape always runs
+    assert [row["shape"] for row in written["rows"]] == shapes[:1] * 2
+    assert [entry["shape"] for entry in written["not_run"]] == shapes[1:]
+    assert written["not_run"][0]["why"].startswith("time budget")
+
+
+def test_profile_interrupted_keeps_the_shapes_measured(profile_step, tmp_path, monkeypatch):
+    calls = _fake_profile(profile_step, monkeypatch, interrupt_at=3)
+    path = tmp_path / "profile.json"
+    assert profile_step.main(["--json", str(path)]) == 130
+    written = json.loads(path.read_text())
+    shapes = [f"d={d} B={b} L={L}" for d, b, L in profile_step.SHAPES]
+    assert len(calls) == 3
+    assert [row["shape"] for row in written["rows"]] == [shape for shape in shapes[:2] for _ in range(2)]
+    assert [entry["shape"] for entry in written["not_run"]] == shapes[2:]
+    assert {entry["why"] for entry in written["not_run"]} == {"interrupted at the time limit"}
 
 
 def _rows(train_grid, wall, span, launches, d=256, batch=8192, depth=4):

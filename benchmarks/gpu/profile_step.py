@@ -1,13 +1,15 @@
 """Where the time of one OverparamLinear training step goes on CUDA: kernel launches and device time.
 
-    python benchmarks/gpu/profile_step.py [--json PATH]
+    python benchmarks/gpu/profile_step.py [--json PATH] [--budget-s 13]
 
 For each shape, ``nn.Linear`` and ``OverparamLinear(d, d, depth=L)`` train steps (forward, a
 scalar loss, backward) in bf16: the number of CUDA kernels one step launches (torch profiler), the
 step's median wall time over 20 steps after warm-up (CUDA-synchronized), and the device time per
 kernel name, largest first. The collapsed form's floor against nn.Linear is 1 + (L - 1) d / B
-(DESIGN.md); the launch target is nn.Linear's count plus 3. Prints a table; ``--json`` writes the
-rows. Needs a CUDA device; run by benchmarks/gpu/run.sh.
+(DESIGN.md); the launch target is nn.Linear's count plus 2. Prints each shape's table as it is
+measured and rewrites ``--json`` after it; starts no shape after ``--budget-s`` (the first always
+runs) and lists those left out, so that run.sh's time limit cuts no shape's rows. Needs a CUDA
+device; run by benchmarks/gpu/run.sh.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 
 import torch
@@ -22,9 +25,10 @@ import torch.nn as nn
 
 import fastrank
 
-# (d, B, L): the collapsed product at three sizes, and a narrow activation chain (its backward the
-# fused recomputing kernel).
-SHAPES = [(1024, 8192, 4), (256, 64, 4), (256, 8192, 8), (64, 32, 4)]
+# (d, B, L): the kernels' shapes first (an activation chain, a narrow one whose backward is the fused
+# recomputing kernel, the collapsed product at depth 8), then a width above the chain kernel's,
+# which trains through plain cuBLAS ops in bf16 (fastrank.chain._plain_half_on_cuda).
+SHAPES = [(256, 64, 4), (64, 32, 4), (256, 8192, 8), (1024, 8192, 4)]
 
 
 def _step(module: nn.Module, x: torch.Tensor):
@@ -78,21 +82,7 @@ def profile(d: int, batch: int, depth: int) -> list[dict]:
     return rows
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--json", metavar="PATH")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("profile_step.py: needs a CUDA device")
-        return 0
-    rows, failed = [], 0
-    for d, batch, depth in SHAPES:
-        try:
-            rows += profile(d, batch, depth)
-        except Exception as error:  # a shape that fails is a row, not the end of the profile
-            failed += 1
-            rows.append({"shape": f"d={d} B={batch} L={depth}", "error": f"{type(error).__name__}: {error}"[:400]})
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16 train steps")
+def _print(rows: list[dict]) -> None:
     for row in rows:
         if "error" in row:
             print(f"\n{row['shape']:22s} FAILED: {row['error']}")
@@ -101,9 +91,54 @@ def main() -> int:
               f"step {row['median_step_ms']:.3f} ms (wall)  device {row['device_us']:.0f} us")
         for kernel in row["kernels"][:12]:
             print(f"    {kernel['us']:9.1f} us  x{kernel['count']:<3d} {kernel['name']}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    sys.stdout.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", metavar="PATH")
+    parser.add_argument("--budget-s", type=float, default=float("inf"),
+                        help="start no shape that would end after this many seconds")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("profile_step.py: needs a CUDA device")
+        return 0
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16 train steps")
+    start, slowest = time.perf_counter(), 0.0
+    rows, failed, not_run = [], 0, []
+
+    def write() -> None:
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"rows": rows, "not_run": not_run, "seconds": time.perf_counter() - start}, f, indent=1)
+
+    try:
+        for index, (d, batch, depth) in enumerate(SHAPES):
+            elapsed = time.perf_counter() - start
+            if index and elapsed + slowest > args.budget_s:
+                not_run = [{"shape": f"d={d} B={b} L={L}", "why": f"time budget: {elapsed:.0f} s of {args.budget_s:.0f} s"}
+                           for d, b, L in SHAPES[index:]]
+                break
+            began = time.perf_counter()
+            try:
+                shape_rows = profile(d, batch, depth)
+            except Exception as error:  # a shape that fails is a row, not the end of the profile
+                failed += 1
+                shape_rows = [{"shape": f"d={d} B={batch} L={depth}", "error": f"{type(error).__name__}: {error}"[:400]}]
+            slowest = max(slowest, time.perf_counter() - began)
+            rows += shape_rows
+            _print(shape_rows)
+            write()
+    except KeyboardInterrupt:  # run.sh's time limit: the shapes measured so far are written
+        done = {row["shape"] for row in rows}
+        not_run = [{"shape": f"d={d} B={b} L={L}", "why": "interrupted at the time limit"}
+                   for d, b, L in SHAPES if f"d={d} B={b} L={L}" not in done]
+        write()
+        print(f"profile_step.py: interrupted; {len(not_run)} shapes not profiled", file=sys.stderr)
+        return 130
+    write()
+    if not_run:
+        print(f"\nnot profiled: {', '.join(entry['shape'] for entry in not_run)} ({not_run[0]['why']})")
     return 1 if failed else 0
 
 

@@ -29,13 +29,14 @@
 #                            real driver (benchmarks/host_cost.py --device cuda)
 #   summary.json             device, versions, date, and per step: passed / failed / skipped / errors,
 #                            exit status, whether it ran into its time limit; the grid's goal counts
-#                            and the tracker's overhead per eigensolver
+#                            and the tracker's overhead per eigensolver (rewritten after every step,
+#                            "complete" once the last has run, so a run stopped from outside keeps it)
 #
 # Needs python3 with torch, triton, pytest and pytest-benchmark; fastrank runs from this checkout
 # (a temporary package folder links fastrank/ and kernels/ as fastrank.kernels; PYTHONSAFEPATH
 # keeps the checkout's own fastrank/, which lacks kernels, off sys.path). Each step has a time
 # limit, together under 8 minutes; at its limit a step is interrupted (SIGINT: pytest still writes
-# its reports) and the next one starts.
+# its reports; SIGKILL 5 s later, 12 s for the tests) and the next one starts.
 #
 # --dry-run: the same steps on the CPU (CUDA hidden), tests collected only, benchmark suites run
 # with every CUDA case skipped, the grid and the tracker loop at toy sizes (their JSON flagged
@@ -56,23 +57,29 @@ for arg in "$@"; do
 done
 mkdir -p "$outdir"
 outdir="$(cd "$outdir" && pwd)"
+# the summary reads only this run's files
+rm -f "$outdir/summary.json" "$outdir/train-grid.json" "$outdir/tracker-cost.json" "$outdir/host-cost.json" \
+    "$outdir/profile.json"
 python="${PYTHON:-python3}"
 
 # Seconds per step. The GPU machine's lease gives a command at most 10 minutes; these add up to
-# 510 s, plus up to 10 s per step between SIGINT and SIGKILL and about 20 s of setup and summary.
+# 470 s, plus up to 5 s per step between SIGINT and SIGKILL (12 s for the tests, whose 12 workers
+# took 9 s to stop on an H200) and about 20 s of setup: at most 542 s.
 # On an H100 the CUDA test files took about 130 s on 12 workers, the chain suites 20-30 s each,
-# the rank suite's quick cases 25 s and its model-scale CUDA cases most of 150 s; the rank limit
-# is now 30 s (its model-scale cases are the first to go; on an H200 two cases ran in 50 s) so
-# that the train-step grid (115 s), the tracker loop (65 s: three rounds of three 100-step loops,
-# untracked and tracked with each eigensolver, of a 43 ms step on an H200) and the launchers' host cost (30 s: 27 s for four calls' 40 rounds on an
-# H200, now five calls) fit. The grid, the tracker and the host cost size themselves to their limits
+# the rank suite's quick cases 25 s and its model-scale CUDA cases most of 150 s. The tests now
+# stop at 115 s (the kernel files, last, are cut: CI runs them under the interpreter) and the rank
+# suite at 35 s, about its first model-scale case (the 1024 weights, with the host solver that
+# the tracker's default waits on; a per-matrix SVD loop of 3.6 s a call, timed once), so that the
+# train-step grid (115 s), the tracker loop (65 s: rounds of an untracked and a tracked 100-step
+# loop per eigensolver, as many as fit: two at the 43 ms step of an H200) and the launchers' host
+# cost (30 s: 27 s for four calls' 40 rounds on an H200, now five calls) fit. The grid, the tracker and the host cost size themselves to their limits
 # (--budget-s, 12 s under the limit for starting Python and CUDA); the grid and the tracker write
 # their JSON as they go. FASTRANK_GPU_LIMITS="TESTS CHAIN_KERNEL CHAIN RANK SKETCH [PROFILE
 # TRAIN_GRID TRACKER_COST HOST_COST]" overrides them for a shorter lease (missing trailing ones keep their
 # defaults), FASTRANK_GPU_STEPS (e.g. "tests bench-rank") runs only the steps it names and
 # FASTRANK_GPU_TESTS only the test files it names.
 read -r -a limits <<< "${FASTRANK_GPU_LIMITS:-}"
-default_limits=(140 45 30 30 30 25 115 65 30)
+default_limits=(115 40 25 35 20 25 115 65 30)
 for index in "${!default_limits[@]}"; do
     limits[index]="${limits[index]:-${default_limits[index]}}"
 done
@@ -118,20 +125,32 @@ else
     echo "nvidia-smi: not found"
 fi
 echo "cpus: $(nproc 2>/dev/null || echo unknown)"
-if ! "$python" - "$scratch/site" <<'EOF'
-import os, platform, sys
+# The machine, for the log and for summary.json (whose writer, run after every step, imports no torch).
+if ! "$python" - "$scratch/site" "$scratch/machine.json" <<'EOF'
+import json, os, platform, sys
 import torch
 print("python", sys.version.replace("\n", " "), sys.executable)
 print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
-if torch.cuda.is_available():
+cuda = torch.cuda.is_available()
+if cuda:
     print("device", torch.cuda.get_device_name(), torch.cuda.get_device_capability())
+versions = {}
 for name in ("triton", "pytest", "pytest_benchmark"):
     try:
         module = __import__(name)
-        print(name, getattr(module, "__version__", "?"))
+        versions[name] = getattr(module, "__version__", "?")
+        print(name, versions[name])
     except ImportError as error:
+        versions[name] = None
         print(name, "MISSING", error)
 import fastrank, fastrank.kernels
+with open(sys.argv[2], "w") as f:
+    json.dump({
+        "device_name": torch.cuda.get_device_name() if cuda else f"CPU: {platform.processor() or platform.machine()}",
+        "device_capability": list(torch.cuda.get_device_capability()) if cuda else None,
+        "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+        "cuda": torch.version.cuda, "triton": versions["triton"], "fastrank": fastrank.__version__,
+    }, f)
 site = os.path.abspath(sys.argv[1])
 for module in (fastrank, fastrank.kernels):
     path = os.path.abspath(os.path.dirname(module.__file__))
@@ -145,16 +164,129 @@ then
     exit 1
 fi
 
+# summary.json from the steps' status files and the JSON they wrote: `summarize partial` after each
+# step (quiet), `summarize final` at the end (printed, and in a dry run checked).
+cat > "$scratch/summary.py" <<'EOF'
+import datetime, json, os, re, sys
+import xml.etree.ElementTree as ET
+
+scratch, outdir, dry_run, final = sys.argv[1], sys.argv[2], sys.argv[3] == "1", sys.argv[4] == "final"
+steps = {}
+for name in ("tests", "bench-chain-kernel", "bench-chain", "bench-rank", "bench-sketch", "profile", "train-grid",
+             "tracker-cost", "host-cost"):
+    status_path = os.path.join(scratch, f"{name}.status")
+    if not os.path.exists(status_path):
+        steps[name] = {"ran": False}
+        continue
+    status, timed_out, seconds = open(status_path).read().split()
+    output = open(os.path.join(scratch, f"{name}.out")).read()
+    collected = re.findall(r"(\d+)(?:/\d+)? tests? collected", output)
+    counts = {"collected": int(collected[-1]) if collected else None,  # --collect-only runs
+              "tests": 0, "passed": 0, "failed": 0, "errors": 0, "skipped": 0}
+    xml_path = os.path.join(scratch, f"{name}.xml")
+    if os.path.exists(xml_path):
+        for suite in ET.parse(xml_path).getroot().iter("testsuite"):
+            for key in ("tests", "failures", "errors", "skipped"):
+                counts["failed" if key == "failures" else key] += int(suite.get(key, 0))
+        counts["passed"] = counts["tests"] - counts["failed"] - counts["errors"] - counts["skipped"]
+    steps[name] = {"ran": True, "exit_status": int(status), "time_limit_reached": timed_out == "true",
+                   "seconds": int(seconds), "junit": os.path.exists(xml_path), **counts}
+# What the grid and the tracker loop found (their JSON files, as far as they got).
+def read_json(name):
+    try:
+        with open(os.path.join(outdir, name)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+results = {}
+grid = read_json("train-grid.json")
+if grid is not None:
+    results["train-grid"] = {"dry_run": grid.get("dry_run"), "shapes_run": len(grid.get("goals", [])),
+                             "shapes_not_run": len(grid.get("not_run", [])), "rows": len(grid.get("rows", [])),
+                             "goal_counts": grid.get("goal_counts"), "autotuned": grid.get("autotuned", {})}
+tracker = read_json("tracker-cost.json")
+if tracker is not None:
+    results["tracker-cost"] = {key: tracker.get(key) for key in (
+        "dry_run", "parameters", "host_threads", "steps", "rounds", "step_ms_untracked", "solvers", "goal",
+        "complete")}
+host = read_json("host-cost.json")
+if host is not None:
+    results["host-cost"] = {f"{row['path']}: {row['call']}": row["us"] for row in host}
+with open(os.path.join(scratch, "machine.json")) as f:
+    machine = json.load(f)
+summary = {
+    "dry_run": dry_run,
+    "complete": final,  # False: written after a step, the run going on (or stopped from outside)
+    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    **machine,
+    "steps": steps,
+    "results": results,
+}
+with open(os.path.join(outdir, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=1)
+if not final:
+    sys.exit(0)
+print("\n== summary")
+for name, step in steps.items():
+    if not step["ran"]:
+        print(f"{name:20s} did not run")
+        continue
+    collected = f"collected {step['collected']}  " if step["collected"] is not None else ""
+    print(f"{name:20s} exit {step['exit_status']}  {step['seconds']:4d} s  {collected}"
+          f"passed {step['passed']}  failed {step['failed']}  errors {step['errors']}  skipped {step['skipped']}"
+          + ("  TIME LIMIT" if step["time_limit_reached"] else ""))
+if "train-grid" in results:
+    print(f"train-grid: {results['train-grid']['shapes_run']} shapes run, {results['train-grid']['shapes_not_run']} not; "
+          f"goals {results['train-grid']['goal_counts']}")
+    for kernel, tuned in results["train-grid"]["autotuned"].items():
+        print(f"train-grid: {kernel} tuned {tuned['keys']} keys in {tuned['seconds']:.1f} s; chosen "
+              + ", ".join(f"{count}x {config}" for config, count in sorted(tuned["chosen"].items(), key=lambda c: -c[1])))
+for solver, cost in ((results.get("tracker-cost") or {}).get("solvers") or {}).items():
+    if cost["overhead"] is not None:
+        print(f"tracker-cost: {solver} solver: overhead {cost['overhead']:.2%} (goal <= 2%)"
+              + ("  (dry run: toy sizes on the CPU)" if dry_run else ""))
+for name, us in results.get("host-cost", {}).items():
+    print(f"host-cost: {us:7.1f} us  {name}")
+if dry_run:
+    # The dry run checks the plumbing: tests collected, and no benchmark case ran on the CPU.
+    selected = os.environ.get("FASTRANK_GPU_STEPS", " ".join(steps)).split()
+    problems = [f"{name}: not run" for name, step in steps.items() if not step["ran"] and name in selected]
+    if "tests" in selected and not steps["tests"].get("collected"):
+        problems.append("tests: nothing collected")
+    for name in ("bench-chain-kernel", "bench-chain", "bench-rank", "bench-sketch"):
+        step = steps[name]
+        if step.get("ran") and (step["skipped"] == 0 or step["skipped"] != step["tests"]):
+            problems.append(f"{name}: {step['tests'] - step['skipped']} of {step['tests']} cases not skipped "
+                            "without CUDA (every one should be)")
+    # The grid and the tracker loop ran their plumbing and wrote their rows.
+    for name, result in (("train-grid", grid), ("tracker-cost", tracker)):
+        if name not in selected:
+            continue
+        if result is None:
+            problems.append(f"{name}: wrote no {name}.json")
+        elif result.get("dry_run") is not True or not result.get("complete"):
+            problems.append(f"{name}: {name}.json is not a complete dry run")
+        elif not result.get("rows" if name == "train-grid" else "loops"):
+            problems.append(f"{name}: {name}.json holds no measurements")
+    if problems:
+        sys.exit("dry run: " + "; ".join(problems))
+EOF
+summarize() {
+    "$python" "$scratch/summary.py" "$scratch" "$outdir" "$dry_run" "$1"
+}
+
 # ---------------------------------------------------------------------------------------- steps
 # step NAME LIMIT_S PYTEST_ARGS...: pytest with a JUnit report in $scratch/NAME.xml; records the
 # exit status and whether the limit cut it short in $scratch/NAME.status.
 step() {
-    local name="$1" limit="$2"
+    local name="$1" limit="$2" grace=5
+    [ "$name" = tests ] && grace=12
     shift 2
     echo
     echo "== $name (limit ${limit} s): pytest $*"
     local start=$SECONDS
-    timeout -s INT -k 10 "$limit" "$python" -m pytest -p no:cacheprovider --junitxml="$scratch/$name.xml" "$@" \
+    timeout -s INT -k "$grace" "$limit" "$python" -m pytest -p no:cacheprovider --junitxml="$scratch/$name.xml" "$@" \
         2>&1 | tee "$scratch/$name.out"
     local status=${PIPESTATUS[0]}
     local timed_out=false
@@ -163,6 +295,7 @@ step() {
     fi
     echo "$status $timed_out $((SECONDS - start))" > "$scratch/$name.status"
     echo "== $name: exit $status, $((SECONDS - start)) s, time limit reached: $timed_out"
+    summarize partial
 }
 
 # The test files with CUDA cases only (CI runs the rest on the CPU), the quick ones first and the
@@ -215,24 +348,25 @@ script() {
     echo
     echo "== $name (limit ${limit} s): $*"
     local start=$SECONDS
-    timeout -s INT -k 10 "$limit" "$python" "$@" 2>&1 | tee "$scratch/$name.out"
+    timeout -s INT -k 5 "$limit" "$python" "$@" 2>&1 | tee "$scratch/$name.out"
     local status=${PIPESTATUS[0]}
     local timed_out=false
     [ $((SECONDS - start)) -ge "$limit" ] && timed_out=true
     echo "$status $timed_out $((SECONDS - start))" > "$scratch/$name.status"
     echo "== $name: exit $status, $((SECONDS - start)) s"
+    summarize partial
 }
 
 # Kernel launches and device time per kernel of one OverparamLinear train step.
 if selected profile; then
-    script profile "$profile_limit" benchmarks/gpu/profile_step.py --json "$outdir/profile.json"
+    script profile "$profile_limit" benchmarks/gpu/profile_step.py --json "$outdir/profile.json" \
+        --budget-s $((profile_limit - 12))
 fi
 
 # The train-step grid and the tracker's cost (--dry-run: their CPU plumbing at toy sizes). Each
 # stops starting work 12 s before its limit (Python and CUDA start-up) and lists what it left out.
 dry_option=()
 [ "$dry_run" -eq 1 ] && dry_option=(--dry-run)
-rm -f "$outdir/train-grid.json" "$outdir/tracker-cost.json" "$outdir/host-cost.json"  # the summary reads only this run's
 if selected train-grid; then
     script train-grid "$train_grid_limit" benchmarks/gpu/train_grid.py --json "$outdir/train-grid.json" \
         --budget-s $((train_grid_limit - 12)) "${dry_option[@]}"
@@ -254,121 +388,7 @@ if selected host-cost; then
 fi
 
 # ---------------------------------------------------------------------------------------- summary
-"$python" - "$scratch" "$outdir" "$dry_run" <<'EOF'
-import datetime, json, os, platform, re, sys
-import xml.etree.ElementTree as ET
-import torch
-
-scratch, outdir, dry_run = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
-steps = {}
-for name in ("tests", "bench-chain-kernel", "bench-chain", "bench-rank", "bench-sketch", "profile", "train-grid",
-             "tracker-cost", "host-cost"):
-    status_path = os.path.join(scratch, f"{name}.status")
-    if not os.path.exists(status_path):
-        steps[name] = {"ran": False}
-        continue
-    status, timed_out, seconds = open(status_path).read().split()
-    output = open(os.path.join(scratch, f"{name}.out")).read()
-    collected = re.findall(r"(\d+)(?:/\d+)? tests? collected", output)
-    counts = {"collected": int(collected[-1]) if collected else None,  # --collect-only runs
-              "tests": 0, "passed": 0, "failed": 0, "errors": 0, "skipped": 0}
-    xml_path = os.path.join(scratch, f"{name}.xml")
-    if os.path.exists(xml_path):
-        for suite in ET.parse(xml_path).getroot().iter("testsuite"):
-            for key in ("tests", "failures", "errors", "skipped"):
-                counts["failed" if key == "failures" else key] += int(suite.get(key, 0))
-        counts["passed"] = counts["tests"] - counts["failed"] - counts["errors"] - counts["skipped"]
-    steps[name] = {"ran": True, "exit_status": int(status), "time_limit_reached": timed_out == "true",
-                   "seconds": int(seconds), "junit": os.path.exists(xml_path), **counts}
-try:
-    import triton
-    triton_version = triton.__version__
-except ImportError:
-    triton_version = None
-# What the grid and the tracker loop found (their JSON files, as far as they got).
-def read_json(name):
-    try:
-        with open(os.path.join(outdir, name)) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-results = {}
-grid = read_json("train-grid.json")
-if grid is not None:
-    results["train-grid"] = {"dry_run": grid.get("dry_run"), "shapes_run": len(grid.get("goals", [])),
-                             "shapes_not_run": len(grid.get("not_run", [])), "rows": len(grid.get("rows", [])),
-                             "goal_counts": grid.get("goal_counts"), "autotuned": grid.get("autotuned", {})}
-tracker = read_json("tracker-cost.json")
-if tracker is not None:
-    results["tracker-cost"] = {key: tracker.get(key) for key in (
-        "dry_run", "parameters", "host_threads", "steps", "rounds", "step_ms_untracked", "solvers", "goal",
-        "complete")}
-host = read_json("host-cost.json")
-if host is not None:
-    results["host-cost"] = {f"{row['path']}: {row['call']}": row["us"] for row in host}
-cuda = torch.cuda.is_available()
-summary = {
-    "dry_run": dry_run,
-    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    "device_name": torch.cuda.get_device_name() if cuda else f"CPU: {platform.processor() or platform.machine()}",
-    "device_capability": list(torch.cuda.get_device_capability()) if cuda else None,
-    "cpus": os.cpu_count(),
-    "python": platform.python_version(),
-    "torch": torch.__version__,
-    "cuda": torch.version.cuda,
-    "triton": triton_version,
-    "fastrank": __import__("fastrank").__version__,
-    "steps": steps,
-    "results": results,
-}
-with open(os.path.join(outdir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=1)
-print("\n== summary")
-for name, step in steps.items():
-    if not step["ran"]:
-        print(f"{name:20s} did not run")
-        continue
-    collected = f"collected {step['collected']}  " if step["collected"] is not None else ""
-    print(f"{name:20s} exit {step['exit_status']}  {step['seconds']:4d} s  {collected}"
-          f"passed {step['passed']}  failed {step['failed']}  errors {step['errors']}  skipped {step['skipped']}"
-          + ("  TIME LIMIT" if step["time_limit_reached"] else ""))
-if "train-grid" in results:
-    print(f"train-grid: {results['train-grid']['shapes_run']} shapes run, {results['train-grid']['shapes_not_run']} not; "
-          f"goals {results['train-grid']['goal_counts']}")
-    for kernel, tuned in results["train-grid"]["autotuned"].items():
-        print(f"train-grid: {kernel} tuned {tuned['keys']} keys in {tuned['seconds']:.1f} s; chosen "
-              + ", ".join(f"{count}x {config}" for config, count in sorted(tuned["chosen"].items(), key=lambda c: -c[1])))
-for solver, cost in ((results.get("tracker-cost") or {}).get("solvers") or {}).items():
-    if cost["overhead"] is not None:
-        print(f"tracker-cost: {solver} solver: overhead {cost['overhead']:.2%} (goal <= 2%)"
-              + ("  (dry run: toy sizes on the CPU)" if dry_run else ""))
-for name, us in results.get("host-cost", {}).items():
-    print(f"host-cost: {us:7.1f} us  {name}")
-if dry_run:
-    # The dry run checks the plumbing: tests collected, and no benchmark case ran on the CPU.
-    selected = os.environ.get("FASTRANK_GPU_STEPS", " ".join(steps)).split()
-    problems = [f"{name}: not run" for name, step in steps.items() if not step["ran"] and name in selected]
-    if "tests" in selected and not steps["tests"].get("collected"):
-        problems.append("tests: nothing collected")
-    for name in ("bench-chain-kernel", "bench-chain", "bench-rank", "bench-sketch"):
-        step = steps[name]
-        if step.get("ran") and (step["skipped"] == 0 or step["skipped"] != step["tests"]):
-            problems.append(f"{name}: {step['tests'] - step['skipped']} of {step['tests']} cases not skipped "
-                            "without CUDA (every one should be)")
-    # The grid and the tracker loop ran their plumbing and wrote their rows.
-    for name, result in (("train-grid", grid), ("tracker-cost", tracker)):
-        if name not in selected:
-            continue
-        if result is None:
-            problems.append(f"{name}: wrote no {name}.json")
-        elif result.get("dry_run") is not True or not result.get("complete"):
-            problems.append(f"{name}: {name}.json is not a complete dry run")
-        elif not result.get("rows" if name == "train-grid" else "loops"):
-            problems.append(f"{name}: {name}.json holds no measurements")
-    if problems:
-        sys.exit("dry run: " + "; ".join(problems))
-EOF
+summarize final
 summary_status=$?
 
 # Exit status: 0 when every step ran to its end without failures (and, in a dry run, the summary's

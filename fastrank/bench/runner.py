@@ -101,14 +101,18 @@ def _do_bench():
 # (its first and its five-call estimate), a minute for a 10 s call, and flushing a 50 MB L2
 # changes nothing at this length.
 LONG_CALL_MS = 100.0
+# Calls at least this long are timed once: the rank suite's per-matrix SVD loop takes 3.6 s a call
+# on an H100 (benchmarks/results/h100/), where its GPU step has 30 s for the whole suite, and a
+# second sample of a call this long moves a median by less than the suite resolves.
+ONE_SHOT_MS = 1000.0
 
 
 def cuda_times(fn: Callable[[], object], repeats: int) -> list[float]:
     """Seconds of about ``repeats`` calls of ``fn`` on CUDA, each timed with CUDA events after the L2
     cache is flushed (``triton.testing.do_bench``, which also warms up once); calls longer than
     :data:`LONG_CALL_MS` are ``repeats`` calls timed by events alone, the first being the one
-    that measured the length. ``fn`` must have been called before (compilation and autotuning
-    stay out)."""
+    that measured the length, and calls longer than :data:`ONE_SHOT_MS` that one call alone.
+    ``fn`` must have been called before (compilation and autotuning stay out)."""
     do_bench = _do_bench()
     if do_bench is None:
         raise RuntimeError("cuda_times needs triton.testing.do_bench (Triton is not importable)")
@@ -122,7 +126,9 @@ def cuda_times(fn: Callable[[], object], repeats: int) -> list[float]:
         return start.elapsed_time(end)
 
     estimate_ms = max(timed_call(), 1e-3)
-    if estimate_ms >= LONG_CALL_MS:
+    if estimate_ms >= ONE_SHOT_MS:
+        times_ms = [estimate_ms]
+    elif estimate_ms >= LONG_CALL_MS:
         times_ms = [estimate_ms] + [timed_call() for _ in range(max(repeats, 1) - 1)]
     else:
         # do_bench repeats fn for `rep` milliseconds: ask for `repeats` calls' worth

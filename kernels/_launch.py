@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import threading
 import weakref
 from collections.abc import Callable, Sequence
 
@@ -45,17 +46,71 @@ def size_bucket(n: int) -> int:
     return max(16, next_power_of_2(n))
 
 
+def capturing(device: torch.device) -> bool:
+    """Whether ``device``'s current stream is capturing a CUDA graph (False for other devices)."""
+    if device.type != "cuda":
+        return False
+    if device.index is None or device.index == torch._C._cuda_getDevice():
+        return torch._C._cuda_isCurrentStreamCapturing()
+    with torch.cuda.device(device.index):
+        return torch._C._cuda_isCurrentStreamCapturing()
+
+
+def on_own_thread(make: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``make()`` run on a new thread, which is joined; its exception is raised here."""
+    made: list = []
+
+    def run() -> None:
+        try:
+            made.append(make())
+        except BaseException as error:  # noqa: BLE001  (raised on the calling thread)
+            made.append(error)
+
+    thread = threading.Thread(target=run, name="fastrank-buffer")
+    thread.start()
+    thread.join()
+    if isinstance(made[0], BaseException):
+        raise made[0]
+    return made[0]
+
+
+def persistent_buffer(device: torch.device, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``make()`` for a buffer that later launches share (it outlives the call that makes it).
+
+    On CUDA it is made on a thread of its own, on that thread's default stream, which is then
+    synchronized (whatever ``make`` wrote is there before any stream reads it): torch.compile's CUDA
+    graph trees (``mode="reduce-overhead"``) send every allocation of the thread that warms up a
+    graph into the graphs' memory pool, and raise when the pool holds a live tensor that is no
+    graph output (``torch._inductor.cudagraph_trees.check_memory_pool``), which a buffer kept from
+    a warm-up would be. Not while a graph is being captured (a launcher then makes a buffer of the
+    capture's own instead). The caller keeps the buffer alive for good: it may not be freed while
+    a stream's queued launches still use it."""
+    if device.type != "cuda":
+        return make()
+
+    def made_and_synchronized() -> torch.Tensor:
+        with torch.cuda.device(device):
+            buffer = make()
+            torch.cuda.current_stream().synchronize()
+        return buffer
+
+    return on_own_thread(made_and_synchronized)
+
+
 _UNUSED: dict[tuple, torch.Tensor] = {}
 
 
 def unused_buffer(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """A one-element buffer of ``dtype`` on ``device`` for a pointer argument the kernel never
     dereferences in this launch (its signature needs a live, aligned pointer of that type); one
-    per device and dtype, shared by every launch."""
+    per device and dtype, shared by every launch (:func:`persistent_buffer`), or, first asked for
+    during a CUDA graph's capture, one of the capture's own."""
     key = (device, dtype)
     buffer = _UNUSED.get(key)
     if buffer is None:
-        buffer = _UNUSED[key] = torch.empty(16, dtype=dtype, device=device)
+        if capturing(device):
+            return torch.empty(16, dtype=dtype, device=device)
+        buffer = _UNUSED[key] = persistent_buffer(device, lambda: torch.empty(16, dtype=dtype, device=device))
     return buffer
 
 

@@ -76,9 +76,11 @@ from fastrank.kernels._launch import (
     PlanCache,
     PlanRecorder,
     autotune_bench,
+    capturing,
     cdiv,
     device_guard,
     interpreting,
+    persistent_buffer,
     size_bucket,
     unused_buffer,
 )
@@ -972,6 +974,9 @@ _SM_COUNTS: dict[int, int] = {}
 # Arrival counters of split launches, one zeroed int32 buffer per (device, stream): the kernel
 # leaves them zero, so consecutive launches on one stream share them without a memset launch.
 _SPLIT_COUNTERS: dict[tuple, Tensor] = {}
+# Buffers a larger one replaced in _SPLIT_COUNTERS, kept: launches queued on their stream may
+# still use them.
+_RETIRED_COUNTERS: list[Tensor] = []
 
 
 def _num_sms(device: torch.device) -> int:
@@ -986,49 +991,65 @@ def _num_sms(device: torch.device) -> int:
 def _split_counters(device: torch.device, count: int) -> Tensor:
     """A zeroed int32 buffer of at least ``count`` counters for this device's current stream.
 
-    Eager launches on one stream share one buffer, allocated at the stream's first split launch.
-    While the stream captures a CUDA graph and has no buffer yet, each call gets a buffer of its
-    own, zeroed inside the graph (a memset node) and never shared: registering it would tie the
-    stream's eager launches, and every later graph captured on it, to this graph's memory pool,
-    whose zeros exist only once the graph has replayed. A capture thus takes the launches its
-    warm-up took on another stream (``torch.cuda.graph`` captures on a stream of its own). Without
-    counters there, the fused backward fell back to the composed kernels (with the driver stubbed:
-    3 JIT calls, configs the warm-up never ran, whose first launch compiles and autotunes); on an
-    H200 the capture of a depth-4, d = 64, B = 1 train step, whose backward is the fused kernel,
-    was invalidated (benchmarks/results/h200/README.md)."""
+    Eager launches on one stream share one buffer, allocated at the stream's first split launch
+    (:func:`persistent_buffer`: outside the memory pool of a CUDA graph being warmed up). While the
+    stream captures a CUDA graph each call gets a buffer of its own, zeroed inside the graph (a
+    memset node), never shared nor registered: the stream's buffer, baked into a graph, would be
+    shared by the graph's replays and the stream's eager launches (torch.compile's CUDA graph
+    trees warm up and capture on one stream), and freed under the graph once a larger one
+    replaced it; a registered one would tie the stream's eager launches to this graph's memory
+    pool, whose zeros exist only once the graph has replayed. A capture thus takes the launches
+    its warm-up took. Without counters there, the fused backward fell back to the composed
+    kernels (with the driver stubbed: 3 JIT calls, configs the warm-up never ran, whose first
+    launch compiles and autotunes); on an H200 the capture of a depth-4, d = 64, B = 1 train step,
+    whose backward is the fused kernel, was invalidated (benchmarks/results/h200/README.md)."""
+    size = max(count, 1024)
+    if _capturing(device):
+        return torch.zeros(size, dtype=torch.int32, device=device)
+    key = _counters_key(device)
+    counters = _SPLIT_COUNTERS.get(key)
+    if counters is None or counters.numel() < count:
+        if counters is not None:
+            _RETIRED_COUNTERS.append(counters)
+        counters = _SPLIT_COUNTERS[key] = persistent_buffer(
+            device, lambda: torch.zeros(size, dtype=torch.int32, device=device))
+    return counters
+
+
+def _counters_key(device: torch.device) -> tuple:
+    """The key of ``device``'s current stream in _SPLIT_COUNTERS."""
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         # the raw stream handle: torch.cuda.current_stream builds a Stream object per call
-        key = (index, torch._C._cuda_getCurrentRawStream(index))
-    else:
-        key = (device, 0)
-    counters = _SPLIT_COUNTERS.get(key)
-    if counters is None or counters.numel() < count:
-        counters = torch.zeros(max(count, 1024), dtype=torch.int32, device=device)
-        if not _capturing(device):
-            _SPLIT_COUNTERS[key] = counters
-    return counters
+        return (index, torch._C._cuda_getCurrentRawStream(index))
+    return (device, 0)
 
 
 def _capturing(device: torch.device) -> bool:
     """Whether ``device``'s current stream is capturing a CUDA graph."""
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    return capturing(device)
 
 
 def _split_counter_fetch(device: torch.device, count: int) -> Callable[[], Tensor]:
     """``_split_counters(device, count)`` as a launch plan's fetch of an external buffer: the
-    current stream's counters looked up directly, the full function on a miss."""
+    current stream's counters looked up directly (outside a capture), the full function on a miss
+    or in a capture."""
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         raw_stream = torch._C._cuda_getCurrentRawStream
+        # a replay runs on its inputs' device: the current one's stream is theirs
+        stream_capturing = torch._C._cuda_isCurrentStreamCapturing
 
-        def fetch():
-            counters = _SPLIT_COUNTERS.get((index, raw_stream(index)))
-            return counters if counters is not None and counters.numel() >= count else _split_counters(device, count)
-    else:
+        def fetch() -> Tensor:
+            if not stream_capturing():
+                counters = _SPLIT_COUNTERS.get((index, raw_stream(index)))
+                if counters is not None and counters.numel() >= count:
+                    return counters
+            return _split_counters(device, count)
+    else:  # a stubbed driver's CPU tensors: never captured
         key = (device, 0)
 
-        def fetch():
+        def fetch() -> Tensor:
             counters = _SPLIT_COUNTERS.get(key)
             return counters if counters is not None and counters.numel() >= count else _split_counters(device, count)
 

@@ -539,6 +539,30 @@ def test_split_launches_while_capturing_take_their_own_counters(monkeypatch):
     assert chain_kernels._split_counters(x.device, 8) is shared
 
 
+def test_a_capture_never_takes_the_streams_counters(monkeypatch):
+    # torch.compile's CUDA graph trees warm up and capture on one stream: a capture that took the
+    # stream's registered buffer would share it with the stream's eager launches and keep using it
+    # after a larger one replaced it. Captures get buffers of their own (a launch plan's fetch on
+    # CUDA asks the same question first; on the CPU, which never captures, it looks up alone); a
+    # replaced buffer is kept (launches queued on its stream may still use it).
+    device = torch.device("cpu")
+    monkeypatch.setattr(chain_kernels, "_SPLIT_COUNTERS", {})
+    monkeypatch.setattr(chain_kernels, "_RETIRED_COUNTERS", [])
+    monkeypatch.setattr(chain_kernels, "_capturing", lambda device: False)
+    shared = chain_kernels._split_counters(device, 8)
+    fetch = chain_kernels._split_counter_fetch(device, 8)
+    assert fetch() is shared and chain_kernels._split_counters(device, 8) is shared
+    monkeypatch.setattr(chain_kernels, "_capturing", lambda device: True)
+    own = [chain_kernels._split_counters(device, 8) for _ in range(2)]
+    assert all(c is not shared and int(c.abs().sum()) == 0 for c in own)
+    assert own[0].data_ptr() != own[1].data_ptr()
+    assert chain_kernels._SPLIT_COUNTERS == {(device, 0): shared}
+    monkeypatch.setattr(chain_kernels, "_capturing", lambda device: False)
+    wider = chain_kernels._split_counters(device, 4096)
+    assert wider.numel() >= 4096 and chain_kernels._RETIRED_COUNTERS == [shared]
+    assert fetch() is wider
+
+
 def test_chain_matmul_backward_fp32_ieee_fuses_narrow_chains_only(monkeypatch):
     # TF32 off: FMA tiles in registers, fused up to MAX_BACKWARD_WIDTH_IEEE, composed above.
     monkeypatch.setattr(chain_kernels, "cuda_matmul_allows_tf32", lambda: False)

@@ -309,6 +309,35 @@ def test_reduce_overhead_cuda_graphs(launches):
         assert_close(p, pe, torch.float32, 64, steps=20, what=f"{name} after 4 steps")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_reduce_overhead_warm_up_keeps_no_buffer_in_the_graph_pool(monkeypatch, dtype):
+    # torch.compile's CUDA graph trees send every allocation of a graph's warm-up into their pool
+    # and raise when a live tensor there is no graph output (check_memory_pool): the split
+    # counters and the unused-pointer buffers the launchers keep (emptied here, so that this
+    # process makes its first ones in the warm-up) are made outside it. Each step's gradients,
+    # warm-up, capture and replays, equal the fp64 chain's within the dtype's rounding (fp32 with
+    # TF32 off: the composed backward; bf16: the fused kernel, which takes split counters).
+    from fastrank.kernels import _launch
+    from fastrank.kernels import chain as chain_kernels
+
+    monkeypatch.setattr(chain_kernels, "_SPLIT_COUNTERS", {})
+    monkeypatch.setattr(_launch, "_UNUSED", {})
+    torch.manual_seed(0)
+    layer = fastrank.OverparamLinear(48, 40, depth=4).to("cuda", dtype)
+    reference = copy.deepcopy(layer).double()
+    compiled = torch.compile(layer, mode="reduce-overhead", fullgraph=True, dynamic=False)
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    for step in range(4):
+        x = torch.randn(5, 48, device="cuda", generator=gen).to(dtype)
+        layer.zero_grad(set_to_none=True)
+        compiled(x).float().square().sum().backward()
+        grads = [p.grad.clone() for p in layer.parameters()]
+        reference.zero_grad(set_to_none=True)
+        reference(x.double()).square().sum().backward()
+        for (name, _), got, want in zip(layer.named_parameters(), grads, [p.grad for p in reference.parameters()]):
+            assert_close(got, want, dtype, 48, steps=10, what=f"grad {name}, step {step}")
+
+
 def test_opcheck_on_cuda(launches):
     from fastrank.chain import _chain_factor_grads_op, _chain_matmul_backward_op, _chain_matmul_op
     from fastrank.kernels import chain as chain_kernels

@@ -407,3 +407,48 @@ def test_plan_allocator_makes_what_empty_strided_makes(fast, monkeypatch):
                                                                                   torch.device("cpu"))
                 assert not made.requires_grad and made.is_inference() == reference.is_inference() == inference
                 assert torch.equal(made, values)
+
+
+def test_on_own_thread_returns_or_raises_what_the_thread_did():
+    import threading
+
+    from fastrank.kernels._launch import on_own_thread
+
+    caller = threading.get_ident()
+    made = on_own_thread(lambda: (threading.get_ident(), torch.arange(3)))
+    assert made[0] != caller and torch.equal(made[1], torch.arange(3))
+
+    def fails():
+        raise ValueError("from the thread")
+
+    with pytest.raises(ValueError, match="from the thread"):
+        on_own_thread(fails)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_persistent_buffers_stay_out_of_a_threads_graph_pool():
+    # What torch.compile's CUDA graph trees do while warming up a graph: every allocation of this
+    # thread goes to a private pool (torch._inductor.cudagraph_trees._use_cuda_memory_pool_manager).
+    # A persistent buffer is made elsewhere, zeroed and ready.
+    from fastrank.kernels._launch import persistent_buffer
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    pool = torch.cuda.graph_pool_handle()
+
+    def pool_of(tensor):
+        address = tensor.untyped_storage().data_ptr()
+        for segment in torch.cuda.memory_snapshot():
+            if segment["address"] <= address < segment["address"] + segment["total_size"]:
+                return tuple(segment["segment_pool_id"])
+        raise AssertionError("no segment holds the tensor")
+
+    torch._C._cuda_beginAllocateCurrentThreadToPool(device.index, pool)
+    try:
+        routed = torch.empty(1 << 16, device=device)
+        buffer = persistent_buffer(device, lambda: torch.zeros(1 << 16, dtype=torch.int32, device=device))
+    finally:
+        torch._C._cuda_endAllocateToPool(device.index, pool)
+        torch._C._cuda_releasePool(device.index, pool)
+    assert pool_of(routed) == tuple(pool), "the thread's allocations did not go to the pool (the test's premise)"
+    assert pool_of(buffer) != tuple(pool), "the persistent buffer was made in the pool"
+    assert buffer.device == device and int(buffer.abs().sum()) == 0

@@ -68,7 +68,11 @@ def _candidate_paths() -> list[str]:
     return paths
 
 
-def _load() -> ctypes.CDLL | None:
+def _load(device: torch.device | None = None) -> ctypes.CDLL | None:
+    """torch's cuSOLVER, if it has ``cusolverDnXsyevBatched``; searched once, after a probe on
+    ``device`` (default: the current CUDA device) that makes torch load it: a process working on
+    ``cuda:k`` without making it current (DDP's ``model.to(f"cuda:{rank}")``) makes no context on
+    another device."""
     global _library, _library_searched
     if _library_searched:
         return _library
@@ -77,7 +81,7 @@ def _load() -> ctypes.CDLL | None:
             return _library
         if torch.cuda.is_available() and torch.version.cuda is not None:
             # Make torch map its own cuSOLVER first, so that the search finds that one.
-            torch.linalg.eigvalsh(torch.eye(2, device="cuda"))
+            torch.linalg.eigvalsh(torch.eye(2, device=device if device is not None else "cuda"))
             for path in _candidate_paths():
                 try:
                     library = ctypes.CDLL(path)
@@ -108,9 +112,10 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, name).restype = ctypes.c_int
 
 
-def available() -> bool:
-    """Whether ``cusolverDnXsyevBatched`` can be called (a CUDA device and a cuSOLVER that has it)."""
-    return _load() is not None
+def available(device: torch.device | None = None) -> bool:
+    """Whether ``cusolverDnXsyevBatched`` can be called (a CUDA device and a cuSOLVER that has it);
+    ``device``: the CUDA device the first call probes on (default: the current one)."""
+    return _load(device) is not None
 
 
 def _check(status: int, function: str) -> None:
@@ -151,7 +156,7 @@ def cusolver_eigvalsh(G: Tensor, upper: bool = True) -> Tensor:
         RuntimeError: cuSOLVER is unavailable (ask :func:`available` first), a call fails, or a
             matrix did not converge (``info`` names how many).
     """
-    lib = _load()
+    lib = _load(G.device if G.is_cuda else None)
     if lib is None:
         raise RuntimeError("cusolverDnXsyevBatched is not available (needs CUDA and cuSOLVER 11.7.1 or later)")
     if not G.is_cuda or G.dtype not in (torch.float32, torch.float64):
@@ -254,7 +259,7 @@ def eigvalsh(G: Tensor, upper: bool = False) -> Tensor:
         if choice == "cusolver" or (
             choice == "auto" and (n <= CUSOLVER_MAX_N or batch >= CUSOLVER_MIN_BATCH_ABOVE_MAX_N)
         ):
-            if available():
+            if available(G.device):
                 return cusolver_eigvalsh(G, upper=upper)
             if choice == "cusolver":
                 raise RuntimeError(

@@ -150,26 +150,36 @@ def _config_entry(config) -> dict:
     return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
 
 
-def _autotuned(kernel, grid, args: tuple, kwargs: dict):
-    """``kernel[grid](*args, **kwargs)`` through the autotuner, recording in :func:`autotunings`
-    what it timed if this call made it time its configs: a key it had not tuned (Triton 3.9 times
-    nothing when its prune function leaves one config, 3.6 times that one)."""
-    timings = getattr(kernel, "configs_timings", None)
-    compiled = kernel[grid](*args, **kwargs)
-    new = getattr(kernel, "configs_timings", None)
-    if new is not None and new is not timings:
-        positions = _choices(kernel).positions
-        values = _key_arguments(positions, args, kwargs)
-        _AUTOTUNINGS.append({
-            "kernel": kernel.base_fn.__name__,
-            "key": {name: value for (name, _), value in zip(positions, values) if type(value) in (int, bool, str)},
-            "dtype": str(getattr(_first_tensor(args), "dtype", None)),
-            "chosen": _config_entry(kernel.best_config),
-            "bench_s": getattr(kernel, "bench_time", None),  # compiles included: each config's first call
-            "timings_ms": [{**_config_entry(config), "ms": float(timing[0] if isinstance(timing, (list, tuple)) else timing)}
-                           for config, timing in new.items()],
-        })
-    return compiled
+# Held around every call through a Triton autotuner: its run keeps the call's arguments and its
+# choice on the shared Autotuner object (``nargs``, cleared at the end; ``best_config``), so two
+# threads in one autotuner (autograd's per-device backward threads, a background RankTracker
+# beside the training loop) could tune with the other's arguments or read the other's choice.
+_AUTOTUNER_LOCK = threading.Lock()
+
+
+def _autotuned(kernel, grid, args: tuple, kwargs: dict) -> tuple[object, dict]:
+    """``kernel[grid](*args, **kwargs)`` through the autotuner: what the launch returned and the
+    keyword arguments of the config it chose for this call (read under the same lock), recording
+    in :func:`autotunings` what it timed if this call made it time its configs: a key it had not
+    tuned (Triton 3.9 times nothing when its prune function leaves one config, 3.6 times that one)."""
+    with _AUTOTUNER_LOCK:
+        timings = getattr(kernel, "configs_timings", None)
+        compiled = kernel[grid](*args, **kwargs)
+        new = getattr(kernel, "configs_timings", None)
+        best = kernel.best_config
+        if new is not None and new is not timings:
+            positions = _choices(kernel).positions
+            values = _key_arguments(positions, args, kwargs)
+            _AUTOTUNINGS.append({
+                "kernel": kernel.base_fn.__name__,
+                "key": {name: value for (name, _), value in zip(positions, values) if type(value) in (int, bool, str)},
+                "dtype": str(getattr(_first_tensor(args), "dtype", None)),
+                "chosen": _config_entry(best),
+                "bench_s": getattr(kernel, "bench_time", None),  # compiles included: each config's first call
+                "timings_ms": [{**_config_entry(config), "ms": float(timing[0] if isinstance(timing, (list, tuple)) else timing)}
+                               for config, timing in new.items()],
+            })
+    return compiled, best.all_kwargs()
 
 
 def autotunings() -> list[dict]:
@@ -228,8 +238,8 @@ def launch_tuned(kernel, grid, *args, **kwargs):
     key = _key_arguments(choices.positions, args, kwargs) + (_first_tensor(args).dtype,)
     config = choices.configs.get(key)
     if config is None:
-        compiled = _autotuned(kernel, grid, args, kwargs)
-        config = choices.configs[key] = kernel.best_config.all_kwargs()
+        compiled, config = _autotuned(kernel, grid, args, kwargs)
+        choices.configs[key] = config
     else:
         compiled = kernel.fn[grid](*args, **kwargs, **config)
     return compiled, config
@@ -610,8 +620,7 @@ class PlanRecorder:
             if tuned_choice:
                 compiled, config = launch_tuned(kernel, grid, *args, **kwargs)
             else:
-                compiled = _autotuned(kernel, grid, args, kwargs)
-                config = kernel.best_config.all_kwargs()
+                compiled, config = _autotuned(kernel, grid, args, kwargs)
             function = kernel.fn
         else:
             compiled, config, function = kernel[grid](*args, **kwargs), {}, kernel

@@ -452,3 +452,59 @@ def test_persistent_buffers_stay_out_of_a_threads_graph_pool():
     assert pool_of(routed) == tuple(pool), "the thread's allocations did not go to the pool (the test's premise)"
     assert pool_of(buffer) != tuple(pool), "the persistent buffer was made in the pool"
     assert buffer.device == device and int(buffer.abs().sum()) == 0
+
+
+class _RacyAutotuner:
+    """What a Triton Autotuner's run does with shared state: keeps the call's arguments and then its
+    choice on the object, with time (compiling, benchmarking) between."""
+
+    class _Config:
+        def __init__(self, value):
+            self.value = value
+
+        def all_kwargs(self):
+            return {"BLOCK": self.value}
+
+    def __init__(self):
+        self.nargs = self.best_config = None
+
+    def __getitem__(self, grid):
+        import time
+
+        def run(value):
+            self.nargs = {"value": value}
+            time.sleep(0.02)
+            assert self.nargs == {"value": value}, "another call's arguments in this call's tuning"
+            self.best_config = self._Config(value)
+            time.sleep(0.02)
+            self.nargs = None
+            return f"compiled {value}"
+
+        return run
+
+
+def test_calls_through_one_autotuner_from_two_threads_keep_their_own_choices():
+    # Autograd's per-device backward threads, or a background RankTracker beside the training loop,
+    # may launch one autotuned kernel at once: each call tunes with its own arguments and returns
+    # the config chosen for it.
+    import threading
+    import time
+
+    from fastrank.kernels._launch import _autotuned
+
+    kernel, results, errors = _RacyAutotuner(), {}, []
+
+    def call(value):
+        try:
+            results[value] = _autotuned(kernel, (1,), (value,), {})
+        except AssertionError as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=call, args=(value,)) for value in (16, 32)]
+    threads[0].start()
+    time.sleep(0.01)
+    threads[1].start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    assert results == {16: ("compiled 16", {"BLOCK": 16}), 32: ("compiled 32", {"BLOCK": 32})}

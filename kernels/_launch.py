@@ -87,6 +87,8 @@ def persistent_buffer(device: torch.device, make: Callable[[], torch.Tensor]) ->
     a stream's queued launches still use it."""
     if device.type != "cuda":
         return make()
+    if device.index is None:  # the caller's current device, not the new thread's (device 0)
+        device = torch.device("cuda", torch.cuda.current_device())
 
     def made_and_synchronized() -> torch.Tensor:
         with torch.cuda.device(device):

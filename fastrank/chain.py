@@ -434,12 +434,22 @@ def _plain_half_on_cuda(x: Tensor, depth: int, widest: int) -> bool:
     which fails inside a capture (pytorch/pytorch#99397); either invalidates the capture.
 
     The plain ops are cuBLAS GEMMs in the half dtype: fp32 accumulation, one rounding per product,
-    as the kernels round.
+    as the kernels round. Under ``torch.autocast`` with a half dtype (fp32 parameters, the usual
+    mixed-precision training) the step is the same: autocast casts each plain op's operands, as the
+    chain ops cast theirs (:func:`_routes_half_to_plain`).
     """
-    return (
-        x.is_cuda and x.dtype in _HALF_DTYPES and (depth == 2 or not _kernels_take_width(widest))
-        and not _autocast_enabled(x) and not _traced(x)
-    )
+    return x.is_cuda and _routes_half_to_plain(x, depth, widest)
+
+
+def _routes_half_to_plain(x: Tensor, depth: int, widest: int) -> bool:
+    """:func:`_plain_half_on_cuda` on any device: an eager step whose products run in fp16 / bf16
+    (x's dtype, or autocast's where autocast is on for x's device), at depth 2 or at a width the
+    chain kernel does not take."""
+    if not (depth == 2 or not _kernels_take_width(widest)) or _traced(x):
+        return False
+    if _autocast_enabled(x):
+        return torch.get_autocast_dtype(x.device.type) in _HALF_DTYPES
+    return x.dtype in _HALF_DTYPES
 
 
 def _kernels_take_width(widest: int) -> bool:

@@ -347,6 +347,23 @@ def test_kernels_take_widths_up_to_the_chain_kernels_limit(monkeypatch):
     assert not chain_mod._kernels_take_width(1)
 
 
+def test_half_steps_route_by_the_dtype_their_products_run_in(monkeypatch):
+    # fastrank.chain._routes_half_to_plain (_plain_half_on_cuda's rule on any device): fp16 / bf16
+    # inputs, or any input under autocast to a half dtype (fp32 parameters, mixed precision), at
+    # depth 2 or at widths the chain kernel does not take; fp32 without autocast never (the fp32
+    # route is _eager_plain's).
+    monkeypatch.setattr(chain_mod, "_CUDA_KERNELS", types.SimpleNamespace(MAX_ONCHIP_WIDTH=256))
+    route = chain_mod._routes_half_to_plain
+    fp32, bf16 = torch.randn(3, 8), torch.randn(3, 8).to(torch.bfloat16)
+    assert route(bf16, 2, 64) and route(bf16, 4, 300) and not route(bf16, 4, 256)
+    assert not route(fp32, 2, 64) and not route(fp32, 4, 300)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert route(fp32, 2, 64) and route(fp32, 3, 257) and route(bf16, 2, 64)
+        assert not route(fp32, 3, 256)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=False):
+        assert not route(fp32, 2, 64)
+
+
 def _routed_plain(monkeypatch, module):
     """Make ``module._plain_half_on_cuda`` route every call (as on CUDA at depth 2 or at widths
     the chain kernel does not take); returns the list its ``(depth, widest)`` arguments go to."""
@@ -393,6 +410,30 @@ def test_chain_linear_routed_to_plain_ops_is_the_naive_chain(monkeypatch, dtype,
     ours = torch.autograd.grad(out, leaves, grad)
     for j, (a, b) in enumerate(zip(ours, torch.autograd.grad(expected, twins, grad))):
         assert torch.equal(a, b), f"grad {j} differs from the naive chain's"
+
+
+@pytest.mark.parametrize("batch", [3, 300], ids=["activation-chain", "collapsed"])
+def test_layer_routed_to_plain_ops_under_autocast_is_the_naive_chain(monkeypatch, batch):
+    # fp32 parameters under autocast to bf16, routed (as on CUDA at depth 2): the step is the naive
+    # chain's plain ops under the same autocast, bit for bit, its output bf16 and its gradients fp32.
+    import fastrank
+    from fastrank.layers import linear as linear_mod
+
+    calls = _routed_plain(monkeypatch, linear_mod)
+    torch.manual_seed(10)
+    layer = fastrank.OverparamLinear(12, 7, depth=2, width=3)  # hidden 21
+    x = torch.randn(batch, 12).requires_grad_(True)
+    twins = [t.detach().clone().requires_grad_(True) for t in (x, *layer.factors, layer.bias)]
+    activation, collapsed = chain_costs(batch, [12, 21, 7])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+        expected = _naive_linear(twins[0], twins[1:-1], twins[-1], collapsed <= activation)
+    assert calls == [(2, 21)] and out.dtype == torch.bfloat16
+    assert torch.equal(out, expected)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(11)).to(torch.bfloat16)
+    ours = torch.autograd.grad(out, [x, *layer.factors, layer.bias], grad)
+    for j, (a, b) in enumerate(zip(ours, torch.autograd.grad(expected, twins, grad))):
+        assert a.dtype == torch.float32 and torch.equal(a, b), f"grad {j} differs from the naive chain's"
 
 
 @pytest.mark.parametrize("batch", [3, 300], ids=["activation-chain", "collapsed"])

@@ -130,6 +130,33 @@ def test_half_depth_two_layers_train_through_plain_ops(launches, dtype, batch):
     assert launches["_launch_chain"] >= 1, f"no chain kernel at depth 3: {dict(launches)}"
 
 
+@pytest.mark.parametrize("batch", [5, 4096], ids=["activation-chain", "collapsed"])
+@pytest.mark.parametrize("depth", [2, 3])
+def test_autocast_layers_train_as_half_layers_do(launches, depth, batch):
+    # Mixed precision: fp32 parameters under torch.autocast to bf16. The step takes a bf16
+    # layer's route (fastrank.chain._routes_half_to_plain: plain cuBLAS ops at depth 2, the
+    # kernels at depth 3); its output is bf16 and its gradients fp32, within bf16 rounding of the
+    # fp64 chain's (the input and each factor cast once, each product rounded once).
+    torch.manual_seed(0)
+    layer = fastrank.OverparamLinear(48, 40, depth=depth).to("cuda")
+    reference = copy.deepcopy(layer).double()
+    x = torch.randn(batch, 48, device="cuda", requires_grad=True)
+    xr = x.detach().double().requires_grad_(True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = layer(x)
+    out.float().square().sum().backward()
+    expected = reference(xr)
+    expected.square().sum().backward()
+    assert out.dtype == torch.bfloat16
+    assert (sum(launches.values()) > 0) == (depth > 2), f"Triton launches at depth {depth}: {dict(launches)}"
+    steps = 2 * depth + 1
+    assert_close(out, expected, torch.bfloat16, 48, steps=steps, what="output")
+    assert_close(x.grad, xr.grad, torch.bfloat16, 48, steps=2 * steps, what="grad x")
+    for (name, p), pr in zip(layer.named_parameters(), reference.parameters()):
+        assert p.grad.dtype == torch.float32, f"grad {name}: {p.grad.dtype}"
+        assert_close(p.grad, pr.grad, torch.bfloat16, batch, steps=2 * steps, what=f"grad {name}")
+
+
 def _train_step_from_a_cuda_graph(layer, x):
     """One train step of ``layer`` on ``x`` (a summed square loss) captured in a CUDA graph after
     three warm-up steps on a side stream (as torch.cuda.graphs documents) and replayed once.

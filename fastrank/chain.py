@@ -709,7 +709,10 @@ def _chain_linear_as(
         # autograd cannot differentiate). F.linear records one transpose and one matmul per step.
         hidden = rows
         if len(factors) > 1:
-            _check_chain(rows, factors[:-1])
+            if _autocast_enabled(rows):  # F.linear's own casts, made first so that the check holds
+                dtype = torch.get_autocast_dtype(rows.device.type)
+                hidden, factors = rows.to(dtype), [*(f.to(dtype) for f in factors[:-1]), factors[-1]]
+            _check_chain(hidden, factors[:-1])
         for factor in factors[:-1]:
             hidden = F.linear(hidden, factor)
         out = F.linear(hidden, factors[-1], bias)

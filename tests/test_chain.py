@@ -413,6 +413,31 @@ def test_chain_linear_routed_to_plain_ops_is_the_naive_chain(monkeypatch, dtype,
 
 
 @pytest.mark.parametrize("batch", [3, 300], ids=["activation-chain", "collapsed"])
+def test_chain_linear_routed_to_plain_ops_under_autocast_is_the_naive_chain(monkeypatch, batch):
+    # A bf16 input and fp32 factors under autocast to bf16 (an autocast network's hidden state
+    # reaching fp32 parameters): routed, the step is the naive chain under the same autocast, bit
+    # for bit; a wrong width is still reported by the chain's check.
+    _routed_plain(monkeypatch, chain_mod)
+    dims = [13, 29, 6, 11]
+    x, factors = make_chain(batch, dims, torch.float32, seed=12)
+    bias = torch.randn(dims[-1], generator=torch.Generator().manual_seed(13))
+    leaves = [x.to(torch.bfloat16).requires_grad_(True), *(t.requires_grad_(True) for t in (*factors, bias))]
+    twins = [t.detach().clone().requires_grad_(True) for t in leaves]
+    activation, collapsed = chain_costs(batch, dims)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = chain_linear(leaves[0], leaves[1:-1], leaves[-1])
+        expected = _naive_linear(twins[0], twins[1:-1], twins[-1], collapsed <= activation)
+        wrong = [factors[0], factors[2]]  # a 13 -> 29 factor, then one expecting 6 inputs
+        with pytest.raises(ValueError, match=r"factor 1 must have shape \(n_2, 29\)"):
+            chain_linear(torch.randn(3, 13), [*wrong, torch.randn(4, 11)])
+    assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(14)).to(torch.bfloat16)
+    ours = torch.autograd.grad(out, leaves, grad)
+    for j, (a, b) in enumerate(zip(ours, torch.autograd.grad(expected, twins, grad))):
+        assert torch.equal(a, b), f"grad {j} differs from the naive chain's"
+
+
+@pytest.mark.parametrize("batch", [3, 300], ids=["activation-chain", "collapsed"])
 def test_layer_routed_to_plain_ops_under_autocast_is_the_naive_chain(monkeypatch, batch):
     # fp32 parameters under autocast to bf16, routed (as on CUDA at depth 2): the step is the naive
     # chain's plain ops under the same autocast, bit for bit, its output bf16 and its gradients fp32.

@@ -447,9 +447,14 @@ def _routes_half_to_plain(x: Tensor, depth: int, widest: int) -> bool:
     chain kernel does not take."""
     if not (depth == 2 or not _kernels_take_width(widest)) or _traced(x):
         return False
-    if _autocast_enabled(x):
-        return torch.get_autocast_dtype(x.device.type) in _HALF_DTYPES
+    if _autocast_enabled(x):  # which leaves fp64 as it is
+        return x.dtype != torch.float64 and torch.get_autocast_dtype(x.device.type) in _HALF_DTYPES
     return x.dtype in _HALF_DTYPES
+
+
+def _autocast_cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` as autocast casts a matmul's operand: floating point other than fp64 to ``dtype``."""
+    return t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
 
 
 def _kernels_take_width(widest: int) -> bool:
@@ -554,11 +559,11 @@ def chain_matmul(x: Tensor, factors: Sequence[Tensor], return_all: bool = True) 
         list of ``(M, n_j)`` tensors in x's dtype, ``X_j = X_{j-1} @ F_j^T``. Differentiable in x
         and every factor; the backward is the reverse chain plus one grouped factor-gradient op.
         Under ``torch.autocast`` the inputs are cast to the autocast dtype first, as ``F.linear``
-        does.
+        does (fp64 ones stay fp64).
     """
     if _autocast_enabled(x):
         dtype = torch.get_autocast_dtype(x.device.type)
-        x, factors = x.to(dtype), [f.to(dtype) for f in factors]
+        x, factors = _autocast_cast(x, dtype), [_autocast_cast(f, dtype) for f in factors]
     if _traced(x):  # one op in the graph
         return _chain_matmul_op(x, list(factors), return_all)
     if not torch.is_grad_enabled() or (return_all and not _runs_kernels(x, factors)):
@@ -711,7 +716,7 @@ def _chain_linear_as(
         if len(factors) > 1:
             if _autocast_enabled(rows):  # F.linear's own casts, made first so that the check holds
                 dtype = torch.get_autocast_dtype(rows.device.type)
-                hidden, factors = rows.to(dtype), [*(f.to(dtype) for f in factors[:-1]), factors[-1]]
+                hidden, factors = _autocast_cast(rows, dtype), [*(_autocast_cast(f, dtype) for f in factors[:-1]), factors[-1]]
             _check_chain(hidden, factors[:-1])
         for factor in factors[:-1]:
             hidden = F.linear(hidden, factor)

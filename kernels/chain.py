@@ -64,6 +64,7 @@ Device
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 
 import torch
@@ -80,6 +81,7 @@ from fastrank.kernels._launch import (
     cdiv,
     device_guard,
     interpreting,
+    next_power_of_2,
     persistent_buffer,
     size_bucket,
     unused_buffer,
@@ -977,6 +979,10 @@ _SPLIT_COUNTERS: dict[tuple, Tensor] = {}
 # Buffers a larger one replaced in _SPLIT_COUNTERS, kept: launches queued on their stream may
 # still use them.
 _RETIRED_COUNTERS: list[Tensor] = []
+# Held while a stream's buffer is made or replaced (persistent_buffer waits for a thread of its
+# own, releasing the GIL): two threads launching on one stream would otherwise both make one, and
+# the first, dropped unretired, be freed under its launch.
+_COUNTERS_LOCK = threading.Lock()
 
 
 def _num_sms(device: torch.device) -> int:
@@ -1003,16 +1009,19 @@ def _split_counters(device: torch.device, count: int) -> Tensor:
     kernels (with the driver stubbed: 3 JIT calls, configs the warm-up never ran, whose first
     launch compiles and autotunes); on an H200 the capture of a depth-4, d = 64, B = 1 train step,
     whose backward is the fused kernel, was invalidated (benchmarks/results/h200/README.md)."""
-    size = max(count, 1024)
+    size = max(next_power_of_2(count), 1024)  # a larger count replaces a buffer at most log2 times
     if _capturing(device):
         return torch.zeros(size, dtype=torch.int32, device=device)
     key = _counters_key(device)
     counters = _SPLIT_COUNTERS.get(key)
     if counters is None or counters.numel() < count:
-        if counters is not None:
-            _RETIRED_COUNTERS.append(counters)
-        counters = _SPLIT_COUNTERS[key] = persistent_buffer(
-            device, lambda: torch.zeros(size, dtype=torch.int32, device=device))
+        with _COUNTERS_LOCK:
+            counters = _SPLIT_COUNTERS.get(key)  # another thread's, made while this one waited
+            if counters is None or counters.numel() < count:
+                if counters is not None:
+                    _RETIRED_COUNTERS.append(counters)
+                counters = _SPLIT_COUNTERS[key] = persistent_buffer(
+                    device, lambda: torch.zeros(size, dtype=torch.int32, device=device))
     return counters
 
 

@@ -360,6 +360,7 @@ def test_half_steps_route_by_the_dtype_their_products_run_in(monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert route(fp32, 2, 64) and route(fp32, 3, 257) and route(bf16, 2, 64)
         assert not route(fp32, 3, 256)
+        assert not route(fp32.double(), 2, 64)  # autocast leaves fp64 as it is
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=False):
         assert not route(fp32, 2, 64)
 
@@ -435,6 +436,23 @@ def test_chain_linear_routed_to_plain_ops_under_autocast_is_the_naive_chain(monk
     ours = torch.autograd.grad(out, leaves, grad)
     for j, (a, b) in enumerate(zip(ours, torch.autograd.grad(expected, twins, grad))):
         assert torch.equal(a, b), f"grad {j} differs from the naive chain's"
+
+
+@pytest.mark.parametrize("routed", [True, False], ids=["plain-route", "chain-ops"])
+@pytest.mark.parametrize("batch", [3, 300], ids=["activation-chain", "collapsed"])
+def test_fp64_chain_linear_under_autocast_stays_fp64(monkeypatch, batch, routed):
+    # Autocast casts no fp64 operand: chain_linear, by either route, is the fp64 naive chain.
+    if routed:
+        _routed_plain(monkeypatch, chain_mod)
+    dims = [13, 29, 6, 11]
+    x, factors = make_chain(batch, dims, torch.float64, seed=15)
+    bias = torch.randn(dims[-1], generator=torch.Generator().manual_seed(16), dtype=torch.float64)
+    leaves = [t.requires_grad_(True) for t in (x, *factors, bias)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = chain_linear(leaves[0], leaves[1:-1], leaves[-1])
+    expected = _naive_linear(*[t.detach() for t in (x, *factors)][:1], [f.detach() for f in factors], bias.detach(), False)
+    assert out.dtype == torch.float64
+    assert_close(out, expected, torch.float64, 29)
 
 
 @pytest.mark.parametrize("batch", [3, 300], ids=["activation-chain", "collapsed"])

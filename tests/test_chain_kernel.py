@@ -563,6 +563,33 @@ def test_a_capture_never_takes_the_streams_counters(monkeypatch):
     assert fetch() is wider
 
 
+def test_two_threads_on_one_stream_share_its_first_counters(monkeypatch):
+    # Making a stream's buffer waits (on CUDA for a thread of its own): a second thread asking
+    # meanwhile gets the same buffer, and none is dropped unretired (it would be freed under the
+    # launch that took it).
+    import threading
+    import time
+
+    device = torch.device("cpu")
+    monkeypatch.setattr(chain_kernels, "_SPLIT_COUNTERS", {})
+    monkeypatch.setattr(chain_kernels, "_RETIRED_COUNTERS", [])
+    monkeypatch.setattr(chain_kernels, "_capturing", lambda device: False)
+
+    def slow(device, make):
+        time.sleep(0.05)
+        return make()
+
+    monkeypatch.setattr(chain_kernels, "persistent_buffer", slow)
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(chain_kernels._split_counters(device, 8))) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert got[0] is got[1] and chain_kernels._SPLIT_COUNTERS == {(device, 0): got[0]}
+    assert chain_kernels._RETIRED_COUNTERS == []
+
+
 def test_chain_matmul_backward_fp32_ieee_fuses_narrow_chains_only(monkeypatch):
     # TF32 off: FMA tiles in registers, fused up to MAX_BACKWARD_WIDTH_IEEE, composed above.
     monkeypatch.setattr(chain_kernels, "cuda_matmul_allows_tf32", lambda: False)

@@ -274,3 +274,41 @@ def test_host_cost_stops_its_rounds_at_its_budget(tmp_path):
     assert 2 <= ran < 400
     assert ran > 2 or setup_s + 1.5 * rounds_s > budget  # two only where a third would have ended past it
     assert setup_s + rounds_s <= budget + 2 * rounds_s / ran + 1.0  # no round started that was due to end past it
+
+
+def _summary_writer(tmp_path):
+    """run.sh's summary writer (the script it writes to $scratch/summary.py), as a file."""
+    text = (SCRIPTS / "run.sh").read_text()
+    start = text.index("cat > \"$scratch/summary.py\" <<'EOF'\n") + len("cat > \"$scratch/summary.py\" <<'EOF'\n")
+    path = tmp_path / "summary.py"
+    path.write_text(text[start:text.index("\nEOF\n", start)] + "\n")
+    return path
+
+
+@pytest.mark.parametrize("report", ["whole", "truncated"])
+def test_run_summary_reads_a_junit_report_cut_off_by_the_kill(tmp_path, report):
+    # A step stopped at its limit is killed 12 s after its SIGINT, maybe while pytest writes its
+    # JUnit report: the summary (rewritten after every step) records the cut and goes on.
+    import subprocess
+    import sys
+
+    scratch, out = tmp_path / "scratch", tmp_path / "out"
+    scratch.mkdir()
+    out.mkdir()
+    (scratch / "machine.json").write_text(json.dumps({"device_name": "fake GPU", "torch": "2.11.0"}))
+    (scratch / "tests.status").write_text("124 true 127\n")
+    (scratch / "tests.out").write_text("")
+    whole = '<testsuites><testsuite tests="5" failures="1" errors="0" skipped="2"></testsuite></testsuites>'
+    (scratch / "tests.xml").write_text(whole if report == "whole" else whole[:40])
+    done = subprocess.run([sys.executable, str(_summary_writer(tmp_path)), str(scratch), str(out), "0", "partial"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    tests = summary["steps"]["tests"]
+    assert summary["complete"] is False and summary["device_name"] == "fake GPU"
+    assert tests["time_limit_reached"] is True and tests["exit_status"] == 124
+    if report == "whole":
+        assert (tests["junit"], tests["tests"], tests["failed"], tests["skipped"], tests["passed"]) == (True, 5, 1, 2, 2)
+    else:
+        assert tests["junit"] == "truncated" and tests["tests"] == 0
+    assert summary["steps"]["host-cost"] == {"ran": False}

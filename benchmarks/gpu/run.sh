@@ -184,13 +184,18 @@ for name in ("tests", "bench-chain-kernel", "bench-chain", "bench-rank", "bench-
     counts = {"collected": int(collected[-1]) if collected else None,  # --collect-only runs
               "tests": 0, "passed": 0, "failed": 0, "errors": 0, "skipped": 0}
     xml_path = os.path.join(scratch, f"{name}.xml")
-    if os.path.exists(xml_path):
-        for suite in ET.parse(xml_path).getroot().iter("testsuite"):
+    junit = os.path.exists(xml_path)
+    if junit:
+        try:
+            suites = list(ET.parse(xml_path).getroot().iter("testsuite"))
+        except ET.ParseError:  # cut off by the SIGKILL after the limit's SIGINT
+            suites, junit = [], "truncated"
+        for suite in suites:
             for key in ("tests", "failures", "errors", "skipped"):
                 counts["failed" if key == "failures" else key] += int(suite.get(key, 0))
         counts["passed"] = counts["tests"] - counts["failed"] - counts["errors"] - counts["skipped"]
     steps[name] = {"ran": True, "exit_status": int(status), "time_limit_reached": timed_out == "true",
-                   "seconds": int(seconds), "junit": os.path.exists(xml_path), **counts}
+                   "seconds": int(seconds), "junit": junit, **counts}
 # What the grid and the tracker loop found (their JSON files, as far as they got).
 def read_json(name):
     try:

@@ -716,7 +716,8 @@ def _chain_linear_as(
         if len(factors) > 1:
             if _autocast_enabled(rows):  # F.linear's own casts, made first so that the check holds
                 dtype = torch.get_autocast_dtype(rows.device.type)
-                hidden, factors = _autocast_cast(rows, dtype), [*(_autocast_cast(f, dtype) for f in factors[:-1]), factors[-1]]
+                hidden = _autocast_cast(rows, dtype)
+                factors = [*(_autocast_cast(f, dtype) for f in factors[:-1]), factors[-1]]
             _check_chain(hidden, factors[:-1])
         for factor in factors[:-1]:
             hidden = F.linear(hidden, factor)

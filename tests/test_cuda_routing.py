@@ -78,21 +78,27 @@ def test_layers_launch_the_kernels(launches, dtype, batch):
         assert_close(p.grad, pr.grad, dtype, batch, steps=2 * steps, what=f"grad {name}")
 
 
-def _assert_trains_as_fp64(layer, batch, dtype, steps):
+def _assert_trains_as_fp64(layer, batch, dtype, steps, autocast=False):
     """One train step of ``layer`` (a summed square loss) against its fp64 copy on the same input:
     output, input gradient and every parameter's gradient within the tolerance of ``steps``
-    roundings forward (twice that backward). Returns the input."""
+    roundings of ``dtype`` forward (twice that backward). ``autocast``: the input in the layer's
+    dtype and the forward under torch.autocast to ``dtype`` (its output ``dtype``, each gradient in
+    its parameter's dtype). Returns the input."""
     width = layer.in_features
     reference = copy.deepcopy(layer).double()
-    x = torch.randn(batch, width, device="cuda", dtype=dtype, requires_grad=True)
+    x_dtype = next(layer.parameters()).dtype if autocast else dtype
+    x = torch.randn(batch, width, device="cuda", dtype=x_dtype, requires_grad=True)
     xr = x.detach().double().requires_grad_(True)
-    out = layer(x)
+    with torch.autocast("cuda", dtype=dtype, enabled=autocast):
+        out = layer(x)
     out.float().square().sum().backward()
     expected = reference(xr)
     expected.square().sum().backward()
+    assert out.dtype == dtype, f"output dtype {out.dtype}"
     assert_close(out, expected, dtype, width, steps=steps, what="output")
     assert_close(x.grad, xr.grad, dtype, width, steps=2 * steps, what="grad x")
     for (name, p), pr in zip(layer.named_parameters(), reference.parameters()):
+        assert p.grad.dtype == p.dtype, f"grad {name}: {p.grad.dtype}"
         assert_close(p.grad, pr.grad, dtype, batch, steps=2 * steps, what=f"grad {name}")
     return x
 
@@ -139,22 +145,8 @@ def test_autocast_layers_train_as_half_layers_do(launches, depth, batch):
     # fp64 chain's (the input and each factor cast once, each product rounded once).
     torch.manual_seed(0)
     layer = fastrank.OverparamLinear(48, 40, depth=depth).to("cuda")
-    reference = copy.deepcopy(layer).double()
-    x = torch.randn(batch, 48, device="cuda", requires_grad=True)
-    xr = x.detach().double().requires_grad_(True)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        out = layer(x)
-    out.float().square().sum().backward()
-    expected = reference(xr)
-    expected.square().sum().backward()
-    assert out.dtype == torch.bfloat16
+    _assert_trains_as_fp64(layer, batch, torch.bfloat16, steps=2 * depth + 1, autocast=True)
     assert (sum(launches.values()) > 0) == (depth > 2), f"Triton launches at depth {depth}: {dict(launches)}"
-    steps = 2 * depth + 1
-    assert_close(out, expected, torch.bfloat16, 48, steps=steps, what="output")
-    assert_close(x.grad, xr.grad, torch.bfloat16, 48, steps=2 * steps, what="grad x")
-    for (name, p), pr in zip(layer.named_parameters(), reference.parameters()):
-        assert p.grad.dtype == torch.float32, f"grad {name}: {p.grad.dtype}"
-        assert_close(p.grad, pr.grad, torch.bfloat16, batch, steps=2 * steps, what=f"grad {name}")
 
 
 def _train_step_from_a_cuda_graph(layer, x):

@@ -31,6 +31,10 @@ import fastrank
 SHAPES = [(256, 64, 4), (64, 32, 4), (256, 8192, 8), (1024, 8192, 4)]
 
 
+def _label(d: int, batch: int, depth: int) -> str:
+    return f"d={d} B={batch} L={depth}"
+
+
 def _step(module: nn.Module, x: torch.Tensor):
     def step():
         module.zero_grad(set_to_none=True)
@@ -69,7 +73,7 @@ def profile(d: int, batch: int, depth: int) -> list[dict]:
             if event.device_type.name == "CUDA":
                 kernels.setdefault(event.name, []).append(event.time_range.elapsed_us())
         rows.append({
-            "shape": f"d={d} B={batch} L={depth}",
+            "shape": _label(d, batch, depth),
             "module": name,
             "launches": sum(len(v) for v in kernels.values()),
             "median_step_ms": statistics.median(times) * 1e3,
@@ -116,23 +120,23 @@ def main(argv: list[str] | None = None) -> int:
         for index, (d, batch, depth) in enumerate(SHAPES):
             elapsed = time.perf_counter() - start
             if index and elapsed + slowest > args.budget_s:
-                not_run = [{"shape": f"d={d} B={b} L={L}", "why": f"time budget: {elapsed:.0f} s of {args.budget_s:.0f} s"}
-                           for d, b, L in SHAPES[index:]]
+                why = f"time budget: {elapsed:.0f} s of {args.budget_s:.0f} s"
+                not_run = [{"shape": _label(*shape), "why": why} for shape in SHAPES[index:]]
                 break
             began = time.perf_counter()
             try:
                 shape_rows = profile(d, batch, depth)
             except Exception as error:  # a shape that fails is a row, not the end of the profile
                 failed += 1
-                shape_rows = [{"shape": f"d={d} B={batch} L={depth}", "error": f"{type(error).__name__}: {error}"[:400]}]
+                shape_rows = [{"shape": _label(d, batch, depth), "error": f"{type(error).__name__}: {error}"[:400]}]
             slowest = max(slowest, time.perf_counter() - began)
             rows += shape_rows
             _print(shape_rows)
             write()
     except KeyboardInterrupt:  # run.sh's time limit: the shapes measured so far are written
         done = {row["shape"] for row in rows}
-        not_run = [{"shape": f"d={d} B={b} L={L}", "why": "interrupted at the time limit"}
-                   for d, b, L in SHAPES if f"d={d} B={b} L={L}" not in done]
+        not_run = [{"shape": _label(*shape), "why": "interrupted at the time limit"}
+                   for shape in SHAPES if _label(*shape) not in done]
         write()
         print(f"profile_step.py: interrupted; {len(not_run)} shapes not profiled", file=sys.stderr)
         return 130

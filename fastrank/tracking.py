@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import itertools
 import json
 import math
 import numbers
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -338,6 +340,9 @@ class RankTracker:
         self._accumulators = {
             name: _EmbeddingAccumulator(sketch_threshold, sketch_size, seed) for name in embeddings
         }
+        # Held while a hook accumulates: nn.DataParallel runs its replicas' forwards (and so the
+        # hooks, which replicas share) on a thread each.
+        self._lock = threading.Lock()
         self._handles = [
             modules[name].register_forward_hook(self._hook(name)) for name in embeddings
         ]
@@ -361,13 +366,28 @@ class RankTracker:
                 return
             output = select_tokens(output, self.token_rate, self.seed, self.step_count, self.token_dim)
             rows = _rows(output)
-            if rows is not None:
-                with torch.no_grad():
-                    self._accumulators[name].add(rows)
-                    if self.num_classes is not None:
-                        self._add_classes(name, rows)
+            if rows is None:
+                return
+            if module.__dict__.get("_is_replica"):
+                rows = self._replica_rows(name, rows)
+            with self._lock, torch.no_grad():
+                self._accumulators[name].add(rows)
+                if self.num_classes is not None:
+                    self._add_classes(name, rows)
 
         return hook
+
+    def _replica_rows(self, name: str, rows: Tensor) -> Tensor:
+        """The rows of an ``nn.DataParallel`` replica of module ``name`` (one slice of the batch,
+        on the replica's device) on the model's device, where every replica's rows are summed."""
+        if self.num_classes is not None:
+            raise ValueError(
+                f"RankTracker(num_classes={self.num_classes}): module {name!r} runs in an nn.DataParallel replica, "
+                "which sees one slice of the batch that set_labels() labelled, and which slice is not known here; "
+                "use DistributedDataParallel (one process per GPU, each calling set_labels with its own batch)"
+            )
+        home = next(itertools.chain(self.model.parameters(), self.model.buffers()), None)
+        return rows.detach().to(home.device) if home is not None else rows
 
     def set_labels(self, labels: Tensor) -> None:
         """The class of each sample of the next forward (``(B,)`` integers), for ``num_classes``.

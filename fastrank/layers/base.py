@@ -169,6 +169,18 @@ def _capturing() -> bool:
     return torch.cuda.is_current_stream_capturing()
 
 
+def _parameters_of(module: nn.Module) -> Collection[Tensor | None]:
+    """``module``'s own parameters (None for an unset one). An ``nn.DataParallel`` replica
+    (``torch.nn.parallel.replicate``, made anew at every forward) has an empty ``_parameters``:
+    replicate sets each of its parameters as a plain attribute, a copy on the replica's device whose
+    gradient autograd carries back to the module's parameter, and lists them in
+    ``_former_parameters``."""
+    replicated = module.__dict__.get("_former_parameters")
+    if replicated is None:
+        return module._parameters.values()
+    return [*module._parameters.values(), *replicated.values()]
+
+
 def _clear_after_load(module: _OverparamBase, incompatible_keys) -> None:
     """``load_state_dict`` post-hook: drop the cache; accept checkpoints made before
     ``residual_interval`` was saved (they cannot say whether the layer had skips)."""
@@ -213,8 +225,26 @@ class _OverparamBase(nn.Module):
 
     def _factor_list(self) -> list[Tensor]:
         """``[W_1, ..., W_L]``: read from the ParameterList's dict, as iterating it cost 7 us a call
-        (depth 4, 2-core Xeon) against 0.1 us."""
-        return [*self._modules["factors"]._parameters.values()]
+        (depth 4, 2-core Xeon) against 0.1 us; iterated in an ``nn.DataParallel`` replica, whose
+        dict is empty (:func:`_parameters_of`)."""
+        factors = self._modules["factors"]
+        return [*(factors._parameters.values() or factors)]
+
+    def _bias_parameter(self) -> Tensor | None:
+        """The ``bias`` parameter, or None: read from the module's dict, or from an
+        ``nn.DataParallel`` replica's attributes (:func:`_parameters_of`)."""
+        try:
+            return self._parameters["bias"]
+        except KeyError:
+            return self.__dict__["bias"]
+
+    def _replicate_for_data_parallel(self) -> _OverparamBase:
+        # nn.DataParallel's replica (torch.nn.parallel.replicate) starts as a shallow copy of this
+        # module's __dict__: without a cache of its own it would fill this module's with its
+        # parameter copies, from the replicas' threads at once. It lives for one forward.
+        replica = super()._replicate_for_data_parallel()
+        replica._cache = _CollapseCache()
+        return replica
 
     def _state_tensors(self) -> list[Tensor]:
         """Every tensor the collapsed parameters are made of, factors first.
@@ -223,13 +253,13 @@ class _OverparamBase(nn.Module):
         path calls this on every forward, and the generic walk cost about 10 us a call.
         """
         tensors = self._factor_list()
-        bias = self._parameters["bias"]
+        bias = self._bias_parameter()
         if bias is not None:
             tensors.append(bias)
         norms = self._modules.get("norms")
         if norms is not None:
             for norm in norms:
-                tensors += [*norm._parameters.values(), *norm._buffers.values()]
+                tensors += [*_parameters_of(norm), *norm._buffers.values()]
             tensors = [t for t in tensors if t is not None]
         return tensors
 
@@ -244,7 +274,7 @@ class _OverparamBase(nn.Module):
         """The tensors the cached collapse is made of: the factors alone when the collapsed bias is
         the module's own ``bias`` (read live on every call), else every state tensor."""
         if self._bias_is_own:
-            return self._modules["factors"]._parameters.values()
+            return self._modules["factors"]._parameters.values() or self._factor_list()
         return self._state_tensors()
 
     def _parameters_need_grad(self) -> bool:
@@ -276,7 +306,7 @@ class _OverparamBase(nn.Module):
         else:
             value = cache.value
         weight, bias = value
-        return weight, self._parameters["bias"] if self._bias_is_own else bias
+        return weight, self._bias_parameter() if self._bias_is_own else bias
 
     def _collapsed(self, cache_usable: bool | None = None) -> tuple[Tensor, Tensor | None]:
         if _is_dtensor(self._factor_list()[0]):  # FSDP2 outside forward: gather the factors

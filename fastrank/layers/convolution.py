@@ -255,7 +255,7 @@ class _OverparamConvNd(_OverparamBase):
         if use_collapsed:
             kernel, bias = self._collapsed(cached)
             return self._conv(x, self._as_2d(kernel), bias, first=True, last=True)
-        bias = self._parameters["bias"]
+        bias = self._bias_parameter()
         for j, kernel in enumerate(self._kernels()):
             last = j == self.depth - 1
             x = self._conv(x, kernel, bias if last else None, first=j == 0, last=last)

@@ -265,8 +265,8 @@ class OverparamLinear(_OverparamBase):
         against 8 us for the two F.linear calls alone). None where the general path must run (a
         cached weight: frozen parameters in eval mode). The input is checked only when
         ``F.linear`` rejects it, or before a reshape that could hide a wrong width."""
-        factors = [*self._modules["factors"]._parameters.values()]
-        bias = self._parameters["bias"]
+        factors = self._factor_list()
+        bias = self._bias_parameter()
         flat = x.dim() == 2
         if not flat and (x.dim() == 0 or x.shape[-1] != self.in_features):
             _check_input(x, self.in_features, -1, "in_features", self)  # raises
@@ -298,7 +298,8 @@ class OverparamLinear(_OverparamBase):
         if not torch.is_grad_enabled():
             if self._inference_collapses and not self.training and not torch.compiler.is_compiling():
                 cache = self._cache
-                # self._collapse_inputs() inline (a method call less: 0.1 us of a 5 us call)
+                # self._collapse_inputs() inline (a method call less: 0.1 us of a 5 us call). An
+                # nn.DataParallel replica's factor dict is empty: never fresh, it takes the path below.
                 if cache.fresh(
                     self._modules["factors"]._parameters.values() if self._bias_is_own else self._state_tensors()
                 ):
@@ -333,6 +334,6 @@ class OverparamLinear(_OverparamBase):
             weight, bias = self._cached_parameters() if cached else self.collapsed_parameters()
             return F.linear(x, weight, bias)
         if not self.skips and self.norms is None:
-            factors, bias = tensors[: self.depth], self._parameters["bias"]
+            factors, bias = tensors[: self.depth], self._bias_parameter()
             return _chain_linear_as(x, factors, bias, False, grad_input or grad_factors)
         return self._activation_forward(x)

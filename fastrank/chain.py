@@ -377,6 +377,15 @@ def _traced(x: Tensor) -> bool:
     )
 
 
+def _transformed() -> bool:
+    """Whether a ``torch.func`` transform (``vmap``, ``grad``, ``jvp``, ``jacrev``, ...) is active.
+    Its tensors are wrappers without storage, which the Triton kernels cannot read; the chain's
+    autograd Function has no vmap or forward-mode rule, nor the custom ops a batching rule. Under a
+    transform the chain runs as plain torch ops (the naive chain, the torch twins), which every
+    transform batches and differentiates."""
+    return torch._C._are_functorch_transforms_active()
+
+
 def _runs_kernels(x: Tensor, factors: Sequence[Tensor]) -> bool:
     """Whether the chain's body for x (M, n_0) and factors is the Triton chain kernel (which has no
     autograd of its own): CUDA, the kernels registered, and inputs the on-chip kernel takes. Wider
@@ -564,6 +573,8 @@ def chain_matmul(x: Tensor, factors: Sequence[Tensor], return_all: bool = True) 
     if _autocast_enabled(x):
         dtype = torch.get_autocast_dtype(x.device.type)
         x, factors = _autocast_cast(x, dtype), [_autocast_cast(f, dtype) for f in factors]
+    if _transformed():
+        return chain_matmul_ref(x, list(factors), return_all)
     if _traced(x):  # one op in the graph
         return _chain_matmul_op(x, list(factors), return_all)
     if not torch.is_grad_enabled() or (return_all and not _runs_kernels(x, factors)):
@@ -579,6 +590,8 @@ def chain_factor_grads(grads: Sequence[Tensor], inputs: Sequence[Tensor]) -> lis
     """Grouped products ``dF_j = grads[j]^T @ inputs[j]`` (``(M, n_j)``, ``(M, m_j)`` -> ``(n_j, m_j)``)."""
     if len(grads) == 0:
         return []
+    if _transformed():
+        return chain_factor_grads_ref(list(grads), list(inputs))
     if _traced(grads[0]):
         return _chain_factor_grads_op(list(grads), list(inputs))
     return _chain_factor_grads_body(list(grads), list(inputs))
@@ -604,6 +617,8 @@ def chain_matmul_backward(
         ``fastrank.kernels.chain.MAX_RESIDENT_WIDTH``, at most ``FACTORS_PER_LAUNCH`` factors) takes
         one fused launch that keeps its row block's intermediates on chip.
     """
+    if _transformed():
+        return chain_matmul_backward_ref(x, list(factors), grad_output, needs_x)
     if _traced(x):
         return _chain_matmul_backward_op(x, list(factors), grad_output, needs_x)
     return _chain_matmul_backward_body(x, list(factors), grad_output, needs_x)

@@ -123,9 +123,10 @@ class _CollapseCache:
     parameters (a captured optimizer step runs no hook and bumps no counter): call
     ``clear_cache()`` (or ``eval()``) after them.
 
-    While the current stream captures a CUDA graph the cache neither serves nor stores: the graph
-    computes the collapsed parameters from the parameters' memory at every replay, as a graph of
-    ``nn.Linear`` reads its weight's. A cached weight in a graph would stay the one of the capture
+    Under a ``torch.func`` transform it does not store (the tensors may be its wrappers, without
+    storage). While the current stream captures a CUDA graph the cache neither serves nor stores:
+    the graph computes the collapsed parameters from the parameters' memory at every replay, as a
+    graph of ``nn.Linear`` reads its weight's. A cached weight in a graph would stay the one of the capture
     when an optimizer later updates the parameters in place between replays.
     """
 
@@ -153,8 +154,10 @@ class _CollapseCache:
         )
 
     def store(self, tensors: Collection[Tensor], value: tuple[Tensor, Tensor | None]) -> None:
-        """Keep ``value``, made of ``tensors`` (not while a CUDA graph is being captured)."""
-        if value[0].is_cuda and _capturing():
+        """Keep ``value``, made of ``tensors`` (not while a CUDA graph is being captured, nor under a
+        ``torch.func`` transform: ``vmap`` over stacked parameters, as in model ensembling with
+        ``functional_call``, passes tensors without storage, whose wrappers must not outlive it)."""
+        if (value[0].is_cuda and _capturing()) or torch._C._are_functorch_transforms_active():
             return
         self.tensors = tuple(tensors)
         self.state = (*map(_VERSION, self.tensors), *map(_DATA_PTR, self.tensors))

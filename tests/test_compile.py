@@ -130,3 +130,72 @@ def test_compiled_narrow_layer_recomputes_in_its_backward(monkeypatch):
     assert_close(x.grad, xe.grad, torch.float32, 24, steps=4, what="grad x")
     for p, pe in zip(layer.parameters(), eager.parameters()):
         assert_close(p.grad, pe.grad, torch.float32, 24, steps=4, what="grad factor")
+
+
+# ---- dynamic sizes: torch.export's Dim and torch.compile(dynamic=True) ------------------------
+
+_DYNAMIC_LAYERS = {
+    "linear": (lambda: fastrank.OverparamLinear(12, 10, depth=3), (12,)),
+    "linear residual": (lambda: fastrank.OverparamLinear(12, 12, depth=4, residual=True), (12,)),
+    "gpt-2 conv1d": (lambda: fastrank.OverparamConv1D(6, 12, depth=2), (5, 12)),
+    "conv2d": (lambda: fastrank.OverparamConv2d(3, 4, kernel_sizes=(3, 1), padding=1), (3, 6, 7)),
+    "conv1d": (lambda: fastrank.OverparamConv1d(3, 4, kernel_sizes=(3, 1), padding=1), (3, 9)),
+}
+
+
+def _dynamic_case(name: str, mode: str):
+    make, shape = _DYNAMIC_LAYERS[name]
+    torch.manual_seed(0)
+    layer = make().train(mode == "train")
+    generator = torch.Generator().manual_seed(1)
+    return layer, lambda batch: torch.randn(batch, *shape, generator=generator)
+
+
+def _check_against_eager(layer, call, x, mode, what):
+    """``call(x)`` against the layer's eager call: outputs, and in train mode every gradient."""
+    xe = x.detach().clone().requires_grad_(mode == "train")
+    x = x.detach().clone().requires_grad_(mode == "train")
+    out, ref = call(x), layer(xe)
+    assert_close(out, ref, torch.float32, 64, steps=5, what=f"{what}: output")
+    if mode == "train":
+        params = list(layer.parameters())
+        got = torch.autograd.grad(out.square().sum(), [x, *params])
+        want = torch.autograd.grad(ref.square().sum(), [xe, *params])
+        for j, (g, w) in enumerate(zip(got, want)):
+            assert_close(g, w, torch.float32, 64 * x.shape[0], steps=5, what=f"{what}: gradient {j}")
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("name", list(_DYNAMIC_LAYERS))
+def test_export_with_a_dynamic_batch_serves_every_batch(name, mode):
+    """torch.export with the batch as a Dim (its documented recipe; non-strict, the default): the
+    layers' cost model costs the symbolic batch instead of keying a remembered choice on it (which
+    raised 'unhashable type: non-nested SymInt'), and the program matches eager at batches on both
+    sides of the association's threshold."""
+    layer, batch_of = _dynamic_case(name, mode)
+    program = torch.export.export(layer, (batch_of(5),), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},))
+    assert not layer._path_choices  # the trace remembered nothing
+    exported = program.module()
+    for batch in (1, 7, 3000):
+        _check_against_eager(layer, exported, batch_of(batch), mode, f"{name}, batch {batch}")
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("name", list(_DYNAMIC_LAYERS))
+def test_compile_dynamic_compiles_once_per_side_of_the_threshold(name, mode):
+    """torch.compile(dynamic=True): a traced call compares the symbolic batch with the cost model's
+    threshold (an inequality guard) instead of specializing it through the remembered choice's key,
+    so batches on one side of it share a graph (before: one compile per batch size, up to
+    Dynamo's recompile limit, then eager)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    layer, batch_of = _dynamic_case(name, mode)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(layer, fullgraph=True, dynamic=True)
+    batches = (5, 6, 7, 9, 13, 17, 33, 300)
+    for batch in batches:
+        _check_against_eager(layer, compiled, batch_of(batch), mode, f"{name}, batch {batch}")
+    assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
+    assert not layer._path_choices or all(type(key[0]) is int for key in layer._path_choices)

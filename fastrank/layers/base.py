@@ -81,6 +81,16 @@ def _init_factor(factor: Tensor, last: bool, mode: str) -> None:
 # Call signatures whose association choice a layer remembers.
 _PATH_CHOICES_KEPT = 256
 
+# The size a symbolic one (a SymInt: torch.export's Dim, dynamic torch.compile) is costed as when a
+# layer picks its association: the large-size choice, made without a guard on the size (which
+# torch.export rejects for a dynamic dim), and one graph for every size.
+_SYMBOLIC_SIZE = 1 << 16
+
+
+def _costed_size(n: int | torch.SymInt) -> int:
+    """``n``, or :data:`_SYMBOLIC_SIZE` for a symbolic size."""
+    return n if type(n) is int else _SYMBOLIC_SIZE
+
 
 _VERSION = operator.attrgetter("_version")
 _DATA_PTR = Tensor.data_ptr

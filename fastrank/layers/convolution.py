@@ -17,6 +17,7 @@ from .base import (
     _check_input,
     _check_positive_int,
     _check_width,
+    _costed_size,
     _init_factor,
     _is_int,
     _OverparamBase,
@@ -234,24 +235,17 @@ class _OverparamConvNd(_OverparamBase):
             pad_counted = self._pad
         grad_on = torch.is_grad_enabled()
         grad_factors = grad_on and any(t.requires_grad for t in self._state_tensors())
-        cached = not grad_factors and not self.training and not torch.compiler.is_compiling()
+        compiling = torch.compiler.is_compiling()
+        cached = not grad_factors and not self.training and not compiling
         backward = grad_factors or (grad_on and x.requires_grad)
-        key = (x.shape[0], x.shape[2], x.shape[3], cached, backward)
-        use_collapsed = self._path_choices.get(key)
-        if use_collapsed is None:
-            activation, collapsed = conv_chain_costs(
-                x.shape[0],
-                (x.shape[2], x.shape[3]),
-                self.channels,
-                self._kernel_sizes2,
-                stride=self._stride2,
-                dilation=self._dilation2,
-                groups=self.groups,
-                padding=pad_counted,
-                backward=backward,
-                kernel_cached=cached,
-            )
-            use_collapsed = self._remember_path(key, self.depth == 1 or collapsed <= activation)
+        if compiling:  # costed, never remembered: see OverparamLinear.forward
+            sizes = [_costed_size(n) for n in (x.shape[0], x.shape[2], x.shape[3])]
+            use_collapsed = self._collapses(*sizes, cached, backward, pad_counted)
+        else:
+            key = (x.shape[0], x.shape[2], x.shape[3], cached, backward)
+            use_collapsed = self._path_choices.get(key)
+            if use_collapsed is None:
+                use_collapsed = self._remember_path(key, self._collapses(*key, pad_counted))
         if use_collapsed:
             kernel, bias = self._collapsed(cached)
             return self._conv(x, self._as_2d(kernel), bias, first=True, last=True)
@@ -260,6 +254,23 @@ class _OverparamConvNd(_OverparamBase):
             last = j == self.depth - 1
             x = self._conv(x, kernel, bias if last else None, first=j == 0, last=last)
         return x
+
+    def _collapses(self, batch: int, height: int, width: int, cached: bool, backward: bool, padding: tuple) -> bool:
+        """The cost model's answer for a call on ``(batch, C, height, width)`` inputs (``padding``
+        counted in the chain's first conv): the collapsed kernel (True) or the chain of convs."""
+        activation, collapsed = conv_chain_costs(
+            batch,
+            (height, width),
+            self.channels,
+            self._kernel_sizes2,
+            stride=self._stride2,
+            dilation=self._dilation2,
+            groups=self.groups,
+            padding=padding,
+            backward=backward,
+            kernel_cached=cached,
+        )
+        return self.depth == 1 or collapsed <= activation
 
     def _bad_rank(self, x: object, expected: str) -> ValueError:
         """The error for an input of the wrong rank (raised here if it is not even a tensor of the

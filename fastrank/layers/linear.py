@@ -25,6 +25,7 @@ from .base import (
     _check_input,
     _check_positive_int,
     _check_width,
+    _costed_size,
     _init_factor,
     _OverparamBase,
 )
@@ -247,13 +248,18 @@ class OverparamLinear(_OverparamBase):
     def _choose_path(self, key: tuple, rows: int) -> bool:
         """Whether the call signature ``key = (rows, cached, grad_input, grad_factors)`` runs the
         collapsed product (else the activation chain): the cost model's answer, remembered."""
-        _, cached, grad_input, grad_factors = key
+        return self._remember_path(key, self._collapses(*key))
+
+    def _collapses(self, rows: int, cached: bool, grad_input: bool, grad_factors: bool) -> bool:
+        """The cost model's answer for a call of ``rows`` rows: the collapsed product (True) or the
+        activation chain. Under a tracer ``rows`` may be symbolic (the comparison, linear in it,
+        is then one inequality guard on the size, where a remembered choice would specialize it)."""
         dims = [self.in_features] + [f.shape[0] for f in self._factor_list()]
         activation, collapsed = chain_costs(rows, dims, grad_input=grad_input, grad_factors=grad_factors)
         if cached:
             # The collapsed weight is already paid for; only a bottleneck chain can beat it.
             collapsed = rows * self.in_features * self.out_features
-        return self._remember_path(key, collapsed <= activation)
+        return collapsed <= activation
 
     def _plain_forward(self, x: Tensor) -> Tensor | None:
         """An eager fp32 / fp64 call under autograd of a chain without skips or norms (a training
@@ -324,12 +330,19 @@ class OverparamLinear(_OverparamBase):
         grad_on = torch.is_grad_enabled()
         grad_factors = grad_on and any(t.requires_grad for t in tensors)
         grad_input = grad_on and x.requires_grad
-        cached = not grad_factors and not self.training and not torch.compiler.is_compiling()
+        compiling = torch.compiler.is_compiling()
+        cached = not grad_factors and not self.training and not compiling
         rows = x.numel() // self.in_features
-        key = (rows, cached, grad_input, grad_factors)
-        use_collapsed = self._path_choices.get(key)
-        if use_collapsed is None:
-            use_collapsed = self._choose_path(key, rows)
+        if compiling:
+            # Traced (torch.compile, torch.export): costed, never remembered, so that a dynamic size
+            # is compared with the cost model's threshold instead of specialized to each value (a
+            # recompile per batch size), and torch.export's symbolic one costed as a large size.
+            use_collapsed = self._collapses(_costed_size(rows), cached, grad_input, grad_factors)
+        else:
+            key = (rows, cached, grad_input, grad_factors)
+            use_collapsed = self._path_choices.get(key)
+            if use_collapsed is None:
+                use_collapsed = self._choose_path(key, rows)
         if use_collapsed:
             weight, bias = self._cached_parameters() if cached else self.collapsed_parameters()
             return F.linear(x, weight, bias)

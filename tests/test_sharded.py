@@ -310,6 +310,61 @@ def test_fsdp2_overparam_training_equals_one_process(tmp_path):
     run_processes(_fsdp_worker, 2, tmp_path, str(tmp_path / "dcp"))
 
 
+# ----------------------------------------------------------------------------- FSDP1
+def _fsdp1_model() -> nn.Module:
+    """An OverparamConv2d, then OverparamLinear layers, one residual with batch norms, fp64."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        fastrank.OverparamConv2d(3, 4, kernel_sizes=(3, 1), padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        fastrank.OverparamLinear(4 * 6 * 6, 16, depth=2),
+        fastrank.OverparamLinear(16, 16, depth=3, residual=True, batch_norm=True),
+        fastrank.OverparamLinear(16, 5, depth=3, bias=False),
+    ).double()
+
+
+def _train_mode(model: nn.Module) -> None:
+    """Train mode with the batch norms in eval mode (on their running statistics): each rank
+    normalizes its half of the batch, the single process all of it."""
+    model.train()
+    model.apply(lambda m: m.eval() if isinstance(m, nn.BatchNorm1d) else None)
+
+
+def _fsdp1_worker(rank: int, world: int, use_orig_params: bool) -> None:
+    """FullyShardedDataParallel (FSDP1), one flat parameter per wrapped layer: without
+    ``use_orig_params`` (its default) a forward sets each layer's parameters as plain tensor
+    attributes, views of the gathered flat parameter, and leaves ``_parameters`` without them."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    torch.set_num_threads(1)
+    x, y = _data()
+    policy = ModuleWrapPolicy({fastrank.OverparamConv2d, fastrank.OverparamLinear})
+    single = _fsdp1_model()
+    model = FSDP(_fsdp1_model(), auto_wrap_policy=policy, device_id=torch.device("cpu"), use_orig_params=use_orig_params)
+    shard = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
+    for round in range(2):  # train, compare the parameters, evaluate (the eval cache serves a second call)
+        _train_mode(model)
+        _train_mode(single)
+        _train(model, x[shard], y[shard])
+        _train(single, x, y)
+        with FSDP.summon_full_params(model):
+            for (name, p), q in zip(model.named_parameters(), single.parameters()):
+                err = ((p - q).norm() / q.norm()).item()
+                assert err < 1e-12, f"round {round}, {name}: relative difference {err:.2e} between FSDP1 and one process"
+        model.eval()
+        single.eval()
+        with torch.no_grad():
+            for _ in range(2):
+                torch.testing.assert_close(model(x), single(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("use_orig_params", [False, True], ids=["flat", "orig-params"])
+def test_fsdp1_overparam_training_equals_one_process(tmp_path, use_orig_params):
+    run_processes(_fsdp1_worker, 2, tmp_path, use_orig_params)
+
+
 # ----------------------------------------------------------------------------- RankTracker
 def _transformer() -> nn.Module:
     torch.manual_seed(0)

@@ -182,18 +182,6 @@ def _capturing() -> bool:
     return torch.cuda.is_current_stream_capturing()
 
 
-def _parameters_of(module: nn.Module) -> Collection[Tensor | None]:
-    """``module``'s own parameters (None for an unset one). An ``nn.DataParallel`` replica
-    (``torch.nn.parallel.replicate``, made anew at every forward) has an empty ``_parameters``:
-    replicate sets each of its parameters as a plain attribute, a copy on the replica's device whose
-    gradient autograd carries back to the module's parameter, and lists them in
-    ``_former_parameters``."""
-    replicated = module.__dict__.get("_former_parameters")
-    if replicated is None:
-        return module._parameters.values()
-    return [*module._parameters.values(), *replicated.values()]
-
-
 def _clear_after_load(module: _OverparamBase, incompatible_keys) -> None:
     """``load_state_dict`` post-hook: drop the cache; accept checkpoints made before
     ``residual_interval`` was saved (they cannot say whether the layer had skips)."""
@@ -238,14 +226,16 @@ class _OverparamBase(nn.Module):
 
     def _factor_list(self) -> list[Tensor]:
         """``[W_1, ..., W_L]``: read from the ParameterList's dict, as iterating it cost 7 us a call
-        (depth 4, 2-core Xeon) against 0.1 us; iterated in an ``nn.DataParallel`` replica, whose
-        dict is empty (:func:`_parameters_of`)."""
+        (depth 4, 2-core Xeon) against 0.1 us. Iterated where the dict is empty: the parameters are
+        then plain tensor attributes, as in an ``nn.DataParallel`` replica (``torch.nn.parallel.
+        replicate`` sets copies whose gradients autograd carries back to the module's) and under
+        FSDP1 without ``use_orig_params`` (views of its gathered flat parameter)."""
         factors = self._modules["factors"]
         return [*(factors._parameters.values() or factors)]
 
     def _bias_parameter(self) -> Tensor | None:
-        """The ``bias`` parameter, or None: read from the module's dict, or from an
-        ``nn.DataParallel`` replica's attributes (:func:`_parameters_of`)."""
+        """The ``bias`` parameter, or None: read from the module's dict, or where it is a plain
+        tensor attribute (see :meth:`_factor_list`)."""
         try:
             return self._parameters["bias"]
         except KeyError:
@@ -271,8 +261,8 @@ class _OverparamBase(nn.Module):
             tensors.append(bias)
         norms = self._modules.get("norms")
         if norms is not None:
-            for norm in norms:
-                tensors += [*_parameters_of(norm), *norm._buffers.values()]
+            for norm in norms:  # BatchNorm1d: its affine parameters read as attributes (see _factor_list)
+                tensors += [norm.weight, norm.bias, *norm._buffers.values()]
             tensors = [t for t in tensors if t is not None]
         return tensors
 

@@ -1,3 +1,4 @@
+import contextlib
 import copy
 import io
 import math
@@ -992,3 +993,93 @@ def test_residual_layers_save_their_interval_and_load_checkpoints_made_without_i
     assert torch.equal(fresh(x), layer(x))
     with pytest.raises(RuntimeError, match="residual_interval"):  # a residual checkpoint into a plain chain
         OverparamLinear(5, 5, depth=4).load_state_dict(state)
+
+
+# ---- torch.nn.utils.parametrize ------------------------------------------------------------
+
+
+class _Symmetric(nn.Module):
+    def forward(self, X):
+        return X.triu() + X.triu(1).T
+
+
+class _Halved(nn.Module):
+    def forward(self, b):
+        return 0.5 * b
+
+
+_PARAMETRIZATIONS = {
+    "orthogonal factor": lambda layer: nn.utils.parametrizations.orthogonal(layer.factors, "1"),
+    "spectral-norm factor": lambda layer: nn.utils.parametrizations.spectral_norm(layer.factors, "1"),
+    "symmetric factor": lambda layer: nn.utils.parametrize.register_parametrization(layer.factors, "1", _Symmetric()),
+    "halved bias": lambda layer: nn.utils.parametrize.register_parametrization(layer, "bias", _Halved()),
+}
+
+
+def _chain_of(layer, x):
+    """The naive chain of the layer's factors and bias as its attributes read them (a parametrized
+    one computed from its original), differentiable."""
+    out = x
+    for factor in layer.factors:
+        out = F.linear(out, factor)
+    return out + layer.bias
+
+
+@pytest.mark.parametrize("name", list(_PARAMETRIZATIONS))
+def test_parametrized_factors_and_bias_are_the_ones_the_layer_uses(name):
+    """A parametrization moves its tensor out of the module's parameter dict (into
+    ``parametrizations.<name>.original``) and computes it at each read: the layer must use the
+    computed tensor, in training and from its eval cache, and refresh the cache after a step on the
+    original (before, a parametrized factor was silently left out of the chain)."""
+    torch.manual_seed(0)
+    layer = OverparamLinear(6, 6, depth=3, dtype=torch.float64)
+    _PARAMETRIZATIONS[name](layer)
+    x = torch.randn(5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    # spectral_norm advances its power iteration at every read in training mode: the layer and the
+    # reference read the factor once between them, in parametrize's cached mode
+    reads = nn.utils.parametrize.cached if name.startswith("spectral") else contextlib.nullcontext
+    for step in range(3):
+        layer.train()
+        with reads():
+            out = layer(x)
+            want = _chain_of(layer, x)
+        torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12, msg=lambda m: f"train, step {step}: {m}")
+        params = list(layer.parameters())
+        got = torch.autograd.grad(out.square().sum(), params, retain_graph=True)  # cached: one graph
+        expected = torch.autograd.grad(want.square().sum(), params)
+        for j, (g, e) in enumerate(zip(got, expected)):
+            torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12, msg=lambda m: f"gradient {j}, step {step}: {m}")
+        layer.eval()
+        with torch.no_grad():
+            for _ in range(2):  # the second call from the cache
+                torch.testing.assert_close(layer(x), _chain_of(layer, x), rtol=1e-12, atol=1e-12,
+                                           msg=lambda m: f"eval, step {step}: {m}")
+            # a step within the eval window, on the parametrization's original (an optimizer step)
+            optimizer.zero_grad()
+        layer.train()
+        _chain_of(layer, x).square().sum().backward()
+        layer.eval()
+        optimizer.step()
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), _chain_of(layer, x), rtol=1e-12, atol=1e-12,
+                                       msg=lambda m: f"eval after a step, step {step}: {m}")
+
+
+def test_parametrized_residual_and_conv_layers_use_their_computed_factors():
+    torch.manual_seed(0)
+    residual = OverparamLinear(6, 6, depth=3, residual=True, dtype=torch.float64)
+    conv = fastrank.OverparamConv2d(3, 3, kernel_sizes=(3, 1, 1), padding=1, dtype=torch.float64)
+    cases = [(residual, torch.randn(5, 6, dtype=torch.float64)), (conv, torch.randn(2, 3, 5, 5, dtype=torch.float64))]
+    for layer, x in cases:
+        plain = copy.deepcopy(layer)
+        nn.utils.parametrizations.orthogonal(layer.factors, "1") if layer is residual else \
+            nn.utils.parametrize.register_parametrization(layer.factors, "1", _Halved())
+        with torch.no_grad():
+            for j, factor in enumerate(layer.factors):
+                plain.factors[j].copy_(factor)
+        for mode in ("train", "eval"):
+            layer.train(mode == "train")
+            plain.train(mode == "train")
+            with torch.no_grad():
+                torch.testing.assert_close(layer(x), plain(x), rtol=1e-12, atol=1e-12, msg=lambda m: f"{type(layer).__name__} {mode}: {m}")

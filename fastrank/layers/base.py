@@ -224,22 +224,32 @@ class _OverparamBase(nn.Module):
         self.clear_cache()
         return super()._apply(fn, recurse)
 
+    def _factor_dict(self) -> Collection[Tensor] | None:
+        """The factors as the ParameterList's dict holds them, or None where it does not hold every
+        one (see :meth:`_factor_list`)."""
+        factors = self._modules["factors"]
+        params = factors._parameters
+        return params.values() if len(params) == factors._size else None
+
     def _factor_list(self) -> list[Tensor]:
         """``[W_1, ..., W_L]``: read from the ParameterList's dict, as iterating it cost 7 us a call
-        (depth 4, 2-core Xeon) against 0.1 us. Iterated where the dict is empty: the parameters are
-        then plain tensor attributes, as in an ``nn.DataParallel`` replica (``torch.nn.parallel.
+        (depth 4, 2-core Xeon) against 0.1 us. Iterated where the dict lacks some: a factor is then
+        a plain tensor attribute, as in an ``nn.DataParallel`` replica (``torch.nn.parallel.
         replicate`` sets copies whose gradients autograd carries back to the module's) and under
-        FSDP1 without ``use_orig_params`` (views of its gathered flat parameter)."""
+        FSDP1 without ``use_orig_params`` (views of its gathered flat parameter), or a property of
+        ``torch.nn.utils.parametrize`` (``orthogonal``, ``spectral_norm``, a user's own), computed
+        at each read."""
         factors = self._modules["factors"]
-        return [*(factors._parameters.values() or factors)]
+        params = factors._parameters
+        return [*params.values()] if len(params) == factors._size else [*factors]
 
     def _bias_parameter(self) -> Tensor | None:
-        """The ``bias`` parameter, or None: read from the module's dict, or where it is a plain
-        tensor attribute (see :meth:`_factor_list`)."""
+        """The ``bias`` parameter, or None: read from the module's dict, else as an attribute (see
+        :meth:`_factor_list`)."""
         try:
             return self._parameters["bias"]
         except KeyError:
-            return self.__dict__["bias"]
+            return self.bias
 
     def _replicate_for_data_parallel(self) -> _OverparamBase:
         # nn.DataParallel's replica (torch.nn.parallel.replicate) starts as a shallow copy of this
@@ -277,7 +287,7 @@ class _OverparamBase(nn.Module):
         """The tensors the cached collapse is made of: the factors alone when the collapsed bias is
         the module's own ``bias`` (read live on every call), else every state tensor."""
         if self._bias_is_own:
-            return self._modules["factors"]._parameters.values() or self._factor_list()
+            return self._factor_dict() or self._factor_list()
         return self._state_tensors()
 
     def _parameters_need_grad(self) -> bool:

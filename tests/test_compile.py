@@ -143,12 +143,22 @@ _DYNAMIC_LAYERS = {
 }
 
 
-def _dynamic_case(name: str, mode: str):
+# (layer, dtype, device): every layer kind on the CPU; on CUDA, bf16 chains (the Triton kernels
+# behind the custom ops, whose fake kernels see the symbolic batch)
+_DYNAMIC_CASES = [(name, torch.float32, "cpu") for name in _DYNAMIC_LAYERS] + [
+    pytest.param(name, torch.bfloat16, "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))
+    for name in ("linear", "linear residual", "gpt-2 conv1d")
+]
+_DYNAMIC_IDS = [f"{name}-{str(dtype)[6:]}-{device}" for name, dtype, device in
+                (case.values if hasattr(case, "values") else case for case in _DYNAMIC_CASES)]
+
+
+def _dynamic_case(name: str, mode: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     make, shape = _DYNAMIC_LAYERS[name]
     torch.manual_seed(0)
-    layer = make().train(mode == "train")
+    layer = make().to(device, dtype).train(mode == "train")
     generator = torch.Generator().manual_seed(1)
-    return layer, lambda batch: torch.randn(batch, *shape, generator=generator)
+    return layer, lambda batch: torch.randn(batch, *shape, generator=generator).to(device, dtype)
 
 
 def _check_against_eager(layer, call, x, mode, what):
@@ -156,23 +166,23 @@ def _check_against_eager(layer, call, x, mode, what):
     xe = x.detach().clone().requires_grad_(mode == "train")
     x = x.detach().clone().requires_grad_(mode == "train")
     out, ref = call(x), layer(xe)
-    assert_close(out, ref, torch.float32, 64, steps=5, what=f"{what}: output")
+    assert_close(out, ref, x.dtype, 64, steps=5, what=f"{what}: output")
     if mode == "train":
         params = list(layer.parameters())
         got = torch.autograd.grad(out.square().sum(), [x, *params])
         want = torch.autograd.grad(ref.square().sum(), [xe, *params])
         for j, (g, w) in enumerate(zip(got, want)):
-            assert_close(g, w, torch.float32, 64 * x.shape[0], steps=5, what=f"{what}: gradient {j}")
+            assert_close(g, w, x.dtype, 64 * x.shape[0], steps=5, what=f"{what}: gradient {j}")
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
-@pytest.mark.parametrize("name", list(_DYNAMIC_LAYERS))
-def test_export_with_a_dynamic_batch_serves_every_batch(name, mode):
+@pytest.mark.parametrize(("name", "dtype", "device"), _DYNAMIC_CASES, ids=_DYNAMIC_IDS)
+def test_export_with_a_dynamic_batch_serves_every_batch(name, dtype, device, mode):
     """torch.export with the batch as a Dim (its documented recipe; non-strict, the default): the
     layers' cost model costs the symbolic batch instead of keying a remembered choice on it (which
     raised 'unhashable type: non-nested SymInt'), and the program matches eager at batches on both
     sides of the association's threshold."""
-    layer, batch_of = _dynamic_case(name, mode)
+    layer, batch_of = _dynamic_case(name, mode, dtype, device)
     program = torch.export.export(layer, (batch_of(5),), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},))
     assert not layer._path_choices  # the trace remembered nothing
     exported = program.module()
@@ -181,8 +191,8 @@ def test_export_with_a_dynamic_batch_serves_every_batch(name, mode):
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
-@pytest.mark.parametrize("name", list(_DYNAMIC_LAYERS))
-def test_compile_dynamic_compiles_once_per_side_of_the_threshold(name, mode):
+@pytest.mark.parametrize(("name", "dtype", "device"), _DYNAMIC_CASES, ids=_DYNAMIC_IDS)
+def test_compile_dynamic_compiles_once_per_side_of_the_threshold(name, dtype, device, mode):
     """torch.compile(dynamic=True): a traced call compares the symbolic batch with the cost model's
     threshold (an inequality guard) instead of specializing it through the remembered choice's key,
     so batches on one side of it share a graph (before: one compile per batch size, up to
@@ -190,7 +200,7 @@ def test_compile_dynamic_compiles_once_per_side_of_the_threshold(name, mode):
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    layer, batch_of = _dynamic_case(name, mode)
+    layer, batch_of = _dynamic_case(name, mode, dtype, device)
     torch._dynamo.reset()
     counters.clear()
     compiled = torch.compile(layer, fullgraph=True, dynamic=True)

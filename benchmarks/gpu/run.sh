@@ -312,7 +312,7 @@ step() {
 if [ -n "${FASTRANK_GPU_TESTS:-}" ]; then
     read -r -a test_selection <<< "$FASTRANK_GPU_TESTS"
 else
-    test_selection=(tests/test_cuda_routing.py tests/test_compile.py tests/test_rank_cuda.py
+    test_selection=(tests/test_cuda_routing.py tests/test_compile.py tests/test_func_transforms.py tests/test_rank_cuda.py
                     tests/test_training_stacks.py::test_fused_adamw_on_cuda_trains_and_evaluates_half_layers
                     tests/test_integrations.py::test_lightning_fit_logs_what_a_hand_run_tracker_measures
                     tests/test_launch_fast_path.py::test_replays_compute_what_the_jit_path_computes

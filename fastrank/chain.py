@@ -507,6 +507,24 @@ def _chain_factor_grads_body(grads: list[Tensor], inputs: list[Tensor]) -> list[
     return chain_factor_grads_ref(grads, inputs)
 
 
+def _twin_backward(ctx, grad_outputs) -> tuple:
+    """:class:`_ChainMatmul`'s gradients when the backward itself is recorded (``create_graph=True``:
+    a gradient penalty, second-order meta-learning, Hessian-vector products). The kernels' outputs
+    carry no graph, so a second derivative through them would silently miss every term they form;
+    here autograd forms the gradients from the torch twin of the forward, recomputed from the saved
+    inputs, and records them, so that they are differentiable again."""
+    k = ctx.num_factors
+    x, factors = ctx.saved_tensors[0], list(ctx.saved_tensors[1 : 1 + k])
+    needed = [ctx.needs_input_grad[0], *ctx.needs_input_grad[2:]]
+    wanted = [t for t, need in zip([x, *factors], needed) if need]
+    used = [(out, grad) for out, grad in zip(chain_matmul_ref(x, factors, ctx.return_all), grad_outputs) if grad is not None]
+    grads = iter(torch.autograd.grad(
+        [out for out, _ in used], wanted, [grad for _, grad in used], create_graph=True, allow_unused=True,
+    ) if used and wanted else [None] * len(wanted))
+    grad_x, *grad_factors = [next(grads) if need else None for need in needed]
+    return (grad_x, None, *grad_factors)
+
+
 class _ChainMatmul(torch.autograd.Function):
     """Eager twin of ``fastrank::chain_matmul`` with its autograd formula (``_chain_backward``)."""
 
@@ -518,6 +536,8 @@ class _ChainMatmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grad_outputs):
+        if torch.is_grad_enabled():  # backward(create_graph=True): see _twin_backward
+            return _twin_backward(ctx, grad_outputs)
         k = ctx.num_factors
         grad_x, grad_factors = _chain_backward(
             ctx.saved_tensors, k, ctx.return_all, grad_outputs,

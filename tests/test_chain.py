@@ -500,3 +500,64 @@ def test_layer_routed_to_plain_ops_is_the_naive_chain(monkeypatch, batch):
     ours = torch.autograd.grad(out, [x, *layer.factors, layer.bias], grad)
     for j, (a, b) in enumerate(zip(ours, torch.autograd.grad(expected, twins, grad))):
         assert torch.equal(a, b), f"grad {j} differs from the naive chain's"
+
+
+# ---- second derivatives (backward with create_graph=True) ----------------------------------
+
+
+def _second_order(chain, x, factors):
+    """Gradients, with respect to x and every factor, of the loss plus the squared norms of its
+    gradients (an input-gradient penalty as WGAN-GP / R1 form it, and the parameter gradients that
+    second-order meta-learning and Hessian-vector products differentiate)."""
+    out = chain(x, factors)
+    loss = out.square().sum()
+    grads = torch.autograd.grad(loss, [x, *factors], create_graph=True)
+    return torch.autograd.grad(loss + sum(g.square().sum() for g in grads), [x, *factors])
+
+
+def _naive_chain(x, factors):
+    for factor in factors:
+        x = x @ factor.T
+    return x
+
+
+@pytest.mark.parametrize("return_all", [False, True])
+def test_second_derivatives_through_kernel_bodies_equal_the_naive_chain(monkeypatch, return_all):
+    """The Function's bodies where kernels serve them give outputs without a graph (on CUDA the
+    Triton kernels; here the torch twins, detached, routed as on CUDA): a backward recorded for a
+    second derivative must not go through them, or every term they form is silently dropped."""
+    def detached(body):
+        return lambda *args: [t.detach() for t in body(*args)]
+
+    monkeypatch.setattr(chain_mod, "_runs_kernels", lambda x, factors: True)
+    monkeypatch.setattr(chain_mod, "_chain_matmul_body", detached(chain_mod.chain_matmul_ref))
+    monkeypatch.setattr(chain_mod, "_chain_factor_grads_body", detached(chain_mod.chain_factor_grads_ref))
+    monkeypatch.setattr(chain_mod, "_chain_matmul_backward_body", detached(chain_mod.chain_matmul_backward_ref))
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 6, generator=generator, dtype=torch.float64, requires_grad=True)
+    factors = [torch.randn(n, m, generator=generator, dtype=torch.float64, requires_grad=True)
+               for n, m in ((7, 6), (4, 7), (3, 4))]
+    got = _second_order(lambda x, fs: chain_mod.chain_matmul(x, fs, return_all=return_all)[-1], x, factors)
+    want = _second_order(_naive_chain, x, factors)
+    for j, (g, w) in enumerate(zip(got, want)):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12, msg=lambda m: f"input {j}: {m}")
+    # the first derivative alone still takes the bodies (no recomputation)
+    out = chain_mod.chain_matmul(x, factors, return_all=return_all)[-1]
+    first = torch.autograd.grad(out.square().sum(), [x, *factors])
+    expected = torch.autograd.grad(_naive_chain(x, factors).square().sum(), [x, *factors])
+    for j, (g, w) in enumerate(zip(first, expected)):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12, msg=lambda m: f"first derivative {j}: {m}")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("width", [32, 96], ids=["fused-backward", "composed-backward"])
+def test_second_derivatives_on_cuda_kernels_match_fp64(width):
+    generator = torch.Generator().manual_seed(0)
+    x64 = torch.randn(33, width, generator=generator, dtype=torch.float64)
+    factors64 = [torch.randn(width, width, generator=generator, dtype=torch.float64) / width**0.5 for _ in range(3)]
+    x = x64.to("cuda", torch.bfloat16).requires_grad_()
+    factors = [f.to("cuda", torch.bfloat16).requires_grad_() for f in factors64]
+    got = _second_order(lambda x, fs: chain_matmul(x, fs, return_all=False)[-1], x, factors)
+    want = _second_order(_naive_chain, x64.requires_grad_(), [f.requires_grad_() for f in factors64])
+    for j, (g, w) in enumerate(zip(got, want)):
+        assert_close(g, w, torch.bfloat16, width, steps=8, what=f"input {j}")

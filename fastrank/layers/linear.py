@@ -313,7 +313,9 @@ class OverparamLinear(_OverparamBase):
                     # F.linear rejects it (the check cost 1.6 us a call, nn.Linear's whole call 7 us).
                     weight, bias = cache.value
                     try:
-                        return F.linear(x, weight, self._bias_parameter() if self._bias_is_own else bias)
+                        return F.linear(x, weight, self._parameters["bias"] if self._bias_is_own else bias)
+                    except KeyError:  # a bias under torch.nn.utils.parametrize: an attribute
+                        return F.linear(x, weight, self._bias_parameter())
                     except (TypeError, RuntimeError) as error:
                         failure = error
                     _check_input(x, self.in_features, -1, "in_features", self)  # a clearer message

@@ -303,6 +303,8 @@ def _chain_backward(saved, k, return_all, grad_outputs, needs_x, needs_factor):
     x, factors = saved[0], list(saved[1 : 1 + k])
     if all(g is None for g in grad_outputs):
         return None, None
+    if torch.is_grad_enabled():  # backward(create_graph=True)
+        return _recorded_backward(x, factors, return_all, grad_outputs, needs_x, needs_factor)
     if return_all:
         intermediates = list(saved[1 + k :])
         grad_outputs = list(grad_outputs)
@@ -350,6 +352,26 @@ def _chain_backward(saved, k, return_all, grad_outputs, needs_x, needs_factor):
         for (j, _), product in zip(pairs, products):
             grad_factors[j] = product
     return grad_x, grad_factors
+
+
+def _recorded_backward(x, factors, return_all, grad_outputs, needs_x, needs_factor):
+    """:func:`_chain_backward` when the backward itself is recorded (``create_graph=True``: gradient
+    penalties, second-order meta-learning, Hessian-vector products). The kernels' outputs carry no
+    graph, so a second derivative through them would silently miss every term they form, and the
+    custom ops have no derivative of their own; here the vector-Jacobian product of the torch twin
+    of the forward, recomputed from the saved inputs at a ``torch.func.vjp`` level of its own (the
+    derivative with respect to the chain's own inputs alone, even where x depends on a factor: a
+    layer applied twice), is formed by ops that autograd records, so that it is differentiable
+    again."""
+    used = [j for j, grad in enumerate(grad_outputs) if grad is not None]
+
+    def chain(x, *factors):
+        outputs = chain_matmul_ref(x, list(factors), return_all)
+        return tuple(outputs[j] for j in used)
+
+    _, vjp = torch.func.vjp(chain, x, *factors)
+    grad_x, *grad_factors = vjp(tuple(grad_outputs[j] for j in used))
+    return (grad_x if needs_x else None), [g if need else None for g, need in zip(grad_factors, needs_factor)]
 
 
 _chain_matmul_op.register_autograd(_chain_matmul_backward, setup_context=_chain_matmul_setup_context)
@@ -507,24 +529,6 @@ def _chain_factor_grads_body(grads: list[Tensor], inputs: list[Tensor]) -> list[
     return chain_factor_grads_ref(grads, inputs)
 
 
-def _twin_backward(ctx, grad_outputs) -> tuple:
-    """:class:`_ChainMatmul`'s gradients when the backward itself is recorded (``create_graph=True``:
-    a gradient penalty, second-order meta-learning, Hessian-vector products). The kernels' outputs
-    carry no graph, so a second derivative through them would silently miss every term they form;
-    here autograd forms the gradients from the torch twin of the forward, recomputed from the saved
-    inputs, and records them, so that they are differentiable again."""
-    k = ctx.num_factors
-    x, factors = ctx.saved_tensors[0], list(ctx.saved_tensors[1 : 1 + k])
-    needed = [ctx.needs_input_grad[0], *ctx.needs_input_grad[2:]]
-    wanted = [t for t, need in zip([x, *factors], needed) if need]
-    used = [(out, grad) for out, grad in zip(chain_matmul_ref(x, factors, ctx.return_all), grad_outputs) if grad is not None]
-    grads = iter(torch.autograd.grad(
-        [out for out, _ in used], wanted, [grad for _, grad in used], create_graph=True, allow_unused=True,
-    ) if used and wanted else [None] * len(wanted))
-    grad_x, *grad_factors = [next(grads) if need else None for need in needed]
-    return (grad_x, None, *grad_factors)
-
-
 class _ChainMatmul(torch.autograd.Function):
     """Eager twin of ``fastrank::chain_matmul`` with its autograd formula (``_chain_backward``)."""
 
@@ -536,8 +540,6 @@ class _ChainMatmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grad_outputs):
-        if torch.is_grad_enabled():  # backward(create_graph=True): see _twin_backward
-            return _twin_backward(ctx, grad_outputs)
         k = ctx.num_factors
         grad_x, grad_factors = _chain_backward(
             ctx.saved_tensors, k, ctx.return_all, grad_outputs,

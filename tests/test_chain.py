@@ -521,11 +521,10 @@ def _naive_chain(x, factors):
     return x
 
 
-@pytest.mark.parametrize("return_all", [False, True])
-def test_second_derivatives_through_kernel_bodies_equal_the_naive_chain(monkeypatch, return_all):
-    """The Function's bodies where kernels serve them give outputs without a graph (on CUDA the
-    Triton kernels; here the torch twins, detached, routed as on CUDA): a backward recorded for a
-    second derivative must not go through them, or every term they form is silently dropped."""
+@pytest.fixture
+def kernel_like_bodies(monkeypatch):
+    """The chain's bodies routed as on CUDA and giving outputs without a graph, as the Triton
+    kernels do (here the torch twins, detached)."""
     def detached(body):
         return lambda *args: [t.detach() for t in body(*args)]
 
@@ -533,6 +532,12 @@ def test_second_derivatives_through_kernel_bodies_equal_the_naive_chain(monkeypa
     monkeypatch.setattr(chain_mod, "_chain_matmul_body", detached(chain_mod.chain_matmul_ref))
     monkeypatch.setattr(chain_mod, "_chain_factor_grads_body", detached(chain_mod.chain_factor_grads_ref))
     monkeypatch.setattr(chain_mod, "_chain_matmul_backward_body", detached(chain_mod.chain_matmul_backward_ref))
+
+
+@pytest.mark.parametrize("return_all", [False, True])
+def test_second_derivatives_through_kernel_bodies_equal_the_naive_chain(kernel_like_bodies, return_all):
+    """A backward recorded for a second derivative must not go through bodies whose outputs carry
+    no graph, or every term they form is silently dropped."""
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(5, 6, generator=generator, dtype=torch.float64, requires_grad=True)
     factors = [torch.randn(n, m, generator=generator, dtype=torch.float64, requires_grad=True)
@@ -547,6 +552,90 @@ def test_second_derivatives_through_kernel_bodies_equal_the_naive_chain(monkeypa
     expected = torch.autograd.grad(_naive_chain(x, factors).square().sum(), [x, *factors])
     for j, (g, w) in enumerate(zip(first, expected)):
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12, msg=lambda m: f"first derivative {j}: {m}")
+
+
+def _recorded_gradients(loss_of, inputs):
+    """First derivatives of ``loss_of()`` with create_graph=True, and the derivatives of the sum of
+    their squares (None where an input is not reached)."""
+    firsts = torch.autograd.grad(loss_of(), inputs, create_graph=True)
+    return firsts, torch.autograd.grad(sum(g.square().sum() for g in firsts), inputs, allow_unused=True)
+
+
+def _assert_same(got, want, what):
+    for j, (g, w) in enumerate(zip(got, want)):
+        assert (g is None) == (w is None), f"{what} {j}: {g is None} against {w is None}"
+        if g is not None:
+            torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12, msg=lambda m: f"{what} {j}: {m}")
+
+
+@pytest.mark.parametrize("case", ["input made from the factor", "tied factors"])
+def test_recorded_backward_is_the_derivative_in_the_chains_own_inputs(kernel_like_bodies, case):
+    """The chain's backward is its derivative in its own inputs: where x itself depends on a factor
+    (a layer applied twice) or one factor on another (tied weights), the paths through x or the
+    other factor are autograd's to add, once (a derivative of the recomputed forward with respect
+    to the saved tensors took them a second time)."""
+    generator = torch.Generator().manual_seed(1)
+    W = torch.randn(4, 4, generator=generator, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(3, 4, generator=generator, dtype=torch.float64, requires_grad=True)
+    if case == "tied factors":
+        def loss(chain):
+            return chain(x, [W, 2 * W]).pow(3).sum()
+    else:
+        def loss(chain):
+            return chain(x @ W.T, [W]).pow(3).sum()
+    fast = lambda x, fs: chain_mod.chain_matmul(x, fs, return_all=False)[-1]  # noqa: E731
+    for what, got, want in zip(("first", "second"), _recorded_gradients(lambda: loss(fast), [W, x]),
+                               _recorded_gradients(lambda: loss(_naive_chain), [W, x])):
+        _assert_same(got, want, f"{case}, {what} derivative")
+
+
+def test_recorded_backward_for_every_set_of_inputs_needing_grad(kernel_like_bodies):
+    """Every combination of inputs needing a gradient, both output modes, with and without a loss
+    on the intermediate X_1 (whose recomputation may need no gradient at all: frozen x and F_1)."""
+    import itertools
+
+    generator = torch.Generator().manual_seed(2)
+    shapes = [(3, 4), (5, 4), (2, 5)]
+    for return_all, needs, middle in itertools.product([True, False], itertools.product([True, False], repeat=3), [True, False]):
+        if not any(needs) or (middle and not return_all):
+            continue
+        x, f1, f2 = (torch.randn(*shape, generator=generator, dtype=torch.float64, requires_grad=need)
+                     for shape, need in zip(shapes, needs))
+        inputs = [t for t in (x, f1, f2) if t.requires_grad]
+
+        def loss(outputs):
+            return outputs[-1].pow(3).sum() + (outputs[0].square().sum() if middle else 0)
+
+        got = _recorded_gradients(lambda: loss(chain_mod.chain_matmul(x, [f1, f2], return_all=return_all)), inputs)
+        want = _recorded_gradients(lambda: loss([x @ f1.T, x @ f1.T @ f2.T]), inputs)
+        what = f"return_all={return_all}, needs grad {needs}, loss on X_1 {middle}"
+        _assert_same(got[0], want[0], f"{what}: first derivative")
+        _assert_same(got[1], want[1], f"{what}: second derivative")
+
+
+def test_recorded_backward_of_the_custom_op(monkeypatch):
+    """Under a dispatch mode the chain runs as the custom op, whose registered backward calls ops
+    without a derivative of their own: a recorded backward must not go through them."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class PassThrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    calls = []
+    op = chain_mod._chain_matmul_op
+    monkeypatch.setattr(chain_mod, "_chain_matmul_op", lambda *args: calls.append(1) or op(*args))
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 4, generator=generator, dtype=torch.float64, requires_grad=True)
+    factors = [torch.randn(n, m, generator=generator, dtype=torch.float64, requires_grad=True) for n, m in ((5, 4), (2, 5))]
+    for return_all in (True, False):
+        calls.clear()
+        with PassThrough():
+            got = _recorded_gradients(lambda: chain_mod.chain_matmul(x, factors, return_all=return_all)[-1].pow(3).sum(), [x, *factors])
+        assert calls  # the custom op served the forward
+        want = _recorded_gradients(lambda: _naive_chain(x, factors).pow(3).sum(), [x, *factors])
+        _assert_same(got[0], want[0], f"return_all={return_all}: first derivative")
+        _assert_same(got[1], want[1], f"return_all={return_all}: second derivative")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -81,14 +81,15 @@ def _init_factor(factor: Tensor, last: bool, mode: str) -> None:
 # Call signatures whose association choice a layer remembers.
 _PATH_CHOICES_KEPT = 256
 
-# The size a symbolic one (a SymInt: torch.export's Dim, dynamic torch.compile) is costed as when a
-# layer picks its association: the large-size choice, made without a guard on the size (which
-# torch.export rejects for a dynamic dim), and one graph for every size.
+# The size a symbolic one is costed as when a layer picks its association, where the tracer shows it
+# as a SymInt (torch.export's non-strict tracing of a Dim; Dynamo shows its symbolic sizes as ints,
+# and a comparison with them is a guard): the large-size choice, made without a guard on the size
+# (which torch.export rejects for a dynamic dim), one program for every size.
 _SYMBOLIC_SIZE = 1 << 16
 
 
 def _costed_size(n: int | torch.SymInt) -> int:
-    """``n``, or :data:`_SYMBOLIC_SIZE` for a symbolic size."""
+    """``n``, or :data:`_SYMBOLIC_SIZE` for a size the tracer shows as a ``torch.SymInt``."""
     return n if type(n) is int else _SYMBOLIC_SIZE
 
 

@@ -252,8 +252,10 @@ class OverparamLinear(_OverparamBase):
 
     def _collapses(self, rows: int, cached: bool, grad_input: bool, grad_factors: bool) -> bool:
         """The cost model's answer for a call of ``rows`` rows: the collapsed product (True) or the
-        activation chain. Under a tracer ``rows`` may be symbolic (the comparison, linear in it,
-        is then one inequality guard on the size, where a remembered choice would specialize it)."""
+        activation chain. Under Dynamo (torch.compile) ``rows`` may be symbolic, and the comparison,
+        linear in it, is then one inequality guard on the size, where a remembered choice would
+        specialize it; torch.export's non-strict tracing costs a symbolic size as
+        ``_SYMBOLIC_SIZE`` instead (``fastrank.layers.base._costed_size``)."""
         dims = [self.in_features] + [f.shape[0] for f in self._factor_list()]
         activation, collapsed = chain_costs(rows, dims, grad_input=grad_input, grad_factors=grad_factors)
         if cached:
@@ -312,10 +314,13 @@ class OverparamLinear(_OverparamBase):
                     # Inference with a valid cache: one F.linear. The input is checked only when
                     # F.linear rejects it (the check cost 1.6 us a call, nn.Linear's whole call 7 us).
                     weight, bias = cache.value
+                    if self._bias_is_own:
+                        try:
+                            bias = self._parameters["bias"]
+                        except KeyError:  # a bias under torch.nn.utils.parametrize: an attribute
+                            bias = self._bias_parameter()
                     try:
-                        return F.linear(x, weight, self._parameters["bias"] if self._bias_is_own else bias)
-                    except KeyError:  # a bias under torch.nn.utils.parametrize: an attribute
-                        return F.linear(x, weight, self._bias_parameter())
+                        return F.linear(x, weight, bias)
                     except (TypeError, RuntimeError) as error:
                         failure = error
                     _check_input(x, self.in_features, -1, "in_features", self)  # a clearer message

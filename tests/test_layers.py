@@ -1083,3 +1083,55 @@ def test_parametrized_residual_and_conv_layers_use_their_computed_factors():
             plain.train(mode == "train")
             with torch.no_grad():
                 torch.testing.assert_close(layer(x), plain(x), rtol=1e-12, atol=1e-12, msg=lambda m: f"{type(layer).__name__} {mode}: {m}")
+
+
+# ---- torch.nn.utils.prune ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("remove", [False, True], ids=["pruned", "made-permanent"])
+def test_pruned_factors_are_their_masked_originals(remove):
+    """torch.nn.utils.prune on a factor moves it to ``<i>_orig`` (last in the list's dict) and sets
+    the factor to original x mask in a forward pre-hook of the ParameterList, which nothing calls:
+    the layers run that hook, so each forward uses the current original under the mask, and the
+    gradient reaches the original through it. ``prune.remove`` then re-inserts the factor last in
+    the dict: the layers read the factors by index, not in the dict's order (before, both read the
+    unmasked original, or the factors out of order, silently)."""
+    import torch.nn.utils.prune as prune
+    torch.manual_seed(0)
+    layer = OverparamLinear(6, 6, depth=3, dtype=torch.float64)
+    prune.l1_unstructured(layer.factors, name="1", amount=0.5)
+    prune.random_unstructured(layer.factors, name="1", amount=0.25)  # iterative: a pruning container
+    if remove:
+        prune.remove(layer.factors, "1")
+        assert list(layer.factors._parameters) == ["0", "2", "1"]
+    x = torch.randn(5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+
+    def naive():
+        mask = getattr(layer.factors, "1_mask", None)
+        middle = layer.factors._parameters["1" if remove else "1_orig"]
+        factors = [layer.factors._parameters["0"], middle if mask is None else middle * mask, layer.factors._parameters["2"]]
+        return _chain_of_factors(factors, layer.bias, x)
+
+    for step in range(3):
+        layer.train()
+        out, want = layer(x), naive()
+        torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12, msg=lambda m: f"train, step {step}: {m}")
+        params = list(layer.parameters())
+        got = torch.autograd.grad(out.square().sum(), params)
+        expected = torch.autograd.grad(want.square().sum(), params)
+        for j, (g, e) in enumerate(zip(got, expected)):
+            torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12, msg=lambda m: f"gradient {j}, step {step}: {m}")
+        layer.eval()
+        with torch.no_grad():
+            for _ in range(2):
+                torch.testing.assert_close(layer(x), naive(), rtol=1e-12, atol=1e-12, msg=lambda m: f"eval, step {step}: {m}")
+        for p, g in zip(params, got):
+            p.grad = g
+        optimizer.step()
+
+
+def _chain_of_factors(factors, bias, x):
+    for factor in factors:
+        x = F.linear(x, factor)
+    return x + bias

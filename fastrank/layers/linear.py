@@ -26,6 +26,7 @@ from .base import (
     _check_positive_int,
     _check_width,
     _costed_size,
+    factor_items,
     _init_factor,
     _OverparamBase,
 )
@@ -126,6 +127,7 @@ class OverparamLinear(_OverparamBase):
         # The collapsed bias is the module's own bias (collapsed_parameters) without skips or norms.
         self._bias_is_own = not self.skips and self.norms is None
         self._widest = max(dims)  # which routes a half-precision chain on CUDA (_plain_half_on_cuda)
+        self._factor_items = factor_items(self.depth)  # the factors from the list's dict, in order
 
     @staticmethod
     def _skip_targets(dims: Sequence[int]) -> tuple[int, ...]:

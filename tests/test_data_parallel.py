@@ -30,16 +30,11 @@ def _copies(tensors, devices, detach=False):
     return [[t.detach().clone() if detach else t.clone() for t in tensors] for _ in devices]
 
 
-@contextlib.contextmanager
-def _replicas_on_cpu(monkeypatch):
-    monkeypatch.setattr(_replicate_module, "_broadcast_coalesced_reshape", _copies)
-    yield
-
-
-def _data_parallel(module: nn.Module, x: torch.Tensor, replicas: int) -> torch.Tensor:
+def _data_parallel(module: nn.Module, x: torch.Tensor, replicas: int, monkeypatch) -> torch.Tensor:
     """``nn.DataParallel(module, device_ids=range(replicas))(x)``, on the CPU (see the module
     docstring): the replicas' threads start together, so their forwards overlap; an exception on
     one is raised here."""
+    monkeypatch.setattr(_replicate_module, "_broadcast_coalesced_reshape", _copies)
     copies = _replicate_module.replicate(module, list(range(replicas)))
     assert all(c._is_replica and not list(c.parameters()) for c in copies)  # as on GPUs
     chunks = x.chunk(replicas)
@@ -94,18 +89,17 @@ def test_replicas_train_as_the_module_on_the_whole_batch(monkeypatch, name, repl
     target = torch.randn(layer(x).shape, generator=generator, dtype=torch.float64)
     if "batch norm" in name:  # replicas normalize each chunk by its own statistics, as nn.BatchNorm1d's
         layer.eval()
-    with _replicas_on_cpu(monkeypatch):
-        for step in range(3):
-            expected_out = layer(x)
-            expected = torch.autograd.grad((expected_out - target).square().sum(), list(layer.parameters()))
-            out = _data_parallel(layer, x, replicas)
-            grads = torch.autograd.grad((out - target).square().sum(), list(layer.parameters()))
-            torch.testing.assert_close(out, expected_out, rtol=1e-12, atol=1e-14, msg=lambda m: f"output, step {step}: {m}")
-            for (pname, _), got, want in zip(layer.named_parameters(), grads, expected):
-                torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14, msg=lambda m: f"{pname}, step {step}: {m}")
-            with torch.no_grad():  # a step, so that a stale collapse would show at the next one
-                for p, g in zip(layer.parameters(), expected):
-                    p -= 0.1 * g
+    for step in range(3):
+        expected_out = layer(x)
+        expected = torch.autograd.grad((expected_out - target).square().sum(), list(layer.parameters()))
+        out = _data_parallel(layer, x, replicas, monkeypatch)
+        grads = torch.autograd.grad((out - target).square().sum(), list(layer.parameters()))
+        torch.testing.assert_close(out, expected_out, rtol=1e-12, atol=1e-14, msg=lambda m: f"output, step {step}: {m}")
+        for (pname, _), got, want in zip(layer.named_parameters(), grads, expected):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14, msg=lambda m: f"{pname}, step {step}: {m}")
+        with torch.no_grad():  # a step, so that a stale collapse would show at the next one
+            for p, g in zip(layer.parameters(), expected):
+                p -= 0.1 * g
 
 
 def test_replicas_train_the_norms_of_frozen_factors(monkeypatch):
@@ -124,8 +118,7 @@ def test_replicas_train_the_norms_of_frozen_factors(monkeypatch):
     assert len(trained) == 2 * len(layer.norms)  # every norm's weight and bias
     x = torch.randn(10, 6, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     expected = torch.autograd.grad(layer(x).square().sum(), trained)
-    with _replicas_on_cpu(monkeypatch):
-        grads = torch.autograd.grad(_data_parallel(layer, x, 3).square().sum(), trained)
+    grads = torch.autograd.grad(_data_parallel(layer, x, 3, monkeypatch).square().sum(), trained)
     for j, (got, want) in enumerate(zip(grads, expected)):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14, msg=lambda m: f"parameter {j}: {m}")
 
@@ -139,16 +132,14 @@ def test_replicas_in_eval_leave_the_module_cache_alone(monkeypatch, name):
         expected = layer(x)  # fills the module's cache
         cache = layer._cache
         cached = cache.value
-        with _replicas_on_cpu(monkeypatch):
-            for _ in range(2):
-                torch.testing.assert_close(_data_parallel(layer, x, 3), expected, rtol=1e-12, atol=1e-14)
+        for _ in range(2):
+            torch.testing.assert_close(_data_parallel(layer, x, 3, monkeypatch), expected, rtol=1e-12, atol=1e-14)
         # The replicas' copies never entered the module's cache: it still holds, and serves, its own.
         assert layer._cache is cache and cache.value is cached and cache.fresh(layer._collapse_inputs())
         torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)
         with torch.no_grad():
             next(layer.parameters()).mul_(1.5)
-        with _replicas_on_cpu(monkeypatch):
-            torch.testing.assert_close(_data_parallel(layer, x, 2), layer(x), rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(_data_parallel(layer, x, 2, monkeypatch), layer(x), rtol=1e-12, atol=1e-14)
 
 
 class _Net(nn.Module):
@@ -186,10 +177,9 @@ def test_tracker_sums_every_replicas_rows(monkeypatch):
     plain.remove()
     tracker = RankTracker(net, embeddings=("encoder",), weights=False, every=1)
     monkeypatch.setattr(fastrank.tracking._EmbeddingAccumulator, "add", add_together)
-    with _replicas_on_cpu(monkeypatch):
-        for batch in batches:
-            together.reset()
-            _data_parallel(net, batch, 4)
+    for batch in batches:
+        together.reset()
+        _data_parallel(net, batch, 4, monkeypatch)
     got = tracker.compute()["encoder"]
     assert got["samples"] == expected["samples"] == 13575
     for metric in ("spectral_entropy", "effective_rank", "stable_rank"):
@@ -202,8 +192,8 @@ def test_tracker_class_metrics_under_replicas_raise(monkeypatch):
     tracker = RankTracker(net, embeddings=("encoder",), weights=False, every=1, num_classes=3)
     x = torch.randn(8, 12, dtype=torch.float64)
     tracker.set_labels(torch.arange(8) % 3)
-    with _replicas_on_cpu(monkeypatch), pytest.raises(ValueError, match="DataParallel replica.*DistributedDataParallel"):
-        _data_parallel(net, x, 2)
+    with pytest.raises(ValueError, match="DataParallel replica.*DistributedDataParallel"):
+        _data_parallel(net, x, 2, monkeypatch)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")

@@ -998,6 +998,13 @@ def test_residual_layers_save_their_interval_and_load_checkpoints_made_without_i
 # ---- torch.nn.utils.parametrize ------------------------------------------------------------
 
 
+def _chain_of_factors(factors, bias, x):
+    """The naive chain of ``factors`` (input side first), then ``bias``."""
+    for factor in factors:
+        x = F.linear(x, factor)
+    return x + bias
+
+
 class _Symmetric(nn.Module):
     def forward(self, X):
         return X.triu() + X.triu(1).T
@@ -1019,10 +1026,7 @@ _PARAMETRIZATIONS = {
 def _chain_of(layer, x):
     """The naive chain of the layer's factors and bias as its attributes read them (a parametrized
     one computed from its original), differentiable."""
-    out = x
-    for factor in layer.factors:
-        out = F.linear(out, factor)
-    return out + layer.bias
+    return _chain_of_factors(list(layer.factors), layer.bias, x)
 
 
 @pytest.mark.parametrize("name", list(_PARAMETRIZATIONS))
@@ -1129,9 +1133,3 @@ def test_pruned_factors_are_their_masked_originals(remove):
         for p, g in zip(params, got):
             p.grad = g
         optimizer.step()
-
-
-def _chain_of_factors(factors, bias, x):
-    for factor in factors:
-        x = F.linear(x, factor)
-    return x + bias

@@ -16,6 +16,7 @@ from torch.optim.optimizer import (
     register_optimizer_step_pre_hook,
 )
 
+from ..chain import _transformed
 from ..rank.common import _is_dtensor
 from ..sharded import collapsed_parameters_of
 
@@ -93,7 +94,7 @@ def _costed_size(n: int | torch.SymInt) -> int:
     return n if type(n) is int else _SYMBOLIC_SIZE
 
 
-def factor_items(depth: int) -> Callable[[dict], tuple]:
+def _factor_getter(depth: int) -> Callable[[dict], tuple]:
     """``items(params)``: the factors ``params["0"] .. params[str(depth - 1)]`` of a ParameterList's
     parameter dict as a tuple, in index order whatever the dict's order (``torch.nn.utils.prune``'s
     ``remove`` re-inserts a factor last), in one C call; KeyError where one is missing."""
@@ -103,7 +104,7 @@ def factor_items(depth: int) -> Callable[[dict], tuple]:
 
 
 def _first_factor(params: dict) -> tuple:
-    """:func:`factor_items` of one factor (an ``itemgetter`` of one key returns no tuple)."""
+    """:func:`_factor_getter` of one factor (an ``itemgetter`` of one key returns no tuple)."""
     return (params["0"],)
 
 
@@ -151,8 +152,8 @@ class _CollapseCache:
     Under a ``torch.func`` transform it does not store (the tensors may be its wrappers, without
     storage). While the current stream captures a CUDA graph the cache neither serves nor stores:
     the graph computes the collapsed parameters from the parameters' memory at every replay, as a
-    graph of ``nn.Linear`` reads its weight's. A cached weight in a graph would stay the one of the capture
-    when an optimizer later updates the parameters in place between replays.
+    graph of ``nn.Linear`` reads its weight's. A cached weight in a graph would stay the one of the
+    capture when an optimizer later updates the parameters in place between replays.
     """
 
     __slots__ = ("tensors", "state", "pins", "steps", "value", "on_cuda")
@@ -182,7 +183,7 @@ class _CollapseCache:
         """Keep ``value``, made of ``tensors`` (not while a CUDA graph is being captured, nor under a
         ``torch.func`` transform: ``vmap`` over stacked parameters, as in model ensembling with
         ``functional_call``, passes tensors without storage, whose wrappers must not outlive it)."""
-        if (value[0].is_cuda and _capturing()) or torch._C._are_functorch_transforms_active():
+        if (value[0].is_cuda and _capturing()) or _transformed():
             return
         self.tensors = tuple(tensors)
         self.state = (*map(_VERSION, self.tensors), *map(_DATA_PTR, self.tensors))
@@ -221,7 +222,9 @@ class _OverparamBase(nn.Module):
         raise NotImplementedError
 
     def _derive_constants(self) -> None:
-        """Per-call constants derived from the hyper-parameters (recomputed on unpickling)."""
+        """Per-call constants derived from the hyper-parameters (recomputed on unpickling); here
+        ``_factor_items``, which reads the factors from the list's dict in order."""
+        self._factor_items = _factor_getter(self.depth)
 
     def clear_cache(self) -> None:
         """Drop the cached collapsed parameters (only needed after in-place writes through
@@ -240,7 +243,7 @@ class _OverparamBase(nn.Module):
         return super()._apply(fn, recurse)
 
     def _factor_list(self) -> list[Tensor]:
-        """``[W_1, ..., W_L]``: read from the ParameterList's dict by key (:func:`factor_items`), as
+        """``[W_1, ..., W_L]``: read from the ParameterList's dict by key (:func:`_factor_getter`), as
         iterating the list cost 7 us a call (depth 4, 2-core Xeon) against 0.1 us. Iterated where
         the dict lacks one: a factor is then a plain tensor attribute, as in an ``nn.DataParallel``
         replica (``torch.nn.parallel.replicate`` sets copies whose gradients autograd carries back
@@ -305,12 +308,6 @@ class _OverparamBase(nn.Module):
         """The tensors the cached collapse is made of: the factors alone when the collapsed bias is
         the module's own ``bias`` (read live on every call), else every state tensor."""
         if self._bias_is_own:
-            factors = self._modules["factors"]  # self._factor_list()'s common case inline (eager only)
-            if not factors._forward_pre_hooks:
-                try:
-                    return self._factor_items(factors._parameters)
-                except KeyError:
-                    pass
             return self._factor_list()
         return self._state_tensors()
 

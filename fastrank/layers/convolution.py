@@ -18,7 +18,6 @@ from .base import (
     _check_positive_int,
     _check_width,
     _costed_size,
-    factor_items,
     _init_factor,
     _is_int,
     _OverparamBase,
@@ -194,8 +193,8 @@ class _OverparamConvNd(_OverparamBase):
     def _derive_constants(self) -> None:
         """``_pad_in_conv``: the padding is zeros, symmetric, and left to the first convolution,
         with ``_conv_padding`` its ``(top, left)``; otherwise the input is padded first."""
+        super()._derive_constants()
         self._derive_geometry()
-        self._factor_items = factor_items(self.depth)  # the factors from the list's dict, in order
         self._bias_is_own = True  # collapsed_parameters returns the module's bias
         left, right, top, bottom = self._pad
         self._pad_in_conv = self.padding_mode == "zeros" and left == right and top == bottom

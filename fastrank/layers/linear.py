@@ -26,7 +26,6 @@ from .base import (
     _check_positive_int,
     _check_width,
     _costed_size,
-    factor_items,
     _init_factor,
     _OverparamBase,
 )
@@ -119,6 +118,7 @@ class OverparamLinear(_OverparamBase):
 
     def _derive_constants(self) -> None:
         """``_inference_collapses``: whether a call without autograd takes the cached weight."""
+        super()._derive_constants()
         # A forward-only call with the collapsed weight cached costs B n_0 n_L, the activation
         # chain B sum(n_j n_{j-1}): whatever B, only a bottleneck chain is cheaper.
         dims = [self.in_features] + [self.hidden_features] * (self.depth - 1) + [self.out_features]
@@ -127,7 +127,6 @@ class OverparamLinear(_OverparamBase):
         # The collapsed bias is the module's own bias (collapsed_parameters) without skips or norms.
         self._bias_is_own = not self.skips and self.norms is None
         self._widest = max(dims)  # which routes a half-precision chain on CUDA (_plain_half_on_cuda)
-        self._factor_items = factor_items(self.depth)  # the factors from the list's dict, in order
 
     @staticmethod
     def _skip_targets(dims: Sequence[int]) -> tuple[int, ...]:
@@ -318,9 +317,9 @@ class OverparamLinear(_OverparamBase):
                     weight, bias = cache.value
                     if self._bias_is_own:
                         try:
-                            bias = self._parameters["bias"]
+                            bias = self._parameters["bias"]  # self._bias_parameter() inline
                         except KeyError:  # a bias under torch.nn.utils.parametrize: an attribute
-                            bias = self._bias_parameter()
+                            bias = self.bias
                     try:
                         return F.linear(x, weight, bias)
                     except (TypeError, RuntimeError) as error:

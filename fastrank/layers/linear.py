@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.utils import parametrize
 
 from ..chain import (
     _chain_linear_as,
@@ -127,6 +128,7 @@ class OverparamLinear(_OverparamBase):
         # The collapsed bias is the module's own bias (collapsed_parameters) without skips or norms.
         self._bias_is_own = not self.skips and self.norms is None
         self._widest = max(dims)  # which routes a half-precision chain on CUDA (_plain_half_on_cuda)
+        self._dims = dims  # n_0 .. n_L, which the cost model reads (the factors' shapes)
 
     @staticmethod
     def _skip_targets(dims: Sequence[int]) -> tuple[int, ...]:
@@ -257,8 +259,7 @@ class OverparamLinear(_OverparamBase):
         linear in it, is then one inequality guard on the size, where a remembered choice would
         specialize it; torch.export's non-strict tracing costs a symbolic size as
         ``_SYMBOLIC_SIZE`` instead (``fastrank.layers.base._costed_size``)."""
-        dims = [self.in_features] + [f.shape[0] for f in self._factor_list()]
-        activation, collapsed = chain_costs(rows, dims, grad_input=grad_input, grad_factors=grad_factors)
+        activation, collapsed = chain_costs(rows, self._dims, grad_input=grad_input, grad_factors=grad_factors)
         if cached:
             # The collapsed weight is already paid for; only a bottleneck chain can beat it.
             collapsed = rows * self.in_features * self.out_features
@@ -308,8 +309,10 @@ class OverparamLinear(_OverparamBase):
             if self._inference_collapses and not self.training and not torch.compiler.is_compiling():
                 cache = self._cache
                 # self._collapse_inputs() inline (a method call less: 0.1 us of a 5 us call). An
-                # nn.DataParallel replica's factor dict is empty: never fresh, it takes the path below.
-                if cache.fresh(
+                # nn.DataParallel replica's factor dict is empty: never fresh, it takes the path below,
+                # as a parametrized factor does (the dict lacks it), and a parametrized layer whose
+                # state tensors would be read here (each read computes the parametrization anew).
+                if (self._bias_is_own or not self._parametrized()) and cache.fresh(
                     self._modules["factors"]._parameters.values() if self._bias_is_own else self._state_tensors()
                 ):
                     # Inference with a valid cache: one F.linear. The input is checked only when
@@ -331,6 +334,14 @@ class OverparamLinear(_OverparamBase):
             out = self._plain_forward(x)
             if out is not None:
                 return out
+        if self._parametrized():
+            with parametrize.cached():
+                return self._general_forward(x)
+        return self._general_forward(x)
+
+    def _general_forward(self, x: Tensor) -> Tensor:
+        """What :meth:`forward` computes where its fast paths do not apply: the input checked, the
+        path chosen by the cost model (collapsed weight or activation chain), every layer kind."""
         _check_input(x, self.in_features, -1, "in_features", self)
         if self.batch_norm and self.training:
             return self._activation_forward(x)

@@ -503,7 +503,7 @@ class LaunchPlan:
     allocations (:func:`_allocator`'s, contiguous or, for an output returned as a transposed
     matrix such as a column-major factor's gradient, with that view's strides), reads one pointer
     per allocation and per external buffer (``fetch()`` each time: a buffer that outlives the
-    call, such as the split-K arrival counters of the current stream), checks those pointers
+    call, such as the split-K arrival counters or the shared workspace of the current stream), checks those pointers
     16-byte aligned, launches every recorded kernel with its arguments written out (sizes, strides
     and constexprs as constants, each tensor argument as a pointer plus an offset) and returns the
     outputs; None where an allocation is not aligned or an external buffer is unavailable.
@@ -546,6 +546,7 @@ class PlanRecorder:
     def __init__(self, inputs: Sequence[torch.Tensor], scalars: int = 0, active: bool = True):
         self.plannable = active  # inactive: launch and allocate only (the call's plan is known)
         self.retry = False
+        self.shared_taken = False  # whether a workspace of the call is a shared buffer
         self.roots: list = list(inputs) + [None] * scalars
         # "input", "scalar" (a per-call integer argument), (shape, dtype) of an allocation, a
         # _Packed copy of an input, the fetch function of an external buffer, or "constant" (a
@@ -583,16 +584,26 @@ class PlanRecorder:
             self.retry = True
         return positions
 
-    def workspace(self, parts: Sequence[tuple], like: torch.Tensor) -> list[torch.Tensor]:
-        """Temporary buffers ``(shape, dtype)`` on ``like``'s device carved from one recorded
-        allocation (one ``torch.empty`` per replay instead of one per buffer, ~1 us each on the CPU
-        allocator), each starting 256-byte aligned."""
+    def workspace(self, parts: Sequence[tuple], like: torch.Tensor,
+                  shared: Callable[[int], tuple[torch.Tensor, Callable[[], torch.Tensor]] | None] | None = None,
+                  ) -> list[torch.Tensor]:
+        """Temporary buffers ``(shape, dtype)`` on ``like``'s device carved from one buffer, each
+        starting 256-byte aligned: one recorded allocation (one ``torch.empty`` per replay instead
+        of one per buffer, ~1 us each on the CPU allocator), or, where ``shared(nbytes)`` gives
+        one, the start of a buffer that outlives the call and the fetch that finds it at each
+        replay (a workspace the current stream's launches share, ``external``). A call takes a
+        shared buffer once: a second workspace of the call is allocated (the two would overlap)."""
         offsets, size = [], 0
         for shape, dtype in parts:
             offsets.append(size)
             numel = math.prod(shape)
             size += -(-numel * dtype.itemsize // 256) * 256
-        buffer = self.empty(max(size, 1), like, torch.uint8)
+        found = shared(max(size, 1)) if shared is not None and not self.shared_taken else None
+        if found is not None:
+            self.shared_taken = True
+            buffer = self.external(*found)
+        else:
+            buffer = self.empty(max(size, 1), like, torch.uint8)
         return [
             buffer[offset : offset + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
             for offset, (shape, dtype) in zip(offsets, parts)

@@ -973,16 +973,30 @@ def split_plan(M: int, tiles: int, num_sms: int, split_k: int | None = None) -> 
 
 
 _SM_COUNTS: dict[int, int] = {}
-# Arrival counters of split launches, one zeroed int32 buffer per (device, stream): the kernel
-# leaves them zero, so consecutive launches on one stream share them without a memset launch.
+# Buffers that launches on one stream share, one per (device, stream) and use: launches on one
+# stream run in order, so each finds the buffer as the previous one left it.
+# Arrival counters of split launches, zeroed int32: the kernel leaves them zero, so consecutive
+# launches on one stream share them without a memset launch.
 _SPLIT_COUNTERS: dict[tuple, Tensor] = {}
-# Buffers a larger one replaced in _SPLIT_COUNTERS, kept: launches queued on their stream may
-# still use them.
+# Scratch of the fused backward (uint8; see _shared_workspace), whose contents no launch reads
+# before writing them.
+_WORKSPACES: dict[tuple, Tensor] = {}
+# Buffers a larger one replaced in _SPLIT_COUNTERS / _WORKSPACES, kept: launches queued on their
+# stream may still use them.
 _RETIRED_COUNTERS: list[Tensor] = []
+_RETIRED_WORKSPACES: list[Tensor] = []
 # Held while a stream's buffer is made or replaced (persistent_buffer waits for a thread of its
 # own, releasing the GIL): two threads launching on one stream would otherwise both make one, and
 # the first, dropped unretired, be freed under its launch.
-_COUNTERS_LOCK = threading.Lock()
+_STREAM_BUFFERS_LOCK = threading.Lock()
+# The largest workspace a stream shares, in bytes (larger ones are allocated per call): the host
+# cost an allocation adds matters where a launch's device time is as small as its host time,
+# which at these sizes it is not. torch's cuBLAS keeps a workspace of a few MiB per handle and
+# stream the same way.
+SHARED_WORKSPACE_BYTES = 4 << 20
+# Whether workspaces are shared at all: not under the interpreter, where a launch runs on the
+# calling thread and two threads on the CPU would share one stream's buffer at once.
+SHARE_WORKSPACES = not BUILT_FOR_INTERPRETER
 
 
 def _num_sms(device: torch.device) -> int:
@@ -1010,23 +1024,56 @@ def _split_counters(device: torch.device, count: int) -> Tensor:
     launch compiles and autotunes); on an H200 the capture of a depth-4, d = 64, B = 1 train step,
     whose backward is the fused kernel, was invalidated (benchmarks/results/h200/README.md)."""
     size = max(next_power_of_2(count), 1024)  # a larger count replaces a buffer at most log2 times
+    return _stream_buffer(_SPLIT_COUNTERS, _RETIRED_COUNTERS, device, count,
+                          lambda: torch.zeros(size, dtype=torch.int32, device=device))
+
+
+def _workspace(device: torch.device, nbytes: int) -> Tensor:
+    """A uint8 buffer of at least ``nbytes`` for this device's current stream, shared as
+    :func:`_split_counters` are (a capture's own while a CUDA graph is captured); its contents are
+    whatever the stream's last launch left there."""
+    size = max(next_power_of_2(nbytes), 1 << 16)
+    return _stream_buffer(_WORKSPACES, _RETIRED_WORKSPACES, device, nbytes,
+                          lambda: torch.empty(size, dtype=torch.uint8, device=device))
+
+
+def _shared_workspace(device: torch.device) -> Callable[[int], tuple[Tensor, Callable[[], Tensor]] | None]:
+    """For :meth:`PlanRecorder.workspace`: ``shared(nbytes)``, the current stream's workspace and
+    its fetch for a launch plan, or None (allocate per call) above SHARED_WORKSPACE_BYTES or where
+    workspaces are not shared. With the driver stubbed an allocation cost 0.6 us a replay and
+    sharing saved 0.25 us of the fused backward's 10.7 us (the fetch costs the rest; 2-core EPYC,
+    Triton 3.9); on a GPU, through the caching allocator, NOT MEASURED."""
+
+    def shared(nbytes: int) -> tuple[Tensor, Callable[[], Tensor]] | None:
+        if not SHARE_WORKSPACES or nbytes > SHARED_WORKSPACE_BYTES:
+            return None
+        return _workspace(device, nbytes), _stream_buffer_fetch(_WORKSPACES, device, nbytes,
+                                                                lambda: _workspace(device, nbytes))
+
+    return shared
+
+
+def _stream_buffer(buffers: dict[tuple, Tensor], retired: list[Tensor], device: torch.device, needed: int,
+                   make: Callable[[], Tensor]) -> Tensor:
+    """``buffers``' entry for this device's current stream, made by ``make()`` (at least ``needed``
+    entries) where it has none or a smaller one (which goes to ``retired``); while the stream
+    captures a CUDA graph, ``make()`` alone (see :func:`_split_counters`)."""
     if _capturing(device):
-        return torch.zeros(size, dtype=torch.int32, device=device)
-    key = _counters_key(device)
-    counters = _SPLIT_COUNTERS.get(key)
-    if counters is None or counters.numel() < count:
-        with _COUNTERS_LOCK:
-            counters = _SPLIT_COUNTERS.get(key)  # another thread's, made while this one waited
-            if counters is None or counters.numel() < count:
-                if counters is not None:
-                    _RETIRED_COUNTERS.append(counters)
-                counters = _SPLIT_COUNTERS[key] = persistent_buffer(
-                    device, lambda: torch.zeros(size, dtype=torch.int32, device=device))
-    return counters
+        return make()
+    key = _stream_key(device)
+    buffer = buffers.get(key)
+    if buffer is None or buffer.numel() < needed:
+        with _STREAM_BUFFERS_LOCK:
+            buffer = buffers.get(key)  # another thread's, made while this one waited
+            if buffer is None or buffer.numel() < needed:
+                if buffer is not None:
+                    retired.append(buffer)
+                buffer = buffers[key] = persistent_buffer(device, make)
+    return buffer
 
 
-def _counters_key(device: torch.device) -> tuple:
-    """The key of ``device``'s current stream in _SPLIT_COUNTERS."""
+def _stream_key(device: torch.device) -> tuple:
+    """The key of ``device``'s current stream in the per-stream buffers."""
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         # the raw stream handle: torch.cuda.current_stream builds a Stream object per call
@@ -1039,10 +1086,10 @@ def _capturing(device: torch.device) -> bool:
     return capturing(device)
 
 
-def _split_counter_fetch(device: torch.device, count: int) -> Callable[[], Tensor]:
-    """``_split_counters(device, count)`` as a launch plan's fetch of an external buffer: the
-    current stream's counters looked up directly (outside a capture), the full function on a miss
-    or in a capture."""
+def _stream_buffer_fetch(buffers: dict[tuple, Tensor], device: torch.device, needed: int,
+                         slow: Callable[[], Tensor]) -> Callable[[], Tensor]:
+    """A launch plan's fetch of an external buffer: the current stream's entry in ``buffers``
+    looked up directly (outside a capture), ``slow()`` on a miss or in a capture."""
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         raw_stream = torch._C._cuda_getCurrentRawStream
@@ -1051,18 +1098,23 @@ def _split_counter_fetch(device: torch.device, count: int) -> Callable[[], Tenso
 
         def fetch() -> Tensor:
             if not stream_capturing():
-                counters = _SPLIT_COUNTERS.get((index, raw_stream(index)))
-                if counters is not None and counters.numel() >= count:
-                    return counters
-            return _split_counters(device, count)
+                buffer = buffers.get((index, raw_stream(index)))
+                if buffer is not None and buffer.numel() >= needed:
+                    return buffer
+            return slow()
     else:  # a stubbed driver's CPU tensors: never captured
         key = (device, 0)
 
         def fetch() -> Tensor:
-            counters = _SPLIT_COUNTERS.get(key)
-            return counters if counters is not None and counters.numel() >= count else _split_counters(device, count)
+            buffer = buffers.get(key)
+            return buffer if buffer is not None and buffer.numel() >= needed else slow()
 
     return fetch
+
+
+def _split_counter_fetch(device: torch.device, count: int) -> Callable[[], Tensor]:
+    """``_split_counters(device, count)`` as a launch plan's fetch of an external buffer."""
+    return _stream_buffer_fetch(_SPLIT_COUNTERS, device, count, lambda: _split_counters(device, count))
 
 
 def _launch_factor_grads(
@@ -1413,9 +1465,10 @@ def _launch_backward(
     most_programs = min(cdiv(M, _SMALLEST_BACKWARD_BLOCK_M), MAX_BACKWARD_PROGRAMS)
     partials_shape = (most_programs * k * block_n * block_n,)
     if k > 1:
-        scratch, partials = recorder.workspace([((M, (k - 1) * block_n), x.dtype), (partials_shape, torch.float32)], x)
+        scratch, partials = recorder.workspace([((M, (k - 1) * block_n), x.dtype), (partials_shape, torch.float32)], x,
+                                               _shared_workspace(x.device))
     else:  # the scratch is never read with one factor
-        scratch, (partials,) = x, recorder.workspace([(partials_shape, torch.float32)], x)
+        scratch, (partials,) = x, recorder.workspace([(partials_shape, torch.float32)], x, _shared_workspace(x.device))
 
     def grid(meta):
         return (min(cdiv(M, meta["BLOCK_M"]), MAX_BACKWARD_PROGRAMS),)

@@ -465,6 +465,7 @@ def layers() -> dict:
         # A CUDA graph's capture after that warm-up: torch.cuda.graph captures on a stream of its
         # own, which has no split counters yet.
         chain._SPLIT_COUNTERS.clear()
+        chain._WORKSPACES.clear()  # nor a shared workspace
         chain._capturing = lambda device: True
         jit, launches = _launch.jit_calls(), stubbed_cuda.launch_count()
         try:

@@ -522,6 +522,8 @@ def test_split_launches_while_capturing_take_their_own_counters(monkeypatch):
     eager_backward = chain_matmul_backward(x, factors, grad)
     eager_grads = chain_factor_grads(grads, inputs, split_k=3)
     monkeypatch.setattr(chain_kernels, "_SPLIT_COUNTERS", {})
+    monkeypatch.setattr(chain_kernels, "_WORKSPACES", {})
+    monkeypatch.setattr(chain_kernels, "SHARE_WORKSPACES", True)
     monkeypatch.setattr(chain_kernels, "_capturing", lambda device: True)
     composed = []
     monkeypatch.setattr(chain_kernels, "compose_chain_backward", lambda *args: composed.append(args))
@@ -534,6 +536,7 @@ def test_split_launches_while_capturing_take_their_own_counters(monkeypatch):
             assert torch.equal(a, b), f"result {j} differs while capturing"
     assert not composed, "the fused backward fell back to the composed kernels while capturing"
     assert not chain_kernels._SPLIT_COUNTERS, "a capture registered its counters for the stream"
+    assert not chain_kernels._WORKSPACES, "a capture registered its workspace for the stream"
     monkeypatch.setattr(chain_kernels, "_capturing", lambda device: False)
     shared = chain_kernels._split_counters(x.device, 8)
     assert chain_kernels._split_counters(x.device, 8) is shared
@@ -561,6 +564,51 @@ def test_a_capture_never_takes_the_streams_counters(monkeypatch):
     wider = chain_kernels._split_counters(device, 4096)
     assert wider.numel() >= 4096 and chain_kernels._RETIRED_COUNTERS == [shared]
     assert fetch() is wider
+
+
+def _backward_unshared(monkeypatch, x, factors, grad):
+    monkeypatch.setattr(chain_kernels, "SHARE_WORKSPACES", False)
+    try:
+        return chain_matmul_backward(x, factors, grad)
+    finally:
+        monkeypatch.setattr(chain_kernels, "SHARE_WORKSPACES", True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_fused_backward_on_the_streams_shared_workspace(monkeypatch, fused_fp32, dtype):
+    # The fused backward's scratch (recomputed intermediates, per-program partial sums) is the
+    # current stream's shared workspace up to SHARED_WORKSPACE_BYTES: whatever an earlier launch
+    # left there (here: NaN bytes), the results equal a fresh allocation's, bit for bit; the
+    # launch really writes there; a larger call replaces it (the old one kept); above the limit a
+    # call allocates its own.
+    monkeypatch.setattr(chain_kernels, "_WORKSPACES", {})
+    monkeypatch.setattr(chain_kernels, "_RETIRED_WORKSPACES", [])
+    monkeypatch.setattr(chain_kernels, "SHARE_WORKSPACES", True)
+    cases = [make_backward(33, [17, 40, 5, 33], dtype), make_backward(161, [17, 40, 5, 33], dtype, seed=4),
+             make_backward(45, [24, 9, 31], dtype, "transposed", seed=5)]
+    for round_ in range(2):
+        for j, (x, factors, grad) in enumerate(cases):
+            assert chain_kernels.fuses_backward(x, factors), f"case {j} is not the fused backward"
+            workspace = chain_kernels._workspace(x.device, 1)
+            workspace.fill_(255)  # NaN in every float format
+            before = workspace.clone()
+            shared = chain_matmul_backward(x, factors, grad)
+            check_backward(shared, x, factors, grad, True, dtype, f"case {j}, round {round_}")
+            for i, (a, b) in enumerate(zip(shared, _backward_unshared(monkeypatch, x, factors, grad))):
+                assert torch.equal(a, b), f"case {j}, round {round_}: result {i} differs from a fresh workspace's"
+            assert len(chain_kernels._WORKSPACES) == 1, "one stream, one workspace"
+            (used,) = chain_kernels._WORKSPACES.values()
+            if used is workspace:
+                assert not torch.equal(used, before), f"case {j}: the launch did not write the shared workspace"
+            else:  # replaced by a larger one, which the launch used
+                assert any(w is workspace for w in chain_kernels._RETIRED_WORKSPACES), f"case {j}: a replaced workspace was dropped"
+    assert chain_kernels._RETIRED_WORKSPACES, "a larger call did not replace the workspace"
+    monkeypatch.setattr(chain_kernels, "_WORKSPACES", {})
+    monkeypatch.setattr(chain_kernels, "SHARED_WORKSPACE_BYTES", 1024)
+    x, factors, grad = cases[0]
+    for a, b in zip(chain_matmul_backward(x, factors, grad), _backward_unshared(monkeypatch, x, factors, grad)):
+        assert torch.equal(a, b)
+    assert not chain_kernels._WORKSPACES, "a workspace above the limit was shared"
 
 
 def test_two_threads_on_one_stream_share_its_first_counters(monkeypatch):

@@ -716,7 +716,10 @@ class PlanRecorder:
         allocated: dict[int, str] = {}  # root -> the name of its buffer
         for root, kind in enumerate(self.kinds):
             if kind in ("input", "scalar"):
-                pointer_of[root] = f"p[{len(pointer_of)}]"
+                pointer_of[root] = f"p{len(pointer_of)}"
+        # one unpacking, then a local per pointer: a subscript per use cost 0.1 us more for the
+        # grouped factor gradients' sixteen uses (2-core EPYC)
+        lines.append(f"{''.join(name + ', ' for name in pointer_of.values()) or '()'} = p")
         allocators: dict[torch.device, Callable] = {}  # one per device, so that each is named once
         for root, kind in enumerate(self.kinds):
             if isinstance(kind, tuple):

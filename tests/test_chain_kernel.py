@@ -611,6 +611,28 @@ def test_fused_backward_on_the_streams_shared_workspace(monkeypatch, fused_fp32,
     assert not chain_kernels._WORKSPACES, "a workspace above the limit was shared"
 
 
+@requires_cuda
+def test_each_stream_has_its_own_workspace(monkeypatch):
+    # Launches on two streams may run at once: each stream's fused backwards take that stream's
+    # workspace, and the results on both equal those on the default stream.
+    monkeypatch.setattr(chain_kernels, "_WORKSPACES", {})
+    x, factors, grad = make_backward(161, [17, 40, 5, 33], torch.float16)
+    expected = chain_matmul_backward(x, factors, grad)
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    results = []
+    for stream in streams:
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            results.append([chain_matmul_backward(x, factors, grad) for _ in range(3)])
+    torch.cuda.synchronize()
+    assert len(chain_kernels._WORKSPACES) == 3, f"workspaces by stream: {list(chain_kernels._WORKSPACES)}"
+    assert len({w.data_ptr() for w in chain_kernels._WORKSPACES.values()}) == 3
+    for s, calls in enumerate(results):
+        for c, got in enumerate(calls):
+            for j, (a, b) in enumerate(zip(got, expected)):
+                assert torch.equal(a, b), f"stream {s}, call {c}: result {j} differs from the default stream's"
+
+
 def test_two_threads_on_one_stream_share_its_first_counters(monkeypatch):
     # Making a stream's buffer waits (on CUDA for a thread of its own): a second thread asking
     # meanwhile gets the same buffer, and none is dropped unretired (it would be freed under the

@@ -11,7 +11,6 @@ from collections.abc import Callable, Collection
 import torch
 import torch.nn as nn
 from torch import Tensor
-from torch.nn.utils import parametrize
 from torch.optim.optimizer import (
     register_optimizer_step_post_hook,
     register_optimizer_step_pre_hook,
@@ -343,30 +342,7 @@ class _OverparamBase(nn.Module):
         weight, bias = value
         return weight, self._bias_parameter() if self._bias_is_own else bias
 
-    def _parametrized(self) -> bool:
-        """Whether a call should hold ``torch.nn.utils.parametrize.cached()``: a factor or the bias
-        is parametrized, and the call is eager and not an ``nn.DataParallel`` replica's.
-
-        The general paths read the factors up to six times a call (the input check, the state
-        tensors, the costs, the collapse, the chain), and each read of a parametrized tensor
-        computes it anew (``orthogonal``: a matrix exponential or a Householder product); under the
-        cache each is computed once per call, the same tensor every read, so the gradients are
-        those of one computation. Not while traced (the cache's switch is a module global, which
-        Dynamo would specialize on) nor in a replica (the replicas' threads would update that
-        switch at once)."""
-        return (
-            ("parametrizations" in self._modules["factors"]._modules or "parametrizations" in self._modules)
-            and not torch.compiler.is_compiling()
-            and not self.__dict__.get("_is_replica", False)
-        )
-
     def _collapsed(self, cache_usable: bool | None = None) -> tuple[Tensor, Tensor | None]:
-        if self._parametrized():
-            with parametrize.cached():
-                return self._collapsed_now(cache_usable)
-        return self._collapsed_now(cache_usable)
-
-    def _collapsed_now(self, cache_usable: bool | None) -> tuple[Tensor, Tensor | None]:
         if _is_dtensor(self._factor_list()[0]):  # FSDP2 outside forward: gather the factors
             return collapsed_parameters_of(self)
         if self._cache_usable() if cache_usable is None else cache_usable:

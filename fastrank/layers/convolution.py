@@ -10,7 +10,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.utils import parametrize
 
 from ..conv import collapse_kernels, collapsed_kernel_size, conv_chain_costs
 from .base import (
@@ -216,7 +215,6 @@ class _OverparamConvNd(_OverparamBase):
             and not self.training
             and not torch.compiler.is_compiling()
             and self._path_choices.get((x.shape[0], x.shape[2], x.shape[3], True, False))
-            and not self._parametrized()  # the path below reads the parametrization once
         ):
             # Inference with the cached collapsed kernel (this input size chose it before): one
             # F.conv2d; the input is checked only when F.conv2d rejects it.
@@ -230,13 +228,6 @@ class _OverparamConvNd(_OverparamBase):
                 failure = error
             _check_input(given, self.in_channels, 1, "in_channels", self)  # a clearer message
             raise failure
-        if self._parametrized():
-            with parametrize.cached():
-                return self._general_forward(x, given)
-        return self._general_forward(x, given)
-
-    def _general_forward(self, x: Tensor, given: Tensor) -> Tensor:
-        """:meth:`_forward_2d` where its cached-kernel inference path does not apply."""
         _check_input(given, self.in_channels, 1, "in_channels", self)
         if not self._pad_in_conv:
             x = F.pad(x, self._pad, mode=_PAD_MODES[self.padding_mode])

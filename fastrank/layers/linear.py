@@ -10,7 +10,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.utils import parametrize
 
 from ..chain import (
     _chain_linear_as,
@@ -128,7 +127,9 @@ class OverparamLinear(_OverparamBase):
         # The collapsed bias is the module's own bias (collapsed_parameters) without skips or norms.
         self._bias_is_own = not self.skips and self.norms is None
         self._widest = max(dims)  # which routes a half-precision chain on CUDA (_plain_half_on_cuda)
-        self._dims = dims  # n_0 .. n_L, which the cost model reads (the factors' shapes)
+        # n_0 .. n_L for the cost model: the factors' shapes without reading the factors (a
+        # parametrized one is computed at each read)
+        self._dims = dims
 
     @staticmethod
     def _skip_targets(dims: Sequence[int]) -> tuple[int, ...]:
@@ -309,10 +310,8 @@ class OverparamLinear(_OverparamBase):
             if self._inference_collapses and not self.training and not torch.compiler.is_compiling():
                 cache = self._cache
                 # self._collapse_inputs() inline (a method call less: 0.1 us of a 5 us call). An
-                # nn.DataParallel replica's factor dict is empty: never fresh, it takes the path below,
-                # as a parametrized factor does (the dict lacks it), and a parametrized layer whose
-                # state tensors would be read here (each read computes the parametrization anew).
-                if (self._bias_is_own or not self._parametrized()) and cache.fresh(
+                # nn.DataParallel replica's factor dict is empty: never fresh, it takes the path below.
+                if cache.fresh(
                     self._modules["factors"]._parameters.values() if self._bias_is_own else self._state_tensors()
                 ):
                     # Inference with a valid cache: one F.linear. The input is checked only when
@@ -334,14 +333,6 @@ class OverparamLinear(_OverparamBase):
             out = self._plain_forward(x)
             if out is not None:
                 return out
-        if self._parametrized():
-            with parametrize.cached():
-                return self._general_forward(x)
-        return self._general_forward(x)
-
-    def _general_forward(self, x: Tensor) -> Tensor:
-        """What :meth:`forward` computes where its fast paths do not apply: the input checked, the
-        path chosen by the cost model (collapsed weight or activation chain), every layer kind."""
         _check_input(x, self.in_features, -1, "in_features", self)
         if self.batch_norm and self.training:
             return self._activation_forward(x)

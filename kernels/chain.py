@@ -1047,7 +1047,7 @@ def _shared_workspace(device: torch.device) -> Callable[[int], tuple[Tensor, Cal
     def shared(nbytes: int) -> tuple[Tensor, Callable[[], Tensor]] | None:
         if not SHARE_WORKSPACES or nbytes > SHARED_WORKSPACE_BYTES:
             return None
-        return _workspace(device, nbytes), _stream_buffer_fetch(_WORKSPACES, device, nbytes,
+        return _workspace(device, nbytes), _stream_buffer_fetch("_WORKSPACES", device, nbytes,
                                                                 lambda: _workspace(device, nbytes))
 
     return shared
@@ -1086,10 +1086,12 @@ def _capturing(device: torch.device) -> bool:
     return capturing(device)
 
 
-def _stream_buffer_fetch(buffers: dict[tuple, Tensor], device: torch.device, needed: int,
+def _stream_buffer_fetch(buffers: str, device: torch.device, needed: int,
                          slow: Callable[[], Tensor]) -> Callable[[], Tensor]:
-    """A launch plan's fetch of an external buffer: the current stream's entry in ``buffers``
-    looked up directly (outside a capture), ``slow()`` on a miss or in a capture."""
+    """A launch plan's fetch of an external buffer: the current stream's entry in the module's dict
+    named ``buffers`` (read at each fetch, as ``slow`` reads it: the dict of the call, not of the
+    recording) looked up directly outside a capture, ``slow()`` on a miss or in a capture."""
+    namespace = globals()
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         raw_stream = torch._C._cuda_getCurrentRawStream
@@ -1098,7 +1100,7 @@ def _stream_buffer_fetch(buffers: dict[tuple, Tensor], device: torch.device, nee
 
         def fetch() -> Tensor:
             if not stream_capturing():
-                buffer = buffers.get((index, raw_stream(index)))
+                buffer = namespace[buffers].get((index, raw_stream(index)))
                 if buffer is not None and buffer.numel() >= needed:
                     return buffer
             return slow()
@@ -1106,7 +1108,7 @@ def _stream_buffer_fetch(buffers: dict[tuple, Tensor], device: torch.device, nee
         key = (device, 0)
 
         def fetch() -> Tensor:
-            buffer = buffers.get(key)
+            buffer = namespace[buffers].get(key)
             return buffer if buffer is not None and buffer.numel() >= needed else slow()
 
     return fetch
@@ -1114,7 +1116,7 @@ def _stream_buffer_fetch(buffers: dict[tuple, Tensor], device: torch.device, nee
 
 def _split_counter_fetch(device: torch.device, count: int) -> Callable[[], Tensor]:
     """``_split_counters(device, count)`` as a launch plan's fetch of an external buffer."""
-    return _stream_buffer_fetch(_SPLIT_COUNTERS, device, count, lambda: _split_counters(device, count))
+    return _stream_buffer_fetch("_SPLIT_COUNTERS", device, count, lambda: _split_counters(device, count))
 
 
 def _launch_factor_grads(

@@ -567,48 +567,73 @@ def test_a_capture_never_takes_the_streams_counters(monkeypatch):
 
 
 def _backward_unshared(monkeypatch, x, factors, grad):
-    monkeypatch.setattr(chain_kernels, "SHARE_WORKSPACES", False)
-    try:
+    """The fused backward with a workspace of its own, through launch plans of its own."""
+    with monkeypatch.context() as patched:
+        patched.setattr(chain_kernels, "SHARE_WORKSPACES", False)
+        patched.setattr(chain_kernels, "_BACKWARD_PLANS", chain_kernels.PlanCache())
         return chain_matmul_backward(x, factors, grad)
-    finally:
-        monkeypatch.setattr(chain_kernels, "SHARE_WORKSPACES", True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
-def test_fused_backward_on_the_streams_shared_workspace(monkeypatch, fused_fp32, dtype):
+def test_fused_backward_on_the_streams_shared_workspace(monkeypatch, dtype):
     # The fused backward's scratch (recomputed intermediates, per-program partial sums) is the
     # current stream's shared workspace up to SHARED_WORKSPACE_BYTES: whatever an earlier launch
-    # left there (here: NaN bytes), the results equal a fresh allocation's, bit for bit; the
-    # launch really writes there; a larger call replaces it (the old one kept); above the limit a
-    # call allocates its own.
+    # left there (here: NaN bytes), the results equal a fresh allocation's, bit for bit, through
+    # the JIT, the call recording a launch plan and the plan's replays (on CUDA; the interpreter
+    # takes the JIT every time); each launch really writes there; a larger call replaces it (the
+    # old one kept); above the limit a call allocates its own. Widths <= 16: fp32 with TF32 off
+    # (torch's default on CUDA) fuses up to MAX_BACKWARD_WIDTH_IEEE.
     monkeypatch.setattr(chain_kernels, "_WORKSPACES", {})
     monkeypatch.setattr(chain_kernels, "_RETIRED_WORKSPACES", [])
     monkeypatch.setattr(chain_kernels, "SHARE_WORKSPACES", True)
-    cases = [make_backward(33, [17, 40, 5, 33], dtype), make_backward(161, [17, 40, 5, 33], dtype, seed=4),
-             make_backward(45, [24, 9, 31], dtype, "transposed", seed=5)]
-    for round_ in range(2):
+    monkeypatch.setattr(chain_kernels, "_BACKWARD_PLANS", chain_kernels.PlanCache())
+    # the second case's scratch outgrows the stream's first workspace (64 KiB)
+    cases = [make_backward(33, [13, 16, 5, 11], dtype), make_backward(1100, [13, 16, 5, 11], dtype, seed=4),
+             make_backward(45, [16, 9, 13], dtype, "transposed", seed=5)]
+    for j, (x, factors, grad) in enumerate(cases):
+        assert chain_kernels.fuses_backward(x, factors), f"case {j} is not the fused backward"
+    for round_ in range(3):  # the JIT, the JIT recording the plan, the plan
         for j, (x, factors, grad) in enumerate(cases):
-            assert chain_kernels.fuses_backward(x, factors), f"case {j} is not the fused backward"
+            what = f"case {j}, call {round_}"
             workspace = chain_kernels._workspace(x.device, 1)
             workspace.fill_(255)  # NaN in every float format
             before = workspace.clone()
             shared = chain_matmul_backward(x, factors, grad)
-            check_backward(shared, x, factors, grad, True, dtype, f"case {j}, round {round_}")
+            check_backward(shared, x, factors, grad, True, dtype, what)
             for i, (a, b) in enumerate(zip(shared, _backward_unshared(monkeypatch, x, factors, grad))):
-                assert torch.equal(a, b), f"case {j}, round {round_}: result {i} differs from a fresh workspace's"
+                assert torch.equal(a, b), f"{what}: result {i} differs from a fresh workspace's"
             assert len(chain_kernels._WORKSPACES) == 1, "one stream, one workspace"
             (used,) = chain_kernels._WORKSPACES.values()
             if used is workspace:
-                assert not torch.equal(used, before), f"case {j}: the launch did not write the shared workspace"
+                assert not torch.equal(used, before), f"{what}: the launch did not write the shared workspace"
             else:  # replaced by a larger one, which the launch used
-                assert any(w is workspace for w in chain_kernels._RETIRED_WORKSPACES), f"case {j}: a replaced workspace was dropped"
+                assert any(w is workspace for w in chain_kernels._RETIRED_WORKSPACES), f"{what}: a replaced workspace was dropped"
     assert chain_kernels._RETIRED_WORKSPACES, "a larger call did not replace the workspace"
     monkeypatch.setattr(chain_kernels, "_WORKSPACES", {})
     monkeypatch.setattr(chain_kernels, "SHARED_WORKSPACE_BYTES", 1024)
+    monkeypatch.setattr(chain_kernels, "_BACKWARD_PLANS", chain_kernels.PlanCache())
     x, factors, grad = cases[0]
-    for a, b in zip(chain_matmul_backward(x, factors, grad), _backward_unshared(monkeypatch, x, factors, grad)):
-        assert torch.equal(a, b)
+    for _ in range(3):
+        for a, b in zip(chain_matmul_backward(x, factors, grad), _backward_unshared(monkeypatch, x, factors, grad)):
+            assert torch.equal(a, b)
     assert not chain_kernels._WORKSPACES, "a workspace above the limit was shared"
+
+
+def test_a_plans_fetch_reads_the_streams_buffer_of_the_call(monkeypatch):
+    # A launch plan's fetch finds the stream's buffer in the module's dict as it is at the call
+    # (a dict replaced after the recording is the one read), else makes it.
+    device = torch.device("cpu")
+    monkeypatch.setattr(chain_kernels, "_capturing", lambda device: False)
+    monkeypatch.setattr(chain_kernels, "SHARE_WORKSPACES", True)
+    fetches = {"_SPLIT_COUNTERS": chain_kernels._split_counter_fetch(device, 8),
+               "_WORKSPACES": chain_kernels._shared_workspace(device)(512)[1]}
+    for name, fetch in fetches.items():
+        replaced = torch.zeros(4096, dtype=torch.int32 if name == "_SPLIT_COUNTERS" else torch.uint8)
+        monkeypatch.setattr(chain_kernels, name, {(device, 0): replaced})
+        assert fetch() is replaced, f"{name}: the fetch read the dict of its recording"
+        monkeypatch.setattr(chain_kernels, name, {})
+        made = fetch()
+        assert made is not replaced and getattr(chain_kernels, name) == {(device, 0): made}, name
 
 
 @requires_cuda

@@ -332,8 +332,8 @@ def test_reduce_overhead_cuda_graphs(launches):
 def test_reduce_overhead_warm_up_keeps_no_buffer_in_the_graph_pool(monkeypatch, dtype):
     # torch.compile's CUDA graph trees send every allocation of a graph's warm-up into their pool
     # and raise when a live tensor there is no graph output (check_memory_pool): the split
-    # counters and the unused-pointer buffers the launchers keep (emptied here, so that this
-    # process makes its first ones in the warm-up) are made outside it. Each step's gradients,
+    # counters, the fused backward's workspaces and the unused-pointer buffers the launchers keep
+    # (emptied here, so that this process makes its first ones in the warm-up) are made outside it. Each step's gradients,
     # warm-up, capture and replays, equal the fp64 chain's within the dtype's rounding (fp32 with
     # TF32 off: the composed backward; bf16: the fused kernel, which takes split counters).
     from torch._dynamo.utils import counters
@@ -342,6 +342,7 @@ def test_reduce_overhead_warm_up_keeps_no_buffer_in_the_graph_pool(monkeypatch, 
     from fastrank.kernels import chain as chain_kernels
 
     monkeypatch.setattr(chain_kernels, "_SPLIT_COUNTERS", {})
+    monkeypatch.setattr(chain_kernels, "_WORKSPACES", {})
     monkeypatch.setattr(_launch, "_UNUSED", {})
     for cache in _launch._CACHES:  # a plan recorded earlier names its buffers as constants
         cache.clear()

@@ -1114,6 +1114,154 @@ def test_choosing_a_path_reads_no_parametrized_factor():
         assert counted.calls == 1, f"batch {batch}: {counted.calls} evaluations"
 
 
+_COUNTED_LAYERS = {
+    "plain": lambda: OverparamLinear(6, 5, depth=3, dtype=torch.float64),
+    "residual": lambda: OverparamLinear(6, 6, depth=3, residual=True, dtype=torch.float64),
+    "batch-norm": lambda: OverparamLinear(6, 5, depth=3, batch_norm=True, dtype=torch.float64),
+    "conv2d": lambda: fastrank.OverparamConv2d(3, 4, kernel_sizes=(3, 1, 1), padding=1, dtype=torch.float64),
+    # a bottleneck: the chain of convs is the cheaper path
+    "conv2d-chain": lambda: fastrank.OverparamConv2d(8, 8, kernel_sizes=(3, 3), width=0.25, padding=2, dtype=torch.float64),
+    "conv1d": lambda: fastrank.OverparamConv1d(3, 4, kernel_sizes=(3, 1), dtype=torch.float64),
+}
+_COUNTED_INPUTS = {"conv2d": [(2, 3, 7, 7), (9, 3, 7, 7)], "conv2d-chain": [(2, 8, 9, 9)],
+                   "conv1d": [(2, 3, 9), (9, 3, 9)]}
+
+
+@pytest.mark.parametrize("target", ["factor", "bias"])
+@pytest.mark.parametrize("kind", list(_COUNTED_LAYERS))
+def test_a_parametrization_is_computed_once_per_call(kind, target):
+    """Each read of a parametrized tensor computes it anew (``orthogonal``: a matrix exponential;
+    ``spectral_norm`` also advances its power iteration at each read in training mode), and the
+    layers' general paths read the factors up to six times a call: a call reads them once, so it
+    computes each parametrization once, as ``nn.Linear`` does its weight's, in every mode and at
+    batch sizes either side of the cost model's threshold; the ``weight`` property too. The reads
+    live for the call (a later read computes anew). The one exception: an eval call with frozen
+    parameters that needs the input's gradient reads once in the plain path, which declines it,
+    and once in the general path."""
+    torch.manual_seed(0)
+    layer = _COUNTED_LAYERS[kind]()
+    counted = _Counted()
+    if target == "factor":
+        nn.utils.parametrize.register_parametrization(layer.factors, "1", counted)
+    else:
+        nn.utils.parametrize.register_parametrization(layer, "bias", counted)
+    shapes = _COUNTED_INPUTS.get(kind, [(5, 6), (4000, 6)])
+    for mode, grad in [("train", True), ("eval", True), ("eval", False), ("train", False)]:
+        layer.train(mode == "train")
+        for shape in shapes:
+            for call in range(2):  # the second with the path remembered (and eval's cache filled)
+                x = torch.randn(*shape, dtype=torch.float64)
+                counted.calls = 0
+                with torch.set_grad_enabled(grad):
+                    out = layer(x)
+                assert counted.calls == 1, f"{mode}, grad {grad}, input {shape}, call {call}: {counted.calls} evaluations"
+                if grad:
+                    out.square().sum().backward()
+                    assert counted.calls == 1, "the backward evaluated the parametrization again"
+    counted.calls = 0
+    layer.weight
+    assert counted.calls == 1, f"weight: {counted.calls} evaluations"
+    counted.calls = 0
+    getattr(layer.factors, "1") if target == "factor" else layer.bias
+    assert counted.calls == 1, "the reads outlived the call"
+
+
+def test_a_calls_reads_are_its_threads_own():
+    """The reads of a call under way on one thread never serve another thread's call, as
+    ``torch.nn.utils.parametrize.cached()`` would (one process-wide cache): a layer trains on the
+    main thread while another thread is inside another layer's call, blocked in its parametrization;
+    each step uses the factor after the last optimizer step."""
+    import threading
+
+    class Blocking(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.armed = False  # not while registered (register_parametrization evaluates it once)
+            self.inside, self.release = threading.Event(), threading.Event()
+
+        def forward(self, X):
+            if self.armed:
+                self.inside.set()
+                self.release.wait(timeout=60)
+            return X
+
+    class Doubled(nn.Module):
+        def forward(self, X):
+            return 2 * X
+
+    torch.manual_seed(0)
+    other = OverparamLinear(4, 4, depth=2, dtype=torch.float64)
+    blocking = Blocking()
+    nn.utils.parametrize.register_parametrization(other.factors, "0", blocking)
+    blocking.armed = True
+    layer = OverparamLinear(6, 5, depth=3, residual=False, dtype=torch.float64)
+    nn.utils.parametrize.register_parametrization(layer.factors, "1", Doubled())
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.01)
+    original = layer.factors.parametrizations["1"].original
+    x = torch.randn(16, 6, dtype=torch.float64)
+    thread = threading.Thread(target=lambda: other.weight)
+    thread.start()
+    try:
+        assert blocking.inside.wait(timeout=60)
+        for step in range(3):
+            layer.train(step < 2)
+            out = layer(x)
+            with torch.no_grad():
+                want = F.linear(x, layer.factors[2] @ (2 * original) @ layer.factors[0], layer.bias)
+            torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12, msg=lambda m: f"step {step}: {m}")
+            optimizer.zero_grad()
+            out.square().sum().backward()
+            optimizer.step()
+    finally:
+        blocking.release.set()
+        thread.join()
+
+
+def test_a_layers_reads_are_its_calls_own_on_each_thread():
+    """Two threads in one layer at once: the reads of the call under way on one thread (blocked in
+    the bias's parametrization, after it read the factors) never serve the other's call, which
+    reads the factors as they are after an in-place update."""
+    import threading
+
+    layer = OverparamLinear(6, 5, depth=3, dtype=torch.float64)
+    first = threading.Event()
+    inside, release = threading.Event(), threading.Event()
+
+    class BlockingOnFirst(nn.Module):
+        def forward(self, b):
+            if first.is_set() and threading.current_thread() is not threading.main_thread():
+                inside.set()
+                release.wait(timeout=60)
+            return b
+
+    class Doubled(nn.Module):
+        def forward(self, X):
+            return 2 * X
+
+    nn.utils.parametrize.register_parametrization(layer.factors, "1", Doubled())
+    nn.utils.parametrize.register_parametrization(layer, "bias", BlockingOnFirst())
+    first.set()
+    original = layer.factors.parametrizations["1"].original
+    x = torch.randn(16, 6, dtype=torch.float64)
+    def call_without_grad():  # the general path, which reads once per call
+        with torch.no_grad():
+            layer(x)
+
+    thread = threading.Thread(target=call_without_grad)
+    thread.start()
+    try:
+        assert inside.wait(timeout=60)
+        with torch.no_grad():
+            original.mul_(3)
+        out = layer(x)
+        with torch.no_grad():
+            want = F.linear(x, layer.factors[2] @ (2 * original) @ layer.factors[0], layer.bias)
+        torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    finally:
+        release.set()
+        thread.join()
+
+
 # ---- torch.nn.utils.prune ------------------------------------------------------------------
 
 

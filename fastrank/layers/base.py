@@ -3,9 +3,11 @@ of the collapsed parameters and the rules for when it may serve a call."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import operator
+import threading
 from collections.abc import Callable, Collection
 
 import torch
@@ -207,6 +209,11 @@ def _clear_after_load(module: _OverparamBase, incompatible_keys) -> None:
         missing.remove(key)
 
 
+# Per thread, the tensors read once for each layer call under way whose factors or bias are
+# parametrized (see _OverparamBase._reading_once): id(layer) -> {"factors": [...], "bias": ...}.
+_CALL_READS = threading.local()
+
+
 class _OverparamBase(nn.Module):
     """Shared machinery: the collapse cache and the choice of when it may be used."""
 
@@ -251,16 +258,28 @@ class _OverparamBase(nn.Module):
         parameter), or a property of ``torch.nn.utils.parametrize`` (``orthogonal``,
         ``spectral_norm``, a user's own), computed at each read. The list's forward pre-hooks run
         first, as they would if the list were called (it never is): ``torch.nn.utils.prune``'s,
-        which set a pruned factor to its original times its mask. Traced (torch.compile), the list
-        is iterated too: Dynamo traces no ``itemgetter``, and the cost is the trace's."""
+        which set a pruned factor to its original times its mask. Within a call that reads them
+        once (:meth:`_reading_once`), every read after the first returns the first's tensors.
+        Traced (torch.compile), the list is iterated too: Dynamo traces no ``itemgetter``, and the
+        cost is the trace's."""
         factors = self._modules["factors"]
         hooks = factors._forward_pre_hooks
-        if not hooks and not torch.compiler.is_compiling():
+        compiling = torch.compiler.is_compiling()
+        if not hooks and not compiling:
             try:
                 return [*self._factor_items(factors._parameters)]
             except KeyError:
                 pass
-        for hook in [*hooks.values()]:
+        reads = None if compiling else self._call_reads()
+        if reads is not None:
+            if "factors" not in reads:
+                reads["factors"] = self._read_factors(factors)
+            return [*reads["factors"]]
+        return self._read_factors(factors)
+
+    @staticmethod
+    def _read_factors(factors: nn.ParameterList) -> list[Tensor]:
+        for hook in [*factors._forward_pre_hooks.values()]:
             hook(factors, ())
         return [*factors]
 
@@ -270,7 +289,48 @@ class _OverparamBase(nn.Module):
         try:
             return self._parameters["bias"]
         except KeyError:
+            pass
+        reads = None if torch.compiler.is_compiling() else self._call_reads()
+        if reads is None:
             return self.bias
+        if "bias" not in reads:
+            reads["bias"] = self.bias
+        return reads["bias"]
+
+    def _parametrized(self) -> bool:
+        """Whether a factor or the bias is under ``torch.nn.utils.parametrize`` in an eager call."""
+        return (
+            ("parametrizations" in self._modules["factors"]._modules or "parametrizations" in self._modules)
+            and not torch.compiler.is_compiling()
+        )
+
+    def _call_reads(self) -> dict | None:
+        """This thread's reads of the call under way (:meth:`_reading_once`), or None."""
+        calls = getattr(_CALL_READS, "calls", None)
+        return calls.get(id(self)) if calls else None
+
+    @contextlib.contextmanager
+    def _reading_once(self):
+        """Within the block, this thread reads the factors and the bias once: a parametrized tensor
+        is computed at each read (``orthogonal``: a matrix exponential; ``spectral_norm`` advances
+        its power iteration at each read in training), and a call's general path reads them up to
+        six times (the input check, the state tensors, the costs, the collapse, the chain), so that
+        a call computes each parametrization once, as ``nn.Linear`` does its weight's, every read
+        the same tensor (gradients of one computation). Per thread and per layer, unlike
+        ``parametrize.cached()``, whose one process-wide cache would serve other threads' reads
+        too; a block within a block of the same layer reuses the outer one's reads."""
+        calls = getattr(_CALL_READS, "calls", None)
+        if calls is None:
+            calls = _CALL_READS.calls = {}
+        key = id(self)
+        if key in calls:
+            yield
+            return
+        calls[key] = {}
+        try:
+            yield
+        finally:
+            del calls[key]
 
     def _replicate_for_data_parallel(self) -> _OverparamBase:
         # nn.DataParallel's replica (torch.nn.parallel.replicate) starts as a shallow copy of this
@@ -343,6 +403,12 @@ class _OverparamBase(nn.Module):
         return weight, self._bias_parameter() if self._bias_is_own else bias
 
     def _collapsed(self, cache_usable: bool | None = None) -> tuple[Tensor, Tensor | None]:
+        if self._parametrized():
+            with self._reading_once():
+                return self._collapsed_now(cache_usable)
+        return self._collapsed_now(cache_usable)
+
+    def _collapsed_now(self, cache_usable: bool | None) -> tuple[Tensor, Tensor | None]:
         if _is_dtensor(self._factor_list()[0]):  # FSDP2 outside forward: gather the factors
             return collapsed_parameters_of(self)
         if self._cache_usable() if cache_usable is None else cache_usable:

@@ -182,7 +182,7 @@ class _OverparamConvNd(_OverparamBase):
     def collapsed_parameters(self) -> tuple[Tensor, Tensor | None]:
         """The collapsed ``(out_channels, in_channels / groups, *kernel_size)`` kernel and the bias."""
         kernel = collapse_kernels(self._kernels(), self.groups)
-        return (kernel if self._spatial == 2 else kernel.squeeze(2)), self.bias
+        return (kernel if self._spatial == 2 else kernel.squeeze(2)), self._bias_parameter()
 
     @property
     def weight(self) -> Tensor:
@@ -215,6 +215,7 @@ class _OverparamConvNd(_OverparamBase):
             and not self.training
             and not torch.compiler.is_compiling()
             and self._path_choices.get((x.shape[0], x.shape[2], x.shape[3], True, False))
+            and not self._parametrized()  # the path below reads a parametrization once
         ):
             # Inference with the cached collapsed kernel (this input size chose it before): one
             # F.conv2d; the input is checked only when F.conv2d rejects it.
@@ -228,6 +229,13 @@ class _OverparamConvNd(_OverparamBase):
                 failure = error
             _check_input(given, self.in_channels, 1, "in_channels", self)  # a clearer message
             raise failure
+        if self._parametrized():
+            with self._reading_once():
+                return self._general_forward(x, given)
+        return self._general_forward(x, given)
+
+    def _general_forward(self, x: Tensor, given: Tensor) -> Tensor:
+        """:meth:`_forward_2d` where its cached-kernel inference path does not apply."""
         _check_input(given, self.in_channels, 1, "in_channels", self)
         if not self._pad_in_conv:
             x = F.pad(x, self._pad, mode=_PAD_MODES[self.padding_mode])

@@ -200,7 +200,7 @@ class OverparamLinear(_OverparamBase):
         """
         factors, shifts = self._folded_factors()
         if not self.skips and self.norms is None:
-            return collapsed_weight(factors), self.bias
+            return collapsed_weight(factors), self._bias_parameter()
         blocks, offset = [], None
         for indices, skip in self._segments():
             block = collapsed_weight([factors[j] for j in indices])
@@ -218,7 +218,7 @@ class OverparamLinear(_OverparamBase):
                 offset = shift if offset is None else offset + shift
             blocks.append(block)
         weight = collapsed_weight(blocks)
-        bias = self.bias
+        bias = self._bias_parameter()
         if offset is not None:
             bias = offset if bias is None else bias + offset
         return weight, bias
@@ -245,8 +245,9 @@ class OverparamLinear(_OverparamBase):
                     h = self.norms[j](F.linear(h, factors[j]))
             if skip:
                 h = h + start
-        if self.bias is not None:
-            h = h + self.bias.to(h.dtype)
+        bias = self._bias_parameter()
+        if bias is not None:
+            h = h + bias.to(h.dtype)
         return h.reshape(*x.shape[:-1], self.out_features)
 
     def _choose_path(self, key: tuple, rows: int) -> bool:
@@ -310,8 +311,10 @@ class OverparamLinear(_OverparamBase):
             if self._inference_collapses and not self.training and not torch.compiler.is_compiling():
                 cache = self._cache
                 # self._collapse_inputs() inline (a method call less: 0.1 us of a 5 us call). An
-                # nn.DataParallel replica's factor dict is empty: never fresh, it takes the path below.
-                if cache.fresh(
+                # nn.DataParallel replica's factor dict is empty: never fresh, it takes the path below,
+                # as a parametrized factor does (the dict lacks it), and a parametrized layer whose
+                # state tensors this would read (the path below reads them once).
+                if (self._bias_is_own or not self._parametrized()) and cache.fresh(
                     self._modules["factors"]._parameters.values() if self._bias_is_own else self._state_tensors()
                 ):
                     # Inference with a valid cache: one F.linear. The input is checked only when
@@ -333,6 +336,14 @@ class OverparamLinear(_OverparamBase):
             out = self._plain_forward(x)
             if out is not None:
                 return out
+        if self._parametrized():
+            with self._reading_once():
+                return self._general_forward(x)
+        return self._general_forward(x)
+
+    def _general_forward(self, x: Tensor) -> Tensor:
+        """:meth:`forward` where its fast paths do not apply: the input checked, the path chosen by
+        the cost model (the collapsed weight or the activation chain), every layer kind."""
         _check_input(x, self.in_features, -1, "in_features", self)
         if self.batch_norm and self.training:
             return self._activation_forward(x)

@@ -503,8 +503,8 @@ class LaunchPlan:
     allocations (:func:`_allocator`'s, contiguous or, for an output returned as a transposed
     matrix such as a column-major factor's gradient, with that view's strides), reads one pointer
     per allocation and per external buffer (``fetch()`` each time: a buffer that outlives the
-    call, such as the split-K arrival counters or the shared workspace of the current stream), checks those pointers
-    16-byte aligned, launches every recorded kernel with its arguments written out (sizes, strides
+    call, such as the split-K arrival counters or the shared workspace of the current stream),
+    checks those pointers 16-byte aligned, launches every recorded kernel with its arguments written out (sizes, strides
     and constexprs as constants, each tensor argument as a pointer plus an offset) and returns the
     outputs; None where an allocation is not aligned or an external buffer is unavailable.
     """

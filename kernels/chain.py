@@ -1466,11 +1466,11 @@ def _launch_backward(
     block_n = _resident_block(widths)
     most_programs = min(cdiv(M, _SMALLEST_BACKWARD_BLOCK_M), MAX_BACKWARD_PROGRAMS)
     partials_shape = (most_programs * k * block_n * block_n,)
+    shared = _shared_workspace(x.device)
     if k > 1:
-        scratch, partials = recorder.workspace([((M, (k - 1) * block_n), x.dtype), (partials_shape, torch.float32)], x,
-                                               _shared_workspace(x.device))
+        scratch, partials = recorder.workspace([((M, (k - 1) * block_n), x.dtype), (partials_shape, torch.float32)], x, shared)
     else:  # the scratch is never read with one factor
-        scratch, (partials,) = x, recorder.workspace([(partials_shape, torch.float32)], x, _shared_workspace(x.device))
+        scratch, (partials,) = x, recorder.workspace([(partials_shape, torch.float32)], x, shared)
 
     def grid(meta):
         return (min(cdiv(M, meta["BLOCK_M"]), MAX_BACKWARD_PROGRAMS),)

@@ -1015,6 +1015,11 @@ class _Halved(nn.Module):
         return 0.5 * b
 
 
+class _Doubled(nn.Module):
+    def forward(self, X):
+        return 2 * X
+
+
 _PARAMETRIZATIONS = {
     "orthogonal factor": lambda layer: nn.utils.parametrizations.orthogonal(layer.factors, "1"),
     "spectral-norm factor": lambda layer: nn.utils.parametrizations.spectral_norm(layer.factors, "1"),
@@ -1185,17 +1190,13 @@ def test_a_calls_reads_are_its_threads_own():
                 self.release.wait(timeout=60)
             return X
 
-    class Doubled(nn.Module):
-        def forward(self, X):
-            return 2 * X
-
     torch.manual_seed(0)
     other = OverparamLinear(4, 4, depth=2, dtype=torch.float64)
     blocking = Blocking()
     nn.utils.parametrize.register_parametrization(other.factors, "0", blocking)
     blocking.armed = True
     layer = OverparamLinear(6, 5, depth=3, residual=False, dtype=torch.float64)
-    nn.utils.parametrize.register_parametrization(layer.factors, "1", Doubled())
+    nn.utils.parametrize.register_parametrization(layer.factors, "1", _Doubled())
     optimizer = torch.optim.SGD(layer.parameters(), lr=0.01)
     original = layer.factors.parametrizations["1"].original
     x = torch.randn(16, 6, dtype=torch.float64)
@@ -1234,11 +1235,7 @@ def test_a_layers_reads_are_its_calls_own_on_each_thread():
                 release.wait(timeout=60)
             return b
 
-    class Doubled(nn.Module):
-        def forward(self, X):
-            return 2 * X
-
-    nn.utils.parametrize.register_parametrization(layer.factors, "1", Doubled())
+    nn.utils.parametrize.register_parametrization(layer.factors, "1", _Doubled())
     nn.utils.parametrize.register_parametrization(layer, "bias", BlockingOnFirst())
     first.set()
     original = layer.factors.parametrizations["1"].original

@@ -264,13 +264,12 @@ class _OverparamBase(nn.Module):
         cost is the trace's."""
         factors = self._modules["factors"]
         hooks = factors._forward_pre_hooks
-        compiling = torch.compiler.is_compiling()
-        if not hooks and not compiling:
+        if not hooks and not torch.compiler.is_compiling():
             try:
                 return [*self._factor_items(factors._parameters)]
             except KeyError:
                 pass
-        reads = None if compiling else self._call_reads()
+        reads = self._call_reads()
         if reads is not None:
             if "factors" not in reads:
                 reads["factors"] = self._read_factors(factors)
@@ -290,7 +289,7 @@ class _OverparamBase(nn.Module):
             return self._parameters["bias"]
         except KeyError:
             pass
-        reads = None if torch.compiler.is_compiling() else self._call_reads()
+        reads = self._call_reads()
         if reads is None:
             return self.bias
         if "bias" not in reads:
@@ -305,7 +304,10 @@ class _OverparamBase(nn.Module):
         )
 
     def _call_reads(self) -> dict | None:
-        """This thread's reads of the call under way (:meth:`_reading_once`), or None."""
+        """This thread's reads of the call under way (:meth:`_reading_once`), or None (always while
+        traced: Dynamo would break the graph at the thread-local)."""
+        if torch.compiler.is_compiling():
+            return None
         calls = getattr(_CALL_READS, "calls", None)
         return calls.get(id(self)) if calls else None
 

@@ -280,7 +280,7 @@ class _OverparamBase(nn.Module):
     def _read_factors(factors: nn.ParameterList) -> list[Tensor]:
         for hook in [*factors._forward_pre_hooks.values()]:
             hook(factors, ())
-        return [*factors]
+        return list(factors)  # Dynamo of torch 2.11 cannot trace [*factors] (it can list())
 
     def _bias_parameter(self) -> Tensor | None:
         """The ``bias`` parameter, or None: read from the module's dict, else as an attribute (see

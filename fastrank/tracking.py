@@ -16,7 +16,9 @@ import itertools
 import json
 import math
 import numbers
+import sys
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -116,6 +118,55 @@ def _in_backward() -> bool:
     """Whether the autograd engine runs on this thread: a forward now is the recompute of a
     checkpointed region (``torch.utils.checkpoint``, reentrant or not), not a forward of its own."""
     return torch._C._current_graph_task_id() != -1
+
+
+# Under torch.compile a watched module's forward hook is traced as one call of this op, which runs
+# the hook's accumulation (RankTracker._accumulate) when the compiled graph runs: Dynamo cannot
+# trace the accumulation (its lock, the autograd engine query, the generators of the sketch and of
+# the token selection), and a graph break inside a module hook left the compiled model in a graph
+# per module on every step, not only on measurement steps (7 graphs for a five-module MLP, 1
+# without the tracker). The op finds its tracker by key (weakly: it keeps no tracker alive, and a
+# removed one is forgotten). It mutates nothing, but it declares that it mutates ``token``: Dynamo
+# and AOTAutograd drop a call of a pure op whose result is unused, and this one returns nothing.
+_TRACKERS: weakref.WeakValueDictionary[int, RankTracker] = weakref.WeakValueDictionary()
+_TRACKER_KEYS = itertools.count()
+_TRACK_TOKEN = torch.zeros(())
+
+
+@torch.library.custom_op("fastrank::track_output", mutates_args=("token",), tags=(torch.Tag.cudagraph_unsafe,))
+def _track_output(output: Tensor, token: Tensor, tracker: int, name: str) -> None:
+    """Accumulate ``output``, the output of module ``name``, into the RankTracker with key
+    ``tracker`` (nothing once that tracker is removed or gone), as its eager hook would: whether
+    the forward counts is decided here, when the compiled graph runs. ``token``: unused (see
+    ``_TRACK_TOKEN``). Tagged ``cudagraph_unsafe``: Inductor leaves it out of the CUDA graphs it
+    captures (``mode="reduce-overhead"``), where a replay would skip it."""
+    found = _TRACKERS.get(tracker)
+    if found is not None:
+        found._accumulate(name, output)
+
+
+@_track_output.register_fake
+def _(output: Tensor, token: Tensor, tracker: int, name: str) -> None:
+    return None
+
+
+def _exporting() -> bool:
+    """Whether torch.export traces the call: the flag ``torch.compiler.is_exporting()`` returns, read
+    directly because Dynamo of torch 2.11 traces ``is_exporting()`` as True under torch.compile too.
+    An exported program leaves the tracker's op out: it observes training, and another process
+    could not run it."""
+    return bool(getattr(torch.compiler, "_is_exporting_flag", False))
+
+
+def _forget_compiled_code() -> None:
+    """torch.compile does not guard on forward hooks (``torch._dynamo.config.skip_nnmodule_hook_guards``):
+    code compiled before a hook was registered, for the hooked model or for another built the same
+    way, goes on running without it, and a tracker made after a compiled call would never see the
+    outputs it watches. So, where Dynamo has been imported in this process (without it nothing is
+    compiled), its compiled code is dropped (``torch.compiler.reset()``): a compiled model
+    compiles again at its next call, with the hooks."""
+    if "torch._dynamo" in sys.modules and not torch.compiler.is_compiling():
+        torch.compiler.reset()
 
 
 def weight_matrix(module: nn.Module) -> Tensor | None:
@@ -270,6 +321,12 @@ class RankTracker:
     or weights that are not finite (NaN or Inf, a diverged run) raise at the measurement, naming
     the module and the step.
 
+    ``torch.compile``: the hooks are traced as calls of ``fastrank::track_output``, which accumulate
+    when the compiled graph runs (no graph break, no added graph); a tracker with embeddings drops
+    Dynamo's compiled code when made (``torch.compiler.reset()``), since torch.compile does not
+    guard on forward hooks and a model compiled before would run on without them. ``torch.export``
+    leaves the tracker out.
+
     Sharded models (FSDP2, tensor parallel): DTensor weights are measured without gathering them
     (:mod:`fastrank.sharded`), in ``step()`` on the calling thread also with ``background=True``
     (their all-reduces must run in the same order on every rank); over-parameterized layers whose
@@ -343,9 +400,13 @@ class RankTracker:
         # Held while a hook accumulates: nn.DataParallel runs its replicas' forwards (and so the
         # hooks, which replicas share) on a thread each.
         self._lock = threading.Lock()
+        self._key = next(_TRACKER_KEYS)  # what a compiled graph's fastrank::track_output calls name it by
+        _TRACKERS[self._key] = self
         self._handles = [
             modules[name].register_forward_hook(self._hook(name)) for name in embeddings
         ]
+        if self._handles:
+            _forget_compiled_code()
 
     # ---- accumulation -----------------------------------------------------------------------
 
@@ -362,20 +423,30 @@ class RankTracker:
 
     def _hook(self, name: str):
         def hook(module, inputs, output):
-            if not self._counts():
+            if torch.compiler.is_compiling():  # traced: the accumulation runs with the graph
+                first = output[0] if isinstance(output, (tuple, list)) and output else output
+                if isinstance(first, Tensor) and not _exporting():
+                    torch.ops.fastrank.track_output(first, _TRACK_TOKEN, self._key, name)
                 return
-            output = select_tokens(output, self.token_rate, self.seed, self.step_count, self.token_dim)
-            rows = _rows(output)
-            if rows is None:
-                return
-            if module.__dict__.get("_is_replica"):
-                rows = self._replica_rows(name, rows)
-            with self._lock, torch.no_grad():
-                self._accumulators[name].add(rows)
-                if self.num_classes is not None:
-                    self._add_classes(name, rows)
+            self._accumulate(name, output, module.__dict__.get("_is_replica", False))
 
         return hook
+
+    def _accumulate(self, name: str, output: Any, replica: bool = False) -> None:
+        """Fold the output of module ``name`` into its accumulators if this forward counts
+        (:meth:`_counts`); ``replica``: the module is an ``nn.DataParallel`` replica."""
+        if not self._counts():
+            return
+        output = select_tokens(output, self.token_rate, self.seed, self.step_count, self.token_dim)
+        rows = _rows(output)
+        if rows is None:
+            return
+        if replica:
+            rows = self._replica_rows(name, rows)
+        with self._lock, torch.no_grad():
+            self._accumulators[name].add(rows)
+            if self.num_classes is not None:
+                self._add_classes(name, rows)
 
     def _replica_rows(self, name: str, rows: Tensor) -> Tensor:
         """The rows of an ``nn.DataParallel`` replica of module ``name`` (one slice of the batch,
@@ -665,6 +736,7 @@ class RankTracker:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        _TRACKERS.pop(self._key, None)  # compiled graphs that still call its op call nothing
         self.flush()
         if self._executor is not None:
             self._executor.shutdown()

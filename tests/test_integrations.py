@@ -192,11 +192,12 @@ def test_callback_arguments_are_checked_at_construction(framework, options, erro
 # ---- Hugging Face ----------------------------------------------------------------------------
 
 
-def _gpt2_train(tmp_path, callback_options, evaluate=False, checkpointing=None, **config):
+def _gpt2_train(tmp_path, callback_options, evaluate=False, checkpointing=None, compile_backend=None, **config):
     """``Trainer.train`` of a tiny GPT-2 (3 steps of 4 sequences of 16 tokens) with a RankCallback
     attached; returns (trainer, callback, model). ``evaluate``: 6 held-out sequences in batches of 3,
     evaluated after every step. ``checkpointing``: gradient checkpointing of the blocks,
-    "reentrant" or "non-reentrant"."""
+    "reentrant" or "non-reentrant". ``compile_backend``: the Trainer compiles the model
+    (``torch_compile=True``) with this torch.compile backend."""
     transformers = pytest.importorskip("transformers")
     from fastrank.integrations.transformers import RankCallback
 
@@ -213,9 +214,10 @@ def _gpt2_train(tmp_path, callback_options, evaluate=False, checkpointing=None, 
     tokens = torch.randint(0, 97, (18, 16), generator=gen)
     dataset = [{"input_ids": t, "labels": t} for t in tokens]
     evaluation = dict(eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=3) if evaluate else {}
+    compiling = dict(torch_compile=True, torch_compile_backend=compile_backend) if compile_backend else {}
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-3,
-        logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, **evaluation,
+        logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, **evaluation, **compiling,
     )
     trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset[:12],
                                    eval_dataset=dataset[12:] if evaluate else None)
@@ -271,6 +273,26 @@ def test_transformers_trainer_measures_training_steps_only(tmp_path, checkpointi
     assert [row["step"] for row in embeddings] == [1, 1, 2, 2, 3, 3]  # global steps
     assert all(row["samples"] == 4 * 16 for row in embeddings), [row["samples"] for row in embeddings]
     _assert_same_history(history, plain.tracker.history, prefix="", offset=0)
+
+
+def test_transformers_trainer_with_torch_compile_measures_what_eager_does(tmp_path):
+    # Trainer(torch_compile=True) with evaluation after every step: the blocks' hooks run in the
+    # compiled graphs (fastrank::track_output), training forwards only, as in the eager run.
+    torch._dynamo.reset()
+    options = dict(embeddings=("transformer.h.1", "transformer.h.1.mlp"), every=1, background=False)
+    no_dropout = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    _, eager, _ = _gpt2_train(tmp_path / "eager", options, **no_dropout)
+    trainer, compiled, model = _gpt2_train(tmp_path / "compiled", options, evaluate=True, compile_backend="aot_eager",
+                                           **no_dropout)
+    assert sum("eval_loss" in entry for entry in trainer.state.log_history) == 3
+    assert isinstance(trainer.model_wrapped, torch._dynamo.eval_frame.OptimizedModule)  # the compiled model ran
+    history, expected = compiled.tracker.history, eager.tracker.history
+    assert [(row["step"], row["name"]) for row in history] == [(row["step"], row["name"]) for row in expected]
+    embeddings = [row for row in history if row["name"] in options["embeddings"]]
+    assert [row["samples"] for row in embeddings] == [4 * 16] * 6
+    for got, want in zip(history, expected):
+        for key in got.keys() - {"step", "name"}:  # the compiled graphs' fp32 rounding
+            assert got[key] == pytest.approx(want[key], rel=1e-5), (got["step"], got["name"], key)
 
 
 # ---- plots ------------------------------------------------------------------------------------

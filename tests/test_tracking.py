@@ -358,6 +358,167 @@ def test_checkpoint_recompute_is_not_counted(use_reentrant, early_stop, forwards
         _assert_measures(result["over"], [net.over(net.encoder(b)) for b in batches])
 
 
+# ---- torch.compile ---------------------------------------------------------------------------
+
+
+def _compile_counter(backend="aot_eager"):
+    """A torch.compile backend that counts the graphs it compiles, then compiles them with ``backend``."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    return CompileCounterWithBackend(backend)
+
+
+def _train_and_measure(net, forward, tracker, steps, labels=None):
+    """``steps`` SGD steps of ``forward`` (the net, compiled or not) on seeded batches, the tracker
+    stepped after each; its history."""
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    generator = torch.Generator().manual_seed(5)
+    for step in range(steps):
+        x = torch.randn(6 + step, 12, generator=generator)
+        if labels is not None:
+            tracker.set_labels(torch.randint(0, labels, (x.shape[0],), generator=generator))
+        loss = forward(x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        tracker.step()
+    return tracker.history
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_a_compiled_model_stays_one_graph_and_measures_as_eager(backend):
+    # The hooks are traced as calls of fastrank::track_output, which accumulate when the graph
+    # runs: fullgraph holds (a graph break in a hook left the model in a graph per module), one
+    # graph serves measured and unmeasured steps, and the history is eager's.
+    options = dict(embeddings=("encoder", "over"), weights=True, every=2, num_classes=3)
+    eager_net = Net()
+    eager = _train_and_measure(eager_net, eager_net, RankTracker(eager_net, **options), 5, labels=3)
+    graphs = []
+    for tracked in (False, True):  # the same loop untracked, then tracked: the graphs it compiles
+        torch._dynamo.reset()
+        net = Net()
+        tracker = RankTracker(net, **(options if tracked else dict(weights=False, every=2)))
+        counter = _compile_counter(backend)
+        compiled = _train_and_measure(net, torch.compile(net, backend=counter, fullgraph=True), tracker, 5,
+                                      labels=3 if tracked else None)
+        graphs.append(counter.frame_count)
+    assert graphs[1] == graphs[0]  # the tracker adds none (fullgraph: it breaks none)
+    assert [(row["step"], row["name"]) for row in compiled] == [(row["step"], row["name"]) for row in eager]
+    assert {row["name"] for row in compiled} >= {"encoder", "over", "head.weight"}
+    for got, expected in zip(compiled, eager):
+        assert got["samples"] == expected["samples"] if "samples" in expected else "samples" not in got
+        for metric in ("spectral_entropy", "stable_rank", "nc1", "class_mean_effective_rank"):
+            if metric in expected:  # the compiled forward's fp32 rounding, not a missing or extra row
+                assert got[metric] == pytest.approx(expected[metric], rel=1e-5), (got["step"], got["name"], metric)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_model_compiled_with_cuda_graphs_measures_every_replay():
+    # mode="reduce-overhead": Inductor captures CUDA graphs around the cudagraph-unsafe op, which
+    # runs at every replay (a captured call would run once, at the capture).
+    torch._dynamo.reset()
+    net = Net().cuda()
+    tracker = RankTracker(net, embeddings=("encoder", "over"), weights=False, every=1)
+    forward = torch.compile(net, mode="reduce-overhead")
+    generator = torch.Generator().manual_seed(6)
+    for step in range(5):
+        batch = torch.randn(8, 12, generator=generator)
+        with torch.no_grad():
+            forward(batch.cuda())
+        result = tracker.step()
+        with torch.no_grad():
+            rows = net.encoder(batch.cuda()).cpu()
+        assert result["encoder"]["samples"] == 8, step
+        entropy, _ = _entropy_of_gram(rows)
+        assert result["encoder"]["spectral_entropy"] == pytest.approx(entropy, rel=1e-5), step
+    tracker.remove()
+
+
+def test_a_tracker_made_after_a_compiled_call_measures():
+    # torch.compile does not guard on forward hooks: without dropping the compiled code, a model
+    # compiled before its tracker (or another model built the same way) ran without the hooks.
+    torch._dynamo.reset()
+    counter = _compile_counter()
+    first = Net()
+    torch.compile(first, backend=counter)(torch.randn(3, 12))
+    net = Net()
+    forward = torch.compile(net, backend=counter)
+    forward(torch.randn(4, 12))
+    tracker = RankTracker(net, embeddings=("encoder",), weights=False)
+    batch = torch.randn(5, 12)
+    forward(batch)
+    result = tracker.compute()["encoder"]
+    tracker.remove()
+    with torch.no_grad():
+        _assert_measures(result, [net.encoder(batch)])
+    assert counter.frame_count >= 2  # compiled again, with the hook
+
+
+@pytest.mark.parametrize("forwards", ["all", "training"])
+def test_compiled_forwards_count_as_eager_ones(forwards):
+    # Whether a forward counts is decided when the graph runs: training and eval graphs, a held-out
+    # batch under no_grad, unmeasured steps, and a removed tracker (its graphs still call the op).
+    torch._dynamo.reset()
+    net = Net()
+    tracker = RankTracker(net, embeddings=("encoder",), weights=False, every=2, forwards=forwards)
+    forward = torch.compile(net, backend=_compile_counter())
+    train, held_out, evaluated, unmeasured = (torch.randn(n, 12) for n in (6, 5, 4, 3))
+    forward(train).sum().backward()
+    with torch.no_grad():
+        forward(held_out)
+    net.eval()
+    with torch.no_grad():
+        forward(evaluated)
+    net.train()
+    result = tracker.step()["encoder"]
+    forward(unmeasured)  # step 1: not measured
+    assert tracker._accumulators["encoder"].gram is None
+    tracker.step()
+    tracker.remove()
+    forward(unmeasured)  # step 2 would be measured; the tracker is gone
+    torch.ops.fastrank.track_output(unmeasured, torch.zeros(()), tracker._key, "encoder")  # a stale graph's call
+    assert tracker._accumulators["encoder"].gram is None
+    with torch.no_grad():
+        rows = [net.encoder(b) for b in (train, held_out, evaluated)]
+    _assert_measures(result, rows if forwards == "all" else rows[:2])
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_a_compiled_checkpoint_recompute_is_not_counted(use_reentrant):
+    torch._dynamo.reset()
+    net = CheckpointedNet(use_reentrant)
+    tracker = RankTracker(net, embeddings=("encoder", "over"), weights=False)
+    forward = torch.compile(net, backend=_compile_counter())
+    batches = [torch.randn(n, 12, requires_grad=True) for n in (8, 3)]
+    for batch in batches:
+        forward(batch).square().sum().backward()
+    assert all(batch.grad is not None for batch in batches)
+    result = tracker.compute()
+    tracker.remove()
+    with torch.no_grad():
+        _assert_measures(result["encoder"], [net.encoder(b) for b in batches])
+        _assert_measures(result["over"], [net.over(net.encoder(b)) for b in batches])
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
+def test_export_leaves_the_tracker_out(strict):
+    # torch.export of a watched model: no tracker op in the program, nothing accumulated from its
+    # fake tensors (the hook once left fake tensors in the accumulators, or broke a strict export).
+    net = Net()
+    tracker = RankTracker(net, embeddings=("encoder",), weights=False)
+    program = torch.export.export(net, (torch.randn(4, 12),), strict=strict)
+    targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert "fastrank.chain_matmul.default" in targets  # the layer's own op, not the tracker's
+    assert not any("track_output" in target for target in targets), targets
+    assert tracker._accumulators["encoder"].gram is None
+    batch = torch.randn(4, 12)
+    assert torch.equal(program.module()(batch), net(batch))
+    result = tracker.compute()["encoder"]
+    tracker.remove()
+    with torch.no_grad():
+        _assert_measures(result, [net.encoder(batch)])
+
+
 # ---- non-finite values ----------------------------------------------------------------------
 
 

@@ -315,6 +315,7 @@ else
     test_selection=(tests/test_cuda_routing.py tests/test_compile.py tests/test_func_transforms.py tests/test_rank_cuda.py
                     tests/test_training_stacks.py::test_fused_adamw_on_cuda_trains_and_evaluates_half_layers
                     tests/test_integrations.py::test_lightning_fit_logs_what_a_hand_run_tracker_measures
+                    tests/test_tracking.py::test_a_model_compiled_with_cuda_graphs_measures_every_replay
                     tests/test_launch_fast_path.py::test_replays_compute_what_the_jit_path_computes
                     tests/test_chain.py tests/test_sketch_kernel.py tests/test_chain_kernel.py)
 fi

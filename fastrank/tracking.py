@@ -124,29 +124,36 @@ def _in_backward() -> bool:
 # the hook's accumulation (RankTracker._accumulate) when the compiled graph runs: Dynamo cannot
 # trace the accumulation (its lock, the autograd engine query, the generators of the sketch and of
 # the token selection), and a graph break inside a module hook left the compiled model in a graph
-# per module on every step, not only on measurement steps (7 graphs for a five-module MLP, 1
-# without the tracker). The op finds its tracker by key (weakly: it keeps no tracker alive, and a
-# removed one is forgotten). It mutates nothing, but it declares that it mutates ``token``: Dynamo
-# and AOTAutograd drop a call of a pure op whose result is unused, and this one returns nothing.
+# per module on every step, not only on measurement steps (a five-module MLP ran 6 compiled
+# regions a step, 12 on measurement steps, against 1 untracked). What the trace knows is passed
+# in: the model's training mode at that point of the traced code (a ``model.train()`` in the
+# compiled function is applied after its graph runs) and whether the module is an nn.DataParallel
+# replica. The op finds its tracker by key (weakly: it keeps no tracker alive, and a removed one is
+# forgotten). It mutates nothing, but it declares that it mutates ``token``: Dynamo and
+# AOTAutograd drop a call of a pure op whose result is unused, and this one returns nothing.
 _TRACKERS: weakref.WeakValueDictionary[int, RankTracker] = weakref.WeakValueDictionary()
 _TRACKER_KEYS = itertools.count()
-_TRACK_TOKEN = torch.zeros(())
+with torch.inference_mode(False):  # fastrank imported under inference_mode: still a normal tensor
+    _TRACK_TOKEN = torch.zeros(())
 
 
 @torch.library.custom_op("fastrank::track_output", mutates_args=("token",), tags=(torch.Tag.cudagraph_unsafe,))
-def _track_output(output: Tensor, token: Tensor, tracker: int, name: str) -> None:
+def _track_output(output: Tensor, token: Tensor, tracker: int, name: str, training: bool, replica: bool) -> None:
     """Accumulate ``output``, the output of module ``name``, into the RankTracker with key
-    ``tracker`` (nothing once that tracker is removed or gone), as its eager hook would: whether
-    the forward counts is decided here, when the compiled graph runs. ``token``: unused (see
-    ``_TRACK_TOKEN``). Tagged ``cudagraph_unsafe``: Inductor leaves it out of the CUDA graphs it
-    captures (``mode="reduce-overhead"``), where a replay would skip it."""
+    ``tracker`` (nothing once that tracker is removed or gone), as its eager hook would, the model
+    in training mode where ``training``, the module an nn.DataParallel replica where ``replica``:
+    whether the step is measured and whether the forward is a checkpoint's recompute are decided
+    here, when the compiled graph runs. ``token``: unused (see ``_TRACK_TOKEN``). Tagged
+    ``cudagraph_unsafe``: Inductor's graph partitioning (on by default) keeps it out of the CUDA
+    graphs of ``mode="reduce-overhead"``, where a replay would skip it; without partitioning (the
+    cpp wrapper, AOT compilation) a graph holding it is not captured at all."""
     found = _TRACKERS.get(tracker)
     if found is not None:
-        found._accumulate(name, output)
+        found._accumulate(name, output, replica, training)
 
 
 @_track_output.register_fake
-def _(output: Tensor, token: Tensor, tracker: int, name: str) -> None:
+def _(output: Tensor, token: Tensor, tracker: int, name: str, training: bool, replica: bool) -> None:
     return None
 
 
@@ -158,15 +165,22 @@ def _exporting() -> bool:
     return bool(getattr(torch.compiler, "_is_exporting_flag", False))
 
 
-def _forget_compiled_code() -> None:
-    """torch.compile does not guard on forward hooks (``torch._dynamo.config.skip_nnmodule_hook_guards``):
-    code compiled before a hook was registered, for the hooked model or for another built the same
-    way, goes on running without it, and a tracker made after a compiled call would never see the
-    outputs it watches. So, where Dynamo has been imported in this process (without it nothing is
-    compiled), its compiled code is dropped (``torch.compiler.reset()``): a compiled model
-    compiles again at its next call, with the hooks."""
-    if "torch._dynamo" in sys.modules and not torch.compiler.is_compiling():
-        torch.compiler.reset()
+def _guard_module_hooks() -> None:
+    """Make torch.compile see forward hooks: by default Dynamo does not guard on them
+    (``torch._dynamo.config.skip_nnmodule_hook_guards``), so code compiled without a hook, for the
+    hooked model before its tracker, or for another model built the same way (a teacher beside its
+    student), went on running without it, and the tracker never saw the outputs it watches. The
+    first tracker turns those guards on for the rest of the process and drops the code compiled
+    before (``torch._dynamo.reset_code_caches()``: it recompiles at its next call, with its guards
+    and the hooks); later trackers find them on and drop nothing, as a hook added or removed then
+    fails a guard of the code it concerns. Run outside any trace (a tracker made inside a compiled
+    function): a traced config write would not happen before the code it is meant for."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    if config.skip_nnmodule_hook_guards:
+        config.skip_nnmodule_hook_guards = False
+        torch._dynamo.reset_code_caches()
 
 
 def weight_matrix(module: nn.Module) -> Tensor | None:
@@ -322,10 +336,10 @@ class RankTracker:
     the module and the step.
 
     ``torch.compile``: the hooks are traced as calls of ``fastrank::track_output``, which accumulate
-    when the compiled graph runs (no graph break, no added graph); a tracker with embeddings drops
-    Dynamo's compiled code when made (``torch.compiler.reset()``), since torch.compile does not
-    guard on forward hooks and a model compiled before would run on without them. ``torch.export``
-    leaves the tracker out.
+    when the compiled graph runs (no graph break, no added graph). torch.compile does not guard on
+    forward hooks by default, and a model compiled without them would run on without them: the
+    first tracker with embeddings turns Dynamo's hook guards on for the process and drops the code
+    compiled before (see ``_guard_module_hooks``). ``torch.export`` leaves the tracker out.
 
     Sharded models (FSDP2, tensor parallel): DTensor weights are measured without gathering them
     (:mod:`fastrank.sharded`), in ``step()`` on the calling thread also with ``background=True``
@@ -406,7 +420,9 @@ class RankTracker:
             modules[name].register_forward_hook(self._hook(name)) for name in embeddings
         ]
         if self._handles:
-            _forget_compiled_code()
+            import torch._dynamo
+
+            torch._dynamo.disable(_guard_module_hooks)()
 
     # ---- accumulation -----------------------------------------------------------------------
 
@@ -415,27 +431,30 @@ class RankTracker:
         """Whether the current step is a measurement step (hooks accumulate)."""
         return self.step_count % self.every == 0
 
-    def _counts(self) -> bool:
-        """Whether the forward running now is accumulated (see ``forwards``)."""
+    def _counts(self, training: bool | None = None) -> bool:
+        """Whether the forward running now is accumulated (see ``forwards``); ``training``: the
+        model's mode, where the caller knows it better than ``model.training`` now does."""
         if not self.measuring or _in_backward():
             return False
-        return self.forwards == "all" or self.model.training
+        return self.forwards == "all" or (self.model.training if training is None else training)
 
     def _hook(self, name: str):
         def hook(module, inputs, output):
             if torch.compiler.is_compiling():  # traced: the accumulation runs with the graph
                 first = output[0] if isinstance(output, (tuple, list)) and output else output
                 if isinstance(first, Tensor) and not _exporting():
-                    torch.ops.fastrank.track_output(first, _TRACK_TOKEN, self._key, name)
+                    torch.ops.fastrank.track_output(first, _TRACK_TOKEN, self._key, name, self.model.training,
+                                                    module.__dict__.get("_is_replica", False))
                 return
             self._accumulate(name, output, module.__dict__.get("_is_replica", False))
 
         return hook
 
-    def _accumulate(self, name: str, output: Any, replica: bool = False) -> None:
+    def _accumulate(self, name: str, output: Any, replica: bool = False, training: bool | None = None) -> None:
         """Fold the output of module ``name`` into its accumulators if this forward counts
-        (:meth:`_counts`); ``replica``: the module is an ``nn.DataParallel`` replica."""
-        if not self._counts():
+        (:meth:`_counts`, ``training`` the model's mode if given); ``replica``: the module is an
+        ``nn.DataParallel`` replica."""
+        if not self._counts(training):
             return
         output = select_tokens(output, self.token_rate, self.seed, self.step_count, self.token_dim)
         rows = _rows(output)
@@ -443,7 +462,9 @@ class RankTracker:
             return
         if replica:
             rows = self._replica_rows(name, rows)
-        with self._lock, torch.no_grad():
+        # Not in inference mode (a forward under torch.inference_mode): accumulators made there
+        # would be inference tensors, which a later forward outside it may not add to.
+        with self._lock, torch.no_grad(), torch.inference_mode(False):
             self._accumulators[name].add(rows)
             if self.num_classes is not None:
                 self._add_classes(name, rows)

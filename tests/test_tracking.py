@@ -1,9 +1,12 @@
 import csv
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
+import torch._dynamo  # noqa: F401  (torch._dynamo.config, patched below, is there after this import)
 import torch.distributed as dist
 import torch.nn as nn
 from eigensolver_cases import record_host_solves
@@ -314,6 +317,21 @@ def test_forwards_all_measures_every_forward_training_only_training_mode(forward
     _assert_measures(result, rows if forwards == "all" else rows[:2])
 
 
+def test_a_forward_under_inference_mode_is_measured_and_training_goes_on():
+    # Accumulators first made under torch.inference_mode were inference tensors, to which the
+    # next forward outside it could not add (RuntimeError).
+    net = Net()
+    tracker = RankTracker(net, embeddings=("encoder",), weights=False)
+    evaluated, train = torch.randn(5, 12), torch.randn(6, 12)
+    with torch.inference_mode():
+        net(evaluated)
+    net(train).sum().backward()
+    result = tracker.compute()["encoder"]
+    tracker.remove()
+    with torch.no_grad():
+        _assert_measures(result, [net.encoder(evaluated), net.encoder(train)])
+
+
 def test_forwards_training_follows_the_model_not_the_watched_module():
     # A frozen encoder kept in eval mode while the model trains: its forwards are training forwards.
     net = Net()
@@ -366,6 +384,12 @@ def _compile_counter(backend="aot_eager"):
     from torch._dynamo.testing import CompileCounterWithBackend
 
     return CompileCounterWithBackend(backend)
+
+
+def _hook_guards(on):
+    """Dynamo's guards on module hooks on or off (the default) within the block (pytest's
+    monkeypatch deletes a torch config entry when it restores it)."""
+    return torch._dynamo.config.patch(skip_nnmodule_hook_guards=not on)
 
 
 def _train_and_measure(net, forward, tracker, steps, labels=None):
@@ -434,9 +458,16 @@ def test_a_model_compiled_with_cuda_graphs_measures_every_replay():
     tracker.remove()
 
 
-def test_a_tracker_made_after_a_compiled_call_measures():
-    # torch.compile does not guard on forward hooks: without dropping the compiled code, a model
-    # compiled before its tracker (or another model built the same way) ran without the hooks.
+@pytest.mark.parametrize("guarded", [False, True], ids=["first-tracker", "hook-guards-on"])
+def test_a_tracker_made_after_a_compiled_call_measures(guarded):
+    # torch.compile does not guard on forward hooks by default: a model compiled before its tracker
+    # (or another model built the same way) ran without the hooks. The first tracker turns the
+    # guards on and drops the code compiled before; with them on, a new hook fails a guard.
+    with _hook_guards(guarded):
+        _made_after_a_compiled_call()
+
+
+def _made_after_a_compiled_call():
     torch._dynamo.reset()
     counter = _compile_counter()
     first = Net()
@@ -445,6 +476,7 @@ def test_a_tracker_made_after_a_compiled_call_measures():
     forward = torch.compile(net, backend=counter)
     forward(torch.randn(4, 12))
     tracker = RankTracker(net, embeddings=("encoder",), weights=False)
+    assert not torch._dynamo.config.skip_nnmodule_hook_guards
     batch = torch.randn(5, 12)
     forward(batch)
     result = tracker.compute()["encoder"]
@@ -452,6 +484,97 @@ def test_a_tracker_made_after_a_compiled_call_measures():
     with torch.no_grad():
         _assert_measures(result, [net.encoder(batch)])
     assert counter.frame_count >= 2  # compiled again, with the hook
+
+
+@torch._dynamo.config.patch(skip_nnmodule_hook_guards=True)  # as in a process without a tracker
+def test_a_compiled_twin_without_a_tracker_leaves_the_tracked_model_its_hooks():
+    # A teacher of the student's class, untracked, compiled and called first in the same modes: the
+    # student, tracked, must not run the teacher's code (compiled without the hook).
+    torch._dynamo.reset()
+    student, teacher = Net(), Net()
+    tracker = RankTracker(student, embeddings=("encoder",), weights=False)
+    counter = _compile_counter()
+    teach, learn = torch.compile(teacher, backend=counter), torch.compile(student, backend=counter)
+    batch = torch.randn(5, 12)
+    teach(batch)
+    learn(batch)
+    teach(batch)
+    result = tracker.compute()["encoder"]
+    tracker.remove()
+    with torch.no_grad():
+        _assert_measures(result, [student.encoder(batch)])
+
+
+@torch._dynamo.config.patch(skip_nnmodule_hook_guards=True)  # as in a process without a tracker
+def test_a_tracker_made_inside_a_compiled_function_sees_the_code_compiled_before():
+    # Made at a graph break of a compiled step, after the model ran there without hooks: the guards
+    # are turned on and the code dropped outside the trace.
+    torch._dynamo.reset()
+    net = Net()
+    made = {}
+
+    @torch.compile(backend=_compile_counter())
+    def step(x):
+        net(x)
+        torch._dynamo.graph_break()
+        if "tracker" not in made:
+            made["tracker"] = RankTracker(net, embeddings=("encoder",), weights=False)
+        return net(x + 1)
+
+    batches = [torch.randn(n, 12) for n in (3, 4)]
+    for batch in batches:
+        step(batch)
+    result = made["tracker"].compute()["encoder"]
+    made["tracker"].remove()
+    with torch.no_grad():  # the forward after the tracker in the first call, both in the second
+        _assert_measures(result, [net.encoder(batches[0] + 1), net.encoder(batches[1]), net.encoder(batches[1] + 1)])
+
+
+def test_a_compiled_function_that_sets_the_mode_counts_training_forwards_only():
+    # model.train() / model.eval() inside the compiled function take effect after its graph runs;
+    # the traced hook passes the mode the trace is in.
+    torch._dynamo.reset()
+    net = Net()
+    tracker = RankTracker(net, embeddings=("encoder",), weights=False, forwards="training")
+
+    @torch.compile(backend=_compile_counter())
+    def train_step(x):
+        net.train()
+        return net(x).square().mean()
+
+    @torch.compile(backend=_compile_counter())
+    def eval_step(x):
+        net.eval()
+        return net(x)
+
+    train, evaluated = torch.randn(8, 12), torch.randn(3, 12)
+    for _ in range(2):  # the second call runs the graphs compiled by the first
+        train_step(train).backward()
+        with torch.no_grad():
+            eval_step(evaluated)
+    result = tracker.compute()["encoder"]
+    tracker.remove()
+    with torch.no_grad():
+        _assert_measures(result, [net.encoder(train)] * 2)
+
+
+def test_fastrank_imported_under_inference_mode_tracks_a_compiled_model():
+    # The op's token made under inference_mode would be an inference tensor, which AOTAutograd's
+    # write-back of the declared mutation may not update outside it.
+    script = """
+import torch
+with torch.inference_mode():
+    import fastrank
+net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh())
+tracker = fastrank.RankTracker(net, embeddings=("1",), weights=False)
+forward = torch.compile(net, backend="aot_eager")
+for rows in (5, 5):
+    forward(torch.randn(rows, 4)).sum().backward()
+print(int(tracker.compute()["1"]["samples"]))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == "10"
 
 
 @pytest.mark.parametrize("forwards", ["all", "training"])
@@ -476,7 +599,7 @@ def test_compiled_forwards_count_as_eager_ones(forwards):
     tracker.step()
     tracker.remove()
     forward(unmeasured)  # step 2 would be measured; the tracker is gone
-    torch.ops.fastrank.track_output(unmeasured, torch.zeros(()), tracker._key, "encoder")  # a stale graph's call
+    torch.ops.fastrank.track_output(unmeasured, torch.zeros(()), tracker._key, "encoder", True, False)  # a stale graph's
     assert tracker._accumulators["encoder"].gram is None
     with torch.no_grad():
         rows = [net.encoder(b) for b in (train, held_out, evaluated)]

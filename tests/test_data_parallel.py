@@ -30,12 +30,13 @@ def _copies(tensors, devices, detach=False):
     return [[t.detach().clone() if detach else t.clone() for t in tensors] for _ in devices]
 
 
-def _data_parallel(module: nn.Module, x: torch.Tensor, replicas: int, monkeypatch) -> torch.Tensor:
+def _data_parallel(module: nn.Module, x: torch.Tensor, replicas: int, monkeypatch, wrap=None) -> torch.Tensor:
     """``nn.DataParallel(module, device_ids=range(replicas))(x)``, on the CPU (see the module
     docstring): the replicas' threads start together, so their forwards overlap; an exception on
-    one is raised here."""
+    one is raised here. ``wrap``: each replica runs as ``wrap(replica)`` (a compiled replica)."""
     monkeypatch.setattr(_replicate_module, "_broadcast_coalesced_reshape", _copies)
     copies = _replicate_module.replicate(module, list(range(replicas)))
+    forwards = [wrap(c) if wrap is not None else c for c in copies]
     assert all(c._is_replica and not list(c.parameters()) for c in copies)  # as on GPUs
     chunks = x.chunk(replicas)
     start = threading.Barrier(len(chunks))
@@ -46,7 +47,7 @@ def _data_parallel(module: nn.Module, x: torch.Tensor, replicas: int, monkeypatc
         torch.set_grad_enabled(grad_enabled)  # per thread, as parallel_apply's workers set it
         start.wait()
         try:
-            results[i] = copies[i](chunks[i])
+            results[i] = forwards[i](chunks[i])
         except BaseException as error:  # noqa: BLE001  (raised on the calling thread)
             results[i] = error
 
@@ -187,13 +188,16 @@ def test_tracker_sums_every_replicas_rows(monkeypatch):
     assert math.isfinite(got["effective_rank"]) and got["effective_rank"] > 1
 
 
-def test_tracker_class_metrics_under_replicas_raise(monkeypatch):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_tracker_class_metrics_under_replicas_raise(monkeypatch, compiled):
+    # Compiled replicas too: the traced hook tells the tracker's op that the module is a replica.
     net = _Net().double()
     tracker = RankTracker(net, embeddings=("encoder",), weights=False, every=1, num_classes=3)
     x = torch.randn(8, 12, dtype=torch.float64)
     tracker.set_labels(torch.arange(8) % 3)
+    wrap = (lambda replica: torch.compile(replica, backend="eager")) if compiled else None
     with pytest.raises(ValueError, match="DataParallel replica.*DistributedDataParallel"):
-        _data_parallel(net, x, 2, monkeypatch)
+        _data_parallel(net, x, 2, monkeypatch, wrap)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")

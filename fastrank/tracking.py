@@ -129,24 +129,24 @@ def _in_backward() -> bool:
 # in: the model's training mode at that point of the traced code (a ``model.train()`` in the
 # compiled function is applied after its graph runs) and whether the module is an nn.DataParallel
 # replica. The op finds its tracker by key (weakly: it keeps no tracker alive, and a removed one is
-# forgotten). It mutates nothing, but it declares that it mutates ``token``: Dynamo and
-# AOTAutograd drop a call of a pure op whose result is unused, and this one returns nothing.
+# forgotten), the key held in a scalar tensor of the tracker's: a graph input, where an int argument
+# would be a constant of the trace that Dynamo guards, so that every new tracker recompiled the
+# model and the ninth fell back to eager for good (torch._dynamo.config.recompile_limit). The op
+# mutates nothing, but it declares that it mutates that tensor: Dynamo and AOTAutograd drop a call
+# of a pure op whose result is unused, and this one returns nothing.
 _TRACKERS: weakref.WeakValueDictionary[int, RankTracker] = weakref.WeakValueDictionary()
 _TRACKER_KEYS = itertools.count()
-with torch.inference_mode(False):  # fastrank imported under inference_mode: still a normal tensor
-    _TRACK_TOKEN = torch.zeros(())
 
 
-def _track_output(output: Tensor, token: Tensor, tracker: int, name: str, training: bool, replica: bool) -> None:
+def _track_output(output: Tensor, tracker: Tensor, name: str, training: bool, replica: bool) -> None:
     """``fastrank::track_output``: accumulate ``output``, the output of module ``name``, into the
-    RankTracker with key ``tracker`` (nothing once that tracker is removed or gone), as its eager
+    RankTracker whose key ``tracker`` holds (nothing once that tracker is removed or gone), as its eager
     hook would, the model in training mode where ``training``, the module an nn.DataParallel
     replica where ``replica``: whether the step is measured and whether the forward is a
-    checkpoint's recompute are decided here, when the compiled graph runs. ``token``: unused (see
-    ``_TRACK_TOKEN``). Tagged ``cudagraph_unsafe``: Inductor's graph partitioning (on by default)
+    checkpoint's recompute are decided here, when the compiled graph runs. Tagged ``cudagraph_unsafe``: Inductor's graph partitioning (on by default)
     keeps it out of the CUDA graphs of ``mode="reduce-overhead"``, where a replay would skip it;
     without partitioning (the cpp wrapper, AOT compilation) a graph holding it is not captured."""
-    found = _TRACKERS.get(tracker)
+    found = _TRACKERS.get(int(tracker))
     if found is not None:
         found._accumulate(name, output, replica, training)
 
@@ -156,13 +156,13 @@ def _track_output(output: Tensor, token: Tensor, tracker: int, name: str, traini
 # compiled forward calls the op once per watched module, measured step or not. No output, so no
 # autograd formula is needed.
 _LIBRARY = torch.library.Library("fastrank", "FRAGMENT")
-_LIBRARY.define("track_output(Tensor output, Tensor(a!) token, int tracker, str name, bool training, bool replica) -> ()",
+_LIBRARY.define("track_output(Tensor output, Tensor(a!) tracker, str name, bool training, bool replica) -> ()",
                 tags=(torch.Tag.cudagraph_unsafe,))
 _LIBRARY.impl("track_output", _track_output, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("fastrank::track_output", lib=_LIBRARY)
-def _(output: Tensor, token: Tensor, tracker: int, name: str, training: bool, replica: bool) -> None:
+def _(output: Tensor, tracker: Tensor, name: str, training: bool, replica: bool) -> None:
     return None
 
 
@@ -175,14 +175,15 @@ def _exporting() -> bool:
 
 
 def _guard_module_hooks() -> None:
-    """Make torch.compile see forward hooks: by default Dynamo does not guard on them
-    (``torch._dynamo.config.skip_nnmodule_hook_guards``), so code compiled without a hook, for the
-    hooked model before its tracker, or for another model built the same way (a teacher beside its
-    student), went on running without it, and the tracker never saw the outputs it watches. The
-    first tracker turns those guards on for the rest of the process and drops the code compiled
-    before (``torch._dynamo.reset_code_caches()``: it recompiles at its next call, with its guards
-    and the hooks); later trackers find them on and drop nothing, as a hook added or removed then
-    fails a guard of the code it concerns. Run outside any trace (a tracker made inside a compiled
+    """Make torch.compile see forward hooks: by default Dynamo does not guard on a hook added to a
+    module that had none when the code was compiled (``torch._dynamo.config.skip_nnmodule_hook_guards``),
+    so code compiled without it, for the hooked model before its tracker, or for another model
+    built the same way (a teacher beside its student), went on running without it, and the tracker
+    never saw the outputs it watches. The first tracker turns those guards on for the rest of the
+    process and drops the code compiled before (``torch._dynamo.reset_code_caches()``: it
+    recompiles at its next call, with its guards and the hooks); later trackers drop nothing: a
+    hook added or removed then fails a guard of the code that runs the module, which recompiles
+    (a hook that other code adds and removes on a compiled module recompiles it too). Run outside any trace (a tracker made inside a compiled
     function): a traced config write would not happen before the code it is meant for."""
     import torch._dynamo
 
@@ -345,10 +346,11 @@ class RankTracker:
     the module and the step.
 
     ``torch.compile``: the hooks are traced as calls of ``fastrank::track_output``, which accumulate
-    when the compiled graph runs (no graph break, no added graph). torch.compile does not guard on
-    forward hooks by default, and a model compiled without them would run on without them: the
-    first tracker with embeddings turns Dynamo's hook guards on for the process and drops the code
-    compiled before (see ``_guard_module_hooks``). ``torch.export`` leaves the tracker out.
+    when the compiled graph runs (no graph break, no added graph, none per new tracker). By default
+    torch.compile does not guard on a hook added to a module that had none, and a model compiled
+    without it would run on without it: the first tracker with embeddings turns Dynamo's hook
+    guards on for the process and drops the code compiled before (see ``_guard_module_hooks``).
+    ``torch.export`` leaves the tracker out.
 
     Sharded models (FSDP2, tensor parallel): DTensor weights are measured without gathering them
     (:mod:`fastrank.sharded`), in ``step()`` on the calling thread also with ``background=True``
@@ -423,15 +425,17 @@ class RankTracker:
         # Held while a hook accumulates: nn.DataParallel runs its replicas' forwards (and so the
         # hooks, which replicas share) on a thread each.
         self._lock = threading.Lock()
-        self._key = next(_TRACKER_KEYS)  # what a compiled graph's fastrank::track_output calls name it by
+        self._key = next(_TRACKER_KEYS)
         _TRACKERS[self._key] = self
+        with torch.inference_mode(False):  # made under inference_mode, AOTAutograd could not write it back
+            self._key_tensor = torch.tensor(self._key)  # what a compiled graph's fastrank::track_output names it by
         self._handles = [
             modules[name].register_forward_hook(self._hook(name)) for name in embeddings
         ]
         if self._handles:
-            import torch._dynamo
+            import torch._dynamo as dynamo  # (not `import torch._dynamo`: torch would be local to __init__)
 
-            torch._dynamo.disable(_guard_module_hooks)()
+            dynamo.disable(_guard_module_hooks)()
 
     # ---- accumulation -----------------------------------------------------------------------
 
@@ -452,7 +456,7 @@ class RankTracker:
             if torch.compiler.is_compiling():  # traced: the accumulation runs with the graph
                 first = output[0] if isinstance(output, (tuple, list)) and output else output
                 if isinstance(first, Tensor) and not _exporting():
-                    torch.ops.fastrank.track_output(first, _TRACK_TOKEN, self._key, name, self.model.training,
+                    torch.ops.fastrank.track_output(first, self._key_tensor, name, self.model.training,
                                                     module.__dict__.get("_is_replica", False))
                 return
             self._accumulate(name, output, module.__dict__.get("_is_replica", False))

@@ -486,6 +486,27 @@ def _made_after_a_compiled_call():
     assert counter.frame_count >= 2  # compiled again, with the hook
 
 
+def test_trackers_made_one_after_another_reuse_the_compiled_model():
+    # A tracker per epoch (or per fold, per fit): the key reaches the graph as a tensor, not a
+    # constant of the trace, so new trackers do not recompile the model into the recompile limit,
+    # past which it would run eagerly.
+    torch._dynamo.reset()
+    net = Net()
+    counter = _compile_counter()
+    forward = torch.compile(net, backend=counter)
+    RankTracker(net, embeddings=("encoder",), weights=False).remove()  # the hook guards on
+    limit = torch._dynamo.config.recompile_limit
+    for epoch in range(limit + 3):
+        batch = torch.randn(4, 12)
+        tracker = RankTracker(net, embeddings=("encoder",), weights=False)
+        forward(batch)
+        result = tracker.compute()["encoder"]
+        tracker.remove()
+        with torch.no_grad():
+            _assert_measures(result, [net.encoder(batch)])
+    assert counter.frame_count <= 2, counter.frame_count
+
+
 @torch._dynamo.config.patch(skip_nnmodule_hook_guards=True)  # as in a process without a tracker
 def test_a_compiled_twin_without_a_tracker_leaves_the_tracked_model_its_hooks():
     # A teacher of the student's class, untracked, compiled and called first in the same modes: the
@@ -599,7 +620,7 @@ def test_compiled_forwards_count_as_eager_ones(forwards):
     tracker.step()
     tracker.remove()
     forward(unmeasured)  # step 2 would be measured; the tracker is gone
-    torch.ops.fastrank.track_output(unmeasured, torch.zeros(()), tracker._key, "encoder", True, False)  # a stale graph's
+    torch.ops.fastrank.track_output(unmeasured, torch.tensor(tracker._key), "encoder", True, False)  # a stale graph's
     assert tracker._accumulators["encoder"].gram is None
     with torch.no_grad():
         rows = [net.encoder(b) for b in (train, held_out, evaluated)]

@@ -142,6 +142,29 @@ def test_lightning_fit_logs_what_a_hand_run_tracker_measures(tmp_path, device):
     assert all(math.isfinite(v) for v in last.values())
 
 
+def test_a_lightning_callback_reused_for_a_second_fit_tracks_it(tmp_path):
+    # The first fit's teardown removed its tracker's hooks; the second fit (a new model, as a
+    # search trial's) gets a tracker of its own instead of the removed one, which measured no
+    # embedding (weights only).
+    pytest.importorskip("lightning.pytorch")
+    from fastrank.integrations.lightning import RankCallback
+
+    callback = RankCallback(embeddings=("net.1",), every=4, background=False)
+    histories = []
+    for trial, seed in enumerate((0, 1)):
+        net = _net()
+        if seed:
+            with torch.no_grad():
+                for parameter in net.parameters():
+                    parameter.mul_(1.5)
+        expected = _hand_run(copy.deepcopy(net), epochs=1, every=4)
+        _lightning_fit(tmp_path / f"trial{trial}", net, callback, epochs=1)
+        _assert_same_history(callback.tracker.history, expected, prefix="net.")
+        assert "net.1" in {row["name"] for row in callback.tracker.history}, trial
+        histories.append(callback.tracker.history)
+    assert histories[0] != histories[1]
+
+
 @pytest.mark.parametrize("checkpoint", [None, "non-reentrant", "reentrant"], ids=["plain", "non-reentrant", "reentrant"])
 def test_lightning_measures_training_batches_only(tmp_path, checkpoint):
     # The sanity check, the validation runs (every 2 batches, in batches of 5) and the recompute of
@@ -273,6 +296,18 @@ def test_transformers_trainer_measures_training_steps_only(tmp_path, checkpointi
     assert [row["step"] for row in embeddings] == [1, 1, 2, 2, 3, 3]  # global steps
     assert all(row["samples"] == 4 * 16 for row in embeddings), [row["samples"] for row in embeddings]
     _assert_same_history(history, plain.tracker.history, prefix="", offset=0)
+
+
+def test_a_transformers_callback_reused_for_a_second_train_tracks_it(tmp_path):
+    # Hyperparameter-search trials reuse the Trainer's callbacks: the second train() gets a tracker
+    # of its own (the first one's hooks came off at its on_train_end).
+    options = dict(embeddings=("transformer.h.1",), every=1, background=False)
+    trainer, reused, _ = _gpt2_train(tmp_path / "first", options)
+    first = reused.tracker
+    trainer.train()  # the same callback, a second run
+    assert reused.tracker is not first
+    embeddings = [row for row in reused.tracker.history if row["name"] == "transformer.h.1"]
+    assert [row["samples"] for row in embeddings] == [4 * 16] * 3
 
 
 def test_transformers_trainer_with_torch_compile_measures_what_eager_does(tmp_path):

@@ -57,10 +57,20 @@ class TrackerCallback:
         self.options["forwards"] = "training"
         self.prefix = prefix
         self.tracker: RankTracker | None = None
+        self._finished = False  # the tracker's run ended (its hooks removed)
 
     def _start(self, model) -> None:
-        if self.tracker is None:
+        """A tracker on ``model`` for the run that starts: a new one where a run already ended,
+        as when the callback is reused (a second ``fit`` / ``train``, hyperparameter-search
+        trials), whose tracker's hooks came off at its end; ``tracker`` is the latest run's."""
+        if self.tracker is None or self._finished:
             self.tracker = RankTracker(model, **self.options)
+            self._finished = False
+
+    def _finish(self) -> None:
+        """End the run: hooks off, background work finished; the history stays."""
+        self.tracker.remove()
+        self._finished = True
 
     def _step(self, global_step: int) -> None:
         """End a training step that the framework counts as ``global_step``."""

@@ -43,7 +43,8 @@ class RankCallback(TrackerCallback, Callback):
         prefix: first part of every logged name.
         **tracker_options: further ``RankTracker`` arguments (``sketch_threshold``, ``seed``, ...).
 
-    After ``fit``, ``callback.tracker.history`` holds every measurement (``to_csv``, ``plot``).
+    After ``fit``, ``callback.tracker.history`` holds every measurement (``to_csv``, ``plot``) of
+    that ``fit``: a reused callback starts a new tracker for each.
     """
 
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -60,7 +61,7 @@ class RankCallback(TrackerCallback, Callback):
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         if stage == "fit" and self.tracker is not None:
-            self.tracker.remove()  # hooks off, background work finished; the history stays
+            self._finish()
 
     def _log(self, trainer) -> None:
         for global_step, metrics in self._ready(trainer.global_step):

@@ -34,7 +34,8 @@ class RankCallback(TrackerCallback, TrainerCallback):
       to ``state.log_history``, which the integrations do not see.
 
     Args: as for :class:`fastrank.integrations.lightning.RankCallback` (``every`` counts optimizer
-    steps). After training, ``callback.tracker.history`` holds every measurement.
+    steps). After training, ``callback.tracker.history`` holds every measurement (of the
+    latest ``train()``: a reused callback starts a new tracker for each).
     """
 
     trainer = None  # set by attach()
@@ -58,7 +59,7 @@ class RankCallback(TrackerCallback, TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         self.tracker.flush()
         self._log(state)
-        self.tracker.remove()
+        self._finish()
 
     def summary(self, metrics: dict[str, float]) -> dict[str, float]:
         """What the console shows of a measurement: ``<prefix>/step``, each embedding's effective

@@ -423,6 +423,11 @@ def check_token_rate(token_rate: float | None) -> float | None:
     return float(token_rate)
 
 
+def first_output(output: Any) -> Any:
+    """A module output's first item where it is a non-empty tuple or list, else the output."""
+    return output[0] if isinstance(output, (tuple, list)) and output else output
+
+
 def select_tokens(output: Any, token_rate: float | None, seed: int, step: int, token_dim: int = 1) -> Any:
     """Keep ``max(1, round(token_rate * T))`` of the T token positions of a sequence output.
 
@@ -437,7 +442,7 @@ def select_tokens(output: Any, token_rate: float | None, seed: int, step: int, t
     Returns:
         the output with ``(B, k, d)`` (``(k, B, d)``) tokens, or the output unchanged.
     """
-    first = output[0] if isinstance(output, (tuple, list)) and output else output
+    first = first_output(output)
     if token_rate is None or token_rate >= 1 or not isinstance(first, Tensor) or first.dim() != 3:
         return output
     length = first.shape[token_dim]

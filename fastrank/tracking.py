@@ -34,7 +34,7 @@ from .layers.hf import is_hf_conv1d
 from .rank import effective_ranks, nystrom_entropy, rank_metrics
 from .rank.common import _METHODS as RANK_METHODS
 from .rank.eigensolver import on_host
-from .sharded import check_token_rate, collapsed_weight_of, is_sharded, select_tokens
+from .sharded import check_token_rate, collapsed_weight_of, first_output, is_sharded, select_tokens
 
 __all__ = ["RankTracker", "weight_matrix"]
 
@@ -140,12 +140,13 @@ _TRACKER_KEYS = itertools.count()
 
 def _track_output(output: Tensor, tracker: Tensor, name: str, training: bool, replica: bool) -> None:
     """``fastrank::track_output``: accumulate ``output``, the output of module ``name``, into the
-    RankTracker whose key ``tracker`` holds (nothing once that tracker is removed or gone), as its eager
-    hook would, the model in training mode where ``training``, the module an nn.DataParallel
+    RankTracker whose key ``tracker`` holds (nothing once that tracker is removed or gone), as its
+    eager hook would, the model in training mode where ``training``, the module an nn.DataParallel
     replica where ``replica``: whether the step is measured and whether the forward is a
-    checkpoint's recompute are decided here, when the compiled graph runs. Tagged ``cudagraph_unsafe``: Inductor's graph partitioning (on by default)
-    keeps it out of the CUDA graphs of ``mode="reduce-overhead"``, where a replay would skip it;
-    without partitioning (the cpp wrapper, AOT compilation) a graph holding it is not captured."""
+    checkpoint's recompute are decided here, when the compiled graph runs. Tagged
+    ``cudagraph_unsafe``: Inductor's graph partitioning (on by default) keeps it out of the CUDA
+    graphs of ``mode="reduce-overhead"``, where a replay would skip it; without partitioning (the
+    cpp wrapper, AOT compilation) a graph holding it is not captured."""
     found = _TRACKERS.get(int(tracker))
     if found is not None:
         found._accumulate(name, output, replica, training)
@@ -183,8 +184,9 @@ def _guard_module_hooks() -> None:
     process and drops the code compiled before (``torch._dynamo.reset_code_caches()``: it
     recompiles at its next call, with its guards and the hooks); later trackers drop nothing: a
     hook added or removed then fails a guard of the code that runs the module, which recompiles
-    (a hook that other code adds and removes on a compiled module recompiles it too). Run outside any trace (a tracker made inside a compiled
-    function): a traced config write would not happen before the code it is meant for."""
+    (a hook that other code adds and removes on a compiled module recompiles it too). Run outside
+    any trace (a tracker made inside a compiled function): a traced config write would not happen
+    before the code it is meant for."""
     import torch._dynamo
 
     config = torch._dynamo.config
@@ -214,8 +216,7 @@ def weight_matrix(module: nn.Module) -> Tensor | None:
 
 def _rows(output: Any) -> Tensor | None:
     """The module output as rows of features: ``(..., d)`` -> ``(N, d)``; ``(N, C, H, W)`` -> ``(N*H*W, C)``."""
-    if isinstance(output, (tuple, list)) and output:
-        output = output[0]
+    output = first_output(output)
     if not isinstance(output, Tensor) or output.dim() == 0 or not output.is_floating_point():
         return None
     if output.dim() == 4:
@@ -453,13 +454,13 @@ class RankTracker:
 
     def _hook(self, name: str):
         def hook(module, inputs, output):
+            replica = module.__dict__.get("_is_replica", False)
             if torch.compiler.is_compiling():  # traced: the accumulation runs with the graph
-                first = output[0] if isinstance(output, (tuple, list)) and output else output
+                first = first_output(output)
                 if isinstance(first, Tensor) and not _exporting():
-                    torch.ops.fastrank.track_output(first, self._key_tensor, name, self.model.training,
-                                                    module.__dict__.get("_is_replica", False))
+                    torch.ops.fastrank.track_output(first, self._key_tensor, name, self.model.training, replica)
                 return
-            self._accumulate(name, output, module.__dict__.get("_is_replica", False))
+            self._accumulate(name, output, replica)
 
         return hook
 

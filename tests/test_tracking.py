@@ -297,6 +297,15 @@ def _assert_measures(result, rows):
     assert result["stable_rank"] == pytest.approx(stable, rel=1e-10)
 
 
+def _assert_tracked(tracker, name, rows):
+    """``tracker``'s measurement of ``name`` against the fp64 metrics of ``rows()``, which runs
+    after the tracker is removed (under no_grad), so that its forwards are not counted."""
+    result = tracker.compute()[name]
+    tracker.remove()
+    with torch.no_grad():
+        _assert_measures(result, rows())
+
+
 @pytest.mark.parametrize("forwards", ["all", "training"])
 def test_forwards_all_measures_every_forward_training_only_training_mode(forwards):
     net = Net()
@@ -326,10 +335,7 @@ def test_a_forward_under_inference_mode_is_measured_and_training_goes_on():
     with torch.inference_mode():
         net(evaluated)
     net(train).sum().backward()
-    result = tracker.compute()["encoder"]
-    tracker.remove()
-    with torch.no_grad():
-        _assert_measures(result, [net.encoder(evaluated), net.encoder(train)])
+    _assert_tracked(tracker, "encoder", lambda: [net.encoder(evaluated), net.encoder(train)])
 
 
 def test_forwards_training_follows_the_model_not_the_watched_module():
@@ -340,10 +346,7 @@ def test_forwards_training_follows_the_model_not_the_watched_module():
     net.encoder.eval()
     batch = torch.randn(7, 12)
     net(batch)
-    result = tracker.compute()["encoder"]
-    tracker.remove()
-    with torch.no_grad():
-        _assert_measures(result, [net.encoder(batch)])
+    _assert_tracked(tracker, "encoder", lambda: [net.encoder(batch)])
 
 
 class CheckpointedNet(Net):
@@ -479,10 +482,7 @@ def _made_after_a_compiled_call():
     assert not torch._dynamo.config.skip_nnmodule_hook_guards
     batch = torch.randn(5, 12)
     forward(batch)
-    result = tracker.compute()["encoder"]
-    tracker.remove()
-    with torch.no_grad():
-        _assert_measures(result, [net.encoder(batch)])
+    _assert_tracked(tracker, "encoder", lambda: [net.encoder(batch)])
     assert counter.frame_count >= 2  # compiled again, with the hook
 
 
@@ -500,10 +500,7 @@ def test_trackers_made_one_after_another_reuse_the_compiled_model():
         batch = torch.randn(4, 12)
         tracker = RankTracker(net, embeddings=("encoder",), weights=False)
         forward(batch)
-        result = tracker.compute()["encoder"]
-        tracker.remove()
-        with torch.no_grad():
-            _assert_measures(result, [net.encoder(batch)])
+        _assert_tracked(tracker, "encoder", lambda: [net.encoder(batch)])
     assert counter.frame_count <= 2, counter.frame_count
 
 
@@ -520,10 +517,7 @@ def test_a_compiled_twin_without_a_tracker_leaves_the_tracked_model_its_hooks():
     teach(batch)
     learn(batch)
     teach(batch)
-    result = tracker.compute()["encoder"]
-    tracker.remove()
-    with torch.no_grad():
-        _assert_measures(result, [student.encoder(batch)])
+    _assert_tracked(tracker, "encoder", lambda: [student.encoder(batch)])
 
 
 @torch._dynamo.config.patch(skip_nnmodule_hook_guards=True)  # as in a process without a tracker
@@ -573,10 +567,7 @@ def test_a_compiled_function_that_sets_the_mode_counts_training_forwards_only():
         train_step(train).backward()
         with torch.no_grad():
             eval_step(evaluated)
-    result = tracker.compute()["encoder"]
-    tracker.remove()
-    with torch.no_grad():
-        _assert_measures(result, [net.encoder(train)] * 2)
+    _assert_tracked(tracker, "encoder", lambda: [net.encoder(train)] * 2)
 
 
 def test_fastrank_imported_under_inference_mode_tracks_a_compiled_model():
@@ -657,10 +648,7 @@ def test_export_leaves_the_tracker_out(strict):
     assert tracker._accumulators["encoder"].gram is None
     batch = torch.randn(4, 12)
     assert torch.equal(program.module()(batch), net(batch))
-    result = tracker.compute()["encoder"]
-    tracker.remove()
-    with torch.no_grad():
-        _assert_measures(result, [net.encoder(batch)])
+    _assert_tracked(tracker, "encoder", lambda: [net.encoder(batch)])
 
 
 # ---- non-finite values ----------------------------------------------------------------------
